@@ -1,0 +1,56 @@
+"""Open sockets inside a named network namespace.
+
+A socket keeps the namespace it was created in, and setns(2) for the
+network namespace changes only the calling thread, so a thread can step
+into a namespace, open a socket and step back while other threads go on.
+Python 3.11 has no os.setns, hence the small ctypes call.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import os
+import socket
+import threading
+from collections.abc import Iterator
+
+CLONE_NEWNET = 0x40000000
+NETNS_RUN_DIR = "/run/netns"
+
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+def _setns(fd: int) -> None:
+    if _libc.setns(fd, CLONE_NEWNET) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"setns failed: {os.strerror(err)}")
+
+
+@contextlib.contextmanager
+def entered(netns: str | None) -> Iterator[None]:
+    """Run the body with this thread in ``netns`` (None: stay where we are)."""
+    if not netns:
+        yield
+        return
+    path = os.path.join(NETNS_RUN_DIR, netns)
+    try:
+        target = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        raise OSError(f"network namespace {netns!r} does not exist ({path})") from None
+    own = os.open(f"/proc/self/task/{threading.get_native_id()}/ns/net", os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        _setns(target)
+        try:
+            yield
+        finally:
+            _setns(own)
+    finally:
+        os.close(target)
+        os.close(own)
+
+
+def socket_in(netns: str | None, family: int, type_: int, proto: int = 0) -> socket.socket:
+    """A socket created inside ``netns``."""
+    with entered(netns):
+        return socket.socket(family, type_, proto)
