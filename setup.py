@@ -38,6 +38,7 @@ setup(
         "vmm_orchestrator.stages": [
             "nva_prestage = vmm_orchestrator.stages:NvaPrestage",
             "peer_update = vmm_orchestrator.stages:PeerUpdate",
+            "nve_prepare = vmm_linux.stages:NvePrepare",
             "nve_plug = vmm_linux.stages:NvePlug",
             "inflight_tunnel = vmm_linux.stages:InflightTunnel",
             "announce = vmm_linux.stages:Announce",
@@ -48,6 +49,7 @@ setup(
         ],
         "oslo.config.opts": [
             "vmm_orchestrator = vmm_orchestrator.opts:list_opts",
+            "vmm_linux = vmm_linux.opts:list_opts",
         ],
     },
 )

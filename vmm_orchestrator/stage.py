@@ -12,7 +12,8 @@ from __future__ import annotations
 import abc
 import dataclasses
 import time
-from typing import Any, Callable, ClassVar
+from collections.abc import Callable
+from typing import Any, ClassVar
 
 from oslo_config import cfg
 

@@ -38,7 +38,10 @@ def entered(netns: str | None) -> Iterator[None]:
         target = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     except FileNotFoundError:
         raise OSError(f"network namespace {netns!r} does not exist ({path})") from None
-    own = os.open(f"/proc/self/task/{threading.get_native_id()}/ns/net", os.O_RDONLY | os.O_CLOEXEC)
+    own = os.open(
+        f"/proc/self/task/{threading.get_native_id()}/ns/net",
+        os.O_RDONLY | os.O_CLOEXEC,
+    )
     try:
         _setns(target)
         try:
@@ -50,7 +53,9 @@ def entered(netns: str | None) -> Iterator[None]:
         os.close(own)
 
 
-def socket_in(netns: str | None, family: int, type_: int, proto: int = 0) -> socket.socket:
+def socket_in(
+    netns: str | None, family: int, type_: int, proto: int = 0
+) -> socket.socket:
     """A socket created inside ``netns``."""
     with entered(netns):
         return socket.socket(family, type_, proto)

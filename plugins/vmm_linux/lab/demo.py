@@ -1,0 +1,457 @@
+"""The demo: a VM live-migrates in the lab while peers and the gateway send
+probe streams at it, once per mode, and a side-by-side report is printed.
+
+Modes (each in a fresh lab, same topology, same migration):
+  none          no orchestrator and no announcement at all;
+  rarp          no orchestrator; QEMU's own self-announcement (5 RARPs);
+  orchestrated  QEMU's RARPs plus this project's pipeline.
+In every mode the NVEs run the same agent with EVPN-style local learning,
+so the baselines converge the way a directory-driven overlay does today:
+only once the VM's MAC is seen on its new port.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import logging
+import os
+import secrets
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from typing import Any
+
+from oslo_config import cfg
+
+from vmm_linux.host import LinuxHost
+from vmm_linux.lab import options as lab_opts
+from vmm_linux.lab import probe
+from vmm_linux.lab.hypervisor import LabHypervisor, LabMigration
+from vmm_linux.lab.topology import Lab, LabVm, in_ns, new_prefix
+from vmm_orchestrator import engine
+from vmm_orchestrator.journal import Journal
+from vmm_orchestrator.nva.client import NvaClient
+from vmm_orchestrator.nva.server import NvaServer
+from vmm_orchestrator.nva.store import NvaStore
+
+LOG = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass
+class ModeResult:
+    """Everything measured in one mode."""
+
+    mode: str
+    streams: list[probe.StreamReport]
+    convergence_ms: dict[str, float | None]
+    ack_convergence_ms: dict[str, float]
+    timeline: list[dict[str, Any]]
+    critical_path_ms: float | None
+    downtime_ms: float
+    gateway_fdb_vtep: str | None
+    destination_vtep: str
+    gateway_neigh_mac: str | None
+    errors: list[str]
+
+    @property
+    def lost_after_resume(self) -> int:
+        return sum(s.lost_after_resume for s in self.streams)
+
+    def to_dict(self) -> dict[str, Any]:
+        out = dataclasses.asdict(self)
+        out["lost_after_resume"] = self.lost_after_resume
+        return out
+
+
+@dataclasses.dataclass
+class LabSite:
+    """A running lab: namespaces, directory, hosts and (maybe) orchestrators."""
+
+    lab: Lab
+    server: NvaServer
+    token: str
+    hosts: dict[str, LinuxHost]
+    dispatchers: dict[str, engine.Dispatcher] | None
+    workdir: str
+
+    def client(self) -> NvaClient:
+        return NvaClient(self.server.url, self.token)
+
+
+@contextlib.contextmanager
+def lab_site(
+    conf: cfg.ConfigOpts, prefix: str, orchestrated: bool, gateway_on: str = "h3"
+) -> Iterator[LabSite]:
+    """Build the demo topology; tear everything down however the body ends.
+
+    h1 runs the migrating VM (vm1) and a peer (vm3); h2 is the destination
+    and runs vm4; h3 runs a peer (vm2) and the gateway (gw).
+    """
+    lab_opts.register_opts(conf)
+    lab = Lab(prefix, conf.lab.vni)
+    workdir = tempfile.mkdtemp(prefix=f"{prefix}-")
+    token = secrets.token_urlsafe(24)
+    server = NvaServer(NvaStore(":memory:"), token, "127.0.0.1", 0)
+    hosts: dict[str, LinuxHost] = {}
+    dispatchers: dict[str, engine.Dispatcher] = {}
+    try:
+        server.start()
+        admin = NvaClient(server.url, token)
+        vni = conf.lab.vni
+        lab.build_underlay()
+        for i in range(1, conf.lab.hosts + 1):
+            h = lab.add_host(f"h{i}")
+            admin.register_nve(h.name, h.vtep, [vni])
+        for name, h in lab.hosts.items():
+            hosts[name] = LinuxHost(
+                conf, name, h.netns, h.vtep, [vni], NvaClient(server.url, token)
+            )
+            hosts[name].nve.ensure_vn(vni)
+        placement = [
+            ("gw", gateway_on, True),
+            ("vm1", "h1", False),
+            ("vm2", "h3", False),
+            ("vm3", "h1", False),
+            ("vm4", "h2", False),
+        ]
+        for name, host, is_gw in placement:
+            vm = lab.add_vm(name, host, gateway=is_gw)
+            admin.add_endpoint(vni, vm.mac, [vm.ipv4], [vm.ipv6], host)
+            hosts[host].nve.plug(vni, vm.mac, vm.port, (vm.ipv4, vm.ipv6))
+        gw = lab.vms["gw"]
+        conf.set_override("gateways", [f"{gw.ipv4}@{gw.mac}"], group="announce")
+        for host in hosts.values():
+            host.start()
+        if orchestrated:
+            for name, host in hosts.items():
+                journal = Journal(os.path.join(workdir, f"journal-{name}.sqlite"))
+                pipeline = engine.Pipeline(conf, host.context, journal)
+                dispatchers[name] = engine.Dispatcher(pipeline)
+        yield LabSite(lab, server, token, hosts, dispatchers if orchestrated else None, workdir)
+    finally:
+        for dispatcher in dispatchers.values():
+            with contextlib.suppress(Exception):
+                dispatcher.close()
+        for host in hosts.values():
+            with contextlib.suppress(Exception):
+                host.stop()
+        with contextlib.suppress(Exception):
+            server.stop()
+        lab.teardown()
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+class ProbeRun:
+    """Probe receivers in the VM and senders in the peers, as processes."""
+
+    def __init__(self, site: LabSite, target: LabVm, senders: list[LabVm], port: int) -> None:
+        self.site = site
+        self.target = target
+        self.senders = senders
+        self.port = port
+        self.procs: list[subprocess.Popen[str]] = []
+        self.recv_out: list[str] = []
+        self.send_out: dict[str, str] = {}
+
+    def start(self, rate: int, duration: float) -> float:
+        lab, work = self.site.lab, self.site.workdir
+        py = [sys.executable, "-m", "vmm_linux.lab.probe"]
+        for family, addr in (("v4", self.target.ipv4), ("v6", self.target.ipv6)):
+            out = os.path.join(work, f"recv-{family}.json")
+            proc = lab.popen(
+                self.target.netns,
+                *py,
+                "recv",
+                "--bind",
+                addr,
+                "--port",
+                str(self.port),
+                "--out",
+                out,
+                stdout=subprocess.PIPE,
+            )
+            self.procs.append(proc)
+            self.recv_out.append(out)
+            assert proc.stdout is not None
+            line = proc.stdout.readline()
+            if "ready" not in line:
+                raise RuntimeError(f"probe receiver for {addr} did not start: {line!r}")
+        start_at = time.monotonic() + 0.3
+        for peer in self.senders:
+            for family, addr in (("v4", self.target.ipv4), ("v6", self.target.ipv6)):
+                stream = f"{peer.name}-{family}"
+                out = os.path.join(work, f"send-{stream}.json")
+                self.send_out[stream] = out
+                self.procs.append(
+                    lab.popen(
+                        peer.netns,
+                        *py,
+                        "send",
+                        "--dst",
+                        addr,
+                        "--port",
+                        str(self.port),
+                        "--rate",
+                        str(rate),
+                        "--duration",
+                        f"{duration:.3f}",
+                        "--stream",
+                        stream,
+                        "--out",
+                        out,
+                        "--start-at",
+                        f"{start_at:.6f}",
+                    )
+                )
+        return start_at
+
+    def finish(self, migration: LabMigration) -> list[probe.StreamReport]:
+        n_recv = len(self.recv_out)
+        for proc in self.procs[n_recv:]:
+            proc.wait(timeout=60)
+        time.sleep(0.2)
+        for proc in self.procs[:n_recv]:
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(timeout=10)
+        received: list[probe.Recv] = []
+        for path in self.recv_out:
+            received.extend(probe.load_recv_log(path))
+        start_ns = int(migration.paused_at * 1e9)
+        end_ns = int(migration.resumed_at * 1e9)
+        return [
+            probe.analyze(probe.load_send_log(path), received, start_ns, end_ns)
+            for _, path in sorted(self.send_out.items())
+        ]
+
+    def kill(self) -> None:
+        for proc in self.procs:
+            if proc.poll() is None:
+                proc.kill()
+                with contextlib.suppress(Exception):
+                    proc.wait(timeout=5)
+
+
+def _timeline(reports: list[engine.PhaseReport], resumed_at: float) -> list[dict[str, Any]]:
+    rows = []
+    for rep in reports:
+        for t in rep.timeline:
+            rows.append(
+                {
+                    "phase": rep.phase.value,
+                    "host": rep.host,
+                    "stage": t.stage,
+                    "start_ms": round(t.started_offset_ms, 2),
+                    "duration_ms": round(t.duration_ms, 2),
+                    "outcome": t.outcome,
+                }
+            )
+    return rows
+
+
+def _critical_path(reports: list[engine.PhaseReport], resumed_at: float) -> float | None:
+    for rep in reports:
+        for t in rep.timeline:
+            first = t.notes.get("first_frame_monotonic")
+            if first is not None:
+                return (float(first) - resumed_at) * 1000.0
+    return None
+
+
+def _ack_convergence(reports: list[engine.PhaseReport]) -> dict[str, float]:
+    for rep in reports:
+        for t in rep.timeline:
+            if "convergence_ms" in t.notes:
+                return {k: round(float(v), 2) for k, v in t.notes["convergence_ms"].items()}
+    return {}
+
+
+def gateway_view(site: LabSite, vm: LabVm) -> tuple[str | None, str | None]:
+    """(VTEP the gateway's NVE sends the VM's MAC to, MAC the gateway's ARP holds)."""
+    gw = site.lab.vms["gw"]
+    vtep = site.hosts[gw.host].nve.vxlan_dst(vm.vni, vm.mac)
+    out = in_ns(gw.netns, "ip", "-4", "neigh", "show", vm.ipv4, "dev", "eth0", check=False)
+    mac = out.split("lladdr")[1].split()[0] if "lladdr" in out else None
+    return vtep, mac
+
+
+def run_mode(conf: cfg.ConfigOpts, mode: str, prefix: str) -> ModeResult:
+    """One migration of vm1 from h1 to h2 under probe traffic, in a fresh lab."""
+    orchestrated = mode == "orchestrated"
+    settings = conf.lab
+    with lab_site(conf, prefix, orchestrated) as site:
+        lab = site.lab
+        vm1 = lab.vms["vm1"]
+        senders = [lab.vms["vm2"], lab.vms["vm3"], lab.vms["gw"]]
+        probes = ProbeRun(site, vm1, senders, settings.probe_port)
+        hyper = LabHypervisor(lab, site.dispatchers, qemu_rarp=mode != "none")
+        duration = settings.warmup_s + settings.downtime_ms / 1000.0 + 0.3 + settings.observe_s
+        try:
+            start_at = probes.start(settings.probe_rate, duration)
+            time.sleep(max(0.0, start_at + settings.warmup_s - time.monotonic()))
+            record, futures = hyper.migrate(vm1, "h2", settings.downtime_ms)
+            reports = [f.result(timeout=120) for f in futures]
+            streams = probes.finish(record)
+        finally:
+            probes.kill()
+        errors = [f"{r.phase.value} on {r.host}: {r.error}" for r in reports if not r.ok]
+        convergence: dict[str, float | None] = {}
+        key = (vm1.vni, vm1.mac)
+        for name, host in site.hosts.items():
+            applied = host.agent.applied_at.get(key)
+            if applied and applied[0] == "h2":
+                convergence[name] = round((applied[1] - record.resumed_at) * 1000.0, 2)
+            else:
+                convergence[name] = None
+        fdb_vtep, neigh_mac = gateway_view(site, vm1)
+        return ModeResult(
+            mode=mode,
+            streams=streams,
+            convergence_ms=convergence,
+            ack_convergence_ms=_ack_convergence(reports),
+            timeline=_timeline(reports, record.resumed_at),
+            critical_path_ms=_critical_path(reports, record.resumed_at),
+            downtime_ms=round((record.resumed_at - record.paused_at) * 1000.0, 2),
+            gateway_fdb_vtep=fdb_vtep,
+            destination_vtep=lab.hosts["h2"].vtep,
+            gateway_neigh_mac=neigh_mac,
+            errors=errors,
+        )
+
+
+def _fmt_ms(value: float | None) -> str:
+    return "never" if value is None else f"{value:.1f}"
+
+
+def render(results: list[ModeResult]) -> str:
+    """The side-by-side report."""
+    lines: list[str] = []
+    lines.append("== Probe streams (1 row per stream and mode) ==")
+    rows = []
+    for res in results:
+        for s in res.streams:
+            rows.append(
+                {
+                    "mode": res.mode,
+                    "stream": s.stream,
+                    "sent": s.sent,
+                    "lost_while_paused": s.lost_while_paused,
+                    "lost_after_resume": s.lost_after_resume,
+                    "duplicates": s.duplicates,
+                    "black_hole_ms": f"{s.black_hole_ms:.1f}" + ("" if s.converged else " (never)"),
+                }
+            )
+    lines.append(
+        probe.format_table(
+            rows,
+            [
+                ("mode", "mode"),
+                ("stream", "stream"),
+                ("sent", "sent"),
+                ("lost_while_paused", "lost while paused"),
+                ("lost_after_resume", "lost after resume"),
+                ("duplicates", "dup"),
+                ("black_hole_ms", "black-hole ms"),
+            ],
+        )
+    )
+    lines.append("")
+    lines.append("== Per-NVE convergence: ms from VM resume until the NVE forwards to h2 ==")
+    nves = sorted({n for r in results for n in r.convergence_ms})
+    conv_rows = [
+        {"nve": n, **{r.mode: _fmt_ms(r.convergence_ms.get(n)) for r in results}} for n in nves
+    ]
+    lines.append(
+        probe.format_table(conv_rows, [("nve", "NVE")] + [(r.mode, r.mode) for r in results])
+    )
+    lines.append("")
+    lines.append("== Summary ==")
+    summary = []
+    for r in results:
+        bh = [s.black_hole_ms for s in r.streams]
+        summary.append(
+            {
+                "mode": r.mode,
+                "paused_ms": f"{r.downtime_ms:.1f}",
+                "lost_after_resume": r.lost_after_resume,
+                "max_black_hole_ms": f"{max(bh):.1f}" if bh else "-",
+                "all_converged": "yes" if all(s.converged for s in r.streams) else "NO",
+                "gw_fdb": "h2" if r.gateway_fdb_vtep == r.destination_vtep else "stale",
+                "resumed_to_first_garp_ms": _fmt_ms(r.critical_path_ms)
+                if r.critical_path_ms is not None
+                else "-",
+            }
+        )
+    lines.append(
+        probe.format_table(
+            summary,
+            [
+                ("mode", "mode"),
+                ("paused_ms", "paused ms"),
+                ("lost_after_resume", "lost after resume"),
+                ("max_black_hole_ms", "max black-hole ms"),
+                ("all_converged", "all converged"),
+                ("gw_fdb", "gateway NVE -> VM"),
+                ("resumed_to_first_garp_ms", "RESUMED->1st GARP ms"),
+            ],
+        )
+    )
+    for r in results:
+        if r.timeline:
+            lines.append("")
+            lines.append(f"== Pipeline timeline ({r.mode}; start ms from each phase's event) ==")
+            lines.append(
+                probe.format_table(
+                    r.timeline,
+                    [
+                        ("phase", "phase"),
+                        ("host", "host"),
+                        ("stage", "stage"),
+                        ("start_ms", "start ms"),
+                        ("duration_ms", "duration ms"),
+                        ("outcome", "outcome"),
+                    ],
+                )
+            )
+            if r.ack_convergence_ms:
+                acks = ", ".join(f"{k} {v:.1f}" for k, v in sorted(r.ack_convergence_ms.items()))
+                lines.append(f"directory commit -> NVE acknowledgement ms: {acks}")
+        for err in r.errors:
+            lines.append(f"ERROR ({r.mode}): {err}")
+    return "\n".join(lines)
+
+
+def run_demo(conf: cfg.ConfigOpts, json_out: str | None = None) -> int:
+    """Run every configured mode; 0 only if the orchestrated run lost nothing after resume."""
+    lab_opts.register_opts(conf)
+    lab_opts.check(conf)
+    prefix = new_prefix()
+    results = []
+    for mode in conf.lab.modes:
+        print(f"-- running mode {mode!r} (lab prefix {prefix}{mode[0]}) ...", flush=True)
+        results.append(run_mode(conf, mode, f"{prefix}{mode[0]}"))
+    print()
+    print(render(results))
+    if json_out:
+        with open(json_out, "w", encoding="utf-8") as fh:
+            json.dump([r.to_dict() for r in results], fh, indent=2, default=str)
+    status = 0
+    for r in results:
+        if r.mode == "orchestrated" and (r.lost_after_resume or r.errors):
+            print(
+                f"\nFAIL: the orchestrated run lost {r.lost_after_resume} packet(s) after the "
+                f"VM resumed",
+                file=sys.stderr,
+            )
+            status = 1
+    return status
+
+
+def median(values: list[float]) -> float:
+    return statistics.median(values)

@@ -1,0 +1,162 @@
+"""Data-plane stages on a Linux NVE: plug at the destination, announce from
+the host, keep an in-flight tunnel at the source until the hold timer ends.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any, ClassVar
+
+from oslo_config import cfg
+
+from vmm_orchestrator.errors import StageFailed
+from vmm_orchestrator.model import Phase, Role
+from vmm_orchestrator.stage import Stage, StageContext
+
+LOG = logging.getLogger(__name__)
+
+
+class NvePrepare(Stage):
+    """PREPARE, destination: expect the VM's MAC on its local port.
+
+    Until now the destination NVE forwarded the VM's MAC over VXLAN to the
+    source. A bridge never forwards a frame out of the port it came in on,
+    so frames that reach the destination over VXLAN after the VM resumed
+    (the source's in-flight tunnel, peers that already updated) would be
+    dropped here. From PREPARE on, the bridge forwards the MAC to the local
+    port (under libvirt the tap exists from PREPARE), or floods it to local
+    ports until the port exists, so nothing waits on RESUMED. Reverting
+    restores forwarding to the VM's current host.
+    """
+
+    name = "nve_prepare"
+    phase = Phase.PREPARE
+    role = Role.DESTINATION
+    default_attempts = 1
+
+    def run(self, ctx: StageContext) -> dict[str, Any]:
+        nve = ctx.host.service("nve")
+        for vif in ctx.migration.workload.vifs:
+            if not vif.port:
+                raise StageFailed(f"NIC {vif.mac} of {ctx.migration.workload.name} names no port")
+            nve.ensure_vn(vif.vni)
+            nve.plug(vif.vni, vif.mac, vif.port, vif.ipv4 + vif.ipv6)
+        return {"expecting": [[v.vni, v.mac, v.port] for v in ctx.migration.workload.vifs]}
+
+    def revert(self, ctx: StageContext, record: dict[str, Any] | None) -> None:
+        nve = ctx.host.service("nve")
+        for vif in ctx.migration.workload.vifs:
+            nve.unplug(vif.vni, vif.mac)
+
+
+class NvePlug(NvePrepare):
+    """RESUMED, destination: pin the VM's MAC to its port, now that it is up.
+
+    Ends the local flooding that NvePrepare allowed while the port did not
+    exist, so other VMs on this host stop seeing the migrated VM's frames.
+    """
+
+    name = "nve_plug"
+    phase = Phase.RESUMED
+    role = Role.DESTINATION
+
+
+class Announce(Stage):
+    """RESUMED, destination: announce the VM from the host, no guest help.
+
+    Gratuitous ARP requests, unicast ARP replies to known gateways and
+    unsolicited NAs with the Override flag, repeated on a schedule in the
+    background (ARP is unreliable). Only the first round is on the critical
+    path; the stage notes when its first frame left.
+    """
+
+    name = "announce"
+    phase = Phase.RESUMED
+    role = Role.DESTINATION
+    default_attempts = 1
+
+    def run(self, ctx: StageContext) -> dict[str, Any]:
+        pool = ctx.host.service("announcers")
+        first: list[float] = []
+        rounds = 0
+        for vif in ctx.migration.workload.vifs:
+            announcer = pool.for_vni(vif.vni)
+            announcer.announce(vif, on_first_sent=first.append if not first else None)
+            rounds += 1
+        if first:
+            ctx.note(first_frame_monotonic=first[0])
+        return {"announced": rounds}
+
+
+class InflightTunnel(Stage):
+    """SWITCHOVER, source: send frames for the departing MAC to the new VTEP.
+
+    Peers keep sending to this host until they apply the move; without this
+    those frames are dropped here (there is no ARP "leave"). Reverted on
+    ABORTED: the VM stays here, so its local port takes over again.
+    """
+
+    name = "inflight_tunnel"
+    phase = Phase.SWITCHOVER
+    role = Role.SOURCE
+
+    def run(self, ctx: StageContext) -> dict[str, Any]:
+        nve = ctx.host.service("nve")
+        vtep = ctx.host.nva.get_nve(ctx.migration.destination)["vtep"]
+        for vif in ctx.migration.workload.vifs:
+            nve.ensure_vn(vif.vni)
+            nve.start_inflight(vif.vni, vif.mac, vtep)
+        return {
+            "vtep": vtep,
+            "macs": [[v.vni, v.mac] for v in ctx.migration.workload.vifs],
+        }
+
+    def revert(self, ctx: StageContext, record: dict[str, Any] | None) -> None:
+        nve = ctx.host.service("nve")
+        for vif in ctx.migration.workload.vifs:
+            nve.stop_inflight(vif.vni, vif.mac)
+
+
+class HoldTimer(Stage):
+    """COMPLETED, source: keep the in-flight tunnel for ``hold_time``, then remove it.
+
+    The expiry is checkpointed, so an orchestrator restarted in the middle
+    waits only for what is left and then removes the tunnel.
+    """
+
+    name = "hold_timer"
+    phase = Phase.COMPLETED
+    role = Role.SOURCE
+    default_deadline = 60.0
+    default_attempts = 1
+    opts: ClassVar[list[cfg.Opt]] = [
+        cfg.FloatOpt(
+            "hold_time",
+            default=3.0,
+            min=0.0,
+            help="Seconds the old NVE keeps tunnelling frames for a departed VM "
+            "to its new VTEP. Must cover the slowest peer's update; the stage's "
+            "deadline must be longer.",
+        ),
+    ]
+
+    def run(self, ctx: StageContext) -> dict[str, Any]:
+        expires_at = ctx.saved.get("expires_at")
+        if expires_at is None:
+            expires_at = time.time() + self.options.hold_time
+            ctx.checkpoint({"expires_at": expires_at})
+        left = float(expires_at) - time.time()
+        if left > ctx.remaining():
+            raise StageFailed(
+                f"hold_time ({self.options.hold_time}s) is longer than the stage deadline",
+                hint="raise [stage_hold_timer] deadline above hold_time",
+            )
+        if left > 0:
+            time.sleep(left)
+        nve = ctx.host.service("nve")
+        for vif in ctx.migration.workload.vifs:
+            nve.unplug(vif.vni, vif.mac)
+            nve.stop_inflight(vif.vni, vif.mac)
+        ctx.note(hold_s=self.options.hold_time)
+        return {"expired_at": time.time()}

@@ -1,0 +1,81 @@
+"""Options of the ``[nva]`` group: how to reach the directory and how to serve it.
+
+The client options (``url``, ``token``, ``request_timeout``) are read on
+every host; the server options only by the host that runs ``vmm nva serve``.
+They share one group so a single config file fits both.
+"""
+
+from __future__ import annotations
+
+from oslo_config import cfg
+
+GROUP = "nva"
+
+NVA_OPTS: list[cfg.Opt] = [
+    cfg.URIOpt(
+        "url",
+        default="http://127.0.0.1:9797",
+        schemes=["http", "https"],
+        help="Base URL at which NVE agents and the orchestrator reach the directory "
+        "(the host and port `vmm nva serve` listens on, or a proxy in front of it).",
+    ),
+    cfg.StrOpt(
+        "token",
+        default=None,
+        secret=True,
+        required=True,
+        help="Shared secret sent in the X-Auth-Token header of every request. The "
+        "server refuses requests without it; clients and server must use the same "
+        "value. Keep it out of world-readable files.",
+    ),
+    cfg.FloatOpt(
+        "request_timeout",
+        default=2.0,
+        min=0.001,
+        help="Seconds a client waits for an answer to one request before it counts "
+        "the directory as unavailable (a transient error that stages retry). A "
+        "long-poll watch waits this long on top of its own timeout.",
+    ),
+    cfg.HostAddressOpt(
+        "bind_host",
+        default="127.0.0.1",
+        help="Address `vmm nva serve` listens on. Use a management-network address "
+        "(not 0.0.0.0 on an untrusted network) so NVE agents on other hosts can reach it.",
+    ),
+    cfg.PortOpt(
+        "bind_port",
+        default=9797,
+        help="TCP port `vmm nva serve` listens on; 0 picks a free port (useful in tests).",
+    ),
+    cfg.StrOpt(
+        "database",
+        default="/var/lib/vmm-orchestrator/nva.sqlite",
+        help="Path of the SQLite file holding NVEs, endpoints and the change log, so "
+        "sequence numbers survive a restart. ':memory:' keeps everything in memory "
+        "(lost on restart: for tests only). The directory must exist and be writable.",
+    ),
+    cfg.IntOpt(
+        "max_body_bytes",
+        default=1024 * 1024,
+        min=1,
+        help="Largest request body the server accepts, in bytes; larger requests are "
+        "refused with 413 before being parsed, so a client cannot exhaust memory.",
+    ),
+    cfg.FloatOpt(
+        "watch_max_timeout",
+        default=30.0,
+        min=0.0,
+        help="Longest time in seconds the server holds a long-poll watch or acks request "
+        "open waiting for changes; larger timeouts asked by clients are cut to this.",
+    ),
+]
+
+
+def register_opts(conf: cfg.ConfigOpts) -> None:
+    """Register the ``[nva]`` options on ``conf``; safe to call more than once."""
+    conf.register_opts(NVA_OPTS, group=GROUP)
+
+
+def list_opts() -> list[tuple[str, list[cfg.Opt]]]:
+    """The options of this module, in the shape oslo-config-generator expects."""
+    return [(GROUP, list(NVA_OPTS))]

@@ -1,0 +1,650 @@
+"""The directory's HTTP JSON API, served by the standard library.
+
+``vmm nva serve`` runs this on one host; NVE agents and orchestrators on
+every host talk to it with :class:`vmm_orchestrator.nva.client.NvaClient`.
+ThreadingHTTPServer gives one thread per connection, which long-poll
+watches need (each holds its thread while it waits) and which is plenty
+for a directory that sees a handful of requests per migration.
+
+Every request must carry the shared token: the directory decides where
+traffic goes, so an unauthenticated write could hijack a VM's traffic.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hmac
+import http.server
+import json
+import logging
+import re
+import socket
+import threading
+from collections.abc import Callable
+from typing import Any, Self, cast
+from urllib.parse import parse_qs, unquote, urlsplit
+
+from oslo_config import cfg
+
+from vmm_orchestrator.errors import ConfigError
+from vmm_orchestrator.nva import options
+from vmm_orchestrator.nva.errors import (
+    BadRequest,
+    MethodNotAllowed,
+    NotFound,
+    NvaError,
+    PayloadTooLarge,
+    Unauthorized,
+)
+from vmm_orchestrator.nva.store import NvaStore, check_timeout
+
+LOG = logging.getLogger(__name__)
+
+#: Seconds an idle keep-alive connection (or a slow body) may hold a thread.
+IDLE_TIMEOUT = 60.0
+
+#: Bodies we refuse are still read (and dropped) up to this size so the
+#: client sees our answer instead of a connection reset; larger ones make us
+#: close the connection instead.
+_DRAIN_LIMIT = 16 * 1024 * 1024
+
+_INT_RE = re.compile(r"^[0-9]{1,15}$")
+
+TOKEN_HEADER = "X-Auth-Token"
+
+
+@dataclasses.dataclass
+class Request:
+    """What a route handler gets: path captures, query string and JSON body."""
+
+    args: tuple[str, ...]
+    query: dict[str, list[str]]
+    body: dict[str, Any]
+
+
+Response = tuple[int, Any]
+Handler = Callable[[Request], Response]
+
+
+# ------------------------------------------------------------ request parsing
+
+
+def _query(req: Request, allowed: set[str]) -> dict[str, str]:
+    """Single-valued query parameters; unknown or repeated ones are a client bug."""
+    unknown = sorted(set(req.query) - allowed)
+    if unknown:
+        raise BadRequest(
+            f"unknown query parameter(s) {', '.join(unknown)}; expected some of "
+            f"{', '.join(sorted(allowed)) or 'none'}"
+        )
+    out = {}
+    for name, values in req.query.items():
+        if len(values) != 1:
+            raise BadRequest(f"query parameter {name} given {len(values)} times")
+        out[name] = values[0]
+    return out
+
+
+def _int(value: str, name: str) -> int:
+    if not _INT_RE.match(value):
+        raise BadRequest(f"{name} must be an integer >= 0, got {value!r}")
+    return int(value)
+
+
+def _opt_int(query: dict[str, str], name: str) -> int | None:
+    return None if name not in query else _int(query[name], name)
+
+
+def _req_int(query: dict[str, str], name: str) -> int:
+    if name not in query:
+        raise BadRequest(f"query parameter {name} is required")
+    return _int(query[name], name)
+
+
+def _timeout(query: dict[str, str], cap: float) -> float:
+    """The client's wait, cut to the server's cap so no request holds a thread for long."""
+    if "timeout" not in query:
+        return 0.0
+    try:
+        value = float(query["timeout"])
+    except ValueError:
+        raise BadRequest(f"timeout must be a number of seconds, got {query['timeout']!r}") from None
+    return min(check_timeout(value), cap)
+
+
+def _fields(
+    body: dict[str, Any],
+    required: set[str],
+    optional: frozenset[str] | set[str] = frozenset(),
+) -> None:
+    """Refuse missing and unknown fields: a typo must not silently mean 'absent'."""
+    missing = sorted(required - set(body))
+    if missing:
+        raise BadRequest(f"missing field(s): {', '.join(missing)}")
+    unknown = sorted(set(body) - required - optional)
+    if unknown:
+        allowed = ", ".join(sorted(required | optional))
+        raise BadRequest(f"unknown field(s): {', '.join(unknown)}; expected {allowed}")
+
+
+def _path_vni(value: str) -> int:
+    if not _INT_RE.match(value):
+        raise BadRequest(f"vni in the path must be an integer, got {value!r}")
+    return int(value)
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not valid JSON")
+
+
+def parse_json_body(data: bytes) -> dict[str, Any]:
+    """Decode a request body, which must be a JSON object."""
+    try:
+        body = json.loads(data.decode("utf-8"), parse_constant=_reject_constant)
+    except (UnicodeDecodeError, ValueError) as err:
+        raise BadRequest(f"request body is not valid JSON: {err}") from None
+    if not isinstance(body, dict):
+        raise BadRequest(f"request body must be a JSON object, got {type(body).__name__}")
+    return body
+
+
+# ----------------------------------------------------------------- the API
+
+
+class Api:
+    """The routes, mapped onto store operations; knows nothing about sockets."""
+
+    def __init__(self, store: NvaStore, watch_max_timeout: float) -> None:
+        self.store = store
+        self.watch_max_timeout = watch_max_timeout
+        ep = r"^/v1/endpoints/([^/]+)/([^/]+)"
+        self.routes: list[tuple[re.Pattern[str], dict[str, Handler]]] = [
+            (
+                re.compile(r"^/v1/nves$"),
+                {"GET": self.list_nves, "POST": self.register_nve},
+            ),
+            (re.compile(r"^/v1/nves/([^/]+)$"), {"GET": self.get_nve}),
+            (re.compile(r"^/v1/nves/([^/]+)/ack$"), {"POST": self.ack}),
+            (
+                re.compile(r"^/v1/endpoints$"),
+                {"GET": self.list_endpoints, "POST": self.add_endpoint},
+            ),
+            (
+                re.compile(ep + "$"),
+                {"GET": self.get_endpoint, "DELETE": self.delete_endpoint},
+            ),
+            (re.compile(ep + "/prestage$"), {"POST": self.prestage}),
+            (re.compile(ep + "/commit$"), {"POST": self.commit}),
+            (re.compile(ep + "/abort$"), {"POST": self.abort}),
+            (re.compile(ep + "/move$"), {"POST": self.move}),
+            (re.compile(ep + "/expire$"), {"POST": self.expire}),
+            (re.compile(r"^/v1/watch$"), {"GET": self.watch}),
+            (re.compile(r"^/v1/acks$"), {"GET": self.acks}),
+            (re.compile(r"^/v1/health$"), {"GET": self.health}),
+        ]
+
+    def match(self, method: str, path: str) -> tuple[Handler, tuple[str, ...]]:
+        """The handler and decoded path captures, or 404 / 405."""
+        for pattern, methods in self.routes:
+            found = pattern.match(path)
+            if found is None:
+                continue
+            if method not in methods:
+                raise MethodNotAllowed(
+                    f"{method} is not allowed on {path}; use {', '.join(sorted(methods))}"
+                )
+            return methods[method], tuple(unquote(g) for g in found.groups())
+        raise NotFound(f"no such route: {path}")
+
+    def allowed(self, path: str) -> list[str]:
+        """Methods a path accepts, for the Allow header of a 405."""
+        for pattern, methods in self.routes:
+            if pattern.match(path):
+                return sorted(methods)
+        return []
+
+    # NVEs
+
+    def register_nve(self, req: Request) -> Response:
+        _query(req, set())
+        _fields(req.body, {"id", "vtep"}, {"vnis"})
+        b = req.body
+        return 200, self.store.register_nve(b["id"], b["vtep"], b.get("vnis", []))
+
+    def list_nves(self, req: Request) -> Response:
+        query = _query(req, {"vni"})
+        return 200, {"nves": self.store.list_nves(_opt_int(query, "vni"))}
+
+    def get_nve(self, req: Request) -> Response:
+        _query(req, set())
+        return 200, self.store.get_nve(req.args[0])
+
+    def ack(self, req: Request) -> Response:
+        _query(req, set())
+        _fields(req.body, {"revision"})
+        return 200, self.store.ack(req.args[0], req.body["revision"])
+
+    # endpoints
+
+    def add_endpoint(self, req: Request) -> Response:
+        _query(req, set())
+        _fields(req.body, {"vni", "mac", "nve"}, {"ipv4", "ipv6"})
+        b = req.body
+        endpoint, created = self.store.create_endpoint(
+            b["vni"], b["mac"], b.get("ipv4"), b.get("ipv6"), b["nve"]
+        )
+        return (201 if created else 200), endpoint
+
+    def list_endpoints(self, req: Request) -> Response:
+        """List a VN, or look one endpoint up by IP or MAC (404 when there is none).
+
+        The revision is read before the list, so an agent that loads this
+        list and then watches from that revision misses nothing (it may see
+        a change twice, which the sequence numbers make harmless).
+        """
+        query = _query(req, {"vni", "ip", "mac"})
+        revision = self.store.revision
+        vni = _opt_int(query, "vni")
+        if "ip" in query or "mac" in query:
+            if vni is None:
+                raise BadRequest("looking up by ip or mac needs the vni too")
+            found = self.store.find(vni, ip=query.get("ip"), mac=query.get("mac"))
+            return 200, {"revision": revision, "endpoints": [found]}
+        return 200, {"revision": revision, "endpoints": self.store.list_endpoints(vni)}
+
+    def get_endpoint(self, req: Request) -> Response:
+        _query(req, set())
+        return 200, self.store.get_endpoint(_path_vni(req.args[0]), req.args[1])
+
+    def delete_endpoint(self, req: Request) -> Response:
+        _query(req, set())
+        return 200, self.store.delete_endpoint(_path_vni(req.args[0]), req.args[1])
+
+    def prestage(self, req: Request) -> Response:
+        _query(req, set())
+        _fields(req.body, {"nve", "migration_id"})
+        vni, mac = _path_vni(req.args[0]), req.args[1]
+        return 200, self.store.prestage(vni, mac, req.body["nve"], req.body["migration_id"])
+
+    def commit(self, req: Request) -> Response:
+        _query(req, set())
+        _fields(req.body, {"migration_id"})
+        vni, mac = _path_vni(req.args[0]), req.args[1]
+        return 200, self.store.commit(vni, mac, req.body["migration_id"])
+
+    def abort(self, req: Request) -> Response:
+        _query(req, set())
+        _fields(req.body, {"migration_id"})
+        vni, mac = _path_vni(req.args[0]), req.args[1]
+        return 200, self.store.abort(vni, mac, req.body["migration_id"])
+
+    def move(self, req: Request) -> Response:
+        _query(req, set())
+        _fields(req.body, {"nve"}, {"seq"})
+        vni, mac = _path_vni(req.args[0]), req.args[1]
+        return 200, self.store.move(vni, mac, req.body["nve"], req.body.get("seq"))
+
+    def expire(self, req: Request) -> Response:
+        _query(req, set())
+        _fields(req.body, {"nves"})
+        vni, mac = _path_vni(req.args[0]), req.args[1]
+        return 200, self.store.expire(vni, mac, req.body["nves"])
+
+    # watch, acks, health
+
+    def watch(self, req: Request) -> Response:
+        query = _query(req, {"nve", "since", "timeout"})
+        if "nve" not in query:
+            raise BadRequest("query parameter nve is required")
+        since = _opt_int(query, "since") or 0
+        timeout = _timeout(query, self.watch_max_timeout)
+        revision, changes = self.store.changes_since(query["nve"], since, timeout)
+        return 200, {"revision": revision, "changes": changes}
+
+    def acks(self, req: Request) -> Response:
+        query = _query(req, {"vni", "min_revision", "nves", "timeout"})
+        vni, min_revision = _req_int(query, "vni"), _req_int(query, "min_revision")
+        nves = None
+        if "nves" in query:
+            nves = [n for n in query["nves"].split(",") if n]
+        timeout = _timeout(query, self.watch_max_timeout)
+        acks = self.store.acks(vni, min_revision, nves, timeout)
+        complete = all(a["acked_revision"] >= min_revision for a in acks.values())
+        return 200, {"acks": acks, "complete": complete}
+
+    def health(self, req: Request) -> Response:
+        _query(req, set())
+        return 200, {"revision": self.store.revision}
+
+
+# ------------------------------------------------------------- HTTP plumbing
+
+
+def error_body(err: NvaError) -> dict[str, Any]:
+    """The JSON every error answer carries."""
+    detail: dict[str, Any] = {"code": err.code, "message": err.message}
+    if err.hint:
+        detail["hint"] = err.hint
+    return {"error": detail}
+
+
+class _HttpServer(http.server.ThreadingHTTPServer):
+    """ThreadingHTTPServer that knows its API and its open connections.
+
+    Tracking connections lets stop() cut idle keep-alive connections, whose
+    threads would otherwise go on serving requests after the server stopped.
+    """
+
+    daemon_threads = True
+    block_on_close = False
+
+    def __init__(self, address: tuple[str, int], api: Api, token: str, max_body: int) -> None:
+        self.api = api
+        self.token = token.encode("utf-8")
+        self.max_body_bytes = max_body
+        self._conns: set[socket.socket] = set()
+        self._conns_lock = threading.Lock()
+        super().__init__(address, _RequestHandler)
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        with self._conns_lock:
+            self._conns.add(request)
+        super().process_request(request, client_address)
+
+    def shutdown_request(self, request: Any) -> None:
+        with self._conns_lock:
+            self._conns.discard(request)
+        super().shutdown_request(request)
+
+    def close_connections(self) -> None:
+        with self._conns_lock:
+            conns = list(self._conns)
+        for conn in conns:
+            try:
+                conn.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+
+class _HttpServer6(_HttpServer):
+    address_family = socket.AF_INET6
+
+
+class _RequestHandler(http.server.BaseHTTPRequestHandler):
+    """Authenticates, routes, bounds the body, and answers JSON."""
+
+    protocol_version = "HTTP/1.1"
+    server_version = "vmm-nva/1"
+    timeout = IDLE_TIMEOUT
+
+    @property
+    def _srv(self) -> _HttpServer:
+        return cast(_HttpServer, self.server)
+
+    def setup(self) -> None:
+        """Disable Nagle: headers and body go out in two writes, and with Nagle plus the
+        peer's delayed ACK every answer on a keep-alive connection would wait ~40 ms."""
+        super().setup()
+        try:
+            self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        except OSError:
+            pass
+
+    def do_GET(self) -> None:
+        self._dispatch("GET")
+
+    def do_POST(self) -> None:
+        self._dispatch("POST")
+
+    def do_DELETE(self) -> None:
+        self._dispatch("DELETE")
+
+    def do_PUT(self) -> None:
+        self._dispatch("PUT")
+
+    def do_PATCH(self) -> None:
+        self._dispatch("PATCH")
+
+    def do_HEAD(self) -> None:
+        self._dispatch("HEAD")
+
+    def do_OPTIONS(self) -> None:
+        self._dispatch("OPTIONS")
+
+    def _dispatch(self, method: str) -> None:
+        headers: dict[str, str] = {}
+        try:
+            status, payload = self._handle(method)
+        except NvaError as err:
+            status, payload = err.http_status, error_body(err)
+            if isinstance(err, MethodNotAllowed):
+                headers["Allow"] = ", ".join(self._srv.api.allowed(urlsplit(self.path).path))
+        except Exception:  # a bug or a database failure: log it, answer 500
+            LOG.exception("NVA request %s %s failed", method, self.path)
+            status = 500
+            payload = {"error": {"code": "internal_error", "message": "internal error"}}
+        self._send(status, payload, headers)
+
+    def _handle(self, method: str) -> Response:
+        length = self._content_length()
+        url = urlsplit(self.path)
+        try:
+            self._authenticate()
+            handler, args = self._srv.api.match(method, url.path)
+            if length > self._srv.max_body_bytes:
+                raise PayloadTooLarge(
+                    f"request body of {length} bytes is over the limit of "
+                    f"{self._srv.max_body_bytes} bytes ([nva] max_body_bytes)"
+                )
+        except NvaError:
+            self._discard(length)
+            raise
+        body = self._read_body(length) if method == "POST" else self._discard(length)
+        query = parse_qs(url.query, keep_blank_values=True)
+        return handler(Request(args, query, body))
+
+    def _authenticate(self) -> None:
+        given = self.headers.get(TOKEN_HEADER)
+        if given is None:
+            raise Unauthorized(f"missing {TOKEN_HEADER} header")
+        # Headers arrive decoded as latin-1: re-encode to get the bytes sent.
+        if not hmac.compare_digest(given.encode("latin-1", "replace"), self._srv.token):
+            raise Unauthorized(f"invalid {TOKEN_HEADER}")
+
+    def _content_length(self) -> int:
+        if self.headers.get("Transfer-Encoding"):
+            self.close_connection = True
+            raise BadRequest("chunked request bodies are not supported; send Content-Length")
+        raw = self.headers.get("Content-Length")
+        if raw is None:
+            return 0
+        if not _INT_RE.match(raw.strip()):
+            self.close_connection = True
+            raise BadRequest(f"invalid Content-Length {raw!r}")
+        return int(raw)
+
+    def _discard(self, length: int) -> dict[str, Any]:
+        """Drop a body we will not use, keeping the connection usable if it is small."""
+        if length > _DRAIN_LIMIT:
+            self.close_connection = True
+            return {}
+        try:
+            while length > 0:
+                chunk = self.rfile.read(min(length, 65536))
+                if not chunk:
+                    break
+                length -= len(chunk)
+        except OSError:
+            self.close_connection = True
+        if length:
+            self.close_connection = True
+        return {}
+
+    def _read_body(self, length: int) -> dict[str, Any]:
+        if length == 0:
+            return {}
+        data = self.rfile.read(length)
+        if len(data) != length:
+            self.close_connection = True
+            raise BadRequest(f"request body ended after {len(data)} of {length} bytes")
+        return parse_json_body(data)
+
+    def _send(self, status: int, payload: Any, headers: dict[str, str] | None = None) -> None:
+        data = json.dumps(payload).encode("utf-8")
+        try:
+            self.send_response(status)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            for name, value in (headers or {}).items():
+                self.send_header(name, value)
+            if self.close_connection:
+                self.send_header("Connection", "close")
+            self.end_headers()
+            if self.command != "HEAD":
+                self.wfile.write(data)
+        except OSError as err:  # the client went away; nothing left to tell it
+            LOG.debug("NVA client %s went away: %s", self.address_string(), err)
+            self.close_connection = True
+
+    def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
+        """Answer http.server's own errors (bad request line, ...) in JSON too."""
+        self.close_connection = True
+        text = message or explain or http.HTTPStatus(code).phrase
+        self._send(code, {"error": {"code": f"http_{code}", "message": text}})
+
+    def log_message(self, format: str, *args: Any) -> None:
+        LOG.debug("%s %s", self.address_string(), format % args)
+
+
+# ------------------------------------------------------------------ server
+
+
+def _url_host(host: str) -> str:
+    """A host clients can reach: wildcards mean loopback, IPv6 gets brackets."""
+    if host in ("", "0.0.0.0"):
+        return "127.0.0.1"
+    if host == "::":
+        return "[::1]"
+    return f"[{host}]" if ":" in host else host
+
+
+class NvaServer:
+    """The NVA HTTP API over an NvaStore, in a background thread or the foreground."""
+
+    def __init__(
+        self,
+        store: NvaStore,
+        token: str | None,
+        host: str = "127.0.0.1",
+        port: int = 9797,
+        max_body_bytes: int = 1024 * 1024,
+        watch_max_timeout: float = 30.0,
+    ) -> None:
+        if not token:
+            # An empty token would let an empty header through compare_digest.
+            raise ConfigError(
+                "the NVA server needs a token",
+                hint="set [nva] token to a shared secret",
+            )
+        self.store = store
+        self.host = host
+        self.port = port
+        self._token = token
+        self._max_body_bytes = max_body_bytes
+        self._api = Api(store, watch_max_timeout)
+        self._httpd: _HttpServer | None = None
+        self._thread: threading.Thread | None = None
+        self._serving = False
+
+    @classmethod
+    def from_conf(cls, conf: cfg.ConfigOpts, store: NvaStore | None = None) -> NvaServer:
+        """A server as ``[nva]`` describes it, opening ``[nva] database`` unless given a store."""
+        options.register_opts(conf)
+        group = conf[options.GROUP]
+        if not group.token:  # before opening the database: fail on config first
+            raise ConfigError(
+                "the NVA server needs a token", hint="set [nva] token to a shared secret"
+            )
+        return cls(
+            store if store is not None else NvaStore(group.database),
+            group.token,
+            host=group.bind_host,
+            port=group.bind_port,
+            max_body_bytes=group.max_body_bytes,
+            watch_max_timeout=group.watch_max_timeout,
+        )
+
+    @property
+    def url(self) -> str:
+        """Base URL of the running server (with the real port when port 0 was asked)."""
+        if self._httpd is None:
+            raise RuntimeError("the NVA server is not started")
+        port = self._httpd.server_address[1]
+        return f"http://{_url_host(self.host)}:{port}"
+
+    def _bind(self) -> _HttpServer:
+        if self._httpd is None:
+            cls = _HttpServer6 if ":" in self.host else _HttpServer
+            try:
+                self._httpd = cls(
+                    (self.host, self.port), self._api, self._token, self._max_body_bytes
+                )
+            except OSError as err:
+                raise ConfigError(
+                    f"the NVA server cannot listen on {self.host}:{self.port}: {err}",
+                    hint="check [nva] bind_host and bind_port; is another `vmm nva serve` running?",
+                ) from err
+        return self._httpd
+
+    def start(self) -> None:
+        """Listen and serve in a daemon thread; returns once the socket is bound."""
+        httpd = self._bind()
+        if self._thread is not None:
+            return
+        self._serving = True
+        self._thread = threading.Thread(
+            target=httpd.serve_forever,
+            # stop() waits up to one poll interval; keep it short for in-process users.
+            kwargs={"poll_interval": 0.02},
+            name="nva-http",
+            daemon=True,
+        )
+        self._thread.start()
+        LOG.info("NVA API listening on %s", self.url)
+
+    def serve_forever(self) -> None:
+        """Serve in this thread until stop() is called from another one (or Ctrl-C)."""
+        httpd = self._bind()
+        self._serving = True
+        LOG.info("NVA API listening on %s", self.url)
+        try:
+            httpd.serve_forever(poll_interval=0.5)
+        finally:
+            self._serving = False
+            self._close()
+
+    def stop(self) -> None:
+        """Stop accepting, cut open connections and release the port. Idempotent."""
+        httpd = self._httpd
+        if httpd is None:
+            return
+        if self._serving:
+            httpd.shutdown()
+            self._serving = False
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+            self._thread = None
+        self._close()
+
+    def _close(self) -> None:
+        httpd, self._httpd = self._httpd, None
+        if httpd is not None:
+            httpd.server_close()
+            httpd.close_connections()
+
+    def __enter__(self) -> Self:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

@@ -1,0 +1,778 @@
+"""The directory's state: NVEs, endpoints and the change log, in SQLite.
+
+The NVA (RFC 8014) maps each endpoint (VNI, MAC, IPs) to the NVE that
+serves it. NVE agents follow the map through a change log: every change
+that an NVE must apply gets a global, ever-growing revision, and an agent
+asks for "everything after revision R" (a long-poll), applies it and acks
+the revision it reached. The orchestrator waits on those acks to know when
+the network has followed a migrating VM.
+
+Like EVPN MAC mobility (RFC 7432 section 15), each endpoint carries a
+sequence number that grows by exactly one with every move, so an NVE can
+refuse to apply an older location than the one it has.
+
+One SQLite connection serves every thread, guarded by one re-entrant lock;
+the same lock backs the Condition that long-polls wait on, so a waiter
+never misses a change made between its query and its wait. Every mutating
+operation is one transaction: nothing is ever half-applied.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ipaddress
+import json
+import math
+import re
+import sqlite3
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+from vmm_orchestrator.errors import ConfigError
+from vmm_orchestrator.model import normalize_mac
+from vmm_orchestrator.nva.errors import BadRequest, Conflict, NotFound, NvaError
+
+MAX_VNI = 2**24 - 1
+
+#: Most changes one watch answer carries; a lagging NVE catches up in pages.
+CHANGES_PAGE = 1000
+
+# NVE ids travel in URL paths: no slashes, spaces or other surprises.
+_NVE_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:@-]{0,254}$")
+# Migration ids come from hypervisors (UUIDs, job names): any printable ASCII word.
+_MIGRATION_ID_RE = re.compile(r"^[\x21-\x7e]{1,255}$")
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS nves (
+    id TEXT PRIMARY KEY,
+    vtep TEXT NOT NULL,
+    vnis TEXT NOT NULL,
+    acked_revision INTEGER NOT NULL DEFAULT 0,
+    acked_at REAL
+);
+CREATE TABLE IF NOT EXISTS endpoints (
+    vni INTEGER NOT NULL,
+    mac TEXT NOT NULL,
+    ipv4 TEXT NOT NULL,
+    ipv6 TEXT NOT NULL,
+    nve TEXT NOT NULL,
+    state TEXT NOT NULL CHECK (state IN ('active', 'pending')),
+    seq INTEGER NOT NULL DEFAULT 0,
+    pending_nve TEXT,
+    migration_id TEXT,
+    last_migration_id TEXT,
+    last_commit_revision INTEGER,
+    committed_at REAL,
+    revision INTEGER NOT NULL,
+    updated_at REAL NOT NULL,
+    PRIMARY KEY (vni, mac)
+);
+CREATE TABLE IF NOT EXISTS changes (
+    revision INTEGER PRIMARY KEY,
+    vni INTEGER NOT NULL,
+    target_nve TEXT,
+    kind TEXT NOT NULL,
+    payload TEXT NOT NULL,
+    created_at REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS changes_by_vni ON changes (vni, revision);
+"""
+
+_ENDPOINT_SELECT = "SELECT e.*, n.vtep AS vtep FROM endpoints e LEFT JOIN nves n ON n.id = e.nve"
+
+# Who else in the VN holds any of the given addresses (a JSON array).
+_HOLDERS_SQL = """
+SELECT e.mac AS mac, j.value AS ip FROM endpoints e, json_each(e.ipv4) j
+ WHERE e.vni = :vni AND e.mac <> :mac AND j.value IN (SELECT value FROM json_each(:ips))
+UNION ALL
+SELECT e.mac AS mac, j.value AS ip FROM endpoints e, json_each(e.ipv6) j
+ WHERE e.vni = :vni AND e.mac <> :mac AND j.value IN (SELECT value FROM json_each(:ips))
+"""
+
+_CHANGES_SQL = """
+SELECT * FROM changes
+ WHERE revision > ?
+   AND vni IN (SELECT value FROM json_each(?))
+   AND (target_nve IS NULL OR target_nve = ?)
+ ORDER BY revision
+ LIMIT ?
+"""
+
+
+# ---------------------------------------------------------------- validation
+# Public so the server can validate query strings with the same messages.
+
+
+def check_vni(value: Any) -> int:
+    """A VXLAN VNI is 24 bits and 0 is reserved: refuse anything else early."""
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 < value <= MAX_VNI:
+        raise BadRequest(f"vni must be an integer from 1 to {MAX_VNI}, got {value!r}")
+    return value
+
+
+def check_mac(value: Any) -> str:
+    """Normalize a MAC so 'AA-BB-..' and 'aa:bb:..' name the same endpoint."""
+    if not isinstance(value, str):
+        raise BadRequest(f"mac must be a string like aa:bb:cc:dd:ee:ff, got {value!r}")
+    try:
+        return normalize_mac(value)
+    except ValueError as err:
+        raise BadRequest(str(err)) from None
+
+
+def check_ip(value: Any, field: str = "ip") -> ipaddress.IPv4Address | ipaddress.IPv6Address:
+    """Parse one unicast address; multicast or unspecified ones are never an endpoint's."""
+    if not isinstance(value, str):
+        raise BadRequest(f"{field} must be an IP address string, got {value!r}")
+    try:
+        addr = ipaddress.ip_address(value.strip())
+    except ValueError:
+        raise BadRequest(f"{field}: {value!r} is not an IP address") from None
+    if addr.is_multicast or addr.is_unspecified:
+        raise BadRequest(f"{field}: {addr} is not a unicast address")
+    return addr
+
+
+def check_ips(values: Any, version: int, field: str) -> list[str]:
+    """Canonical, de-duplicated, sorted addresses, so equal sets compare equal."""
+    if values is None:
+        return []
+    if isinstance(values, str) or not isinstance(values, (list, tuple)):
+        raise BadRequest(f"{field} must be a list of IPv{version} addresses, got {values!r}")
+    addrs = set()
+    for value in values:
+        addr = check_ip(value, field)
+        if addr.version != version:
+            raise BadRequest(f"{field}: {addr} is an IPv{addr.version} address, not IPv{version}")
+        addrs.add(addr)
+    return [str(a) for a in sorted(addrs)]
+
+
+def check_nve_id(value: Any, field: str = "nve") -> str:
+    """NVE ids appear in URL paths, so keep them to a safe alphabet."""
+    if not isinstance(value, str) or not _NVE_ID_RE.match(value):
+        raise BadRequest(
+            f"{field} must be an NVE id (letters, digits, '.', '_', ':', '@', '-'; "
+            f"at most 255 characters), got {value!r}"
+        )
+    return value
+
+
+def check_nve_ids(values: Any, field: str = "nves") -> list[str]:
+    """A list of NVE ids without duplicates, order kept."""
+    if isinstance(values, str) or not isinstance(values, (list, tuple)):
+        raise BadRequest(f"{field} must be a list of NVE ids, got {values!r}")
+    out: list[str] = []
+    for value in values:
+        nve = check_nve_id(value, field)
+        if nve not in out:
+            out.append(nve)
+    return out
+
+
+def check_migration_id(value: Any) -> str:
+    """Migration ids are opaque, but must be a non-empty printable word."""
+    if not isinstance(value, str) or not _MIGRATION_ID_RE.match(value):
+        raise BadRequest(
+            f"migration_id must be 1 to 255 printable ASCII characters without spaces, "
+            f"got {value!r}"
+        )
+    return value
+
+
+def check_revision(value: Any, field: str = "revision") -> int:
+    """Revisions start at 0 (nothing seen yet) and only grow."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise BadRequest(f"{field} must be an integer >= 0, got {value!r}")
+    return value
+
+
+def check_timeout(value: Any, field: str = "timeout") -> float:
+    """A wait in seconds: finite and not negative."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise BadRequest(f"{field} must be a number of seconds, got {value!r}")
+    if not math.isfinite(value) or value < 0:
+        raise BadRequest(f"{field} must be a finite number of seconds >= 0, got {value!r}")
+    return float(value)
+
+
+def check_vnis(values: Any) -> list[int]:
+    """The VNIs an NVE serves, de-duplicated and sorted."""
+    if isinstance(values, str) or not isinstance(values, (list, tuple)):
+        raise BadRequest(f"vnis must be a list of VNIs, got {values!r}")
+    return sorted({check_vni(v) for v in values})
+
+
+# --------------------------------------------------------------------- rows
+
+
+def _nve_dict(row: sqlite3.Row) -> dict[str, Any]:
+    return {
+        "id": row["id"],
+        "vtep": row["vtep"],
+        "vnis": json.loads(row["vnis"]),
+        "acked_revision": row["acked_revision"],
+        "acked_at": row["acked_at"],
+    }
+
+
+def _endpoint_dict(row: sqlite3.Row) -> dict[str, Any]:
+    return {
+        "vni": row["vni"],
+        "mac": row["mac"],
+        "ipv4": json.loads(row["ipv4"]),
+        "ipv6": json.loads(row["ipv6"]),
+        "nve": row["nve"],
+        "vtep": row["vtep"],
+        "state": row["state"],
+        "seq": row["seq"],
+        "pending_nve": row["pending_nve"],
+        "migration_id": row["migration_id"],
+        "last_migration_id": row["last_migration_id"],
+        "revision": row["revision"],
+        "updated_at": row["updated_at"],
+    }
+
+
+def _change_dict(row: sqlite3.Row) -> dict[str, Any]:
+    change: dict[str, Any] = {
+        "revision": row["revision"],
+        "kind": row["kind"],
+        "vni": row["vni"],
+        "created_at": row["created_at"],
+    }
+    change.update(json.loads(row["payload"]))
+    return change
+
+
+def _serves(nve: sqlite3.Row, vni: int) -> bool:
+    return vni in json.loads(nve["vnis"])
+
+
+class NvaStore:
+    """Thread-safe directory of NVEs and endpoints with a watchable change log."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self._lock = threading.RLock()
+        self._cond = threading.Condition(self._lock)
+        self._closed = False
+        try:
+            self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+            self._db.row_factory = sqlite3.Row
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA busy_timeout=5000")
+            self._db.executescript(_SCHEMA)
+            row = self._db.execute("SELECT COALESCE(MAX(revision), 0) FROM changes").fetchone()
+        except sqlite3.Error as err:
+            raise ConfigError(
+                f"cannot open the NVA database {path!r}: {err}",
+                hint="check [nva] database: its directory must exist and be writable",
+            ) from err
+        self._revision: int = row[0]
+
+    # ------------------------------------------------------------ plumbing
+
+    @property
+    def revision(self) -> int:
+        """The revision of the newest change (0 when there is none)."""
+        with self._lock:
+            return self._revision
+
+    def close(self) -> None:
+        """Close the database and wake every waiter so it returns at once."""
+        with self._cond:
+            if self._closed:
+                return
+            self._closed = True
+            self._cond.notify_all()
+            self._db.close()
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise NvaError("the NVA store is closed")
+
+    @contextlib.contextmanager
+    def _read(self) -> Iterator[sqlite3.Connection]:
+        with self._lock:
+            self._check_open()
+            yield self._db
+
+    @contextlib.contextmanager
+    def _tx(self) -> Iterator[sqlite3.Connection]:
+        """One write transaction; wakes waiters on success, restores the revision on failure."""
+        with self._cond:
+            self._check_open()
+            start = self._revision
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._db
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                self._revision = start
+                raise
+            self._db.execute("COMMIT")
+            self._cond.notify_all()
+
+    def _next_revision(self) -> int:
+        """Take the next revision; only valid inside _tx, which undoes it on rollback."""
+        self._revision += 1
+        return self._revision
+
+    def _record(
+        self,
+        db: sqlite3.Connection,
+        revision: int,
+        vni: int,
+        kind: str,
+        payload: dict[str, Any],
+        target_nve: str | None = None,
+    ) -> None:
+        db.execute(
+            "INSERT INTO changes (revision, vni, target_nve, kind, payload, created_at)"
+            " VALUES (?, ?, ?, ?, ?, ?)",
+            (revision, vni, target_nve, kind, json.dumps(payload), time.time()),
+        )
+
+    def _nve_row(self, db: sqlite3.Connection, nve_id: str) -> sqlite3.Row:
+        row = db.execute("SELECT * FROM nves WHERE id = ?", (nve_id,)).fetchone()
+        if row is None:
+            raise NotFound(f"no NVE '{nve_id}' is registered", hint="register it first")
+        return row
+
+    def _serving_nve(self, db: sqlite3.Connection, nve_id: str, vni: int) -> sqlite3.Row:
+        row = self._nve_row(db, nve_id)
+        if not _serves(row, vni):
+            raise Conflict(
+                f"NVE '{nve_id}' does not serve VNI {vni} (it serves {json.loads(row['vnis'])})",
+                hint="register the NVE with that VNI first",
+            )
+        return row
+
+    def _endpoint_row(self, db: sqlite3.Connection, vni: int, mac: str) -> sqlite3.Row:
+        row = db.execute(f"{_ENDPOINT_SELECT} WHERE e.vni = ? AND e.mac = ?", (vni, mac)).fetchone()
+        if row is None:
+            raise NotFound(f"no endpoint {mac} in VNI {vni}")
+        return row
+
+    def _endpoint(self, db: sqlite3.Connection, vni: int, mac: str) -> dict[str, Any]:
+        return _endpoint_dict(self._endpoint_row(db, vni, mac))
+
+    def _update_endpoint(
+        self, db: sqlite3.Connection, vni: int, mac: str, **columns: Any
+    ) -> dict[str, Any]:
+        """Set ``columns`` (names from this module only, never from a request)."""
+        columns["updated_at"] = time.time()
+        assignments = ", ".join(f"{name} = ?" for name in columns)
+        db.execute(
+            f"UPDATE endpoints SET {assignments} WHERE vni = ? AND mac = ?",
+            (*columns.values(), vni, mac),
+        )
+        return self._endpoint(db, vni, mac)
+
+    def _check_addresses(
+        self, db: sqlite3.Connection, vni: int, mac: str, addresses: Sequence[str]
+    ) -> None:
+        """Duplicate-address detection: an IP belongs to one MAC per VN."""
+        if not addresses:
+            return
+        params = {"vni": vni, "mac": mac, "ips": json.dumps(list(addresses))}
+        holders = db.execute(_HOLDERS_SQL, params).fetchall()
+        if holders:
+            taken = ", ".join(f"{r['ip']} (held by {r['mac']})" for r in holders)
+            raise Conflict(
+                f"duplicate address in VNI {vni} for {mac}: {taken}",
+                hint="delete or readdress the other endpoint first",
+            )
+
+    # ---------------------------------------------------------------- NVEs
+
+    def register_nve(self, nve_id: str, vtep: str, vnis: Sequence[int]) -> dict[str, Any]:
+        """Add or update an NVE; a new VTEP is announced for every endpoint behind it."""
+        nve_id = check_nve_id(nve_id, "id")
+        vtep_ip = str(check_ip(vtep, "vtep"))
+        vni_list = check_vnis(vnis)
+        with self._tx() as db:
+            old = db.execute("SELECT * FROM nves WHERE id = ?", (nve_id,)).fetchone()
+            db.execute(
+                "INSERT INTO nves (id, vtep, vnis) VALUES (?, ?, ?)"
+                " ON CONFLICT (id) DO UPDATE SET vtep = excluded.vtep, vnis = excluded.vnis",
+                (nve_id, vtep_ip, json.dumps(vni_list)),
+            )
+            if old is not None and old["vtep"] != vtep_ip:
+                self._announce_vtep_change(db, nve_id)
+            return _nve_dict(self._nve_row(db, nve_id))
+
+    def _announce_vtep_change(self, db: sqlite3.Connection, nve_id: str) -> None:
+        """Peers tunnel to the VTEP, so each endpoint behind a moved VTEP is a change."""
+        rows = db.execute(
+            "SELECT vni, mac FROM endpoints WHERE nve = ? ORDER BY vni, mac", (nve_id,)
+        ).fetchall()
+        for row in rows:
+            revision = self._next_revision()
+            endpoint = self._update_endpoint(db, row["vni"], row["mac"], revision=revision)
+            self._record(db, revision, row["vni"], "endpoint", {"endpoint": endpoint})
+
+    def get_nve(self, nve_id: str) -> dict[str, Any]:
+        """One NVE, with the revision it last acked."""
+        nve_id = check_nve_id(nve_id, "id")
+        with self._read() as db:
+            return _nve_dict(self._nve_row(db, nve_id))
+
+    def list_nves(self, vni: int | None = None) -> list[dict[str, Any]]:
+        """All NVEs, or only those serving ``vni``."""
+        if vni is not None:
+            vni = check_vni(vni)
+        with self._read() as db:
+            rows = db.execute("SELECT * FROM nves ORDER BY id").fetchall()
+        return [_nve_dict(r) for r in rows if vni is None or _serves(r, vni)]
+
+    # ----------------------------------------------------------- endpoints
+
+    def add_endpoint(
+        self,
+        vni: int,
+        mac: str,
+        ipv4: Sequence[str] | None,
+        ipv6: Sequence[str] | None,
+        nve: str,
+    ) -> dict[str, Any]:
+        """Add an endpoint at ``nve`` (active, seq 0); repeating the same add is harmless."""
+        return self.create_endpoint(vni, mac, ipv4, ipv6, nve)[0]
+
+    def create_endpoint(
+        self,
+        vni: int,
+        mac: str,
+        ipv4: Sequence[str] | None,
+        ipv6: Sequence[str] | None,
+        nve: str,
+    ) -> tuple[dict[str, Any], bool]:
+        """Like add_endpoint, and also says whether the endpoint is new (for 201 vs 200)."""
+        vni, mac = check_vni(vni), check_mac(mac)
+        v4, v6 = check_ips(ipv4, 4, "ipv4"), check_ips(ipv6, 6, "ipv6")
+        nve = check_nve_id(nve)
+        with self._tx() as db:
+            self._serving_nve(db, nve, vni)
+            try:
+                existing = self._endpoint(db, vni, mac)
+            except NotFound:
+                pass
+            else:
+                if (existing["ipv4"], existing["ipv6"], existing["nve"]) == (
+                    v4,
+                    v6,
+                    nve,
+                ):
+                    return existing, False
+                raise Conflict(
+                    f"endpoint {mac} in VNI {vni} already exists with other addresses or NVE "
+                    f"(ipv4={existing['ipv4']}, ipv6={existing['ipv6']}, nve={existing['nve']})",
+                    hint="delete it first, or use move to change its NVE",
+                )
+            self._check_addresses(db, vni, mac, v4 + v6)
+            revision = self._next_revision()
+            db.execute(
+                "INSERT INTO endpoints (vni, mac, ipv4, ipv6, nve, state, seq, revision,"
+                " updated_at) VALUES (?, ?, ?, ?, ?, 'active', 0, ?, ?)",
+                (vni, mac, json.dumps(v4), json.dumps(v6), nve, revision, time.time()),
+            )
+            endpoint = self._endpoint(db, vni, mac)
+            self._record(db, revision, vni, "endpoint", {"endpoint": endpoint})
+            return endpoint, True
+
+    def get_endpoint(self, vni: int, mac: str) -> dict[str, Any]:
+        """One endpoint by its key (VNI, MAC)."""
+        vni, mac = check_vni(vni), check_mac(mac)
+        with self._read() as db:
+            return self._endpoint(db, vni, mac)
+
+    def find(self, vni: int, ip: str | None = None, mac: str | None = None) -> dict[str, Any]:
+        """Look an endpoint up by IP (ARP/ND cache miss) or by MAC (RARP); both must match."""
+        vni = check_vni(vni)
+        if ip is None and mac is None:
+            raise BadRequest("find needs an ip or a mac to look up")
+        wanted_mac = None if mac is None else check_mac(mac)
+        addr = None if ip is None else check_ip(ip)
+        with self._read() as db:
+            if addr is None:
+                assert wanted_mac is not None
+                return self._endpoint(db, vni, wanted_mac)
+            column = "ipv4" if addr.version == 4 else "ipv6"
+            row = db.execute(
+                f"{_ENDPOINT_SELECT} WHERE e.vni = ? AND EXISTS"
+                f" (SELECT 1 FROM json_each(e.{column}) j WHERE j.value = ?)",
+                (vni, str(addr)),
+            ).fetchone()
+            if row is None or (wanted_mac is not None and row["mac"] != wanted_mac):
+                wanted = f"IP {addr}" + (f" and MAC {wanted_mac}" if wanted_mac else "")
+                raise NotFound(f"no endpoint in VNI {vni} with {wanted}")
+            return _endpoint_dict(row)
+
+    def list_endpoints(self, vni: int | None = None) -> list[dict[str, Any]]:
+        """All endpoints, or those of one VN, ordered by (vni, mac)."""
+        with self._read() as db:
+            if vni is None:
+                rows = db.execute(f"{_ENDPOINT_SELECT} ORDER BY e.vni, e.mac").fetchall()
+            else:
+                rows = db.execute(
+                    f"{_ENDPOINT_SELECT} WHERE e.vni = ? ORDER BY e.mac",
+                    (check_vni(vni),),
+                ).fetchall()
+        return [_endpoint_dict(r) for r in rows]
+
+    def delete_endpoint(self, vni: int, mac: str) -> dict[str, Any]:
+        """Remove an endpoint and tell the NVEs; returns it with the delete's revision."""
+        vni, mac = check_vni(vni), check_mac(mac)
+        with self._tx() as db:
+            endpoint = self._endpoint(db, vni, mac)
+            db.execute("DELETE FROM endpoints WHERE vni = ? AND mac = ?", (vni, mac))
+            endpoint["revision"] = self._next_revision()
+            payload = {"mac": mac, "seq": endpoint["seq"], "endpoint": endpoint}
+            self._record(db, endpoint["revision"], vni, "endpoint_deleted", payload)
+            return endpoint
+
+    # ---------------------------------------------------------- migration
+
+    def prestage(self, vni: int, mac: str, nve: str, migration_id: str) -> dict[str, Any]:
+        """Note that ``nve`` will receive the endpoint; traffic keeps going to the old NVE."""
+        vni, mac = check_vni(vni), check_mac(mac)
+        nve, migration_id = check_nve_id(nve), check_migration_id(migration_id)
+        with self._tx() as db:
+            row = self._endpoint_row(db, vni, mac)
+            self._serving_nve(db, nve, vni)
+            if row["state"] == "pending":
+                if row["migration_id"] != migration_id:
+                    raise Conflict(
+                        f"endpoint {mac} in VNI {vni} is already pending for migration "
+                        f"{row['migration_id']} to {row['pending_nve']}",
+                        hint="commit or abort that migration first",
+                    )
+                if row["pending_nve"] != nve:
+                    raise Conflict(
+                        f"migration {migration_id} already prestaged {mac} in VNI {vni} "
+                        f"to {row['pending_nve']}, not {nve}"
+                    )
+                return _endpoint_dict(row)
+            if row["last_migration_id"] == migration_id and row["nve"] == nve:
+                return _endpoint_dict(row)  # already committed: a retried prestage
+            addresses = json.loads(row["ipv4"]) + json.loads(row["ipv6"])
+            self._check_addresses(db, vni, mac, addresses)
+            return self._update_endpoint(
+                db,
+                vni,
+                mac,
+                state="pending",
+                pending_nve=nve,
+                migration_id=migration_id,
+            )
+
+    def commit(self, vni: int, mac: str, migration_id: str) -> dict[str, Any]:
+        """Point the endpoint at its pending NVE with seq + 1; a repeat returns the same result."""
+        vni, mac = check_vni(vni), check_mac(mac)
+        migration_id = check_migration_id(migration_id)
+        with self._tx() as db:
+            row = self._endpoint_row(db, vni, mac)
+            if row["state"] == "pending" and row["migration_id"] == migration_id:
+                return self._commit_pending(db, row)
+            if row["last_migration_id"] == migration_id:
+                return {
+                    "endpoint": _endpoint_dict(row),
+                    "revision": row["last_commit_revision"],
+                    "committed_at": row["committed_at"],
+                }
+            if row["state"] == "pending":
+                raise Conflict(
+                    f"endpoint {mac} in VNI {vni} is pending for migration "
+                    f"{row['migration_id']}, not {migration_id}"
+                )
+            raise NotFound(
+                f"no pending migration {migration_id} for endpoint {mac} in VNI {vni}",
+                hint="prestage it first",
+            )
+
+    def _commit_pending(self, db: sqlite3.Connection, row: sqlite3.Row) -> dict[str, Any]:
+        vni, mac = row["vni"], row["mac"]
+        revision = self._next_revision()
+        committed_at = time.time()
+        endpoint = self._update_endpoint(
+            db,
+            vni,
+            mac,
+            nve=row["pending_nve"],
+            seq=row["seq"] + 1,
+            state="active",
+            pending_nve=None,
+            migration_id=None,
+            last_migration_id=row["migration_id"],
+            last_commit_revision=revision,
+            committed_at=committed_at,
+            revision=revision,
+        )
+        self._record(db, revision, vni, "endpoint", {"endpoint": endpoint})
+        return {
+            "endpoint": endpoint,
+            "revision": revision,
+            "committed_at": committed_at,
+        }
+
+    def abort(self, vni: int, mac: str, migration_id: str) -> dict[str, Any]:
+        """Forget a prestage; nve and seq stay as they are, and a repeat is harmless."""
+        vni, mac = check_vni(vni), check_mac(mac)
+        migration_id = check_migration_id(migration_id)
+        with self._tx() as db:
+            row = self._endpoint_row(db, vni, mac)
+            if row["state"] != "pending":
+                return _endpoint_dict(row)
+            if row["migration_id"] != migration_id:
+                raise Conflict(
+                    f"endpoint {mac} in VNI {vni} is pending for migration "
+                    f"{row['migration_id']}, not {migration_id}; not aborting it"
+                )
+            return self._update_endpoint(
+                db, vni, mac, state="active", pending_nve=None, migration_id=None
+            )
+
+    def move(self, vni: int, mac: str, nve: str, seq: int | None = None) -> dict[str, Any]:
+        """An NVE learned the MAC locally (EVPN style): move it unless ``seq`` is stale."""
+        vni, mac, nve = check_vni(vni), check_mac(mac), check_nve_id(nve)
+        if seq is not None:
+            seq = check_revision(seq, "seq")
+        with self._tx() as db:
+            row = self._endpoint_row(db, vni, mac)
+            self._serving_nve(db, nve, vni)
+            if row["nve"] == nve:
+                return _endpoint_dict(row)
+            if seq is not None and seq <= row["seq"]:
+                raise Conflict(
+                    f"stale sequence {seq} for {mac} in VNI {vni}: the directory has seq "
+                    f"{row['seq']} at {row['nve']}"
+                )
+            revision = self._next_revision()
+            endpoint = self._update_endpoint(
+                db, vni, mac, nve=nve, seq=row["seq"] + 1, revision=revision
+            )
+            self._record(db, revision, vni, "endpoint", {"endpoint": endpoint})
+            return endpoint
+
+    def expire(self, vni: int, mac: str, nves: Sequence[str]) -> dict[str, Any]:
+        """Tell ``nves`` to drop their cached entry for ``mac`` and look it up again."""
+        vni, mac = check_vni(vni), check_mac(mac)
+        targets = check_nve_ids(nves)
+        if not targets:
+            raise BadRequest("nves must name at least one NVE to expire the entry on")
+        with self._tx() as db:
+            self._endpoint_row(db, vni, mac)
+            for nve in targets:
+                self._serving_nve(db, nve, vni)
+            revision = 0
+            for nve in targets:
+                revision = self._next_revision()
+                payload = {"mac": mac, "target_nve": nve}
+                self._record(db, revision, vni, "expire", payload, target_nve=nve)
+            return {"vni": vni, "mac": mac, "nves": targets, "revision": revision}
+
+    # ------------------------------------------------------ watch and acks
+
+    def changes_since(
+        self, nve_id: str, revision: int, timeout: float = 0.0
+    ) -> tuple[int, list[dict[str, Any]]]:
+        """Changes for ``nve_id`` after ``revision``, waiting up to ``timeout`` s for one.
+
+        The returned revision is the one to pass next time and to ack: the
+        directory's current revision, or, when the answer is a truncated page,
+        the revision of its last change.
+        """
+        nve_id = check_nve_id(nve_id)
+        revision = check_revision(revision, "since")
+        deadline = time.monotonic() + check_timeout(timeout)
+        with self._cond:
+            self._check_open()
+            while True:
+                if self._closed:  # closed while we waited: let the watcher go
+                    return self._revision, []
+                current, changes = self._changes_page(nve_id, revision)
+                remaining = deadline - time.monotonic()
+                if changes or remaining <= 0:
+                    return current, changes
+                self._cond.wait(remaining)
+
+    def _changes_page(self, nve_id: str, since: int) -> tuple[int, list[dict[str, Any]]]:
+        nve = self._nve_row(self._db, nve_id)
+        if since > self._revision:
+            raise Conflict(
+                f"since={since} is ahead of the directory's revision {self._revision}",
+                hint="the directory was reset: resynchronize from a full endpoint list",
+            )
+        rows = self._db.execute(_CHANGES_SQL, (since, nve["vnis"], nve_id, CHANGES_PAGE))
+        changes = [_change_dict(r) for r in rows.fetchall()]
+        if len(changes) == CHANGES_PAGE:
+            return changes[-1]["revision"], changes
+        return self._revision, changes
+
+    def ack(self, nve_id: str, revision: int) -> dict[str, Any]:
+        """Record that ``nve_id`` applied everything up to ``revision`` (never backwards)."""
+        nve_id = check_nve_id(nve_id)
+        revision = check_revision(revision)
+        with self._tx() as db:
+            row = self._nve_row(db, nve_id)
+            if revision > self._revision:
+                raise Conflict(
+                    f"NVE '{nve_id}' acked revision {revision}, but the directory is at "
+                    f"{self._revision}",
+                    hint="the directory was reset: resynchronize from a full endpoint list",
+                )
+            if revision > row["acked_revision"]:
+                db.execute(
+                    "UPDATE nves SET acked_revision = ?, acked_at = ? WHERE id = ?",
+                    (revision, time.time(), nve_id),
+                )
+            return _nve_dict(self._nve_row(db, nve_id))
+
+    def acks(
+        self,
+        vni: int,
+        min_revision: int,
+        nves: Sequence[str] | None = None,
+        timeout: float = 0.0,
+    ) -> dict[str, dict[str, Any]]:
+        """Ack state of ``nves`` (default: all serving ``vni``), waiting for ``min_revision``.
+
+        Returns when every one of them acked ``min_revision`` or the timeout
+        passed; the caller compares the revisions to tell which.
+        """
+        vni = check_vni(vni)
+        min_revision = check_revision(min_revision, "min_revision")
+        wanted = None if nves is None else check_nve_ids(nves)
+        deadline = time.monotonic() + check_timeout(timeout)
+        with self._cond:
+            if min_revision > self._revision:
+                raise Conflict(
+                    f"min_revision {min_revision} is ahead of the directory's revision "
+                    f"{self._revision}"
+                )
+            while True:
+                if self._closed:
+                    raise NvaError("the NVA store is closed")
+                state = self._ack_state(vni, wanted)
+                done = all(a["acked_revision"] >= min_revision for a in state.values())
+                remaining = deadline - time.monotonic()
+                if done or remaining <= 0:
+                    return state
+                self._cond.wait(remaining)
+
+    def _ack_state(self, vni: int, wanted: list[str] | None) -> dict[str, dict[str, Any]]:
+        if wanted is None:
+            rows = [
+                r
+                for r in self._db.execute("SELECT * FROM nves ORDER BY id").fetchall()
+                if _serves(r, vni)
+            ]
+        else:
+            rows = [self._nve_row(self._db, nve_id) for nve_id in wanted]
+        return {
+            r["id"]: {"acked_revision": r["acked_revision"], "acked_at": r["acked_at"]}
+            for r in rows
+        }
