@@ -101,6 +101,7 @@ class NveAgent:
 
     def start(self) -> None:
         """Register, load every VN and start following the directory."""
+        self._stop.clear()
         for vni in self.vnis:
             self.nve.ensure_vn(vni)
         self.nva.register_nve(self.id, self.nve.local_vtep, self.vnis)

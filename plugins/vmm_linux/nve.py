@@ -322,33 +322,28 @@ class LinuxNve:
         kernel may have roamed it to a port by learning.
         """
         br = self._index(bridge_name(vni))
-        if now.inflight_vtep != before.inflight_vtep:
-            vi = self._index(inflight_name(vni))
-            if now.inflight_vtep:
-                self._fdb(
-                    "replace",
-                    ifindex=vi,
-                    lladdr=mac,
-                    dst=now.inflight_vtep,
-                    port=self.vxlan_port,
-                    flags=NTF_SELF,
-                    state=NUD_PERMANENT,
-                )
-            else:
-                self._fdb_del(ifindex=vi, lladdr=mac, flags=NTF_SELF)
-        if now.remote_vtep != before.remote_vtep:
-            vx = self._index(vxlan_name(vni))
-            if now.remote_vtep:
-                self._fdb(
-                    "replace",
-                    ifindex=vx,
-                    lladdr=mac,
-                    dst=now.remote_vtep,
-                    flags=NTF_SELF,
-                    state=NUD_PERMANENT,
-                )
-            else:
-                self._fdb_del(ifindex=vx, lladdr=mac, flags=NTF_SELF)
+        # Make before break: new VXLAN entries first, then the bridge's
+        # decision, and only then remove what it no longer uses, so that no
+        # frame meets a port without a destination.
+        if now.inflight_vtep and now.inflight_vtep != before.inflight_vtep:
+            self._fdb(
+                "replace",
+                ifindex=self._index(inflight_name(vni)),
+                lladdr=mac,
+                dst=now.inflight_vtep,
+                port=self.vxlan_port,
+                flags=NTF_SELF,
+                state=NUD_PERMANENT,
+            )
+        if now.remote_vtep and now.remote_vtep != before.remote_vtep:
+            self._fdb(
+                "replace",
+                ifindex=self._index(vxlan_name(vni)),
+                lladdr=mac,
+                dst=now.remote_vtep,
+                flags=NTF_SELF,
+                state=NUD_PERMANENT,
+            )
         # The bridge's forwarding decision.
         if now.inflight_vtep:
             self._fdb(
@@ -383,6 +378,10 @@ class LinuxNve:
             )
         else:
             self._fdb_del_master(br, mac)
+        if before.inflight_vtep and not now.inflight_vtep:
+            self._fdb_del(ifindex=self._index(inflight_name(vni)), lladdr=mac, flags=NTF_SELF)
+        if before.remote_vtep and not now.remote_vtep:
+            self._fdb_del(ifindex=self._index(vxlan_name(vni)), lladdr=mac, flags=NTF_SELF)
         old_ips = before.ips if self._placed(before) else ()
         new_ips = now.ips if self._placed(now) else ()
         if set(old_ips) != set(new_ips):

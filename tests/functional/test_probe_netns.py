@@ -187,6 +187,25 @@ def run_streams(
     }
 
 
+def sender_table(runs: dict[str, tuple[probe.SendLog, list[probe.Recv]]], origin: int) -> str:
+    """How the senders kept their schedule (times in ms from ``origin``), for failures."""
+    rows = [
+        {
+            "stream": fam,
+            "sent": log.sent,
+            "errors": len(log.errors),
+            "late": log.late,
+            "max_lag": log.max_lag_ns / 1e6,
+            "reanchored": log.reanchored,
+            "first": None if log.first_send_ns is None else (log.first_send_ns - origin) / 1e6,
+            "last": None if log.last_send_ns is None else (log.last_send_ns - origin) / 1e6,
+            "signal": log.stopped_by_signal,
+        }
+        for fam, (log, _) in runs.items()
+    ]
+    return probe.format_table(rows, [(k, k) for k in rows[0]])
+
+
 def assert_rate_sane(log: probe.SendLog) -> None:
     """About RATE packets per second: a sanity check of the pacing, not a timing test."""
     assert abs(log.sent - RATE * DURATION) <= 0.2 * RATE * DURATION, log.sent
@@ -211,6 +230,7 @@ def test_link_outage_counts_as_lost_while_paused(lab: Lab, tmp_path: Path) -> No
     marks: dict[str, int] = {}
 
     def outage(start_ns: int) -> None:
+        marks["start"] = start_ns
         time.sleep(max(0.0, (start_ns - probe.now_ns()) / 1e9 + 0.4))
         marks["down_start"] = probe.now_ns()
         ip("-n", lab.peer, "link", "set", lab.peer_dev, "down")
@@ -229,6 +249,7 @@ def test_link_outage_counts_as_lost_while_paused(lab: Lab, tmp_path: Path) -> No
     # Shown by pytest when an assertion below fails.
     print({k: (v - pause_start) / 1e6 for k, v in marks.items()})
     print(probe.format_table([asdict(r) for r in reports.values()], probe.REPORT_COLUMNS))
+    print(sender_table(runs, marks["start"]))
     for fam, (sent, received) in runs.items():
         assert_rate_sane(sent)
         rep = reports[fam]
