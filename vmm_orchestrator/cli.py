@@ -1,37 +1,235 @@
 """The `vmm` command.
 
-Built-in commands (the directory server) live here; plugins add theirs
-(`vmm lab ...`) through the ``vmm_orchestrator.commands`` entry points.
-Every failure the operator can fix ends in one line on stderr that says what
-is wrong and what to do, and a non-zero exit status.
+Built-in commands (the directory server and its status) live here; plugins
+add theirs (`vmm lab ...`) through the ``vmm_orchestrator.commands`` entry
+points. Every failure the operator can fix ends in one line on stderr,
+``vmm: error: <what is wrong> (<what to do>)``, exit status 2, and nothing
+half-applied: commands check their arguments and every option they use
+before they change anything.
+
+Plugins use :func:`check_options` and :func:`override_option` so their
+commands fail the same way.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import json
 import logging
 import os
+import re
 import signal
 import sys
-from collections.abc import Sequence
+import time
+from collections.abc import Iterable, Sequence
+from types import FrameType
+from typing import Any, NoReturn
 
-from oslo_config import cfg
+from oslo_config import cfg, types
 from stevedore import ExtensionManager
 
 from vmm_orchestrator import __version__
 from vmm_orchestrator.commands import Command
 from vmm_orchestrator.errors import ConfigError, VmmError
 from vmm_orchestrator.nva import options as nva_options
+from vmm_orchestrator.nva.errors import Unauthorized, Unavailable
 
 LOG = logging.getLogger("vmm")
+
+#: Exit status of every error the operator can fix (bad arguments or configuration,
+#: an unreachable or refusing service), as argparse uses for usage errors.
 EXIT_ERROR = 2
+#: Exit status of an unexpected failure (a bug): still one line, unless -vv.
+EXIT_INTERNAL = 1
+
+#: Environment variable `vmm nva status` reads the directory's token from, so the
+#: token need not be on a command line (where `ps` shows it) or in a file.
+TOKEN_ENV = "VMM_NVA_TOKEN"
+
+OptGroups = Iterable[tuple[str, Iterable[cfg.Opt]]]
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse, but a usage error is one ``vmm: error:`` line like every other error.
+
+    Sub-parsers (also the plugins') are created with the parser's own class,
+    so this covers every `vmm ...` command.
+    """
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_ERROR, f"vmm: error: {message} (see `{self.prog} --help`)\n")
+
+
+# ------------------------------------------------------------ configuration
+
+
+def _file_values(conf: cfg.ConfigOpts) -> dict[tuple[str, str], tuple[str, str]]:
+    """(group, key) -> (raw value, file) as the config files set them; the last file wins."""
+    found: dict[tuple[str, str], tuple[str, str]] = {}
+    for path in conf.config_file or []:
+        sections: dict[str, dict[str, Any]] = {}
+        try:
+            cfg.ConfigParser(path, sections).parse()
+        except Exception:  # oslo already parsed it; nothing better to say here
+            continue
+        for section, keys in sections.items():
+            group = section if section == "DEFAULT" else section.lower()
+            for key, values in keys.items():
+                raw = values[-1] if isinstance(values, list) and values else values
+                found[(group, key)] = (str(raw), path)
+    return found
+
+
+def _value_reason(exc: Exception) -> str:
+    """The useful end of oslo's 'Value for option X from LocationInfo(...) is not valid: ...'."""
+    text = str(exc)
+    marker = " is not valid: "
+    return text.split(marker, 1)[1] if marker in text else text
+
+
+def _allowed(opt: cfg.Opt) -> str | None:
+    """What values ``opt`` accepts, in words, when its type says so."""
+    kind = opt.type
+    choices = getattr(kind, "choices", None)
+    if choices:
+        return "one of " + ", ".join(str(c) for c in choices)
+    schemes = getattr(kind, "schemes", None)
+    if schemes:
+        return "a URL with scheme " + " or ".join(schemes)
+    low, high = getattr(kind, "min", None), getattr(kind, "max", None)
+    if isinstance(kind, types.Number):
+        noun = "an integer" if isinstance(kind, types.Integer) else "a number"
+        if low is not None and high is not None:
+            return f"{noun} from {low} to {high}"
+        if low is not None:
+            return f"{noun} >= {low}"
+        if high is not None:
+            return f"{noun} <= {high}"
+        return noun
+    return None
+
+
+def check_options(conf: cfg.ConfigOpts, groups: OptGroups) -> None:
+    """Register ``groups`` and read every option now, so a bad value fails up front.
+
+    oslo.config checks a value only when it is first read, which would let
+    a command stop halfway; this reads them all before the command starts.
+    A key the files set in one of these groups that is no option of it
+    (a typo, or ``-`` for ``_``) is refused too: a silently ignored line
+    would leave the default in force. Raises ConfigError naming the group,
+    option, file and value.
+    """
+    groups = [(group, list(opts)) for group, opts in groups]
+    for group, opts in groups:
+        for opt in opts:
+            with contextlib.suppress(cfg.DuplicateOptError):
+                conf.register_opt(opt, group=group)
+    in_files = _file_values(conf)
+    for group, opts in groups:
+        for opt in opts:
+            try:
+                getattr(conf[group], opt.dest)
+            except cfg.ConfigSourceValueError as exc:
+                raw, path = in_files.get((group, opt.dest), ("?", "the config file"))
+                allowed = _allowed(opt)
+                hint = f"{allowed}; " if allowed else ""
+                default = "" if opt.default is None else f" ({opt.default} by default)"
+                raise ConfigError(
+                    f"bad value in {path}: [{group}] {opt.dest} = {raw}: {_value_reason(exc)}",
+                    hint=f"{hint}fix the line or remove it to use the default{default}",
+                ) from None
+        known = {opt.dest for opt in opts} | {opt.name for opt in opts} | set(conf[group])
+        for (section, key), (_raw, path) in sorted(in_files.items()):
+            if section == group and key not in known:
+                raise ConfigError(
+                    f"unknown option in {path}: [{group}] {key}",
+                    hint=f"[{group}] has {', '.join(sorted(known))}",
+                )
+
+
+def override_option(
+    conf: cfg.ConfigOpts,
+    group: str,
+    opts: Iterable[cfg.Opt],
+    name: str,
+    value: Any,
+    flag: str,
+) -> None:
+    """``conf.set_override`` for a command-line flag; a bad value names the flag.
+
+    ``opts`` are the group's options (to say what ``name`` accepts).
+    """
+    opt = next((o for o in opts if o.dest == name), None)
+    if opt is not None:
+        with contextlib.suppress(cfg.DuplicateOptError):
+            conf.register_opt(opt, group=group)
+    try:
+        conf.set_override(name, value, group=group)
+    except ValueError as exc:
+        allowed = _allowed(opt) if opt is not None else None
+        raise ConfigError(
+            f"{flag} {value}: not a valid value for [{group}] {name}: {exc}",
+            hint=f"give {allowed}" if allowed else f"see the help of {flag}",
+        ) from None
+
+
+def describe_config_error(exc: cfg.Error) -> str:
+    """One line for an oslo.config error that escaped a command's own checks."""
+    if isinstance(exc, cfg.ConfigFileParseError):
+        return f"cannot parse config file {exc.config_file}: {exc.msg} (fix its syntax)"
+    if isinstance(exc, cfg.ConfigSourceValueError):
+        found = re.search(r"option (\S+) from .*?detail='([^']*)'", str(exc))
+        where = f"{found.group(2)}: option {found.group(1)}" if found else "a config file"
+        return f"bad value in {where}: {_value_reason(exc)} (fix the config file)"
+    return f"bad configuration: {exc} (fix the config file)"
+
+
+def load_config(files: Sequence[str]) -> cfg.ConfigOpts:
+    """A ConfigOpts reading exactly ``files`` (none: defaults only)."""
+    for path in files:
+        if not os.path.exists(path):
+            raise ConfigError(f"config file {path} does not exist", hint="check --config-file")
+        if not os.path.isfile(path):
+            raise ConfigError(f"config file {path} is not a file", hint="check --config-file")
+        if not os.access(path, os.R_OK):
+            raise ConfigError(f"config file {path} is not readable", hint="check its permissions")
+    conf = cfg.ConfigOpts()
+    args: list[str] = []
+    for path in files:
+        args += ["--config-file", path]
+    try:
+        conf(args=args, project="vmm-orchestrator", default_config_files=[])
+    except cfg.ConfigFileParseError as exc:
+        raise ConfigError(
+            f"cannot parse config file {exc.config_file}: {exc.msg}", hint="fix its syntax"
+        ) from None
+    except cfg.Error as exc:
+        raise ConfigError(f"bad configuration: {exc}", hint="check --config-file") from None
+    return conf
+
+
+# ---------------------------------------------------------------- vmm nva
+
+
+def format_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    """A plain left-aligned text table."""
+    cells = [list(header), *([str(c) for c in row] for row in rows)]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(header))]
+    return "\n".join(
+        "  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in cells
+    )
+
+
+def _raise_keyboard_interrupt(_signum: int, _frame: FrameType | None) -> None:
+    raise KeyboardInterrupt
 
 
 class NvaCommand(Command):
-    """`vmm nva serve`: run the embedded directory (HTTP + SQLite)."""
+    """`vmm nva serve` runs the embedded directory; `vmm nva status` shows its state."""
 
     name = "nva"
-    help = "run the embedded directory (NVA) service"
+    help = "run the embedded directory (NVA) service, or show its state"
 
     def add_arguments(self, parser: argparse.ArgumentParser) -> None:
         sub = parser.add_subparsers(dest="nva_command", required=True)
@@ -39,49 +237,172 @@ class NvaCommand(Command):
         serve.add_argument("--bind-host", help="override [nva] bind_host")
         serve.add_argument("--bind-port", type=int, help="override [nva] bind_port")
         serve.add_argument("--database", help="override [nva] database")
+        status = sub.add_parser(
+            "status",
+            help="show the directory's revision, its NVEs and the endpoints per VN",
+            description="Ask the directory at [nva] url (or --url) for its state. The token "
+            f"is ${TOKEN_ENV} if set, else [nva] token.",
+        )
+        status.add_argument("--url", help="override [nva] url")
+        status.add_argument(
+            "-f",
+            "--format",
+            choices=("table", "json"),
+            default="table",
+            help="output format (default: table)",
+        )
 
     def run(self, conf: cfg.ConfigOpts, args: argparse.Namespace) -> int:
+        check_options(conf, nva_options.list_opts())
+        if args.nva_command == "status":
+            return self.status(conf, args)
+        return self.serve(conf, args)
+
+    # -- serve ---------------------------------------------------------------
+
+    def serve(self, conf: cfg.ConfigOpts, args: argparse.Namespace) -> int:
         from vmm_orchestrator.nva.server import NvaServer
         from vmm_orchestrator.nva.store import NvaStore
 
-        nva_options.register_opts(conf)
         for key in ("bind_host", "bind_port", "database"):
             value = getattr(args, key)
+            flag = "--" + key.replace("_", "-")
             if value is not None:
-                conf.set_override(key, value, group="nva")
+                override_option(conf, nva_options.GROUP, nva_options.NVA_OPTS, key, value, flag)
         opts = conf.nva
         if not opts.token:
             raise ConfigError(
                 "[nva] token is not set",
                 hint="set a long random token in the config file; every client needs it",
             )
-        directory = os.path.dirname(os.path.abspath(opts.database))
-        if not os.path.isdir(directory):
-            raise ConfigError(
-                f"[nva] database: directory {directory} does not exist",
-                hint="create it or point [nva] database elsewhere",
-            )
-        server = NvaServer(
-            NvaStore(opts.database),
-            opts.token,
-            opts.bind_host,
-            opts.bind_port,
-            max_body_bytes=opts.max_body_bytes,
-        )
-        signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
-        print(f"vmm nva: serving on http://{opts.bind_host}:{opts.bind_port}", flush=True)
+        database: str = opts.database
+        created = False
+        if database != ":memory:":
+            path = os.path.abspath(database)
+            directory = os.path.dirname(path)
+            if not os.path.isdir(directory):
+                raise ConfigError(
+                    f"[nva] database: directory {directory} does not exist",
+                    hint="create it or point [nva] database elsewhere",
+                )
+            if os.path.isdir(path):
+                raise ConfigError(
+                    f"[nva] database: {path} is a directory",
+                    hint="point [nva] database at a file in it",
+                )
+            created = not os.path.exists(path)
+            if created and not os.access(directory, os.W_OK | os.X_OK):
+                raise ConfigError(
+                    f"[nva] database: directory {directory} is not writable",
+                    hint="fix its permissions or point [nva] database elsewhere",
+                )
+        store = NvaStore(database)
         try:
-            server.serve_forever()
+            server = NvaServer.from_conf(conf, store=store)
+            server.start()  # binds, or raises ConfigError naming bind_host/bind_port
+        except BaseException:
+            store.close()
+            if created:  # nothing half-applied: no empty database left behind
+                for suffix in ("", "-wal", "-shm", "-journal"):
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(database + suffix)
+            raise
+        previous = signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
+        try:
+            print(f"vmm nva: serving on {server.url}", flush=True)
+            while True:
+                time.sleep(3600)
         except KeyboardInterrupt:
             pass
         finally:
             server.stop()
+            store.close()
+            signal.signal(signal.SIGTERM, previous)
         return 0
+
+    # -- status --------------------------------------------------------------
+
+    def status(self, conf: cfg.ConfigOpts, args: argparse.Namespace) -> int:
+        from vmm_orchestrator.nva.client import NvaClient
+
+        if args.url is not None:
+            override_option(conf, nva_options.GROUP, nva_options.NVA_OPTS, "url", args.url, "--url")
+        opts = conf.nva
+        url: str = opts.url
+        token = os.environ.get(TOKEN_ENV)
+        if token is not None and not token:
+            raise ConfigError(
+                f"{TOKEN_ENV} is set but empty",
+                hint="set it to the directory's token, or unset it to use [nva] token",
+            )
+        token = token or opts.token
+        if not token:
+            raise ConfigError(
+                "no token for the directory",
+                hint=f"set [nva] token in the config file or the {TOKEN_ENV} environment variable",
+            )
+        with NvaClient(url, token, timeout=opts.request_timeout) as client:
+            try:
+                # NVEs first: every acked revision is then <= the revision shown.
+                nves = client.list_nves()
+                revision, endpoints = client.snapshot()
+            except Unauthorized as exc:
+                raise VmmError(
+                    f"the directory at {url} refused the token ({exc.message})",
+                    hint=f"use the token `vmm nva serve` runs with: [nva] token or {TOKEN_ENV}",
+                ) from None
+            except Unavailable as exc:
+                raise VmmError(
+                    exc.message,
+                    hint="is `vmm nva serve` running there? check --url or [nva] url "
+                    "and that the port is reachable",
+                ) from None
+        per_vn: dict[int, int] = {vni: 0 for nve in nves for vni in nve["vnis"]}
+        for endpoint in endpoints:
+            per_vn[endpoint["vni"]] = per_vn.get(endpoint["vni"], 0) + 1
+        nve_rows = [
+            {
+                "id": n["id"],
+                "vtep": n["vtep"],
+                "vnis": list(n["vnis"]),
+                "acked_revision": n["acked_revision"],
+                "acked_at": n.get("acked_at"),
+            }
+            for n in sorted(nves, key=lambda n: str(n["id"]))
+        ]
+        vns = [{"vni": vni, "endpoints": count} for vni, count in sorted(per_vn.items())]
+        if args.format == "json":
+            print(json.dumps({"url": url, "revision": revision, "nves": nve_rows, "vns": vns}))
+            return 0
+        print(f"directory {url} at revision {revision}")
+        print()
+        if nve_rows:
+            rows = [
+                [
+                    n["id"],
+                    n["vtep"],
+                    ",".join(str(v) for v in n["vnis"]) or "-",
+                    n["acked_revision"],
+                ]
+                for n in nve_rows
+            ]
+            print(format_table(["NVE", "VTEP", "VNIs", "acked revision"], rows))
+        else:
+            print("no NVE registered")
+        print()
+        if vns:
+            print(format_table(["VN", "endpoints"], [[v["vni"], v["endpoints"]] for v in vns]))
+        else:
+            print("no VN")
+        return 0
+
+
+# ------------------------------------------------------------------ main
 
 
 def _commands() -> dict[str, Command]:
     found: dict[str, Command] = {NvaCommand.name: NvaCommand()}
-    manager = ExtensionManager(
+    manager: ExtensionManager[Command] = ExtensionManager(
         "vmm_orchestrator.commands",
         invoke_on_load=True,
         on_load_failure_callback=lambda _m, ep, exc: LOG.warning(
@@ -89,14 +410,15 @@ def _commands() -> dict[str, Command]:
         ),
     )
     for ext in manager:
-        found[ext.obj.name] = ext.obj
+        if isinstance(ext.obj, Command):
+            found[ext.obj.name] = ext.obj
+        else:
+            LOG.warning("command plugin %s is not a Command; ignored", ext.name)
     return found
 
 
-def build_parser(commands: dict[str, Command]) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="vmm", description="Make the network follow a live-migrating VM."
-    )
+def build_parser(commands: dict[str, Command]) -> ArgumentParser:
+    parser = ArgumentParser(prog="vmm", description="Make the network follow a live-migrating VM.")
     parser.add_argument("--version", action="version", version=f"vmm {__version__}")
     parser.add_argument(
         "--config-file",
@@ -109,28 +431,12 @@ def build_parser(commands: dict[str, Command]) -> argparse.ArgumentParser:
         "--verbose",
         action="count",
         default=0,
-        help="log more (-v info, -vv debug)",
+        help="log more (-v info, -vv debug and tracebacks)",
     )
     sub = parser.add_subparsers(dest="command", required=True)
     for name, command in sorted(commands.items()):
         command.add_arguments(sub.add_parser(name, help=command.help))
     return parser
-
-
-def load_config(files: Sequence[str]) -> cfg.ConfigOpts:
-    """A ConfigOpts reading exactly ``files`` (none: defaults only)."""
-    for path in files:
-        if not os.path.isfile(path):
-            raise ConfigError(f"config file {path} does not exist", hint="check --config-file")
-    conf = cfg.ConfigOpts()
-    args: list[str] = []
-    for path in files:
-        args += ["--config-file", path]
-    try:
-        conf(args=args, project="vmm-orchestrator", default_config_files=[])
-    except cfg.Error as exc:
-        raise ConfigError(f"bad configuration: {exc}") from None
-    return conf
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -145,19 +451,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     except VmmError as exc:
         print(f"vmm: error: {exc}", file=sys.stderr)
         return EXIT_ERROR
-    except (
-        cfg.ConfigFileValueError,
-        cfg.ConfigFileParseError,
-        cfg.RequiredOptError,
-    ) as exc:
-        print(
-            f"vmm: error: bad configuration: {exc} (fix the config file)",
-            file=sys.stderr,
-        )
+    except (cfg.ConfigSourceValueError, cfg.ConfigFileParseError, cfg.RequiredOptError) as exc:
+        print(f"vmm: error: {describe_config_error(exc)}", file=sys.stderr)
         return EXIT_ERROR
     except KeyboardInterrupt:
         print("vmm: interrupted", file=sys.stderr)
         return 130
+    except Exception as exc:
+        if args.verbose >= 2:
+            raise
+        print(
+            f"vmm: error: unexpected {type(exc).__name__}: {exc} "
+            "(this is a bug: rerun with -vv for the traceback and report it)",
+            file=sys.stderr,
+        )
+        return EXIT_INTERNAL
 
 
 if __name__ == "__main__":

@@ -145,9 +145,7 @@ def _checked_schedule(schedule_ms: Sequence[int]) -> list[int]:
     out = []
     for v in schedule_ms:
         if isinstance(v, bool) or not isinstance(v, int) or v < 0:
-            raise ValueError(
-                f"schedule_ms: offsets are non-negative integers, got {v!r}"
-            )
+            raise ValueError(f"schedule_ms: offsets are non-negative integers, got {v!r}")
         out.append(v)
     return sorted(out)
 
@@ -285,21 +283,15 @@ class Announcer:
         gateways: Sequence[tuple[str, str]] = (),
     ) -> None:
         if mode not in MODES:
-            raise ValueError(
-                f"announce mode must be one of {', '.join(MODES)}, got {mode!r}"
-            )
+            raise ValueError(f"announce mode must be one of {', '.join(MODES)}, got {mode!r}")
         schedule = _checked_schedule(schedule_ms)
         if mode != MODE_NONE and not schedule:
-            raise ValueError(
-                f"announce mode {mode!r} needs at least one schedule_ms offset"
-            )
+            raise ValueError(f"announce mode {mode!r} needs at least one schedule_ms offset")
         self.netns = netns
         self.device = device
         self.mode = mode
         self.schedule_ms = schedule
-        self.gateways = [
-            _checked_gateway(ip, mac, what="gateway") for ip, mac in gateways
-        ]
+        self.gateways = [_checked_gateway(ip, mac, what="gateway") for ip, mac in gateways]
         self._sock: socket.socket | None = None
         self._sock_lock = threading.Lock()
         self._cond = threading.Condition()
@@ -310,9 +302,7 @@ class Announcer:
         self._closed = False
 
     @classmethod
-    def from_conf(
-        cls, conf: cfg.ConfigOpts, netns: str | None, device: str
-    ) -> Announcer:
+    def from_conf(cls, conf: cfg.ConfigOpts, netns: str | None, device: str) -> Announcer:
         """An announcer configured from the ``[announce]`` group of ``conf``."""
         register_opts(conf)
         group = conf[GROUP]
@@ -337,9 +327,7 @@ class Announcer:
             return []
         if self.mode == MODE_RARP:
             return [(KIND_RARP, frames.rarp(vif.mac))]
-        out = [
-            (KIND_GARP, frames.gratuitous_arp_request(vif.mac, ip)) for ip in vif.ipv4
-        ]
+        out = [(KIND_GARP, frames.gratuitous_arp_request(vif.mac, ip)) for ip in vif.ipv4]
         for gw_ip, gw_mac in self.gateways:
             for ip in vif.ipv4:
                 if ip != gw_ip:
@@ -415,9 +403,7 @@ class Announcer:
                 try:
                     callback(handle.first_sent_at)
                 except Exception:
-                    LOG.exception(
-                        "announce %s: on_first_sent callback failed", handle.vif.mac
-                    )
+                    LOG.exception("announce %s: on_first_sent callback failed", handle.vif.mac)
         handle._round_done()
 
     # -- public sending ---------------------------------------------------

@@ -88,9 +88,7 @@ def _ip6(ip: str) -> bytes:
 
 def ethernet(dst: str, src: str, ethertype: int, payload: bytes) -> bytes:
     """An Ethernet II frame, zero-padded to the 60-byte minimum."""
-    frame = (
-        mac_to_bytes(dst) + mac_to_bytes(src) + struct.pack("!H", ethertype) + payload
-    )
+    frame = mac_to_bytes(dst) + mac_to_bytes(src) + struct.pack("!H", ethertype) + payload
     if len(frame) < ETH_MIN_LEN:
         frame += bytes(ETH_MIN_LEN - len(frame))
     return frame
@@ -117,9 +115,7 @@ def gratuitous_arp_request(mac: str, ip: str) -> bytes:
     gateways take into their ARP tables; the all-zero target MAC follows
     RFC 5227's announcement.
     """
-    return ethernet(
-        BROADCAST_MAC, mac, ETH_P_ARP, _arp_body(ARPOP_REQUEST, mac, ip, ZERO_MAC, ip)
-    )
+    return ethernet(BROADCAST_MAC, mac, ETH_P_ARP, _arp_body(ARPOP_REQUEST, mac, ip, ZERO_MAC, ip))
 
 
 def unicast_arp_reply(mac: str, ip: str, dst_mac: str, dst_ip: str) -> bytes:
@@ -128,9 +124,7 @@ def unicast_arp_reply(mac: str, ip: str, dst_mac: str, dst_ip: str) -> bytes:
     A reply addressed to the receiver is accepted as reachability proof by
     the receiver, so it updates a gateway that ignores gratuitous ARP.
     """
-    return ethernet(
-        dst_mac, mac, ETH_P_ARP, _arp_body(ARPOP_REPLY, mac, ip, dst_mac, dst_ip)
-    )
+    return ethernet(dst_mac, mac, ETH_P_ARP, _arp_body(ARPOP_REPLY, mac, ip, dst_mac, dst_ip))
 
 
 def rarp(mac: str) -> bytes:

@@ -53,9 +53,7 @@ def entered(netns: str | None) -> Iterator[None]:
         os.close(own)
 
 
-def socket_in(
-    netns: str | None, family: int, type_: int, proto: int = 0
-) -> socket.socket:
+def socket_in(netns: str | None, family: int, type_: int, proto: int = 0) -> socket.socket:
     """A socket created inside ``netns``."""
     with entered(netns):
         return socket.socket(family, type_, proto)

@@ -22,12 +22,15 @@ Precedence: in-flight > local port > remote VTEP.
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import errno
+import functools
 import ipaddress
 import logging
 import threading
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 from oslo_config import cfg
 from pyroute2 import NetlinkError, NetNS
@@ -80,6 +83,27 @@ def register_opts(conf: cfg.ConfigOpts) -> None:
             pass
 
 
+T = TypeVar("T")
+
+
+def _on_netlink_thread(method: Callable[..., T]) -> Callable[..., T]:
+    """Run ``method`` on the driver's own netlink thread.
+
+    A pyroute2 handle is not made for several threads, and pyroute2 0.9
+    spends 10-15 ms setting itself up in each new thread that uses one; the
+    engine runs every stage in a fresh thread. One long-lived thread per
+    driver does all netlink work, and callers wait for its answer.
+    """
+
+    @functools.wraps(method)
+    def call(self: LinuxNve, *args: Any, **kwargs: Any) -> T:
+        if threading.get_ident() == self._worker_ident:
+            return method(self, *args, **kwargs)
+        return self._worker.submit(method, self, *args, **kwargs).result()
+
+    return call
+
+
 def bridge_name(vni: int) -> str:
     return f"br-{vni}"
 
@@ -127,7 +151,13 @@ class LinuxNve:
         self.inflight_port = inflight_port
         self.neigh_suppress = neigh_suppress
         self.mtu = mtu
-        self._ipr: Any = NetNS(netns) if netns else _local_iproute()
+        self._worker = concurrent.futures.ThreadPoolExecutor(
+            max_workers=1, thread_name_prefix=f"nve-netlink-{netns or 'host'}"
+        )
+        self._worker_ident = self._worker.submit(threading.get_ident).result()
+        self._ipr: Any = self._worker.submit(
+            lambda: NetNS(netns) if netns else _local_iproute()
+        ).result()
         self._lock = threading.RLock()
         self._entries: dict[tuple[int, str], _Entry] = {}
         self._flood: dict[int, set[str]] = {}
@@ -149,6 +179,7 @@ class LinuxNve:
 
     # -- devices -----------------------------------------------------------
 
+    @_on_netlink_thread
     def ensure_vn(self, vni: int) -> None:
         """Create (if missing) and bring up the bridge and VXLAN ports of ``vni``.
 
@@ -190,6 +221,7 @@ class LinuxNve:
             self._flood.setdefault(vni, set())
             self._ready.add(vni)
 
+    @_on_netlink_thread
     def remove_vn(self, vni: int) -> None:
         """Delete the VN's devices (their FDB entries go with them)."""
         with self._lock:
@@ -203,6 +235,7 @@ class LinuxNve:
             for key in [k for k in self._entries if k[0] == vni]:
                 del self._entries[key]
 
+    @_on_netlink_thread
     def set_flood_list(self, vni: int, vteps: list[str]) -> None:
         """Head-end replication: send BUM frames of ``vni`` to exactly ``vteps``."""
         wanted = {str(ipaddress.ip_address(v)) for v in vteps} - {self.local_vtep}
@@ -251,6 +284,7 @@ class LinuxNve:
             entry = self._entries.get((vni, mac))
             return entry.inflight_vtep if entry else None
 
+    @_on_netlink_thread
     def vn_ifindexes(self, vni: int) -> tuple[int, int, int]:
         """(bridge, VXLAN, in-flight VXLAN) interface indexes of ``vni``."""
         with self._lock:
@@ -272,6 +306,7 @@ class LinuxNve:
 
     # -- reading the kernel (tests, reports) ---------------------------------
 
+    @_on_netlink_thread
     def master_port(self, vni: int, mac: str) -> str | None:
         """The bridge port the kernel forwards ``mac`` to, or None."""
         with self._lock:
@@ -283,6 +318,7 @@ class LinuxNve:
                     return names.get(idx) or self._name_of(idx)
         return None
 
+    @_on_netlink_thread
     def vxlan_dst(self, vni: int, mac: str, inflight: bool = False) -> str | None:
         """The VTEP the VXLAN (or in-flight) device sends ``mac`` to, or None."""
         with self._lock:
@@ -294,7 +330,8 @@ class LinuxNve:
 
     def close(self) -> None:
         with self._lock:
-            self._ipr.close()
+            self._worker.submit(self._ipr.close).result()
+            self._worker.shutdown(wait=True)
 
     # -- internals ----------------------------------------------------------
 
@@ -303,6 +340,7 @@ class LinuxNve:
         """Addresses to record: none given means keep what we know."""
         return {"ips": tuple(ips)} if ips else {}
 
+    @_on_netlink_thread
     def _update(self, vni: int, mac: str, **changes: Any) -> None:
         with self._lock:
             entry = self._entries.setdefault((vni, mac), _Entry())
