@@ -110,6 +110,13 @@ def _allowed(opt: cfg.Opt) -> str | None:
     return None
 
 
+def _show(value: Any) -> str:
+    """An option value as it would be written in a config file."""
+    if isinstance(value, list | tuple):
+        return ",".join(str(v) for v in value)
+    return str(value)
+
+
 def check_options(conf: cfg.ConfigOpts, groups: OptGroups) -> None:
     """Register ``groups`` and read every option now, so a bad value fails up front.
 
@@ -133,11 +140,12 @@ def check_options(conf: cfg.ConfigOpts, groups: OptGroups) -> None:
             except cfg.ConfigSourceValueError as exc:
                 raw, path = in_files.get((group, opt.dest), ("?", "the config file"))
                 allowed = _allowed(opt)
-                hint = f"{allowed}; " if allowed else ""
-                default = "" if opt.default is None else f" ({opt.default} by default)"
+                what = f"bad value in {path}: [{group}] {opt.dest} = {raw}"
+                default = "" if opt.default is None else f" {_show(opt.default)}"
                 raise ConfigError(
-                    f"bad value in {path}: [{group}] {opt.dest} = {raw}: {_value_reason(exc)}",
-                    hint=f"{hint}fix the line or remove it to use the default{default}",
+                    what if allowed else f"{what}: {_value_reason(exc)}",
+                    hint=(f"give {allowed}, or" if allowed else "fix it or")
+                    + f" remove the line to use the default{default}",
                 ) from None
         known = {opt.dest for opt in opts} | {opt.name for opt in opts} | set(conf[group])
         for (section, key), (_raw, path) in sorted(in_files.items()):
@@ -168,8 +176,9 @@ def override_option(
         conf.set_override(name, value, group=group)
     except ValueError as exc:
         allowed = _allowed(opt) if opt is not None else None
+        what = f"{flag} {_show(value)}: not a valid value for [{group}] {name}"
         raise ConfigError(
-            f"{flag} {value}: not a valid value for [{group}] {name}: {exc}",
+            what if allowed else f"{what}: {exc}",
             hint=f"give {allowed}" if allowed else f"see the help of {flag}",
         ) from None
 
@@ -232,7 +241,7 @@ class NvaCommand(Command):
     help = "run the embedded directory (NVA) service, or show its state"
 
     def add_arguments(self, parser: argparse.ArgumentParser) -> None:
-        sub = parser.add_subparsers(dest="nva_command", required=True)
+        sub = parser.add_subparsers(dest="nva_command", metavar="{serve,status}", required=True)
         serve = sub.add_parser("serve", help="serve the directory's HTTP API until stopped")
         serve.add_argument("--bind-host", help="override [nva] bind_host")
         serve.add_argument("--bind-port", type=int, help="override [nva] bind_port")
@@ -434,6 +443,7 @@ def build_parser(commands: dict[str, Command]) -> ArgumentParser:
         help="log more (-v info, -vv debug and tracebacks)",
     )
     sub = parser.add_subparsers(dest="command", required=True)
+    sub.metavar = "{" + ",".join(sorted(commands)) + "}"
     for name, command in sorted(commands.items()):
         command.add_arguments(sub.add_parser(name, help=command.help))
     return parser

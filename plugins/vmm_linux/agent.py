@@ -96,6 +96,7 @@ class NveAgent:
         self._threads: list[threading.Thread] = []
         self._lock = threading.RLock()
         self._synced = threading.Event()
+        self._listening = threading.Event()
 
     # -- life cycle -----------------------------------------------------------
 
@@ -108,7 +109,10 @@ class NveAgent:
         self.resync()
         self._spawn(self._watch_loop, f"nve-agent-{self.id}")
         if self.local_learning:
+            self._listening.clear()
             self._spawn(self._learn_loop, f"nve-learn-{self.id}")
+            if not self._listening.wait(5.0):
+                LOG.warning("%s: local learning did not start listening within 5 s", self.id)
 
     def stop(self) -> None:
         self._stop.set()
@@ -242,6 +246,7 @@ class NveAgent:
         try:
             ours = self._own_ports()
             mon.bind(groups=RTMGRP_NEIGH)
+            self._listening.set()
             while not self._stop.is_set():
                 ready, _, _ = select.select([mon.fileno()], [], [], 0.2)
                 if not ready:
