@@ -4,23 +4,35 @@ The core package and every plugin package are mapped here; stevedore finds
 stages, NVA backends and command extensions through the entry points below.
 """
 
-from setuptools import setup
+import os
+
+from setuptools import find_packages, setup
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def plugin_packages() -> tuple[list[str], dict[str, str]]:
+    """Every package under plugins/, importable by its folder name."""
+    names: list[str] = []
+    dirs: dict[str, str] = {}
+    root = os.path.join(HERE, "plugins")
+    for entry in sorted(os.listdir(root)):
+        if os.path.isfile(os.path.join(root, entry, "__init__.py")):
+            dirs[entry] = f"plugins/{entry}"
+            names.append(entry)
+            names += [f"{entry}.{sub}" for sub in find_packages(os.path.join(root, entry))]
+    return names, dirs
+
+
+PLUGIN_PACKAGES, PLUGIN_DIRS = plugin_packages()
 
 setup(
     name="vmm-orchestrator",
     version="0.1.0",
     description="Make the network follow a live-migrating VM (libvirt/OpenStack plugin)",
     python_requires=">=3.11",
-    packages=[
-        "vmm_orchestrator",
-        "vmm_orchestrator.nva",
-        "vmm_linux",
-        "vmm_linux.lab",
-    ],
-    package_dir={
-        "vmm_orchestrator": "vmm_orchestrator",
-        "vmm_linux": "plugins/vmm_linux",
-    },
+    packages=["vmm_orchestrator", "vmm_orchestrator.nva", *PLUGIN_PACKAGES],
+    package_dir={"vmm_orchestrator": "vmm_orchestrator", **PLUGIN_DIRS},
     install_requires=[
         "oslo.config>=9.0",
         "stevedore>=5.0",

@@ -87,6 +87,22 @@ def mac(ns: str, dev: str) -> str:
     return str(json.loads(ip("-n", ns, "-j", "link", "show", "dev", dev))[0]["address"])
 
 
+def static_neighbours(lab: Lab) -> None:
+    """Permanent ARP/ND entries for the vm's addresses on the sending side.
+
+    Then the vm never has to answer ARP/ND. Right after a link comes back its
+    transmit path is re-enabled asynchronously (linkwatch), so on a loaded
+    machine a reply can be dropped and the next try is a 1 s retransmit
+    timer away: an artefact that would blur the outage we measure.
+    """
+    vm_mac = mac(lab.vm, lab.vm_dev)
+    for addr in (V4[1], V6[1]):
+        ip(
+            *("-n", lab.peer, "neigh", "replace", addr, "lladdr", vm_mac),
+            *("dev", lab.peer_dev, "nud", "permanent"),
+        )
+
+
 @pytest.fixture
 def lab() -> Iterator[Lab]:
     prefix = f"vmmp{os.getpid() % 10000}{secrets.token_hex(2)}"
@@ -118,15 +134,7 @@ def lab() -> Iterator[Lab]:
             ip("-n", ns, "addr", "add", f"{V4[i]}/24", "dev", dev)
             ip("-n", ns, "addr", "add", f"{V6[i]}/64", "dev", dev, "nodad")
             ip("-n", ns, "link", "set", dev, "up")
-        # Static neighbours on the sending side: losing carrier flushes dynamic
-        # entries, and re-resolving then waits for ARP/ND retransmit timers
-        # (1 s), which would blur the outage we measure.
-        vm_mac = mac(lab.vm, lab.vm_dev)
-        for addr in (V4[1], V6[1]):
-            ip(
-                *("-n", lab.peer, "neigh", "replace", addr, "lladdr", vm_mac),
-                *("dev", lab.peer_dev, "nud", "permanent"),
-            )
+        static_neighbours(lab)
         yield lab
     finally:
         for p in lab.procs:
@@ -238,6 +246,7 @@ def test_link_outage_counts_as_lost_while_paused(lab: Lab, tmp_path: Path) -> No
         time.sleep(0.1)
         marks["up_start"] = probe.now_ns()
         ip("-n", lab.peer, "link", "set", lab.peer_dev, "up")
+        static_neighbours(lab)  # admin down flushed them
         marks["up_done"] = probe.now_ns()
 
     runs = run_streams(lab, tmp_path / "outage", outage)

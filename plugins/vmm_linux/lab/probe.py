@@ -527,6 +527,8 @@ def send_probes(
                 continue  # re-check the stop flag and the clock after waking
             lag = now - deadline
             if lag > MAX_CATCHUP_NS:
+                if end is not None and now >= end:
+                    break  # stalled past the end: the rest is not worth sending
                 anchor, k, lag = now, 0, 0
                 log.reanchored += 1
             if lag > period:
