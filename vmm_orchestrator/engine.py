@@ -104,11 +104,7 @@ TERMINAL_PHASE = {Role.SOURCE: Phase.COMPLETED, Role.DESTINATION: Phase.RESUMED}
 
 def register_opts(conf: cfg.ConfigOpts) -> None:
     """Register the [pipeline] options; calling it again is harmless."""
-    for opt in PIPELINE_OPTS:
-        try:
-            conf.register_opt(opt, group=GROUP)
-        except cfg.DuplicateOptError:
-            pass
+    conf.register_opts(PIPELINE_OPTS, group=GROUP)
 
 
 def list_opts() -> list[tuple[str, list[cfg.Opt]]]:

@@ -24,7 +24,7 @@ from oslo_config import cfg
 from pyroute2 import NetNS
 from pyroute2.netlink.rtnl import RTMGRP_NEIGH
 
-from vmm_linux.nve import LinuxNve, bridge_name, inflight_name, vxlan_name
+from vmm_linux.nve import LinuxNve
 from vmm_orchestrator.errors import TransientError, VmmError
 from vmm_orchestrator.nva import errors as nva_errors
 
@@ -58,11 +58,7 @@ AGENT_OPTS: list[cfg.Opt] = [
 
 
 def register_opts(conf: cfg.ConfigOpts) -> None:
-    for opt in AGENT_OPTS:
-        try:
-            conf.register_opt(opt, group=GROUP)
-        except cfg.DuplicateOptError:
-            pass
+    conf.register_opts(AGENT_OPTS, group=GROUP)
 
 
 class NveAgent:

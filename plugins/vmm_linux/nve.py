@@ -76,11 +76,7 @@ NVE_OPTS: list[cfg.Opt] = [
 
 def register_opts(conf: cfg.ConfigOpts) -> None:
     """Register [linux_nve] options (idempotent)."""
-    for opt in NVE_OPTS:
-        try:
-            conf.register_opt(opt, group=GROUP)
-        except cfg.DuplicateOptError:
-            pass
+    conf.register_opts(NVE_OPTS, group=GROUP)
 
 
 T = TypeVar("T")

@@ -9,11 +9,11 @@ import time
 from collections.abc import Iterator
 
 import pytest
-
 from vmm_linux import frames
 from vmm_linux.agent import NveAgent
 from vmm_linux.netns import socket_in
 from vmm_linux.nve import LinuxNve
+
 from vmm_orchestrator.nva.client import NvaClient
 from vmm_orchestrator.nva.server import NvaServer
 from vmm_orchestrator.nva.store import NvaStore
@@ -98,7 +98,7 @@ def test_an_older_sequence_number_is_never_applied(env):
 def test_expire_drops_the_entry_and_looks_the_mac_up_again(env):
     store, nve = env["store"], env["nve"]
     # Change the directory behind the agent's back (no change record), then expire.
-    with store._lock:  # noqa: SLF001 - a test reaching into the store on purpose
+    with store._lock:
         store._db.execute("UPDATE endpoints SET nve='h3', seq=seq+1 WHERE mac=?", (MAC,))
     assert nve.vxlan_dst(VNI, MAC) == "198.18.9.2"
     env["admin"].expire(VNI, MAC, ["h1"])
@@ -131,8 +131,8 @@ def test_the_agent_recovers_after_the_directory_was_reset(env):
     moved = admin.move(VNI, MAC, "h3")
     assert wait_for(lambda: agent.revision >= moved["revision"])
     # A directory restarted empty: the agent's revision is now ahead of it.
-    with store._lock:  # noqa: SLF001
+    with store._lock:
         for table in ("changes", "endpoints"):
-            store._db.execute(f"DELETE FROM {table}")  # noqa: S608
+            store._db.execute(f"DELETE FROM {table}")
     admin.add_endpoint(VNI, "52:54:00:00:c8:0b", [], [], "h2")
     assert wait_for(lambda: nve.vxlan_dst(VNI, "52:54:00:00:c8:0b") == "198.18.9.2", 10)

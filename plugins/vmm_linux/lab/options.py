@@ -62,11 +62,7 @@ LAB_OPTS: list[cfg.Opt] = [
 
 
 def register_opts(conf: cfg.ConfigOpts) -> None:
-    for opt in LAB_OPTS:
-        try:
-            conf.register_opt(opt, group=GROUP)
-        except cfg.DuplicateOptError:
-            pass
+    conf.register_opts(LAB_OPTS, group=GROUP)
 
 
 def check(conf: cfg.ConfigOpts) -> None:
