@@ -19,13 +19,13 @@ import sys
 import time
 
 from oslo_config import cfg
+
 from vmm_linux.lab import options as lab_options
 from vmm_linux.lab.demo import lab_site
 from vmm_linux.lab.hypervisor import LabHypervisor
 from vmm_linux.lab.probe import format_table
 from vmm_linux.lab.topology import new_prefix
 from vmm_linux.stages import HoldTimer
-
 from vmm_orchestrator.stage import register_stage_opts
 
 

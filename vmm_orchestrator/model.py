@@ -86,9 +86,7 @@ class Vif:
     def __post_init__(self) -> None:
         object.__setattr__(self, "mac", normalize_mac(self.mac))
         if not isinstance(self.vni, int) or not 0 < self.vni < 2**24:
-            raise ValueError(
-                f"VNI must be an integer from 1 to 16777215, got {self.vni!r}"
-            )
+            raise ValueError(f"VNI must be an integer from 1 to 16777215, got {self.vni!r}")
         object.__setattr__(self, "ipv4", _checked_ips(self.ipv4, 4, "ipv4"))
         object.__setattr__(self, "ipv6", _checked_ips(self.ipv6, 6, "ipv6"))
 
@@ -124,9 +122,7 @@ class Workload:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Workload:
-        return cls(
-            name=data["name"], vifs=tuple(Vif.from_dict(v) for v in data["vifs"])
-        )
+        return cls(name=data["name"], vifs=tuple(Vif.from_dict(v) for v in data["vifs"]))
 
 
 @dataclasses.dataclass(frozen=True)

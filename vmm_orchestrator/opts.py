@@ -12,11 +12,13 @@ from stevedore import ExtensionManager
 
 from vmm_orchestrator import engine
 from vmm_orchestrator.nva import options as nva_options
-from vmm_orchestrator.stage import group_name, stage_opts
+from vmm_orchestrator.stage import Stage, group_name, stage_opts
 
 
 def stage_option_groups() -> list[tuple[str, list[cfg.Opt]]]:
-    manager = ExtensionManager("vmm_orchestrator.stages", invoke_on_load=False)
+    manager: ExtensionManager[Stage] = ExtensionManager(
+        "vmm_orchestrator.stages", invoke_on_load=False
+    )
     groups = [(group_name(ext.plugin.name), stage_opts(ext.plugin)) for ext in manager]
     return sorted(groups)
 

@@ -35,6 +35,8 @@ from typing import Any, TypeVar
 from oslo_config import cfg
 from pyroute2 import NetlinkError, NetNS
 
+from vmm_orchestrator.errors import ConfigError
+
 LOG = logging.getLogger(__name__)
 
 NTF_SELF = 0x02
@@ -140,7 +142,10 @@ class LinuxNve:
         mtu: int = 1450,
     ) -> None:
         if vxlan_port == inflight_port:
-            raise ValueError("inflight_port must differ from vxlan_port")
+            raise ConfigError(
+                f"[{GROUP}] inflight_port ({inflight_port}) equals vxlan_port",
+                hint="the kernel allows one VXLAN device per VNI and port: pick another port",
+            )
         self.netns = netns
         self.local_vtep = str(ipaddress.ip_address(local_vtep))
         self.vxlan_port = vxlan_port

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 from oslo_config import cfg
-from vmm_linux import opts as linux_opts
 
+from vmm_linux import opts as linux_opts
 from vmm_orchestrator import opts as core_opts
 
 ROOT = Path(__file__).resolve().parents[2]

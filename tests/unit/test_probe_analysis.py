@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 import pytest
+
 from vmm_linux.lab import probe
 from vmm_linux.lab.probe import Recv, SendLog, analyze
 

@@ -20,17 +20,10 @@ from vmm_orchestrator.cli import check_options, override_option
 from vmm_orchestrator.commands import Command
 from vmm_orchestrator.errors import ConfigError, VmmError
 
-#: Where the demo's lab_site (demo.py) places each VM, and where run_mode migrates
-#: to. Keep in step with demo.py.
-PLACEMENT = {"gw": "h3", "vm1": "h1", "vm2": "h3", "vm3": "h1", "vm4": "h2"}
-GATEWAY = "gw"
-DESTINATION = "h2"
-#: The lab VMs that could migrate to the destination: not the gateway, not on it.
-MIGRATABLE = tuple(
-    sorted(n for n, host in PLACEMENT.items() if n != GATEWAY and host != DESTINATION)
-)
-#: The VMs the demo can migrate today (run_mode migrates vm1 only).
-SUPPORTED_VMS = ("vm1",)
+PLACEMENT = lab_opts.PLACEMENT
+GATEWAY = lab_opts.GATEWAY
+DESTINATION = lab_opts.DESTINATION
+MIGRATABLE = lab_opts.MIGRATABLE
 
 #: A run prefix as topology.new_prefix() makes it ("vmm" + 4 digits + 4 hex), maybe
 #: followed by the letter of the demo mode it ran ("vmm1234abcdn" for mode none).
@@ -56,11 +49,6 @@ def check_vm(name: str) -> None:
         raise VmmError(
             f"--vm {name}: no such lab VM",
             hint=f"the lab VMs that can migrate to {DESTINATION} are {known}",
-        )
-    if name not in SUPPORTED_VMS:
-        raise VmmError(
-            f"--vm {name}: the demo can only migrate {', '.join(SUPPORTED_VMS)} so far",
-            hint=f"use --vm {SUPPORTED_VMS[0]}, the default",
         )
 
 
@@ -161,9 +149,9 @@ class LabCommand(Command):
         demo.add_argument(
             "--vm",
             metavar="NAME",
-            default=SUPPORTED_VMS[0],
+            default="vm1",
             help=f"the lab VM that migrates from its host to {DESTINATION} "
-            f"(default {SUPPORTED_VMS[0]}; only {', '.join(SUPPORTED_VMS)} so far)",
+            f"(one of {', '.join(MIGRATABLE)}; default vm1)",
         )
         clean = sub.add_parser("cleanup", help="remove namespaces left by a lab run")
         clean.add_argument(
@@ -209,4 +197,4 @@ class LabCommand(Command):
         need_root_and_ip()
         from vmm_linux.lab.demo import run_demo
 
-        return run_demo(conf, json_out=args.json)
+        return run_demo(conf, json_out=args.json, vm=args.vm)

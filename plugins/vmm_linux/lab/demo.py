@@ -86,14 +86,8 @@ class LabSite:
 
 
 @contextlib.contextmanager
-def lab_site(
-    conf: cfg.ConfigOpts, prefix: str, orchestrated: bool, gateway_on: str = "h3"
-) -> Iterator[LabSite]:
-    """Build the demo topology; tear everything down however the body ends.
-
-    h1 runs the migrating VM (vm1) and a peer (vm3); h2 is the destination
-    and runs vm4; h3 runs a peer (vm2) and the gateway (gw).
-    """
+def lab_site(conf: cfg.ConfigOpts, prefix: str, orchestrated: bool) -> Iterator[LabSite]:
+    """Build the demo topology (PLACEMENT); tear everything down however the body ends."""
     lab_opts.register_opts(conf)
     lab = Lab(prefix, conf.lab.vni)
     workdir = tempfile.mkdtemp(prefix=f"{prefix}-")
@@ -114,17 +108,10 @@ def lab_site(
                 conf, name, h.netns, h.vtep, [vni], NvaClient(server.url, token)
             )
             hosts[name].nve.ensure_vn(vni)
-        placement = [
-            ("gw", gateway_on, True),
-            ("vm1", "h1", False),
-            ("vm2", "h3", False),
-            ("vm3", "h1", False),
-            ("vm4", "h2", False),
-        ]
-        for name, host, is_gw in placement:
-            vm = lab.add_vm(name, host, gateway=is_gw)
-            admin.add_endpoint(vni, vm.mac, [vm.ipv4], [vm.ipv6], host)
-            hosts[host].nve.plug(vni, vm.mac, vm.port, (vm.ipv4, vm.ipv6))
+        for name, host_name in lab_opts.PLACEMENT.items():
+            vm = lab.add_vm(name, host_name, gateway=name == lab_opts.GATEWAY)
+            admin.add_endpoint(vni, vm.mac, [vm.ipv4], [vm.ipv6], host_name)
+            hosts[host_name].nve.plug(vni, vm.mac, vm.port, (vm.ipv4, vm.ipv6))
         gw = lab.vms["gw"]
         conf.set_override("gateways", [f"{gw.ipv4}@{gw.mac}"], group="announce")
         for host in hosts.values():
@@ -281,21 +268,33 @@ def gateway_view(site: LabSite, vm: LabVm) -> tuple[str | None, str | None]:
     return vtep, mac
 
 
-def run_mode(conf: cfg.ConfigOpts, mode: str, prefix: str) -> ModeResult:
-    """One migration of vm1 from h1 to h2 under probe traffic, in a fresh lab."""
+def run_mode(
+    conf: cfg.ConfigOpts,
+    mode: str,
+    prefix: str,
+    vm_name: str = "vm1",
+    destination: str = lab_opts.DESTINATION,
+) -> ModeResult:
+    """One migration of ``vm_name`` to ``destination`` under probe traffic, in a fresh lab.
+
+    Every other VM and the gateway that do not run on the destination send
+    the probe streams.
+    """
     orchestrated = mode == "orchestrated"
     settings = conf.lab
     with lab_site(conf, prefix, orchestrated) as site:
         lab = site.lab
-        vm1 = lab.vms["vm1"]
-        senders = [lab.vms["vm2"], lab.vms["vm3"], lab.vms["gw"]]
+        vm1 = lab.vms[vm_name]
+        senders = [
+            vm for name, vm in sorted(lab.vms.items()) if name != vm_name and vm.host != destination
+        ]
         probes = ProbeRun(site, vm1, senders, settings.probe_port)
         hyper = LabHypervisor(lab, site.dispatchers, qemu_rarp=mode != "none")
         duration = settings.warmup_s + settings.downtime_ms / 1000.0 + 0.3 + settings.observe_s
         try:
             start_at = probes.start(settings.probe_rate, duration)
             time.sleep(max(0.0, start_at + settings.warmup_s - time.monotonic()))
-            record, futures = hyper.migrate(vm1, "h2", settings.downtime_ms)
+            record, futures = hyper.migrate(vm1, destination, settings.downtime_ms)
             reports = [f.result(timeout=120) for f in futures]
             streams = probes.finish(record)
         finally:
@@ -305,7 +304,7 @@ def run_mode(conf: cfg.ConfigOpts, mode: str, prefix: str) -> ModeResult:
         key = (vm1.vni, vm1.mac)
         for name, host in site.hosts.items():
             applied = host.agent.applied_at.get(key)
-            if applied and applied[0] == "h2":
+            if applied and applied[0] == destination:
                 convergence[name] = round((applied[1] - record.resumed_at) * 1000.0, 2)
             else:
                 convergence[name] = None
@@ -319,7 +318,7 @@ def run_mode(conf: cfg.ConfigOpts, mode: str, prefix: str) -> ModeResult:
             critical_path_ms=_critical_path(reports, record.resumed_at),
             downtime_ms=round((record.resumed_at - record.paused_at) * 1000.0, 2),
             gateway_fdb_vtep=fdb_vtep,
-            destination_vtep=lab.hosts["h2"].vtep,
+            destination_vtep=lab.hosts[destination].vtep,
             gateway_neigh_mac=neigh_mac,
             errors=errors,
         )
@@ -362,7 +361,9 @@ def render(results: list[ModeResult]) -> str:
         )
     )
     lines.append("")
-    lines.append("== Per-NVE convergence: ms from VM resume until the NVE forwards to h2 ==")
+    lines.append(
+        "== Per-NVE convergence: ms from VM resume until the NVE forwards to the new host =="
+    )
     nves = sorted({n for r in results for n in r.convergence_ms})
     conv_rows = [
         {"nve": n, **{r.mode: _fmt_ms(r.convergence_ms.get(n)) for r in results}} for n in nves
@@ -427,7 +428,7 @@ def render(results: list[ModeResult]) -> str:
     return "\n".join(lines)
 
 
-def run_demo(conf: cfg.ConfigOpts, json_out: str | None = None) -> int:
+def run_demo(conf: cfg.ConfigOpts, json_out: str | None = None, vm: str = "vm1") -> int:
     """Run every configured mode; 0 only if the orchestrated run lost nothing after resume."""
     lab_opts.register_opts(conf)
     lab_opts.check(conf)
@@ -435,7 +436,7 @@ def run_demo(conf: cfg.ConfigOpts, json_out: str | None = None) -> int:
     results = []
     for mode in conf.lab.modes:
         print(f"-- running mode {mode!r} (lab prefix {prefix}{mode[0]}) ...", flush=True)
-        results.append(run_mode(conf, mode, f"{prefix}{mode[0]}"))
+        results.append(run_mode(conf, mode, f"{prefix}{mode[0]}", vm_name=vm))
     print()
     print(render(results))
     if json_out:

@@ -7,6 +7,15 @@ from oslo_config import cfg
 GROUP = "lab"
 MODES = ("none", "rarp", "orchestrated")
 
+#: Where the demo places each VM: vm1 and vm3 on h1, vm2 and the gateway on
+#: h3, vm4 on the destination h2. Any VM not on the destination can migrate.
+PLACEMENT: dict[str, str] = {"gw": "h3", "vm1": "h1", "vm2": "h3", "vm3": "h1", "vm4": "h2"}
+GATEWAY = "gw"
+DESTINATION = "h2"
+MIGRATABLE: tuple[str, ...] = tuple(
+    sorted(n for n, host in PLACEMENT.items() if n != GATEWAY and host != DESTINATION)
+)
+
 LAB_OPTS: list[cfg.Opt] = [
     cfg.IntOpt(
         "hosts",
@@ -69,6 +78,8 @@ def check(conf: cfg.ConfigOpts) -> None:
     """Reject option values oslo.config cannot check by type alone."""
     from vmm_orchestrator.errors import ConfigError
 
+    if not conf[GROUP].modes:
+        raise ConfigError("[lab] modes is empty", hint=f"choose from {', '.join(MODES)}")
     bad = [m for m in conf[GROUP].modes if m not in MODES]
     if bad:
         raise ConfigError(
