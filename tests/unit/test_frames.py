@@ -10,6 +10,7 @@ import ipaddress
 import struct
 
 import pytest
+
 from vmm_linux import frames
 
 VM_MAC = "52:54:00:12:34:56"
