@@ -582,9 +582,7 @@ def test_lab_demo_good_input_reaches_the_demo(
 
     seen: dict[str, Any] = {}
 
-    def fake_run_demo(
-        conf: cfg.ConfigOpts, json_out: str | None = None, vm: str = "vm1"
-    ) -> int:
+    def fake_run_demo(conf: cfg.ConfigOpts, json_out: str | None = None, vm: str = "vm1") -> int:
         seen.update(
             modes=list(conf.lab.modes),
             downtime_ms=conf.lab.downtime_ms,
