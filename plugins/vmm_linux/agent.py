@@ -15,15 +15,17 @@ the lab's baselines converge at all, from whatever frame the VM sends first.
 from __future__ import annotations
 
 import logging
-import select
+import socket
 import threading
 import time
 from typing import Any
 
 from oslo_config import cfg
-from pyroute2 import NetNS
+from pyroute2.netlink import NETLINK_ROUTE
 from pyroute2.netlink.rtnl import RTMGRP_NEIGH
+from pyroute2.netlink.rtnl.marshal import MarshalRtnl
 
+from vmm_linux.netns import socket_in
 from vmm_linux.nve import LinuxNve
 from vmm_orchestrator.errors import TransientError, VmmError
 from vmm_orchestrator.nva import errors as nva_errors
@@ -234,28 +236,35 @@ class NveAgent:
     # -- kernel -> directory (local learning) ---------------------------------
 
     def _learn_loop(self) -> None:
-        mon = NetNS(self.nve.netns) if self.nve.netns else None
-        if mon is None:
-            from pyroute2 import IPRoute
+        """Listen to the bridge's neighbour (FDB) events in the host namespace.
 
-            mon = IPRoute()
+        A plain netlink socket, parsed with pyroute2's marshal: with a
+        library-buffered socket, select() can miss a message that was
+        already read into the library's buffer, and a single roam event is
+        exactly what must not be missed.
+        """
+        sock = socket_in(self.nve.netns, socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_ROUTE)
+        marshal = MarshalRtnl()
         try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
+            sock.bind((0, RTMGRP_NEIGH))
+            sock.settimeout(0.2)
             ours = self._own_ports()
-            mon.bind(groups=RTMGRP_NEIGH)
             self._listening.set()
             while not self._stop.is_set():
-                ready, _, _ = select.select([mon.fileno()], [], [], 0.2)
-                if not ready:
+                try:
+                    data = sock.recv(1 << 20)
+                except TimeoutError:
                     continue
-                for msg in mon.get():
+                for msg in marshal.parse(data):
                     try:
                         self._on_neigh(msg, ours)
                     except (VmmError, OSError, KeyError, ValueError) as exc:
                         LOG.warning("%s: could not handle a bridge event: %s", self.id, exc)
-        except Exception:
+        except Exception:  # a dead learner must say why
             LOG.exception("%s: local learning stopped", self.id)
         finally:
-            mon.close()
+            sock.close()
 
     def _own_ports(self) -> dict[int, int]:
         """bridge ifindex -> VNI; also notes the VXLAN ports we must not learn from.

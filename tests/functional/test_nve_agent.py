@@ -115,13 +115,26 @@ def test_a_mac_seen_on_a_local_port_is_reported_as_a_move(env):
         ["ip", "-n", ns, "link", "set", "vm0", "up"],
     ):
         subprocess.run(cmd, check=True)
+
+    def oper_up(dev: str) -> bool:
+        out = subprocess.run(
+            ["ip", "-n", ns, "-j", "link", "show", dev], capture_output=True, text=True, check=True
+        ).stdout
+        return '"operstate":"UP"' in out.replace(" ", "")
+
+    assert wait_for(lambda: oper_up("tap0") and oper_up("vm0"))
     sock = socket_in(ns, socket.AF_PACKET, socket.SOCK_RAW, 0)
     try:
         sock.bind(("vm0", 0))
-        sock.send(frames.rarp(MAC))  # what QEMU sends after an incoming migration
+        for delay in (0, 0.05, 0.15, 0.25, 0.35):  # QEMU's five RARPs after a migration
+            time.sleep(delay)
+            sock.send(frames.rarp(MAC))
     finally:
         sock.close()
-    assert wait_for(lambda: admin.get_endpoint(VNI, MAC)["nve"] == "h1")
+    moved = wait_for(lambda: admin.get_endpoint(VNI, MAC)["nve"] == "h1")
+    fdb = subprocess.run(["bridge", "-n", ns, "fdb", "show", "br", f"br-{VNI}"],
+                         capture_output=True, text=True).stdout
+    assert moved, f"not reported; bridge fdb:\n{fdb}\nagent errors: {env['agent'].errors}"
     assert admin.get_endpoint(VNI, MAC)["seq"] == 1
 
 
