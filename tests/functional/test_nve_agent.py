@@ -132,8 +132,9 @@ def test_a_mac_seen_on_a_local_port_is_reported_as_a_move(env):
     finally:
         sock.close()
     moved = wait_for(lambda: admin.get_endpoint(VNI, MAC)["nve"] == "h1")
-    fdb = subprocess.run(["bridge", "-n", ns, "fdb", "show", "br", f"br-{VNI}"],
-                         capture_output=True, text=True).stdout
+    fdb = subprocess.run(
+        ["bridge", "-n", ns, "fdb", "show", "br", f"br-{VNI}"], capture_output=True, text=True
+    ).stdout
     assert moved, f"not reported; bridge fdb:\n{fdb}\nagent errors: {env['agent'].errors}"
     assert admin.get_endpoint(VNI, MAC)["seq"] == 1
 
