@@ -39,6 +39,9 @@ setup(
         "requests>=2.28",
         "tenacity>=8.0",
         "pyroute2>=0.9",
+        "libvirt-python>=9.0",
+        "openstacksdk>=4.0",
+        "etcd3gw>=2.0",
     ],
     extras_require={
         "test": ["pytest>=8", "ruff", "mypy", "types-requests"],
@@ -55,13 +58,37 @@ setup(
             "inflight_tunnel = vmm_linux.stages:InflightTunnel",
             "announce = vmm_linux.stages:Announce",
             "hold_timer = vmm_linux.stages:HoldTimer",
+            "libvirt_announce = vmm_libvirt.announcers:LibvirtAnnounce",
+            "state_precopy = vmm_state.stages:StatePrecopy",
+            "state_delta = vmm_state.stages:StateDelta",
+            "state_cleanup = vmm_state.stages:StateCleanup",
         ],
         "vmm_orchestrator.commands": [
             "lab = vmm_linux.lab.cli:LabCommand",
+            "agent = vmm_libvirt.cli:AgentCommand",
+            "migrate-with-network = vmm_openstack.command:MigrateWithNetworkCommand",
+        ],
+        "vmm_orchestrator.nva_backends": [
+            "neutron = vmm_openstack.neutron:NeutronDirectory",
         ],
         "oslo.config.opts": [
             "vmm_orchestrator = vmm_orchestrator.opts:list_opts",
             "vmm_linux = vmm_linux.opts:list_opts",
+            "vmm_openstack = vmm_openstack.options:list_opts",
+            "vmm_state = vmm_state.options:list_opts",
+            "vmm_libvirt = vmm_libvirt.options:list_opts",
+            "vmm_state.kinds = vmm_state.kinds:list_opts",
+        ],
+        "vmm_state.kinds": [
+            "conntrack = vmm_state.kinds.conntrack:ConntrackKind",
+            "nft_sets = vmm_state.kinds.nftsets:NftSetsKind",
+            "mdb = vmm_state.kinds.mdb:MdbKind",
+            "dot1x = vmm_state.kinds.dot1x:Dot1xKind",
+            "dhcp_snooping = vmm_state.kinds.dhcp_snooping:DhcpSnoopingKind",
+            "macsec = vmm_state.kinds.macsec:MacsecKind",
+        ],
+        "vmm_orchestrator.event_sources": [
+            "libvirt = vmm_libvirt.events:LibvirtEventSource",
         ],
     },
 )

@@ -1,0 +1,661 @@
+"""The per-host daemon (`vmm agent`): libvirt events and hook calls in, pipeline
+phases out.
+
+For each configured host one ``HostAgent`` ties together:
+
+* an event source on the host's libvirt URI (found through the
+  ``vmm_orchestrator.event_sources`` entry points);
+* the phase rules (``phases.Tracker``), turning libvirt signals into phases;
+* discovery and resolution, turning a domain into a ``Migration``;
+* the host's ``Pipeline`` and ``Dispatcher``, which run the stages;
+* the hook endpoint, where libvirt's ``migrate begin`` on the destination
+  runs PREPARE synchronously and its outcome allows or vetoes the migration.
+
+Handling runs on the event source's dispatcher thread (which may call
+libvirt) and on the hook server's threads (which must not: libvirtd is
+waiting for the hook). On its first connection a host recovers its journal,
+locating each unfinished migration's VM through libvirt, before it handles
+any event.
+"""
+
+from __future__ import annotations
+
+import collections
+import concurrent.futures
+import contextlib
+import dataclasses
+import logging
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+import libvirt
+from oslo_config import cfg
+from stevedore import driver
+
+from vmm_libvirt import discovery, events, options, phases
+from vmm_libvirt.hook import HookServer
+from vmm_libvirt.resolve import NothingToMove, ResolveError, Resolver
+from vmm_orchestrator import engine
+from vmm_orchestrator import journal as jr
+from vmm_orchestrator.engine import Dispatcher, PhaseReport, Pipeline
+from vmm_orchestrator.errors import ConfigError
+from vmm_orchestrator.journal import Journal
+from vmm_orchestrator.model import Migration, MigrationEvent, Phase, Role, Workload
+from vmm_orchestrator.nva import errors as nva_errors
+from vmm_orchestrator.stage import HostContext, Stage
+
+LOG = logging.getLogger(__name__)
+
+EVENT_SOURCES = "vmm_orchestrator.event_sources"
+
+#: (state, reason) of a VM that does not run here (yet): paused for a migration
+#: (incoming, or the source's switchover) or still starting up.
+_NOT_RUNNING_YET = {
+    (phases.STATE_PAUSED, phases.PAUSED_MIGRATION),
+    (phases.STATE_PAUSED, phases.PAUSED_STARTING_UP),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class HostSpec:
+    """One hypervisor host of the daemon, from its [host:<name>] group."""
+
+    name: str
+    uri: str
+    vtep: str
+    vnis: tuple[int, ...]
+    netns: str | None
+    hook_socket: str
+    journal: str
+
+
+def host_specs(conf: cfg.ConfigOpts) -> list[HostSpec]:
+    """Every configured host, checked; ConfigError says what to fix."""
+    options.register_opts(conf)
+    engine.register_opts(conf)
+    names = list(conf[options.AGENT_GROUP].hosts)
+    if not names:
+        raise ConfigError(
+            "[agent] hosts is empty: the agent would serve no host",
+            hint="list this machine's NVE id, e.g. hosts = compute1, and give it a "
+            "[host:compute1] group with vtep and vnis",
+        )
+    duplicates = sorted({n for n in names if names.count(n) > 1})
+    if duplicates:
+        raise ConfigError(f"[agent] hosts lists {', '.join(duplicates)} more than once")
+    specs = []
+    for name in names:
+        group = conf[options.host_group(name)]
+        if not group.vtep:
+            raise ConfigError(
+                f"[{options.host_group(name)}] vtep is not set",
+                hint="set the underlay address of this host's NVE",
+            )
+        journal = group.journal or options.default_journal(
+            conf.pipeline.journal, name, len(names) > 1
+        )
+        specs.append(
+            HostSpec(
+                name=name,
+                uri=group.uri,
+                vtep=group.vtep,
+                vnis=tuple(group.vnis),
+                netns=group.netns,
+                hook_socket=group.hook_socket or conf[options.AGENT_GROUP].hook_socket,
+                journal=journal,
+            )
+        )
+    for key in ("hook_socket", "journal"):
+        values = [getattr(s, key) for s in specs]
+        shared = sorted({v for v in values if values.count(v) > 1})
+        if shared:
+            raise ConfigError(
+                f"several hosts share {key} {', '.join(shared)}",
+                hint=f"give each [host:<name>] group its own {key}",
+            )
+    return specs
+
+
+class LibvirtDomains:
+    """The ``libvirt`` service stages use: this host's domains by name."""
+
+    def __init__(self, source: Any) -> None:
+        self.source = source
+
+    def lookup(self, name: str) -> Any:
+        return self.source.connection().lookupByName(name)
+
+
+def _report_line(report: PhaseReport) -> str:
+    stages = ", ".join(f"{t.stage} {t.outcome} {t.duration_ms:.0f}ms" for t in report.timeline)
+    status = "ok" if report.ok else f"FAILED: {report.error}"
+    return (
+        f"host {report.host}: migration {report.migration_id} {report.phase.value} as "
+        f"{report.role.value}: {status}"
+        + (f" [{stages}]" if stages else "")
+        + (f" ({report.detail})" if report.detail else "")
+    )
+
+
+class HostAgent:
+    """One host: events and hook calls -> phases -> its pipeline.
+
+    ``source_factory(uri, handler, name)`` makes the event source (the
+    daemon passes the configured plugin). ``siblings`` are the other hosts
+    of the same daemon: recovery asks them too where a VM runs.
+    """
+
+    def __init__(
+        self,
+        conf: cfg.ConfigOpts,
+        spec: HostSpec,
+        context: HostContext,
+        journal: Journal,
+        stages: list[Stage] | None = None,
+        source_factory: Callable[..., Any] | None = None,
+    ) -> None:
+        options.register_opts(conf)
+        self.conf = conf
+        self.spec = spec
+        self.name = spec.name
+        self.context = context
+        self.journal = journal
+        self.pipeline = Pipeline(conf, context, journal, stages)
+        self.dispatcher = Dispatcher(self.pipeline)
+        self.tracker = phases.Tracker(bool(conf[options.GROUP].early_switchover))
+        self.resolver = Resolver(context.nva, spec.name)
+        vni_of = discovery.VniMap(options.bridge_vnis(conf), options.bridge_pattern(conf))
+        self.discovery = discovery.Discovery(
+            vni_of, context.nva, list(conf[options.GROUP].address_sources)
+        )
+        make_source = source_factory or events.LibvirtEventSource.from_conf
+        self.source = make_source(conf, spec.uri, self.on_item, name=spec.name)
+        context.services.setdefault("libvirt", LibvirtDomains(self.source))
+        self.hook_timeout = float(conf[options.AGENT_GROUP].hook_timeout)
+        self.hook = HookServer(spec.hook_socket, self.on_hook, timeout=self.hook_timeout + 1.0)
+        self.siblings: list[HostAgent] = []
+        self.reports: collections.deque[PhaseReport] = collections.deque(maxlen=200)
+        self.reconciled = threading.Event()
+        self._recovered = False
+        self._lock = threading.Lock()
+        self._workloads: dict[str, Workload] = {}
+        self._incoming: dict[str, Migration] = {}
+        self._outgoing: dict[str, Migration] = {}
+        self._pending: set[concurrent.futures.Future[PhaseReport]] = set()
+        self._idle = threading.Condition(self._lock)
+
+    # -- life cycle -------------------------------------------------------------------
+
+    def start(self) -> None:
+        self.hook.start()
+        self.source.start()
+
+    def stop(self) -> None:
+        self.hook.stop()
+        self.source.stop()
+        self.dispatcher.close(wait=True)
+
+    def wait_idle(self, timeout: float) -> bool:
+        """Wait until every submitted phase has been handled."""
+        end = time.monotonic() + timeout
+        with self._idle:
+            while self._pending:
+                left = end - time.monotonic()
+                if left <= 0:
+                    return False
+                self._idle.wait(min(left, 60.0))
+        return True
+
+    # -- where a VM runs ----------------------------------------------------------------
+
+    def runs_here(self, name: str) -> bool:
+        """Whether VM ``name`` runs on this host (an incoming one still paused does not)."""
+        try:
+            dom = self.source.connection().lookupByName(name)
+            state, reason = dom.state()
+        except libvirt.libvirtError as exc:
+            if exc.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN:
+                return False
+            raise
+        if not dom.isActive():
+            return False
+        return (state, reason) not in _NOT_RUNNING_YET
+
+    def locate(self, migration: Migration) -> str | None:
+        """The host where the migration's VM runs, asking this host's libvirt then siblings'."""
+        name = migration.workload.name
+        if self.runs_here(name):
+            return self.name
+        for other in self.siblings:
+            try:
+                if other.runs_here(name):
+                    return other.name
+            except events.NotConnected:
+                continue
+        return None
+
+    # -- events -------------------------------------------------------------------------
+
+    def on_item(self, item: events.Item) -> None:
+        """Handle one item from the event source (its dispatcher thread)."""
+        if isinstance(item, events.Connected):
+            if not self._recovered:
+                self._recovered = True
+                for report in self.pipeline.recover(self.locate):
+                    LOG.warning("%s", _report_line(report))
+                    self.reports.append(report)
+        elif isinstance(item, events.Reconciled):
+            self._reconcile(item)
+        elif isinstance(item, events.DomainSignal):
+            self._remember(item)
+            decision = self.tracker.apply(item.uuid, item.signal)
+            LOG.debug("%s: %s %s -> %s", self.name, item.name, item.signal, decision)
+            if decision.note:
+                LOG.info("%s: %s: %s", self.name, item.name, decision.note)
+            self._run(item.uuid, item.name, decision.transitions, item.monotonic)
+        elif isinstance(item, events.Disconnected):
+            LOG.info("%s: libvirt connection closed (%s)", self.name, item.reason)
+
+    def _reconcile(self, item: events.Reconciled) -> None:
+        observed = {}
+        names = {}
+        for dom in item.domains:
+            observed[dom.uuid] = dom.observed
+            names[dom.uuid] = dom.name
+            if dom.xml:
+                try:
+                    workload = self.discovery.workload(dom.xml)
+                except discovery.DomainXmlError as exc:
+                    LOG.warning("%s: domain %s: %s", self.name, dom.name, exc)
+                    continue
+                with self._lock:
+                    self._workloads[dom.uuid] = workload
+        decisions = self.tracker.reconcile(observed)
+        LOG.info(
+            "%s: reconciled %d domain(s) after connection %d",
+            self.name,
+            len(item.domains),
+            item.generation,
+        )
+        for uuid, decision in decisions.items():
+            name = names.get(uuid) or self._cached_name(uuid)
+            if decision.note:
+                LOG.info("%s: %s: %s", self.name, name, decision.note)
+            self._run(uuid, name, decision.transitions, item.monotonic)
+        with self._lock:  # forget the NICs of domains gone and no longer tracked
+            keep = set(observed) | set(self.tracker.snapshot())
+            for uuid in set(self._workloads) - keep:
+                del self._workloads[uuid]
+        self.reconciled.set()
+
+    def _remember(self, item: events.DomainSignal) -> None:
+        """Read a domain's NICs while it still exists here.
+
+        A source's SWITCHOVER and COMPLETED run once the VM has left (a
+        transient domain is gone by then), so its NICs must be known before:
+        read any domain not seen yet, and refresh at the start of an outgoing
+        migration (iteration 1) in case NICs changed since.
+        """
+        with self._lock:
+            known = item.uuid in self._workloads
+        starting = isinstance(item.signal, phases.Iteration) and item.signal.iteration == 1
+        if not known or starting:
+            workload = self._live_workload(item.uuid)
+            if workload is not None:
+                with self._lock:
+                    self._workloads[item.uuid] = workload
+
+    def _cached_name(self, uuid: str) -> str:
+        with self._lock:
+            workload = self._workloads.get(uuid)
+        return workload.name if workload else uuid
+
+    # -- phases -> migrations -> pipeline ------------------------------------------------
+
+    def _run(
+        self,
+        uuid: str,
+        name: str,
+        transitions: tuple[phases.Transition, ...],
+        monotonic: float,
+        xml: str | None = None,
+    ) -> list[concurrent.futures.Future[PhaseReport]]:
+        """Submit each transition's phase in order; stop at the first that cannot be resolved."""
+        futures = []
+        for transition in transitions:
+            try:
+                migration = self._migration_for(uuid, name, transition, xml)
+            except NothingToMove as exc:
+                LOG.info("%s: %s %s not run: %s", self.name, name, transition.phase.value, exc)
+                break
+            except (ResolveError, nva_errors.NvaError, discovery.DomainXmlError) as exc:
+                level = logging.INFO if transition.confirm else logging.ERROR
+                LOG.log(
+                    level,
+                    "%s: %s: cannot run %s as %s (%s): %s",
+                    self.name,
+                    name,
+                    transition.phase.value,
+                    transition.role.value,
+                    transition.why,
+                    exc,
+                )
+                break
+            if migration is None:
+                LOG.info(
+                    "%s: %s: %s (%s): nothing ran here for it",
+                    self.name,
+                    name,
+                    transition.phase.value,
+                    transition.why,
+                )
+                continue
+            LOG.info(
+                "%s: %s: %s as %s for migration %s (%s)",
+                self.name,
+                name,
+                transition.phase.value,
+                transition.role.value,
+                migration.id,
+                transition.why,
+            )
+            futures.append(self._submit(migration, transition.phase, transition.role, monotonic))
+        return futures
+
+    def _submit(
+        self, migration: Migration, phase: Phase, role: Role, monotonic: float
+    ) -> concurrent.futures.Future[PhaseReport]:
+        future = self.dispatcher.submit(MigrationEvent(migration, phase, role, monotonic))
+        with self._lock:
+            self._pending.add(future)
+        future.add_done_callback(self._done)
+        return future
+
+    def _done(self, future: concurrent.futures.Future[PhaseReport]) -> None:
+        try:
+            report = future.result()
+        except Exception as exc:
+            LOG.error("%s: the pipeline failed: %s", self.name, exc)
+        else:
+            self.reports.append(report)
+            LOG.log(logging.INFO if report.ok else logging.ERROR, "%s", _report_line(report))
+        with self._idle:
+            self._pending.discard(future)
+            self._idle.notify_all()
+
+    def _workload(self, uuid: str, live: bool, xml: str | None) -> Workload:
+        """The VM's workload: from ``xml``, else the live domain (``live``), else the cache."""
+        found: Workload | None
+        if xml is not None:
+            found = self.discovery.workload(xml)
+        else:
+            found = self._live_workload(uuid) if live else None
+            if found is None:
+                with self._lock:
+                    cached = self._workloads.get(uuid)
+                found = cached if cached is not None else self._live_workload(uuid)
+            if found is None:
+                raise ResolveError(f"domain {uuid} is gone and was never seen with its NICs")
+        workload = found
+        with self._lock:
+            self._workloads[uuid] = workload
+        return workload
+
+    def _live_workload(self, uuid: str) -> Workload | None:
+        try:
+            dom = self.source.connection().lookupByUUIDString(uuid)
+            return self.discovery.workload(dom.XMLDesc(0), dom)
+        except (libvirt.libvirtError, events.NotConnected) as exc:
+            LOG.debug("%s: cannot read domain %s: %s", self.name, uuid, exc)
+            return None
+
+    def _with_live_ports(self, uuid: str, migration: Migration) -> Workload:
+        """The migration's workload with each NIC's host device as libvirt shows it now.
+
+        At PREPARE (the hook) the XML may not name the destination's devices
+        yet; at RESUMED they exist. One local libvirt call, no directory call.
+        """
+        workload = migration.workload
+        try:
+            xml = self.source.connection().lookupByUUIDString(uuid).XMLDesc(0)
+            targets = {nic.mac: nic.target for nic in discovery.parse_domain(xml).nics}
+        except (libvirt.libvirtError, events.NotConnected, discovery.DomainXmlError) as exc:
+            LOG.debug("%s: ports of %s not refreshed: %s", self.name, workload.name, exc)
+            return workload
+        vifs = tuple(
+            dataclasses.replace(vif, port=targets.get(vif.mac) or vif.port) for vif in workload.vifs
+        )
+        return dataclasses.replace(workload, vifs=vifs)
+
+    def _reusable(self, migration_id: str) -> bool:
+        record = self.journal.get(migration_id)
+        return record is None or record.status == jr.RUNNING
+
+    def _migration_for(
+        self, uuid: str, name: str, transition: phases.Transition, xml: str | None
+    ) -> Migration | None:
+        """The Migration a transition is about (None: nothing ran here that needs it)."""
+        phase, role = transition.phase, transition.role
+        if role is Role.DESTINATION:
+            if phase is Phase.ABORTED:
+                with self._lock:
+                    known = self._incoming.pop(uuid, None)
+                if known is not None:
+                    return known
+                return self.resolver.pending_for_destination(self._workload(uuid, False, xml))
+            with self._lock:
+                known = self._incoming.get(uuid) if phase is not Phase.PREPARE else None
+            if known is not None:
+                # RESUMED is the critical path: keep PREPARE's addresses, re-read ports only.
+                migration = dataclasses.replace(known, workload=self._with_live_ports(uuid, known))
+            else:
+                workload = self._workload(uuid, live=phase is Phase.RESUMED, xml=xml)
+                migration = self.resolver.for_destination(uuid, workload, self._reusable)
+            with self._lock:
+                if phase is Phase.RESUMED:  # this host's last phase of it
+                    self._incoming.pop(uuid, None)
+                else:
+                    self._incoming[uuid] = migration
+            return migration
+        if phase is Phase.ABORTED:
+            with self._lock:
+                return self._outgoing.pop(uuid, None)
+        with self._lock:
+            known = self._outgoing.get(uuid)
+        if known is None:
+            known = self.resolver.for_source(self._workload(uuid, False, xml))
+            with self._lock:
+                self._outgoing[uuid] = known
+        if phase is Phase.COMPLETED:
+            with self._lock:
+                self._outgoing.pop(uuid, None)
+        return known
+
+    # -- hook calls (hook server threads; never call libvirt here) -------------------------
+
+    def on_hook(self, request: dict[str, Any]) -> dict[str, Any]:
+        """Answer one relayed hook call: {"allow": bool, "reason": str[, "error": True]}."""
+        if request.get("op") == "ping":
+            return {"allow": True, "reason": f"host {self.name}", "host": self.name}
+        if request.get("op") == "status":
+            return self.status()
+        op, sub_op, guest = request["op"], request["sub_op"], request["guest"]
+        xml = request.get("xml") or ""
+        try:
+            uuid = discovery.parse_domain(xml).uuid
+        except discovery.DomainXmlError as exc:
+            if (op, sub_op) == ("migrate", "begin"):
+                return {
+                    "allow": False,
+                    "reason": f"cannot read the domain XML: {exc}",
+                    "error": True,
+                }
+            return {"allow": True, "reason": ""}
+        decision = self.tracker.apply(uuid, phases.Hook(op, sub_op))
+        prepare = [t for t in decision.transitions if t.phase is Phase.PREPARE]
+        if not prepare:
+            self._run(uuid, guest, decision.transitions, time.monotonic(), xml)
+            return {"allow": True, "reason": ""}
+        return self._prepare_now(uuid, guest, prepare[0], xml)
+
+    def status(self) -> dict[str, Any]:
+        """The local API's view of this host: connection, migrations under way, last reports."""
+        tracks = {
+            uuid: {
+                "role": t.role.value if t.role else None,
+                "done": sorted(p.value for p in t.done),
+                "paused": t.paused,
+            }
+            for uuid, t in self.tracker.snapshot().items()
+            if not t.finished
+        }
+        return {
+            "allow": True,
+            "reason": "",
+            "host": self.name,
+            "uri": self.spec.uri,
+            "connected": bool(self.source.connected),
+            "under_way": tracks,
+            "reports": [_report_line(r) for r in list(self.reports)[-20:]],
+        }
+
+    def _prepare_now(
+        self, uuid: str, guest: str, transition: phases.Transition, xml: str
+    ) -> dict[str, Any]:
+        """Run PREPARE for an incoming migration and let its outcome decide."""
+        start = time.monotonic()
+        try:
+            workload = self._workload(uuid, live=False, xml=xml)
+            migration = self.resolver.for_destination(uuid, workload, self._reusable)
+        except NothingToMove as exc:
+            return {"allow": True, "reason": exc.message}
+        except nva_errors.Unavailable as exc:
+            self.tracker.forget(uuid)
+            return {"allow": False, "reason": f"directory unavailable: {exc}", "error": True}
+        except (ResolveError, nva_errors.NvaError) as exc:
+            self.tracker.forget(uuid)
+            return {"allow": False, "reason": f"{guest}: {exc}"}
+        with self._lock:
+            self._incoming[uuid] = migration
+        LOG.info(
+            "%s: %s: PREPARE as destination for migration %s from %s (%s)",
+            self.name,
+            guest,
+            migration.id,
+            migration.source,
+            transition.why,
+        )
+        future = self._submit(migration, Phase.PREPARE, Role.DESTINATION, start)
+        left = self.hook_timeout - (time.monotonic() - start)
+        try:
+            report = future.result(timeout=max(left, 0.0))
+        except concurrent.futures.TimeoutError:
+            # Vetoed: undo whatever PREPARE does once it ends (same migration: runs after it).
+            self._submit(migration, Phase.ABORTED, Role.DESTINATION, time.monotonic())
+            self._vetoed(uuid)
+            return {
+                "allow": False,
+                "reason": f"PREPARE of migration {migration.id} did not finish within "
+                f"{self.hook_timeout:g} s",
+            }
+        if report.ok:
+            return {"allow": True, "reason": f"migration {migration.id} prepared"}
+        self._vetoed(uuid)
+        return {"allow": False, "reason": f"{guest}: {report.error}"}
+
+    def _vetoed(self, uuid: str) -> None:
+        self.tracker.forget(uuid)
+        with self._lock:
+            self._incoming.pop(uuid, None)
+
+
+# -- the daemon --------------------------------------------------------------------------
+
+
+def load_source_factory(conf: cfg.ConfigOpts) -> Callable[..., Any]:
+    """The configured event source plugin's ``from_conf``; ConfigError if not installed."""
+    name = conf[options.AGENT_GROUP].event_source
+    try:
+        manager: driver.DriverManager[Any] = driver.DriverManager(
+            EVENT_SOURCES, name, invoke_on_load=False
+        )
+    except Exception as exc:
+        raise ConfigError(
+            f"[agent] event_source {name!r} cannot be loaded: {exc}",
+            hint=f"install the plugin that provides it in {EVENT_SOURCES}",
+        ) from None
+    plugin: Any = manager.driver
+    factory: Callable[..., Any] = plugin.from_conf
+    return factory
+
+
+class Daemon:
+    """Every host of this machine's configuration, started and stopped together."""
+
+    def __init__(
+        self,
+        agents: list[HostAgent],
+        starters: list[Callable[[], None]] | None = None,
+        closers: list[Callable[[], None]] | None = None,
+    ) -> None:
+        self.agents = agents
+        self._starters = list(starters or [])
+        self._closers = list(closers or [])
+        for agent in agents:
+            agent.siblings = [a for a in agents if a is not agent]
+
+    @classmethod
+    def from_conf(cls, conf: cfg.ConfigOpts) -> Daemon:
+        """Build LinuxHost + journal + HostAgent per [agent] hosts (nothing started yet)."""
+        from vmm_linux.host import LinuxHost
+        from vmm_orchestrator.nva.client import NvaClient
+
+        specs = host_specs(conf)
+        factory = load_source_factory(conf)
+        agents: list[HostAgent] = []
+        starters: list[Callable[[], None]] = []
+        closers: list[Callable[[], None]] = []
+        try:
+            for spec in specs:
+                nva = NvaClient.from_conf(conf)
+                closers.append(nva.close)
+                linux = LinuxHost(conf, spec.name, spec.netns, spec.vtep, list(spec.vnis), nva)
+                starters.append(linux.start)
+                closers.append(linux.stop)
+                journal = Journal(spec.journal)
+                closers.append(journal.close)
+                agents.append(HostAgent(conf, spec, linux.context, journal, source_factory=factory))
+        except BaseException:
+            for close in reversed(closers):
+                with contextlib.suppress(Exception):
+                    close()
+            raise
+        return cls(agents, starters, closers)
+
+    def start(self) -> None:
+        """Start the hosts' own services (NVE agents), then each HostAgent."""
+        for start in self._starters:
+            start()
+        for agent in self.agents:
+            agent.start()
+
+    def wait_reconciled(self, timeout: float) -> list[str]:
+        """Wait for every host's first reconciliation; the names of those still waiting."""
+        end = time.monotonic() + timeout
+        for agent in self.agents:
+            agent.reconciled.wait(max(0.0, end - time.monotonic()))
+        return [a.name for a in self.agents if not a.reconciled.is_set()]
+
+    def wait_idle(self, timeout: float) -> bool:
+        end = time.monotonic() + timeout
+        return all(a.wait_idle(max(0.0, end - time.monotonic())) for a in self.agents)
+
+    def stop(self) -> None:
+        for agent in reversed(self.agents):
+            with contextlib.suppress(Exception):
+                agent.stop()
+        for close in reversed(self._closers):
+            with contextlib.suppress(Exception):
+                close()

@@ -1,0 +1,417 @@
+"""Real live migration between lab hosts, and the failures to test against.
+
+``migrate`` asks the source daemon for a peer-to-peer live migration
+(``migrateToURI3`` to the destination daemon's qemu+tcp URI, the migration
+stream on the destination's underlay address) with LIVE | PEER2PEER |
+PERSIST_DEST | UNDEFINE_SOURCE, so the guest ends up defined only where it
+runs, as a cloud's compute hosts want it. While it runs, the lifecycle
+events of both daemons are recorded with CLOCK_MONOTONIC receive times (the
+clock vmm_linux.lab.probe stamps packets with), and libvirt's statistics of
+the finished job come from the source's JOB_COMPLETED event: with
+UNDEFINE_SOURCE the source domain is gone once the call returns, so its
+completed-job statistics can no longer be asked for.
+
+The pause window of a migration, for ``probe.analyze``, is
+``[paused_at, resumed_at)``: the arrival here of the source's
+SUSPENDED/MIGRATED and of the destination's RESUMED/MIGRATED events. Both
+arrive after the fact (measured here: the event window is 20-30 ms shorter
+than libvirt's downtime, i.e. SUSPENDED comes that late, and RESUMED comes
+1-15 ms after QEMU's first RARP). ``RarpWatch`` times that first RARP on
+the destination's tap: QEMU sends it when the incoming stream is complete,
+just before libvirt resumes the guest, so the true resume lies between the
+two marks. For a strict lost-after-resume count (nothing may be lost once
+the destination took over), end the window at the first RARP.
+
+Events need libvirt's default event loop, which exists once per process:
+the lab shares the event source's (``vmm_libvirt.events.start_event_loop``),
+so an orchestrator watching in the same process sees the same events.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import dataclasses
+import os
+import signal
+import socket
+import struct
+import threading
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import libvirt
+
+from vmm_libvirt.events import start_event_loop
+from vmm_libvirt.lab import LibvirtLabError
+from vmm_libvirt.lab.hosts import LibvirtHost
+from vmm_linux.netns import socket_in
+
+FLAGS = (
+    libvirt.VIR_MIGRATE_LIVE
+    | libvirt.VIR_MIGRATE_PEER2PEER
+    | libvirt.VIR_MIGRATE_PERSIST_DEST
+    | libvirt.VIR_MIGRATE_UNDEFINE_SOURCE
+)
+MIGRATION_TIMEOUT_S = 60.0
+# Events still due when the API returns (JOB_COMPLETED, a failed destination's
+# STOPPED) are dispatched by the event loop shortly after; wait this long at most.
+EVENT_WAIT_S = 2.0
+ETH_P_RARP = 0x8035
+ETH_P_ALL = 0x0003
+SO_ATTACH_FILTER = 26  # Linux; Python has no name for it
+
+
+class MigrationFailed(LibvirtLabError):
+    """libvirt reported the migration as failed; ``record`` holds what was seen."""
+
+    def __init__(self, message: str, record: MigrationRecord) -> None:
+        super().__init__(message)
+        self.record = record
+
+
+# -- event names ------------------------------------------------------------------
+
+_EVENT_NAMES = (
+    "DEFINED",
+    "UNDEFINED",
+    "STARTED",
+    "SUSPENDED",
+    "RESUMED",
+    "STOPPED",
+    "SHUTDOWN",
+    "PMSUSPENDED",
+    "CRASHED",
+)
+_EVENTS = {getattr(libvirt, f"VIR_DOMAIN_EVENT_{name}"): name for name in _EVENT_NAMES}
+_DETAILS = {
+    name: {
+        getattr(libvirt, attr): attr[len(f"VIR_DOMAIN_EVENT_{name}_") :]
+        for attr in dir(libvirt)
+        if attr.startswith(f"VIR_DOMAIN_EVENT_{name}_")
+    }
+    for name in _EVENT_NAMES
+}
+
+
+# -- what a migration looked like ---------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Event:
+    """One lifecycle event of the watched domain, as received here."""
+
+    at: float  # time.monotonic() (CLOCK_MONOTONIC) when the callback ran
+    host: str
+    event: str  # STARTED, SUSPENDED, RESUMED, STOPPED, DEFINED, ...
+    detail: str  # MIGRATED, FAILED, ...
+
+
+@dataclasses.dataclass
+class MigrationRecord:
+    """One migration attempt: timing, libvirt's job statistics and the events."""
+
+    domain: str
+    source: str
+    destination: str
+    started_at: float
+    finished_at: float = 0.0
+    stats: dict[str, Any] = dataclasses.field(default_factory=dict)
+    events: list[Event] = dataclasses.field(default_factory=list)
+    error: str | None = None
+
+    @property
+    def wall_ms(self) -> float:
+        """How long the migrateToURI3 call took."""
+        return (self.finished_at - self.started_at) * 1000.0
+
+    @property
+    def downtime_ms(self) -> float | None:
+        """libvirt's measured downtime (guest paused to resumed), if the job completed."""
+        value = self.stats.get("downtime")
+        return None if value is None else float(value)
+
+    def event_at(self, host: str, event: str, detail: str | None = None) -> float | None:
+        """Receive time of the first ``event``/``detail`` from ``host``'s daemon."""
+        for e in self.events:
+            if e.host == host and e.event == event and detail in (None, e.detail):
+                return e.at
+        return None
+
+    @property
+    def paused_at(self) -> float | None:
+        """The source's SUSPENDED/MIGRATED: start of the pause window."""
+        return self.event_at(self.source, "SUSPENDED", "MIGRATED")
+
+    @property
+    def resumed_at(self) -> float | None:
+        """The destination's RESUMED/MIGRATED: end of the pause window."""
+        return self.event_at(self.destination, "RESUMED", "MIGRATED")
+
+
+class EventRecorder:
+    """Records lifecycle and job-completed events of one domain on several hosts."""
+
+    def __init__(self, domain: str, hosts: list[LibvirtHost]) -> None:
+        start_event_loop()
+        self.domain = domain
+        self.events: list[Event] = []
+        #: host name -> the statistics of its JOB_COMPLETED event.
+        self.job_stats: dict[str, dict[str, Any]] = {}
+        self._cond = threading.Condition()
+        self._conns: list[tuple[libvirt.virConnect, list[int]]] = []
+        try:
+            for host in hosts:
+                conn = libvirt.open(host.uri)
+                ids = [
+                    conn.domainEventRegisterAny(
+                        None, libvirt.VIR_DOMAIN_EVENT_ID_LIFECYCLE, self._lifecycle, host.name
+                    ),
+                    conn.domainEventRegisterAny(
+                        None, libvirt.VIR_DOMAIN_EVENT_ID_JOB_COMPLETED, self._completed, host.name
+                    ),
+                ]
+                self._conns.append((conn, ids))
+        except BaseException:
+            self.close()
+            raise
+
+    def _lifecycle(self, conn: Any, dom: Any, event: int, detail: int, host: str) -> None:
+        at = time.monotonic()
+        if dom.name() != self.domain:
+            return
+        name = _EVENTS.get(event, str(event))
+        with self._cond:
+            self.events.append(
+                Event(at, host, name, _DETAILS.get(name, {}).get(detail, str(detail)))
+            )
+            self._cond.notify_all()
+
+    def _completed(self, conn: Any, dom: Any, params: dict[str, Any], host: str) -> None:
+        if dom.name() == self.domain:
+            with self._cond:
+                self.job_stats[host] = dict(params)
+                self._cond.notify_all()
+
+    def wait_for(self, predicate: Callable[[], bool], timeout: float) -> bool:
+        """Wait until ``predicate()`` (called under the recorder's lock) holds."""
+        with self._cond:
+            return self._cond.wait_for(predicate, timeout)
+
+    def seen(self, host: str, event: str) -> bool:
+        return any(e.host == host and e.event == event for e in self.events)
+
+    def snapshot(self) -> list[Event]:
+        """The events so far, in the order they arrived."""
+        with self._cond:
+            return list(self.events)
+
+    def close(self) -> None:
+        for conn, ids in self._conns:
+            for cb_id in ids:
+                with contextlib.suppress(libvirt.libvirtError):
+                    conn.domainEventDeregisterAny(cb_id)
+            with contextlib.suppress(libvirt.libvirtError):
+                conn.close()
+        self._conns.clear()
+
+
+# -- migrating ------------------------------------------------------------------
+
+
+def migrate(
+    domain: str,
+    src: LibvirtHost,
+    dst: LibvirtHost,
+    *,
+    bandwidth_mib_s: int | None = None,
+    timeout: float = MIGRATION_TIMEOUT_S,
+    flags: int = FLAGS,
+) -> MigrationRecord:
+    """Live-migrate ``domain`` from ``src`` to ``dst`` (peer to peer) and return the record.
+
+    Blocks until libvirt finishes. ``bandwidth_mib_s`` caps the migration
+    stream (MiB/s), which makes a migration slow enough to abort. A job
+    still running after ``timeout`` seconds is aborted. A failed or aborted
+    migration raises MigrationFailed, whose ``record`` holds the events.
+    """
+    params: dict[str, Any] = {libvirt.VIR_MIGRATE_PARAM_URI: dst.migration_uri}
+    if bandwidth_mib_s is not None:
+        params[libvirt.VIR_MIGRATE_PARAM_BANDWIDTH] = bandwidth_mib_s
+    recorder = EventRecorder(domain, [src, dst])
+    conn = libvirt.open(src.uri)
+    try:
+        dom = conn.lookupByName(domain)
+        watchdog = threading.Timer(timeout, _abort_quietly, args=(dom,))
+        watchdog.start()
+        record = MigrationRecord(domain, src.name, dst.name, started_at=time.monotonic())
+        try:
+            dom.migrateToURI3(dst.peer_uri, params, flags)
+        except libvirt.libvirtError as exc:
+            record.error = str(exc)
+        finally:
+            record.finished_at = time.monotonic()
+            watchdog.cancel()
+        if record.error is None:
+            recorder.wait_for(lambda: src.name in recorder.job_stats, EVENT_WAIT_S)
+            record.stats = recorder.job_stats.get(src.name, {})
+        else:  # the destination's STOPPED/FAILED may still be on its way
+            recorder.wait_for(lambda: recorder.seen(dst.name, "STOPPED"), EVENT_WAIT_S)
+        record.events = recorder.snapshot()
+    finally:
+        recorder.close()
+        conn.close()
+    if record.error is not None:
+        raise MigrationFailed(
+            f"migration of {domain} from {src.name} to {dst.name} failed: {record.error}", record
+        )
+    return record
+
+
+def _abort_quietly(dom: libvirt.virDomain) -> None:
+    with contextlib.suppress(libvirt.libvirtError):
+        dom.abortJob()
+
+
+@contextlib.contextmanager
+def _domain(host: LibvirtHost, name: str) -> Iterator[libvirt.virDomain]:
+    conn = libvirt.open(host.uri)
+    try:
+        yield conn.lookupByName(name)
+    finally:
+        conn.close()
+
+
+def abort(host: LibvirtHost, domain: str) -> None:
+    """``virsh domjobabort``: cancel the domain's running job (on the source host)."""
+    with _domain(host, domain) as dom:
+        dom.abortJob()
+
+
+def wait_job_running(
+    host: LibvirtHost, domain: str, min_bytes: int = 1, timeout: float = 20.0
+) -> dict[str, Any]:
+    """Wait until ``domain``'s migration job on ``host`` has sent ``min_bytes``; its stats."""
+    deadline = time.monotonic() + timeout
+    with _domain(host, domain) as dom:
+        while time.monotonic() < deadline:
+            with contextlib.suppress(libvirt.libvirtError):
+                stats: dict[str, Any] = dom.jobStats()
+                if (
+                    stats.get("type") == libvirt.VIR_DOMAIN_JOB_UNBOUNDED
+                    and stats.get("data_processed", 0) >= min_bytes
+                ):
+                    return stats
+            time.sleep(0.02)
+    raise LibvirtLabError(f"no migration job of {domain} on {host.name} within {timeout} s")
+
+
+def domain_state(host: LibvirtHost, domain: str) -> int | None:
+    """``virDomainState`` of ``domain`` on ``host`` (VIR_DOMAIN_RUNNING, ...), None if absent."""
+    conn = libvirt.open(host.uri)
+    try:
+        for dom in conn.listAllDomains():  # a failed lookup would log an error
+            if dom.name() == domain:
+                state: int = dom.state()[0]
+                return state
+        return None
+    finally:
+        conn.close()
+
+
+def qemu_pid(host: LibvirtHost, domain: str) -> int | None:
+    """PID of the QEMU running ``domain`` on ``host`` (from libvirt's pid file)."""
+    try:
+        with open(host.path(f"/run/libvirt/qemu/{domain}.pid"), encoding="ascii") as fh:
+            return int(fh.read().strip())
+    except (OSError, ValueError):
+        return None
+
+
+def kill_qemu(host: LibvirtHost, domain: str, timeout: float = 20.0) -> int:
+    """SIGKILL ``domain``'s QEMU on ``host`` as soon as it exists (the destination
+    of a running migration, for failure tests); returns the PID killed."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        pid = qemu_pid(host, domain)
+        if pid is not None:
+            os.kill(pid, signal.SIGKILL)
+            return pid
+        time.sleep(0.02)
+    raise LibvirtLabError(f"no QEMU for {domain} on {host.name} within {timeout} s")
+
+
+# -- QEMU's self-announcement, as seen on the wire --------------------------------
+
+
+class RarpWatch:
+    """Times of the RARP frames from ``mac`` that come in through ``tap`` in ``netns``.
+
+    QEMU sends five RARPs from the guest's MAC after an incoming migration
+    (+0, 50, 200, 450, 800 ms); the first marks, on the wire, when the
+    destination took over. The socket sees every interface of the namespace
+    (the tap need not exist yet), a kernel filter passes only RARPs from
+    ``mac``, and frames that arrive another way (flooded over VXLAN from a
+    previous destination) or leave through other ports are ignored.
+    """
+
+    def __init__(self, netns: str, mac: str, tap: str) -> None:
+        self.tap = tap
+        self.mac = bytes.fromhex(mac.replace(":", ""))
+        self.times: list[float] = []
+        self._sock = socket_in(netns, socket.AF_PACKET, socket.SOCK_RAW, socket.htons(ETH_P_ALL))
+        try:
+            _attach_filter(self._sock, _rarp_from(self.mac))
+            self._sock.settimeout(0.1)
+        except BaseException:
+            self._sock.close()
+            raise
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=f"rarp-{tap}", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                frame, addr = self._sock.recvfrom(128)
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            at = time.monotonic()
+            if (
+                addr[0] == self.tap
+                and addr[2] != socket.PACKET_OUTGOING
+                and frame[12:14] == ETH_P_RARP.to_bytes(2, "big")
+                and frame[6:12] == self.mac  # the filter is attached after the socket exists
+            ):
+                self.times.append(at)
+
+    def close(self) -> list[float]:
+        """Stop watching; the times seen."""
+        self._stop.set()
+        self._thread.join(timeout=1)
+        self._sock.close()
+        return list(self.times)
+
+
+def _rarp_from(mac: bytes) -> list[tuple[int, int, int, int]]:
+    """Classic BPF: accept frames with EtherType RARP and source ``mac``."""
+    ld_h, ld_w, jeq, ret = 0x28, 0x20, 0x15, 0x06
+    return [
+        (ld_h, 0, 0, 12),  # EtherType
+        (jeq, 0, 5, ETH_P_RARP),
+        (ld_w, 0, 0, 6),  # source MAC, first four bytes
+        (jeq, 0, 3, int.from_bytes(mac[:4], "big")),
+        (ld_h, 0, 0, 10),  # and the last two
+        (jeq, 0, 1, int.from_bytes(mac[4:], "big")),
+        (ret, 0, 0, 0xFFFF),
+        (ret, 0, 0, 0),
+    ]
+
+
+def _attach_filter(sock: socket.socket, program: list[tuple[int, int, int, int]]) -> None:
+    code = ctypes.create_string_buffer(b"".join(struct.pack("HBBI", *i) for i in program))
+    fprog = struct.pack("HL", len(program), ctypes.addressof(code))
+    sock.setsockopt(socket.SOL_SOCKET, SO_ATTACH_FILTER, fprog)

@@ -1,0 +1,348 @@
+"""The real-libvirt lab site: the namespace lab, a libvirtd on h1 and on h2,
+a booted TCG guest on h1 and, optionally, the orchestrator watching both.
+
+``libvirt_site`` is a context manager; however its body ends (a failed
+assertion, Ctrl-C, a daemon that would not start) every piece is torn down
+in reverse order: the HostAgents (hook sockets, event sources, journals),
+the libvirtds with every QEMU they started, then the namespace lab with its
+NVE agents and directory.
+
+How the pieces are wired, and why:
+
+* The namespace lab comes from ``vmm_linux.lab.demo.lab_site`` with
+  ``orchestrated=False``: under libvirt the pipelines belong to the
+  ``HostAgent``s, which build their own ``Pipeline`` on each lab host's
+  ``HostContext`` (its NVE, announcers and NVE agent), so a second set of
+  dispatchers would only compete for the same journal.
+* The guest is registered in the directory at h1 but not plugged into h1's
+  NVE. Without an orchestrator the NVE agents' local learning (EVPN-style
+  MAC mobility) then moves it from QEMU's RARPs, the "QEMU alone" baseline;
+  a plugged MAC is pinned to its port and would never be reported moving.
+  With the orchestrator, the destination's ``nve_prepare``/``nve_plug``
+  stages plug it wherever it goes.
+* Orchestrated: the hook relay (etc/libvirt/hooks/qemu.d/vmm-orchestrator)
+  is copied into each host's own /etc/libvirt/hooks before its libvirtd
+  starts (libvirtd looks for hooks only at start-up), with a per-host config
+  file naming that host's hook socket, so "migrate begin" on the destination
+  runs PREPARE synchronously. The pipeline is ``engine.DEFAULT_STAGES`` plus
+  ``libvirt_announce`` (the guest's own GARP/NA through its agent, and
+  QEMU's announce-self), and ``[libvirt] early_switchover`` is on: the
+  source's SWITCHOVER (the in-flight tunnel) then runs at the pause
+  (SUSPENDED/MIGRATED). With the default (at job completion) it would run
+  0.37-0.48 s after the destination resumed, by which time the peers have
+  converged and the tunnel can no longer save the frames that a peer with a
+  stale entry sends to the old host in between.
+* This machine has two cores that other test runs load heavily, so the
+  synchronous PREPARE gets ``LAB_HOOK_TIMEOUT_S`` (the relay's deadline one
+  second more) instead of the production 1.5 s: a PREPARE that finishes late
+  would veto the migration, which is a correct outcome in production but a
+  flaky one in a lab whose point is to measure the network.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import contextlib
+import dataclasses
+import json
+import os
+import secrets
+import shutil
+import tempfile
+import time
+from collections.abc import Iterator
+
+import libvirt
+import libvirt_qemu
+from oslo_config import cfg
+
+from vmm_libvirt import options as lv_options
+from vmm_libvirt.daemon import Daemon, HostAgent, HostSpec
+from vmm_libvirt.events import start_event_loop
+from vmm_libvirt.lab import LibvirtLabError
+from vmm_libvirt.lab import guest as guest_mod
+from vmm_libvirt.lab.domain import GuestSpec, domain_xml
+from vmm_libvirt.lab.hosts import LibvirtHost
+from vmm_linux import agent as nve_agent
+from vmm_linux.lab import options as lab_options
+from vmm_linux.lab.demo import LabSite, lab_site
+from vmm_linux.lab.topology import in_ns
+from vmm_orchestrator import engine
+from vmm_orchestrator.journal import Journal
+from vmm_orchestrator.nva.client import NvaClient
+
+#: The two lab hosts that run libvirtd; the guest boots on the first.
+LIBVIRT_HOSTS = ("h1", "h2")
+#: The relay script libvirtd runs for every qemu hook call (installed per host).
+RELAY = os.path.join(
+    os.path.dirname(os.path.abspath(__file__)),
+    *("..", "..", "..", "etc", "libvirt", "hooks", "qemu.d", "vmm-orchestrator"),
+)
+#: The orchestrated pipeline: the defaults plus the guest's own announcement.
+LAB_STAGES = [*engine.DEFAULT_STAGES, "libvirt_announce"]
+#: Synchronous PREPARE budget on this loaded 2-core lab (see the module docstring).
+LAB_HOOK_TIMEOUT_S = 4.0
+BOOT_TIMEOUT_S = 90.0
+PING_TIMEOUT_S = 15.0
+AGENT_TIMEOUT_S = 30.0
+RECONCILE_TIMEOUT_S = 20.0
+GUEST_HOST_NUMBER = 50  # 198.19.<vni>.50 / fd00:<vni>::50: clear of the lab's .1 and .10-.13
+
+
+def new_guest(vni: int = 100) -> GuestSpec:
+    """A guest spec with a name unique to this run, so leftovers of runs are told apart."""
+    return GuestSpec(
+        name=f"lg{secrets.token_hex(3)}",
+        mac=f"52:54:00:{vni >> 8 & 0xFF:02x}:{vni & 0xFF:02x}:{GUEST_HOST_NUMBER:02x}",
+        bridge=f"br-{vni}",
+        ipv4=f"198.19.{vni % 256}.{GUEST_HOST_NUMBER}/24",
+        ipv6=f"fd00:{vni}::{GUEST_HOST_NUMBER}/64",
+    )
+
+
+def lab_conf(orchestrated: bool = True) -> cfg.ConfigOpts:
+    """A fresh configuration with the lab defaults and short timers.
+
+    The NVE agents' long-poll is shortened (as the functional tests' conf
+    does) so that stopping them does not wait out a 5 s watch.
+    """
+    conf = cfg.ConfigOpts()
+    conf(args=[], default_config_files=[])
+    prepare_conf(conf, orchestrated)
+    return conf
+
+
+def prepare_conf(conf: cfg.ConfigOpts, orchestrated: bool) -> None:
+    """Register what the site reads, and set the lab's orchestrator settings.
+
+    Only the settings the libvirt lab depends on are overridden (see the
+    module docstring); every other option keeps what the caller configured.
+    """
+    lab_options.register_opts(conf)
+    nve_agent.register_opts(conf)
+    engine.register_opts(conf)
+    lv_options.register_opts(conf)
+    conf.set_override("watch_timeout", 1.0, group=nve_agent.GROUP)
+    if orchestrated:
+        stages = list(conf.pipeline.stages)
+        if "libvirt_announce" not in stages:
+            stages.append("libvirt_announce")
+        conf.set_override("stages", stages, group=engine.GROUP)
+        conf.set_override("early_switchover", True, group=lv_options.GROUP)
+        conf.set_override("hook_timeout", LAB_HOOK_TIMEOUT_S, group=lv_options.AGENT_GROUP)
+
+
+@dataclasses.dataclass
+class LibvirtSite:
+    """A running real-libvirt lab: what tests, the demo and the benchmark drive."""
+
+    lab_site: LabSite
+    hosts: dict[str, LibvirtHost]
+    guest: GuestSpec
+    image: guest_mod.GuestImage
+    vni: int
+    workdir: str
+    #: Orchestrated: one HostAgent per libvirt host (empty for QEMU alone).
+    agents: dict[str, HostAgent] = dataclasses.field(default_factory=dict)
+    daemon: Daemon | None = None
+    #: The host the guest runs on now (the migration helpers keep it current).
+    where: str = LIBVIRT_HOSTS[0]
+    #: Set-up figures: boot_to_ready_s, boot_to_ping_s, setup_s.
+    figures: dict[str, float] = dataclasses.field(default_factory=dict)
+
+    @property
+    def orchestrated(self) -> bool:
+        return self.daemon is not None
+
+    @property
+    def ipv4(self) -> str:
+        assert self.guest.ipv4
+        return self.guest.ipv4.split("/")[0]
+
+    @property
+    def ipv6(self) -> str:
+        assert self.guest.ipv6
+        return self.guest.ipv6.split("/")[0]
+
+    def client(self) -> NvaClient:
+        return self.lab_site.client()
+
+    def netns(self, name: str) -> str:
+        """Namespace of a lab VM (vm2, gw, ...) or host (h1, ...)."""
+        lab = self.lab_site.lab
+        return lab.vms[name].netns if name in lab.vms else lab.hosts[name].netns
+
+    def other(self, host: str) -> str:
+        """The other libvirt host."""
+        return LIBVIRT_HOSTS[1] if host == LIBVIRT_HOSTS[0] else LIBVIRT_HOSTS[0]
+
+
+# -- readiness -------------------------------------------------------------------
+
+
+def wait_console(host: LibvirtHost, guest: GuestSpec, timeout: float = BOOT_TIMEOUT_S) -> float:
+    """Seconds until the guest printed READY_MARK on its serial console."""
+    path = host.path(guest.console_log)
+    start = time.monotonic()
+    while time.monotonic() - start < timeout:
+        with contextlib.suppress(OSError), open(path, errors="replace") as fh:
+            if guest_mod.READY_MARK in fh.read():
+                return time.monotonic() - start
+        time.sleep(0.1)
+    with contextlib.suppress(OSError), open(path, errors="replace") as fh:
+        tail = fh.read()[-2000:]
+        raise LibvirtLabError(f"guest {guest.name} not ready after {timeout:.0f} s:\n{tail}")
+    raise LibvirtLabError(f"guest {guest.name} wrote no console output in {timeout:.0f} s")
+
+
+def ping_once(netns: str, dst: str) -> bool:
+    out = in_ns(netns, "ping", "-c", "1", "-W", "1", dst, check=False)
+    return " 1 received" in out
+
+
+def wait_ping(netns: str, dst: str, timeout: float = PING_TIMEOUT_S) -> float:
+    """Seconds until ``dst`` answered a ping from ``netns``; LibvirtLabError if never."""
+    start = time.monotonic()
+    while time.monotonic() - start < timeout:
+        if ping_once(netns, dst):
+            return time.monotonic() - start
+    raise LibvirtLabError(f"{dst} did not answer a ping from {netns} within {timeout:.0f} s")
+
+
+def wait_guest_agent(host: LibvirtHost, guest: str, timeout: float = AGENT_TIMEOUT_S) -> None:
+    """Wait until qemu-ga answers guest-ping (libvirt_announce uses the agent)."""
+    conn = libvirt.open(host.uri)
+    try:
+        dom = conn.lookupByName(guest)
+        deadline = time.monotonic() + timeout
+        last = "no answer"
+        while time.monotonic() < deadline:
+            try:
+                reply = libvirt_qemu.qemuAgentCommand(dom, '{"execute":"guest-ping"}', 2, 0)
+                if json.loads(reply) == {"return": {}}:
+                    return
+                last = f"unexpected answer {reply!r}"
+            except libvirt.libvirtError as exc:  # not connected yet: the agent starts last
+                last = str(exc)
+            time.sleep(0.2)
+    finally:
+        conn.close()
+    raise LibvirtLabError(f"the guest agent of {guest} did not answer in {timeout:.0f} s: {last}")
+
+
+# -- the site --------------------------------------------------------------------
+
+
+def _install_relay(host: LibvirtHost, socket_path: str, deadline: float) -> None:
+    """The hook relay and its config in the host's own /etc/libvirt (before libvirtd starts)."""
+    hookdir = host.path("/etc/libvirt/hooks/qemu.d")
+    os.makedirs(hookdir, exist_ok=True)
+    shutil.copy(RELAY, hookdir)
+    with open(host.path("/etc/libvirt/hooks/vmm-orchestrator.conf"), "w") as fh:
+        fh.write(f"[hook_relay]\nsocket = {socket_path}\ndeadline = {deadline:g}\n")
+
+
+@contextlib.contextmanager
+def libvirt_site(
+    conf: cfg.ConfigOpts,
+    prefix: str,
+    orchestrated: bool,
+    guest: GuestSpec | None = None,
+) -> Iterator[LibvirtSite]:
+    """Build the lab, two libvirtds, the booted guest and (``orchestrated``) the agents.
+
+    Yields once the guest answers pings over IPv4 and IPv6 from a peer on
+    another host and its guest agent answers, and (orchestrated) once every
+    HostAgent reconciled its first connection.
+    """
+    if not os.path.isfile(RELAY):
+        raise LibvirtLabError(f"the hook relay {RELAY} is missing")
+    prepare_conf(conf, orchestrated)
+    start_event_loop()  # before the first libvirt connection of this process
+    started = time.monotonic()
+    vni = int(conf.lab.vni)
+    spec = guest or new_guest(vni)
+    image = guest_mod.build_guest()
+    hosts: dict[str, LibvirtHost] = {}
+    journals: list[Journal] = []
+    daemon: Daemon | None = None
+    with lab_site(conf, prefix, orchestrated=False) as site:
+        workdir = tempfile.mkdtemp(prefix=f"{prefix}-lv-")
+        try:
+            for name in LIBVIRT_HOSTS:
+                lab_host = site.lab.hosts[name]
+                hosts[name] = LibvirtHost(name, lab_host.netns, lab_host.vtep, workdir)
+                if orchestrated:
+                    os.makedirs(hosts[name].path("/etc/libvirt"), exist_ok=True)
+                    _install_relay(hosts[name], _hook_socket(workdir, name), LAB_HOOK_TIMEOUT_S + 1)
+            with concurrent.futures.ThreadPoolExecutor(max_workers=len(hosts)) as pool:
+                list(pool.map(LibvirtHost.start, hosts.values()))
+            first = LIBVIRT_HOSTS[0]
+            site.client().add_endpoint(vni, spec.mac, [_bare(spec.ipv4)], [_bare(spec.ipv6)], first)
+            conn = libvirt.open(hosts[first].uri)
+            try:
+                boot = time.monotonic()
+                conn.defineXML(domain_xml(spec, image)).create()
+            finally:
+                conn.close()
+            agents: dict[str, HostAgent] = {}
+            if orchestrated:  # while the guest boots
+                for name in LIBVIRT_HOSTS:
+                    lab_host = site.lab.hosts[name]
+                    host_spec = HostSpec(
+                        name=name,
+                        uri=hosts[name].uri,
+                        vtep=lab_host.vtep,
+                        vnis=(vni,),
+                        netns=lab_host.netns,
+                        hook_socket=_hook_socket(workdir, name),
+                        journal=os.path.join(workdir, f"journal-{name}.sqlite"),
+                    )
+                    journal = Journal(host_spec.journal)
+                    journals.append(journal)
+                    agents[name] = HostAgent(conf, host_spec, site.hosts[name].context, journal)
+                daemon = Daemon(list(agents.values()), closers=[j.close for j in journals])
+                daemon.start()
+                waiting = daemon.wait_reconciled(RECONCILE_TIMEOUT_S)
+                if waiting:
+                    raise LibvirtLabError(f"HostAgents of {', '.join(waiting)} never reconciled")
+            figures = {"boot_to_ready_s": round(wait_console(hosts[first], spec), 2)}
+            peer = site.lab.vms["vm2"].netns  # on h3: over VXLAN
+            for addr in (_bare(spec.ipv4), _bare(spec.ipv6)):
+                wait_ping(peer, addr)
+            figures["boot_to_ping_s"] = round(time.monotonic() - boot, 2)
+            wait_guest_agent(hosts[first], spec.name)
+            figures["boot_to_agent_s"] = round(time.monotonic() - boot, 2)
+            figures["setup_s"] = round(time.monotonic() - started, 2)
+            yield LibvirtSite(
+                lab_site=site,
+                hosts=hosts,
+                guest=spec,
+                image=image,
+                vni=vni,
+                workdir=workdir,
+                agents=agents,
+                daemon=daemon,
+                figures=figures,
+            )
+        finally:
+            if daemon is not None:
+                daemon.stop()  # also closes the journals
+            else:
+                for journal in journals:
+                    with contextlib.suppress(Exception):
+                        journal.close()
+            for host in hosts.values():
+                with contextlib.suppress(Exception):
+                    host.stop()
+            shutil.rmtree(workdir, ignore_errors=True)
+
+
+def _hook_socket(workdir: str, host: str) -> str:
+    return os.path.join(workdir, f"hook-{host}.sock")
+
+
+def _bare(address: str | None) -> str:
+    if not address:
+        raise LibvirtLabError("the lab guest needs an IPv4 and an IPv6 address")
+    return address.split("/")[0]

@@ -1,0 +1,181 @@
+"""Connecting to an OpenStack cloud with openstacksdk, and saying clearly why it failed.
+
+The cloud is described exactly as for the openstack CLI: ``--os-cloud`` (or
+``OS_CLOUD``) picks an entry of clouds.yaml, otherwise the ``OS_*``
+variables of an openrc file describe it. The token is fetched up front, so
+wrong credentials or an unreachable Keystone are reported before anything
+is changed, in one line that names the cloud and the URL.
+
+openstacksdk and keystoneauth raise many exception types whose text is
+long and nested; ``describe`` turns each into one sentence an operator can
+act on. Their imports stay inside functions so that ``vmm --help`` and the
+other commands do not pay for loading openstacksdk.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import TYPE_CHECKING, Any
+
+from vmm_orchestrator.errors import ConfigError, TransientError, VmmError
+
+if TYPE_CHECKING:
+    from openstack.connection import Connection
+
+LOG = logging.getLogger(__name__)
+
+#: What every credentials error tells the operator to check.
+CREDENTIALS_HINT = "check OS_* / clouds.yaml"
+
+
+class CloudError(VmmError):
+    """OpenStack refused or failed a request; the message names the service and the cause."""
+
+
+class CloudUnavailable(CloudError, TransientError):
+    """An OpenStack service could not be reached or did not answer in time."""
+
+
+def _quiet_libraries() -> None:
+    """keystoneauth logs warnings (failed discovery, ...) that the errors here repeat
+    better; keep them out of the one-line error output unless -v asked for logs."""
+    if not logging.getLogger("vmm").isEnabledFor(logging.INFO):
+        for name in ("keystoneauth", "openstack", "stevedore"):
+            logging.getLogger(name).setLevel(logging.ERROR)
+
+
+def cloud_label(region: Any) -> str:
+    """How to name the cloud in a message: its clouds.yaml entry, or ``envvars`` (the name
+    openstacksdk and the openstack CLI give a cloud described by the OS_* variables)."""
+    name = getattr(region, "name", None) or "envvars"
+    return "envvars" if name == "defaults" else str(name)
+
+
+def connect(
+    cloud: str | None,
+    region_name: str | None = None,
+    api_timeout: float = 30.0,
+) -> Connection:
+    """An authenticated Connection to ``cloud`` (None: OS_CLOUD, then the OS_* variables).
+
+    Raises ConfigError when nothing describes a cloud or the entry does not
+    exist, CloudError when Keystone refuses the credentials, and
+    CloudUnavailable when Keystone cannot be reached.
+    """
+    import keystoneauth1.exceptions as ksa_exc
+    import openstack.config
+    from openstack import exceptions as sdk_exc
+    from openstack.connection import Connection
+
+    _quiet_libraries()
+    cloud = cloud or os.environ.get("OS_CLOUD") or None
+    try:
+        config = openstack.config.OpenStackConfig(load_envvars=True)
+        kwargs: dict[str, Any] = {"api_timeout": api_timeout}
+        if region_name:
+            kwargs["region_name"] = region_name
+        region = config.get_one(cloud=cloud, **kwargs)
+    except ksa_exc.MissingRequiredOptions as exc:
+        missing = ", ".join(o.dest for o in exc.options) if exc.options else "auth_url"
+        if cloud:
+            raise ConfigError(
+                f"cloud {cloud} in clouds.yaml lacks {missing}",
+                hint="complete its auth section",
+            ) from None
+        raise ConfigError(
+            f"no OpenStack cloud is configured (missing {missing})",
+            hint="give --os-cloud NAME (an entry of clouds.yaml) or set OS_CLOUD, or "
+            "source an openrc file (OS_AUTH_URL, OS_USERNAME, OS_PASSWORD, ...)",
+        ) from None
+    except sdk_exc.ConfigException as exc:
+        files = ", ".join(getattr(config, "_config_files", [])[:3]) or "clouds.yaml"
+        if cloud and "not found" in str(exc).lower():
+            raise ConfigError(
+                f"cloud {cloud} is not in clouds.yaml",
+                hint=f"check --os-cloud / OS_CLOUD; searched {files}",
+            ) from None
+        raise ConfigError(f"bad OpenStack configuration: {exc}", hint=CREDENTIALS_HINT) from None
+    except ksa_exc.ClientException as exc:
+        raise ConfigError(f"bad OpenStack configuration: {exc}", hint=CREDENTIALS_HINT) from None
+    auth_url = (region.config.get("auth") or {}).get("auth_url", "?")
+    label = cloud_label(region)
+    conn = Connection(config=region)
+    try:
+        conn.session.get_token()
+    except ksa_exc.Unauthorized:
+        raise CloudError(
+            f"authentication failed for cloud {label} at {auth_url}: {CREDENTIALS_HINT}"
+        ) from None
+    except (ksa_exc.ConnectFailure, ksa_exc.ConnectTimeout, ksa_exc.DiscoveryFailure) as exc:
+        raise CloudUnavailable(
+            f"cannot reach Keystone of cloud {label} at {auth_url}: {_short(exc)}",
+            hint="check auth_url in OS_AUTH_URL / clouds.yaml and that Keystone runs",
+        ) from None
+    except ksa_exc.ClientException as exc:
+        raise CloudError(
+            f"Keystone of cloud {label} at {auth_url} failed: {_short(exc)}",
+            hint=CREDENTIALS_HINT,
+        ) from None
+    conn.vmm_label = label  # type: ignore[attr-defined]
+    conn.vmm_auth_url = auth_url  # type: ignore[attr-defined]
+    return conn
+
+
+def _short(exc: BaseException) -> str:
+    """The first sentence of a library error, without pool and retry noise."""
+    text = str(exc).strip() or type(exc).__name__
+    for marker in (" Please check", ": HTTPConnectionPool", " (Caused by"):
+        if marker in text:
+            text = text.split(marker, 1)[0]
+    if "Connection refused" in str(exc) and "refused" not in text:
+        text += " (connection refused)"
+    return text.rstrip(".: ")
+
+
+def describe(exc: BaseException, what: str) -> VmmError:
+    """One error for a failed SDK call; ``what`` says what was being done.
+
+    404 and 409 keep the service's own message (it names the resource);
+    connection failures and 5xx answers become CloudUnavailable so that
+    pipeline stages retry them.
+    """
+    import keystoneauth1.exceptions as ksa_exc
+    from openstack import exceptions as sdk_exc
+
+    if isinstance(exc, VmmError):
+        return exc
+    if isinstance(exc, (ksa_exc.ConnectFailure, ksa_exc.ConnectTimeout)):
+        return CloudUnavailable(f"{what}: cannot reach the service ({_short(exc)})")
+    if isinstance(exc, (ksa_exc.Unauthorized, sdk_exc.ForbiddenException)):
+        return CloudError(f"{what}: refused ({_short(exc)})", hint=CREDENTIALS_HINT)
+    if isinstance(exc, sdk_exc.HttpException):
+        status = exc.status_code or 0
+        message = (exc.details or exc.message or "").strip() or f"HTTP {status}"
+        if status == 401:
+            return CloudError(f"{what}: refused ({message})", hint=CREDENTIALS_HINT)
+        if status >= 500 or status in (502, 503, 504):
+            return CloudUnavailable(f"{what}: HTTP {status} {message}")
+        return CloudError(f"{what}: {message} (HTTP {status})")
+    if isinstance(exc, sdk_exc.EndpointNotFound):
+        return CloudError(f"{what}: {_short(exc)}", hint="check the cloud's service catalog")
+    if isinstance(exc, (sdk_exc.SDKException, ksa_exc.ClientException)):
+        return CloudError(f"{what}: {_short(exc)}")
+    return CloudError(f"{what}: {type(exc).__name__}: {exc}")
+
+
+def http_status(exc: BaseException) -> int | None:
+    """The HTTP status of an SDK error, or None when it is no HTTP answer."""
+    from openstack import exceptions as sdk_exc
+
+    if isinstance(exc, sdk_exc.HttpException):
+        return exc.status_code
+    return None
+
+
+def has_service(conn: Connection, service_type: str) -> bool:
+    """Whether the catalog offers ``service_type`` (e.g. a cloud without Nova)."""
+    try:
+        return bool(conn.endpoint_for(service_type))
+    except Exception:  # the SDK raises several types for "not in the catalog"
+        return False

@@ -1,0 +1,630 @@
+"""The destination's side of a transfer: check every entry of a verified
+bundle, install kind by kind, answer per kind, and remember what was
+installed so an aborted migration can be reverted.
+
+Order matters for safety. Every entry of every kind is checked with
+``kind.check`` before anything is installed: a single poisoned entry (one
+that involves addresses other than the migrating VM's) refuses the whole
+bundle, since a bundle that lies about one entry cannot be trusted for the
+others. Only then does each kind install its entries (all or nothing per
+kind) and answer SUCCESS or FAIL with a reason; what to do about a FAIL is
+the caller's policy, not ours.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+import tempfile
+import threading
+import time
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+from vmm_orchestrator.model import Migration
+from vmm_state.bundle import (
+    BundleError,
+    MalformedBundle,
+    PoisonedBundle,
+    VerifiedBundle,
+    WrongBundle,
+)
+from vmm_state.kind import ImportResult, KindContext, PoisonedEntry, Reason, StateKind
+
+LOG = logging.getLogger(__name__)
+
+#: How much of a refused entry an answer quotes (enough to find it, no more).
+QUOTE_CHARS = 200
+
+
+# ----------------------------------------------------------------- answers
+
+
+@dataclasses.dataclass
+class KindAnswer:
+    """One kind's SUCCESS or FAIL with a reason, as it travels back to the sender."""
+
+    kind: str
+    ok: bool
+    reason: Reason | None = None
+    detail: str = ""
+    entries: int = 0
+    installed: int = 0
+    ms: float = 0.0
+
+    @classmethod
+    def success(cls, kind: str, entries: int, installed: int, ms: float = 0.0) -> KindAnswer:
+        return cls(kind, True, None, "", entries, installed, ms)
+
+    @classmethod
+    def fail(cls, kind: str, reason: Reason, detail: str, entries: int = 0) -> KindAnswer:
+        return cls(kind, False, reason, detail, entries)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "kind": self.kind,
+            "result": "SUCCESS" if self.ok else "FAIL",
+            "reason": self.reason.value if self.reason else None,
+            "detail": self.detail,
+            "entries": self.entries,
+            "installed": self.installed,
+            "ms": round(self.ms, 3),
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> KindAnswer:
+        """Decode a peer's answer; a garbled one raises ValueError."""
+        result = data.get("result")
+        if result not in ("SUCCESS", "FAIL"):
+            raise ValueError(f"answer result must be SUCCESS or FAIL, got {result!r}")
+        reason = data.get("reason")
+        ok = result == "SUCCESS"
+        if not ok and reason is None:
+            raise ValueError("a FAIL answer must carry a reason")
+        return cls(
+            kind=str(data["kind"]),
+            ok=ok,
+            reason=None if reason is None else Reason(reason),
+            detail=str(data.get("detail", "")),
+            entries=int(data.get("entries", 0)),
+            installed=int(data.get("installed", 0)),
+            ms=float(data.get("ms", 0.0)),
+        )
+
+
+@dataclasses.dataclass
+class ImportReport:
+    """The answer to one bundle: per kind, plus the bundle-level refusal if any.
+
+    ``error`` is ``"<code>: <message>"`` and ``reason`` its Reason when the
+    whole bundle was refused (bad signature, poisoned entry, over the byte
+    limit, a failed transfer, ...); every kind then answers FAIL with that
+    reason and nothing was installed.
+    ``read_ms`` covers receiving and verifying, ``check_ms`` the entry
+    checks, ``import_ms`` the installs.
+    """
+
+    migration: str
+    label: str
+    answers: dict[str, KindAnswer]
+    bytes: int = 0
+    error: str | None = None
+    reason: Reason | None = None
+    read_ms: float = 0.0
+    check_ms: float = 0.0
+    import_ms: float = 0.0
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None and all(a.ok for a in self.answers.values())
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "migration": self.migration,
+            "label": self.label,
+            "ok": self.ok,
+            "error": self.error,
+            "reason": self.reason.value if self.reason else None,
+            "bytes": self.bytes,
+            "read_ms": round(self.read_ms, 3),
+            "check_ms": round(self.check_ms, 3),
+            "import_ms": round(self.import_ms, 3),
+            "kinds": [a.to_dict() for a in self.answers.values()],
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> ImportReport:
+        """Decode a peer's report; a garbled one raises ValueError."""
+        try:
+            answers = [KindAnswer.from_dict(a) for a in data["kinds"]]
+            return cls(
+                migration=str(data["migration"]),
+                label=str(data["label"]),
+                answers={a.kind: a for a in answers},
+                bytes=int(data.get("bytes", 0)),
+                error=None if data.get("error") is None else str(data["error"]),
+                reason=None if data.get("reason") is None else Reason(data["reason"]),
+                read_ms=float(data.get("read_ms", 0.0)),
+                check_ms=float(data.get("check_ms", 0.0)),
+                import_ms=float(data.get("import_ms", 0.0)),
+            )
+        except (KeyError, TypeError, ValueError) as err:
+            raise ValueError(f"not an import report: {err!r}") from None
+
+    @classmethod
+    def refused(
+        cls,
+        migration: str,
+        label: str,
+        kinds: Iterable[str],
+        err: BundleError,
+        size: int = 0,
+    ) -> ImportReport:
+        """Every kind FAIL with ``err``'s reason: nothing of the bundle is installed."""
+        return cls.failed(migration, label, kinds, err.reason, f"{err.code}: {err}", size)
+
+    @classmethod
+    def failed(
+        cls,
+        migration: str,
+        label: str,
+        kinds: Iterable[str],
+        reason: Reason,
+        error: str,
+        size: int = 0,
+    ) -> ImportReport:
+        """Every kind FAIL with ``reason``: the bundle did not get (wholly) through."""
+        detail = f"bundle refused ({error})"
+        return cls(
+            migration,
+            label,
+            {k: KindAnswer.fail(k, reason, detail) for k in dict.fromkeys(kinds)},
+            bytes=size,
+            error=error,
+            reason=reason,
+        )
+
+    def answers_for(self, kinds: Iterable[str]) -> dict[str, KindAnswer]:
+        """An answer for each of ``kinds``: its own, the bundle's refusal, or no answer."""
+        out = {}
+        for kind in kinds:
+            answer = self.answers.get(kind)
+            if answer is None and self.error is not None:
+                answer = KindAnswer.fail(
+                    kind, self.reason or Reason.TRANSFER_FAILED, f"bundle refused ({self.error})"
+                )
+            if answer is None:
+                answer = KindAnswer.fail(
+                    kind,
+                    Reason.TRANSFER_FAILED,
+                    f"the bundle ({self.label}) carried no section for {kind}",
+                )
+            out[kind] = answer
+        return out
+
+
+# ------------------------------------------------------------------ ledger
+
+
+@dataclasses.dataclass(frozen=True)
+class LedgerEntry:
+    """One successful import of one kind: what revert_import needs."""
+
+    label: str
+    kind: str
+    record: dict[str, Any]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"label": self.label, "kind": self.kind, "record": self.record}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> LedgerEntry:
+        return cls(str(data["label"]), str(data["kind"]), dict(data["record"]))
+
+
+class Ledger:
+    """What each migration's imports installed, oldest first, per migration.
+
+    With a ``directory`` every change is written to one JSON file per
+    migration (replaced atomically), so an orchestrator restarted after an
+    import still reverts it on ABORTED; without one it lives in memory.
+    """
+
+    def __init__(self, directory: str | None = None) -> None:
+        self.directory = directory
+        self._lock = threading.Lock()
+        self._entries: dict[str, list[LedgerEntry]] = {}
+        if directory:
+            os.makedirs(directory, exist_ok=True)
+            self._load()
+
+    def _path(self, migration_id: str) -> str:
+        assert self.directory
+        digest = hashlib.sha256(migration_id.encode("utf-8")).hexdigest()[:32]
+        return os.path.join(self.directory, f"{digest}.json")
+
+    def _load(self) -> None:
+        assert self.directory
+        for name in sorted(os.listdir(self.directory)):
+            if not name.endswith(".json"):
+                continue
+            path = os.path.join(self.directory, name)
+            try:
+                with open(path, encoding="utf-8") as fh:
+                    data = json.load(fh)
+                entries = [LedgerEntry.from_dict(e) for e in data["entries"]]
+                self._entries[str(data["migration"])] = entries
+            except (OSError, ValueError, KeyError, TypeError) as err:
+                LOG.error(
+                    "state ledger file %s is unreadable (%s); its imports cannot be "
+                    "reverted automatically",
+                    path,
+                    err,
+                )
+
+    def _save(self, migration_id: str) -> None:
+        if not self.directory:
+            return
+        path = self._path(migration_id)
+        entries = self._entries.get(migration_id, [])
+        if not entries:
+            if os.path.exists(path):
+                os.unlink(path)
+            return
+        data = {"migration": migration_id, "entries": [e.to_dict() for e in entries]}
+        fd, tmp = tempfile.mkstemp(dir=self.directory, suffix=".tmp")
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8") as fh:
+                json.dump(data, fh)
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+            raise
+
+    def add(self, migration_id: str, entry: LedgerEntry) -> None:
+        with self._lock:
+            self._entries.setdefault(migration_id, []).append(entry)
+            self._save(migration_id)
+
+    def entries(self, migration_id: str) -> list[LedgerEntry]:
+        with self._lock:
+            return list(self._entries.get(migration_id, []))
+
+    def take(self, migration_id: str, label: str | None = None) -> list[LedgerEntry]:
+        """Remove and return the entries (of ``label``, or all), newest first."""
+        with self._lock:
+            kept: list[LedgerEntry] = []
+            taken: list[LedgerEntry] = []
+            for entry in self._entries.get(migration_id, []):
+                (taken if label is None or entry.label == label else kept).append(entry)
+            if kept:
+                self._entries[migration_id] = kept
+            else:
+                self._entries.pop(migration_id, None)
+            self._save(migration_id)
+            return list(reversed(taken))
+
+    def put_back(self, migration_id: str, entries: list[LedgerEntry]) -> None:
+        """Return entries (newest first, as taken) whose revert failed, for a later try."""
+        with self._lock:
+            current = self._entries.setdefault(migration_id, [])
+            current[:0] = list(reversed(entries))
+            self._save(migration_id)
+
+
+# ---------------------------------------------------------------- importer
+
+
+def kind_context(netns: str | None, migration: Migration) -> KindContext:
+    """The kinds' view of ``migration``'s VM on a host: its own NICs only."""
+    return KindContext(netns=netns, vifs=migration.workload.vifs, migration_id=migration.id)
+
+
+def _add_age(entries: list[dict[str, Any]], seconds: float) -> None:
+    """Add the time in transit to each entry's ``age`` (seconds since export)."""
+    for entry in entries:
+        try:
+            before = float(entry.get("age") or 0.0)
+        except (TypeError, ValueError):
+            before = 0.0
+        entry["age"] = round(max(0.0, before) + seconds, 3)
+
+
+def _quote(entry: Any) -> str:
+    text = json.dumps(entry, sort_keys=True, default=str)
+    return text if len(text) <= QUOTE_CHARS else text[: QUOTE_CHARS - 3] + "..."
+
+
+class Importer:
+    """Installs verified bundles with a host's kinds and records what it did."""
+
+    def __init__(
+        self, host: str, netns: str | None, kinds: Mapping[str, StateKind], ledger: Ledger
+    ) -> None:
+        self.host = host
+        self.netns = netns
+        self.kinds = dict(kinds)
+        self.ledger = ledger
+        # One import or revert at a time: two bundles of one migration racing
+        # would make "newest first" meaningless.
+        self._lock = threading.Lock()
+        # migration -> label -> kind -> source-clock time of the export imported.
+        self._synced: dict[str, dict[str, dict[str, float]]] = {}
+
+    def synced(self, migration_id: str) -> dict[str, float]:
+        """Per kind, the source-clock time of the newest export imported for the migration.
+
+        The source exports its delta from there; a kind absent here has not
+        been imported (or was reverted) and must be sent whole.
+        """
+        with self._lock:
+            out: dict[str, float] = {}
+            for kinds in self._synced.get(migration_id, {}).values():
+                for kind, at in kinds.items():
+                    out[kind] = max(at, out.get(kind, at))
+            return out
+
+    def forget(self, migration_id: str) -> int:
+        """The migration is over: its imports stay for good. Drop what undoes them.
+
+        Returns how many ledger entries were dropped.
+        """
+        with self._lock:
+            self._synced.pop(migration_id, None)
+            return len(self.ledger.take(migration_id))
+
+    def import_bundle(
+        self,
+        migration: Migration,
+        bundle: VerifiedBundle,
+        label: str | None = None,
+        received_at: float | None = None,
+    ) -> ImportReport:
+        """Check everything, then install kind by kind; answer per kind.
+
+        ``label`` is the label the caller expects (a bundle of another label
+        is refused as misdirected). ``received_at`` (time.monotonic()) is
+        when the bundle began to arrive: as the carrier, the importer adds
+        the seconds since then to each entry's ``age`` just before its kind
+        installs it, so remaining lifetimes shrink by the time in transit
+        (conntrackd's rule: remaining = stored - age) and are never extended.
+        """
+        header = bundle.header
+        report = ImportReport(migration.id, header.label, {}, bytes=bundle.size)
+        try:
+            self._check_binding(migration, bundle, label)
+        except WrongBundle as err:
+            return ImportReport.refused(
+                migration.id, header.label, bundle.sections, err, bundle.size
+            )
+        ctx = kind_context(self.netns, migration)
+        with self._lock:
+            started = time.perf_counter()
+            candidates = self._screen(ctx, bundle, report)
+            poisoned = self._check_entries(ctx, bundle, candidates, report)
+            report.check_ms = (time.perf_counter() - started) * 1000.0
+            if poisoned is not None:
+                LOG.error(
+                    "host %s: migration %s: %s bundle refused: %s",
+                    self.host,
+                    migration.id,
+                    header.label,
+                    poisoned,
+                )
+                return ImportReport.refused(
+                    migration.id, header.label, bundle.sections, poisoned, bundle.size
+                )
+            started = time.perf_counter()
+            for kind in candidates:
+                if kind in report.answers:  # refused by the checks
+                    continue
+                report.answers[kind] = self._install(ctx, migration, bundle, kind, received_at)
+            report.import_ms = (time.perf_counter() - started) * 1000.0
+        # Keep the bundle's order in the answer.
+        report.answers = {k: report.answers[k] for k in bundle.sections}
+        return report
+
+    @staticmethod
+    def _check_binding(migration: Migration, bundle: VerifiedBundle, label: str | None) -> None:
+        """The signed header must name this migration, its VM and its source (no replays)."""
+        h = bundle.header
+        expected = (migration.id, migration.workload.name, migration.source)
+        if (h.migration, h.workload, h.source) != expected:
+            raise WrongBundle(
+                f"bundle is for migration {h.migration} of {h.workload} from {h.source}, "
+                f"not migration {migration.id} of {migration.workload.name} from "
+                f"{migration.source}; refusing a replayed or misdirected bundle"
+            )
+        if label is not None and h.label != label:
+            raise WrongBundle(f"bundle is a {h.label} bundle where a {label} bundle was expected")
+
+    def _screen(self, ctx: KindContext, bundle: VerifiedBundle, report: ImportReport) -> list[str]:
+        """Answer the sections that cannot be imported; return the importable kinds."""
+        candidates = []
+        for name, section in bundle.sections.items():
+            kind = self.kinds.get(name)
+            n = section.count
+            if kind is None:
+                enabled = ", ".join(self.kinds) or "none"
+                report.answers[name] = KindAnswer.fail(
+                    name,
+                    Reason.UNSUPPORTED,
+                    f"kind {name} is not enabled on host {self.host} (enabled: {enabled}; "
+                    "see [state] kinds)",
+                    n,
+                )
+            elif section.unavailable is not None:
+                report.answers[name] = KindAnswer.fail(
+                    name,
+                    Reason.UNSUPPORTED,
+                    f"the source cannot export {name}: {section.unavailable}",
+                    n,
+                )
+            elif section.error is not None:
+                report.answers[name] = KindAnswer.fail(
+                    name, Reason.TRANSFER_FAILED, f"at the source: {section.error}", n
+                )
+            elif section.refusal is not None:
+                report.answers[name] = KindAnswer.fail(
+                    name, section.refusal.reason, str(section.refusal), n
+                )
+            else:
+                why = self._unavailable(kind, ctx)
+                if why is not None:
+                    report.answers[name] = KindAnswer.fail(
+                        name,
+                        Reason.UNSUPPORTED,
+                        f"host {self.host} cannot hold {name}: {why}",
+                        n,
+                    )
+                else:
+                    candidates.append(name)
+        return candidates
+
+    @staticmethod
+    def _unavailable(kind: StateKind, ctx: KindContext) -> str | None:
+        try:
+            return kind.unavailable(ctx)
+        except Exception as err:
+            return f"its availability check failed: {err!r}"
+
+    def _check_entries(
+        self,
+        ctx: KindContext,
+        bundle: VerifiedBundle,
+        candidates: list[str],
+        report: ImportReport,
+    ) -> BundleError | None:
+        """Run kind.check on every entry; a poisoned one refuses the whole bundle.
+
+        A malformed entry (ValueError) refuses only its kind
+        (FAIL/unsupported): the signer is trusted, its exporter is not
+        hostile, just unable to produce what this host understands.
+        """
+        for name in candidates:
+            kind = self.kinds[name]
+            index, entry = -1, None
+            try:
+                for entry in bundle.sections[name].entries():
+                    index += 1
+                    kind.check(ctx, entry)
+            except PoisonedEntry as err:
+                return PoisonedBundle(
+                    f"entry {index} of kind {name} does not belong to VM "
+                    f"{bundle.header.workload} ({err}): {_quote(entry)}; nothing of the "
+                    "bundle was installed"
+                )
+            except MalformedBundle as err:
+                report.answers[name] = KindAnswer.fail(
+                    name, Reason.UNSUPPORTED, str(err), bundle.sections[name].count
+                )
+            except Exception as err:  # ValueError by contract; anything else is a kind bug
+                report.answers[name] = KindAnswer.fail(
+                    name,
+                    Reason.UNSUPPORTED,
+                    f"entry {index} of kind {name} is invalid here: {err!r}",
+                    bundle.sections[name].count,
+                )
+        return None
+
+    def _install(
+        self,
+        ctx: KindContext,
+        migration: Migration,
+        bundle: VerifiedBundle,
+        name: str,
+        received_at: float | None,
+    ) -> KindAnswer:
+        kind = self.kinds[name]
+        section = bundle.sections[name]
+        started = time.perf_counter()
+        entries = list(section.entries())
+        if received_at is not None:
+            _add_age(entries, time.monotonic() - received_at)
+        try:
+            result = kind.import_(ctx, entries)
+        except Exception as err:
+            LOG.exception("host %s: import of %s raised", self.host, name)
+            return KindAnswer.fail(
+                name,
+                Reason.UNSUPPORTED,
+                f"import of {name} raised {err!r} (a kind must answer FAIL instead; "
+                "check the host's kernel tables for a partial install)",
+                section.count,
+            )
+        finally:
+            del entries
+        ms = (time.perf_counter() - started) * 1000.0
+        problem = self._result_problem(name, result)
+        if problem is not None:
+            return KindAnswer.fail(name, Reason.UNSUPPORTED, problem, section.count)
+        if not result.ok:
+            answer = KindAnswer.fail(
+                name, result.reason or Reason.UNSUPPORTED, result.detail, section.count
+            )
+            answer.ms = ms
+            return answer
+        label = bundle.header.label
+        self.ledger.add(migration.id, LedgerEntry(label, name, result.record))
+        by_label = self._synced.setdefault(migration.id, {}).setdefault(label, {})
+        by_label[name] = bundle.header.exported_at
+        return KindAnswer.success(name, section.count, result.installed, ms)
+
+    @staticmethod
+    def _result_problem(name: str, result: Any) -> str | None:
+        if not isinstance(result, ImportResult):
+            return f"import of {name} answered {type(result).__name__}, not an ImportResult"
+        if result.ok:
+            try:
+                json.dumps(result.record)
+            except (TypeError, ValueError) as err:
+                return f"import of {name} returned a record that is not JSON-able: {err}"
+        elif result.reason is None:
+            return f"import of {name} answered FAIL without a reason: {result.detail}"
+        return None
+
+    def revert(
+        self,
+        migration: Migration,
+        label: str | None = None,
+        fallback: list[LedgerEntry] | None = None,
+    ) -> tuple[int, list[str]]:
+        """Undo the imports of ``migration`` (of ``label``, or all), newest first.
+
+        ``fallback`` is used when the ledger has none (an orchestrator that
+        restarted without a ledger directory; the entries come from the
+        engine's journal). Entries whose revert fails stay in the ledger.
+        Returns (entries reverted, errors).
+        """
+        ctx = kind_context(self.netns, migration)
+        with self._lock:
+            synced = self._synced.get(migration.id, {})
+            if label is None:
+                synced.clear()
+            else:
+                synced.pop(label, None)
+            if not synced:
+                self._synced.pop(migration.id, None)
+            entries = self.ledger.take(migration.id, label)
+            if not entries and fallback:
+                entries = [e for e in fallback if label is None or e.label == label]
+            failed: list[LedgerEntry] = []
+            errors: list[str] = []
+            for entry in entries:
+                kind = self.kinds.get(entry.kind)
+                try:
+                    if kind is None:
+                        raise LookupError(f"kind {entry.kind} is no longer enabled here")
+                    kind.revert_import(ctx, entry.record)
+                except Exception as err:
+                    failed.append(entry)
+                    errors.append(f"revert of {entry.label} {entry.kind}: {err!r}")
+            if failed:
+                self.ledger.put_back(migration.id, failed)
+            return len(entries) - len(failed), errors

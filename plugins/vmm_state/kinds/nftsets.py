@@ -1,0 +1,293 @@
+"""Firewall cumulative data: nftables dynamic set elements of the VM.
+
+The firewall's flood meters and blacklists are dynamic sets whose keys name
+the protected VM (``source . VM`` in :mod:`vmm_state.firewall`): a SYN-rate
+meter per source and VM, and the (source, VM) pairs blacklisted after a
+flood. Left behind, a flooding source that was blocked from the VM on the
+old host reaches it again on the new one, and the meters start from zero.
+
+Which sets move is configured (``[state_nft_sets] sets``), each with the
+position in its key that holds the protected VM's address: only elements
+whose address there is the VM's are exported, and an entry naming another
+address there, or a set not configured, is refused as poisoned.
+
+Entry shape (JSON)::
+
+    {"family": "inet", "table": "vmm_fw", "set": "blacklist_v4",
+     "key": ["198.19.100.12", "198.19.100.10"],   (one value per key field)
+     "timeout": 60,         (the element's lifetime; null: the set has none)
+     "expires": 57,         (seconds left, rounded down; null: never)
+     "limit": {...}, "counter": {"packets": n, "bytes": n}   (when the element has them),
+     "age": seconds since export   (optional, set by a carrier)}
+
+A flood meter's token bucket is not visible through nft: a moved meter
+element starts with a full burst; its expiry moves.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import logging
+import time
+from collections.abc import Iterator
+from typing import Any, ClassVar
+
+from oslo_config import cfg
+
+from vmm_orchestrator.errors import ConfigError
+from vmm_state.kind import ImportResult, KindContext, PoisonedEntry, Reason
+from vmm_state.kinds import _nft
+from vmm_state.kinds._common import (
+    BaseKind,
+    CommandFailed,
+    ip_text,
+    max_entries_opt,
+    remaining,
+    require,
+)
+
+LOG = logging.getLogger(__name__)
+
+DEFAULT_SETS = [
+    "inet:vmm_fw:blacklist_v4:1",
+    "inet:vmm_fw:blacklist_v6:1",
+    "inet:vmm_fw:synflood_v4:1",
+    "inet:vmm_fw:synflood_v6:1",
+]
+
+
+def parse_spec(spec: str) -> tuple[str, str, str, int]:
+    """``family:table:set:field`` -> its parts (ValueError if malformed)."""
+    parts = spec.split(":")
+    if len(parts) != 4 or not parts[3].isdigit():
+        raise ValueError(
+            f"[state_nft_sets] sets: {spec!r} is not family:table:set:field "
+            "(for example inet:vmm_fw:blacklist_v4:1)"
+        )
+    return parts[0], parts[1], parts[2], int(parts[3])
+
+
+class ElementKind(BaseKind):
+    """Shared logic of the kinds whose state is nftables set elements."""
+
+    def _lookup(self, ctx: KindContext) -> dict[tuple[str, str, str], _nft.SetInfo]:
+        """Declarations of this kind's sets on the host (missing sets left out)."""
+        found = {}
+        for family, table, name in self.set_names():
+            try:
+                info, _ = _nft.list_set(ctx.netns, family, table, name)
+            except (OSError, LookupError):
+                continue
+            found[(family, table, name)] = info
+        return found
+
+    def set_names(self) -> list[tuple[str, str, str]]:
+        raise NotImplementedError
+
+    def unavailable(self, ctx: KindContext) -> str | None:
+        have = self._lookup(ctx)
+        missing = [" ".join(n) for n in self.set_names() if n not in have]
+        if missing:
+            return f"sets missing in {ctx.netns or 'this namespace'}: {', '.join(missing)}"
+        return None
+
+    def install_elements(
+        self,
+        ctx: KindContext,
+        wanted: list[tuple[tuple[str, str, str], list[Any], dict[str, Any]]],
+        extra_lines: list[str] | None = None,
+        record_extra: dict[str, Any] | None = None,
+    ) -> ImportResult:
+        """Add ``(set, key, entry)`` elements in one transaction; all or nothing.
+
+        Elements already present are replaced (``add`` updates their expiry)
+        and remembered so that revert restores them.
+        """
+        lines = list(extra_lines or [])
+        added: list[list[Any]] = []
+        replaced: list[dict[str, Any]] = []
+        expired = 0
+        by_set: dict[tuple[str, str, str], list[tuple[list[Any], dict[str, Any]]]] = {}
+        for name, key, entry in wanted:
+            by_set.setdefault(name, []).append((key, entry))
+        for name, items in by_set.items():
+            try:
+                info, present = _nft.list_set(ctx.netns, *name)
+            except (OSError, LookupError):
+                return ImportResult.fail(
+                    self.name, Reason.UNSUPPORTED, f"this host has no set {' '.join(name)}"
+                )
+            now = {json.dumps(e["key"]): e for e in present}
+            new = 0
+            for key, entry in items:
+                timeout = entry.get("timeout")
+                expires = entry.get("expires")
+                if timeout is not None and expires is not None:
+                    expires = remaining(expires, entry)
+                    if expires <= 0:
+                        expired += 1
+                        continue
+                    timeout = max(int(timeout), expires)
+                extra: dict[str, Any] = {k: entry[k] for k in ("limit", "counter") if k in entry}
+                try:
+                    lines.append(
+                        _nft.add_line(info, _nft.element_text(info, key, timeout, expires, extra))
+                    )
+                except ValueError as exc:
+                    return ImportResult.fail(self.name, Reason.UNSUPPORTED, str(exc))
+                old = now.get(json.dumps(key))
+                if old is None:
+                    added.append([*name, key])
+                    new += 1
+                else:
+                    replaced.append({"set": list(name), **old})
+            if info.size is not None and len(present) + new > info.size:
+                return ImportResult.fail(
+                    self.name,
+                    Reason.RESOURCE_LIMIT,
+                    f"set {' '.join(name)} holds {len(present)} of {info.size}; "
+                    f"{new} more do not fit",
+                )
+        try:
+            _nft.transaction(ctx.netns, lines)
+        except CommandFailed as exc:
+            return self.refused(exc.errno or errno.EINVAL, f"nft refused the import: {exc}")
+        record = {"added": added, "replaced": replaced, "at": time.time(), **(record_extra or {})}
+        result = ImportResult.success(self.name, len(added) + len(replaced), record)
+        if expired:
+            result.detail = f"{expired} expired element(s) left out"
+        return result
+
+    def revert_elements(self, ctx: KindContext, record: dict[str, Any]) -> None:
+        """Delete what an import added; put back what it replaced (time-adjusted)."""
+        infos = self._lookup(ctx)
+        doomed: dict[tuple[str, str, str], list[list[Any]]] = {}
+        for family, table, name, key in record.get("added", []):
+            doomed.setdefault((family, table, name), []).append(key)
+        for name, keys in doomed.items():
+            if name in infos:
+                _nft.delete_present(ctx.netns, infos[name], keys)
+        elapsed = max(0.0, time.time() - float(record.get("at", time.time())))
+        lines = []
+        for old in record.get("replaced", []):
+            info = infos.get(tuple(old["set"]))
+            if info is None:
+                continue
+            timeout, expires = old.get("timeout"), old.get("expires")
+            if expires is not None:
+                expires = int(expires - elapsed)
+                if expires <= 0:
+                    continue
+            extra = {k: old[k] for k in ("limit", "counter") if k in old}
+            lines.append(
+                _nft.add_line(info, _nft.element_text(info, old["key"], timeout, expires, extra))
+            )
+        _nft.transaction(ctx.netns, lines)
+
+
+class NftSetsKind(ElementKind):
+    """Flood meters and blacklists keyed by the protected VM's address."""
+
+    name = "nft_sets"
+    default_max_entries = 65536
+    opts: ClassVar[list[cfg.Opt]] = [
+        max_entries_opt(65536, "set elements (meter and blacklist entries)"),
+        cfg.ListOpt(
+            "sets",
+            default=DEFAULT_SETS,
+            help="The dynamic sets that move with a VM, as family:table:set:field, where "
+            "field is the position (from 0) in the set's key of the protected VM's "
+            "address. Only elements whose address there is the VM's move.",
+        ),
+    ]
+
+    def __init__(self, conf: cfg.ConfigOpts) -> None:
+        super().__init__(conf)
+        try:
+            self.specs()
+        except ValueError as exc:
+            raise ConfigError(str(exc), hint="write each set as family:table:set:field") from None
+
+    def specs(self) -> dict[tuple[str, str, str], int]:
+        out = {}
+        for spec in self.conf[self.group].sets:
+            family, table, name, field = parse_spec(spec)
+            out[(family, table, name)] = field
+        return out
+
+    def set_names(self) -> list[tuple[str, str, str]]:
+        return list(self.specs())
+
+    def export(self, ctx: KindContext, since: float | None = None) -> Iterator[dict[str, Any]]:
+        """Every element of the configured sets that names the VM (no change
+        times exist, so a delta is the whole set; import replaces)."""
+        addresses = ctx.addresses
+        for (family, table, name), field in self.specs().items():
+            try:
+                _info, elements = _nft.list_set(ctx.netns, family, table, name)
+            except (OSError, LookupError):
+                LOG.warning("nft_sets: set %s %s %s is missing here", family, table, name)
+                continue
+            for elem in elements:
+                key = elem["key"]
+                if field >= len(key) or not isinstance(key[field], str):
+                    continue
+                try:
+                    if ip_text(key[field]) not in addresses:
+                        continue
+                except ValueError:
+                    continue
+                yield {"family": family, "table": table, "set": name, **elem}
+
+    def check(self, ctx: KindContext, entry: dict[str, Any]) -> None:
+        """The set is one that moves and the VM's address is in its field.
+
+        Each value is checked against the destination set's field type when
+        the element is written (:func:`vmm_state.kinds._nft.token`).
+        """
+        require(entry, "family", "table", "set", "key")
+        name = (entry["family"], entry["table"], entry["set"])
+        field = self.specs().get(name)
+        if field is None:
+            raise PoisonedEntry(f"set {' '.join(map(str, name))} is not one that moves with VMs")
+        key = entry["key"]
+        if not isinstance(key, list) or field >= len(key):
+            raise ValueError(f"key {key!r} has no field {field}")
+        for value in key:
+            _nft.plain_value(value)
+        if ip_text(key[field]) not in ctx.addresses:
+            raise PoisonedEntry(f"element {key} does not name this VM at field {field}")
+        for what in ("timeout", "expires"):
+            value = entry.get(what)
+            if value is not None and (
+                isinstance(value, bool) or not isinstance(value, int) or value < 0
+            ):
+                raise ValueError(f"{what} must be whole seconds >= 0, got {value!r}")
+
+    def import_(self, ctx: KindContext, entries: list[dict[str, Any]]) -> ImportResult:
+        refused = self.too_many(len(entries))
+        if refused:
+            return refused
+        wanted = [((e["family"], e["table"], e["set"]), e["key"], e) for e in entries]
+        return self.install_elements(ctx, wanted)
+
+    def revert_import(self, ctx: KindContext, record: dict[str, Any]) -> None:
+        self.revert_elements(ctx, record)
+
+    def cleanup_source(self, ctx: KindContext) -> None:
+        """Delete the VM's meter and blacklist elements from the source."""
+        for (family, table, name), field in self.specs().items():
+            try:
+                info, elements = _nft.list_set(ctx.netns, family, table, name)
+            except (OSError, LookupError):
+                continue
+            keys = []
+            for elem in elements:
+                key = elem["key"]
+                try:
+                    if field < len(key) and ip_text(key[field]) in ctx.addresses:
+                        keys.append(key)
+                except ValueError:
+                    continue
+            _nft.delete_present(ctx.netns, info, keys)

@@ -1,0 +1,490 @@
+"""The state service's HTTP(S) server (standard library, one thread per
+connection), in the style of the directory's server: token on every
+request, JSON answers and errors, bounded request bodies.
+
+Exports are streamed with chunked transfer encoding as the kinds produce
+their entries; imports are read piece by piece into the bundle reader
+(Content-Length or chunked uploads), which enforces the limits as it
+goes. What a route does is the StateHost's business; this module only
+speaks HTTP.
+"""
+
+from __future__ import annotations
+
+import hmac
+import http.server
+import json
+import logging
+import math
+import re
+import socket
+import ssl
+import threading
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any, ClassVar, cast
+from urllib.parse import parse_qs, unquote, urlsplit
+
+from vmm_orchestrator.errors import ConfigError
+from vmm_orchestrator.model import Migration, Role
+from vmm_state.bundle import KIND_RE, MalformedBundle
+from vmm_state.wire import (
+    BUNDLE_TYPE,
+    DRAIN_LIMIT,
+    IDLE_TIMEOUT,
+    LABEL_RE,
+    MIGRATION_HEADER,
+    PIECE,
+    TOKEN_HEADER,
+    BadRequest,
+    MethodNotAllowed,
+    NotFound,
+    ServiceError,
+    TlsFiles,
+    Unauthorized,
+)
+
+if TYPE_CHECKING:
+    from vmm_state.service import StateHost
+
+LOG = logging.getLogger(__name__)
+
+
+def error_body(err: ServiceError) -> dict[str, Any]:
+    detail: dict[str, Any] = {"code": err.code, "message": err.message}
+    if err.hint:
+        detail["hint"] = err.hint
+    return {"error": detail}
+
+
+def _query(raw: str, allowed: set[str]) -> dict[str, str]:
+    """Single-valued query parameters; unknown or repeated ones are a client bug."""
+    query = parse_qs(raw, keep_blank_values=True)
+    unknown = sorted(set(query) - allowed)
+    if unknown:
+        raise BadRequest(
+            f"unknown query parameter(s) {', '.join(unknown)}; expected some of "
+            f"{', '.join(sorted(allowed)) or 'none'}"
+        )
+    out = {}
+    for name, values in query.items():
+        if len(values) != 1:
+            raise BadRequest(f"query parameter {name} given {len(values)} times")
+        out[name] = values[0]
+    return out
+
+
+def _label(query: dict[str, str], default: str | None) -> str | None:
+    label = query.get("label", default)
+    if label is not None and not LABEL_RE.match(label):
+        raise BadRequest(f"label {label!r} is not a short lower-case word")
+    return label
+
+
+class _HttpServer(http.server.ThreadingHTTPServer):
+    """ThreadingHTTPServer that knows its host and its open connections."""
+
+    daemon_threads = True
+    block_on_close = False
+
+    def __init__(self, address: tuple[str, int], host: StateHost) -> None:
+        self.host = host
+        self.token = host.settings.token.encode("utf-8")
+        self._conns: set[socket.socket] = set()
+        self._conns_lock = threading.Lock()
+        super().__init__(address, _Handler)
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        with self._conns_lock:
+            self._conns.add(request)
+        super().process_request(request, client_address)
+
+    def shutdown_request(self, request: Any) -> None:
+        with self._conns_lock:
+            self._conns.discard(request)
+        super().shutdown_request(request)
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        """A connection that failed outside a request (TLS handshake, reset): log, no traceback."""
+        LOG.info("state service connection from %s failed", client_address, exc_info=True)
+
+    def close_connections(self) -> None:
+        with self._conns_lock:
+            conns = list(self._conns)
+        for conn in conns:
+            try:
+                conn.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+
+class _HttpServer6(_HttpServer):
+    address_family = socket.AF_INET6
+
+
+class _Body:
+    """A request body read in pieces: Content-Length or chunked (streamed uploads).
+
+    The framing state lives here, not in a generator, so that a body whose
+    reading was abandoned (the bundle was refused half way) can still be
+    drained from exactly where it stopped.
+    """
+
+    def __init__(self, handler: _Handler) -> None:
+        self.rfile = handler.rfile
+        self.chunked = "chunked" in handler.headers.get("Transfer-Encoding", "").lower()
+        raw = handler.headers.get("Content-Length")
+        if not self.chunked and raw is not None and not raw.strip().isdigit():
+            raise BadRequest(f"invalid Content-Length {raw!r}")
+        #: Bytes left in the body (sized) or in the current chunk (chunked).
+        self.left = 0 if self.chunked or raw is None else int(raw)
+        self.complete = not self.chunked and self.left == 0
+        self.read = 0
+
+    def pieces(self) -> Iterator[bytes]:
+        """The body's (remaining) bytes; MalformedBundle if it ends early or is mis-framed."""
+        while True:
+            try:
+                piece = self._next()
+            except OSError as err:
+                raise MalformedBundle(
+                    f"receiving the bundle failed after {self.read} bytes: {err}"
+                ) from err
+            if not piece:
+                return
+            yield piece
+
+    def _next(self) -> bytes:
+        """The next piece of the body, b"" at its end."""
+        if self.complete:
+            return b""
+        if self.chunked and self.left == 0:
+            if self.read:  # the CRLF that ends the previous chunk
+                if self.rfile.readline(1024) not in (b"\r\n", b"\n"):
+                    raise MalformedBundle("a body chunk is not followed by CRLF")
+            line = self.rfile.readline(1024)
+            try:
+                self.left = int(line.split(b";", 1)[0].strip(), 16)
+            except ValueError:
+                raise MalformedBundle(f"bad chunk size line {line[:40]!r} in the body") from None
+            if self.left == 0:
+                while self.rfile.readline(1024) not in (b"\r\n", b"\n", b""):
+                    pass  # trailers
+                self.complete = True
+                return b""
+        data = self.rfile.read(min(self.left, PIECE))
+        if not data:
+            raise MalformedBundle(f"the request body ended early, after {self.read} bytes")
+        self.read += len(data)
+        self.left -= len(data)
+        if not self.chunked and self.left == 0:
+            self.complete = True
+        return data
+
+    def drain(self) -> bool:
+        """Read and drop what is left, up to DRAIN_LIMIT; False if the connection must close."""
+        try:
+            for _ in self.pieces():
+                if self.read > DRAIN_LIMIT:
+                    return False
+        except MalformedBundle:
+            return False
+        return self.complete
+
+
+class _Handler(http.server.BaseHTTPRequestHandler):
+    """Authenticates, routes, streams exports and imports, answers JSON."""
+
+    protocol_version = "HTTP/1.1"
+    server_version = "vmm-state/1"
+    timeout = IDLE_TIMEOUT
+
+    _MIG = r"^/v1/state/([^/]+)"
+    ROUTES: ClassVar[list[tuple[re.Pattern[str], dict[str, str]]]] = [
+        (re.compile(_MIG + "$"), {"GET": "export", "POST": "import_", "DELETE": "revert"}),
+        (re.compile(_MIG + "/synced$"), {"GET": "synced"}),
+        (re.compile(_MIG + "/commit$"), {"POST": "commit"}),
+        (re.compile(r"^/v1/health$"), {"GET": "health"}),
+    ]
+
+    @property
+    def _srv(self) -> _HttpServer:
+        return cast(_HttpServer, self.server)
+
+    @property
+    def _host(self) -> StateHost:
+        return self._srv.host
+
+    def setup(self) -> None:
+        """TLS handshake here (in the connection's thread, not the accept loop) and no Nagle."""
+        super().setup()
+        if isinstance(self.connection, ssl.SSLSocket):
+            self.connection.settimeout(self.timeout)
+            self.connection.do_handshake()
+        try:
+            self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        except OSError:
+            pass
+
+    def do_GET(self) -> None:
+        self._dispatch("GET")
+
+    def do_POST(self) -> None:
+        self._dispatch("POST")
+
+    def do_DELETE(self) -> None:
+        self._dispatch("DELETE")
+
+    def do_PUT(self) -> None:
+        self._dispatch("PUT")
+
+    def do_PATCH(self) -> None:
+        self._dispatch("PATCH")
+
+    def do_HEAD(self) -> None:
+        self._dispatch("HEAD")
+
+    def _dispatch(self, method: str) -> None:
+        self._streaming = False
+        self._body: _Body | None = None
+        try:
+            self._body = _Body(self)
+            self._authenticate()
+            action, args = self._route(method)
+            getattr(self, action)(*args)
+        except ServiceError as err:
+            self._answer_error(err.http_status, error_body(err))
+        except Exception:
+            LOG.exception("state request %s %s failed", method, self.path)
+            body = {"error": {"code": "internal_error", "message": "internal error"}}
+            self._answer_error(500, body)
+
+    def _answer_error(self, status: int, body: dict[str, Any]) -> None:
+        if self._streaming:  # the answer has begun: all we can do is cut it short
+            self.close_connection = True
+            return
+        if self._body is None or not self._body.drain():
+            self.close_connection = True
+        self._send_json(status, body)
+
+    def _authenticate(self) -> None:
+        given = self.headers.get(TOKEN_HEADER)
+        if given is None:
+            raise Unauthorized(f"missing {TOKEN_HEADER} header")
+        if not hmac.compare_digest(given.encode("latin-1", "replace"), self._srv.token):
+            raise Unauthorized(f"invalid {TOKEN_HEADER}")
+
+    def _route(self, method: str) -> tuple[str, tuple[str, ...]]:
+        path = urlsplit(self.path).path
+        for pattern, methods in self.ROUTES:
+            found = pattern.match(path)
+            if found is None:
+                continue
+            if method not in methods:
+                raise MethodNotAllowed(
+                    f"{method} is not allowed on {path}; use {', '.join(sorted(methods))}"
+                )
+            return methods[method], tuple(unquote(g) for g in found.groups())
+        raise NotFound(f"no such route: {path}")
+
+    def _query(self, allowed: set[str]) -> dict[str, str]:
+        return _query(urlsplit(self.path).query, allowed)
+
+    def _migration(self, migration_id: str, role: Role | None) -> Migration:
+        return self._host.resolve(migration_id, self.headers.get(MIGRATION_HEADER), role)
+
+    # -- routes -----------------------------------------------------------------
+
+    def export(self, migration_id: str) -> None:
+        query = self._query({"label", "kinds", "since"})
+        label = _label(query, "precopy")
+        assert label is not None
+        kinds = None
+        if "kinds" in query:
+            kinds = [k for k in query["kinds"].split(",") if k]
+            bad = [k for k in kinds if not KIND_RE.match(k)]
+            if bad or len(set(kinds)) != len(kinds):
+                raise BadRequest(f"kinds must be distinct kind names, got {query['kinds']!r}")
+        since = None
+        if "since" in query:
+            try:
+                since = float(query["since"])
+            except ValueError:
+                since = math.nan
+            if not math.isfinite(since):
+                raise BadRequest(f"since must be a time in seconds, got {query['since']!r}")
+        migration = self._migration(migration_id, Role.SOURCE)
+        pieces = self._host.export(migration, label, kinds, since)
+        self._finish_body()
+        self.send_response(200)
+        self.send_header("Content-Type", BUNDLE_TYPE)
+        self.send_header("Transfer-Encoding", "chunked")
+        self.end_headers()
+        self._streaming = True
+        buf = bytearray()
+        try:
+            for piece in pieces:
+                buf += piece
+                if len(buf) >= PIECE:
+                    self._write_chunk(bytes(buf))
+                    buf.clear()
+            if buf:
+                self._write_chunk(bytes(buf))
+            self.wfile.write(b"0\r\n\r\n")
+        except OSError as err:
+            LOG.info(
+                "state export of %s to %s broke off: %s", migration_id, self.client_address[0], err
+            )
+            self.close_connection = True
+
+    def _write_chunk(self, data: bytes) -> None:
+        self.wfile.write(b"%x\r\n" % len(data) + data + b"\r\n")
+
+    def import_(self, migration_id: str) -> None:
+        query = self._query({"label"})
+        label = _label(query, None)
+        if label is None:
+            raise BadRequest("query parameter label is required (e.g. label=delta)")
+        migration = self._migration(migration_id, Role.DESTINATION)
+        assert self._body is not None
+        report = self._host.import_pieces(migration, self._body.pieces(), label)
+        if not self._body.drain():
+            self.close_connection = True
+        self._send_json(200, report.to_dict())
+
+    def revert(self, migration_id: str) -> None:
+        label = _label(self._query({"label"}), None)
+        migration = self._migration(migration_id, None)
+        reverted, errors = self._host.revert_imports(migration, label)
+        self._finish_body()
+        self._send_json(200, {"reverted": reverted, "errors": errors})
+
+    def synced(self, migration_id: str) -> None:
+        self._query(set())
+        migration = self._migration(migration_id, Role.DESTINATION)
+        self._finish_body()
+        self._send_json(200, {"kinds": self._host.importer.synced(migration.id)})
+
+    def commit(self, migration_id: str) -> None:
+        self._query(set())
+        migration = self._migration(migration_id, None)
+        dropped = self._host.importer.forget(migration.id)
+        self._host.forget(migration.id)
+        self._finish_body()
+        self._send_json(200, {"committed": dropped})
+
+    def health(self) -> None:
+        self._query(set())
+        self._finish_body()
+        self._send_json(200, {"host": self._host.name, "kinds": list(self._host.kinds)})
+
+    # -- answers ------------------------------------------------------------------
+
+    def _finish_body(self) -> None:
+        if self._body is not None and not self._body.drain():
+            self.close_connection = True
+
+    def _send_json(self, status: int, payload: Any) -> None:
+        data = json.dumps(payload).encode("utf-8")
+        try:
+            self.send_response(status)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            if self.close_connection:
+                self.send_header("Connection", "close")
+            self.end_headers()
+            if self.command != "HEAD":
+                self.wfile.write(data)
+        except OSError as err:
+            LOG.debug("state client %s went away: %s", self.address_string(), err)
+            self.close_connection = True
+
+    def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
+        """Answer http.server's own errors (bad request line, ...) in JSON too."""
+        self.close_connection = True
+        self._streaming = False
+        text = message or explain or http.HTTPStatus(code).phrase
+        self._send_json(code, {"error": {"code": f"http_{code}", "message": text}})
+
+    def log_message(self, format: str, *args: Any) -> None:
+        LOG.debug("%s %s", self.address_string(), format % args)
+
+
+def _url_host(host: str) -> str:
+    if host in ("", "0.0.0.0"):
+        return "127.0.0.1"
+    if host == "::":
+        return "[::1]"
+    return f"[{host}]" if ":" in host else host
+
+
+class StateServer:
+    """A StateHost's HTTP(S) service, in a background thread."""
+
+    def __init__(self, host: StateHost) -> None:
+        self.host = host
+        self._httpd: _HttpServer | None = None
+        self._thread: threading.Thread | None = None
+
+    @property
+    def url(self) -> str:
+        if self._httpd is None:
+            raise RuntimeError("the state server is not started")
+        scheme = "https" if self.host.settings.tls else "http"
+        port = self._httpd.server_address[1]
+        return f"{scheme}://{_url_host(self.host.settings.bind_host)}:{port}"
+
+    def start(self) -> None:
+        """Bind and serve; returns once the socket listens."""
+        if self._thread is not None:
+            return
+        s = self.host.settings
+        cls = _HttpServer6 if ":" in s.bind_host else _HttpServer
+        try:
+            httpd = cls((s.bind_host, s.bind_port), self.host)
+        except OSError as err:
+            raise ConfigError(
+                f"the state service of host {self.host.name} cannot listen on "
+                f"{s.bind_host}:{s.bind_port}: {err}",
+                hint="check [state] bind_host and bind_port",
+            ) from err
+        if s.tls is not None:
+            try:
+                httpd.socket = _server_tls(s.tls).wrap_socket(
+                    httpd.socket, server_side=True, do_handshake_on_connect=False
+                )
+            except (OSError, ssl.SSLError) as err:
+                httpd.server_close()
+                raise ConfigError(
+                    f"cannot use the TLS files of [state] cert_file/key_file/ca_file: {err}",
+                    hint="check the paths and that the key matches the certificate",
+                ) from err
+        self._httpd = httpd
+        self._thread = threading.Thread(
+            target=httpd.serve_forever,
+            kwargs={"poll_interval": 0.05},
+            name=f"state-http-{self.host.name}",
+            daemon=True,
+        )
+        self._thread.start()
+        LOG.info("state service of host %s listening on %s", self.host.name, self.url)
+
+    def stop(self) -> None:
+        httpd, self._httpd = self._httpd, None
+        if httpd is None:
+            return
+        httpd.shutdown()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+            self._thread = None
+        httpd.server_close()
+        httpd.close_connections()
+
+
+def _server_tls(tls: TlsFiles) -> ssl.SSLContext:
+    """Mutual TLS: present our certificate, demand one signed by the CA."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.load_cert_chain(tls.cert, tls.key)
+    ctx.load_verify_locations(tls.ca)
+    ctx.verify_mode = ssl.CERT_REQUIRED
+    return ctx

@@ -1,0 +1,574 @@
+"""Each host's state service: the source serves signed exports, the
+destination takes imports and answers per kind SUCCESS or FAIL + reason.
+
+Routes (every request carries the X-Auth-Token; requests about a migration
+carry its description in X-Vmm-Migration, base64url JSON)::
+
+    GET    /v1/state/<migration>?label=&kinds=&since=   stream an export (bundle)
+    POST   /v1/state/<migration>?label=                 import a bundle -> JSON answer
+    DELETE /v1/state/<migration>?label=                 revert imports (ABORTED)
+    GET    /v1/state/<migration>/synced                 what was imported, per kind
+    POST   /v1/state/<migration>/commit                 the VM stays: forget the undo data
+    GET    /v1/health
+
+A host exports only the entries of the VM a migration names, and only for a
+migration it knows (``StateHost.expect``, called by the stages) or that the
+directory vouches for (the NICs' MAC/addresses are the VM's registered
+ones, and for an export the VM is registered at this host): a token holder
+cannot make a host export another VM's sessions by describing a fake VM.
+
+``StateHost`` is what stages find under ``ctx.host.service("state")``: the
+host's kinds, keys and limits, its server (:mod:`vmm_state.server`), its
+importer (:mod:`vmm_state.importer`) and clients for its peers
+(:mod:`vmm_state.client`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from typing import Any, Self
+
+from oslo_config import cfg
+
+from vmm_orchestrator.errors import ConfigError, TransientError, VmmError
+from vmm_orchestrator.model import Migration, Role
+from vmm_state import options
+from vmm_state.bundle import (
+    BundleError,
+    BundleHeader,
+    BundleReader,
+    SectionSource,
+    write_bundle,
+)
+from vmm_state.client import StateClient
+from vmm_state.importer import Importer, ImportReport, Ledger, LedgerEntry, kind_context
+from vmm_state.kind import KindContext, StateKind
+from vmm_state.server import StateServer
+from vmm_state.wire import (
+    MID_RE,
+    MIGRATION_HEADER,
+    BadRequest,
+    Conflict,
+    Forbidden,
+    NotFound,
+    ServiceError,
+    TlsFiles,
+    Unavailable,
+    decode_migration,
+    reason_for,
+)
+
+LOG = logging.getLogger(__name__)
+
+__all__ = ["StateClient", "StateHost", "StateServer", "StateSettings", "nva_voucher"]
+
+
+@dataclasses.dataclass(frozen=True)
+class StateSettings:
+    """The ``[state]`` options a StateHost uses, read and checked once."""
+
+    key_id: str
+    key: bytes
+    verify_keys: Mapping[str, bytes]
+    token: str
+    max_bundle_bytes: int = 256 * 1024 * 1024
+    max_entries: int = 262144
+    max_entries_per_kind: Mapping[str, int] = dataclasses.field(default_factory=dict)
+    chunk_entries: int = 2048
+    delta_margin: float = 1.0
+    bind_host: str = "127.0.0.1"
+    bind_port: int = 9798
+    connect_timeout: float = 2.0
+    read_timeout: float = 30.0
+    retry_delay: float = 0.2
+    tls: TlsFiles | None = None
+    ledger_dir: str | None = None
+
+    def __post_init__(self) -> None:
+        if not self.key or self.key_id not in self.verify_keys:
+            raise ConfigError(
+                "a state host needs a signing key that is also among its verification keys",
+                hint="set [state] key (and key_id) to the same values on every host",
+            )
+        if not self.token:
+            raise ConfigError(
+                "[state] token is not set: the state service would be open to anyone",
+                hint="set [state] token to the same secret on every host",
+            )
+
+    @classmethod
+    def from_conf(cls, conf: cfg.ConfigOpts) -> StateSettings:
+        options.register_opts(conf)
+        group = conf[options.GROUP]
+        key_id, key, keys = options.signing_keys(conf)
+        default_max, per_kind = options.entry_limits(conf)
+        files = (group.cert_file, group.key_file, group.ca_file)
+        if any(files) and not all(files):
+            raise ConfigError(
+                "[state] cert_file, key_file and ca_file must be set together",
+                hint="set all three for mutual TLS between hosts, or none",
+            )
+        return cls(
+            key_id=key_id,
+            key=key,
+            verify_keys=keys,
+            token=group.token or "",
+            max_bundle_bytes=group.max_bundle_bytes,
+            max_entries=default_max,
+            max_entries_per_kind=per_kind,
+            chunk_entries=group.chunk_entries,
+            delta_margin=group.delta_margin,
+            bind_host=group.bind_host,
+            bind_port=group.bind_port,
+            connect_timeout=group.connect_timeout,
+            read_timeout=group.read_timeout,
+            retry_delay=group.retry_delay,
+            tls=TlsFiles(*files) if all(files) else None,
+            ledger_dir=group.ledger_dir,
+        )
+
+    def limit(self, kind: str) -> int:
+        """Most entries of ``kind`` accepted for one migration."""
+        return self.max_entries_per_kind.get(kind, self.max_entries)
+
+
+# ------------------------------------------------------------ migrations
+
+
+#: Raises unless the directory confirms the migration's VM: ``role`` SOURCE
+#: (export: the VM is here), DESTINATION (import), None (revert, commit).
+Voucher = Callable[[Migration, Role | None], None]
+
+
+def nva_voucher(nva: Any, host: str) -> Voucher:
+    """A voucher that asks the directory (an NvaClient) about each NIC.
+
+    The MAC must be registered in its VNI with exactly the NIC's addresses
+    (only the registered binding may move, DESIGN problem 3). For an export
+    the endpoint must be located at this host; for an import at this host
+    or pending to it, or still at the migration's source.
+    """
+
+    def vouch(migration: Migration, role: Role | None) -> None:
+        for vif in migration.workload.vifs:
+            try:
+                ep = nva.get_endpoint(vif.vni, vif.mac)
+            except TransientError:
+                raise
+            except VmmError as err:
+                raise Forbidden(
+                    f"the directory does not know NIC {vif.mac} in VNI {vif.vni} of "
+                    f"{migration.workload.name}: {err}"
+                ) from None
+            registered = sorted(ep.get("ipv4") or []) + sorted(ep.get("ipv6") or [])
+            described = sorted(vif.ipv4) + sorted(vif.ipv6)
+            if registered != described:
+                raise Forbidden(
+                    f"NIC {vif.mac} of {migration.workload.name} is described with addresses "
+                    f"{described}, the directory registers {registered}"
+                )
+            at, pending = ep.get("nve"), ep.get("pending_nve")
+            if role is Role.SOURCE and at != host:
+                raise Forbidden(
+                    f"NIC {vif.mac} of {migration.workload.name} is registered at {at}, not at "
+                    f"{host}: this host will not export its state"
+                )
+            if role is Role.DESTINATION and host not in (at, pending) and at != migration.source:
+                raise Forbidden(
+                    f"NIC {vif.mac} of {migration.workload.name} is registered at {at} "
+                    f"(pending: {pending}); it is not moving to {host}"
+                )
+
+    return vouch
+
+
+# -------------------------------------------------------------- the host
+
+
+@dataclasses.dataclass
+class ExportStat:
+    """One kind's part of an export: entries written and ms spent in the kind's export."""
+
+    entries: int = 0
+    ms: float = 0.0
+    error: str | None = None
+
+
+@dataclasses.dataclass
+class Transfer:
+    """One transfer attempt: the importer's answer, the export figures, the wall time."""
+
+    report: ImportReport
+    exported: dict[str, ExportStat]
+    ms: float
+
+
+class StateHost:
+    """One host's state kinds, keys, limits, service and peer clients.
+
+    ``peers`` maps NVE id -> base URL of that host's state service, or is a
+    callable doing the same; a mapping is read at every transfer, so it may
+    be filled after construction (after each host's server has bound a
+    port). ``vouch`` lets the service accept migrations that the stages
+    have not announced with ``expect`` (the source learns of a migration
+    only when the destination pulls); without it only announced
+    migrations are served.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        netns: str | None,
+        kinds: Mapping[str, StateKind],
+        settings: StateSettings,
+        peers: Mapping[str, str] | Callable[[str], str | None] | None = None,
+        vouch: Voucher | None = None,
+    ) -> None:
+        self.name = name
+        self.netns = netns
+        self.kinds = dict(kinds)
+        self.settings = settings
+        self.peers: Mapping[str, str] | Callable[[str], str | None] = (
+            peers if peers is not None else {}
+        )
+        self.vouch = vouch
+        self.importer = Importer(name, netns, self.kinds, Ledger(settings.ledger_dir))
+        self._expected: dict[str, Migration] = {}
+        self._lock = threading.Lock()
+        self._clients: dict[str, StateClient] = {}
+        self._server: StateServer | None = None
+
+    @classmethod
+    def from_conf(
+        cls,
+        conf: cfg.ConfigOpts,
+        name: str,
+        netns: str | None,
+        nva: Any = None,
+        peers: Mapping[str, str] | Callable[[str], str | None] | None = None,
+        kinds: Mapping[str, StateKind] | None = None,
+    ) -> StateHost:
+        """A host as ``[state]`` describes it; ``nva`` (an NvaClient) vouches for migrations.
+
+        ``peers`` defaults to ``[state] peers``; ``kinds`` to the kinds of
+        ``[state] kinds`` loaded through stevedore.
+        """
+        from vmm_state import registry
+
+        settings = StateSettings.from_conf(conf)
+        if kinds is None:
+            kinds = registry.load_kinds(conf, list(conf[options.GROUP].kinds))
+        if peers is None:
+            peers = dict(conf[options.GROUP].peers or {})
+        vouch = nva_voucher(nva, name) if nva is not None else None
+        return cls(name, netns, kinds, settings, peers=peers, vouch=vouch)
+
+    # -- server ---------------------------------------------------------------
+
+    def start(self) -> None:
+        """Serve this host's state API in a background thread."""
+        if self._server is None:
+            self._server = StateServer(self)
+        self._server.start()
+
+    def stop(self) -> None:
+        """Stop serving and drop peer connections. Idempotent."""
+        if self._server is not None:
+            self._server.stop()
+            self._server = None
+        with self._lock:
+            clients, self._clients = list(self._clients.values()), {}
+        for client in clients:
+            client.close()
+
+    @property
+    def url(self) -> str:
+        """Base URL of this host's running service."""
+        if self._server is None:
+            raise RuntimeError(f"the state service of host {self.name} is not started")
+        return self._server.url
+
+    def __enter__(self) -> Self:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    # -- migrations -------------------------------------------------------------
+
+    def expect(self, migration: Migration) -> None:
+        """Announce a migration this host takes part in (stages call this)."""
+        with self._lock:
+            self._expected[migration.id] = migration
+
+    def forget(self, migration_id: str) -> None:
+        with self._lock:
+            self._expected.pop(migration_id, None)
+
+    def resolve(self, migration_id: str, description: str | None, role: Role | None) -> Migration:
+        """The migration a request is about, or the ServiceError that refuses it."""
+        if not MID_RE.match(migration_id):
+            raise BadRequest(f"migration id {migration_id!r} is not valid")
+        described = decode_migration(description) if description else None
+        if described is not None and described.id != migration_id:
+            raise BadRequest(
+                f"{MIGRATION_HEADER} describes migration {described.id}, the path names "
+                f"{migration_id}"
+            )
+        with self._lock:
+            known = self._expected.get(migration_id)
+        if known is not None:
+            if described is not None and described != known:
+                raise Conflict(
+                    f"the description of migration {migration_id} differs from the one host "
+                    f"{self.name} has (workload, NICs, source or destination)"
+                )
+            migration = known
+        elif described is None:
+            raise NotFound(
+                f"migration {migration_id} is unknown on host {self.name}",
+                hint=f"send its description in {MIGRATION_HEADER}",
+            )
+        else:
+            migration = described
+        self._check_role(migration, role)
+        if known is None:
+            self._vouch(migration, role)
+        return migration
+
+    def _check_role(self, migration: Migration, role: Role | None) -> None:
+        if role is Role.SOURCE and migration.source != self.name:
+            raise Forbidden(
+                f"migration {migration.id} moves {migration.workload.name} from "
+                f"{migration.source}, not from {self.name}: nothing to export here"
+            )
+        if role is Role.DESTINATION and migration.destination != self.name:
+            raise Forbidden(
+                f"migration {migration.id} moves {migration.workload.name} to "
+                f"{migration.destination}, not to {self.name}: nothing to import here"
+            )
+
+    def _vouch(self, migration: Migration, role: Role | None) -> None:
+        if self.vouch is None:
+            raise Forbidden(
+                f"migration {migration.id} was not announced on host {self.name} and no "
+                "directory is configured to vouch for it",
+                hint="give the host's StateHost an NVA client (nva=...)",
+            )
+        try:
+            self.vouch(migration, role)
+        except ServiceError:
+            raise
+        except TransientError as err:
+            raise Unavailable(f"cannot ask the directory about {migration.id}: {err}") from err
+        except VmmError as err:
+            raise Forbidden(str(err)) from err
+
+    def context(self, migration: Migration) -> KindContext:
+        return kind_context(self.netns, migration)
+
+    # -- source side ------------------------------------------------------------
+
+    def export(
+        self,
+        migration: Migration,
+        label: str,
+        kinds: Iterable[str] | None = None,
+        since: float | Mapping[str, float | None] | None = None,
+        stats: dict[str, ExportStat] | None = None,
+    ) -> Iterator[bytes]:
+        """The signed bundle of the VM's state here, as a stream of pieces.
+
+        ``since`` is one time for every kind or a time per kind (None: a
+        full export). Kinds not enabled here, or unavailable on this host,
+        get an "unavailable" section so the importer answers FAIL/unsupported.
+        """
+        ctx = self.context(migration)
+        names = list(self.kinds) if kinds is None else list(kinds)
+        per_kind = since if isinstance(since, Mapping) else dict.fromkeys(names, since)
+        starts = [s for s in (per_kind.get(n) for n in names) if s is not None]
+        header = BundleHeader(
+            migration=migration.id,
+            workload=migration.workload.name,
+            source=self.name,
+            label=label,
+            since=min(starts) if starts else None,
+            exported_at=time.time(),
+        )
+        box = stats if stats is not None else {}
+        sections = (self._section(ctx, name, per_kind.get(name), box) for name in names)
+        s = self.settings
+        return write_bundle(header, s.key_id, s.key, sections, s.chunk_entries)
+
+    def _section(
+        self,
+        ctx: KindContext,
+        name: str,
+        since: float | None,
+        stats: dict[str, ExportStat],
+    ) -> SectionSource:
+        kind = self.kinds.get(name)
+        stat = stats.setdefault(name, ExportStat())
+        if kind is None:
+            stat.error = f"kind {name} is not enabled on host {self.name} ([state] kinds)"
+            return SectionSource(name, unavailable=stat.error)
+        try:
+            why = kind.unavailable(ctx)
+        except Exception as err:
+            why = f"its availability check failed: {err!r}"
+        if why is not None:
+            stat.error = f"host {self.name} cannot hold {name}: {why}"
+            return SectionSource(name, unavailable=stat.error)
+        return SectionSource(name, entries=_timed(lambda: kind.export(ctx, since), stat))
+
+    def cleanup_source(self, migration: Migration) -> dict[str, str | None]:
+        """Remove the VM's entries here, kind by kind; per kind None or the error."""
+        ctx = self.context(migration)
+        out: dict[str, str | None] = {}
+        for name, kind in self.kinds.items():
+            try:
+                kind.cleanup_source(ctx)
+                out[name] = None
+            except Exception as err:
+                LOG.error("host %s: cleanup of %s for %s failed: %r", self.name, name, ctx, err)
+                out[name] = repr(err)
+        return out
+
+    # -- destination side ----------------------------------------------------
+
+    def new_reader(self) -> BundleReader:
+        s = self.settings
+        return BundleReader(s.verify_keys, s.max_bundle_bytes, s.limit)
+
+    def import_pieces(
+        self, migration: Migration, pieces: Iterable[bytes], label: str
+    ) -> ImportReport:
+        """Read, verify and import one bundle; refusals become FAIL answers, never raise."""
+        reader = self.new_reader()
+        started = time.perf_counter()
+        received_at = time.monotonic()
+        try:
+            for piece in pieces:
+                reader.feed(piece)
+            bundle = reader.finish()
+        except BundleError as err:
+            LOG.warning(
+                "host %s: %s bundle of migration %s refused: %s",
+                self.name,
+                label,
+                migration.id,
+                err,
+            )
+            report = ImportReport.refused(migration.id, label, self.kinds, err, reader.size)
+            report.read_ms = (time.perf_counter() - started) * 1000.0
+            return report
+        read_ms = (time.perf_counter() - started) * 1000.0
+        report = self.importer.import_bundle(migration, bundle, label, received_at)
+        report.read_ms = read_ms
+        return report
+
+    def revert_imports(
+        self,
+        migration: Migration,
+        label: str | None = None,
+        fallback: list[LedgerEntry] | None = None,
+    ) -> tuple[int, list[str]]:
+        """Undo this host's imports for ``migration`` (of ``label`` or all), newest first."""
+        return self.importer.revert(migration, label, fallback)
+
+    # -- transfers ---------------------------------------------------------------
+
+    def peer(self, nve: str) -> StateClient:
+        """A client for host ``nve``'s state service (ConfigError if its URL is unknown)."""
+        url = self.peers(nve) if callable(self.peers) else self.peers.get(nve)
+        if not url:
+            raise ConfigError(
+                f"host {self.name} does not know the state service of host {nve}",
+                hint=f"add {nve}:<url> to [state] peers",
+            )
+        with self._lock:
+            client = self._clients.get(url)
+            if client is None:
+                s = self.settings
+                client = StateClient(url, s.token, s.connect_timeout, s.read_timeout, s.tls)
+                self._clients[url] = client
+            return client
+
+    def source_kinds(self, migration: Migration, deadline: float) -> list[str]:
+        """The kinds to pre-copy: ours, then those only the source has (which we will
+        answer FAIL/unsupported, so the policy decides whether the VM moves without)."""
+        kinds = list(self.kinds)
+        try:
+            theirs = self.peer(migration.source).health(deadline).get("kinds", [])
+        except ServiceError as err:
+            LOG.info("host %s: cannot list the kinds of %s: %s", self.name, migration.source, err)
+            return kinds
+        return kinds + [str(k) for k in theirs if k not in self.kinds]
+
+    def pull(self, migration: Migration, label: str, kinds: list[str], deadline: float) -> Transfer:
+        """Destination: pull an export of ``kinds`` from the source and import it here."""
+        started = time.perf_counter()
+        received_at = time.monotonic()
+        client = self.peer(migration.source)
+        reader = self.new_reader()
+        try:
+            client.pull(migration, reader, label=label, kinds=kinds, deadline=deadline)
+            bundle = reader.finish()
+        except BundleError as err:
+            report = ImportReport.refused(migration.id, label, kinds, err, reader.size)
+        except ServiceError as err:
+            report = ImportReport.failed(
+                migration.id, label, kinds, reason_for(err), f"{err.code}: {err}", reader.size
+            )
+        else:
+            read_ms = (time.perf_counter() - started) * 1000.0
+            report = self.importer.import_bundle(migration, bundle, label, received_at)
+            report.read_ms = read_ms
+            del bundle
+        return Transfer(report, {}, (time.perf_counter() - started) * 1000.0)
+
+    def push(self, migration: Migration, label: str, kinds: list[str], deadline: float) -> Transfer:
+        """Source: export ``kinds`` (each since the destination last imported it) and push."""
+        started = time.perf_counter()
+        client = self.peer(migration.destination)
+        stats: dict[str, ExportStat] = {}
+        try:
+            synced = client.synced(migration, deadline)
+            margin = self.settings.delta_margin
+            since = {k: (synced[k] - margin if k in synced else None) for k in kinds}
+            pieces = self.export(migration, label, kinds, since, stats)
+            report = client.push(migration, pieces, label=label, deadline=deadline)
+        except ServiceError as err:
+            report = ImportReport.failed(
+                migration.id, label, kinds, reason_for(err), f"{err.code}: {err}"
+            )
+        return Transfer(report, stats, (time.perf_counter() - started) * 1000.0)
+
+
+def _timed(
+    export: Callable[[], Iterable[dict[str, Any]]], stat: ExportStat
+) -> Iterator[dict[str, Any]]:
+    """The kind's export, lazily, counting entries and the time spent inside the kind
+    (not the time the consumer spends sending them)."""
+    clock = time.perf_counter
+    t0 = clock()
+    try:
+        iterator = iter(export())
+        while True:
+            try:
+                entry = next(iterator)
+            except StopIteration:
+                break
+            stat.entries += 1
+            stat.ms += (clock() - t0) * 1000.0
+            yield entry
+            t0 = clock()
+        stat.ms += (clock() - t0) * 1000.0
+    except Exception as err:
+        stat.error = repr(err)
+        raise

@@ -1,0 +1,273 @@
+"""Pipeline stages that move a VM's dynamic state with it, in phases.
+
+* PREPARE, destination, ``state_precopy``: pull the full export from the
+  source and import it here, while the VM still runs at the source. A FAIL
+  whose rule says abort (by default resource_limit and policy_conflict)
+  fails the stage, which vetoes the migration before the VM moves.
+* SWITCHOVER, source, ``state_delta``: while the VM is paused, export what
+  changed since the destination's last import and push it there; the
+  destination imports it before answering, so the state is in place before
+  the VM resumes. This stage is the part of the transfer inside the pause.
+* COMPLETED, source, ``state_cleanup``: remove the VM's entries here and
+  tell the destination its imports are final.
+* ABORTED: ``state_precopy`` reverts every import of the migration at the
+  destination (pre-copy and delta), ``state_delta`` asks the destination to
+  revert the delta (harmless when already done).
+
+Each stage notes per-kind counts and timings in the timeline (``ctx.note``).
+The host's StateHost is found under ``ctx.host.service("state")``.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from typing import Any
+
+from oslo_config import cfg
+
+from vmm_orchestrator.errors import StageFailed
+from vmm_orchestrator.model import Phase, Role
+from vmm_orchestrator.stage import Stage, StageContext
+from vmm_state import policy
+from vmm_state.importer import KindAnswer, LedgerEntry
+from vmm_state.policy import Policy, Verdict
+from vmm_state.service import StateHost, Transfer
+
+LOG = logging.getLogger(__name__)
+
+PRECOPY = "precopy"
+DELTA = "delta"
+
+
+def state_host(ctx: StageContext) -> StateHost:
+    host: StateHost = ctx.host.service("state")
+    return host
+
+
+def figures(transfers: list[Transfer], verdict: Verdict) -> dict[str, Any]:
+    """The notes of a transfer: per kind and in total, over every attempt."""
+    kinds: dict[str, Any] = {}
+    for name, answer in verdict.answers.items():
+        exported = [t.exported[name] for t in transfers if name in t.exported]
+        kinds[name] = {
+            "result": "SUCCESS" if answer.ok else "FAIL",
+            "reason": answer.reason.value if answer.reason else None,
+            "detail": answer.detail,
+            "entries": answer.entries,
+            "installed": answer.installed,
+            "attempts": verdict.attempts.get(name, 0),
+            "import_ms": round(answer.ms, 3),
+            "export_ms": round(sum(e.ms for e in exported), 3) if exported else None,
+        }
+    return {
+        "kinds": kinds,
+        "bytes": sum(t.report.bytes for t in transfers),
+        "transfers": len(transfers),
+        "transfer_ms": round(sum(t.ms for t in transfers), 3),
+        "check_ms": round(sum(t.report.check_ms for t in transfers), 3),
+        "at_risk": list(verdict.at_risk),
+    }
+
+
+class _StateStage(Stage):
+    """Shared by the state stages: the policy, read once when the pipeline loads."""
+
+    default_attempts = 1  # retries are the policy's business (per kind and reason)
+
+    def __init__(self, conf: cfg.ConfigOpts) -> None:
+        super().__init__(conf)
+        self.policy = Policy.from_conf(conf)
+
+    def transfer(
+        self,
+        ctx: StageContext,
+        host: StateHost,
+        kinds: list[str],
+        move: Callable[[list[str]], Transfer],
+    ) -> tuple[list[Transfer], Verdict]:
+        """Run ``move(kinds) -> Transfer`` under the policy for ``kinds``."""
+        transfers: list[Transfer] = []
+
+        def attempt(names: list[str]) -> dict[str, KindAnswer]:
+            done = move(names)
+            transfers.append(done)
+            return done.report.answers_for(names)
+
+        verdict = policy.run(self.policy, attempt, kinds, host.settings.retry_delay, ctx.remaining)
+        for kind in verdict.at_risk:
+            answer = verdict.answers[kind]
+            LOG.warning(
+                "host %s: migration %s continues without %s state (at risk): %s",
+                host.name,
+                ctx.migration.id,
+                kind,
+                answer.detail,
+            )
+        return transfers, verdict
+
+
+class StatePrecopy(_StateStage):
+    """PREPARE, destination: pull the full export from the source and import it.
+
+    Runs before the VM moves, so a destination that cannot take the state
+    (FAIL/resource_limit) or refuses it (FAIL/policy_conflict) vetoes the
+    migration at no cost. On abort the stage first undoes the kinds it
+    already installed: no half-applied state is left behind.
+    """
+
+    name = "state_precopy"
+    phase = Phase.PREPARE
+    role = Role.DESTINATION
+    default_deadline = 60.0
+
+    def run(self, ctx: StageContext) -> dict[str, Any]:
+        host = state_host(ctx)
+        migration = ctx.migration
+        if not host.kinds:
+            ctx.note(kinds={}, skipped="no state kinds are enabled ([state] kinds)")
+            return {"label": PRECOPY, "imports": [], "at_risk": []}
+        host.expect(migration)
+        kinds = host.source_kinds(migration, ctx.deadline)
+        transfers, verdict = self.transfer(
+            ctx, host, kinds, lambda names: host.pull(migration, PRECOPY, names, ctx.deadline)
+        )
+        ctx.note(**figures(transfers, verdict))
+        if verdict.abort:
+            _, errors = host.revert_imports(migration, PRECOPY)
+            text = f"state pre-copy from {migration.source} vetoes the migration: "
+            text += verdict.failure_text()
+            if errors:
+                text += "; undoing the kinds already installed failed: " + "; ".join(errors)
+            raise StageFailed(
+                text, hint="see [state] on_<reason> for what each reason does; fix the cause"
+            )
+        imports = [
+            e.to_dict() for e in host.importer.ledger.entries(migration.id) if e.label == PRECOPY
+        ]
+        if host.settings.ledger_dir:
+            imports = []  # the ledger on disk has them; keep large records out of the journal
+        try:
+            # Refused once the engine gave up on this stage (deadline): then nobody
+            # would revert what we installed, so we do it ourselves.
+            ctx.checkpoint({"label": PRECOPY, "imported": True})
+        except StageFailed:
+            host.revert_imports(migration, PRECOPY)
+            raise
+        return {"label": PRECOPY, "imports": imports, "at_risk": verdict.at_risk}
+
+    def revert(self, ctx: StageContext, record: dict[str, Any] | None) -> None:
+        """Undo every import of the migration here (pre-copy and delta), newest first."""
+        host = state_host(ctx)
+        fallback = [LedgerEntry.from_dict(e) for e in (record or {}).get("imports", [])]
+        reverted, errors = host.revert_imports(ctx.migration, None, fallback)
+        host.forget(ctx.migration.id)
+        ctx.note(reverted=reverted)
+        if errors:
+            raise StageFailed(
+                "reverting imported state failed: " + "; ".join(errors),
+                hint="the entries stay recorded; an ABORTED event reverts them again",
+            )
+
+
+class StateDelta(_StateStage):
+    """SWITCHOVER, source: push what changed since the pre-copy, inside the pause.
+
+    Each kind is exported from the time of the export the destination last
+    imported (it says so; a kind it never imported is sent whole) minus
+    ``[state] delta_margin``. The destination imports before it answers,
+    i.e. before the VM resumes there. On abort the destination is asked to
+    revert this delta at once.
+    """
+
+    name = "state_delta"
+    phase = Phase.SWITCHOVER
+    role = Role.SOURCE
+    default_deadline = 10.0
+
+    def run(self, ctx: StageContext) -> dict[str, Any]:
+        host = state_host(ctx)
+        migration = ctx.migration
+        if not host.kinds:
+            ctx.note(kinds={}, skipped="no state kinds are enabled ([state] kinds)")
+            return {"label": DELTA, "destination": migration.destination}
+        host.expect(migration)
+        started = time.monotonic()
+        transfers, verdict = self.transfer(
+            ctx,
+            host,
+            list(host.kinds),
+            lambda names: host.push(migration, DELTA, names, ctx.deadline),
+        )
+        ctx.note(delta_ms=round((time.monotonic() - started) * 1000.0, 3))
+        ctx.note(**figures(transfers, verdict))
+        if verdict.abort:
+            text = f"state delta to {migration.destination} failed: {verdict.failure_text()}"
+            try:
+                host.peer(migration.destination).revert(migration, DELTA, ctx.deadline)
+            except Exception as err:
+                text += f"; asking {migration.destination} to revert the delta failed: {err}"
+            raise StageFailed(text, hint="see [state] on_<reason> for what each reason does")
+        try:
+            ctx.checkpoint({"label": DELTA, "pushed": True})  # refused past the deadline
+        except StageFailed:
+            try:
+                host.peer(migration.destination).revert(migration, DELTA, time.monotonic() + 5.0)
+            except Exception as err:
+                LOG.error("host %s: undoing the late delta of %s failed: %s", host.name, ctx, err)
+            raise
+        return {"label": DELTA, "destination": migration.destination}
+
+    def revert(self, ctx: StageContext, record: dict[str, Any] | None) -> None:
+        """Ask the destination to undo the delta it imported (a no-op if it already did)."""
+        host = state_host(ctx)
+        answer = host.peer(ctx.migration.destination).revert(ctx.migration, DELTA, ctx.deadline)
+        host.forget(ctx.migration.id)
+        ctx.note(reverted=answer.get("reverted", 0))
+        if answer.get("errors"):
+            raise StageFailed(
+                f"{ctx.migration.destination} could not revert the delta: "
+                + "; ".join(map(str, answer["errors"]))
+            )
+
+
+class StateCleanup(Stage):
+    """COMPLETED, source: remove the VM's state here; make the destination's final.
+
+    Never fails the phase: a failure at COMPLETED would make the engine
+    revert this host's stages of the migration (the delta at the
+    destination included) while the VM already runs there. Failures are
+    logged and noted instead; stale source entries only expire late.
+    """
+
+    name = "state_cleanup"
+    phase = Phase.COMPLETED
+    role = Role.SOURCE
+    default_deadline = 30.0
+    default_attempts = 1
+
+    def run(self, ctx: StageContext) -> dict[str, Any]:
+        host = state_host(ctx)
+        migration = ctx.migration
+        results = host.cleanup_source(migration)
+        failed = {k: v for k, v in results.items() if v is not None}
+        committed: Any = None
+        if host.kinds:
+            try:
+                committed = host.peer(migration.destination).commit(migration, ctx.deadline)
+            except Exception as err:  # noted and logged, never fatal here (see docstring)
+                LOG.warning(
+                    "host %s: telling %s that migration %s is final failed: %s",
+                    host.name,
+                    migration.destination,
+                    migration.id,
+                    err,
+                )
+                committed = {"error": str(err)}
+        host.forget(migration.id)
+        ctx.note(cleaned=sorted(k for k, v in results.items() if v is None))
+        if failed:
+            ctx.note(cleanup_failed=failed)
+        ctx.note(destination_commit=committed)
+        return {"cleaned": sorted(set(results) - set(failed)), "failed": failed}

@@ -1,0 +1,141 @@
+"""What the state service and its clients share on the wire: headers,
+constants, the error answers (one class per HTTP status, so a client raises
+what the server meant) and the migration description header.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import dataclasses
+import json
+import re
+from typing import ClassVar
+
+from vmm_orchestrator.errors import TransientError, VmmError
+from vmm_orchestrator.model import Migration
+from vmm_state.bundle import KIND_RE
+from vmm_state.kind import Reason
+
+TOKEN_HEADER = "X-Auth-Token"
+MIGRATION_HEADER = "X-Vmm-Migration"
+BUNDLE_TYPE = "application/vnd.vmm-state-bundle"
+
+#: Pieces in which bundles are sent and received.
+PIECE = 64 * 1024
+#: Seconds an idle keep-alive connection (or a stalled body) may hold a thread.
+IDLE_TIMEOUT = 60.0
+#: A refused upload is still read (and dropped) up to this size so the sender
+#: gets the answer instead of a reset; past it the connection is closed.
+DRAIN_LIMIT = 16 * 1024 * 1024
+#: Largest X-Vmm-Migration header accepted.
+MAX_DESCRIPTION = 64 * 1024
+
+MID_RE = re.compile(r"^[A-Za-z0-9._:@-]{1,128}$")
+LABEL_RE = KIND_RE
+
+
+@dataclasses.dataclass(frozen=True)
+class TlsFiles:
+    """This host's certificate and key, and the CA every peer's certificate must chain to."""
+
+    cert: str
+    key: str
+    ca: str
+
+
+# ------------------------------------------------------------------ errors
+
+
+class ServiceError(VmmError):
+    """An error answer of a state service; ``http_status`` and ``code`` go on the wire."""
+
+    http_status: ClassVar[int] = 500
+    code: ClassVar[str] = "internal_error"
+
+
+class BadRequest(ServiceError):
+    """The request is malformed (bad query, bad migration description)."""
+
+    http_status = 400
+    code = "bad_request"
+
+
+class Unauthorized(ServiceError):
+    """The X-Auth-Token header is missing or wrong."""
+
+    http_status = 401
+    code = "unauthorized"
+
+
+class Forbidden(ServiceError):
+    """The migration is not one this host may export or import for."""
+
+    http_status = 403
+    code = "forbidden"
+
+
+class NotFound(ServiceError):
+    """No such route, or a migration this host does not know and was not described."""
+
+    http_status = 404
+    code = "not_found"
+
+
+class MethodNotAllowed(ServiceError):
+    """The route exists but not for this method."""
+
+    http_status = 405
+    code = "method_not_allowed"
+
+
+class Conflict(ServiceError):
+    """The migration description contradicts the one this host already has."""
+
+    http_status = 409
+    code = "conflict"
+
+
+class Unavailable(ServiceError, TransientError):
+    """The service cannot answer now (its directory is unreachable, ...)."""
+
+    http_status = 503
+    code = "unavailable"
+
+
+class TransferFailed(ServiceError, TransientError):
+    """Client side: the peer could not be reached, timed out or broke off."""
+
+    code = "transfer_failed"
+
+
+BY_STATUS: dict[int, type[ServiceError]] = {
+    cls.http_status: cls
+    for cls in (BadRequest, Unauthorized, Forbidden, NotFound, MethodNotAllowed, Conflict)
+}
+
+
+def reason_for(err: ServiceError) -> Reason:
+    """The import reason a service error earns.
+
+    Refusals (wrong token, a migration the peer will not serve) are the
+    peer's policy: POLICY_CONFLICT. Everything else is a failed transfer.
+    """
+    if isinstance(err, Unauthorized | Forbidden | NotFound | Conflict):
+        return Reason.POLICY_CONFLICT
+    return Reason.TRANSFER_FAILED
+
+
+def encode_migration(migration: Migration) -> str:
+    data = json.dumps(migration.to_dict(), separators=(",", ":")).encode("utf-8")
+    return base64.urlsafe_b64encode(data).decode("ascii")
+
+
+def decode_migration(text: str) -> Migration:
+    if len(text) > MAX_DESCRIPTION:
+        raise BadRequest(f"{MIGRATION_HEADER} is longer than {MAX_DESCRIPTION} characters")
+    try:
+        data = json.loads(base64.urlsafe_b64decode(text.encode("ascii")))
+        return Migration.from_dict(data)
+    except (binascii.Error, UnicodeError, ValueError, KeyError, TypeError) as err:
+        raise BadRequest(f"{MIGRATION_HEADER} is not a migration description: {err!r}") from None
