@@ -41,7 +41,7 @@ setup(
         "pyroute2>=0.9",
         "libvirt-python>=9.0",
         "openstacksdk>=4.0",
-        "etcd3gw>=2.0",
+        "etcd3gw>=2.7",
     ],
     extras_require={
         "test": ["pytest>=8", "ruff", "mypy", "types-requests"],
@@ -69,7 +69,9 @@ setup(
             "migrate-with-network = vmm_openstack.command:MigrateWithNetworkCommand",
         ],
         "vmm_orchestrator.nva_backends": [
+            "embedded = vmm_orchestrator.nva.backends:EmbeddedBackend",
             "neutron = vmm_openstack.neutron:NeutronDirectory",
+            "etcd = vmm_etcd.backends:EtcdBackend",
         ],
         "oslo.config.opts": [
             "vmm_orchestrator = vmm_orchestrator.opts:list_opts",
@@ -78,6 +80,7 @@ setup(
             "vmm_state = vmm_state.options:list_opts",
             "vmm_libvirt = vmm_libvirt.options:list_opts",
             "vmm_state.kinds = vmm_state.kinds:list_opts",
+            "vmm_etcd = vmm_etcd.options:list_opts",
         ],
         "vmm_state.kinds": [
             "conntrack = vmm_state.kinds.conntrack:ConntrackKind",

@@ -270,6 +270,7 @@ class NvaCommand(Command):
     # -- serve ---------------------------------------------------------------
 
     def serve(self, conf: cfg.ConfigOpts, args: argparse.Namespace) -> int:
+        from vmm_orchestrator.nva.backends import open_store
         from vmm_orchestrator.nva.server import NvaServer
         from vmm_orchestrator.nva.store import NvaStore
 
@@ -286,6 +287,9 @@ class NvaCommand(Command):
             )
         database: str = opts.database
         created = False
+        if opts.backend != "embedded":
+            # Another backend (etcd): nothing local to check or create.
+            database = ":memory:"
         if database != ":memory:":
             path = os.path.abspath(database)
             directory = os.path.dirname(path)
@@ -305,7 +309,7 @@ class NvaCommand(Command):
                     f"[nva] database: directory {directory} is not writable",
                     hint="fix its permissions or point [nva] database elsewhere",
                 )
-        store = NvaStore(database)
+        store = NvaStore(database) if opts.backend == "embedded" else open_store(conf)
         try:
             server = NvaServer.from_conf(conf, store=store)
             server.start()  # binds, or raises ConfigError naming bind_host/bind_port

@@ -373,6 +373,29 @@ class Pipeline:
                 continue  # completed before a crash; the journal holds its record
             timing, result = self._run_stage(stage, migration, role, phase, origin)
             report.timeline.append(timing)
+            if not result.ok and stage.best_effort:
+                # Best effort (e.g. one more announcement): its failure is
+                # reported, and the migration goes on. Journalled as completed
+                # so that neither a later failure nor recovery treats it as a
+                # failed migration.
+                error = result.error or "failed"
+                LOG.warning(
+                    "host %s: best-effort stage %s of migration %s failed (%s); going on",
+                    self.host.name,
+                    stage.name,
+                    migration.id,
+                    error,
+                )
+                self.journal.stage_completed(
+                    migration.id,
+                    phase,
+                    stage.name,
+                    {"best_effort_failed": error},
+                    timing.attempts,
+                )
+                note = f"best-effort stage {stage.name} failed: {error}"
+                report.detail = f"{report.detail}; {note}" if report.detail else note
+                continue
             if not result.ok:
                 self.journal.phase_failed(migration.id, phase)
                 return self._fail(report, stage.name, result.error or "failed", origin)

@@ -110,6 +110,10 @@ class Stage(abc.ABC):
     role: ClassVar[Role]
     #: Options of this stage beyond the common ones, in [stage_<name>].
     opts: ClassVar[list[cfg.Opt]] = []
+    #: A best-effort stage's failure is reported but neither stops nor
+    #: reverts the migration (an announcement that could not be sent must
+    #: not unplug a VM that already runs at its destination).
+    best_effort: ClassVar[bool] = False
     #: Defaults of the common options for this stage.
     default_deadline: ClassVar[float] = 5.0
     default_attempts: ClassVar[int] = 3

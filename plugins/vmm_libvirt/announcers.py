@@ -266,9 +266,10 @@ class LibvirtAnnounce(Stage):
     """
 
     name = "libvirt_announce"
+    best_effort = True
     phase = Phase.RESUMED
     role = Role.DESTINATION
-    default_deadline = 5.0
+    default_deadline = 10.0
     default_attempts = 1
     opts: ClassVar[list[cfg.Opt]] = [
         cfg.ListOpt(

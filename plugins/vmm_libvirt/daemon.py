@@ -610,7 +610,7 @@ class Daemon:
     def from_conf(cls, conf: cfg.ConfigOpts) -> Daemon:
         """Build LinuxHost + journal + HostAgent per [agent] hosts (nothing started yet)."""
         from vmm_linux.host import LinuxHost
-        from vmm_orchestrator.nva.client import NvaClient
+        from vmm_orchestrator.nva.backends import open_client
 
         specs = host_specs(conf)
         factory = load_source_factory(conf)
@@ -619,8 +619,9 @@ class Daemon:
         closers: list[Callable[[], None]] = []
         try:
             for spec in specs:
-                nva = NvaClient.from_conf(conf)
-                closers.append(nva.close)
+                nva = open_client(conf)  # [nva] backend: embedded (HTTP), etcd, neutron
+                if hasattr(nva, "close"):
+                    closers.append(nva.close)
                 linux = LinuxHost(conf, spec.name, spec.netns, spec.vtep, list(spec.vnis), nva)
                 starters.append(linux.start)
                 closers.append(linux.stop)

@@ -41,11 +41,21 @@ class KindContext:
     ``netns`` is the host's network namespace (None: the current one).
     ``vifs`` are the VM's NICs: MAC, VNI, addresses and host-side port (the
     same port name on both hosts).
+
+    ``keep_addresses`` matters only to ``cleanup_source``: the addresses of
+    the other endpoints that remain on (or are moving to) this host. The
+    VM's traffic with them still crosses this host's firewall after the VM
+    has left, so a kind keeps the entries it needs for them (a session with
+    one of them). Empty: no other endpoint is here, remove everything of
+    the VM. None: this host could not tell (the directory did not answer);
+    a kind then keeps every entry that may still be in use rather than
+    break a live connection.
     """
 
     netns: str | None
     vifs: tuple[Vif, ...]
     migration_id: str
+    keep_addresses: frozenset[str] | None = frozenset()
 
     def bridge_for(self, vni: int) -> str:
         return f"br-{vni}"
@@ -131,4 +141,5 @@ class StateKind(abc.ABC):
 
     @abc.abstractmethod
     def cleanup_source(self, ctx: KindContext) -> None:
-        """Remove the VM's entries from the source host once it has left."""
+        """Remove the VM's entries from the source host once it has left
+        (except those still in use for ``ctx.keep_addresses``, see KindContext)."""

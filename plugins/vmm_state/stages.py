@@ -8,8 +8,10 @@
   changed since the destination's last import and push it there; the
   destination imports it before answering, so the state is in place before
   the VM resumes. This stage is the part of the transfer inside the pause.
-* COMPLETED, source, ``state_cleanup``: remove the VM's entries here and
-  tell the destination its imports are final.
+* COMPLETED, source, ``state_cleanup``: remove the VM's entries here
+  (keeping the sessions of the endpoints that stay here: their traffic with
+  the VM still crosses this host's firewall) and tell the destination its
+  imports are final.
 * ABORTED: ``state_precopy`` reverts every import of the migration at the
   destination (pre-copy and delta), ``state_delta`` asks the destination to
   revert the delta (harmless when already done).
@@ -20,6 +22,7 @@ The host's StateHost is found under ``ctx.host.service("state")``.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from collections.abc import Callable
@@ -28,10 +31,11 @@ from typing import Any
 from oslo_config import cfg
 
 from vmm_orchestrator.errors import StageFailed
-from vmm_orchestrator.model import Phase, Role
+from vmm_orchestrator.model import Migration, Phase, Role, normalize_mac
 from vmm_orchestrator.stage import Stage, StageContext
 from vmm_state import policy
 from vmm_state.importer import KindAnswer, LedgerEntry
+from vmm_state.kind import KindContext
 from vmm_state.policy import Policy, Verdict
 from vmm_state.service import StateHost, Transfer
 
@@ -232,6 +236,38 @@ class StateDelta(_StateStage):
             )
 
 
+def endpoints_here(nva: Any, host: str, migration: Migration) -> frozenset[str]:
+    """The addresses of the other endpoints the directory places at ``host`` (or
+    is moving there), in the VNIs of the migration's VM: the peers whose traffic
+    with the VM still crosses this host's firewall once the VM has left."""
+    if nva is None:
+        raise LookupError(f"host {host} has no directory client")
+    vifs = migration.workload.vifs
+    own = {v.mac for v in vifs}
+    found: set[str] = set()
+    for vni in sorted({v.vni for v in vifs}):
+        for ep in nva.list_endpoints(vni=vni):
+            if host not in (ep.get("nve"), ep.get("pending_nve")):
+                continue
+            if normalize_mac(str(ep.get("mac", ""))) in own:
+                continue
+            found.update(str(a) for a in (*(ep.get("ipv4") or ()), *(ep.get("ipv6") or ())))
+    return frozenset(found)
+
+
+def cleanup_source(host: StateHost, ctx: KindContext) -> dict[str, str | None]:
+    """StateHost.cleanup_source with this kind context: per kind None or the error."""
+    out: dict[str, str | None] = {}
+    for name, kind in host.kinds.items():
+        try:
+            kind.cleanup_source(ctx)
+            out[name] = None
+        except Exception as err:
+            LOG.error("host %s: cleanup of %s for %s failed: %r", host.name, name, ctx, err)
+            out[name] = repr(err)
+    return out
+
+
 class StateCleanup(Stage):
     """COMPLETED, source: remove the VM's state here; make the destination's final.
 
@@ -239,6 +275,15 @@ class StateCleanup(Stage):
     revert this host's stages of the migration (the delta at the
     destination included) while the VM already runs there. Failures are
     logged and noted instead; stale source entries only expire late.
+
+    What the VM still needs here is kept: the kinds are told the addresses
+    of the other endpoints the directory places at this host
+    (``KindContext.keep_addresses``), whose traffic with the VM still
+    crosses this host's firewall (conntrack keeps their sessions). If the
+    directory cannot be asked, they are told None and keep everything that
+    may be in use. In the lab's pipeline this stage runs after
+    ``hold_timer``, so the in-flight tunnel (traffic of peers elsewhere
+    still arriving here) is gone by then.
     """
 
     name = "state_cleanup"
@@ -250,7 +295,21 @@ class StateCleanup(Stage):
     def run(self, ctx: StageContext) -> dict[str, Any]:
         host = state_host(ctx)
         migration = ctx.migration
-        results = host.cleanup_source(migration)
+        keep: frozenset[str] | None = frozenset()
+        if host.kinds:
+            try:
+                keep = endpoints_here(ctx.host.nva, host.name, migration)
+            except Exception as err:  # never delete what may be in use (see docstring)
+                LOG.warning(
+                    "host %s: cannot ask the directory which endpoints stay here (%s); "
+                    "every entry of migration %s that may still be in use is kept here",
+                    host.name,
+                    err,
+                    migration.id,
+                )
+                keep = None
+        kind_ctx = dataclasses.replace(host.context(migration), keep_addresses=keep)
+        results = cleanup_source(host, kind_ctx)
         failed = {k: v for k, v in results.items() if v is not None}
         committed: Any = None
         if host.kinds:
@@ -267,6 +326,8 @@ class StateCleanup(Stage):
                 committed = {"error": str(err)}
         host.forget(migration.id)
         ctx.note(cleaned=sorted(k for k, v in results.items() if v is None))
+        # addresses of the endpoints whose entries stay here (None: unknown, all kept)
+        ctx.note(endpoints_here=None if keep is None else len(keep))
         if failed:
             ctx.note(cleanup_failed=failed)
         ctx.note(destination_commit=committed)

@@ -12,6 +12,7 @@ bridge br-100, the migrating VM's port tap-vm1 and another VM's port tap-vm2
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import socket
 import time
@@ -195,6 +196,38 @@ def test_conntrack_moves_sessions_with_remaining_timeouts(conf, hosts):
     kind.cleanup_source(hosts.src)
     assert sessions(hosts.a, VM_ADDRS) == {}
     assert len(sessions(hosts.a, OTHER_ADDRS)) == 1
+
+
+def test_conntrack_cleanup_keeps_the_sessions_of_endpoints_left_at_the_source(conf, hosts):
+    """A peer still at the source (``keep_addresses``) keeps its sessions with the departed
+    VM there: its packets still cross the source's firewall. Unknown peers (None): every
+    session stays; none (the default): every session of the VM goes."""
+    kind = ConntrackKind(conf)
+    neighbour4, neighbour6 = OTHER.ipv4[0], OTHER.ipv6[0]
+    kept = [
+        tcp(neighbour4, "198.19.100.10", 41000, 8080, 3000),  # the neighbour started it
+        tcp("fd00:100::10", neighbour6, 42000, 22, 3000),  # the VM started it
+        icmp_echo(neighbour4, "198.19.100.10", 5, 20),
+    ]
+    gone = [
+        tcp(PEER4, "198.19.100.10", 51000, 22, 3000),
+        udp("198.19.100.10", PEER4, 5353, 53, 25),
+    ]
+    theirs = [tcp(neighbour4, PEER4, 43000, 443, 3000)]  # not the VM's: never touched
+    create(hosts.a, kept + gone + theirs)
+    everyone = VM_ADDRS | OTHER_ADDRS | {PEER4}
+    every_key = {c.orig.key() for c in kept + gone + theirs}
+
+    kind.cleanup_source(dataclasses.replace(hosts.src, keep_addresses=None))
+    assert set(sessions(hosts.a, everyone)) == every_key
+
+    # the directory's addresses in any spelling; the VM's own address there changes nothing
+    keep = frozenset({neighbour4, "FD00:100:0::11", "198.19.100.10"})
+    kind.cleanup_source(dataclasses.replace(hosts.src, keep_addresses=keep))
+    assert set(sessions(hosts.a, everyone)) == {c.orig.key() for c in kept + theirs}
+
+    kind.cleanup_source(hosts.src)
+    assert set(sessions(hosts.a, everyone)) == {c.orig.key() for c in theirs}
 
 
 def test_conntrack_check_refuses_other_vms_sessions(conf, hosts):

@@ -26,10 +26,8 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
-import re
 import socket
 import struct
-import threading
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -50,23 +48,33 @@ from vmm_state.kinds.dhcp_snooping import DhcpSnoopingKind
 from vmm_state.kinds.mdb import MdbKind
 from vmm_state.kinds.nftsets import NftSetsKind
 
-SERVICE = 5001
-GROUP, GROUP_PORT = "239.1.2.3", 5555
-SINK_PORT = 6000
+# The probes are the proofs' own (vmm_state.proofs, shared with the state demo and
+# test_state_pipeline.py); only the moving of the state is done by hand here.
+from vmm_state.proofs import (
+    GROUP,
+    GROUP_PORT,
+    LEASE,
+    NO_IGMP,
+    PING_COUNTERS,
+    SERVICE,
+    SINK_PORT,
+    EchoServer,
+    echo,
+    echo_requests,
+    ping,
+    send_from,
+    send_multicast,
+    syn_flood,
+)
+from vmm_state.proofs import receive as receive_all
+
 ATTACKER = "vm4"
 SPOOFED = "198.19.100.99"
-LEASE = 3600
 
 #: Imported while the VM is paused, before its port resumes on h2.
 PAUSED_KINDS = ("conntrack", "nft_sets", "dhcp_snooping")
 #: Need the VM's port on h2's bridge.
 PORT_KINDS = ("mdb",)
-
-
-def ping(src_ns: str, dst: str, count: int = 3) -> int:
-    out = in_ns(src_ns, "ping", "-c", str(count), "-i", "0.1", "-W", "1", dst, check=False)
-    found = re.search(r"(\d+) received", out)
-    return int(found.group(1)) if found else 0
 
 
 @dataclasses.dataclass
@@ -179,105 +187,6 @@ def lab_conf() -> cfg.ConfigOpts:
     return conf
 
 
-class EchoServer:
-    """A TCP echo service in vm1 that serves its first client until it leaves,
-    and keeps what it received: the proof looks at the peer-to-VM direction on
-    its own, so that no other filter on the VM's replies can decide it."""
-
-    def __init__(self, ns: str, address: str) -> None:
-        self.sock = socket_in(ns, socket.AF_INET, socket.SOCK_STREAM)
-        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self.sock.bind((address, SERVICE))
-        self.sock.listen(64)
-        self.received = bytearray()
-        self.changed = threading.Condition()
-        threading.Thread(target=self._serve, daemon=True).start()
-
-    def _serve(self) -> None:
-        with contextlib.suppress(OSError):
-            conn, _ = self.sock.accept()
-            while data := conn.recv(4096):
-                with self.changed:
-                    self.received += data
-                    self.changed.notify_all()
-                conn.sendall(data)
-
-    def got(self, payload: bytes, timeout: float) -> bool:
-        """True once ``payload`` has reached the service (within ``timeout``)."""
-        with self.changed:
-            return self.changed.wait_for(lambda: payload in self.received, timeout)
-
-    def close(self) -> None:
-        self.sock.close()
-
-
-def echo(client: socket.socket, payload: bytes, timeout: float = 2.0) -> bool:
-    """True if the echo service answered ``payload`` within ``timeout``."""
-    client.settimeout(timeout)
-    try:
-        client.sendall(payload)
-        got = b""
-        while len(got) < len(payload):
-            chunk = client.recv(4096)
-            if not chunk:
-                return False
-            got += chunk
-        return got == payload
-    except OSError:
-        return False
-
-
-def syn_flood(ns: str, target: str, count: int = 80) -> None:
-    """``count`` connection attempts as fast as a socket loop goes (SYNs)."""
-    socks = []
-    for _ in range(count):
-        s = socket_in(ns, socket.AF_INET, socket.SOCK_STREAM)
-        s.setblocking(False)
-        with contextlib.suppress(BlockingIOError, OSError):
-            s.connect((target, SERVICE))
-        socks.append(s)
-    time.sleep(0.2)
-    for s in socks:
-        s.close()
-
-
-def receive_all(sock: socket.socket, window: float) -> list[tuple[bytes, str]]:
-    """Datagrams ``sock`` receives within ``window`` seconds, with their sources."""
-    got = []
-    deadline = time.monotonic() + window
-    while (left := deadline - time.monotonic()) > 0:
-        sock.settimeout(left)
-        try:
-            data, (addr, _port) = sock.recvfrom(2048)
-        except (TimeoutError, OSError):
-            break
-        got.append((data, addr))
-    return got
-
-
-def send_multicast(ns: str, source: str, count: int, tag: bytes) -> None:
-    s = socket_in(ns, socket.AF_INET, socket.SOCK_DGRAM)
-    try:
-        s.setsockopt(socket.IPPROTO_IP, socket.IP_MULTICAST_IF, socket.inet_aton(source))
-        s.setsockopt(socket.IPPROTO_IP, socket.IP_MULTICAST_TTL, 1)
-        for i in range(count):
-            s.sendto(tag + b"%d" % i, (GROUP, GROUP_PORT))
-            time.sleep(0.01)
-    finally:
-        s.close()
-
-
-def send_from(ns: str, source: str, dest: str, count: int, tag: bytes) -> None:
-    s = socket_in(ns, socket.AF_INET, socket.SOCK_DGRAM)
-    try:
-        s.bind((source, 0))
-        for i in range(count):
-            s.sendto(tag + b"%d" % i, (dest, SINK_PORT))
-            time.sleep(0.01)
-    finally:
-        s.close()
-
-
 def build(mode: str, prefix: str) -> Iterator[Run]:
     conf = lab_conf()
     with lab_site(conf, prefix, orchestrated=True) as site:
@@ -355,38 +264,6 @@ def build(mode: str, prefix: str) -> Iterator[Run]:
             for sock in (client, mcast, sink):
                 sock.close()
             server.close()
-
-
-#: Counts, inside vm1, the echo requests that reach it from the attacker and from gw.
-PING_COUNTERS = """
-table ip vmmlab_probe {{
-  chain in {{
-    type filter hook input priority 0;
-    ip saddr {attacker} icmp type echo-request counter
-    ip saddr {gw} icmp type echo-request counter
-  }}
-}}
-"""
-
-
-def echo_requests(ns: str) -> tuple[int, int]:
-    """(from the attacker, from gw): echo requests that reached the VM so far."""
-    out = json.loads(in_ns(ns, "nft", "-j", "list", "chain", "ip", "vmmlab_probe", "in"))
-    counts = [
-        int(expr["counter"]["packets"])
-        for item in out["nftables"]
-        if "rule" in item
-        for expr in item["rule"]["expr"]
-        if "counter" in expr
-    ]
-    return counts[0], counts[1]
-
-
-NO_IGMP = """
-table ip vmmlab_igmp {
-  chain out { type filter hook output priority 0; ip protocol igmp counter drop; }
-}
-"""
 
 
 @pytest.fixture(scope="module", params=["with_state", "without_state"])

@@ -263,7 +263,7 @@ def test_nva_status_refuses_a_bad_config_file(tmp_path: Path, text: str, words: 
         (["lab", "demo", "--rate", "fast"], ["--rate", "invalid int value"]),
         (["nva", "status", "-f", "xml"], ["--format", "xml", "vmm nva status --help"]),
         (["nva"], ["required: {serve,status}", "vmm nva --help"]),
-        (["lab"], ["required: {demo,cleanup}", "vmm lab --help"]),
+        (["lab"], ["required: {demo,state-demo,cleanup}", "vmm lab --help"]),
     ],
     ids=[
         "no-command",

@@ -553,3 +553,23 @@ def test_dispatcher_delivers_an_engine_exception_through_the_future(
         future = dispatcher.submit(event(PREP))
         with pytest.raises(Exception, match="closed"):
             future.result(timeout=5)
+
+
+def test_a_best_effort_stage_failure_neither_stops_nor_reverts(
+    conf: cfg.ConfigOpts, journal: Journal, log: list[str]
+) -> None:
+    """A failed announcement must not unplug a VM that already runs at its destination."""
+    shout = make_stage("shout", RESUMED, D, log, run=fail)
+    shout.best_effort = True
+    classes = [make_stage("plug", RESUMED, D, log), shout, make_stage("commit", RESUMED, D, log)]
+    pipe = pipeline(conf, journal, classes)
+
+    report = pipe.handle(event(RESUMED, D))
+
+    assert report.ok, report.error
+    assert [t.stage for t in report.timeline] == ["plug", "shout", "commit"]
+    assert not report.reverted
+    assert "shout" in (report.detail or "")
+    record = journal.get("m1")
+    assert record is not None and record.status == "done"
+    assert not any(line.startswith("revert") for line in log), log

@@ -311,6 +311,7 @@ def test_options_have_help_and_secret_token() -> None:
         "bind_host",
         "bind_port",
         "database",
+        "backend",
         "max_body_bytes",
         "watch_max_timeout",
     }

@@ -12,6 +12,15 @@ from oslo_config import cfg
 GROUP = "nva"
 
 NVA_OPTS: list[cfg.Opt] = [
+    cfg.StrOpt(
+        "backend",
+        default="embedded",
+        help="Where the directory lives. 'embedded': SQLite in the `vmm nva serve` process "
+        "([nva] database); agents and stages reach it over HTTP ([nva] url). 'etcd': an etcd "
+        "cluster ([nva_etcd]); agents and stages talk to etcd directly and NVE agents watch "
+        "their VNs' keys; `vmm nva serve` can still serve it over HTTP. Other names are looked "
+        "up in the vmm_orchestrator.nva_backends entry points (e.g. 'neutron').",
+    ),
     cfg.URIOpt(
         "url",
         default="http://127.0.0.1:9797",

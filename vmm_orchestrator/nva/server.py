@@ -336,6 +336,9 @@ class _HttpServer(http.server.ThreadingHTTPServer):
     """
 
     daemon_threads = True
+    #: Many NVE agents connect at once when a site starts; the default of 5
+    #: pending connections makes the kernel reset the rest.
+    request_queue_size = 128
     block_on_close = False
 
     def __init__(self, address: tuple[str, int], api: Api, token: str, max_body: int) -> None:

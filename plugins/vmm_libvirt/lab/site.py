@@ -36,7 +36,12 @@ How the pieces are wired, and why:
   synchronous PREPARE gets ``LAB_HOOK_TIMEOUT_S`` (the relay's deadline one
   second more) instead of the production 1.5 s: a PREPARE that finishes late
   would veto the migration, which is a correct outcome in production but a
-  flaky one in a lab whose point is to measure the network.
+  flaky one in a lab whose point is to measure the network. For the same
+  reason ``libvirt_announce`` gets ``LAB_ANNOUNCE_DEADLINE_S``: its default
+  5 s deadline is barely above its own agent budget (agent_wait 1.5 s +
+  exec_timeout 3 s, and libvirt's agent timeouts are whole seconds), and on
+  a loaded machine it overran it, which fails the destination's RESUMED
+  phase and reverts nve_plug/nve_prepare on the host the VM already runs on.
 """
 
 from __future__ import annotations
@@ -57,6 +62,7 @@ import libvirt_qemu
 from oslo_config import cfg
 
 from vmm_libvirt import options as lv_options
+from vmm_libvirt.announcers import LibvirtAnnounce
 from vmm_libvirt.daemon import Daemon, HostAgent, HostSpec
 from vmm_libvirt.events import start_event_loop
 from vmm_libvirt.lab import LibvirtLabError
@@ -70,6 +76,7 @@ from vmm_linux.lab.topology import in_ns
 from vmm_orchestrator import engine
 from vmm_orchestrator.journal import Journal
 from vmm_orchestrator.nva.client import NvaClient
+from vmm_orchestrator.stage import group_name, register_stage_opts
 
 #: The two lab hosts that run libvirtd; the guest boots on the first.
 LIBVIRT_HOSTS = ("h1", "h2")
@@ -82,6 +89,8 @@ RELAY = os.path.join(
 LAB_STAGES = [*engine.DEFAULT_STAGES, "libvirt_announce"]
 #: Synchronous PREPARE budget on this loaded 2-core lab (see the module docstring).
 LAB_HOOK_TIMEOUT_S = 4.0
+#: libvirt_announce's deadline in the lab (see the module docstring).
+LAB_ANNOUNCE_DEADLINE_S = 15.0
 BOOT_TIMEOUT_S = 90.0
 PING_TIMEOUT_S = 15.0
 AGENT_TIMEOUT_S = 30.0
@@ -130,6 +139,10 @@ def prepare_conf(conf: cfg.ConfigOpts, orchestrated: bool) -> None:
         conf.set_override("stages", stages, group=engine.GROUP)
         conf.set_override("early_switchover", True, group=lv_options.GROUP)
         conf.set_override("hook_timeout", LAB_HOOK_TIMEOUT_S, group=lv_options.AGENT_GROUP)
+        register_stage_opts(conf, LibvirtAnnounce)
+        conf.set_override(
+            "deadline", LAB_ANNOUNCE_DEADLINE_S, group=group_name(LibvirtAnnounce.name)
+        )
 
 
 @dataclasses.dataclass

@@ -137,7 +137,9 @@ class LabCommand(Command):
     help = "the network-namespace lab: run the demo, remove leftovers"
 
     def add_arguments(self, parser: argparse.ArgumentParser) -> None:
-        sub = parser.add_subparsers(dest="lab_command", metavar="{demo,cleanup}", required=True)
+        sub = parser.add_subparsers(
+            dest="lab_command", metavar="{demo,state-demo,cleanup}", required=True
+        )
         demo = sub.add_parser(
             "demo",
             help="migrate a VM under probe traffic in every mode and print the side-by-side report",
@@ -147,6 +149,25 @@ class LabCommand(Command):
         demo.add_argument("--rate", type=int, help="override [lab] probe_rate")
         demo.add_argument("--json", metavar="FILE", help="also write the results as JSON")
         demo.add_argument(
+            "--libvirt",
+            action="store_true",
+            help="migrate a real libvirt guest (a libvirtd on h1 and h2, a tiny TCG guest) "
+            "instead of a namespace VM; modes rarp,orchestrated",
+        )
+        demo.add_argument(
+            "--vm",
+            metavar="NAME",
+            default="vm1",
+            help=f"the lab VM that migrates from its host to {DESTINATION} "
+            f"(one of {', '.join(MIGRATABLE)}; default vm1)",
+        )
+        state = sub.add_parser(
+            "state-demo",
+            help="migrate a VM through a stateful firewall with and without state migration "
+            "and print the four proofs side by side",
+        )
+        state.add_argument("--downtime-ms", type=float, help="override [lab] downtime_ms")
+        state.add_argument(
             "--vm",
             metavar="NAME",
             default="vm1",
@@ -164,6 +185,8 @@ class LabCommand(Command):
         lab_opts.register_opts(conf)
         if args.lab_command == "cleanup":
             return self.cleanup(args.prefix)
+        if args.lab_command == "state-demo":
+            return self.state_demo(conf, args)
         return self.demo(conf, args)
 
     def cleanup(self, prefix: str) -> int:
@@ -184,6 +207,8 @@ class LabCommand(Command):
         return 0
 
     def demo(self, conf: cfg.ConfigOpts, args: argparse.Namespace) -> int:
+        if args.libvirt:
+            return self.libvirt_demo(conf, args)
         check_vm(args.vm)
         group, opts = lab_opts.GROUP, lab_opts.LAB_OPTS
         if args.modes is not None:
@@ -198,3 +223,48 @@ class LabCommand(Command):
         from vmm_linux.lab.demo import run_demo
 
         return run_demo(conf, json_out=args.json, vm=args.vm)
+
+    def libvirt_demo(self, conf: cfg.ConfigOpts, args: argparse.Namespace) -> int:
+        """`vmm lab demo --libvirt`: one real libvirt live migration per mode."""
+        if args.vm != "vm1":
+            raise VmmError(
+                "--vm does not apply to --libvirt",
+                hint="the libvirt demo migrates its own guest from h1 to h2",
+            )
+        if args.downtime_ms is not None:
+            raise VmmError(
+                "--downtime-ms does not apply to --libvirt",
+                hint="libvirt decides the real downtime; the report shows it",
+            )
+        modes = parse_modes(args.modes) if args.modes is not None else None
+        if modes and "none" in modes:
+            raise VmmError(
+                "--modes none does not apply to --libvirt (QEMU always sends its RARPs)",
+                hint="choose from rarp, orchestrated",
+            )
+        check_demo_options(conf)
+        check_json_out(args.json)
+        need_root_and_ip()
+        from vmm_libvirt.lab.demo import run_libvirt_demo
+
+        return run_libvirt_demo(conf, json_out=args.json, modes=modes, rate=args.rate)
+
+    def state_demo(self, conf: cfg.ConfigOpts, args: argparse.Namespace) -> int:
+        """`vmm lab state-demo`: the state proofs with and without state migration."""
+        from vmm_linux import opts as linux_opts
+
+        check_vm(args.vm)
+        if args.downtime_ms is not None:
+            override_option(
+                conf,
+                lab_opts.GROUP,
+                lab_opts.LAB_OPTS,
+                "downtime_ms",
+                args.downtime_ms,
+                "--downtime-ms",
+            )
+        check_options(conf, linux_opts.list_opts())
+        need_root_and_ip()
+        from vmm_state.lab_demo import run_state_demo
+
+        return run_state_demo(conf, vm=args.vm)

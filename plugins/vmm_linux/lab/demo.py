@@ -8,6 +8,11 @@ Modes (each in a fresh lab, same topology, same migration):
 In every mode the NVEs run the same agent with EVPN-style local learning,
 so the baselines converge the way a directory-driven overlay does today:
 only once the VM's MAC is seen on its new port.
+
+``lab_site(..., state=True)`` builds the same lab with what state migration
+needs (see :mod:`vmm_state.lab_demo` for the demo that uses it): the model
+stateful firewall of :mod:`vmm_state.firewall` on every host, a state
+service (StateHost) per host, and the pipeline with the state stages.
 """
 
 from __future__ import annotations
@@ -26,7 +31,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from oslo_config import cfg
 
@@ -41,7 +46,30 @@ from vmm_orchestrator.nva.client import NvaClient
 from vmm_orchestrator.nva.server import NvaServer
 from vmm_orchestrator.nva.store import NvaStore
 
+if TYPE_CHECKING:  # vmm_state is imported only when a lab runs with state=True
+    from vmm_state.firewall import HostFirewall
+    from vmm_state.service import StateHost
+
 LOG = logging.getLogger(__name__)
+
+#: The pipeline of a lab with state migration: the pre-copy before the
+#: destination's NVE changes (a veto costs nothing yet), the delta after the
+#: in-flight tunnel (inside the pause), the source's cleanup after the hold.
+STATE_STAGES = [
+    "nva_prestage",
+    "state_precopy",
+    "nve_prepare",
+    "announce",
+    "nve_plug",
+    "peer_update",
+    "inflight_tunnel",
+    "state_delta",
+    "hold_timer",
+    "state_cleanup",
+]
+#: The kinds a lab with state migration moves unless [state] kinds says otherwise:
+#: those the firewall of vmm_state.firewall keeps for the lab's proofs.
+LAB_STATE_KINDS = ["conntrack", "nft_sets", "dhcp_snooping", "mdb"]
 
 
 @dataclasses.dataclass
@@ -70,9 +98,30 @@ class ModeResult:
         return out
 
 
+@dataclasses.dataclass(frozen=True)
+class PortProfile:
+    """The static security of a VM's port: what any port plug writes, the same on
+    every host (a security group and port settings, as Neutron's agent writes
+    them). It follows the port in every lab; only dynamic state needs moving.
+
+    ``services``: TCP ports the VM offers (the security group's inbound rules);
+    ``snoop``: DHCP-snooping enforcement on the port; ``mcast_flood``: whether
+    unregistered multicast is flooded to the port.
+    """
+
+    services: tuple[int, ...] = ()
+    snoop: bool = False
+    mcast_flood: bool = True
+
+
 @dataclasses.dataclass
 class LabSite:
-    """A running lab: namespaces, directory, hosts and (maybe) orchestrators."""
+    """A running lab: namespaces, directory, hosts and (maybe) orchestrators.
+
+    With ``lab_site(..., state=True)`` also each host's state service
+    (``states``) and firewall (``firewalls``), and each VM's port profile
+    (``profiles``; a VM without one gets the default PortProfile).
+    """
 
     lab: Lab
     server: NvaServer
@@ -80,14 +129,71 @@ class LabSite:
     hosts: dict[str, LinuxHost]
     dispatchers: dict[str, engine.Dispatcher] | None
     workdir: str
+    states: dict[str, StateHost] = dataclasses.field(default_factory=dict)
+    firewalls: dict[str, HostFirewall] = dataclasses.field(default_factory=dict)
+    profiles: dict[str, PortProfile] = dataclasses.field(default_factory=dict)
 
     def client(self) -> NvaClient:
         return NvaClient(self.server.url, self.token)
 
+    def set_profile(self, vm_name: str, profile: PortProfile) -> None:
+        """Give a VM's port ``profile``, now on its host and wherever it is plugged next."""
+        vm = self.lab.vms[vm_name]
+        self.profiles[vm_name] = profile
+        self.port_event(vm, vm.host, True)
+
+    def port_event(self, vm: LabVm, host: str, plugged: bool) -> None:
+        """A LabHypervisor ``on_port`` hook: write (or remove) the port's static
+        profile on ``host``'s firewall, as the port plug (or unplug) does there."""
+        fw = self.firewalls.get(host)
+        if fw is None or vm.gateway:
+            return
+        profile = self.profiles.get(vm.name, PortProfile())
+        if plugged:
+            fw.protect(vm.vif, services=profile.services)
+            fw.plug_port(vm.port, snoop=profile.snoop, mcast_flood=profile.mcast_flood)
+        else:
+            fw.unprotect(vm.vif)
+            fw.unplug_port(vm.port)
+
+
+def _state_conf(conf: cfg.ConfigOpts) -> None:
+    """[state] for a lab: a fresh key and token unless set, services on loopback
+    (the orchestrators run in this namespace), the lab's kinds unless set."""
+    from vmm_state import options as state_opts
+
+    state_opts.register_opts(conf)
+    group = state_opts.GROUP
+    if not conf[group].key:
+        conf.set_override("key", secrets.token_urlsafe(32), group=group)
+    if not conf[group].token:
+        conf.set_override("token", secrets.token_urlsafe(24), group=group)
+    if not conf[group].kinds:
+        conf.set_override("kinds", LAB_STATE_KINDS, group=group)
+    conf.set_override("bind_host", "127.0.0.1", group=group)
+    conf.set_override("bind_port", 0, group=group)
+
 
 @contextlib.contextmanager
-def lab_site(conf: cfg.ConfigOpts, prefix: str, orchestrated: bool) -> Iterator[LabSite]:
-    """Build the demo topology (PLACEMENT); tear everything down however the body ends."""
+def lab_site(
+    conf: cfg.ConfigOpts,
+    prefix: str,
+    orchestrated: bool,
+    state: bool = False,
+    move_state: bool = True,
+) -> Iterator[LabSite]:
+    """Build the demo topology (PLACEMENT); tear everything down however the body ends.
+
+    ``state`` adds what state migration needs: the firewall of
+    :mod:`vmm_state.firewall` on every host (IGMP snooping on the VN bridge,
+    with the gateway's host as querier, since a bridge enforces snooping only
+    while it knows one; every VM's port profile), a StateHost per host (in
+    ``[state]``: the lab's kinds unless set, a fresh key and token unless set,
+    services on 127.0.0.1 with a free port) and, when ``orchestrated``, the
+    pipeline of STATE_STAGES. ``move_state`` False keeps all of that but runs
+    the pipeline without the state stages: the "without state" baseline of
+    the same lab.
+    """
     lab_opts.register_opts(conf)
     lab = Lab(prefix, conf.lab.vni)
     workdir = tempfile.mkdtemp(prefix=f"{prefix}-")
@@ -95,6 +201,8 @@ def lab_site(conf: cfg.ConfigOpts, prefix: str, orchestrated: bool) -> Iterator[
     server = NvaServer(NvaStore(":memory:"), token, "127.0.0.1", 0)
     hosts: dict[str, LinuxHost] = {}
     dispatchers: dict[str, engine.Dispatcher] = {}
+    states: dict[str, StateHost] = {}
+    firewalls: dict[str, HostFirewall] = {}
     try:
         server.start()
         admin = NvaClient(server.url, token)
@@ -103,9 +211,17 @@ def lab_site(conf: cfg.ConfigOpts, prefix: str, orchestrated: bool) -> Iterator[
         for i in range(1, conf.lab.hosts + 1):
             h = lab.add_host(f"h{i}")
             admin.register_nve(h.name, h.vtep, [vni])
+        peers: dict[str, str] = {}
+        if state:
+            from vmm_state.service import StateHost
+
+            _state_conf(conf)
+            for name, h in lab.hosts.items():
+                nva = NvaClient(server.url, token)
+                states[name] = StateHost.from_conf(conf, name, h.netns, nva=nva, peers=peers)
         for name, h in lab.hosts.items():
             hosts[name] = LinuxHost(
-                conf, name, h.netns, h.vtep, [vni], NvaClient(server.url, token)
+                conf, name, h.netns, h.vtep, [vni], NvaClient(server.url, token), states.get(name)
             )
             hosts[name].nve.ensure_vn(vni)
         for name, host_name in lab_opts.PLACEMENT.items():
@@ -114,14 +230,31 @@ def lab_site(conf: cfg.ConfigOpts, prefix: str, orchestrated: bool) -> Iterator[
             hosts[host_name].nve.plug(vni, vm.mac, vm.port, (vm.ipv4, vm.ipv6))
         gw = lab.vms["gw"]
         conf.set_override("gateways", [f"{gw.ipv4}@{gw.mac}"], group="announce")
-        for host in hosts.values():
+        for host in hosts.values():  # the pools were built before the gateway existed
+            host.announcers.gateways = [(gw.ipv4, gw.mac)]
+        site = LabSite(
+            lab,
+            server,
+            token,
+            hosts,
+            dispatchers if orchestrated else None,
+            workdir,
+            states,
+            firewalls,
+        )
+        for name, host in hosts.items():
             host.start()
+            if host.state is not None:
+                peers[name] = host.state.url
+        if state:  # after the agents set the VXLAN flood lists: the querier's first
+            _install_firewalls(site)  # query must reach every host's bridge
         if orchestrated:
             for name, host in hosts.items():
                 journal = Journal(os.path.join(workdir, f"journal-{name}.sqlite"))
-                pipeline = engine.Pipeline(conf, host.context, journal)
+                stages = engine.load_stages(conf, STATE_STAGES) if state and move_state else None
+                pipeline = engine.Pipeline(conf, host.context, journal, stages=stages)
                 dispatchers[name] = engine.Dispatcher(pipeline)
-        yield LabSite(lab, server, token, hosts, dispatchers if orchestrated else None, workdir)
+        yield site
     finally:
         for dispatcher in dispatchers.values():
             with contextlib.suppress(Exception):
@@ -133,6 +266,22 @@ def lab_site(conf: cfg.ConfigOpts, prefix: str, orchestrated: bool) -> Iterator[
             server.stop()
         lab.teardown()
         shutil.rmtree(workdir, ignore_errors=True)
+
+
+def _install_firewalls(site: LabSite) -> None:
+    """The model firewall on every host, IGMP snooping on the VN's bridges, and every
+    VM's port profile where it runs."""
+    from vmm_state.firewall import HostFirewall
+
+    lab = site.lab
+    gw = lab.vms[lab_opts.GATEWAY]
+    for name, h in lab.hosts.items():
+        fw = HostFirewall(h.netns)
+        fw.install()
+        fw.snooping(f"br-{lab.vni}", querier=name == gw.host)
+        site.firewalls[name] = fw
+    for vm in lab.vms.values():
+        site.port_event(vm, vm.host, True)
 
 
 class ProbeRun:

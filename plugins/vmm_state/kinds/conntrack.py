@@ -62,6 +62,9 @@ LOG = logging.getLogger(__name__)
 FAMILIES: dict[str, int] = {"ipv4": socket.AF_INET, "ipv6": socket.AF_INET6}
 FAMILY_NAMES: dict[int, str] = {v: k for k, v in FAMILIES.items()}
 PROTOCOLS = {v: k for k, v in ctnl.PROTOCOL_NAMES.items()}
+#: Protocols the kernel tracks for a VM that this kind leaves out on purpose:
+#: IGMP (membership reports; the membership itself moves with the mdb kind).
+EXPECTED_UNSUPPORTED = frozenset({socket.IPPROTO_IGMP})
 
 
 def _canonical(addresses: set[str]) -> set[str]:
@@ -71,6 +74,12 @@ def _canonical(addresses: set[str]) -> set[str]:
 def owned(orig: ctnl.Tuple, reply: ctnl.Tuple, addresses: set[str]) -> bool:
     """The VM started (orig.src) or answers (reply.src) this connection."""
     return orig.src in addresses or reply.src in addresses
+
+
+def other_ends(orig: ctnl.Tuple, reply: ctnl.Tuple, addresses: set[str]) -> set[str]:
+    """The addresses of a session's other end(s): those of its tuples that are not
+    the VM's (with NAT, the peer's own and the translated one)."""
+    return {orig.src, orig.dst, reply.src, reply.dst} - addresses
 
 
 def to_entry(conn: ctnl.Conn) -> dict[str, Any]:
@@ -230,7 +239,12 @@ class ConntrackKind(BaseKind):
         """
         for conn in self._dump_owned(ctx.netns, _canonical(ctx.addresses)):
             if conn.orig.proto not in ctnl.SUPPORTED_PROTOCOLS:
-                LOG.warning("conntrack: %s session not exported (protocol)", conn.orig)
+                expected = conn.orig.proto in EXPECTED_UNSUPPORTED
+                LOG.log(
+                    logging.DEBUG if expected else logging.WARNING,
+                    "conntrack: %s session not exported (protocol)",
+                    conn.orig,
+                )
                 continue
             yield to_entry(conn)
 
@@ -413,9 +427,29 @@ class ConntrackKind(BaseKind):
             self._undo(nl, created, replaced)
 
     def cleanup_source(self, ctx: KindContext) -> None:
-        """Delete every session of the VM from the source's table."""
+        """Delete the VM's sessions from the source's table, except those with an
+        endpoint still on this host (``ctx.keep_addresses``).
+
+        Such a peer's packets to and from the VM's new host still cross this
+        host's firewall, which would drop the next one as new mid-stream
+        without the session; it ends or expires here on its own. When the
+        host could not tell which endpoints remain (None), nothing is deleted.
+        """
+        if ctx.keep_addresses is None:
+            LOG.info(
+                "conntrack: the endpoints left on this host are unknown; every session of "
+                "the departed VM is kept (each ends or expires on its own)"
+            )
+            return
+        mine = _canonical(ctx.addresses)
+        keep = _canonical(set(ctx.keep_addresses)) - mine
         with ctnl.ctnetlink(ctx.netns) as nl:
-            mine = _canonical(ctx.addresses)
             conns = nl.dump(lambda o, r: owned(o, r, mine), addresses=mine)
-            deleted = nl.delete(conns)
-        LOG.info("conntrack: removed %d session(s) of the departed VM", deleted)
+            doomed = [c for c in conns if not other_ends(c.orig, c.reply, mine) & keep]
+            deleted = nl.delete(doomed)
+        LOG.info(
+            "conntrack: removed %d session(s) of the departed VM; kept %d with endpoints "
+            "still on this host",
+            deleted,
+            len(conns) - len(doomed),
+        )

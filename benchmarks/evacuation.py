@@ -1,0 +1,628 @@
+"""Host evacuation: N VMs (20 by default) live-migrate off one host at the same time.
+
+The lab (real namespaces, Linux bridge + VXLAN NVEs, the real NVE agents,
+the orchestrator's full pipeline) is built with its own topology:
+
+    h1  the host being evacuated: vm01 .. vmNN
+    h2  destination of the odd VMs     h3  destination of the even VMs
+    h4  a peer VM ("peer") and the gateway ("gw")
+
+Every VM receives two probe streams (peer -> its IPv4 address, gw -> its
+IPv6 address) while all N migrations run concurrently, each with its own
+pause. Per directory (embedded, or etcd with the HA pipeline: etcd journal
+and per-migration leases) it prints per-VM loss and a summary, and checks
+that nothing was missed: every phase event handled successfully, every
+journal entry done, the directory and every NVE agent holding each VM at its
+destination with the directory's sequence number, no agent watch error.
+The exit status is 0 only when all converged with no loss after resume.
+
+Loss after resume comes from VMs that resumed before their source host had
+armed the in-flight tunnel (the table says which): the lab's hypervisor, like
+libvirt by default, resumes the destination after the downtime whether or not
+the source handled SWITCHOVER. ``--switchover-gate S`` holds each resume until
+the source did (at most S s), as QEMU's pause-before-switchover capability
+allows, trading a longer pause for no loss after resume.
+
+Run as root:  .venv/bin/python benchmarks/evacuation.py --vms 20 --directory both
+              [--switchover-gate 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import contextlib
+import dataclasses
+import json
+import logging
+import os
+import secrets
+import selectors
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from typing import Any
+
+from oslo_config import cfg
+
+from vmm_etcd.client import EtcdNvaClient
+from vmm_etcd.cluster import LocalEtcdCluster
+from vmm_etcd.ha import HaPipeline
+from vmm_etcd.journal import EtcdJournal
+from vmm_etcd.kv import EtcdKV
+from vmm_etcd.locks import InstanceLease, MigrationLocks
+from vmm_linux import announce as announce_mod
+from vmm_linux.agent import GROUP as AGENT_GROUP
+from vmm_linux.agent import register_opts as register_agent_opts
+from vmm_linux.host import LinuxHost
+from vmm_linux.lab import probe
+from vmm_linux.lab.hypervisor import LabHypervisor, LabMigration
+from vmm_linux.lab.topology import Lab, LabVm, new_prefix
+from vmm_linux.netns import socket_in
+from vmm_linux.stages import HoldTimer
+from vmm_orchestrator import engine
+from vmm_orchestrator import journal as jr
+from vmm_orchestrator.journal import Journal
+from vmm_orchestrator.nva.client import NvaClient
+from vmm_orchestrator.nva.server import NvaServer
+from vmm_orchestrator.nva.store import NvaStore
+from vmm_orchestrator.stage import register_stage_opts
+
+LOG = logging.getLogger(__name__)
+
+VNI = 100
+SOURCE = "h1"
+DESTINATIONS = ("h2", "h3")
+PEERS_HOST = "h4"
+PROBE_PORT = 5201
+
+
+@dataclasses.dataclass
+class Site:
+    """A running evacuation lab."""
+
+    directory: str
+    lab: Lab
+    hosts: dict[str, LinuxHost]
+    dispatchers: dict[str, engine.Dispatcher]
+    journals: dict[str, Any]
+    admin: Any
+    workdir: str
+
+
+def make_conf(hold_s: float, workers: int) -> cfg.ConfigOpts:
+    conf = cfg.ConfigOpts()
+    conf([], default_config_files=[])
+    engine.register_opts(conf)
+    register_agent_opts(conf)
+    register_stage_opts(conf, HoldTimer)
+    conf.set_override("workers", workers, group="pipeline")
+    conf.set_override("watch_timeout", 1.0, group=AGENT_GROUP)
+    conf.set_override("hold_time", hold_s, group="stage_hold_timer")
+    return conf
+
+
+@contextlib.contextmanager
+def evacuation_site(
+    conf: cfg.ConfigOpts,
+    directory: str,
+    vms: int,
+    etcd: LocalEtcdCluster | None,
+) -> Iterator[Site]:
+    """Build the topology and the orchestrators; tear everything down however it ends."""
+    lab = Lab(new_prefix(), VNI)
+    workdir = tempfile.mkdtemp(prefix=f"{lab.prefix}-")
+    hosts: dict[str, LinuxHost] = {}
+    dispatchers: dict[str, engine.Dispatcher] = {}
+    journals: dict[str, Any] = {}
+    closers: list[Any] = []
+    server: NvaServer | None = None
+    try:
+        if directory == "embedded":
+            token = secrets.token_urlsafe(16)
+            server = NvaServer(NvaStore(":memory:"), token, "127.0.0.1", 0)
+            server.start()
+            url = server.url
+
+            def client() -> Any:
+                return NvaClient(url, token)
+        else:
+            assert etcd is not None
+            key_prefix = f"/evacuation-{secrets.token_hex(4)}/"
+            endpoints = etcd.endpoints
+
+            def client() -> Any:
+                return EtcdNvaClient(EtcdKV(endpoints), key_prefix)
+
+        admin = client()
+        closers.append(admin)
+        lab.build_underlay()
+        for name in (SOURCE, *DESTINATIONS, PEERS_HOST):
+            h = lab.add_host(name)
+            admin.register_nve(h.name, h.vtep, [VNI])
+            nva = client()
+            closers.append(nva)
+            hosts[name] = LinuxHost(conf, name, h.netns, h.vtep, [VNI], nva)
+            hosts[name].nve.ensure_vn(VNI)
+        placement = [("gw", PEERS_HOST, True), ("peer", PEERS_HOST, False)]
+        placement += [(f"vm{i + 1:02d}", SOURCE, False) for i in range(vms)]
+        for name, where, is_gw in placement:
+            vm = lab.add_vm(name, where, gateway=is_gw)
+            admin.add_endpoint(VNI, vm.mac, [vm.ipv4], [vm.ipv6], where)
+            hosts[where].nve.plug(VNI, vm.mac, vm.port, (vm.ipv4, vm.ipv6))
+        gw = lab.vms["gw"]
+        conf.set_override("gateways", [f"{gw.ipv4}@{gw.mac}"], group="announce")
+        for host in hosts.values():
+            # The pool builds its announcers on first use: give it the gateway now.
+            host.announcers.gateways = announce_mod.parse_gateways(conf.announce.gateways)
+            host.start()
+        for name, host in hosts.items():
+            pipeline: engine.Pipeline
+            if directory == "embedded":
+                journal: Any = Journal(os.path.join(workdir, f"journal-{name}.sqlite"))
+                pipeline = engine.Pipeline(conf, host.context, journal)
+            else:
+                kv = EtcdKV(endpoints)
+                lease = InstanceLease(kv, 5)
+                locks = MigrationLocks(kv, name, lease, key_prefix)
+                journal = EtcdJournal(kv, name, key_prefix, owner=locks)
+                closers.append(lease)
+                pipeline = HaPipeline(conf, host.context, journal, locks)
+            journals[name] = journal
+            dispatchers[name] = engine.Dispatcher(pipeline)
+        yield Site(directory, lab, hosts, dispatchers, journals, admin, workdir)
+    finally:
+        for dispatcher in dispatchers.values():
+            with contextlib.suppress(Exception):
+                dispatcher.close()
+        for host in hosts.values():
+            with contextlib.suppress(Exception):
+                host.stop()
+        for closer in closers:
+            with contextlib.suppress(Exception):
+                closer.close()
+        for j in journals.values():
+            with contextlib.suppress(Exception):
+                j.close()
+        if server is not None:
+            with contextlib.suppress(Exception):
+                server.stop()
+        lab.teardown()
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+class Probes:
+    """Probe streams to every VM (peer -> IPv4, gw -> IPv6), run by one hub process.
+
+    Sixty probe processes (a receiver per VM, a sender per stream) would be most
+    of the load on a two-core machine; the hub opens every socket inside its
+    namespace (vmm_linux.netns.socket_in) and serves them all from one loop,
+    writing the same logs as ``vmm_linux.lab.probe``.
+    """
+
+    def __init__(self, site: Site, targets: list[LabVm]) -> None:
+        self.site = site
+        self.targets = targets
+        self.hub: subprocess.Popen[str] | None = None
+        self.spec: dict[str, Any] = {}
+
+    def start(self, rate: int) -> float:
+        """Start the hub (its streams run until finish()); returns when they start."""
+        work, vms = self.site.workdir, self.site.lab.vms
+        start_at = time.monotonic() + 1.0
+        self.spec = {
+            "rate": rate,
+            "port": PROBE_PORT,
+            "start_at": start_at,
+            "receivers": [
+                {"name": vm.name, "netns": vm.netns, "out": os.path.join(work, f"recv-{vm.name}")}
+                for vm in self.targets
+            ],
+            "streams": [
+                {
+                    "stream": f"{sender.name}-{vm.name}-{family}",
+                    "vm": vm.name,
+                    "netns": sender.netns,
+                    "dst": getattr(vm, f"ip{family}"),
+                    "out": os.path.join(work, f"send-{sender.name}-{vm.name}-{family}"),
+                }
+                for vm in self.targets
+                for family, sender in (("v4", vms["peer"]), ("v6", vms["gw"]))
+            ],
+        }
+        path = os.path.join(work, "probes.json")
+        with open(path, "w", encoding="utf-8") as fh:
+            json.dump(self.spec, fh)
+        self.hub = subprocess.Popen(
+            [sys.executable, os.path.abspath(__file__), "--probe-hub", path],
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        assert self.hub.stdout is not None
+        line = self.hub.stdout.readline()
+        if "ready" not in line:
+            raise RuntimeError(f"the probe hub did not start: {line!r}")
+        return start_at
+
+    def finish(self, windows: dict[str, LabMigration]) -> dict[str, list[probe.StreamReport]]:
+        """Stop the hub; the streams of each VM, analyzed against its pause window."""
+        assert self.hub is not None
+        self.hub.send_signal(signal.SIGTERM)
+        self.hub.wait(timeout=60)
+        out: dict[str, list[probe.StreamReport]] = {}
+        for receiver in self.spec["receivers"]:
+            name = receiver["name"]
+            received = probe.load_recv_log(receiver["out"])
+            window = windows[name]
+            start, end = int(window.paused_at * 1e9), int(window.resumed_at * 1e9)
+            out[name] = [
+                probe.analyze(probe.load_send_log(stream["out"]), received, start, end)
+                for stream in self.spec["streams"]
+                if stream["vm"] == name
+            ]
+        return out
+
+    def kill(self) -> None:
+        if self.hub is not None and self.hub.poll() is None:
+            self.hub.kill()
+            self.hub.wait(timeout=5)
+
+
+def probe_hub(spec_path: str) -> int:
+    """The hub: send every stream on schedule and receive for every VM until SIGTERM."""
+    with open(spec_path, encoding="utf-8") as fh:
+        spec = json.load(fh)
+    stop = {"now": False}
+    signal.signal(signal.SIGTERM, lambda *_: stop.update(now=True))
+    selector = selectors.DefaultSelector()
+    logs: dict[str, probe.RecvLog] = {}
+    for receiver in spec["receivers"]:
+        sock = socket_in(receiver["netns"], socket.AF_INET6, socket.SOCK_DGRAM)
+        sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)  # IPv4 too
+        sock.setsockopt(socket.SOL_SOCKET, probe.SO_RCVBUFFORCE, probe.RCVBUF_BYTES)
+        sock.bind(("::", spec["port"]))
+        sock.setblocking(False)
+        logs[receiver["name"]] = probe.RecvLog(bind="::", port=spec["port"], records=[])
+        selector.register(sock, selectors.EVENT_READ, receiver["name"])
+    period = 1e9 / spec["rate"]
+    senders = []
+    for stream in spec["streams"]:
+        family = socket.AF_INET6 if ":" in stream["dst"] else socket.AF_INET
+        sock = socket_in(stream["netns"], family, socket.SOCK_DGRAM)
+        log = probe.SendLog(stream["stream"], [], dst=stream["dst"], port=spec["port"])
+        log.rate = spec["rate"]
+        senders.append((sock, (stream["dst"], spec["port"]), log, stream["out"]))
+    print("ready", flush=True)
+    # Streams are spread over one period so that sends do not come in bursts.
+    anchor = int(spec["start_at"] * 1e9)
+    due = [anchor + int(i * period / len(senders)) for i in range(len(senders))]
+    while not stop["now"]:
+        now = probe.now_ns()
+        for i, (sock, addr, log, _) in enumerate(senders):
+            if due[i] <= now:
+                seq = log.sent
+                t = probe.now_ns()
+                try:
+                    sock.sendto(probe.encode(log.stream, seq, t), addr)
+                except OSError as exc:
+                    log.errors.append((seq, exc.errno or 0))
+                log.send_ns.append(t)
+                due[i] += int(period)
+                if due[i] < now:  # stalled: do not burst to catch up
+                    due[i] = now + int(period)
+                    log.reanchored += 1
+        wait = max(0.0, (min(due) - probe.now_ns()) / 1e9)
+        for key, _ in selector.select(timeout=wait):
+            ready = key.fileobj
+            assert isinstance(ready, socket.socket)
+            while True:
+                try:
+                    data = ready.recv(2048)
+                except BlockingIOError:
+                    break
+                t = probe.now_ns()
+                decoded = probe.decode(data)
+                if decoded is not None:
+                    logs[key.data].records.append(probe.Recv(decoded[0], decoded[1], decoded[2], t))
+    for receiver in spec["receivers"]:
+        probe.write_recv_log(logs[receiver["name"]], receiver["out"])
+    for _, _, log, out in senders:
+        probe.write_send_log(log, out)
+    return 0
+
+
+@dataclasses.dataclass
+class Result:
+    directory: str
+    vms: list[dict[str, Any]]
+    window_s: float
+    reports: int
+    failed_reports: list[str]
+    problems: list[str]
+
+    @property
+    def lost_after_resume(self) -> int:
+        return sum(v["lost_after_resume"] for v in self.vms)
+
+
+class SwitchoverGate:
+    """Hands events to a host's dispatcher; for SWITCHOVER, returns only once it was handled.
+
+    This is QEMU's ``pause-before-switchover`` capability (libvirt holds the
+    migration in the pre-switchover state until told to continue): the
+    destination resumes only after the source armed its in-flight tunnel, at
+    the cost of a longer pause when the source is slow. Off by default: the
+    lab's hypervisor, like libvirt without that capability, does not wait.
+    """
+
+    def __init__(self, dispatcher: engine.Dispatcher, limit_s: float) -> None:
+        self.dispatcher = dispatcher
+        self.limit_s = limit_s
+
+    def submit(self, event: Any) -> Any:
+        future = self.dispatcher.submit(event)
+        if event.phase.value == "SWITCHOVER":
+            with contextlib.suppress(concurrent.futures.TimeoutError):
+                future.result(timeout=self.limit_s)
+        return future
+
+
+def evacuate(
+    site: Site,
+    downtime_ms: float,
+    rate: int,
+    warmup_s: float,
+    observe_s: float,
+    gate_s: float = 0.0,
+) -> Result:
+    """Migrate every VM off h1 at once under probe traffic; measure and check."""
+    lab = site.lab
+    targets = sorted((vm for vm in lab.vms.values() if vm.host == SOURCE), key=lambda v: v.name)
+    destination = {vm.name: DESTINATIONS[i % 2] for i, vm in enumerate(targets)}
+    probes = Probes(site, targets)
+    dispatchers: dict[str, Any] = dict(site.dispatchers)
+    if gate_s > 0:
+        dispatchers[SOURCE] = SwitchoverGate(site.dispatchers[SOURCE], gate_s)
+    hyper = LabHypervisor(lab, dispatchers, qemu_rarp=True)
+    try:
+        start_at = probes.start(rate)
+        time.sleep(max(0.0, start_at + warmup_s - time.monotonic()))
+        with concurrent.futures.ThreadPoolExecutor(len(targets)) as pool:
+            jobs = {
+                vm.name: pool.submit(
+                    hyper.migrate, vm, destination[vm.name], downtime_ms, f"evac-{vm.name}"
+                )
+                for vm in targets
+            }
+            migrated = {name: job.result(timeout=120) for name, job in jobs.items()}
+        reports = [f.result(timeout=120) for _, futures in migrated.values() for f in futures]
+        last_resume = max(rec.resumed_at for rec, _ in migrated.values())
+        time.sleep(max(0.0, last_resume + observe_s - time.monotonic()))
+        streams = probes.finish({name: rec for name, (rec, _) in migrated.items()})
+    finally:
+        probes.kill()
+    records = {name: rec for name, (rec, _) in migrated.items()}
+    first = min(r.paused_at for r in records.values())
+    last = max(r.resumed_at for r in records.values())
+    problems = check(site, targets, destination)
+    ends = _stage_ends(reports)
+    rows = []
+    for vm in targets:
+        rec = records[vm.name]
+        s = streams[vm.name]
+        mid = f"evac-{vm.name}"
+        rows.append(
+            {
+                "vm": vm.name,
+                "to": destination[vm.name],
+                "paused_ms": round((rec.resumed_at - rec.paused_at) * 1000, 1),
+                "tunnel_ms": ends.get((mid, "inflight_tunnel")),
+                "tunnel_first": _before(
+                    ends.get((mid, "inflight_tunnel")), (rec.resumed_at - rec.paused_at) * 1000
+                ),
+                "commit_ms": ends.get((mid, "peer_update")),
+                "sent": sum(x.sent for x in s),
+                "lost_while_paused": sum(x.lost_while_paused for x in s),
+                "lost_after_resume": sum(x.lost_after_resume for x in s),
+                "black_hole_ms": max(x.black_hole_ms for x in s),
+                "converged": all(x.converged for x in s),
+                "duplicates": sum(x.duplicates for x in s),
+            }
+        )
+    failed = [
+        f"{r.phase.value} of {r.migration_id} on {r.host}: {r.error}" for r in reports if not r.ok
+    ]
+    return Result(site.directory, rows, last - first, len(reports), failed, problems)
+
+
+def _before(tunnel_ms: float | None, paused_ms: float) -> bool:
+    """Whether the source's in-flight tunnel was up before the VM resumed."""
+    return tunnel_ms is not None and tunnel_ms <= paused_ms
+
+
+def _stage_ends(reports: list[engine.PhaseReport]) -> dict[tuple[str, str], float]:
+    """(migration, stage) -> ms from its phase's event to the stage's end."""
+    return {
+        (r.migration_id, t.stage): round(t.started_offset_ms + t.duration_ms, 1)
+        for r in reports
+        for t in r.timeline
+    }
+
+
+def check(site: Site, targets: list[LabVm], destination: dict[str, str]) -> list[str]:
+    """Everything that must hold after the evacuation; the list of what does not."""
+    problems = []
+    for vm in targets:
+        mid = f"evac-{vm.name}"
+        dest = destination[vm.name]
+        for where in (SOURCE, dest):
+            record = site.journals[where].get(mid)
+            if record is None or record.status != jr.DONE:
+                status = record.status if record else "missing"
+                problems.append(f"{mid}: journal of {where} says {status}")
+        endpoint = site.admin.get_endpoint(VNI, vm.mac)
+        if endpoint["nve"] != dest or endpoint["state"] != "active":
+            problems.append(
+                f"{vm.name}: directory has it at {endpoint['nve']} ({endpoint['state']})"
+            )
+        deadline = time.monotonic() + 5
+        for name, host in site.hosts.items():
+            key = (VNI, vm.mac)
+            while time.monotonic() < deadline and (
+                host.agent.placement.get(key) != dest
+                or host.agent.applied.get(key) != endpoint["seq"]
+            ):
+                time.sleep(0.05)
+            held, seq = host.agent.placement.get(key), host.agent.applied.get(key)
+            if held != dest or seq != endpoint["seq"]:
+                problems.append(
+                    f"{vm.name}: NVE {name} holds it at {held} seq {seq}, the directory at "
+                    f"{dest} seq {endpoint['seq']}"
+                )
+    for name, host in site.hosts.items():
+        if host.agent.errors:
+            problems.append(f"NVE agent {name} lost its directory watch {host.agent.errors} times")
+    return problems
+
+
+def render(results: list[Result], vms: int, downtime_ms: float, rate: int) -> str:
+    lines = []
+    for r in results:
+        lines.append(
+            f"== {r.directory} directory: {vms} VMs leaving {SOURCE} at once "
+            f"(paused {downtime_ms:g} ms each; 2 streams x {rate} pps per VM) =="
+        )
+        lines.append(
+            probe.format_table(
+                r.vms,
+                [
+                    ("vm", "VM"),
+                    ("to", "to"),
+                    ("paused_ms", "paused ms"),
+                    ("tunnel_ms", "pause->tunnel ms"),
+                    ("tunnel_first", "tunnel before resume"),
+                    ("commit_ms", "resume->commit+acks ms"),
+                    ("sent", "sent"),
+                    ("lost_while_paused", "lost while paused"),
+                    ("lost_after_resume", "lost after resume"),
+                    ("duplicates", "dup"),
+                    ("black_hole_ms", "black-hole ms"),
+                    ("converged", "converged"),
+                ],
+            )
+        )
+        lines.append("")
+    summary = [
+        {
+            "directory": r.directory,
+            "vms": len(r.vms),
+            "window_s": f"{r.window_s:.2f}",
+            "events": f"{r.reports - len(r.failed_reports)}/{r.reports} ok",
+            "converged": "all" if all(v["converged"] for v in r.vms) else "NOT ALL",
+            "lost_while_paused": sum(v["lost_while_paused"] for v in r.vms),
+            "lost_after_resume": r.lost_after_resume,
+            "max_black_hole_ms": f"{max(v['black_hole_ms'] for v in r.vms):.1f}",
+            "late_tunnel_loss": (
+                f"{sum(v['lost_after_resume'] for v in r.vms if not v['tunnel_first'])}"
+                f" / {sum(not v['tunnel_first'] for v in r.vms)} VMs"
+            ),
+            "checks": "all pass" if not r.problems else f"{len(r.problems)} FAILED",
+        }
+        for r in results
+    ]
+    lines.append(
+        "== Summary (window = first pause to last resume; 'tunnel late': the source's "
+        "in-flight tunnel came up after the VM had resumed) =="
+    )
+    lines.append(
+        probe.format_table(
+            summary,
+            [
+                ("directory", "directory"),
+                ("vms", "VMs"),
+                ("window_s", "window s"),
+                ("events", "phase events"),
+                ("converged", "converged"),
+                ("lost_while_paused", "lost while paused"),
+                ("lost_after_resume", "lost after resume"),
+                ("max_black_hole_ms", "max black-hole ms"),
+                ("late_tunnel_loss", "lost after resume / VMs, tunnel late"),
+                ("checks", "journal/directory/NVE checks"),
+            ],
+        )
+    )
+    for r in results:
+        for text in r.failed_reports + r.problems:
+            lines.append(f"PROBLEM ({r.directory}): {text}")
+    return "\n".join(lines)
+
+
+def _load() -> str:
+    return " / ".join(f"{x:.1f}" for x in os.getloadavg())
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--vms", type=int, default=20)
+    parser.add_argument("--directory", choices=["embedded", "etcd", "both"], default="both")
+    parser.add_argument("--etcd-members", type=int, default=1)
+    parser.add_argument("--downtime-ms", type=float, default=100.0)
+    parser.add_argument("--rate", type=int, default=200, help="pps of each probe stream")
+    parser.add_argument("--warmup", type=float, default=1.0)
+    parser.add_argument("--observe", type=float, default=2.0)
+    parser.add_argument("--hold", type=float, default=3.0, help="[stage_hold_timer] hold_time")
+    parser.add_argument(
+        "--switchover-gate",
+        type=float,
+        default=0.0,
+        metavar="S",
+        help="resume a VM only once the source handled SWITCHOVER, waiting at most S "
+        "seconds (QEMU's pause-before-switchover); 0: do not wait, as libvirt by default",
+    )
+    parser.add_argument("--probe-hub", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.probe_hub:
+        return probe_hub(args.probe_hub)
+    if os.geteuid() != 0:
+        print("the evacuation benchmark builds network namespaces: run it as root")
+        return 2
+    logging.basicConfig(level=logging.ERROR)
+    directories = ["embedded", "etcd"] if args.directory == "both" else [args.directory]
+    started_load = _load()
+    results = []
+    etcd = LocalEtcdCluster(args.etcd_members) if "etcd" in directories else None
+    with etcd if etcd is not None else contextlib.nullcontext():
+        for directory in directories:
+            print(f"-- {directory}: building the lab with {args.vms} VMs ...", flush=True)
+            conf = make_conf(args.hold, workers=args.vms + 4)
+            with evacuation_site(conf, directory, args.vms, etcd) as site:
+                print(f"-- {directory}: evacuating {SOURCE} ...", flush=True)
+                results.append(
+                    evacuate(
+                        site,
+                        args.downtime_ms,
+                        args.rate,
+                        args.warmup,
+                        args.observe,
+                        args.switchover_gate,
+                    )
+                )
+    print()
+    print(render(results, args.vms, args.downtime_ms, args.rate))
+    print(
+        f"\nMachine: {len(os.sched_getaffinity(0))} CPUs; load average {started_load} before, "
+        f"{_load()} after (1/5/15 min). The lab, both orchestrators' hosts, the agents, the "
+        "probe hub and etcd all share it."
+    )
+    bad = [r for r in results if r.lost_after_resume or r.failed_reports or r.problems]
+    bad += [r for r in results if not all(v["converged"] for v in r.vms)]
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,566 @@
+"""Fan-out: how long until every peer NVE has applied a move, embedded vs etcd directory.
+
+For each directory (embedded: ``NvaServer`` over SQLite, agents long-polling
+it over HTTP; etcd: a real etcd, agents watching their VN's key prefix in it
+directly) and each number N of peer NVEs, N real ``NveAgent``s follow one VN.
+A VM's endpoint is pre-staged and committed back and forth between two other
+NVEs (``--runs`` times), and the benchmark measures, from just before the
+commit:
+
+* applied: until the last peer NVE has programmed the new location (its
+  NVE's set_remote returned);
+* acked: until the directory holds the last peer's acknowledgement (the
+  figure the orchestrator's peer_update stage waits for).
+
+The agents run in ``--workers`` processes (in a real site each runs on its
+own host; a thousand agent threads in one CPython process mostly measure
+the GIL). The embedded directory runs alone in the main process, as
+``vmm nva serve`` would; etcd runs as its own server. The first ``--real``
+peers are real namespace NVEs (``LinuxNve``: a bridge and a VXLAN device in
+their own network namespace, programmed through netlink); the others are the
+same agents applying to a no-op NVE, and the output says how many of each.
+The lab's underlay is one /24, so at most 250 real NVEs.
+
+Run as root:  .venv/bin/python benchmarks/fanout.py --peers 10,100,1000 --runs 5
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import contextlib
+import itertools
+import json
+import logging
+import math
+import os
+import resource
+import secrets
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from typing import Any, Protocol
+
+from oslo_config import cfg
+
+from vmm_etcd.client import EtcdNvaClient
+from vmm_etcd.cluster import LocalEtcdCluster
+from vmm_etcd.kv import EtcdKV
+from vmm_linux.agent import NveAgent
+from vmm_linux.lab.probe import format_table
+from vmm_linux.lab.topology import Lab
+from vmm_linux.nve import LinuxNve
+from vmm_orchestrator.errors import VmmError
+from vmm_orchestrator.nva.client import NvaClient
+from vmm_orchestrator.nva.server import NvaServer
+from vmm_orchestrator.nva.store import NvaStore
+
+VNI = 4242
+MAC = "52:54:00:42:42:01"
+WAKE_MAC = "52:54:00:42:42:ff"  # added at the end so that every agent's long-poll returns
+MOVERS = {"src": "198.51.100.1", "dst": "198.51.100.2"}
+MAX_REAL = 250
+WATCH_TIMEOUT = 25.0  # below the embedded server's 30 s cap: idle agents re-poll rarely
+WAIT_S = 120.0
+
+
+# ---------------------------------------------------------------- NVE side
+
+
+class Tracker:
+    """Collects, per armed move, when each peer NVE programmed the new location."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._vtep: str | None = None
+        self._waiting: set[str] = set()
+        self.times: dict[str, float] = {}
+        self._done = threading.Event()
+
+    def arm(self, vtep: str, peers: set[str]) -> None:
+        with self._lock:
+            self._vtep, self._waiting, self.times = vtep, set(peers), {}
+            self._done.clear()
+            if not peers:
+                self._done.set()
+
+    def applied(self, nve: str, mac: str, vtep: str) -> None:
+        now = time.monotonic()
+        with self._lock:
+            if mac == MAC and vtep == self._vtep and nve in self._waiting:
+                self._waiting.discard(nve)
+                self.times[nve] = now
+                if not self._waiting:
+                    self._done.set()
+
+    def wait(self, timeout: float) -> bool:
+        return self._done.wait(timeout)
+
+    @property
+    def missing(self) -> int:
+        with self._lock:
+            return len(self._waiting)
+
+
+class NoopNve:
+    """An NVE that programs nothing: the agent's work minus the kernel's."""
+
+    def __init__(self, name: str, vtep: str, tracker: Tracker) -> None:
+        self.name = name
+        self.local_vtep = vtep
+        self.tracker = tracker
+
+    def ensure_vn(self, vni: int) -> None:
+        pass
+
+    def set_flood_list(self, vni: int, vteps: list[str]) -> None:
+        pass
+
+    def set_remote(self, vni: int, mac: str, vtep: str, ips: tuple[str, ...] = ()) -> None:
+        self.tracker.applied(self.name, mac, vtep)
+
+    def clear_remote(self, vni: int, mac: str) -> None:
+        pass
+
+    def forget(self, vni: int, mac: str) -> None:
+        pass
+
+    def inflight(self, vni: int, mac: str) -> str | None:
+        return None
+
+    def close(self) -> None:
+        pass
+
+
+class TrackedNve:
+    """A real LinuxNve that reports to the tracker once the kernel is programmed."""
+
+    def __init__(self, name: str, nve: LinuxNve, tracker: Tracker) -> None:
+        self.name = name
+        self.nve = nve
+        self.tracker = tracker
+        self.local_vtep = nve.local_vtep
+        self.netns = nve.netns
+
+    def set_remote(self, vni: int, mac: str, vtep: str, ips: tuple[str, ...] = ()) -> None:
+        self.nve.set_remote(vni, mac, vtep, ips)
+        self.tracker.applied(self.name, mac, vtep)
+
+    def set_flood_list(self, vni: int, vteps: list[str]) -> None:
+        pass  # N peers' VTEPs in every real NVE's flood list would only slow set-up
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.nve, name)
+
+
+def _say(message: dict[str, Any]) -> None:
+    print(json.dumps(message), flush=True)
+
+
+def worker_main() -> int:
+    """A process hosting some of the peer agents, driven over stdin/stdout (JSON lines)."""
+    logging.basicConfig(level=logging.ERROR)  # stopping agents logs lost watches
+    threading.stack_size(512 * 1024)
+    spec = json.loads(sys.stdin.readline())
+    if spec["directory"] == "embedded":
+        client: Any = NvaClient(spec["url"], spec["token"], timeout=10.0)
+    else:
+        client = EtcdNvaClient(EtcdKV(spec["endpoints"], timeout=10.0), spec["prefix"])
+    conf = cfg.ConfigOpts()
+    conf([], default_config_files=[])
+    tracker = Tracker()
+    agents = []
+    for name, vtep, netns in spec["peers"]:
+        nve: Any
+        if netns:
+            nve = TrackedNve(name, LinuxNve.from_conf(conf, netns, vtep), tracker)
+        else:
+            nve = NoopNve(name, vtep, tracker)
+        agents.append(
+            NveAgent(
+                name,
+                nve,
+                client,
+                [VNI],
+                watch_timeout=WATCH_TIMEOUT,
+                retry_interval=0.2,
+                local_learning=False,
+            )
+        )
+    started = time.monotonic()
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        list(pool.map(_start, agents))
+    _say({"ready": time.monotonic() - started})
+    ids = {a.id for a in agents}
+    for line in sys.stdin:
+        command = json.loads(line)
+        if command["op"] == "arm":
+            tracker.arm(command["vtep"], ids)
+            _say({"armed": True})
+        elif command["op"] == "wait":
+            tracker.wait(command["timeout"])
+            times = list(tracker.times.values())
+            _say({"last": max(times, default=None), "missing": tracker.missing})
+        else:
+            break
+    # Stop every agent at once; the main process then makes a change in the VN so that
+    # every long-poll returns and each agent sees its stop flag.
+    stoppers = [threading.Thread(target=a.stop, daemon=True) for a in agents]
+    for thread in stoppers:
+        thread.start()
+    time.sleep(0.1)
+    _say({"stopping": True})
+    for thread in stoppers:
+        thread.join(timeout=WATCH_TIMEOUT + 5)
+    client.close()
+    for agent in agents:
+        with contextlib.suppress(Exception):
+            agent.nve.close()
+    _say({"stopped": True})
+    return 0
+
+
+def _start(agent: NveAgent) -> None:
+    """Start an agent, retrying as a restarted agent would when the directory is busy.
+
+    (The embedded server listens with socketserver's default backlog of 5, so many
+    agents connecting at once get connection resets.)
+    """
+    for attempt in range(20):
+        try:
+            agent.start()
+            return
+        except (VmmError, OSError):
+            time.sleep(0.05 * (attempt + 1))
+    agent.start()
+
+
+class Worker:
+    """The main process's handle on one worker process."""
+
+    def __init__(self, spec: dict[str, Any]) -> None:
+        self.proc = subprocess.Popen(
+            [sys.executable, os.path.abspath(__file__), "--worker"],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        self.send(spec)
+
+    def send(self, message: dict[str, Any]) -> None:
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(json.dumps(message) + "\n")
+        self.proc.stdin.flush()
+
+    def receive(self) -> dict[str, Any]:
+        assert self.proc.stdout is not None
+        line = self.proc.stdout.readline()
+        if not line:
+            raise RuntimeError(f"fan-out worker {self.proc.pid} exited ({self.proc.poll()})")
+        answer: dict[str, Any] = json.loads(line)
+        return answer
+
+    def finish(self) -> None:
+        """Wait for the worker to exit (after stop_workers); kill it if it does not."""
+        with contextlib.suppress(Exception):
+            self.receive()  # stopped
+        with contextlib.suppress(Exception):
+            self.proc.wait(timeout=10)
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+
+def stop_workers(pool: list[Worker], admin: Any) -> None:
+    """Stop every worker's agents, waking their long-polls with one change in the VN."""
+    for worker in pool:
+        with contextlib.suppress(Exception):
+            worker.send({"op": "stop"})
+    for worker in pool:
+        with contextlib.suppress(Exception):
+            worker.receive()  # stopping
+    with contextlib.suppress(Exception):
+        admin.add_endpoint(VNI, WAKE_MAC, [], [], "src")
+    for worker in pool:
+        worker.finish()
+
+
+# ----------------------------------------------------------- directory side
+
+
+class Directory(Protocol):
+    name: str
+
+    def admin(self) -> Any: ...
+
+    def spec(self) -> dict[str, Any]: ...
+
+    def close(self) -> None: ...
+
+
+class EmbeddedDirectory:
+    """``vmm nva serve`` over SQLite in memory, alone in this process."""
+
+    name = "embedded"
+
+    def __init__(self) -> None:
+        self.token = secrets.token_urlsafe(16)
+        self.server = NvaServer(NvaStore(":memory:"), self.token, "127.0.0.1", 0)
+        self.server.start()
+        self._admin = NvaClient(self.server.url, self.token, timeout=10.0)
+
+    def admin(self) -> NvaClient:
+        return self._admin
+
+    def spec(self) -> dict[str, Any]:
+        return {"directory": self.name, "url": self.server.url, "token": self.token}
+
+    def close(self) -> None:
+        self._admin.close()
+        self.server.stop()
+        self.server.store.close()
+
+
+class EtcdDirectory:
+    """A real etcd; each run under its own key prefix."""
+
+    name = "etcd"
+
+    def __init__(self, cluster: LocalEtcdCluster) -> None:
+        self.endpoints = cluster.endpoints
+        self.prefix = f"/fanout-{secrets.token_hex(4)}/"
+        self._admin = EtcdNvaClient(EtcdKV(self.endpoints, timeout=10.0), self.prefix)
+
+    def admin(self) -> EtcdNvaClient:
+        return self._admin
+
+    def spec(self) -> dict[str, Any]:
+        return {"directory": self.name, "endpoints": self.endpoints, "prefix": self.prefix}
+
+    def close(self) -> None:
+        self._admin.close()
+
+
+class RealHosts:
+    """Namespaces with an underlay address, one per real NVE (the workers drive them)."""
+
+    def __init__(self, count: int) -> None:
+        self.lab = Lab(vni=VNI)
+        self.hosts: list[tuple[str, str]] = []
+        if count:
+            self.lab.build_underlay()
+            for i in range(count):
+                host = self.lab.add_host(f"p{i}")
+                self.hosts.append((host.netns, host.vtep))
+
+    def close(self) -> None:
+        self.lab.teardown()
+
+
+def _noop_vtep(i: int) -> str:
+    return f"10.{(i >> 16) & 0xFF}.{(i >> 8) & 0xFF}.{i & 0xFF}"
+
+
+def run_size(
+    directory: Directory, n: int, real: RealHosts, runs: int, workers: int
+) -> dict[str, Any]:
+    """``runs`` moves with N peers; the figures of this (directory, N)."""
+    admin = directory.admin()
+    for name, vtep in MOVERS.items():
+        admin.register_nve(name, vtep, [VNI])
+    admin.add_endpoint(VNI, MAC, ["198.19.42.1"], [], "src")
+    peers: list[tuple[str, str, str | None]] = []
+    for i in range(n):
+        if i < len(real.hosts):
+            peers.append((f"peer{i:04d}", real.hosts[i][1], real.hosts[i][0]))
+        else:
+            peers.append((f"peer{i:04d}", _noop_vtep(i + 256), None))
+    count = max(1, min(workers, n))
+    started = time.monotonic()
+    pool = [Worker({**directory.spec(), "peers": peers[w::count]}) for w in range(count)]
+    applied_ms: list[float] = []
+    acked_ms: list[float] = []
+    missed = 0
+    try:
+        for worker in pool:
+            worker.receive()  # ready
+        setup_s = time.monotonic() - started
+        here = "src"
+        for run in range(runs):
+            target = "dst" if here == "src" else "src"
+            mid = f"fanout-{n}-{run}"
+            admin.prestage(VNI, MAC, target, mid)
+            for worker in pool:
+                worker.send({"op": "arm", "vtep": MOVERS[target]})
+                worker.receive()
+            t0, t0_wall = time.monotonic(), time.time()
+            result = admin.commit(VNI, MAC, mid)
+            for worker in pool:
+                worker.send({"op": "wait", "timeout": WAIT_S})
+            answers = [worker.receive() for worker in pool]
+            missed += sum(a["missing"] for a in answers)
+            last = max((a["last"] for a in answers if a["last"] is not None), default=t0)
+            applied_ms.append((last - t0) * 1000)
+            acked_ms.append(_acked_ms(admin, result, [p[0] for p in peers], t0_wall))
+            here = target
+            time.sleep(0.2)
+    finally:
+        stop_workers(pool, admin)
+        directory.close()
+    real_count = min(n, len(real.hosts))
+    return {
+        "directory": directory.name,
+        "n": n,
+        "real": real_count,
+        "noop": n - real_count,
+        "workers": count,
+        "setup_s": setup_s,
+        "applied": applied_ms,
+        "acked": acked_ms,
+        "missed": missed,
+    }
+
+
+def _acked_ms(admin: Any, commit: dict[str, Any], peers: list[str], t0_wall: float) -> float:
+    """Just before the commit -> the directory holding the last peer's ack (its timestamps)."""
+    revision = int(commit["revision"])
+    deadline = time.monotonic() + WAIT_S
+    while True:
+        state = admin.acks(VNI, revision, nves=peers, timeout=20.0)
+        if all(a["acked_revision"] >= revision for a in state.values()):
+            break
+        if time.monotonic() > deadline:
+            return math.nan
+    return (max(float(a["acked_at"]) for a in state.values()) - t0_wall) * 1000
+
+
+# ------------------------------------------------------------------ report
+
+
+def _fmt(values: list[float]) -> str:
+    good = [v for v in values if not math.isnan(v)]
+    if not good:
+        return "-"
+    return f"{statistics.median(good):.1f} ({max(good):.1f})"
+
+
+def _growth(results: list[dict[str, Any]], key: str) -> dict[tuple[str, int], str]:
+    """Exponent k of time ~ N^k between one N and the next, per directory."""
+    out: dict[tuple[str, int], str] = {}
+    by_dir: dict[str, list[dict[str, Any]]] = {}
+    for r in results:
+        by_dir.setdefault(r["directory"], []).append(r)
+    for name, rows in by_dir.items():
+        rows.sort(key=lambda r: r["n"])
+        for prev, cur in itertools.pairwise(rows):
+            a, b = statistics.median(prev[key]), statistics.median(cur[key])
+            if a > 0 and b > 0 and cur["n"] > prev["n"]:
+                k = math.log(b / a) / math.log(cur["n"] / prev["n"])
+                out[(name, cur["n"])] = f"{k:.2f}"
+    return out
+
+
+def render(results: list[dict[str, Any]], runs: int) -> str:
+    """The table: one row per N, embedded and etcd side by side."""
+    directories = sorted({r["directory"] for r in results}, key=["embedded", "etcd"].index)
+    cell = {(r["directory"], r["n"]): r for r in results}
+    growth = _growth(results, "applied")
+    rows = []
+    for n in sorted({r["n"] for r in results}):
+        first = next(r for r in results if r["n"] == n)
+        row: dict[str, Any] = {
+            "n": n,
+            "real": first["real"],
+            "noop": first["noop"],
+            "workers": first["workers"],
+        }
+        for d in directories:
+            r = cell.get((d, n))
+            row[f"{d}_applied"] = _fmt(r["applied"]) if r else "-"
+            row[f"{d}_acked"] = _fmt(r["acked"]) if r else "-"
+            row[f"{d}_k"] = growth.get((d, n), "")
+            if r and r["missed"]:
+                row[f"{d}_applied"] += f" MISSED {r['missed']}"
+        rows.append(row)
+    columns: list[tuple[str, str]] = [
+        ("n", "N peers"),
+        ("real", "real netns NVEs"),
+        ("noop", "no-op NVEs"),
+        ("workers", "agent procs"),
+    ]
+    for d in directories:
+        columns += [
+            (f"{d}_applied", f"{d} applied ms"),
+            (f"{d}_k", "k"),
+            (f"{d}_acked", f"{d} acked ms"),
+        ]
+    setups = ", ".join(f"{r['directory']} N={r['n']}: {r['setup_s']:.1f}" for r in results)
+    return "\n".join(
+        [
+            f"Fan-out of one move to N peer NVEs: median (max) over {runs} moves, ms from just "
+            "before the commit.",
+            "applied = last peer NVE programmed the new location; acked = the directory holds "
+            "the last peer's ack; k = growth exponent (time ~ N^k) from the previous N.",
+            format_table(rows, columns),
+            "",
+            f"Set-up (all agents registered and synced), s: {setups}",
+        ]
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--peers", default="10,100,1000", help="comma-separated N values")
+    parser.add_argument("--real", type=int, default=200, help="real namespace NVEs (max 250)")
+    parser.add_argument("--runs", type=int, default=5, help="moves per (directory, N)")
+    parser.add_argument("--workers", type=int, default=16, help="agent processes")
+    parser.add_argument("--directories", default="embedded,etcd")
+    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.worker:
+        return worker_main()
+    logging.basicConfig(level=logging.ERROR)
+    sizes = [int(x) for x in args.peers.split(",") if x]
+    wanted = [d for d in args.directories.split(",") if d]
+    if args.real > MAX_REAL:
+        print(f"--real {args.real}: the lab's underlay holds {MAX_REAL}; using that")
+    real_count = max(0, min(args.real, MAX_REAL, max(sizes)))
+    threading.stack_size(512 * 1024)  # the embedded server's thread per connection
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, min(hard, 65536)), hard))
+
+    started_load = " / ".join(f"{x:.1f}" for x in os.getloadavg())
+    print(f"building {real_count} real namespace NVEs ...", flush=True)
+    real = RealHosts(real_count)
+    results = []
+    try:
+        etcd = LocalEtcdCluster(1) if "etcd" in wanted else None
+        with etcd if etcd is not None else contextlib.nullcontext():
+            for n in sizes:
+                for name in wanted:
+                    print(f"-- {name}, N={n} ...", flush=True)
+                    directory: Directory
+                    if name == "embedded":
+                        directory = EmbeddedDirectory()
+                    else:
+                        assert etcd is not None
+                        directory = EtcdDirectory(etcd)
+                    results.append(run_size(directory, n, real, args.runs, args.workers))
+    finally:
+        real.close()
+    print()
+    print(render(results, args.runs))
+    print(
+        f"\nReal NVEs: the first {real_count} peers (at most) are LinuxNve in their own network "
+        "namespace (FDB programmed through netlink); the other peers are the same NveAgent "
+        f"applying to a no-op NVE. Everything shares this machine ({len(os.sched_getaffinity(0))}"
+        " CPUs): the directory, etcd and the agent processes. Load average (1/5/15 min): "
+        f"{started_load} before, {' / '.join(f'{x:.1f}' for x in os.getloadavg())} after."
+    )
+    return 1 if any(r["missed"] for r in results) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

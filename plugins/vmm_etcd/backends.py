@@ -1,0 +1,86 @@
+"""The etcd directory backend: entry point ``etcd`` in ``vmm_orchestrator.nva_backends``.
+
+Like the other backends of that namespace (``neutron``), the entry point is
+a class whose ``from_conf(conf)`` gives the directory client that NVE agents
+and stages use; for etcd it talks to etcd directly and watches the VNs'
+keys. ``store_from_conf(conf)`` gives the store that ``vmm nva serve`` can
+serve over HTTP to clients that do not reach etcd. The HA parts (the
+instance's lease, the shared journal, the leased pipeline) are built here
+too, so an orchestrator needs nothing but ``[nva_etcd]`` to join a group of
+instances.
+"""
+
+from __future__ import annotations
+
+from oslo_config import cfg
+
+from vmm_etcd import options
+from vmm_etcd.client import EtcdNvaClient
+from vmm_etcd.ha import HaPipeline
+from vmm_etcd.journal import EtcdJournal
+from vmm_etcd.kv import EtcdKV
+from vmm_etcd.locks import InstanceLease, MigrationLocks
+from vmm_etcd.store import EtcdNvaStore
+from vmm_orchestrator.stage import HostContext, Stage
+
+
+class EtcdBackend:
+    """Factories of the etcd directory's parts, configured by ``[nva_etcd]``."""
+
+    name = "etcd"
+
+    @staticmethod
+    def kv_from_conf(conf: cfg.ConfigOpts) -> EtcdKV:
+        """A connection to the cluster (ConfigError when the endpoints are malformed)."""
+        options.register_opts(conf)
+        g = conf[options.GROUP]
+        return EtcdKV(
+            g.endpoints,
+            api_path=g.api_path,
+            timeout=g.request_timeout,
+            ca_cert=g.ca_cert,
+            cert_key=g.key_file,
+            cert_cert=g.cert_file,
+        )
+
+    @classmethod
+    def from_conf(cls, conf: cfg.ConfigOpts) -> EtcdNvaClient:
+        """The directory client for NVE agents and stages (what the namespace promises)."""
+        kv = cls.kv_from_conf(conf)
+        g = conf[options.GROUP]
+        return EtcdNvaClient(kv, g.prefix, max_txn_ops=g.max_txn_ops)
+
+    @classmethod
+    def store_from_conf(cls, conf: cfg.ConfigOpts) -> EtcdNvaStore:
+        """The directory for ``vmm nva serve`` (or in-process use)."""
+        kv = cls.kv_from_conf(conf)
+        g = conf[options.GROUP]
+        return EtcdNvaStore(kv, g.prefix, max_txn_ops=g.max_txn_ops)
+
+    @classmethod
+    def locks_from_conf(cls, conf: cfg.ConfigOpts, host: str) -> MigrationLocks:
+        """A new lease for this instance and the owner keys of ``host``'s migrations."""
+        kv = cls.kv_from_conf(conf)
+        g = conf[options.GROUP]
+        return MigrationLocks(kv, host, InstanceLease(kv, g.lease_ttl), g.prefix)
+
+    @classmethod
+    def journal_from_conf(
+        cls, conf: cfg.ConfigOpts, host: str, locks: MigrationLocks | None = None
+    ) -> EtcdJournal:
+        """``host``'s journal, shared by every instance; fenced by ``locks`` when given."""
+        options.register_opts(conf)
+        prefix = conf[options.GROUP].prefix
+        if locks is not None:
+            return EtcdJournal(locks.kv, host, prefix, owner=locks)
+        return EtcdJournal(cls.kv_from_conf(conf), host, prefix, owns_kv=True)
+
+    @classmethod
+    def pipeline_from_conf(
+        cls, conf: cfg.ConfigOpts, host: HostContext, stages: list[Stage] | None = None
+    ) -> HaPipeline:
+        """A pipeline for ``host`` that shares its journal and migrations with other instances."""
+        locks = cls.locks_from_conf(conf, host.name)
+        journal = cls.journal_from_conf(conf, host.name, locks)
+        claim_timeout = conf[options.GROUP].claim_timeout
+        return HaPipeline(conf, host, journal, locks, stages, claim_timeout=claim_timeout)

@@ -1,0 +1,839 @@
+"""The directory (NVA) on etcd, with the embedded store's exact semantics.
+
+:class:`EtcdNvaStore` has the public methods of
+:class:`vmm_orchestrator.nva.store.NvaStore`, takes the same arguments,
+returns the same dicts and raises the same exceptions with the same
+messages, so ``NvaServer`` serves it unchanged and the same semantics tests
+run against both (tests/functional/test_etcd_store.py):
+
+* a dense directory revision (1, 2, 3, ...) for every change an NVE must
+  apply, never consumed by a refused operation;
+* an EVPN-style sequence number per endpoint that grows by one per move;
+* duplicate-address detection on create and again at pre-stage;
+* pre-stage / commit / abort, idempotent on repeat;
+* a change log NVEs read after a revision (paged), long-polls that wake on
+  a change, acks that never go backwards and a wait for every NVE's ack.
+
+Every mutation is one etcd transaction that compares the mod revisions of
+what it read (see :mod:`vmm_etcd.txn`), so several processes can share one
+directory safely. Long-polls wait on etcd watches instead of a condition
+variable. The layout of keys is in :mod:`vmm_etcd.keys`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any, TypeVar
+
+from vmm_etcd import kv as kvmod
+from vmm_etcd import txn
+from vmm_etcd.keys import Keys, pad
+from vmm_etcd.kv import EtcdKV, KeyValue
+from vmm_etcd.txn import Tx
+from vmm_etcd.watch import WatchStream
+from vmm_orchestrator.nva import store as core
+from vmm_orchestrator.nva.errors import BadRequest, Conflict, NotFound, NvaError
+from vmm_orchestrator.nva.store import (
+    check_ip,
+    check_ips,
+    check_mac,
+    check_migration_id,
+    check_nve_id,
+    check_nve_ids,
+    check_revision,
+    check_timeout,
+    check_vni,
+    check_vnis,
+)
+
+T = TypeVar("T")
+
+#: Fields of an endpoint that callers see (the store also keeps commit facts).
+PUBLIC_FIELDS = (
+    "vni",
+    "mac",
+    "ipv4",
+    "ipv6",
+    "nve",
+    "vtep",
+    "state",
+    "seq",
+    "pending_nve",
+    "migration_id",
+    "last_migration_id",
+    "revision",
+    "updated_at",
+)
+
+
+def public(endpoint: dict[str, Any]) -> dict[str, Any]:
+    """The endpoint as the API shows it."""
+    return {name: endpoint.get(name) for name in PUBLIC_FIELDS}
+
+
+def ack_value(revision: int, at: float | None) -> str:
+    """An ack as stored: the padded revision first, so a string compare orders acks."""
+    return f"{pad(revision)}|{'' if at is None else repr(at)}"
+
+
+def parse_ack(value: str | None) -> dict[str, Any]:
+    """{"acked_revision", "acked_at"} from a stored ack (absent: never acked)."""
+    if not value:
+        return {"acked_revision": 0, "acked_at": None}
+    revision, _, at = value.partition("|")
+    return {"acked_revision": int(revision), "acked_at": float(at) if at else None}
+
+
+def nve_dict(record: dict[str, Any], ack: str | None) -> dict[str, Any]:
+    return {
+        "id": record["id"],
+        "vtep": record["vtep"],
+        "vnis": list(record["vnis"]),
+        **parse_ack(ack),
+    }
+
+
+def change(revision: int, vni: int, kind: str, payload: dict[str, Any]) -> dict[str, Any]:
+    """A change as NVEs read it (the same shape as the embedded store's)."""
+    return {"revision": revision, "kind": kind, "vni": vni, "created_at": time.time(), **payload}
+
+
+def _not_registered(nve_id: str) -> NotFound:
+    return NotFound(f"no NVE '{nve_id}' is registered", hint="register it first")
+
+
+class EtcdNvaStore:
+    """Thread-safe directory of NVEs and endpoints with a watchable change log, on etcd."""
+
+    def __init__(
+        self,
+        kv: EtcdKV,
+        prefix: str = "/vmm/",
+        *,
+        max_txn_ops: int = 128,
+        owns_kv: bool = True,
+    ) -> None:
+        self.kv = kv
+        self.keys = Keys(prefix)
+        self.max_txn_ops = max_txn_ops
+        self._owns_kv = owns_kv
+        # Operations that record changes all compete for the revision key; inside one
+        # process they wait their turn here instead of losing races in etcd.
+        self._write_lock = threading.Lock()
+        self._streams: set[WatchStream] = set()
+        self._streams_lock = threading.Lock()
+        self._closed = False
+        self._last_revision = 0
+
+    @property
+    def path(self) -> str:
+        """Where the directory lives, for messages (the embedded store's is a file)."""
+        return f"etcd {self.kv.describe()} {self.keys.prefix}"
+
+    # ------------------------------------------------------------- plumbing
+
+    @property
+    def revision(self) -> int:
+        """The revision of the newest change (0 when there is none)."""
+        self._check_open()
+        found = self.kv.read(kvmod.get(self.keys.revision), what="read the revision").one(0)
+        self._last_revision = int(found.value) if found is not None else 0
+        return self._last_revision
+
+    def close(self) -> None:
+        """Close the connection and wake every waiter so it returns at once."""
+        if self._closed:
+            return
+        self._closed = True
+        with self._streams_lock:
+            streams = list(self._streams)
+        for stream in streams:
+            stream.close()
+        if self._owns_kv:
+            self.kv.close()
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise NvaError("the NVA store is closed")
+
+    def _run(self, what: str, decide: Callable[[Tx], T], *, changes: bool) -> T:
+        """One optimistic operation (see vmm_etcd.txn); ``changes``: it may record changes."""
+        self._check_open()
+        guard = self._write_lock if changes else contextlib.nullcontext()
+        with guard:
+            return txn.run(
+                self.kv,
+                self.keys,
+                what,
+                decide,
+                max_ops=self.max_txn_ops,
+                on_commit=self._committed,
+            )
+
+    def _committed(self, tx: Tx) -> None:
+        if tx.new_revision is not None:
+            self._last_revision = max(self._last_revision, tx.new_revision)
+
+    @contextlib.contextmanager
+    def _watch(self, key: str, start_revision: int, prefix: bool = False) -> Iterator[WatchStream]:
+        """A watch that close() can interrupt."""
+        stream = WatchStream(self.kv, key, start_revision=start_revision, prefix=prefix)
+        with self._streams_lock:
+            self._streams.add(stream)
+        try:
+            yield stream
+        finally:
+            with self._streams_lock:
+                self._streams.discard(stream)
+            stream.close()
+
+    def _record(self, tx: Tx, vni: int, kind: str, payload: dict[str, Any], revision: int) -> None:
+        tx.put_json(self.keys.change(vni, revision), change(revision, vni, kind, payload))
+
+    def _nve(self, tx: Tx, nve_id: str) -> dict[str, Any]:
+        record = tx.get_json(self.keys.nve(nve_id))
+        if record is None:
+            raise _not_registered(nve_id)
+        result: dict[str, Any] = record
+        return result
+
+    def _serving_nve(self, tx: Tx, nve_id: str, vni: int) -> dict[str, Any]:
+        record = self._nve(tx, nve_id)
+        if vni not in record["vnis"]:
+            raise Conflict(
+                f"NVE '{nve_id}' does not serve VNI {vni} (it serves {record['vnis']})",
+                hint="register the NVE with that VNI first",
+            )
+        return record
+
+    def _endpoint(self, tx: Tx, vni: int, mac: str) -> dict[str, Any]:
+        endpoint = tx.get_json(self.keys.endpoint(vni, mac))
+        if endpoint is None:
+            raise NotFound(f"no endpoint {mac} in VNI {vni}")
+        result: dict[str, Any] = endpoint
+        return result
+
+    def _put_endpoint(self, tx: Tx, endpoint: dict[str, Any], **fields: Any) -> dict[str, Any]:
+        """Write ``endpoint`` with ``fields`` changed; returns the stored form."""
+        updated = {**endpoint, **fields, "updated_at": time.time()}
+        tx.put_json(self.keys.endpoint(updated["vni"], updated["mac"]), updated)
+        return updated
+
+    def _check_addresses(self, tx: Tx, vni: int, mac: str, addresses: Sequence[str]) -> None:
+        """Duplicate-address detection: an IP belongs to one MAC per VN."""
+        if not addresses:
+            return
+        found = tx.get(*(self.keys.address(vni, ip) for ip in addresses))
+        taken = [
+            f"{ip} (held by {holder.value})"
+            for ip, holder in zip(addresses, found, strict=True)
+            if holder is not None and holder.value != mac
+        ]
+        if taken:
+            raise Conflict(
+                f"duplicate address in VNI {vni} for {mac}: {', '.join(taken)}",
+                hint="delete or readdress the other endpoint first",
+            )
+
+    # ---------------------------------------------------------------- NVEs
+
+    def register_nve(self, nve_id: str, vtep: str, vnis: Sequence[int]) -> dict[str, Any]:
+        """Add or update an NVE; a new VTEP is announced for every endpoint behind it."""
+        nve_id = check_nve_id(nve_id, "id")
+        vtep_ip = str(check_ip(vtep, "vtep"))
+        vni_list = check_vnis(vnis)
+
+        def decide(tx: Tx) -> dict[str, Any]:
+            old, ack = tx.get(self.keys.nve(nve_id), self.keys.ack(nve_id))
+            record = {"id": nve_id, "vtep": vtep_ip, "vnis": vni_list}
+            tx.put_json(self.keys.nve(nve_id), record)
+            if ack is None:
+                tx.put(self.keys.ack(nve_id), ack_value(0, None))
+            if old is not None and json.loads(old.value)["vtep"] != vtep_ip:
+                self._announce_vtep_change(tx, nve_id, vtep_ip)
+            return nve_dict(record, ack.value if ack is not None else None)
+
+        return self._run(f"register NVE {nve_id}", decide, changes=True)
+
+    def _announce_vtep_change(self, tx: Tx, nve_id: str, vtep: str) -> None:
+        """Peers tunnel to the VTEP, so each endpoint behind a moved VTEP is a change."""
+        for item in tx.scan(self.keys.endpoints):
+            endpoint = json.loads(item.value)
+            if endpoint["nve"] != nve_id:
+                continue
+            tx.expect(item)
+            revision = tx.next_revision()
+            stored = self._put_endpoint(tx, endpoint, vtep=vtep, revision=revision)
+            self._record(tx, stored["vni"], "endpoint", {"endpoint": public(stored)}, revision)
+
+    def get_nve(self, nve_id: str) -> dict[str, Any]:
+        """One NVE, with the revision it last acked."""
+        nve_id = check_nve_id(nve_id, "id")
+        self._check_open()
+        answer = self.kv.read(
+            kvmod.get(self.keys.nve(nve_id)), kvmod.get(self.keys.ack(nve_id)), what="read an NVE"
+        )
+        record, ack = answer.one(0), answer.one(1)
+        if record is None:
+            raise _not_registered(nve_id)
+        return nve_dict(json.loads(record.value), ack.value if ack is not None else None)
+
+    def list_nves(self, vni: int | None = None) -> list[dict[str, Any]]:
+        """All NVEs, or only those serving ``vni``."""
+        if vni is not None:
+            vni = check_vni(vni)
+        self._check_open()
+        answer = self.kv.read(
+            kvmod.get_prefix(self.keys.nves), kvmod.get_prefix(self.keys.acks), what="list NVEs"
+        )
+        acks = {a.key[len(self.keys.acks) :]: a.value for a in answer.kvs(1)}
+        out = []
+        for item in answer.kvs(0):
+            record = json.loads(item.value)
+            if vni is None or vni in record["vnis"]:
+                out.append(nve_dict(record, acks.get(record["id"])))
+        return out
+
+    # ----------------------------------------------------------- endpoints
+
+    def add_endpoint(
+        self,
+        vni: int,
+        mac: str,
+        ipv4: Sequence[str] | None,
+        ipv6: Sequence[str] | None,
+        nve: str,
+    ) -> dict[str, Any]:
+        """Add an endpoint at ``nve`` (active, seq 0); repeating the same add is harmless."""
+        return self.create_endpoint(vni, mac, ipv4, ipv6, nve)[0]
+
+    def create_endpoint(
+        self,
+        vni: int,
+        mac: str,
+        ipv4: Sequence[str] | None,
+        ipv6: Sequence[str] | None,
+        nve: str,
+    ) -> tuple[dict[str, Any], bool]:
+        """Like add_endpoint, and also says whether the endpoint is new (for 201 vs 200)."""
+        vni, mac = check_vni(vni), check_mac(mac)
+        v4, v6 = check_ips(ipv4, 4, "ipv4"), check_ips(ipv6, 6, "ipv6")
+        nve = check_nve_id(nve)
+
+        def decide(tx: Tx) -> tuple[dict[str, Any], bool]:
+            tx.get(self.keys.endpoint(vni, mac), self.keys.nve(nve), self.keys.revision)
+            record = self._serving_nve(tx, nve, vni)
+            existing = tx.get_json(self.keys.endpoint(vni, mac))
+            if existing is not None:
+                if (existing["ipv4"], existing["ipv6"], existing["nve"]) == (v4, v6, nve):
+                    return public(existing), False
+                raise Conflict(
+                    f"endpoint {mac} in VNI {vni} already exists with other addresses or NVE "
+                    f"(ipv4={existing['ipv4']}, ipv6={existing['ipv6']}, "
+                    f"nve={existing['nve']})",
+                    hint="delete it first, or use move to change its NVE",
+                )
+            self._check_addresses(tx, vni, mac, v4 + v6)
+            revision = tx.next_revision()
+            endpoint = {
+                "vni": vni,
+                "mac": mac,
+                "ipv4": v4,
+                "ipv6": v6,
+                "nve": nve,
+                "vtep": record["vtep"],
+                "state": "active",
+                "seq": 0,
+                "pending_nve": None,
+                "migration_id": None,
+                "last_migration_id": None,
+                "revision": revision,
+                "last_commit_revision": None,
+                "committed_at": None,
+            }
+            stored = self._put_endpoint(tx, endpoint)
+            for ip in v4 + v6:
+                tx.put(self.keys.address(vni, ip), mac)
+            self._record(tx, vni, "endpoint", {"endpoint": public(stored)}, revision)
+            return public(stored), True
+
+        return self._run(f"add endpoint {mac} in VNI {vni}", decide, changes=True)
+
+    def get_endpoint(self, vni: int, mac: str) -> dict[str, Any]:
+        """One endpoint by its key (VNI, MAC)."""
+        vni, mac = check_vni(vni), check_mac(mac)
+        self._check_open()
+        found = self.kv.read(kvmod.get(self.keys.endpoint(vni, mac)), what="read an endpoint")
+        item = found.one(0)
+        if item is None:
+            raise NotFound(f"no endpoint {mac} in VNI {vni}")
+        return public(json.loads(item.value))
+
+    def find(self, vni: int, ip: str | None = None, mac: str | None = None) -> dict[str, Any]:
+        """Look an endpoint up by IP (ARP/ND cache miss) or by MAC (RARP); both must match."""
+        vni = check_vni(vni)
+        if ip is None and mac is None:
+            raise BadRequest("find needs an ip or a mac to look up")
+        wanted_mac = None if mac is None else check_mac(mac)
+        addr = None if ip is None else check_ip(ip)
+        if addr is None:
+            assert wanted_mac is not None
+            return self.get_endpoint(vni, wanted_mac)
+        self._check_open()
+        holder = self.kv.read(
+            kvmod.get(self.keys.address(vni, str(addr))), what="look up an address"
+        ).one(0)
+        endpoint = None
+        if holder is not None and (wanted_mac is None or holder.value == wanted_mac):
+            with contextlib.suppress(NotFound):
+                endpoint = self.get_endpoint(vni, holder.value)
+        if endpoint is None or str(addr) not in endpoint["ipv4"] + endpoint["ipv6"]:
+            wanted = f"IP {addr}" + (f" and MAC {wanted_mac}" if wanted_mac else "")
+            raise NotFound(f"no endpoint in VNI {vni} with {wanted}")
+        return endpoint
+
+    def list_endpoints(self, vni: int | None = None) -> list[dict[str, Any]]:
+        """All endpoints, or those of one VN, ordered by (vni, mac)."""
+        prefix = self.keys.endpoints if vni is None else self.keys.vn_endpoints(check_vni(vni))
+        self._check_open()
+        items = self.kv.read(kvmod.get_prefix(prefix), what="list endpoints").kvs(0)
+        return [public(json.loads(i.value)) for i in items]
+
+    def snapshot(self, vni: int | None = None) -> tuple[int, list[dict[str, Any]]]:
+        """Endpoints and the directory revision they were read at, in one etcd read."""
+        prefix = self.keys.endpoints if vni is None else self.keys.vn_endpoints(check_vni(vni))
+        self._check_open()
+        answer = self.kv.read(
+            kvmod.get(self.keys.revision), kvmod.get_prefix(prefix), what="list endpoints"
+        )
+        counter = answer.one(0)
+        revision = int(counter.value) if counter is not None else 0
+        return revision, [public(json.loads(i.value)) for i in answer.kvs(1)]
+
+    def delete_endpoint(self, vni: int, mac: str) -> dict[str, Any]:
+        """Remove an endpoint and tell the NVEs; returns it with the delete's revision."""
+        vni, mac = check_vni(vni), check_mac(mac)
+
+        def decide(tx: Tx) -> dict[str, Any]:
+            tx.get(self.keys.endpoint(vni, mac), self.keys.revision)
+            stored = self._endpoint(tx, vni, mac)
+            addresses = stored["ipv4"] + stored["ipv6"]
+            holders = tx.get(*(self.keys.address(vni, ip) for ip in addresses))
+            tx.delete(self.keys.endpoint(vni, mac))
+            for ip, holder in zip(addresses, holders, strict=True):
+                if holder is not None and holder.value == mac:
+                    tx.delete(self.keys.address(vni, ip))
+            endpoint = public(stored)
+            endpoint["revision"] = tx.next_revision()
+            payload = {"mac": mac, "seq": endpoint["seq"], "endpoint": endpoint}
+            self._record(tx, vni, "endpoint_deleted", payload, endpoint["revision"])
+            return endpoint
+
+        return self._run(f"delete endpoint {mac} in VNI {vni}", decide, changes=True)
+
+    # ---------------------------------------------------------- migration
+
+    def prestage(self, vni: int, mac: str, nve: str, migration_id: str) -> dict[str, Any]:
+        """Note that ``nve`` will receive the endpoint; traffic keeps going to the old NVE."""
+        vni, mac = check_vni(vni), check_mac(mac)
+        nve, migration_id = check_nve_id(nve), check_migration_id(migration_id)
+
+        def decide(tx: Tx) -> dict[str, Any]:
+            tx.get(self.keys.endpoint(vni, mac), self.keys.nve(nve))
+            row = self._endpoint(tx, vni, mac)
+            self._serving_nve(tx, nve, vni)
+            if row["state"] == "pending":
+                if row["migration_id"] != migration_id:
+                    raise Conflict(
+                        f"endpoint {mac} in VNI {vni} is already pending for migration "
+                        f"{row['migration_id']} to {row['pending_nve']}",
+                        hint="commit or abort that migration first",
+                    )
+                if row["pending_nve"] != nve:
+                    raise Conflict(
+                        f"migration {migration_id} already prestaged {mac} in VNI {vni} "
+                        f"to {row['pending_nve']}, not {nve}"
+                    )
+                return public(row)
+            if row["last_migration_id"] == migration_id and row["nve"] == nve:
+                return public(row)  # already committed: a retried prestage
+            self._check_addresses(tx, vni, mac, row["ipv4"] + row["ipv6"])
+            target = tx.get(self.keys.nve(nve))[0]
+            assert target is not None  # _serving_nve read it
+            stored = self._put_endpoint(
+                tx,
+                row,
+                state="pending",
+                pending_nve=nve,
+                migration_id=migration_id,
+                # What the commit needs of the target NVE, so that the commit, on the
+                # migration's critical path, need not read it again (see _commit_pending).
+                pending_vtep=json.loads(target.value)["vtep"],
+                pending_nve_mod=target.mod_revision,
+            )
+            return public(stored)
+
+        return self._run(f"prestage {mac} in VNI {vni}", decide, changes=False)
+
+    def commit(self, vni: int, mac: str, migration_id: str) -> dict[str, Any]:
+        """Point the endpoint at its pending NVE with seq + 1; a repeat returns the same result."""
+        vni, mac = check_vni(vni), check_mac(mac)
+        migration_id = check_migration_id(migration_id)
+
+        def decide(tx: Tx) -> dict[str, Any]:
+            tx.get(self.keys.endpoint(vni, mac), self.keys.revision)
+            row = self._endpoint(tx, vni, mac)
+            if row["state"] == "pending" and row["migration_id"] == migration_id:
+                return self._commit_pending(tx, row)
+            if row["last_migration_id"] == migration_id:
+                return {
+                    "endpoint": public(row),
+                    "revision": row["last_commit_revision"],
+                    "committed_at": row["committed_at"],
+                }
+            if row["state"] == "pending":
+                raise Conflict(
+                    f"endpoint {mac} in VNI {vni} is pending for migration "
+                    f"{row['migration_id']}, not {migration_id}"
+                )
+            raise NotFound(
+                f"no pending migration {migration_id} for endpoint {mac} in VNI {vni}",
+                hint="prestage it first",
+            )
+
+        return self._run(f"commit {mac} in VNI {vni}", decide, changes=True)
+
+    def _commit_pending(self, tx: Tx, row: dict[str, Any]) -> dict[str, Any]:
+        if tx.attempt == 1 and row.get("pending_vtep") and row.get("pending_nve_mod"):
+            # The target NVE as the prestage saw it, valid only if it is unchanged since.
+            tx.assume(self.keys.nve(row["pending_nve"]), row["pending_nve_mod"])
+            vtep = row["pending_vtep"]
+        else:
+            vtep = self._nve(tx, row["pending_nve"])["vtep"]
+        revision = tx.next_revision()
+        committed_at = time.time()
+        stored = self._put_endpoint(
+            tx,
+            row,
+            nve=row["pending_nve"],
+            vtep=vtep,
+            seq=row["seq"] + 1,
+            state="active",
+            pending_nve=None,
+            pending_vtep=None,
+            pending_nve_mod=None,
+            migration_id=None,
+            last_migration_id=row["migration_id"],
+            last_commit_revision=revision,
+            committed_at=committed_at,
+            revision=revision,
+        )
+        endpoint = public(stored)
+        self._record(tx, row["vni"], "endpoint", {"endpoint": endpoint}, revision)
+        return {"endpoint": endpoint, "revision": revision, "committed_at": committed_at}
+
+    def abort(self, vni: int, mac: str, migration_id: str) -> dict[str, Any]:
+        """Forget a prestage; nve and seq stay as they are, and a repeat is harmless."""
+        vni, mac = check_vni(vni), check_mac(mac)
+        migration_id = check_migration_id(migration_id)
+
+        def decide(tx: Tx) -> dict[str, Any]:
+            row = self._endpoint(tx, vni, mac)
+            if row["state"] != "pending":
+                return public(row)
+            if row["migration_id"] != migration_id:
+                raise Conflict(
+                    f"endpoint {mac} in VNI {vni} is pending for migration "
+                    f"{row['migration_id']}, not {migration_id}; not aborting it"
+                )
+            stored = self._put_endpoint(
+                tx,
+                row,
+                state="active",
+                pending_nve=None,
+                pending_vtep=None,
+                pending_nve_mod=None,
+                migration_id=None,
+            )
+            return public(stored)
+
+        return self._run(f"abort the prestage of {mac} in VNI {vni}", decide, changes=False)
+
+    def move(self, vni: int, mac: str, nve: str, seq: int | None = None) -> dict[str, Any]:
+        """An NVE learned the MAC locally (EVPN style): move it unless ``seq`` is stale."""
+        vni, mac, nve = check_vni(vni), check_mac(mac), check_nve_id(nve)
+        if seq is not None:
+            seq = check_revision(seq, "seq")
+
+        def decide(tx: Tx) -> dict[str, Any]:
+            tx.get(self.keys.endpoint(vni, mac), self.keys.nve(nve), self.keys.revision)
+            row = self._endpoint(tx, vni, mac)
+            record = self._serving_nve(tx, nve, vni)
+            if row["nve"] == nve:
+                return public(row)
+            if seq is not None and seq <= row["seq"]:
+                raise Conflict(
+                    f"stale sequence {seq} for {mac} in VNI {vni}: the directory has seq "
+                    f"{row['seq']} at {row['nve']}"
+                )
+            revision = tx.next_revision()
+            stored = self._put_endpoint(
+                tx, row, nve=nve, vtep=record["vtep"], seq=row["seq"] + 1, revision=revision
+            )
+            self._record(tx, vni, "endpoint", {"endpoint": public(stored)}, revision)
+            return public(stored)
+
+        return self._run(f"move {mac} in VNI {vni}", decide, changes=True)
+
+    def expire(self, vni: int, mac: str, nves: Sequence[str]) -> dict[str, Any]:
+        """Tell ``nves`` to drop their cached entry for ``mac`` and look it up again."""
+        vni, mac = check_vni(vni), check_mac(mac)
+        targets = check_nve_ids(nves)
+        if not targets:
+            raise BadRequest("nves must name at least one NVE to expire the entry on")
+
+        def decide(tx: Tx) -> dict[str, Any]:
+            tx.get(
+                self.keys.endpoint(vni, mac),
+                self.keys.revision,
+                *(self.keys.nve(n) for n in targets),
+            )
+            self._endpoint(tx, vni, mac)
+            for nve in targets:
+                self._serving_nve(tx, nve, vni)
+            revision = 0
+            for nve in targets:
+                revision = tx.next_revision()
+                self._record(tx, vni, "expire", {"mac": mac, "target_nve": nve}, revision)
+            return {"vni": vni, "mac": mac, "nves": targets, "revision": revision}
+
+        return self._run(f"expire {mac} in VNI {vni}", decide, changes=True)
+
+    # ------------------------------------------------------ watch and acks
+
+    def changes_since(
+        self, nve_id: str, revision: int, timeout: float = 0.0
+    ) -> tuple[int, list[dict[str, Any]]]:
+        """Changes for ``nve_id`` after ``revision``, waiting up to ``timeout`` s for one.
+
+        The returned revision is the one to pass next time and to ack: the
+        directory's current revision, or, when the answer is a truncated page,
+        the revision of its last change.
+        """
+        nve_id = check_nve_id(nve_id)
+        revision = check_revision(revision, "since")
+        deadline = time.monotonic() + check_timeout(timeout)
+        self._check_open()
+        while True:
+            if self._closed:  # closed while we waited: let the watcher go
+                return self._last_revision, []
+            page = self.changes_page(nve_id, revision)
+            remaining = deadline - time.monotonic()
+            if page.changes or remaining <= 0:
+                return page.revision, page.changes
+            # Sleep until the revision key changes after what we read (or the timeout).
+            with contextlib.suppress(NvaError):
+                with self._watch(self.keys.revision, page.etcd_revision + 1) as stream:
+                    stream.get(remaining)
+
+    def changes_page(self, nve_id: str, since: int) -> ChangesPage:
+        """One answer to a watch, read at one etcd revision (see changes_since)."""
+        self._check_open()
+        record = self.kv.read(kvmod.get(self.keys.nve(nve_id)), what="read an NVE").one(0)
+        if record is None:
+            raise _not_registered(nve_id)
+        vnis: list[int] = json.loads(record.value)["vnis"]
+        page_size = core.CHANGES_PAGE
+        collected: list[dict[str, Any]] = []
+        cursor = since
+        etcd_revision = 0
+        while True:
+            requests_ = [kvmod.get(self.keys.revision, etcd_revision)] + [
+                kvmod.get_prefix(
+                    self.keys.vn_changes(vni),
+                    start=self.keys.change(vni, cursor + 1),
+                    limit=page_size,
+                    revision=etcd_revision,
+                )
+                for vni in vnis
+            ]
+            answer = self.kv.read(*requests_, what="read the change log")
+            etcd_revision = etcd_revision or answer.revision
+            counter = answer.one(0)
+            current = int(counter.value) if counter is not None else 0
+            self._last_revision = current
+            if since > current:
+                raise Conflict(
+                    f"since={since} is ahead of the directory's revision {current}",
+                    hint="the directory was reset: resynchronize from a full endpoint list",
+                )
+            # A VN whose range hit the limit is known only up to its last change read.
+            bound = current
+            found: list[dict[str, Any]] = []
+            for index in range(1, len(requests_)):
+                items = [json.loads(i.value) for i in answer.kvs(index)]
+                if answer.more(index) and items:
+                    bound = min(bound, items[-1]["revision"])
+                found.extend(items)
+            found.sort(key=lambda c: c["revision"])
+            for item in found:
+                if item["revision"] > bound:
+                    break
+                if item.get("target_nve") in (None, nve_id):
+                    collected.append(item)
+            if len(collected) >= page_size:
+                collected = collected[:page_size]
+                return ChangesPage(collected[-1]["revision"], collected, etcd_revision, vnis)
+            if bound == current:
+                return ChangesPage(current, collected, etcd_revision, vnis)
+            cursor = bound  # the rest of a truncated VN: read on at the same etcd revision
+
+    def ack(self, nve_id: str, revision: int) -> dict[str, Any]:
+        """Record that ``nve_id`` applied everything up to ``revision`` (never backwards).
+
+        One transaction in the common case: it writes only if the NVE exists,
+        the directory has reached ``revision`` and the stored ack is lower.
+        """
+        nve_id = check_nve_id(nve_id)
+        revision = check_revision(revision)
+        self._check_open()
+        nve_key, ack_key = self.keys.nve(nve_id), self.keys.ack(nve_id)
+        now = time.time()
+        compare = [kvmod.cmp_exists(nve_key), kvmod.cmp_value(ack_key, "LESS", pad(revision))]
+        if revision > 0:
+            compare.append(kvmod.cmp_value(self.keys.revision, "GREATER", pad(revision - 1)))
+        reads = [kvmod.get(nve_key), kvmod.get(self.keys.revision), kvmod.get(ack_key)]
+        answer = self.kv.txn(
+            compare,
+            [kvmod.put(ack_key, ack_value(revision, now)), kvmod.get(nve_key)],
+            reads,
+            what=f"record the ack of NVE {nve_id}",
+        )
+        if answer.succeeded:
+            record = answer.one(1)
+            assert record is not None
+            return nve_dict(json.loads(record.value), ack_value(revision, now))
+        record, counter, ack = answer.one(0), answer.one(1), answer.one(2)
+        if record is None:
+            raise _not_registered(nve_id)
+        current = int(counter.value) if counter is not None else 0
+        if revision > current:
+            raise Conflict(
+                f"NVE '{nve_id}' acked revision {revision}, but the directory is at {current}",
+                hint="the directory was reset: resynchronize from a full endpoint list",
+            )
+        if ack is not None:
+            return nve_dict(json.loads(record.value), ack.value)  # already acked as far
+
+        def decide(tx: Tx) -> dict[str, Any]:  # an NVE registered before acks had keys
+            found = self._nve(tx, nve_id)
+            tx.get(ack_key)
+            tx.put(ack_key, ack_value(revision, now))
+            return nve_dict(found, ack_value(revision, now))
+
+        return self._run(f"record the ack of NVE {nve_id}", decide, changes=False)
+
+    def acks(
+        self,
+        vni: int,
+        min_revision: int,
+        nves: Sequence[str] | None = None,
+        timeout: float = 0.0,
+    ) -> dict[str, dict[str, Any]]:
+        """Ack state of ``nves`` (default: all serving ``vni``), waiting for ``min_revision``.
+
+        Returns when every one of them acked ``min_revision`` or the timeout
+        passed; the caller compares the revisions to tell which. The set of
+        NVEs is taken when the call starts; acks arriving afterwards are
+        followed through an etcd watch, not by reading everything again.
+        """
+        vni = check_vni(vni)
+        min_revision = check_revision(min_revision, "min_revision")
+        wanted = None if nves is None else check_nve_ids(nves)
+        deadline = time.monotonic() + check_timeout(timeout)
+        self._check_open()
+        answer = self.kv.read(
+            kvmod.get(self.keys.revision),
+            kvmod.get_prefix(self.keys.nves),
+            kvmod.get_prefix(self.keys.acks),
+            what="read the acks",
+        )
+        counter = answer.one(0)
+        current = int(counter.value) if counter is not None else 0
+        if min_revision > current:
+            raise Conflict(
+                f"min_revision {min_revision} is ahead of the directory's revision {current}"
+            )
+        records = {json.loads(i.value)["id"]: json.loads(i.value) for i in answer.kvs(1)}
+        acked = {i.key[len(self.keys.acks) :]: i.value for i in answer.kvs(2)}
+        if wanted is None:
+            ids = [n for n in sorted(records) if vni in records[n]["vnis"]]
+        else:
+            for nve_id in wanted:
+                if nve_id not in records:
+                    raise _not_registered(nve_id)
+            ids = wanted
+        state = {n: parse_ack(acked.get(n)) for n in ids}
+
+        def complete() -> bool:
+            return all(a["acked_revision"] >= min_revision for a in state.values())
+
+        if complete() or deadline - time.monotonic() <= 0:
+            return {n: dict(a) for n, a in state.items()}
+        with self._watch(self.keys.acks, answer.revision + 1, prefix=True) as stream:
+            while not complete():
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    break
+                if self._closed:
+                    raise NvaError("the NVA store is closed")
+                try:
+                    events = stream.get(remaining)
+                except NvaError:
+                    if self._closed:
+                        raise NvaError("the NVA store is closed") from None
+                    raise
+                for event in events or ():
+                    nve_id = event.kv.key[len(self.keys.acks) :]
+                    if nve_id in state and event.kind == "PUT":
+                        state[nve_id] = parse_ack(event.kv.value)
+        return {n: dict(a) for n, a in state.items()}
+
+
+class ChangesPage:
+    """One read of the change log for an NVE.
+
+    ``revision`` is what the NVE passes next time and acks; ``etcd_revision``
+    is the etcd revision the page was read at, from which a watch continues
+    without a gap; ``vnis`` are the VNs the NVE served at that moment.
+    """
+
+    __slots__ = ("changes", "etcd_revision", "revision", "vnis")
+
+    def __init__(
+        self, revision: int, changes: list[dict[str, Any]], etcd_revision: int, vnis: list[int]
+    ) -> None:
+        self.revision = revision
+        self.changes = changes
+        self.etcd_revision = etcd_revision
+        self.vnis = vnis
+
+
+def watched_range(keys: Keys, vnis: Sequence[int]) -> tuple[str, bytes]:
+    """One key range covering the change logs of ``vnis`` (and those in between).
+
+    One watch keeps etcd's total order across the NVE's VNs, which an ack
+    relies on ("everything up to R is applied"); changes of VNs in between
+    that the NVE does not serve are dropped by the reader.
+    """
+    low, high = min(vnis), max(vnis)
+    return keys.vn_changes(low), kvmod.prefix_end(keys.vn_changes(high))
+
+
+def decode_change(item: KeyValue) -> dict[str, Any]:
+    result: dict[str, Any] = json.loads(item.value)
+    return result

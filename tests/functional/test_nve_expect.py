@@ -1,0 +1,240 @@
+"""An incoming VM's MAC expected on a local port, on real kernels (netns).
+
+Two NVE hosts: ``ha`` runs the VM ("vmold" on tap-vmold) and a far peer;
+``hb`` is the destination, with two local peers and, once created, the VM's
+new port (tap-vm, to namespace "vmnew", which sends nothing by itself). While
+``hb`` expects the VM's MAC on tap-vm:
+
+* frames from hb's local peers reach the VM at ha over VXLAN, exactly once,
+  and neither tap-vm (even once it exists) nor the other local peer;
+* frames that reach hb over VXLAN (ha's in-flight tunnel) reach tap-vm only;
+
+after the pin everything reaches tap-vm; a revert gives the MAC back to ha.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import socket
+import subprocess
+import time
+from collections.abc import Iterator
+
+import pytest
+
+from vmm_linux.lab.topology import Lab, in_ns, lab_run
+from vmm_linux.netns import socket_in
+from vmm_linux.nve import LinuxNve, expected_set, pair_set, vxlan_name
+
+pytestmark = pytest.mark.functional
+
+VNI = 100
+ETHERTYPE = 0x88B5  # local experimental: nothing else on the wires uses it
+FRAMES = 20
+SETTLE_S = 0.3  # after the awaited copies arrived: time for strays to show up
+
+
+def wait_for(predicate, timeout: float = 5.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.01)
+    return bool(predicate())
+
+
+def mac_bytes(mac: str) -> bytes:
+    return bytes.fromhex(mac.replace(":", ""))
+
+
+class Receiver:
+    """Frames of our ethertype that reach one VM namespace's eth0."""
+
+    def __init__(self, ns: str) -> None:
+        self.sock = socket_in(ns, socket.AF_PACKET, socket.SOCK_RAW, socket.htons(ETHERTYPE))
+        self.sock.bind(("eth0", 0))
+        self.sock.setblocking(False)
+        self.tags: list[bytes] = []
+
+    def count(self, tag: bytes) -> int:
+        while True:
+            try:
+                frame = self.sock.recv(2048)
+            except BlockingIOError:
+                break
+            self.tags.append(frame[14:30])
+        return self.tags.count(tag)
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def send(ns: str, dst: str, tag: bytes, src: str | None = None, count: int = FRAMES) -> None:
+    """``count`` frames to ``dst`` from ``ns``'s eth0 (source: eth0's MAC unless ``src``)."""
+    sock = socket_in(ns, socket.AF_PACKET, socket.SOCK_RAW, 0)
+    try:
+        sock.bind(("eth0", 0))
+        source = mac_bytes(src) if src else sock.getsockname()[4][:6]
+        frame = mac_bytes(dst) + source + ETHERTYPE.to_bytes(2, "big") + tag + bytes(30)
+        for _ in range(count):
+            sock.send(frame)
+    finally:
+        sock.close()
+
+
+class Site:
+    def __init__(self, lab: Lab, nves: dict[str, LinuxNve]) -> None:
+        self.lab = lab
+        self.nves = nves
+        self.rx: dict[str, Receiver] = {}
+        self.vm_mac = lab.vms["vmold"].mac
+
+    def listen(self, name: str, ns: str | None = None) -> None:
+        self.rx[name] = Receiver(ns or self.lab.vms[name].netns)
+
+    def add_new_port(self) -> None:
+        """The destination's tap appears (libvirt creates it after PREPARE)."""
+        hb, ns = self.lab.hosts["hb"].netns, f"{self.lab.prefix}-vmnew"
+        subprocess.run(["ip", "netns", "add", ns], check=True)
+        in_ns(ns, "sysctl", "-qw", "net.ipv6.conf.all.disable_ipv6=1")
+        in_ns(ns, "sysctl", "-qw", "net.ipv6.conf.default.disable_ipv6=1")
+        in_ns(
+            hb, "ip", "link", "add", "tap-vm", "type", "veth", "peer", "name", "eth0", "netns", ns
+        )
+        in_ns(hb, "sysctl", "-qw", "net.ipv6.conf.tap-vm.disable_ipv6=1")
+        in_ns(ns, "ip", "link", "set", "eth0", "mtu", "1450", "up")
+        in_ns(hb, "ip", "link", "set", "tap-vm", "master", f"br-{VNI}", "mtu", "1450", "up")
+        assert wait_for(
+            lambda: '"operstate":"UP"' in in_ns(hb, "ip", "-j", "link", "show", "tap-vm")
+        )
+        self.listen("vmnew", ns)
+
+    def deliveries(self, sender: str, expect_at: str, src: str | None = None) -> dict[str, int]:
+        """Send from ``sender`` to the VM's MAC; wait for ``expect_at``; count everywhere."""
+        tag = secrets.token_bytes(16)
+        send(self.lab.vms[sender].netns, self.vm_mac, tag, src=src)
+        wait_for(lambda: self.rx[expect_at].count(tag) >= FRAMES)
+        time.sleep(SETTLE_S)
+        return {name: rx.count(tag) for name, rx in self.rx.items()}
+
+    def expectations(self) -> set[tuple[str, str]]:
+        return self.nves["hb"].expectations(VNI)
+
+
+@pytest.fixture
+def site(prefix) -> Iterator[Site]:
+    nves: dict[str, LinuxNve] = {}
+    with lab_run(prefix, VNI) as lab:
+        rx: list[Receiver] = []
+        try:
+            lab.build_underlay()
+            for name in ("ha", "hb"):
+                host = lab.add_host(name)
+                nves[name] = LinuxNve(host.netns, host.vtep)
+                nves[name].ensure_vn(VNI)
+            vteps = [h.vtep for h in lab.hosts.values()]
+            for nve in nves.values():
+                nve.set_flood_list(VNI, vteps)
+            for name, host in (("vmold", "ha"), ("far", "ha"), ("peer", "hb"), ("other", "hb")):
+                lab.add_vm(name, host)
+            s = Site(lab, nves)
+            for name, vm in lab.vms.items():
+                here, there = ("ha", "hb") if vm.host == "ha" else ("hb", "ha")
+                nves[here].plug(VNI, vm.mac, vm.port)
+                nves[there].set_remote(VNI, vm.mac, lab.hosts[here].vtep)
+                s.listen(name)
+            rx = list(s.rx.values())
+            yield s
+            rx = list(s.rx.values())
+        finally:
+            for r in rx:
+                r.close()
+            for nve in nves.values():
+                nve.close()
+
+
+def test_expected_mac_is_served_where_the_vm_runs_and_fed_by_the_tunnel(site: Site) -> None:
+    hb = site.nves["hb"]
+    mac = site.vm_mac
+    hb.expect(VNI, mac, "tap-vm")  # PREPARE: the port does not exist yet
+    assert site.expectations() == {(mac, "tap-vm")}
+    assert hb.expected(VNI, mac) and hb.local_port(VNI, mac) == "tap-vm"
+    assert hb.master_port(VNI, mac) is None  # flooded, and the filter picks the copies
+    got = site.deliveries("peer", expect_at="vmold")
+    assert got == {"vmold": FRAMES, "far": 0, "peer": 0, "other": 0}, got
+
+    site.add_new_port()  # libvirt creates the tap; the guest does not run here yet
+    got = site.deliveries("peer", expect_at="vmold")
+    assert got == {"vmold": FRAMES, "far": 0, "peer": 0, "other": 0, "vmnew": 0}, got
+
+    # The source pauses the VM and re-tunnels its frames to hb (in-flight).
+    site.nves["ha"].start_inflight(VNI, mac, site.lab.hosts["hb"].vtep)
+    got = site.deliveries("far", expect_at="vmnew")
+    assert got == {"vmold": 0, "far": 0, "peer": 0, "other": 0, "vmnew": FRAMES}, got
+    # hb's own peers: over VXLAN to ha, which tunnels them back, to tap-vm only
+    got = site.deliveries("peer", expect_at="vmnew")
+    assert got == {"vmold": 0, "far": 0, "peer": 0, "other": 0, "vmnew": FRAMES}, got
+    assert site.expectations() == {(mac, "tap-vm")}
+
+    hb.plug(VNI, mac, "tap-vm")  # RESUMED: pin
+    assert site.expectations() == set() and not hb.expected(VNI, mac)
+    assert hb.master_port(VNI, mac) == "tap-vm"
+    for sender in ("peer", "other", "far"):
+        got = site.deliveries(sender, expect_at="vmnew")
+        want = {name: 0 for name in site.rx} | {"vmnew": FRAMES}
+        assert got == want, (sender, got)
+
+
+def test_the_vms_first_frame_ends_the_expectation_in_the_kernel(site: Site) -> None:
+    hb = site.nves["hb"]
+    mac = site.vm_mac
+    hb.expect(VNI, mac, "tap-vm")
+    site.add_new_port()
+    site.nves["ha"].start_inflight(VNI, mac, site.lab.hosts["hb"].vtep)
+    # The guest resumes on hb: QEMU's RARP from the new port, source = the VM's MAC.
+    send(f"{site.lab.prefix}-vmnew", "ff:ff:ff:ff:ff:ff", b"rarp".ljust(16, b"."), src=mac)
+    assert wait_for(lambda: site.expectations() == set())
+    assert hb.expected(VNI, mac)  # the driver's record ends at the pin
+    assert hb.master_port(VNI, mac) == "tap-vm"  # learned
+    got = site.deliveries("peer", expect_at="vmnew")
+    assert got == {name: 0 for name in site.rx} | {"vmnew": FRAMES}, got
+    hb.plug(VNI, mac, "tap-vm")  # the pin after the kernel ended it: no error
+    assert site.expectations() == set() and hb.master_port(VNI, mac) == "tap-vm"
+
+
+def test_revert_gives_the_mac_back_to_where_it_runs(site: Site) -> None:
+    hb = site.nves["hb"]
+    mac = site.vm_mac
+    hb.expect(VNI, mac, "tap-vm")
+    site.add_new_port()
+    hb.unplug(VNI, mac)  # NvePrepare's revert (ABORTED)
+    assert site.expectations() == set() and not hb.expected(VNI, mac)
+    assert hb.local_port(VNI, mac) is None
+    assert hb.master_port(VNI, mac) == vxlan_name(VNI)
+    assert hb.vxlan_dst(VNI, mac) == site.lab.hosts["ha"].vtep
+    got = site.deliveries("peer", expect_at="vmold")
+    assert got == {name: 0 for name in site.rx} | {"vmold": FRAMES}, got
+    hb.unplug(VNI, mac)  # again: idempotent
+    hb.expect(VNI, mac, "tap-vm")  # and a new attempt works
+    assert site.expectations() == {(mac, "tap-vm")}
+
+
+def test_remove_vn_removes_the_filter_and_the_last_vn_the_table(site: Site) -> None:
+    hb = site.nves["hb"]
+    ns = site.lab.hosts["hb"].netns
+    hb.ensure_vn(VNI + 1)
+    hb.expect(VNI + 1, "52:54:00:00:65:99", "tap-x")
+
+    def listed() -> str:
+        return in_ns(ns, "nft", "list", "ruleset")
+
+    assert pair_set(VNI + 1) in listed() and "fwd_101" in listed()
+    hb.remove_vn(VNI + 1)
+    text = listed()
+    assert pair_set(VNI + 1) not in text and "fwd_101" not in text and "pre_101" not in text
+    assert expected_set(VNI) in text and "fwd_100" in text
+    hb.remove_vn(VNI + 1)  # idempotent
+    hb.remove_vn(VNI)
+    assert "vmm_nve" not in listed()
+    assert os.path.exists(f"/run/netns/{ns}")
