@@ -18,6 +18,27 @@ The driver keeps, per (VNI, MAC), what it was told (remote VTEP, local port,
 in-flight VTEP) and derives the kernel entries from it, so the agent and the
 migration stages can each change their part without undoing the other's.
 Precedence: in-flight > local port > remote VTEP.
+
+An incoming migration first only *expects* the MAC on its local port
+(``expect``, at PREPARE), and *pins* it there once the VM runs here (``plug``,
+at RESUMED). While expected, the bridge has no entry for the MAC, so it floods
+the MAC's unicast, and a per-VN nftables ``bridge`` filter (table
+``vmm_nve``, static rules per VN that look the MAC up in two named sets)
+keeps the VM where it still runs the only receiver:
+
+* frames from local ports (this host's other VMs) leave only over the VXLAN
+  port, whose own entry sends them to the VM's current VTEP. Not to the new
+  port: its queue would fill with copies the guest also gets at the source,
+  and it would then drop fresh frames after the resume while the guest works
+  through the backlog;
+* frames that arrive over VXLAN (the source's in-flight tunnel, peers that
+  already moved) go only to the expected port, not to the other local ports.
+
+The first frame the VM sends from its port (QEMU's RARP after the resume)
+deletes the expectation in the kernel itself (a ``prerouting`` rule), so that
+the bridge, which has just learned the MAC on that port, may deliver local
+frames to it before the RESUMED stage pins it. Expecting and pinning are one
+set-element change each, through ``nft -f -`` in the host's namespace.
 """
 
 from __future__ import annotations
@@ -27,7 +48,9 @@ import dataclasses
 import errno
 import functools
 import ipaddress
+import json
 import logging
+import subprocess
 import threading
 from collections.abc import Callable
 from typing import Any, TypeVar
@@ -35,7 +58,7 @@ from typing import Any, TypeVar
 from oslo_config import cfg
 from pyroute2 import NetlinkError, NetNS
 
-from vmm_orchestrator.errors import ConfigError
+from vmm_orchestrator.errors import ConfigError, VmmError
 
 LOG = logging.getLogger(__name__)
 
@@ -45,6 +68,9 @@ NTF_EXT_LEARNED = 0x10
 NUD_NOARP = 0x40
 NUD_PERMANENT = 0x80
 ZERO_MAC = "00:00:00:00:00:00"
+#: The nftables bridge table the NVE owns in its namespace (one per host).
+NFT_TABLE = "bridge vmm_nve"
+NFT_TIMEOUT_S = 10.0
 
 GROUP = "linux_nve"
 NVE_OPTS: list[cfg.Opt] = [
@@ -114,6 +140,20 @@ def inflight_name(vni: int) -> str:
     return f"vi-{vni}"
 
 
+def expected_set(vni: int) -> str:
+    """nftables set of the MACs of ``vni`` expected on a local port."""
+    return f"exp_{vni}"
+
+
+def pair_set(vni: int) -> str:
+    """nftables set of the (MAC . port) pairs of ``vni``'s expectations."""
+    return f"pair_{vni}"
+
+
+class NftError(VmmError):
+    """nft refused a change of the NVE's bridge filter."""
+
+
 @dataclasses.dataclass
 class _Entry:
     """What the NVE was told about one MAC of one VN."""
@@ -122,6 +162,8 @@ class _Entry:
     local_port: str | None = None
     inflight_vtep: str | None = None
     ips: tuple[str, ...] = ()
+    #: local_port is only expected (an incoming VM that does not run here yet).
+    expected: bool = False
 
 
 class LinuxNve:
@@ -219,13 +261,20 @@ class LinuxNve:
                 mcast_flood=0,
                 bcast_flood=0,
             )
+            self._nft(self._vn_filter(vni))
+            for (v, mac), entry in self._entries.items():
+                if v == vni and entry.expected and entry.local_port:
+                    self._nft(self._expectation(vni, mac, entry.local_port, add=True))
             self._flood.setdefault(vni, set())
             self._ready.add(vni)
 
     @_on_netlink_thread
     def remove_vn(self, vni: int) -> None:
-        """Delete the VN's devices (their FDB entries go with them)."""
+        """Delete the VN's devices (their FDB entries go with them) and its
+        filter; the nftables table goes with the driver's last VN."""
         with self._lock:
+            self._ready.discard(vni)
+            self._nft(self._vn_filter_removal(vni, last=not self._ready))
             for name in (inflight_name(vni), vxlan_name(vni), bridge_name(vni)):
                 idx = self._lookup(name)
                 if idx is not None:
@@ -259,19 +308,41 @@ class LinuxNve:
         """The directory no longer places ``mac`` on another host."""
         self._update(vni, mac, remote_vtep=None)
 
-    def plug(self, vni: int, mac: str, port: str, ips: tuple[str, ...] = ()) -> None:
-        """``mac`` sits (or is about to sit) behind local ``port``.
+    def expect(self, vni: int, mac: str, port: str, ips: tuple[str, ...] = ()) -> None:
+        """``mac`` is about to run behind local ``port`` (an incoming migration).
 
-        If the port exists the bridge forwards ``mac`` to it; if not yet (an
-        incoming migration whose port is not up), the bridge stops sending
-        ``mac`` over VXLAN and floods it to the local ports, so the port gets
-        its frames from the moment it comes up. The remote location stays
-        recorded, and comes back into force on unplug (an aborted migration).
+        Until it is pinned (``plug``) or the VM sends its first frame from
+        ``port``, frames from the other local ports still go over VXLAN to the
+        VM's current host, and frames arriving over VXLAN go to ``port`` only,
+        whether or not it exists yet (see the module docstring). The remote
+        location stays recorded and comes back into force on ``unplug`` (an
+        aborted migration).
         """
-        self._update(vni, mac, local_port=port, **self._ips(ips))
+        self._update(vni, mac, local_port=port, expected=True, **self._ips(ips))
+
+    def plug(self, vni: int, mac: str, port: str, ips: tuple[str, ...] = ()) -> None:
+        """``mac`` runs behind local ``port``: pin it there.
+
+        Ends an expectation first, then points the bridge entry at the port
+        (the other order would drop the local frames in between; this one at
+        worst duplicates a few). If the port does not exist, the bridge floods
+        ``mac`` to the local ports until it does.
+        """
+        self._update(vni, mac, local_port=port, expected=False, **self._ips(ips))
 
     def unplug(self, vni: int, mac: str) -> None:
-        self._update(vni, mac, local_port=None)
+        """Neither expected nor pinned here any more (also reverts ``expect``)."""
+        self._update(vni, mac, local_port=None, expected=False)
+
+    def expected(self, vni: int, mac: str) -> bool:
+        """Whether the driver expects ``mac`` on a local port (not pinned yet).
+
+        The kernel may have ended the expectation already (the VM's first
+        frame); ``expectations`` reads what the kernel holds.
+        """
+        with self._lock:
+            entry = self._entries.get((vni, mac))
+            return bool(entry and entry.expected and entry.local_port)
 
     def start_inflight(self, vni: int, mac: str, vtep: str) -> None:
         """Re-tunnel every frame for ``mac`` that reaches this host to ``vtep``."""
@@ -303,7 +374,9 @@ class LinuxNve:
 
     def forget(self, vni: int, mac: str) -> None:
         """Drop every entry for ``mac`` (a directory "expire": look it up again)."""
-        self._update(vni, mac, remote_vtep=None, local_port=None, inflight_vtep=None)
+        self._update(
+            vni, mac, remote_vtep=None, local_port=None, inflight_vtep=None, expected=False
+        )
 
     # -- reading the kernel (tests, reports) ---------------------------------
 
@@ -328,6 +401,17 @@ class LinuxNve:
                 if msg["ifindex"] == dev and msg.get("NDA_LLADDR") == mac and msg.get("NDA_DST"):
                     return str(msg.get("NDA_DST"))
         return None
+
+    @_on_netlink_thread
+    def expectations(self, vni: int) -> set[tuple[str, str]]:
+        """The (MAC, port) expectations of ``vni`` in the kernel's filter."""
+        out = self._nft_run(["-j", "list", "set", *NFT_TABLE.split(), pair_set(vni)])
+        found: set[tuple[str, str]] = set()
+        for item in json.loads(out).get("nftables", []):
+            for elem in item.get("set", {}).get("elem", []):
+                mac, port = elem["concat"] if isinstance(elem, dict) else elem
+                found.add((str(mac), str(port)))
+        return found
 
     def close(self) -> None:
         with self._lock:
@@ -383,6 +467,19 @@ class LinuxNve:
                 flags=NTF_SELF,
                 state=NUD_PERMANENT,
             )
+        # The expectation filter: in place before the bridge starts flooding
+        # the MAC; when pinning, gone before the bridge sends it to the port
+        # (see plug); when reverting, gone after the bridge entry is back.
+        exp_before = before.local_port if before.expected else None
+        exp_now = now.local_port if now.expected else None
+        deferred = None
+        if exp_before and exp_before != exp_now:
+            if now.local_port:
+                self._nft(self._expectation(vni, mac, exp_before, add=False))
+            else:
+                deferred = exp_before
+        if exp_now and exp_now != exp_before:
+            self._nft(self._expectation(vni, mac, exp_now, add=True))
         # The bridge's forwarding decision.
         if now.inflight_vtep:
             self._fdb(
@@ -394,8 +491,10 @@ class LinuxNve:
                 state=NUD_NOARP,
             )
         elif now.local_port:
-            port = self._lookup(now.local_port)
-            if port is None:  # not up yet: flood locally rather than tunnel away
+            port = None if now.expected else self._lookup(now.local_port)
+            if port is None:
+                # Expected, or pinned to a port that is not up yet: flood (the
+                # filter, if expected, picks who gets the copies).
                 self._fdb_del_master(br, mac)
             else:
                 self._fdb(
@@ -417,6 +516,8 @@ class LinuxNve:
             )
         else:
             self._fdb_del_master(br, mac)
+        if deferred:
+            self._nft(self._expectation(vni, mac, deferred, add=False))
         if before.inflight_vtep and not now.inflight_vtep:
             self._fdb_del(ifindex=self._index(inflight_name(vni)), lladdr=mac, flags=NTF_SELF)
         if before.remote_vtep and not now.remote_vtep:
@@ -425,6 +526,97 @@ class LinuxNve:
         new_ips = now.ips if self._placed(now) else ()
         if set(old_ips) != set(new_ips):
             self._apply_neigh(br, mac, old_ips, new_ips)
+
+    # -- the expectation filter (nftables) -------------------------------------
+
+    @staticmethod
+    def _vn_filter(vni: int) -> str:
+        """Create (or reset) ``vni``'s sets and rules; see the module docstring.
+
+        The sets start empty: a driver that starts expects nothing, and an
+        expectation a previous process left behind must not keep filtering.
+        ``flags dynamic`` lets the prerouting rule delete elements.
+        """
+        t, exp, pair = NFT_TABLE, expected_set(vni), pair_set(vni)
+        vx, vi = vxlan_name(vni), inflight_name(vni)
+        tunnels = f'{{ "{vx}", "{vi}" }}'
+        fwd, pre = f"fwd_{vni}", f"pre_{vni}"
+        return "\n".join(
+            [
+                f"add table {t}",
+                f"add set {t} {exp} {{ type ether_addr; flags dynamic; }}",
+                f"add set {t} {pair} {{ type ether_addr . ifname; flags dynamic; }}",
+                f"flush set {t} {exp}",
+                f"flush set {t} {pair}",
+                f"add chain {t} {fwd} {{ type filter hook forward priority 0; policy accept; }}",
+                f"flush chain {t} {fwd}",
+                # from a local port: only the copy to the VXLAN port
+                f'add rule {t} {fwd} ether daddr @{exp} iifname != {tunnels} oifname != "{vx}" '
+                "counter drop",
+                # over VXLAN: only the copy to the expected port
+                f"add rule {t} {fwd} ether daddr @{exp} iifname {tunnels} "
+                f"ether daddr . oifname != @{pair} counter drop",
+                f"add chain {t} {pre} {{ type filter hook prerouting priority 0; policy accept; }}",
+                f"flush chain {t} {pre}",
+                # the VM's first frame from its port: it runs here, expect no more
+                f"add rule {t} {pre} ether saddr . iifname @{pair} counter "
+                f"delete @{exp} {{ ether saddr }} delete @{pair} {{ ether saddr . iifname }}",
+                "",
+            ]
+        )
+
+    @staticmethod
+    def _vn_filter_removal(vni: int, last: bool) -> str:
+        """Remove ``vni``'s chains and sets (the table if ``last``), present or not.
+
+        nft 1.0.6 has no "destroy": adding first makes the deletion idempotent.
+        """
+        t = NFT_TABLE
+        if last:
+            return f"add table {t}\ndelete table {t}\n"
+        lines = [f"add table {t}"]
+        for chain in (f"fwd_{vni}", f"pre_{vni}"):
+            lines += [f"add chain {t} {chain}", f"delete chain {t} {chain}"]
+        lines += [
+            f"add set {t} {expected_set(vni)} {{ type ether_addr; flags dynamic; }}",
+            f"delete set {t} {expected_set(vni)}",
+            f"add set {t} {pair_set(vni)} {{ type ether_addr . ifname; flags dynamic; }}",
+            f"delete set {t} {pair_set(vni)}",
+        ]
+        return "\n".join(lines) + "\n"
+
+    @staticmethod
+    def _expectation(vni: int, mac: str, port: str, add: bool) -> str:
+        """Add or remove one expectation (idempotent: the kernel may have removed it)."""
+        t = NFT_TABLE
+        elems = [(expected_set(vni), mac), (pair_set(vni), f'{mac} . "{port}"')]
+        lines = []
+        for name, elem in elems:
+            lines.append(f"add element {t} {name} {{ {elem} }}")
+            if not add:
+                lines.append(f"delete element {t} {name} {{ {elem} }}")
+        return "\n".join(lines) + "\n"
+
+    def _nft_run(self, args: list[str], script: str | None = None) -> str:
+        cmd = ["nft", *args]
+        if self.netns:
+            cmd = ["ip", "netns", "exec", self.netns, *cmd]
+        try:
+            res = subprocess.run(
+                cmd, input=script, capture_output=True, text=True, timeout=NFT_TIMEOUT_S
+            )
+        except (OSError, subprocess.TimeoutExpired) as exc:
+            raise NftError(f"could not run {' '.join(cmd)}: {exc}") from exc
+        if res.returncode != 0:
+            raise NftError(
+                f"nft failed in namespace {self.netns or '(host)'}: {res.stderr.strip()}"
+                + (f"\n{script}" if script else "")
+            )
+        return res.stdout
+
+    def _nft(self, script: str) -> None:
+        """Apply ``script`` atomically (one ``nft -f -`` transaction)."""
+        self._nft_run(["-f", "-"], script)
 
     @staticmethod
     def _placed(entry: _Entry) -> bool:

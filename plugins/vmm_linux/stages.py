@@ -21,19 +21,23 @@ class NvePrepare(Stage):
     """PREPARE, destination: expect the VM's MAC on its local port.
 
     Until now the destination NVE forwarded the VM's MAC over VXLAN to the
-    source. A bridge never forwards a frame out of the port it came in on,
-    so frames that reach the destination over VXLAN after the VM resumed
-    (the source's in-flight tunnel, peers that already updated) would be
-    dropped here. From PREPARE on, the bridge forwards the MAC to the local
-    port (under libvirt the tap exists from PREPARE), or floods it to local
-    ports until the port exists, so nothing waits on RESUMED. Reverting
-    restores forwarding to the VM's current host.
+    source. From PREPARE on it expects the MAC on the local port (see
+    ``LinuxNve.expect``): frames that arrive over VXLAN (the source's
+    in-flight tunnel from the pause on, peers that already moved) go to that
+    port, as soon as it exists (under libvirt the tap appears after PREPARE),
+    while this host's other VMs still reach the VM over VXLAN where it runs.
+    Sending their frames to the port too would queue stale copies in the
+    tap, which the guest then works through after the resume while the tap
+    drops fresh frames. Nothing waits on RESUMED. Reverting restores
+    forwarding to the VM's current host.
     """
 
     name = "nve_prepare"
     phase = Phase.PREPARE
     role = Role.DESTINATION
     default_attempts = 1
+    #: Pin (the VM runs here) rather than only expect.
+    pin = False
 
     def run(self, ctx: StageContext) -> dict[str, Any]:
         nve = ctx.host.service("nve")
@@ -41,8 +45,10 @@ class NvePrepare(Stage):
             if not vif.port:
                 raise StageFailed(f"NIC {vif.mac} of {ctx.migration.workload.name} names no port")
             nve.ensure_vn(vif.vni)
-            nve.plug(vif.vni, vif.mac, vif.port, vif.ipv4 + vif.ipv6)
-        return {"expecting": [[v.vni, v.mac, v.port] for v in ctx.migration.workload.vifs]}
+            place = nve.plug if self.pin else nve.expect
+            place(vif.vni, vif.mac, vif.port, vif.ipv4 + vif.ipv6)
+        key = "plugged" if self.pin else "expecting"
+        return {key: [[v.vni, v.mac, v.port] for v in ctx.migration.workload.vifs]}
 
     def revert(self, ctx: StageContext, record: dict[str, Any] | None) -> None:
         nve = ctx.host.service("nve")
@@ -51,15 +57,17 @@ class NvePrepare(Stage):
 
 
 class NvePlug(NvePrepare):
-    """RESUMED, destination: pin the VM's MAC to its port, now that it is up.
+    """RESUMED, destination: pin the VM's MAC to its port, now that it runs here.
 
-    Ends the local flooding that NvePrepare allowed while the port did not
-    exist, so other VMs on this host stop seeing the migrated VM's frames.
+    Ends the expectation (if the VM's first frame has not already ended it
+    in the kernel), then points the bridge entry at the port: local frames
+    reach the VM directly and nothing is flooded for its MAC any more.
     """
 
     name = "nve_plug"
     phase = Phase.RESUMED
     role = Role.DESTINATION
+    pin = True
 
 
 class Announce(Stage):
@@ -75,6 +83,7 @@ class Announce(Stage):
     phase = Phase.RESUMED
     role = Role.DESTINATION
     default_attempts = 1
+    best_effort = True
 
     def run(self, ctx: StageContext) -> dict[str, Any]:
         pool = ctx.host.service("announcers")

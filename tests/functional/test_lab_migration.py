@@ -65,6 +65,7 @@ def test_tables_point_to_the_new_place(lab_conf: cfg.ConfigOpts, prefix):
         assert site.hosts["h1"].nve.vxlan_dst(VNI, vm1.mac, inflight=True) is None
         assert site.hosts["h3"].nve.master_port(VNI, vm1.mac) == "vx-100"
         assert site.hosts["h2"].nve.master_port(VNI, vm1.mac) == vm1.port
+        assert site.hosts["h2"].nve.expectations(VNI) == set()
         endpoint = site.client().get_endpoint(VNI, vm1.mac)
         assert (endpoint["nve"], endpoint["seq"], endpoint["state"]) == ("h2", 1, "active")
         neigh = in_ns(gw.netns, "ip", "neigh", "show", vm1.ipv4, "dev", "eth0")
@@ -115,6 +116,9 @@ def test_aborted_migration_leaves_everything_as_before(lab_conf, prefix):
             return site.dispatchers[host].submit(event).result(timeout=30)
 
         assert emit("h2", Phase.PREPARE, Role.DESTINATION).ok
+        # PREPARE expects the MAC on its port (not there yet): no pin, a filter
+        assert site.hosts["h2"].nve.expectations(VNI) == {(vm1.mac, vm1.port)}
+        assert site.hosts["h2"].nve.master_port(VNI, vm1.mac) is None
         assert emit("h1", Phase.SWITCHOVER, Role.SOURCE).ok
         assert site.hosts["h1"].nve.master_port(VNI, vm1.mac) == "vi-100"
         assert site.client().get_endpoint(VNI, vm1.mac)["pending_nve"] == "h2"
@@ -126,5 +130,6 @@ def test_aborted_migration_leaves_everything_as_before(lab_conf, prefix):
         assert site.hosts["h1"].nve.master_port(VNI, vm1.mac) == vm1.port
         assert site.hosts["h2"].nve.master_port(VNI, vm1.mac) == "vx-100"
         assert site.hosts["h2"].nve.vxlan_dst(VNI, vm1.mac) == h1_vtep
+        assert site.hosts["h2"].nve.expectations(VNI) == set()
         assert ping(vm2.netns, vm1.ipv4) == 5
         del hyper
