@@ -174,9 +174,10 @@ def test_the_vm_moved_through_the_pipeline(moved: Moved) -> None:
     assert delta["mdb"]["installed"] == 1
 
 
+@pytest.mark.parametrize("moved", ["with_state"], indirect=True)
 def test_the_source_keeps_nothing_after_completed(moved: Moved) -> None:
-    if not moved.with_state:
-        pytest.skip("without the state stages nobody cleans the source")
+    """Only with the state stages: without them nobody cleans the source."""
+    assert moved.with_state
     vm1, vm3 = moved.site.lab.vms["vm1"], moved.site.lab.vms["vm3"]
     left = holdings(moved.site, "h1", vm1)
     assert left["nft_sets"] == set() and left["dhcp_snooping"] == set()
@@ -209,9 +210,10 @@ def test_multicast_without_a_new_report(moved: Moved) -> None:
     assert found.ok, f"expected: {found.expected}; observed: {found.observed}"
 
 
+@pytest.mark.parametrize("moved", ["with_state"], indirect=True)
 def test_a_session_with_a_peer_left_on_the_source_survives(moved: Moved) -> None:
-    if not moved.with_state:
-        pytest.skip("without state no session survives the move")
+    """Only with state: without it no session survives the move."""
+    assert moved.with_state
     assert proofs.echo(moved.neighbour, b"hello again from the neighbour")
 
 
