@@ -44,6 +44,7 @@ set-element change each, through ``nft -f -`` in the host's namespace.
 from __future__ import annotations
 
 import concurrent.futures
+import ctypes
 import dataclasses
 import errno
 import functools
@@ -58,6 +59,7 @@ from typing import Any, TypeVar
 from oslo_config import cfg
 from pyroute2 import NetlinkError, NetNS
 
+from vmm_linux.netns import entered
 from vmm_orchestrator.errors import ConfigError, VmmError
 
 LOG = logging.getLogger(__name__)
@@ -206,6 +208,7 @@ class LinuxNve:
         self._flood: dict[int, set[str]] = {}
         self._ifindex: dict[str, int] = {}
         self._ready: set[int] = set()
+        self._libnft: _LibNft | bool | None = None  # None: not tried yet; False: unavailable
 
     @classmethod
     def from_conf(cls, conf: cfg.ConfigOpts, netns: str | None, local_vtep: str) -> LinuxNve:
@@ -615,8 +618,18 @@ class LinuxNve:
         return res.stdout
 
     def _nft(self, script: str) -> None:
-        """Apply ``script`` atomically (one ``nft -f -`` transaction)."""
-        self._nft_run(["-f", "-"], script)
+        """Apply ``script`` atomically (one nft transaction).
+
+        In-process through libnftables when the library is there (about a
+        tenth of a millisecond, where a ``nft -f -`` subprocess costs 6-20 ms
+        on the RESUMED path), else the nft command.
+        """
+        if self._libnft is None:
+            self._libnft = _LibNft.load(self.netns)
+        if self._libnft:
+            self._libnft.run(script, self.netns)
+        else:
+            self._nft_run(["-f", "-"], script)
 
     @staticmethod
     def _placed(entry: _Entry) -> bool:
@@ -700,6 +713,48 @@ class LinuxNve:
     def _name_of(self, idx: int) -> str | None:
         links = self._ipr.get_links(idx)
         return links[0].get("IFLA_IFNAME") if links else None
+
+
+class _LibNft:
+    """libnftables, driven through ctypes inside the driver's namespace.
+
+    Its netlink socket is opened and used with the calling thread in the
+    host's namespace (setns around each call), and the driver calls it only
+    from its own netlink thread.
+    """
+
+    def __init__(self, lib: Any, ctx: int) -> None:
+        self._lib = lib
+        self._ctx = ctx
+
+    @classmethod
+    def load(cls, netns: str | None) -> _LibNft | bool:
+        try:
+            lib = ctypes.CDLL("libnftables.so.1")
+        except OSError:
+            return False
+        lib.nft_ctx_new.restype = ctypes.c_void_p
+        lib.nft_ctx_new.argtypes = [ctypes.c_uint32]
+        lib.nft_ctx_buffer_output.argtypes = [ctypes.c_void_p]
+        lib.nft_ctx_buffer_error.argtypes = [ctypes.c_void_p]
+        lib.nft_ctx_get_error_buffer.argtypes = [ctypes.c_void_p]
+        lib.nft_ctx_get_error_buffer.restype = ctypes.c_char_p
+        lib.nft_run_cmd_from_buffer.argtypes = [ctypes.c_void_p, ctypes.c_char_p]
+        lib.nft_run_cmd_from_buffer.restype = ctypes.c_int
+        with entered(netns):
+            ctx = lib.nft_ctx_new(0)
+        if not ctx:
+            return False
+        lib.nft_ctx_buffer_output(ctx)
+        lib.nft_ctx_buffer_error(ctx)
+        return cls(lib, ctx)
+
+    def run(self, script: str, netns: str | None) -> None:
+        with entered(netns):
+            rc = self._lib.nft_run_cmd_from_buffer(self._ctx, script.encode())
+        if rc != 0:
+            error = (self._lib.nft_ctx_get_error_buffer(self._ctx) or b"").decode().strip()
+            raise NftError(f"nft failed in namespace {netns or '(host)'}: {error}\n{script}")
 
 
 def _local_iproute() -> Any:
