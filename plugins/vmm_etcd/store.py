@@ -23,6 +23,7 @@ variable. The layout of keys is in :mod:`vmm_etcd.keys`.
 from __future__ import annotations
 
 import contextlib
+import ipaddress
 import json
 import threading
 import time
@@ -36,18 +37,10 @@ from vmm_etcd.kv import EtcdKV, KeyValue
 from vmm_etcd.txn import Tx
 from vmm_etcd.watch import WatchStream
 from vmm_orchestrator.nva import store as core
-from vmm_orchestrator.nva.errors import BadRequest, Conflict, NotFound, NvaError
+from vmm_orchestrator.nva.errors import Conflict, NotFound, NvaError
 from vmm_orchestrator.nva.store import (
-    check_ip,
-    check_ips,
-    check_mac,
-    check_migration_id,
-    check_nve_id,
-    check_nve_ids,
-    check_revision,
-    check_timeout,
+    StoreFront,
     check_vni,
-    check_vnis,
 )
 
 T = TypeVar("T")
@@ -106,7 +99,7 @@ def _not_registered(nve_id: str) -> NotFound:
     return NotFound(f"no NVE '{nve_id}' is registered", hint="register it first")
 
 
-class EtcdNvaStore:
+class EtcdNvaStore(StoreFront):
     """Thread-safe directory of NVEs and endpoints with a watchable change log, on etcd."""
 
     def __init__(
@@ -241,12 +234,7 @@ class EtcdNvaStore:
 
     # ---------------------------------------------------------------- NVEs
 
-    def register_nve(self, nve_id: str, vtep: str, vnis: Sequence[int]) -> dict[str, Any]:
-        """Add or update an NVE; a new VTEP is announced for every endpoint behind it."""
-        nve_id = check_nve_id(nve_id, "id")
-        vtep_ip = str(check_ip(vtep, "vtep"))
-        vni_list = check_vnis(vnis)
-
+    def _do_register_nve(self, nve_id: str, vtep_ip: str, vni_list: list[int]) -> dict[str, Any]:
         def decide(tx: Tx) -> dict[str, Any]:
             old, ack = tx.get(self.keys.nve(nve_id), self.keys.ack(nve_id))
             record = {"id": nve_id, "vtep": vtep_ip, "vnis": vni_list}
@@ -270,9 +258,7 @@ class EtcdNvaStore:
             stored = self._put_endpoint(tx, endpoint, vtep=vtep, revision=revision)
             self._record(tx, stored["vni"], "endpoint", {"endpoint": public(stored)}, revision)
 
-    def get_nve(self, nve_id: str) -> dict[str, Any]:
-        """One NVE, with the revision it last acked."""
-        nve_id = check_nve_id(nve_id, "id")
+    def _do_get_nve(self, nve_id: str) -> dict[str, Any]:
         self._check_open()
         answer = self.kv.read(
             kvmod.get(self.keys.nve(nve_id)), kvmod.get(self.keys.ack(nve_id)), what="read an NVE"
@@ -282,10 +268,7 @@ class EtcdNvaStore:
             raise _not_registered(nve_id)
         return nve_dict(json.loads(record.value), ack.value if ack is not None else None)
 
-    def list_nves(self, vni: int | None = None) -> list[dict[str, Any]]:
-        """All NVEs, or only those serving ``vni``."""
-        if vni is not None:
-            vni = check_vni(vni)
+    def _do_list_nves(self, vni: int | None) -> list[dict[str, Any]]:
         self._check_open()
         answer = self.kv.read(
             kvmod.get_prefix(self.keys.nves), kvmod.get_prefix(self.keys.acks), what="list NVEs"
@@ -300,30 +283,9 @@ class EtcdNvaStore:
 
     # ----------------------------------------------------------- endpoints
 
-    def add_endpoint(
-        self,
-        vni: int,
-        mac: str,
-        ipv4: Sequence[str] | None,
-        ipv6: Sequence[str] | None,
-        nve: str,
-    ) -> dict[str, Any]:
-        """Add an endpoint at ``nve`` (active, seq 0); repeating the same add is harmless."""
-        return self.create_endpoint(vni, mac, ipv4, ipv6, nve)[0]
-
-    def create_endpoint(
-        self,
-        vni: int,
-        mac: str,
-        ipv4: Sequence[str] | None,
-        ipv6: Sequence[str] | None,
-        nve: str,
+    def _do_create_endpoint(
+        self, vni: int, mac: str, v4: list[str], v6: list[str], nve: str
     ) -> tuple[dict[str, Any], bool]:
-        """Like add_endpoint, and also says whether the endpoint is new (for 201 vs 200)."""
-        vni, mac = check_vni(vni), check_mac(mac)
-        v4, v6 = check_ips(ipv4, 4, "ipv4"), check_ips(ipv6, 6, "ipv6")
-        nve = check_nve_id(nve)
-
         def decide(tx: Tx) -> tuple[dict[str, Any], bool]:
             tx.get(self.keys.endpoint(vni, mac), self.keys.nve(nve), self.keys.revision)
             record = self._serving_nve(tx, nve, vni)
@@ -363,9 +325,7 @@ class EtcdNvaStore:
 
         return self._run(f"add endpoint {mac} in VNI {vni}", decide, changes=True)
 
-    def get_endpoint(self, vni: int, mac: str) -> dict[str, Any]:
-        """One endpoint by its key (VNI, MAC)."""
-        vni, mac = check_vni(vni), check_mac(mac)
+    def _do_get_endpoint(self, vni: int, mac: str) -> dict[str, Any]:
         self._check_open()
         found = self.kv.read(kvmod.get(self.keys.endpoint(vni, mac)), what="read an endpoint")
         item = found.one(0)
@@ -373,13 +333,12 @@ class EtcdNvaStore:
             raise NotFound(f"no endpoint {mac} in VNI {vni}")
         return public(json.loads(item.value))
 
-    def find(self, vni: int, ip: str | None = None, mac: str | None = None) -> dict[str, Any]:
-        """Look an endpoint up by IP (ARP/ND cache miss) or by MAC (RARP); both must match."""
-        vni = check_vni(vni)
-        if ip is None and mac is None:
-            raise BadRequest("find needs an ip or a mac to look up")
-        wanted_mac = None if mac is None else check_mac(mac)
-        addr = None if ip is None else check_ip(ip)
+    def _do_find(
+        self,
+        vni: int,
+        addr: ipaddress.IPv4Address | ipaddress.IPv6Address | None,
+        wanted_mac: str | None,
+    ) -> dict[str, Any]:
         if addr is None:
             assert wanted_mac is not None
             return self.get_endpoint(vni, wanted_mac)
@@ -414,10 +373,7 @@ class EtcdNvaStore:
         revision = int(counter.value) if counter is not None else 0
         return revision, [public(json.loads(i.value)) for i in answer.kvs(1)]
 
-    def delete_endpoint(self, vni: int, mac: str) -> dict[str, Any]:
-        """Remove an endpoint and tell the NVEs; returns it with the delete's revision."""
-        vni, mac = check_vni(vni), check_mac(mac)
-
+    def _do_delete_endpoint(self, vni: int, mac: str) -> dict[str, Any]:
         def decide(tx: Tx) -> dict[str, Any]:
             tx.get(self.keys.endpoint(vni, mac), self.keys.revision)
             stored = self._endpoint(tx, vni, mac)
@@ -437,11 +393,7 @@ class EtcdNvaStore:
 
     # ---------------------------------------------------------- migration
 
-    def prestage(self, vni: int, mac: str, nve: str, migration_id: str) -> dict[str, Any]:
-        """Note that ``nve`` will receive the endpoint; traffic keeps going to the old NVE."""
-        vni, mac = check_vni(vni), check_mac(mac)
-        nve, migration_id = check_nve_id(nve), check_migration_id(migration_id)
-
+    def _do_prestage(self, vni: int, mac: str, nve: str, migration_id: str) -> dict[str, Any]:
         def decide(tx: Tx) -> dict[str, Any]:
             tx.get(self.keys.endpoint(vni, mac), self.keys.nve(nve))
             row = self._endpoint(tx, vni, mac)
@@ -479,11 +431,7 @@ class EtcdNvaStore:
 
         return self._run(f"prestage {mac} in VNI {vni}", decide, changes=False)
 
-    def commit(self, vni: int, mac: str, migration_id: str) -> dict[str, Any]:
-        """Point the endpoint at its pending NVE with seq + 1; a repeat returns the same result."""
-        vni, mac = check_vni(vni), check_mac(mac)
-        migration_id = check_migration_id(migration_id)
-
+    def _do_commit(self, vni: int, mac: str, migration_id: str) -> dict[str, Any]:
         def decide(tx: Tx) -> dict[str, Any]:
             tx.get(self.keys.endpoint(vni, mac), self.keys.revision)
             row = self._endpoint(tx, vni, mac)
@@ -536,11 +484,7 @@ class EtcdNvaStore:
         self._record(tx, row["vni"], "endpoint", {"endpoint": endpoint}, revision)
         return {"endpoint": endpoint, "revision": revision, "committed_at": committed_at}
 
-    def abort(self, vni: int, mac: str, migration_id: str) -> dict[str, Any]:
-        """Forget a prestage; nve and seq stay as they are, and a repeat is harmless."""
-        vni, mac = check_vni(vni), check_mac(mac)
-        migration_id = check_migration_id(migration_id)
-
+    def _do_abort(self, vni: int, mac: str, migration_id: str) -> dict[str, Any]:
         def decide(tx: Tx) -> dict[str, Any]:
             row = self._endpoint(tx, vni, mac)
             if row["state"] != "pending":
@@ -563,12 +507,7 @@ class EtcdNvaStore:
 
         return self._run(f"abort the prestage of {mac} in VNI {vni}", decide, changes=False)
 
-    def move(self, vni: int, mac: str, nve: str, seq: int | None = None) -> dict[str, Any]:
-        """An NVE learned the MAC locally (EVPN style): move it unless ``seq`` is stale."""
-        vni, mac, nve = check_vni(vni), check_mac(mac), check_nve_id(nve)
-        if seq is not None:
-            seq = check_revision(seq, "seq")
-
+    def _do_move(self, vni: int, mac: str, nve: str, seq: int | None) -> dict[str, Any]:
         def decide(tx: Tx) -> dict[str, Any]:
             tx.get(self.keys.endpoint(vni, mac), self.keys.nve(nve), self.keys.revision)
             row = self._endpoint(tx, vni, mac)
@@ -589,13 +528,7 @@ class EtcdNvaStore:
 
         return self._run(f"move {mac} in VNI {vni}", decide, changes=True)
 
-    def expire(self, vni: int, mac: str, nves: Sequence[str]) -> dict[str, Any]:
-        """Tell ``nves`` to drop their cached entry for ``mac`` and look it up again."""
-        vni, mac = check_vni(vni), check_mac(mac)
-        targets = check_nve_ids(nves)
-        if not targets:
-            raise BadRequest("nves must name at least one NVE to expire the entry on")
-
+    def _do_expire(self, vni: int, mac: str, targets: list[str]) -> dict[str, Any]:
         def decide(tx: Tx) -> dict[str, Any]:
             tx.get(
                 self.keys.endpoint(vni, mac),
@@ -615,18 +548,9 @@ class EtcdNvaStore:
 
     # ------------------------------------------------------ watch and acks
 
-    def changes_since(
-        self, nve_id: str, revision: int, timeout: float = 0.0
+    def _do_changes_since(
+        self, nve_id: str, revision: int, deadline: float
     ) -> tuple[int, list[dict[str, Any]]]:
-        """Changes for ``nve_id`` after ``revision``, waiting up to ``timeout`` s for one.
-
-        The returned revision is the one to pass next time and to ack: the
-        directory's current revision, or, when the answer is a truncated page,
-        the revision of its last change.
-        """
-        nve_id = check_nve_id(nve_id)
-        revision = check_revision(revision, "since")
-        deadline = time.monotonic() + check_timeout(timeout)
         self._check_open()
         while True:
             if self._closed:  # closed while we waited: let the watcher go
@@ -692,14 +616,10 @@ class EtcdNvaStore:
                 return ChangesPage(current, collected, etcd_revision, vnis)
             cursor = bound  # the rest of a truncated VN: read on at the same etcd revision
 
-    def ack(self, nve_id: str, revision: int) -> dict[str, Any]:
-        """Record that ``nve_id`` applied everything up to ``revision`` (never backwards).
-
-        One transaction in the common case: it writes only if the NVE exists,
+    def _do_ack(self, nve_id: str, revision: int) -> dict[str, Any]:
+        """One transaction in the common case: it writes only if the NVE exists,
         the directory has reached ``revision`` and the stored ack is lower.
         """
-        nve_id = check_nve_id(nve_id)
-        revision = check_revision(revision)
         self._check_open()
         nve_key, ack_key = self.keys.nve(nve_id), self.keys.ack(nve_id)
         now = time.time()
@@ -737,24 +657,12 @@ class EtcdNvaStore:
 
         return self._run(f"record the ack of NVE {nve_id}", decide, changes=False)
 
-    def acks(
-        self,
-        vni: int,
-        min_revision: int,
-        nves: Sequence[str] | None = None,
-        timeout: float = 0.0,
+    def _do_acks(
+        self, vni: int, min_revision: int, wanted: list[str] | None, deadline: float
     ) -> dict[str, dict[str, Any]]:
-        """Ack state of ``nves`` (default: all serving ``vni``), waiting for ``min_revision``.
-
-        Returns when every one of them acked ``min_revision`` or the timeout
-        passed; the caller compares the revisions to tell which. The set of
-        NVEs is taken when the call starts; acks arriving afterwards are
-        followed through an etcd watch, not by reading everything again.
+        """The set of NVEs is taken when the call starts; acks arriving afterwards
+        are followed through an etcd watch, not by reading everything again.
         """
-        vni = check_vni(vni)
-        min_revision = check_revision(min_revision, "min_revision")
-        wanted = None if nves is None else check_nve_ids(nves)
-        deadline = time.monotonic() + check_timeout(timeout)
         self._check_open()
         answer = self.kv.read(
             kvmod.get(self.keys.revision),

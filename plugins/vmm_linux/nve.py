@@ -208,7 +208,8 @@ class LinuxNve:
         self._flood: dict[int, set[str]] = {}
         self._ifindex: dict[str, int] = {}
         self._ready: set[int] = set()
-        self._libnft: _LibNft | bool | None = None  # None: not tried yet; False: unavailable
+        self._libnft: _LibNft | None = None
+        self._libnft_tried = False
 
     @classmethod
     def from_conf(cls, conf: cfg.ConfigOpts, netns: str | None, local_vtep: str) -> LinuxNve:
@@ -624,9 +625,10 @@ class LinuxNve:
         tenth of a millisecond, where a ``nft -f -`` subprocess costs 6-20 ms
         on the RESUMED path), else the nft command.
         """
-        if self._libnft is None:
+        if not self._libnft_tried:
+            self._libnft_tried = True
             self._libnft = _LibNft.load(self.netns)
-        if self._libnft:
+        if self._libnft is not None:
             self._libnft.run(script, self.netns)
         else:
             self._nft_run(["-f", "-"], script)
@@ -728,11 +730,11 @@ class _LibNft:
         self._ctx = ctx
 
     @classmethod
-    def load(cls, netns: str | None) -> _LibNft | bool:
+    def load(cls, netns: str | None) -> _LibNft | None:
         try:
             lib = ctypes.CDLL("libnftables.so.1")
         except OSError:
-            return False
+            return None
         lib.nft_ctx_new.restype = ctypes.c_void_p
         lib.nft_ctx_new.argtypes = [ctypes.c_uint32]
         lib.nft_ctx_buffer_output.argtypes = [ctypes.c_void_p]
@@ -744,7 +746,7 @@ class _LibNft:
         with entered(netns):
             ctx = lib.nft_ctx_new(0)
         if not ctx:
-            return False
+            return None
         lib.nft_ctx_buffer_output(ctx)
         lib.nft_ctx_buffer_error(ctx)
         return cls(lib, ctx)

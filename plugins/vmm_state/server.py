@@ -11,30 +11,33 @@ speaks HTTP.
 
 from __future__ import annotations
 
-import hmac
-import http.server
-import json
 import logging
 import math
 import re
-import socket
 import ssl
 import threading
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any, ClassVar, cast
-from urllib.parse import parse_qs, unquote, urlsplit
+from urllib.parse import parse_qs, urlsplit
 
 from vmm_orchestrator.errors import ConfigError
+from vmm_orchestrator.httpapi import (
+    DRAIN_LIMIT,
+    JsonHttpServer,
+    JsonRequestHandler,
+    Routes,
+    error_body,
+    internal_error_body,
+    single_values,
+    url_host,
+)
 from vmm_orchestrator.model import Migration, Role
 from vmm_state.bundle import KIND_RE, MalformedBundle
 from vmm_state.wire import (
     BUNDLE_TYPE,
-    DRAIN_LIMIT,
-    IDLE_TIMEOUT,
     LABEL_RE,
     MIGRATION_HEADER,
     PIECE,
-    TOKEN_HEADER,
     BadRequest,
     MethodNotAllowed,
     NotFound,
@@ -49,28 +52,9 @@ if TYPE_CHECKING:
 LOG = logging.getLogger(__name__)
 
 
-def error_body(err: ServiceError) -> dict[str, Any]:
-    detail: dict[str, Any] = {"code": err.code, "message": err.message}
-    if err.hint:
-        detail["hint"] = err.hint
-    return {"error": detail}
-
-
 def _query(raw: str, allowed: set[str]) -> dict[str, str]:
     """Single-valued query parameters; unknown or repeated ones are a client bug."""
-    query = parse_qs(raw, keep_blank_values=True)
-    unknown = sorted(set(query) - allowed)
-    if unknown:
-        raise BadRequest(
-            f"unknown query parameter(s) {', '.join(unknown)}; expected some of "
-            f"{', '.join(sorted(allowed)) or 'none'}"
-        )
-    out = {}
-    for name, values in query.items():
-        if len(values) != 1:
-            raise BadRequest(f"query parameter {name} given {len(values)} times")
-        out[name] = values[0]
-    return out
+    return single_values(parse_qs(raw, keep_blank_values=True), allowed, BadRequest)
 
 
 def _label(query: dict[str, str], default: str | None) -> str | None:
@@ -80,45 +64,16 @@ def _label(query: dict[str, str], default: str | None) -> str | None:
     return label
 
 
-class _HttpServer(http.server.ThreadingHTTPServer):
-    """ThreadingHTTPServer that knows its host and its open connections."""
-
-    daemon_threads = True
-    block_on_close = False
+class _HttpServer(JsonHttpServer):
+    """The shared JSON server, knowing its host."""
 
     def __init__(self, address: tuple[str, int], host: StateHost) -> None:
         self.host = host
-        self.token = host.settings.token.encode("utf-8")
-        self._conns: set[socket.socket] = set()
-        self._conns_lock = threading.Lock()
-        super().__init__(address, _Handler)
-
-    def process_request(self, request: Any, client_address: Any) -> None:
-        with self._conns_lock:
-            self._conns.add(request)
-        super().process_request(request, client_address)
-
-    def shutdown_request(self, request: Any) -> None:
-        with self._conns_lock:
-            self._conns.discard(request)
-        super().shutdown_request(request)
+        super().__init__(address, _Handler, host.settings.token)
 
     def handle_error(self, request: Any, client_address: Any) -> None:
         """A connection that failed outside a request (TLS handshake, reset): log, no traceback."""
         LOG.info("state service connection from %s failed", client_address, exc_info=True)
-
-    def close_connections(self) -> None:
-        with self._conns_lock:
-            conns = list(self._conns)
-        for conn in conns:
-            try:
-                conn.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
-
-
-class _HttpServer6(_HttpServer):
-    address_family = socket.AF_INET6
 
 
 class _Body:
@@ -191,20 +146,25 @@ class _Body:
         return self.complete
 
 
-class _Handler(http.server.BaseHTTPRequestHandler):
+class _Handler(JsonRequestHandler):
     """Authenticates, routes, streams exports and imports, answers JSON."""
 
-    protocol_version = "HTTP/1.1"
     server_version = "vmm-state/1"
-    timeout = IDLE_TIMEOUT
+    log = LOG
+    client_name = "state"
+    unauthorized = Unauthorized
 
     _MIG = r"^/v1/state/([^/]+)"
-    ROUTES: ClassVar[list[tuple[re.Pattern[str], dict[str, str]]]] = [
-        (re.compile(_MIG + "$"), {"GET": "export", "POST": "import_", "DELETE": "revert"}),
-        (re.compile(_MIG + "/synced$"), {"GET": "synced"}),
-        (re.compile(_MIG + "/commit$"), {"POST": "commit"}),
-        (re.compile(r"^/v1/health$"), {"GET": "health"}),
-    ]
+    ROUTES: ClassVar[Routes[str]] = Routes(
+        [
+            (re.compile(_MIG + "$"), {"GET": "export", "POST": "import_", "DELETE": "revert"}),
+            (re.compile(_MIG + "/synced$"), {"GET": "synced"}),
+            (re.compile(_MIG + "/commit$"), {"POST": "commit"}),
+            (re.compile(r"^/v1/health$"), {"GET": "health"}),
+        ],
+        NotFound,
+        MethodNotAllowed,
+    )
 
     @property
     def _srv(self) -> _HttpServer:
@@ -214,34 +174,11 @@ class _Handler(http.server.BaseHTTPRequestHandler):
     def _host(self) -> StateHost:
         return self._srv.host
 
-    def setup(self) -> None:
-        """TLS handshake here (in the connection's thread, not the accept loop) and no Nagle."""
-        super().setup()
+    def setup_connection(self) -> None:
+        """TLS handshake here (in the connection's thread, not the accept loop)."""
         if isinstance(self.connection, ssl.SSLSocket):
             self.connection.settimeout(self.timeout)
             self.connection.do_handshake()
-        try:
-            self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        except OSError:
-            pass
-
-    def do_GET(self) -> None:
-        self._dispatch("GET")
-
-    def do_POST(self) -> None:
-        self._dispatch("POST")
-
-    def do_DELETE(self) -> None:
-        self._dispatch("DELETE")
-
-    def do_PUT(self) -> None:
-        self._dispatch("PUT")
-
-    def do_PATCH(self) -> None:
-        self._dispatch("PATCH")
-
-    def do_HEAD(self) -> None:
-        self._dispatch("HEAD")
 
     def _dispatch(self, method: str) -> None:
         self._streaming = False
@@ -255,8 +192,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             self._answer_error(err.http_status, error_body(err))
         except Exception:
             LOG.exception("state request %s %s failed", method, self.path)
-            body = {"error": {"code": "internal_error", "message": "internal error"}}
-            self._answer_error(500, body)
+            self._answer_error(500, internal_error_body())
 
     def _answer_error(self, status: int, body: dict[str, Any]) -> None:
         if self._streaming:  # the answer has begun: all we can do is cut it short
@@ -266,25 +202,8 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             self.close_connection = True
         self._send_json(status, body)
 
-    def _authenticate(self) -> None:
-        given = self.headers.get(TOKEN_HEADER)
-        if given is None:
-            raise Unauthorized(f"missing {TOKEN_HEADER} header")
-        if not hmac.compare_digest(given.encode("latin-1", "replace"), self._srv.token):
-            raise Unauthorized(f"invalid {TOKEN_HEADER}")
-
     def _route(self, method: str) -> tuple[str, tuple[str, ...]]:
-        path = urlsplit(self.path).path
-        for pattern, methods in self.ROUTES:
-            found = pattern.match(path)
-            if found is None:
-                continue
-            if method not in methods:
-                raise MethodNotAllowed(
-                    f"{method} is not allowed on {path}; use {', '.join(sorted(methods))}"
-                )
-            return methods[method], tuple(unquote(g) for g in found.groups())
-        raise NotFound(f"no such route: {path}")
+        return self.ROUTES.match(method, urlsplit(self.path).path)
 
     def _query(self, allowed: set[str]) -> dict[str, str]:
         return _query(urlsplit(self.path).query, allowed)
@@ -383,38 +302,10 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         if self._body is not None and not self._body.drain():
             self.close_connection = True
 
-    def _send_json(self, status: int, payload: Any) -> None:
-        data = json.dumps(payload).encode("utf-8")
-        try:
-            self.send_response(status)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(data)))
-            if self.close_connection:
-                self.send_header("Connection", "close")
-            self.end_headers()
-            if self.command != "HEAD":
-                self.wfile.write(data)
-        except OSError as err:
-            LOG.debug("state client %s went away: %s", self.address_string(), err)
-            self.close_connection = True
-
     def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
         """Answer http.server's own errors (bad request line, ...) in JSON too."""
-        self.close_connection = True
         self._streaming = False
-        text = message or explain or http.HTTPStatus(code).phrase
-        self._send_json(code, {"error": {"code": f"http_{code}", "message": text}})
-
-    def log_message(self, format: str, *args: Any) -> None:
-        LOG.debug("%s %s", self.address_string(), format % args)
-
-
-def _url_host(host: str) -> str:
-    if host in ("", "0.0.0.0"):
-        return "127.0.0.1"
-    if host == "::":
-        return "[::1]"
-    return f"[{host}]" if ":" in host else host
+        super().send_error(code, message, explain)
 
 
 class StateServer:
@@ -431,16 +322,15 @@ class StateServer:
             raise RuntimeError("the state server is not started")
         scheme = "https" if self.host.settings.tls else "http"
         port = self._httpd.server_address[1]
-        return f"{scheme}://{_url_host(self.host.settings.bind_host)}:{port}"
+        return f"{scheme}://{url_host(self.host.settings.bind_host)}:{port}"
 
     def start(self) -> None:
         """Bind and serve; returns once the socket listens."""
         if self._thread is not None:
             return
         s = self.host.settings
-        cls = _HttpServer6 if ":" in s.bind_host else _HttpServer
         try:
-            httpd = cls((s.bind_host, s.bind_port), self.host)
+            httpd = _HttpServer((s.bind_host, s.bind_port), self.host)
         except OSError as err:
             raise ConfigError(
                 f"the state service of host {self.host.name} cannot listen on "

@@ -10,24 +10,19 @@ import binascii
 import dataclasses
 import json
 import re
-from typing import ClassVar
 
-from vmm_orchestrator.errors import TransientError, VmmError
+from vmm_orchestrator.errors import TransientError
+from vmm_orchestrator.httpapi import TOKEN_HEADER as TOKEN_HEADER  # re-exported for the client
+from vmm_orchestrator.httpapi import ApiError
 from vmm_orchestrator.model import Migration
 from vmm_state.bundle import KIND_RE
 from vmm_state.kind import Reason
 
-TOKEN_HEADER = "X-Auth-Token"
 MIGRATION_HEADER = "X-Vmm-Migration"
 BUNDLE_TYPE = "application/vnd.vmm-state-bundle"
 
 #: Pieces in which bundles are sent and received.
 PIECE = 64 * 1024
-#: Seconds an idle keep-alive connection (or a stalled body) may hold a thread.
-IDLE_TIMEOUT = 60.0
-#: A refused upload is still read (and dropped) up to this size so the sender
-#: gets the answer instead of a reset; past it the connection is closed.
-DRAIN_LIMIT = 16 * 1024 * 1024
 #: Largest X-Vmm-Migration header accepted.
 MAX_DESCRIPTION = 64 * 1024
 
@@ -47,11 +42,8 @@ class TlsFiles:
 # ------------------------------------------------------------------ errors
 
 
-class ServiceError(VmmError):
+class ServiceError(ApiError):
     """An error answer of a state service; ``http_status`` and ``code`` go on the wire."""
-
-    http_status: ClassVar[int] = 500
-    code: ClassVar[str] = "internal_error"
 
 
 class BadRequest(ServiceError):

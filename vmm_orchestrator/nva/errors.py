@@ -8,16 +8,12 @@ exceptions.
 
 from __future__ import annotations
 
-from typing import ClassVar
+from vmm_orchestrator.errors import TransientError
+from vmm_orchestrator.httpapi import ApiError
 
-from vmm_orchestrator.errors import TransientError, VmmError
 
-
-class NvaError(VmmError):
+class NvaError(ApiError):
     """Base of every directory error; ``http_status`` and ``code`` go on the wire."""
-
-    http_status: ClassVar[int] = 500
-    code: ClassVar[str] = "internal_error"
 
 
 class BadRequest(NvaError):

@@ -13,20 +13,27 @@ traffic goes, so an unauthenticated write could hijack a VM's traffic.
 from __future__ import annotations
 
 import dataclasses
-import hmac
-import http.server
 import json
 import logging
 import re
-import socket
 import threading
 from collections.abc import Callable
 from typing import Any, Self, cast
-from urllib.parse import parse_qs, unquote, urlsplit
+from urllib.parse import parse_qs, urlsplit
 
 from oslo_config import cfg
 
 from vmm_orchestrator.errors import ConfigError
+from vmm_orchestrator.httpapi import (
+    DRAIN_LIMIT,
+    JsonHttpServer,
+    JsonRequestHandler,
+    Routes,
+    error_body,
+    internal_error_body,
+    single_values,
+    url_host,
+)
 from vmm_orchestrator.nva import options
 from vmm_orchestrator.nva.errors import (
     BadRequest,
@@ -40,17 +47,7 @@ from vmm_orchestrator.nva.store import NvaStore, check_timeout
 
 LOG = logging.getLogger(__name__)
 
-#: Seconds an idle keep-alive connection (or a slow body) may hold a thread.
-IDLE_TIMEOUT = 60.0
-
-#: Bodies we refuse are still read (and dropped) up to this size so the
-#: client sees our answer instead of a connection reset; larger ones make us
-#: close the connection instead.
-_DRAIN_LIMIT = 16 * 1024 * 1024
-
 _INT_RE = re.compile(r"^[0-9]{1,15}$")
-
-TOKEN_HEADER = "X-Auth-Token"
 
 
 @dataclasses.dataclass
@@ -71,18 +68,7 @@ Handler = Callable[[Request], Response]
 
 def _query(req: Request, allowed: set[str]) -> dict[str, str]:
     """Single-valued query parameters; unknown or repeated ones are a client bug."""
-    unknown = sorted(set(req.query) - allowed)
-    if unknown:
-        raise BadRequest(
-            f"unknown query parameter(s) {', '.join(unknown)}; expected some of "
-            f"{', '.join(sorted(allowed)) or 'none'}"
-        )
-    out = {}
-    for name, values in req.query.items():
-        if len(values) != 1:
-            raise BadRequest(f"query parameter {name} given {len(values)} times")
-        out[name] = values[0]
-    return out
+    return single_values(req.query, allowed, BadRequest)
 
 
 def _int(value: str, name: str) -> int:
@@ -158,50 +144,42 @@ class Api:
         self.store = store
         self.watch_max_timeout = watch_max_timeout
         ep = r"^/v1/endpoints/([^/]+)/([^/]+)"
-        self.routes: list[tuple[re.Pattern[str], dict[str, Handler]]] = [
-            (
-                re.compile(r"^/v1/nves$"),
-                {"GET": self.list_nves, "POST": self.register_nve},
-            ),
-            (re.compile(r"^/v1/nves/([^/]+)$"), {"GET": self.get_nve}),
-            (re.compile(r"^/v1/nves/([^/]+)/ack$"), {"POST": self.ack}),
-            (
-                re.compile(r"^/v1/endpoints$"),
-                {"GET": self.list_endpoints, "POST": self.add_endpoint},
-            ),
-            (
-                re.compile(ep + "$"),
-                {"GET": self.get_endpoint, "DELETE": self.delete_endpoint},
-            ),
-            (re.compile(ep + "/prestage$"), {"POST": self.prestage}),
-            (re.compile(ep + "/commit$"), {"POST": self.commit}),
-            (re.compile(ep + "/abort$"), {"POST": self.abort}),
-            (re.compile(ep + "/move$"), {"POST": self.move}),
-            (re.compile(ep + "/expire$"), {"POST": self.expire}),
-            (re.compile(r"^/v1/watch$"), {"GET": self.watch}),
-            (re.compile(r"^/v1/acks$"), {"GET": self.acks}),
-            (re.compile(r"^/v1/health$"), {"GET": self.health}),
-        ]
+        self.routes: Routes[Handler] = Routes(
+            [
+                (
+                    re.compile(r"^/v1/nves$"),
+                    {"GET": self.list_nves, "POST": self.register_nve},
+                ),
+                (re.compile(r"^/v1/nves/([^/]+)$"), {"GET": self.get_nve}),
+                (re.compile(r"^/v1/nves/([^/]+)/ack$"), {"POST": self.ack}),
+                (
+                    re.compile(r"^/v1/endpoints$"),
+                    {"GET": self.list_endpoints, "POST": self.add_endpoint},
+                ),
+                (
+                    re.compile(ep + "$"),
+                    {"GET": self.get_endpoint, "DELETE": self.delete_endpoint},
+                ),
+                (re.compile(ep + "/prestage$"), {"POST": self.prestage}),
+                (re.compile(ep + "/commit$"), {"POST": self.commit}),
+                (re.compile(ep + "/abort$"), {"POST": self.abort}),
+                (re.compile(ep + "/move$"), {"POST": self.move}),
+                (re.compile(ep + "/expire$"), {"POST": self.expire}),
+                (re.compile(r"^/v1/watch$"), {"GET": self.watch}),
+                (re.compile(r"^/v1/acks$"), {"GET": self.acks}),
+                (re.compile(r"^/v1/health$"), {"GET": self.health}),
+            ],
+            NotFound,
+            MethodNotAllowed,
+        )
 
     def match(self, method: str, path: str) -> tuple[Handler, tuple[str, ...]]:
         """The handler and decoded path captures, or 404 / 405."""
-        for pattern, methods in self.routes:
-            found = pattern.match(path)
-            if found is None:
-                continue
-            if method not in methods:
-                raise MethodNotAllowed(
-                    f"{method} is not allowed on {path}; use {', '.join(sorted(methods))}"
-                )
-            return methods[method], tuple(unquote(g) for g in found.groups())
-        raise NotFound(f"no such route: {path}")
+        return self.routes.match(method, path)
 
     def allowed(self, path: str) -> list[str]:
         """Methods a path accepts, for the Allow header of a 405."""
-        for pattern, methods in self.routes:
-            if pattern.match(path):
-                return sorted(methods)
-        return []
+        return self.routes.allowed(path)
 
     # NVEs
 
@@ -320,96 +298,30 @@ class Api:
 # ------------------------------------------------------------- HTTP plumbing
 
 
-def error_body(err: NvaError) -> dict[str, Any]:
-    """The JSON every error answer carries."""
-    detail: dict[str, Any] = {"code": err.code, "message": err.message}
-    if err.hint:
-        detail["hint"] = err.hint
-    return {"error": detail}
+class _HttpServer(JsonHttpServer):
+    """The shared JSON server, knowing its API and body limit."""
 
-
-class _HttpServer(http.server.ThreadingHTTPServer):
-    """ThreadingHTTPServer that knows its API and its open connections.
-
-    Tracking connections lets stop() cut idle keep-alive connections, whose
-    threads would otherwise go on serving requests after the server stopped.
-    """
-
-    daemon_threads = True
     #: Many NVE agents connect at once when a site starts; the default of 5
     #: pending connections makes the kernel reset the rest.
     request_queue_size = 128
-    block_on_close = False
 
     def __init__(self, address: tuple[str, int], api: Api, token: str, max_body: int) -> None:
         self.api = api
-        self.token = token.encode("utf-8")
         self.max_body_bytes = max_body
-        self._conns: set[socket.socket] = set()
-        self._conns_lock = threading.Lock()
-        super().__init__(address, _RequestHandler)
-
-    def process_request(self, request: Any, client_address: Any) -> None:
-        with self._conns_lock:
-            self._conns.add(request)
-        super().process_request(request, client_address)
-
-    def shutdown_request(self, request: Any) -> None:
-        with self._conns_lock:
-            self._conns.discard(request)
-        super().shutdown_request(request)
-
-    def close_connections(self) -> None:
-        with self._conns_lock:
-            conns = list(self._conns)
-        for conn in conns:
-            try:
-                conn.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
+        super().__init__(address, _RequestHandler, token)
 
 
-class _HttpServer6(_HttpServer):
-    address_family = socket.AF_INET6
-
-
-class _RequestHandler(http.server.BaseHTTPRequestHandler):
+class _RequestHandler(JsonRequestHandler):
     """Authenticates, routes, bounds the body, and answers JSON."""
 
-    protocol_version = "HTTP/1.1"
     server_version = "vmm-nva/1"
-    timeout = IDLE_TIMEOUT
+    log = LOG
+    client_name = "NVA"
+    unauthorized = Unauthorized
 
     @property
     def _srv(self) -> _HttpServer:
         return cast(_HttpServer, self.server)
-
-    def setup(self) -> None:
-        """Disable Nagle: headers and body go out in two writes, and with Nagle plus the
-        peer's delayed ACK every answer on a keep-alive connection would wait ~40 ms."""
-        super().setup()
-        try:
-            self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        except OSError:
-            pass
-
-    def do_GET(self) -> None:
-        self._dispatch("GET")
-
-    def do_POST(self) -> None:
-        self._dispatch("POST")
-
-    def do_DELETE(self) -> None:
-        self._dispatch("DELETE")
-
-    def do_PUT(self) -> None:
-        self._dispatch("PUT")
-
-    def do_PATCH(self) -> None:
-        self._dispatch("PATCH")
-
-    def do_HEAD(self) -> None:
-        self._dispatch("HEAD")
 
     def do_OPTIONS(self) -> None:
         self._dispatch("OPTIONS")
@@ -425,8 +337,8 @@ class _RequestHandler(http.server.BaseHTTPRequestHandler):
         except Exception:  # a bug or a database failure: log it, answer 500
             LOG.exception("NVA request %s %s failed", method, self.path)
             status = 500
-            payload = {"error": {"code": "internal_error", "message": "internal error"}}
-        self._send(status, payload, headers)
+            payload = internal_error_body()
+        self._send_json(status, payload, headers)
 
     def _handle(self, method: str) -> Response:
         length = self._content_length()
@@ -446,14 +358,6 @@ class _RequestHandler(http.server.BaseHTTPRequestHandler):
         query = parse_qs(url.query, keep_blank_values=True)
         return handler(Request(args, query, body))
 
-    def _authenticate(self) -> None:
-        given = self.headers.get(TOKEN_HEADER)
-        if given is None:
-            raise Unauthorized(f"missing {TOKEN_HEADER} header")
-        # Headers arrive decoded as latin-1: re-encode to get the bytes sent.
-        if not hmac.compare_digest(given.encode("latin-1", "replace"), self._srv.token):
-            raise Unauthorized(f"invalid {TOKEN_HEADER}")
-
     def _content_length(self) -> int:
         if self.headers.get("Transfer-Encoding"):
             self.close_connection = True
@@ -468,7 +372,7 @@ class _RequestHandler(http.server.BaseHTTPRequestHandler):
 
     def _discard(self, length: int) -> dict[str, Any]:
         """Drop a body we will not use, keeping the connection usable if it is small."""
-        if length > _DRAIN_LIMIT:
+        if length > DRAIN_LIMIT:
             self.close_connection = True
             return {}
         try:
@@ -492,43 +396,8 @@ class _RequestHandler(http.server.BaseHTTPRequestHandler):
             raise BadRequest(f"request body ended after {len(data)} of {length} bytes")
         return parse_json_body(data)
 
-    def _send(self, status: int, payload: Any, headers: dict[str, str] | None = None) -> None:
-        data = json.dumps(payload).encode("utf-8")
-        try:
-            self.send_response(status)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(data)))
-            for name, value in (headers or {}).items():
-                self.send_header(name, value)
-            if self.close_connection:
-                self.send_header("Connection", "close")
-            self.end_headers()
-            if self.command != "HEAD":
-                self.wfile.write(data)
-        except OSError as err:  # the client went away; nothing left to tell it
-            LOG.debug("NVA client %s went away: %s", self.address_string(), err)
-            self.close_connection = True
-
-    def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
-        """Answer http.server's own errors (bad request line, ...) in JSON too."""
-        self.close_connection = True
-        text = message or explain or http.HTTPStatus(code).phrase
-        self._send(code, {"error": {"code": f"http_{code}", "message": text}})
-
-    def log_message(self, format: str, *args: Any) -> None:
-        LOG.debug("%s %s", self.address_string(), format % args)
-
 
 # ------------------------------------------------------------------ server
-
-
-def _url_host(host: str) -> str:
-    """A host clients can reach: wildcards mean loopback, IPv6 gets brackets."""
-    if host in ("", "0.0.0.0"):
-        return "127.0.0.1"
-    if host == "::":
-        return "[::1]"
-    return f"[{host}]" if ":" in host else host
 
 
 class NvaServer:
@@ -583,13 +452,12 @@ class NvaServer:
         if self._httpd is None:
             raise RuntimeError("the NVA server is not started")
         port = self._httpd.server_address[1]
-        return f"http://{_url_host(self.host)}:{port}"
+        return f"http://{url_host(self.host)}:{port}"
 
     def _bind(self) -> _HttpServer:
         if self._httpd is None:
-            cls = _HttpServer6 if ":" in self.host else _HttpServer
             try:
-                self._httpd = cls(
+                self._httpd = _HttpServer(
                     (self.host, self.port), self._api, self._token, self._max_body_bytes
                 )
             except OSError as err:

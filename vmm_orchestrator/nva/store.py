@@ -251,7 +251,206 @@ def _serves(nve: sqlite3.Row, vni: int) -> bool:
     return vni in json.loads(nve["vnis"])
 
 
-class NvaStore:
+class StoreFront:
+    """The directory store contract: public signatures and argument checks.
+
+    Backends (this module's NvaStore, the etcd plugin's store) implement the
+    ``_do_*`` hooks, which get arguments already checked and normalized.
+    """
+
+    # ----------------------------------------------------------------- NVEs
+
+    def register_nve(self, nve_id: str, vtep: str, vnis: Sequence[int]) -> dict[str, Any]:
+        """Add or update an NVE; a new VTEP is announced for every endpoint behind it."""
+        nve_id = check_nve_id(nve_id, "id")
+        vtep_ip = str(check_ip(vtep, "vtep"))
+        return self._do_register_nve(nve_id, vtep_ip, check_vnis(vnis))
+
+    def get_nve(self, nve_id: str) -> dict[str, Any]:
+        """One NVE, with the revision it last acked."""
+        return self._do_get_nve(check_nve_id(nve_id, "id"))
+
+    def list_nves(self, vni: int | None = None) -> list[dict[str, Any]]:
+        """All NVEs, or only those serving ``vni``."""
+        if vni is not None:
+            vni = check_vni(vni)
+        return self._do_list_nves(vni)
+
+    # ----------------------------------------------------------- endpoints
+
+    def add_endpoint(
+        self,
+        vni: int,
+        mac: str,
+        ipv4: Sequence[str] | None,
+        ipv6: Sequence[str] | None,
+        nve: str,
+    ) -> dict[str, Any]:
+        """Add an endpoint at ``nve`` (active, seq 0); repeating the same add is harmless."""
+        return self.create_endpoint(vni, mac, ipv4, ipv6, nve)[0]
+
+    def create_endpoint(
+        self,
+        vni: int,
+        mac: str,
+        ipv4: Sequence[str] | None,
+        ipv6: Sequence[str] | None,
+        nve: str,
+    ) -> tuple[dict[str, Any], bool]:
+        """Like add_endpoint, and also says whether the endpoint is new (for 201 vs 200)."""
+        vni, mac = check_vni(vni), check_mac(mac)
+        v4, v6 = check_ips(ipv4, 4, "ipv4"), check_ips(ipv6, 6, "ipv6")
+        return self._do_create_endpoint(vni, mac, v4, v6, check_nve_id(nve))
+
+    def get_endpoint(self, vni: int, mac: str) -> dict[str, Any]:
+        """One endpoint by its key (VNI, MAC)."""
+        return self._do_get_endpoint(check_vni(vni), check_mac(mac))
+
+    def find(self, vni: int, ip: str | None = None, mac: str | None = None) -> dict[str, Any]:
+        """Look an endpoint up by IP (ARP/ND cache miss) or by MAC (RARP); both must match."""
+        vni = check_vni(vni)
+        if ip is None and mac is None:
+            raise BadRequest("find needs an ip or a mac to look up")
+        wanted_mac = None if mac is None else check_mac(mac)
+        addr = None if ip is None else check_ip(ip)
+        return self._do_find(vni, addr, wanted_mac)
+
+    def delete_endpoint(self, vni: int, mac: str) -> dict[str, Any]:
+        """Remove an endpoint and tell the NVEs; returns it with the delete's revision."""
+        return self._do_delete_endpoint(check_vni(vni), check_mac(mac))
+
+    # ---------------------------------------------------------- migration
+
+    def prestage(self, vni: int, mac: str, nve: str, migration_id: str) -> dict[str, Any]:
+        """Note that ``nve`` will receive the endpoint; traffic keeps going to the old NVE."""
+        vni, mac = check_vni(vni), check_mac(mac)
+        nve, migration_id = check_nve_id(nve), check_migration_id(migration_id)
+        return self._do_prestage(vni, mac, nve, migration_id)
+
+    def commit(self, vni: int, mac: str, migration_id: str) -> dict[str, Any]:
+        """Point the endpoint at its pending NVE with seq + 1; a repeat returns the same result."""
+        vni, mac = check_vni(vni), check_mac(mac)
+        return self._do_commit(vni, mac, check_migration_id(migration_id))
+
+    def abort(self, vni: int, mac: str, migration_id: str) -> dict[str, Any]:
+        """Forget a prestage; nve and seq stay as they are, and a repeat is harmless."""
+        vni, mac = check_vni(vni), check_mac(mac)
+        return self._do_abort(vni, mac, check_migration_id(migration_id))
+
+    def move(self, vni: int, mac: str, nve: str, seq: int | None = None) -> dict[str, Any]:
+        """An NVE learned the MAC locally (EVPN style): move it unless ``seq`` is stale."""
+        vni, mac, nve = check_vni(vni), check_mac(mac), check_nve_id(nve)
+        if seq is not None:
+            seq = check_revision(seq, "seq")
+        return self._do_move(vni, mac, nve, seq)
+
+    def expire(self, vni: int, mac: str, nves: Sequence[str]) -> dict[str, Any]:
+        """Tell ``nves`` to drop their cached entry for ``mac`` and look it up again."""
+        vni, mac = check_vni(vni), check_mac(mac)
+        targets = check_nve_ids(nves)
+        if not targets:
+            raise BadRequest("nves must name at least one NVE to expire the entry on")
+        return self._do_expire(vni, mac, targets)
+
+    # ------------------------------------------------------ watch and acks
+
+    def changes_since(
+        self, nve_id: str, revision: int, timeout: float = 0.0
+    ) -> tuple[int, list[dict[str, Any]]]:
+        """Changes for ``nve_id`` after ``revision``, waiting up to ``timeout`` s for one.
+
+        The returned revision is the one to pass next time and to ack: the
+        directory's current revision, or, when the answer is a truncated page,
+        the revision of its last change.
+        """
+        nve_id = check_nve_id(nve_id)
+        revision = check_revision(revision, "since")
+        deadline = time.monotonic() + check_timeout(timeout)
+        return self._do_changes_since(nve_id, revision, deadline)
+
+    def ack(self, nve_id: str, revision: int) -> dict[str, Any]:
+        """Record that ``nve_id`` applied everything up to ``revision`` (never backwards)."""
+        nve_id = check_nve_id(nve_id)
+        return self._do_ack(nve_id, check_revision(revision))
+
+    def acks(
+        self,
+        vni: int,
+        min_revision: int,
+        nves: Sequence[str] | None = None,
+        timeout: float = 0.0,
+    ) -> dict[str, dict[str, Any]]:
+        """Ack state of ``nves`` (default: all serving ``vni``), waiting for ``min_revision``.
+
+        Returns when every one of them acked ``min_revision`` or the timeout
+        passed; the caller compares the revisions to tell which.
+        """
+        vni = check_vni(vni)
+        min_revision = check_revision(min_revision, "min_revision")
+        wanted = None if nves is None else check_nve_ids(nves)
+        deadline = time.monotonic() + check_timeout(timeout)
+        return self._do_acks(vni, min_revision, wanted, deadline)
+
+    # ------------------------------------------------------- backend hooks
+
+    def _do_register_nve(self, nve_id: str, vtep_ip: str, vnis: list[int]) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def _do_get_nve(self, nve_id: str) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def _do_list_nves(self, vni: int | None) -> list[dict[str, Any]]:
+        raise NotImplementedError
+
+    def _do_create_endpoint(
+        self, vni: int, mac: str, v4: list[str], v6: list[str], nve: str
+    ) -> tuple[dict[str, Any], bool]:
+        raise NotImplementedError
+
+    def _do_get_endpoint(self, vni: int, mac: str) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def _do_find(
+        self,
+        vni: int,
+        addr: ipaddress.IPv4Address | ipaddress.IPv6Address | None,
+        wanted_mac: str | None,
+    ) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def _do_delete_endpoint(self, vni: int, mac: str) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def _do_prestage(self, vni: int, mac: str, nve: str, migration_id: str) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def _do_commit(self, vni: int, mac: str, migration_id: str) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def _do_abort(self, vni: int, mac: str, migration_id: str) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def _do_move(self, vni: int, mac: str, nve: str, seq: int | None) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def _do_expire(self, vni: int, mac: str, targets: list[str]) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def _do_changes_since(
+        self, nve_id: str, revision: int, deadline: float
+    ) -> tuple[int, list[dict[str, Any]]]:
+        raise NotImplementedError
+
+    def _do_ack(self, nve_id: str, revision: int) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def _do_acks(
+        self, vni: int, min_revision: int, wanted: list[str] | None, deadline: float
+    ) -> dict[str, dict[str, Any]]:
+        raise NotImplementedError
+
+
+class NvaStore(StoreFront):
     """Thread-safe directory of NVEs and endpoints with a watchable change log."""
 
     def __init__(self, path: str) -> None:
@@ -389,11 +588,7 @@ class NvaStore:
 
     # ---------------------------------------------------------------- NVEs
 
-    def register_nve(self, nve_id: str, vtep: str, vnis: Sequence[int]) -> dict[str, Any]:
-        """Add or update an NVE; a new VTEP is announced for every endpoint behind it."""
-        nve_id = check_nve_id(nve_id, "id")
-        vtep_ip = str(check_ip(vtep, "vtep"))
-        vni_list = check_vnis(vnis)
+    def _do_register_nve(self, nve_id: str, vtep_ip: str, vni_list: list[int]) -> dict[str, Any]:
         with self._tx() as db:
             old = db.execute("SELECT * FROM nves WHERE id = ?", (nve_id,)).fetchone()
             db.execute(
@@ -415,45 +610,20 @@ class NvaStore:
             endpoint = self._update_endpoint(db, row["vni"], row["mac"], revision=revision)
             self._record(db, revision, row["vni"], "endpoint", {"endpoint": endpoint})
 
-    def get_nve(self, nve_id: str) -> dict[str, Any]:
-        """One NVE, with the revision it last acked."""
-        nve_id = check_nve_id(nve_id, "id")
+    def _do_get_nve(self, nve_id: str) -> dict[str, Any]:
         with self._read() as db:
             return _nve_dict(self._nve_row(db, nve_id))
 
-    def list_nves(self, vni: int | None = None) -> list[dict[str, Any]]:
-        """All NVEs, or only those serving ``vni``."""
-        if vni is not None:
-            vni = check_vni(vni)
+    def _do_list_nves(self, vni: int | None) -> list[dict[str, Any]]:
         with self._read() as db:
             rows = db.execute("SELECT * FROM nves ORDER BY id").fetchall()
         return [_nve_dict(r) for r in rows if vni is None or _serves(r, vni)]
 
     # ----------------------------------------------------------- endpoints
 
-    def add_endpoint(
-        self,
-        vni: int,
-        mac: str,
-        ipv4: Sequence[str] | None,
-        ipv6: Sequence[str] | None,
-        nve: str,
-    ) -> dict[str, Any]:
-        """Add an endpoint at ``nve`` (active, seq 0); repeating the same add is harmless."""
-        return self.create_endpoint(vni, mac, ipv4, ipv6, nve)[0]
-
-    def create_endpoint(
-        self,
-        vni: int,
-        mac: str,
-        ipv4: Sequence[str] | None,
-        ipv6: Sequence[str] | None,
-        nve: str,
+    def _do_create_endpoint(
+        self, vni: int, mac: str, v4: list[str], v6: list[str], nve: str
     ) -> tuple[dict[str, Any], bool]:
-        """Like add_endpoint, and also says whether the endpoint is new (for 201 vs 200)."""
-        vni, mac = check_vni(vni), check_mac(mac)
-        v4, v6 = check_ips(ipv4, 4, "ipv4"), check_ips(ipv6, 6, "ipv6")
-        nve = check_nve_id(nve)
         with self._tx() as db:
             self._serving_nve(db, nve, vni)
             try:
@@ -483,19 +653,16 @@ class NvaStore:
             self._record(db, revision, vni, "endpoint", {"endpoint": endpoint})
             return endpoint, True
 
-    def get_endpoint(self, vni: int, mac: str) -> dict[str, Any]:
-        """One endpoint by its key (VNI, MAC)."""
-        vni, mac = check_vni(vni), check_mac(mac)
+    def _do_get_endpoint(self, vni: int, mac: str) -> dict[str, Any]:
         with self._read() as db:
             return self._endpoint(db, vni, mac)
 
-    def find(self, vni: int, ip: str | None = None, mac: str | None = None) -> dict[str, Any]:
-        """Look an endpoint up by IP (ARP/ND cache miss) or by MAC (RARP); both must match."""
-        vni = check_vni(vni)
-        if ip is None and mac is None:
-            raise BadRequest("find needs an ip or a mac to look up")
-        wanted_mac = None if mac is None else check_mac(mac)
-        addr = None if ip is None else check_ip(ip)
+    def _do_find(
+        self,
+        vni: int,
+        addr: ipaddress.IPv4Address | ipaddress.IPv6Address | None,
+        wanted_mac: str | None,
+    ) -> dict[str, Any]:
         with self._read() as db:
             if addr is None:
                 assert wanted_mac is not None
@@ -523,9 +690,7 @@ class NvaStore:
                 ).fetchall()
         return [_endpoint_dict(r) for r in rows]
 
-    def delete_endpoint(self, vni: int, mac: str) -> dict[str, Any]:
-        """Remove an endpoint and tell the NVEs; returns it with the delete's revision."""
-        vni, mac = check_vni(vni), check_mac(mac)
+    def _do_delete_endpoint(self, vni: int, mac: str) -> dict[str, Any]:
         with self._tx() as db:
             endpoint = self._endpoint(db, vni, mac)
             db.execute("DELETE FROM endpoints WHERE vni = ? AND mac = ?", (vni, mac))
@@ -536,10 +701,7 @@ class NvaStore:
 
     # ---------------------------------------------------------- migration
 
-    def prestage(self, vni: int, mac: str, nve: str, migration_id: str) -> dict[str, Any]:
-        """Note that ``nve`` will receive the endpoint; traffic keeps going to the old NVE."""
-        vni, mac = check_vni(vni), check_mac(mac)
-        nve, migration_id = check_nve_id(nve), check_migration_id(migration_id)
+    def _do_prestage(self, vni: int, mac: str, nve: str, migration_id: str) -> dict[str, Any]:
         with self._tx() as db:
             row = self._endpoint_row(db, vni, mac)
             self._serving_nve(db, nve, vni)
@@ -569,10 +731,7 @@ class NvaStore:
                 migration_id=migration_id,
             )
 
-    def commit(self, vni: int, mac: str, migration_id: str) -> dict[str, Any]:
-        """Point the endpoint at its pending NVE with seq + 1; a repeat returns the same result."""
-        vni, mac = check_vni(vni), check_mac(mac)
-        migration_id = check_migration_id(migration_id)
+    def _do_commit(self, vni: int, mac: str, migration_id: str) -> dict[str, Any]:
         with self._tx() as db:
             row = self._endpoint_row(db, vni, mac)
             if row["state"] == "pending" and row["migration_id"] == migration_id:
@@ -618,10 +777,7 @@ class NvaStore:
             "committed_at": committed_at,
         }
 
-    def abort(self, vni: int, mac: str, migration_id: str) -> dict[str, Any]:
-        """Forget a prestage; nve and seq stay as they are, and a repeat is harmless."""
-        vni, mac = check_vni(vni), check_mac(mac)
-        migration_id = check_migration_id(migration_id)
+    def _do_abort(self, vni: int, mac: str, migration_id: str) -> dict[str, Any]:
         with self._tx() as db:
             row = self._endpoint_row(db, vni, mac)
             if row["state"] != "pending":
@@ -635,11 +791,7 @@ class NvaStore:
                 db, vni, mac, state="active", pending_nve=None, migration_id=None
             )
 
-    def move(self, vni: int, mac: str, nve: str, seq: int | None = None) -> dict[str, Any]:
-        """An NVE learned the MAC locally (EVPN style): move it unless ``seq`` is stale."""
-        vni, mac, nve = check_vni(vni), check_mac(mac), check_nve_id(nve)
-        if seq is not None:
-            seq = check_revision(seq, "seq")
+    def _do_move(self, vni: int, mac: str, nve: str, seq: int | None) -> dict[str, Any]:
         with self._tx() as db:
             row = self._endpoint_row(db, vni, mac)
             self._serving_nve(db, nve, vni)
@@ -657,12 +809,7 @@ class NvaStore:
             self._record(db, revision, vni, "endpoint", {"endpoint": endpoint})
             return endpoint
 
-    def expire(self, vni: int, mac: str, nves: Sequence[str]) -> dict[str, Any]:
-        """Tell ``nves`` to drop their cached entry for ``mac`` and look it up again."""
-        vni, mac = check_vni(vni), check_mac(mac)
-        targets = check_nve_ids(nves)
-        if not targets:
-            raise BadRequest("nves must name at least one NVE to expire the entry on")
+    def _do_expire(self, vni: int, mac: str, targets: list[str]) -> dict[str, Any]:
         with self._tx() as db:
             self._endpoint_row(db, vni, mac)
             for nve in targets:
@@ -676,18 +823,9 @@ class NvaStore:
 
     # ------------------------------------------------------ watch and acks
 
-    def changes_since(
-        self, nve_id: str, revision: int, timeout: float = 0.0
+    def _do_changes_since(
+        self, nve_id: str, revision: int, deadline: float
     ) -> tuple[int, list[dict[str, Any]]]:
-        """Changes for ``nve_id`` after ``revision``, waiting up to ``timeout`` s for one.
-
-        The returned revision is the one to pass next time and to ack: the
-        directory's current revision, or, when the answer is a truncated page,
-        the revision of its last change.
-        """
-        nve_id = check_nve_id(nve_id)
-        revision = check_revision(revision, "since")
-        deadline = time.monotonic() + check_timeout(timeout)
         with self._cond:
             self._check_open()
             while True:
@@ -712,10 +850,7 @@ class NvaStore:
             return changes[-1]["revision"], changes
         return self._revision, changes
 
-    def ack(self, nve_id: str, revision: int) -> dict[str, Any]:
-        """Record that ``nve_id`` applied everything up to ``revision`` (never backwards)."""
-        nve_id = check_nve_id(nve_id)
-        revision = check_revision(revision)
+    def _do_ack(self, nve_id: str, revision: int) -> dict[str, Any]:
         with self._tx() as db:
             row = self._nve_row(db, nve_id)
             if revision > self._revision:
@@ -731,22 +866,9 @@ class NvaStore:
                 )
             return _nve_dict(self._nve_row(db, nve_id))
 
-    def acks(
-        self,
-        vni: int,
-        min_revision: int,
-        nves: Sequence[str] | None = None,
-        timeout: float = 0.0,
+    def _do_acks(
+        self, vni: int, min_revision: int, wanted: list[str] | None, deadline: float
     ) -> dict[str, dict[str, Any]]:
-        """Ack state of ``nves`` (default: all serving ``vni``), waiting for ``min_revision``.
-
-        Returns when every one of them acked ``min_revision`` or the timeout
-        passed; the caller compares the revisions to tell which.
-        """
-        vni = check_vni(vni)
-        min_revision = check_revision(min_revision, "min_revision")
-        wanted = None if nves is None else check_nve_ids(nves)
-        deadline = time.monotonic() + check_timeout(timeout)
         with self._cond:
             if min_revision > self._revision:
                 raise Conflict(

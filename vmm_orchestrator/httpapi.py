@@ -1,0 +1,251 @@
+"""What the token-authenticated JSON HTTP servers share (standard library).
+
+The directory's server (:mod:`vmm_orchestrator.nva.server`) and the state
+service's server (a plugin) are built on this: errors that carry their HTTP
+status and code, a route table, single-valued query parameters, a threading
+server that tracks its connections so stop() can cut idle keep-alives, and a
+request handler that checks the shared token in constant time, answers JSON
+(http.server's own errors too) and logs quietly.
+
+What a service does with a request body (read it whole, stream it, drain it)
+stays with that service; this module knows no service.
+"""
+
+from __future__ import annotations
+
+import hmac
+import http.server
+import json
+import logging
+import re
+import socket
+import threading
+from typing import Any, ClassVar, Generic, TypeVar, cast
+from urllib.parse import unquote
+
+from vmm_orchestrator.errors import VmmError
+
+LOG = logging.getLogger(__name__)
+
+#: The header every request carries the shared token in.
+TOKEN_HEADER = "X-Auth-Token"
+#: Seconds an idle keep-alive connection (or a slow body) may hold a thread.
+IDLE_TIMEOUT = 60.0
+#: Bodies we refuse are still read (and dropped) up to this size so the
+#: client sees our answer instead of a connection reset; larger ones make us
+#: close the connection instead.
+DRAIN_LIMIT = 16 * 1024 * 1024
+
+T = TypeVar("T")
+
+
+class ApiError(VmmError):
+    """An error answer of a JSON API; ``http_status`` and ``code`` go on the wire."""
+
+    http_status: ClassVar[int] = 500
+    code: ClassVar[str] = "internal_error"
+
+
+def error_body(err: ApiError) -> dict[str, Any]:
+    """The JSON every error answer carries."""
+    detail: dict[str, Any] = {"code": err.code, "message": err.message}
+    if err.hint:
+        detail["hint"] = err.hint
+    return {"error": detail}
+
+
+def internal_error_body() -> dict[str, Any]:
+    """The JSON of a 500: a bug or a backend failure, logged but not told."""
+    return {"error": {"code": "internal_error", "message": "internal error"}}
+
+
+def single_values(
+    query: dict[str, list[str]], allowed: set[str], bad_request: type[ApiError]
+) -> dict[str, str]:
+    """Single-valued query parameters; unknown or repeated ones are a client bug."""
+    unknown = sorted(set(query) - allowed)
+    if unknown:
+        raise bad_request(
+            f"unknown query parameter(s) {', '.join(unknown)}; expected some of "
+            f"{', '.join(sorted(allowed)) or 'none'}"
+        )
+    out = {}
+    for name, values in query.items():
+        if len(values) != 1:
+            raise bad_request(f"query parameter {name} given {len(values)} times")
+        out[name] = values[0]
+    return out
+
+
+class Routes(Generic[T]):
+    """Path patterns, each with what each of its methods maps to."""
+
+    def __init__(
+        self,
+        routes: list[tuple[re.Pattern[str], dict[str, T]]],
+        not_found: type[ApiError],
+        method_not_allowed: type[ApiError],
+    ) -> None:
+        self.routes = routes
+        self._not_found = not_found
+        self._method_not_allowed = method_not_allowed
+
+    def match(self, method: str, path: str) -> tuple[T, tuple[str, ...]]:
+        """What the route maps the method to and the decoded path captures, or 404 / 405."""
+        for pattern, methods in self.routes:
+            found = pattern.match(path)
+            if found is None:
+                continue
+            if method not in methods:
+                raise self._method_not_allowed(
+                    f"{method} is not allowed on {path}; use {', '.join(sorted(methods))}"
+                )
+            return methods[method], tuple(unquote(g) for g in found.groups())
+        raise self._not_found(f"no such route: {path}")
+
+    def allowed(self, path: str) -> list[str]:
+        """Methods a path accepts, for the Allow header of a 405."""
+        for pattern, methods in self.routes:
+            if pattern.match(path):
+                return sorted(methods)
+        return []
+
+
+def url_host(host: str) -> str:
+    """A host clients can reach: wildcards mean loopback, IPv6 gets brackets."""
+    if host in ("", "0.0.0.0"):
+        return "127.0.0.1"
+    if host == "::":
+        return "[::1]"
+    return f"[{host}]" if ":" in host else host
+
+
+class JsonHttpServer(http.server.ThreadingHTTPServer):
+    """ThreadingHTTPServer that knows its token and its open connections.
+
+    Tracking connections lets stop() cut idle keep-alive connections, whose
+    threads would otherwise go on serving requests after the server stopped.
+    An IPv6 address gets an IPv6 socket.
+    """
+
+    daemon_threads = True
+    block_on_close = False
+
+    def __init__(
+        self,
+        address: tuple[str, int],
+        handler: type[JsonRequestHandler],
+        token: str,
+    ) -> None:
+        self.token = token.encode("utf-8")
+        self._conns: set[socket.socket] = set()
+        self._conns_lock = threading.Lock()
+        if ":" in address[0]:
+            self.address_family = socket.AF_INET6
+        super().__init__(address, handler)
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        with self._conns_lock:
+            self._conns.add(request)
+        super().process_request(request, client_address)
+
+    def shutdown_request(self, request: Any) -> None:
+        with self._conns_lock:
+            self._conns.discard(request)
+        super().shutdown_request(request)
+
+    def close_connections(self) -> None:
+        with self._conns_lock:
+            conns = list(self._conns)
+        for conn in conns:
+            try:
+                conn.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+
+class JsonRequestHandler(http.server.BaseHTTPRequestHandler):
+    """Token check, JSON answers and quiet logging; subclasses route in ``_dispatch``."""
+
+    protocol_version = "HTTP/1.1"
+    timeout = IDLE_TIMEOUT
+
+    #: Where the handler logs, and how it names its clients in log lines.
+    log: ClassVar[logging.Logger] = LOG
+    client_name: ClassVar[str] = "API"
+    #: Raised for a missing or wrong token.
+    unauthorized: ClassVar[type[ApiError]]
+
+    @property
+    def _srv(self) -> JsonHttpServer:
+        return cast(JsonHttpServer, self.server)
+
+    def setup(self) -> None:
+        """Disable Nagle: headers and body go out in two writes, and with Nagle plus the
+        peer's delayed ACK every answer on a keep-alive connection would wait ~40 ms."""
+        super().setup()
+        self.setup_connection()
+        try:
+            self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        except OSError:
+            pass
+
+    def setup_connection(self) -> None:
+        """Hook run in the connection's thread before Nagle is disabled (a TLS handshake)."""
+
+    def do_GET(self) -> None:
+        self._dispatch("GET")
+
+    def do_POST(self) -> None:
+        self._dispatch("POST")
+
+    def do_DELETE(self) -> None:
+        self._dispatch("DELETE")
+
+    def do_PUT(self) -> None:
+        self._dispatch("PUT")
+
+    def do_PATCH(self) -> None:
+        self._dispatch("PATCH")
+
+    def do_HEAD(self) -> None:
+        self._dispatch("HEAD")
+
+    def _dispatch(self, method: str) -> None:
+        raise NotImplementedError
+
+    def _authenticate(self) -> None:
+        given = self.headers.get(TOKEN_HEADER)
+        if given is None:
+            raise self.unauthorized(f"missing {TOKEN_HEADER} header")
+        # Headers arrive decoded as latin-1: re-encode to get the bytes sent.
+        if not hmac.compare_digest(given.encode("latin-1", "replace"), self._srv.token):
+            raise self.unauthorized(f"invalid {TOKEN_HEADER}")
+
+    def _send_json(self, status: int, payload: Any, headers: dict[str, str] | None = None) -> None:
+        data = json.dumps(payload).encode("utf-8")
+        try:
+            self.send_response(status)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            for name, value in (headers or {}).items():
+                self.send_header(name, value)
+            if self.close_connection:
+                self.send_header("Connection", "close")
+            self.end_headers()
+            if self.command != "HEAD":
+                self.wfile.write(data)
+        except OSError as err:  # the client went away; nothing left to tell it
+            self.log.debug(
+                "%s client %s went away: %s", self.client_name, self.address_string(), err
+            )
+            self.close_connection = True
+
+    def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
+        """Answer http.server's own errors (bad request line, ...) in JSON too."""
+        self.close_connection = True
+        text = message or explain or http.HTTPStatus(code).phrase
+        self._send_json(code, {"error": {"code": f"http_{code}", "message": text}})
+
+    def log_message(self, format: str, *args: Any) -> None:
+        self.log.debug("%s %s", self.address_string(), format % args)
