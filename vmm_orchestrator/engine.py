@@ -24,7 +24,6 @@ from __future__ import annotations
 import collections
 import concurrent.futures
 import dataclasses
-import importlib.metadata
 import json
 import logging
 import threading
@@ -33,7 +32,6 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any, Self, TypeVar
 
-import stevedore
 import tenacity
 from oslo_config import cfg
 
@@ -47,6 +45,7 @@ from vmm_orchestrator.model import (
     Phase,
     Role,
 )
+from vmm_orchestrator.plugin_loader import load_named
 from vmm_orchestrator.stage import HostContext, Stage, StageContext
 
 LOG = logging.getLogger(__name__)
@@ -123,49 +122,17 @@ def load_stages(conf: cfg.ConfigOpts, names: list[str]) -> list[Stage]:
     cannot be imported or instantiated, and a plugin that is not a Stage:
     a pipeline silently missing a stage would leave the network behind.
     """
-    names = list(names)
-    duplicates = sorted({n for n in names if names.count(n) > 1})
-    if duplicates:
-        raise ConfigError(
-            f"stage listed more than once in [pipeline] stages: {', '.join(duplicates)}",
-            hint="list each stage once; its position sets its order",
-        )
-    missing: list[str] = []
-
-    def on_missing(not_found: Any) -> None:
-        missing.extend(sorted(not_found))
-
-    def on_load_failure(
-        _manager: stevedore.ExtensionManager[Stage],
-        entry_point: importlib.metadata.EntryPoint,
-        err: BaseException,
-    ) -> None:
-        raise ConfigError(
-            f"stage {entry_point.name} ({entry_point.value}) could not be loaded: {err}",
-            hint="check that the package providing it is installed and its options are valid",
-        ) from err
-
-    manager: stevedore.NamedExtensionManager[Stage] = stevedore.NamedExtensionManager(
+    loaded = load_named(
         NAMESPACE,
-        names=names,
-        invoke_on_load=True,
-        invoke_args=(conf,),
-        name_order=True,
-        on_missing_entrypoints_callback=on_missing,
-        on_load_failure_callback=on_load_failure,
+        list(names),
+        conf,
+        base=Stage,
+        item="stage",
+        noun="stage",
+        option="[pipeline] stages",
+        available_hint=lambda names: f"available stages: {', '.join(names) or 'none installed'}",
     )
-    if missing:
-        available = sorted(set(manager.entry_points_names()))
-        raise ConfigError(
-            f"unknown stage in [pipeline] stages: {', '.join(missing)}",
-            hint=f"available stages: {', '.join(available) or 'none installed'}",
-        )
-    stages: list[Stage] = []
-    for ext in manager.extensions:
-        if not isinstance(ext.obj, Stage):
-            raise ConfigError(f"plugin {ext.name} ({ext.entry_point.value}) is not a Stage")
-        stages.append(ext.obj)
-    return stages
+    return [stage for _, stage in loaded]
 
 
 # -- reports ------------------------------------------------------------------

@@ -7,13 +7,13 @@ to move, and nobody would notice until sessions broke.
 
 from __future__ import annotations
 
-import importlib.metadata
 from typing import Any
 
 import stevedore
 from oslo_config import cfg
 
 from vmm_orchestrator.errors import ConfigError
+from vmm_orchestrator.plugin_loader import load_named
 from vmm_state.kind import StateKind
 
 #: The stevedore namespace kinds are registered in (see setup.py).
@@ -37,53 +37,25 @@ def load_kinds(conf: cfg.ConfigOpts, names: list[str]) -> dict[str, StateKind]:
     its entry point name (bundles carry the name; both ends must agree).
     """
     names = list(names)
-    duplicates = sorted({n for n in names if names.count(n) > 1})
-    if duplicates:
-        raise ConfigError(
-            f"kind listed more than once in [state] kinds: {', '.join(duplicates)}",
-            hint="list each kind once; its position sets its order",
-        )
-    if not names:
+    if not names:  # an empty list cannot hold duplicates
         return {}
-    missing: list[str] = []
-
-    def on_missing(not_found: Any) -> None:
-        missing.extend(sorted(not_found))
-
-    def on_load_failure(
-        _manager: Any, entry_point: importlib.metadata.EntryPoint, err: BaseException
-    ) -> None:
-        raise ConfigError(
-            f"state kind {entry_point.name} ({entry_point.value}) could not be loaded: {err}",
-            hint="check that the package providing it is installed and its options are valid",
-        ) from err
-
-    manager: stevedore.NamedExtensionManager[Any] = stevedore.NamedExtensionManager(
+    loaded = load_named(
         NAMESPACE,
-        names=names,
-        invoke_on_load=True,
-        invoke_args=(conf,),
-        name_order=True,
-        on_missing_entrypoints_callback=on_missing,
-        on_load_failure_callback=on_load_failure,
+        names,
+        conf,
+        base=StateKind,
+        item="kind",
+        noun="state kind",
+        option="[state] kinds",
+        available_hint=lambda _: f"installed kinds: {', '.join(installed_kinds()) or 'none'}",
+        not_base_hint="a vmm_state.kinds entry point must name a StateKind subclass",
     )
-    if missing:
-        raise ConfigError(
-            f"unknown state kind in [state] kinds: {', '.join(missing)}",
-            hint=f"installed kinds: {', '.join(installed_kinds()) or 'none'}",
-        )
     kinds: dict[str, StateKind] = {}
-    for ext in manager.extensions:
-        obj = ext.obj
-        if not isinstance(obj, StateKind):
+    for name, obj in loaded:
+        if obj.name != name:
             raise ConfigError(
-                f"plugin {ext.name} ({ext.entry_point.value}) is not a StateKind",
-                hint="a vmm_state.kinds entry point must name a StateKind subclass",
-            )
-        if obj.name != ext.name:
-            raise ConfigError(
-                f"state kind entry point {ext.name} names a kind called {obj.name!r}",
+                f"state kind entry point {name} names a kind called {obj.name!r}",
                 hint="make the entry point name and the class's name attribute equal",
             )
-        kinds[ext.name] = obj
+        kinds[name] = obj
     return kinds
