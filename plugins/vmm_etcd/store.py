@@ -398,21 +398,8 @@ class EtcdNvaStore(StoreFront):
             tx.get(self.keys.endpoint(vni, mac), self.keys.nve(nve))
             row = self._endpoint(tx, vni, mac)
             self._serving_nve(tx, nve, vni)
-            if row["state"] == "pending":
-                if row["migration_id"] != migration_id:
-                    raise Conflict(
-                        f"endpoint {mac} in VNI {vni} is already pending for migration "
-                        f"{row['migration_id']} to {row['pending_nve']}",
-                        hint="commit or abort that migration first",
-                    )
-                if row["pending_nve"] != nve:
-                    raise Conflict(
-                        f"migration {migration_id} already prestaged {mac} in VNI {vni} "
-                        f"to {row['pending_nve']}, not {nve}"
-                    )
+            if core.prestage_is_done(row, vni, mac, nve, migration_id):
                 return public(row)
-            if row["last_migration_id"] == migration_id and row["nve"] == nve:
-                return public(row)  # already committed: a retried prestage
             self._check_addresses(tx, vni, mac, row["ipv4"] + row["ipv6"])
             target = tx.get(self.keys.nve(nve))[0]
             assert target is not None  # _serving_nve read it
@@ -435,23 +422,13 @@ class EtcdNvaStore(StoreFront):
         def decide(tx: Tx) -> dict[str, Any]:
             tx.get(self.keys.endpoint(vni, mac), self.keys.revision)
             row = self._endpoint(tx, vni, mac)
-            if row["state"] == "pending" and row["migration_id"] == migration_id:
+            if not core.commit_is_done(row, vni, mac, migration_id):
                 return self._commit_pending(tx, row)
-            if row["last_migration_id"] == migration_id:
-                return {
-                    "endpoint": public(row),
-                    "revision": row["last_commit_revision"],
-                    "committed_at": row["committed_at"],
-                }
-            if row["state"] == "pending":
-                raise Conflict(
-                    f"endpoint {mac} in VNI {vni} is pending for migration "
-                    f"{row['migration_id']}, not {migration_id}"
-                )
-            raise NotFound(
-                f"no pending migration {migration_id} for endpoint {mac} in VNI {vni}",
-                hint="prestage it first",
-            )
+            return {
+                "endpoint": public(row),
+                "revision": row["last_commit_revision"],
+                "committed_at": row["committed_at"],
+            }
 
         return self._run(f"commit {mac} in VNI {vni}", decide, changes=True)
 
@@ -487,13 +464,8 @@ class EtcdNvaStore(StoreFront):
     def _do_abort(self, vni: int, mac: str, migration_id: str) -> dict[str, Any]:
         def decide(tx: Tx) -> dict[str, Any]:
             row = self._endpoint(tx, vni, mac)
-            if row["state"] != "pending":
+            if core.abort_is_done(row, vni, mac, migration_id):
                 return public(row)
-            if row["migration_id"] != migration_id:
-                raise Conflict(
-                    f"endpoint {mac} in VNI {vni} is pending for migration "
-                    f"{row['migration_id']}, not {migration_id}; not aborting it"
-                )
             stored = self._put_endpoint(
                 tx,
                 row,
@@ -512,13 +484,8 @@ class EtcdNvaStore(StoreFront):
             tx.get(self.keys.endpoint(vni, mac), self.keys.nve(nve), self.keys.revision)
             row = self._endpoint(tx, vni, mac)
             record = self._serving_nve(tx, nve, vni)
-            if row["nve"] == nve:
+            if core.move_is_done(row, vni, mac, nve, seq):
                 return public(row)
-            if seq is not None and seq <= row["seq"]:
-                raise Conflict(
-                    f"stale sequence {seq} for {mac} in VNI {vni}: the directory has seq "
-                    f"{row['seq']} at {row['nve']}"
-                )
             revision = tx.next_revision()
             stored = self._put_endpoint(
                 tx, row, nve=nve, vtep=record["vtep"], seq=row["seq"] + 1, revision=revision

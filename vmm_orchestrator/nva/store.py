@@ -251,6 +251,76 @@ def _serves(nve: sqlite3.Row, vni: int) -> bool:
     return vni in json.loads(nve["vnis"])
 
 
+# -- MAC mobility rules ---------------------------------------------------------
+#
+# What a pre-stage, commit, abort or move means for an endpoint as it stands.
+# Shared by every store (``row`` is anything indexable by column name), so
+# that the embedded and the etcd directory cannot drift apart.
+
+
+def prestage_is_done(row: Any, vni: int, mac: str, nve: str, migration_id: str) -> bool:
+    """True if this pre-stage already happened (a retry); Conflict if another blocks it."""
+    if row["state"] == "pending":
+        if row["migration_id"] != migration_id:
+            raise Conflict(
+                f"endpoint {mac} in VNI {vni} is already pending for migration "
+                f"{row['migration_id']} to {row['pending_nve']}",
+                hint="commit or abort that migration first",
+            )
+        if row["pending_nve"] != nve:
+            raise Conflict(
+                f"migration {migration_id} already prestaged {mac} in VNI {vni} "
+                f"to {row['pending_nve']}, not {nve}"
+            )
+        return True
+    # already committed: a retried prestage
+    return bool(row["last_migration_id"] == migration_id and row["nve"] == nve)
+
+
+def commit_is_done(row: Any, vni: int, mac: str, migration_id: str) -> bool:
+    """False: commit the pending move now; True: it was committed already (a retry).
+
+    Conflict if another migration is pending, NotFound if nothing is.
+    """
+    if row["state"] == "pending" and row["migration_id"] == migration_id:
+        return False
+    if row["last_migration_id"] == migration_id:
+        return True
+    if row["state"] == "pending":
+        raise Conflict(
+            f"endpoint {mac} in VNI {vni} is pending for migration "
+            f"{row['migration_id']}, not {migration_id}"
+        )
+    raise NotFound(
+        f"no pending migration {migration_id} for endpoint {mac} in VNI {vni}",
+        hint="prestage it first",
+    )
+
+
+def abort_is_done(row: Any, vni: int, mac: str, migration_id: str) -> bool:
+    """True if nothing is pending (nothing to abort); Conflict if another migration is."""
+    if row["state"] != "pending":
+        return True
+    if row["migration_id"] != migration_id:
+        raise Conflict(
+            f"endpoint {mac} in VNI {vni} is pending for migration "
+            f"{row['migration_id']}, not {migration_id}; not aborting it"
+        )
+    return False
+
+
+def move_is_done(row: Any, vni: int, mac: str, nve: str, seq: int | None) -> bool:
+    """True if the endpoint is at ``nve`` already; Conflict for a stale sequence number."""
+    if row["nve"] == nve:
+        return True
+    if seq is not None and seq <= row["seq"]:
+        raise Conflict(
+            f"stale sequence {seq} for {mac} in VNI {vni}: the directory has seq "
+            f"{row['seq']} at {row['nve']}"
+        )
+    return False
+
+
 class StoreFront:
     """The directory store contract: public signatures and argument checks.
 
@@ -705,21 +775,8 @@ class NvaStore(StoreFront):
         with self._tx() as db:
             row = self._endpoint_row(db, vni, mac)
             self._serving_nve(db, nve, vni)
-            if row["state"] == "pending":
-                if row["migration_id"] != migration_id:
-                    raise Conflict(
-                        f"endpoint {mac} in VNI {vni} is already pending for migration "
-                        f"{row['migration_id']} to {row['pending_nve']}",
-                        hint="commit or abort that migration first",
-                    )
-                if row["pending_nve"] != nve:
-                    raise Conflict(
-                        f"migration {migration_id} already prestaged {mac} in VNI {vni} "
-                        f"to {row['pending_nve']}, not {nve}"
-                    )
+            if prestage_is_done(row, vni, mac, nve, migration_id):
                 return _endpoint_dict(row)
-            if row["last_migration_id"] == migration_id and row["nve"] == nve:
-                return _endpoint_dict(row)  # already committed: a retried prestage
             addresses = json.loads(row["ipv4"]) + json.loads(row["ipv6"])
             self._check_addresses(db, vni, mac, addresses)
             return self._update_endpoint(
@@ -734,23 +791,13 @@ class NvaStore(StoreFront):
     def _do_commit(self, vni: int, mac: str, migration_id: str) -> dict[str, Any]:
         with self._tx() as db:
             row = self._endpoint_row(db, vni, mac)
-            if row["state"] == "pending" and row["migration_id"] == migration_id:
+            if not commit_is_done(row, vni, mac, migration_id):
                 return self._commit_pending(db, row)
-            if row["last_migration_id"] == migration_id:
-                return {
-                    "endpoint": _endpoint_dict(row),
-                    "revision": row["last_commit_revision"],
-                    "committed_at": row["committed_at"],
-                }
-            if row["state"] == "pending":
-                raise Conflict(
-                    f"endpoint {mac} in VNI {vni} is pending for migration "
-                    f"{row['migration_id']}, not {migration_id}"
-                )
-            raise NotFound(
-                f"no pending migration {migration_id} for endpoint {mac} in VNI {vni}",
-                hint="prestage it first",
-            )
+            return {
+                "endpoint": _endpoint_dict(row),
+                "revision": row["last_commit_revision"],
+                "committed_at": row["committed_at"],
+            }
 
     def _commit_pending(self, db: sqlite3.Connection, row: sqlite3.Row) -> dict[str, Any]:
         vni, mac = row["vni"], row["mac"]
@@ -780,13 +827,8 @@ class NvaStore(StoreFront):
     def _do_abort(self, vni: int, mac: str, migration_id: str) -> dict[str, Any]:
         with self._tx() as db:
             row = self._endpoint_row(db, vni, mac)
-            if row["state"] != "pending":
+            if abort_is_done(row, vni, mac, migration_id):
                 return _endpoint_dict(row)
-            if row["migration_id"] != migration_id:
-                raise Conflict(
-                    f"endpoint {mac} in VNI {vni} is pending for migration "
-                    f"{row['migration_id']}, not {migration_id}; not aborting it"
-                )
             return self._update_endpoint(
                 db, vni, mac, state="active", pending_nve=None, migration_id=None
             )
@@ -795,13 +837,8 @@ class NvaStore(StoreFront):
         with self._tx() as db:
             row = self._endpoint_row(db, vni, mac)
             self._serving_nve(db, nve, vni)
-            if row["nve"] == nve:
+            if move_is_done(row, vni, mac, nve, seq):
                 return _endpoint_dict(row)
-            if seq is not None and seq <= row["seq"]:
-                raise Conflict(
-                    f"stale sequence {seq} for {mac} in VNI {vni}: the directory has seq "
-                    f"{row['seq']} at {row['nve']}"
-                )
             revision = self._next_revision()
             endpoint = self._update_endpoint(
                 db, vni, mac, nve=nve, seq=row["seq"] + 1, revision=revision
