@@ -79,6 +79,7 @@ class _StateStage(Stage):
     """Shared by the state stages: the policy, read once when the pipeline loads."""
 
     default_attempts = 1  # retries are the policy's business (per kind and reason)
+    requires = ("state",)
 
     def __init__(self, conf: cfg.ConfigOpts) -> None:
         super().__init__(conf)
@@ -289,6 +290,7 @@ class StateCleanup(Stage):
     name = "state_cleanup"
     phase = Phase.COMPLETED
     role = Role.SOURCE
+    requires = ("state",)
     default_deadline = 30.0
     default_attempts = 1
 
