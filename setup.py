@@ -65,7 +65,7 @@ setup(
         ],
         "vmm_orchestrator.commands": [
             "lab = vmm_linux.lab.cli:LabCommand",
-            "agent = vmm_libvirt.cli:AgentCommand",
+            "agent = vmm_orchestrator.agent_cmd:AgentCommand",
             "migrate-with-network = vmm_openstack.command:MigrateWithNetworkCommand",
         ],
         "vmm_orchestrator.nva_backends": [
@@ -75,6 +75,7 @@ setup(
         ],
         "oslo.config.opts": [
             "vmm_orchestrator = vmm_orchestrator.opts:list_opts",
+            "vmm_orchestrator.agent = vmm_orchestrator.agent:list_opts",
             "vmm_linux = vmm_linux.opts:list_opts",
             "vmm_openstack = vmm_openstack.options:list_opts",
             "vmm_state = vmm_state.options:list_opts",
@@ -91,7 +92,20 @@ setup(
             "macsec = vmm_state.kinds.macsec:MacsecKind",
         ],
         "vmm_orchestrator.event_sources": [
-            "libvirt = vmm_libvirt.events:LibvirtEventSource",
+            "libvirt = vmm_libvirt.daemon:Daemon",
+        ],
+        "vmm_orchestrator.host_drivers": [
+            "linux = vmm_linux.host:LinuxHost.from_spec",
+        ],
+        "vmm_orchestrator.state_services": [
+            "state = vmm_state.provider:open_state_service",
+        ],
+        "vmm_orchestrator.journals": [
+            "sqlite = vmm_orchestrator.journal:open_sqlite",
+            "etcd = vmm_etcd.backends:open_journal",
+        ],
+        "vmm_orchestrator.migration_locks": [
+            "etcd = vmm_etcd.backends:EtcdMigrationLock",
         ],
     },
 )

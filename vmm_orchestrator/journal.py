@@ -30,6 +30,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
+from vmm_orchestrator.contracts import HostSpec, JournalStore
 from vmm_orchestrator.errors import ConfigError
 from vmm_orchestrator.model import Migration, Phase, Role
 
@@ -134,7 +135,7 @@ def _loads(text: str | None) -> Any:
     return None if text is None else json.loads(text)
 
 
-class Journal:
+class Journal(JournalStore):
     """The journal of one host's engine, in the sqlite file ``path``.
 
     ``path`` may be ":memory:" (tests, dry runs). The parent directory is
@@ -467,3 +468,17 @@ class Journal:
             raise KeyError(
                 f"stage {stage} in phase {phase.value} of migration {migration_id} was not started"
             )
+
+
+def open_sqlite(conf: Any, spec: HostSpec, lock: Any = None) -> Journal:
+    """Entry point ``sqlite`` of ``vmm_orchestrator.journals``: the host's own file.
+
+    A migration lock shared by several instances needs a shared journal, so
+    SQLite refuses one (ConfigError naming the fix).
+    """
+    if lock is not None:
+        raise ConfigError(
+            "[agent] migration_lock needs a journal every instance shares",
+            hint="set [agent] journal_backend = etcd",
+        )
+    return Journal(spec.journal)

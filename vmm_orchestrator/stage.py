@@ -114,6 +114,10 @@ class Stage(abc.ABC):
     #: reverts the migration (an announcement that could not be sent must
     #: not unplug a VM that already runs at its destination).
     best_effort: ClassVar[bool] = False
+    #: Host services this stage needs beyond the data plane's (``nve``,
+    #: ``announcers``): the composition root builds them only when a listed
+    #: stage requires them (for example ``state``).
+    requires: ClassVar[tuple[str, ...]] = ()
     #: Defaults of the common options for this stage.
     default_deadline: ClassVar[float] = 5.0
     default_attempts: ClassVar[int] = 3

@@ -21,6 +21,7 @@ from vmm_etcd.journal import EtcdJournal
 from vmm_etcd.kv import EtcdKV
 from vmm_etcd.locks import InstanceLease, MigrationLocks
 from vmm_etcd.store import EtcdNvaStore
+from vmm_orchestrator.contracts import HostSpec
 from vmm_orchestrator.stage import HostContext, Stage
 
 
@@ -84,3 +85,34 @@ class EtcdBackend:
         journal = cls.journal_from_conf(conf, host.name, locks)
         claim_timeout = conf[options.GROUP].claim_timeout
         return HaPipeline(conf, host, journal, locks, stages, claim_timeout=claim_timeout)
+
+
+def open_journal(conf: cfg.ConfigOpts, spec: HostSpec, lock: MigrationLocks | None) -> EtcdJournal:
+    """Entry point ``etcd`` of ``vmm_orchestrator.journals``: the host's journal on
+    etcd, shared by every instance serving it; fenced by ``lock`` when given."""
+    return EtcdBackend.journal_from_conf(conf, spec.name, lock)
+
+
+class EtcdMigrationLock:
+    """Entry point ``etcd`` of ``vmm_orchestrator.migration_locks``.
+
+    ``open`` gives this instance's lease and the owner keys of the host's
+    migrations; ``pipeline`` the engine's pipeline that claims a migration
+    before running it and takes over those of dead instances.
+    """
+
+    @staticmethod
+    def open(conf: cfg.ConfigOpts, spec: HostSpec) -> MigrationLocks:
+        return EtcdBackend.locks_from_conf(conf, spec.name)
+
+    @staticmethod
+    def pipeline(
+        conf: cfg.ConfigOpts,
+        host: HostContext,
+        journal: EtcdJournal,
+        lock: MigrationLocks,
+        stages: list[Stage],
+    ) -> HaPipeline:
+        options.register_opts(conf)
+        claim_timeout = conf[options.GROUP].claim_timeout
+        return HaPipeline(conf, host, journal, lock, stages, claim_timeout=claim_timeout)

@@ -30,6 +30,7 @@ from vmm_etcd.keys import Keys
 from vmm_etcd.kv import EtcdKV
 from vmm_etcd.txn import dumps
 from vmm_orchestrator import journal as jr
+from vmm_orchestrator.contracts import JournalStore
 from vmm_orchestrator.errors import VmmError
 from vmm_orchestrator.journal import MigrationRecord, StageRun
 from vmm_orchestrator.model import Migration, Phase, Role
@@ -64,7 +65,7 @@ def _stage_key(phase: Phase | str, stage: str) -> str:
     return f"{value}/{stage}"
 
 
-class EtcdJournal:
+class EtcdJournal(JournalStore):
     """The journal of host ``host``'s engine, in etcd under ``prefix``."""
 
     def __init__(

@@ -27,6 +27,7 @@ from vmm_etcd import kv as kvmod
 from vmm_etcd.keys import Keys
 from vmm_etcd.kv import EtcdKV
 from vmm_etcd.watch import WatchStream
+from vmm_orchestrator.contracts import MigrationLock
 from vmm_orchestrator.errors import VmmError
 from vmm_orchestrator.nva.errors import NvaError
 
@@ -106,7 +107,7 @@ class InstanceLease:
                 LOG.warning("instance %s: cannot revoke its lease: %s", self.instance, exc)
 
 
-class MigrationLocks:
+class MigrationLocks(MigrationLock):
     """Owner keys of one host's migrations, held on this instance's lease."""
 
     def __init__(self, kv: EtcdKV, host: str, lease: InstanceLease, prefix: str = "/vmm/") -> None:
@@ -122,6 +123,12 @@ class MigrationLocks:
     @property
     def token(self) -> str:
         return self.lease.token
+
+    def close(self) -> None:
+        """Give up this instance's lease (its unfinished migrations go to another
+        instance at once) and close the connection."""
+        self.lease.close(revoke=True)
+        self.kv.close()
 
     def _key(self, migration_id: str) -> str:
         return self.keys.owner(self.host, migration_id)

@@ -3,8 +3,7 @@ phases out.
 
 For each configured host one ``HostAgent`` ties together:
 
-* an event source on the host's libvirt URI (found through the
-  ``vmm_orchestrator.event_sources`` entry points);
+* an event source on the host's libvirt URI;
 * the phase rules (``phases.Tracker``), turning libvirt signals into phases;
 * discovery and resolution, turning a domain into a ``Migration``;
 * the host's ``Pipeline`` and ``Dispatcher``, which run the stages;
@@ -32,12 +31,11 @@ from typing import Any
 
 import libvirt
 from oslo_config import cfg
-from stevedore import driver
 
 from vmm_libvirt import discovery, events, options, phases
 from vmm_libvirt.hook import HookServer
 from vmm_libvirt.resolve import NothingToMove, ResolveError, Resolver
-from vmm_orchestrator import engine
+from vmm_orchestrator import agent as root
 from vmm_orchestrator import journal as jr
 from vmm_orchestrator.engine import Dispatcher, PhaseReport, Pipeline
 from vmm_orchestrator.errors import ConfigError
@@ -47,8 +45,6 @@ from vmm_orchestrator.nva import errors as nva_errors
 from vmm_orchestrator.stage import HostContext, Stage
 
 LOG = logging.getLogger(__name__)
-
-EVENT_SOURCES = "vmm_orchestrator.event_sources"
 
 #: (state, reason) of a VM that does not run here (yet): paused for a migration
 #: (incoming, or the source's switchover) or still starting up.
@@ -60,7 +56,8 @@ _NOT_RUNNING_YET = {
 
 @dataclasses.dataclass(frozen=True)
 class HostSpec:
-    """One hypervisor host of the daemon, from its [host:<name>] group."""
+    """One hypervisor host as the libvirt side sees it: the core's
+    [host:<name>] part plus this plugin's (libvirt URI, hook socket)."""
 
     name: str
     uri: str
@@ -74,47 +71,26 @@ class HostSpec:
 def host_specs(conf: cfg.ConfigOpts) -> list[HostSpec]:
     """Every configured host, checked; ConfigError says what to fix."""
     options.register_opts(conf)
-    engine.register_opts(conf)
-    names = list(conf[options.AGENT_GROUP].hosts)
-    if not names:
+    specs = [
+        HostSpec(
+            name=core.name,
+            uri=conf[options.host_group(core.name)].uri,
+            vtep=core.vtep,
+            vnis=core.vnis,
+            netns=core.netns,
+            hook_socket=conf[options.host_group(core.name)].hook_socket
+            or conf[options.AGENT_GROUP].hook_socket,
+            journal=core.journal,
+        )
+        for core in root.host_specs(conf)
+    ]
+    sockets = [s.hook_socket for s in specs]
+    shared = sorted({v for v in sockets if sockets.count(v) > 1})
+    if shared:
         raise ConfigError(
-            "[agent] hosts is empty: the agent would serve no host",
-            hint="list this machine's NVE id, e.g. hosts = compute1, and give it a "
-            "[host:compute1] group with vtep and vnis",
+            f"several hosts share hook_socket {', '.join(shared)}",
+            hint="give each [host:<name>] group its own hook_socket",
         )
-    duplicates = sorted({n for n in names if names.count(n) > 1})
-    if duplicates:
-        raise ConfigError(f"[agent] hosts lists {', '.join(duplicates)} more than once")
-    specs = []
-    for name in names:
-        group = conf[options.host_group(name)]
-        if not group.vtep:
-            raise ConfigError(
-                f"[{options.host_group(name)}] vtep is not set",
-                hint="set the underlay address of this host's NVE",
-            )
-        journal = group.journal or options.default_journal(
-            conf.pipeline.journal, name, len(names) > 1
-        )
-        specs.append(
-            HostSpec(
-                name=name,
-                uri=group.uri,
-                vtep=group.vtep,
-                vnis=tuple(group.vnis),
-                netns=group.netns,
-                hook_socket=group.hook_socket or conf[options.AGENT_GROUP].hook_socket,
-                journal=journal,
-            )
-        )
-    for key in ("hook_socket", "journal"):
-        values = [getattr(s, key) for s in specs]
-        shared = sorted({v for v in values if values.count(v) > 1})
-        if shared:
-            raise ConfigError(
-                f"several hosts share {key} {', '.join(shared)}",
-                hint=f"give each [host:<name>] group its own {key}",
-            )
     return specs
 
 
@@ -155,6 +131,7 @@ class HostAgent:
         journal: Journal,
         stages: list[Stage] | None = None,
         source_factory: Callable[..., Any] | None = None,
+        dispatcher: Dispatcher | None = None,
     ) -> None:
         options.register_opts(conf)
         self.conf = conf
@@ -162,8 +139,9 @@ class HostAgent:
         self.name = spec.name
         self.context = context
         self.journal = journal
-        self.pipeline = Pipeline(conf, context, journal, stages)
-        self.dispatcher = Dispatcher(self.pipeline)
+        self.dispatcher = dispatcher or Dispatcher(Pipeline(conf, context, journal, stages))
+        self.pipeline = self.dispatcher.pipeline
+        self._owns_dispatcher = dispatcher is None
         self.tracker = phases.Tracker(bool(conf[options.GROUP].early_switchover))
         self.resolver = Resolver(context.nva, spec.name)
         vni_of = discovery.VniMap(options.bridge_vnis(conf), options.bridge_pattern(conf))
@@ -193,9 +171,12 @@ class HostAgent:
         self.source.start()
 
     def stop(self) -> None:
+        """Stop taking hook calls and events; queued phases finish (the
+        assembled host's close waits for them when it owns the dispatcher)."""
         self.hook.stop()
         self.source.stop()
-        self.dispatcher.close(wait=True)
+        if self._owns_dispatcher:
+            self.dispatcher.close(wait=True)
 
     def wait_idle(self, timeout: float) -> bool:
         """Wait until every submitted phase has been handled."""
@@ -574,71 +555,50 @@ class HostAgent:
 # -- the daemon --------------------------------------------------------------------------
 
 
-def load_source_factory(conf: cfg.ConfigOpts) -> Callable[..., Any]:
-    """The configured event source plugin's ``from_conf``; ConfigError if not installed."""
-    name = conf[options.AGENT_GROUP].event_source
-    try:
-        manager: driver.DriverManager[Any] = driver.DriverManager(
-            EVENT_SOURCES, name, invoke_on_load=False
-        )
-    except Exception as exc:
-        raise ConfigError(
-            f"[agent] event_source {name!r} cannot be loaded: {exc}",
-            hint=f"install the plugin that provides it in {EVENT_SOURCES}",
-        ) from None
-    plugin: Any = manager.driver
-    factory: Callable[..., Any] = plugin.from_conf
-    return factory
-
-
 class Daemon:
-    """Every host of this machine's configuration, started and stopped together."""
+    """The libvirt event source of ``vmm agent``: one HostAgent per assembled host.
 
-    def __init__(
-        self,
-        agents: list[HostAgent],
-        starters: list[Callable[[], None]] | None = None,
-        closers: list[Callable[[], None]] | None = None,
-    ) -> None:
+    Entry point ``libvirt`` of ``vmm_orchestrator.event_sources``. The hosts
+    themselves (directory client, data plane, state service, journal,
+    pipeline) come from the core's composition root; this only adds what
+    libvirt needs: an event source per host URI and a hook server per socket.
+    """
+
+    def __init__(self, agents: list[HostAgent]) -> None:
         self.agents = agents
-        self._starters = list(starters or [])
-        self._closers = list(closers or [])
         for agent in agents:
             agent.siblings = [a for a in agents if a is not agent]
 
-    @classmethod
-    def from_conf(cls, conf: cfg.ConfigOpts) -> Daemon:
-        """Build LinuxHost + journal + HostAgent per [agent] hosts (nothing started yet)."""
-        from vmm_linux.host import LinuxHost
-        from vmm_orchestrator.nva.backends import open_client
+    @staticmethod
+    def check_options(conf: cfg.ConfigOpts) -> list[HostSpec]:
+        """Read every option of this plugin now, so a bad value fails before anything starts."""
+        from vmm_orchestrator.cli import check_options
 
-        specs = host_specs(conf)
-        factory = load_source_factory(conf)
-        agents: list[HostAgent] = []
-        starters: list[Callable[[], None]] = []
-        closers: list[Callable[[], None]] = []
-        try:
-            for spec in specs:
-                nva = open_client(conf)  # [nva] backend: embedded (HTTP), etcd, neutron
-                if hasattr(nva, "close"):
-                    closers.append(nva.close)
-                linux = LinuxHost(conf, spec.name, spec.netns, spec.vtep, list(spec.vnis), nva)
-                starters.append(linux.start)
-                closers.append(linux.stop)
-                journal = Journal(spec.journal)
-                closers.append(journal.close)
-                agents.append(HostAgent(conf, spec, linux.context, journal, source_factory=factory))
-        except BaseException:
-            for close in reversed(closers):
-                with contextlib.suppress(Exception):
-                    close()
-            raise
-        return cls(agents, starters, closers)
+        options.register_opts(conf)
+        groups = [(options.GROUP, options.LIBVIRT_OPTS), (options.AGENT_GROUP, options.AGENT_OPTS)]
+        groups += [(options.host_group(n), options.HOST_OPTS) for n in conf.agent.hosts]
+        check_options(conf, groups)
+        options.bridge_pattern(conf)
+        options.bridge_vnis(conf)
+        return host_specs(conf)
+
+    @classmethod
+    def for_assembly(cls, conf: cfg.ConfigOpts, assembly: root.Assembly) -> Daemon:
+        """A HostAgent on each assembled host (nothing started yet)."""
+        specs = {s.name: s for s in host_specs(conf)}
+        agents = [
+            HostAgent(
+                conf,
+                specs[host.name],
+                host.context,
+                host.journal,
+                dispatcher=host.dispatcher,
+            )
+            for host in assembly.hosts
+        ]
+        return cls(agents)
 
     def start(self) -> None:
-        """Start the hosts' own services (NVE agents), then each HostAgent."""
-        for start in self._starters:
-            start()
         for agent in self.agents:
             agent.start()
 
@@ -653,10 +613,17 @@ class Daemon:
         end = time.monotonic() + timeout
         return all(a.wait_idle(max(0.0, end - time.monotonic())) for a in self.agents)
 
+    def locate(self, migration: Migration) -> str | None:
+        """Where a migration's VM runs, asking every host's libvirt (for takeovers)."""
+        return self.agents[0].locate(migration) if self.agents else None
+
+    def on_report(self, report: PhaseReport) -> None:
+        for agent in self.agents:
+            if agent.name == report.host:
+                agent.reports.append(report)
+        LOG.warning("%s", _report_line(report))
+
     def stop(self) -> None:
         for agent in reversed(self.agents):
             with contextlib.suppress(Exception):
                 agent.stop()
-        for close in reversed(self._closers):
-            with contextlib.suppress(Exception):
-                close()

@@ -1,6 +1,7 @@
 """Options of the libvirt plugin: ``[libvirt]`` (how to watch libvirt and read
-domains), ``[agent]`` (the per-host daemon) and one ``[host:<name>]`` group
-per hypervisor host the daemon serves.
+domains), its part of ``[agent]`` (the hook socket, timeouts) and of each
+``[host:<name>]`` group (the libvirt URI, the hook socket); the rest of those
+groups belongs to the core's composition root (:mod:`vmm_orchestrator.agent`).
 
 Per-host groups follow the pattern of cinder's ``enabled_backends``: a small
 site or the lab runs several hosts in one process, each with its own libvirt
@@ -10,11 +11,11 @@ URI, NVE and hook socket; production runs one.
 from __future__ import annotations
 
 import contextlib
-import os
 import re
 
 from oslo_config import cfg, types
 
+from vmm_orchestrator import agent
 from vmm_orchestrator.errors import ConfigError
 
 GROUP = "libvirt"
@@ -91,20 +92,6 @@ LIBVIRT_OPTS: list[cfg.Opt] = [
 ]
 
 AGENT_OPTS: list[cfg.Opt] = [
-    cfg.ListOpt(
-        "hosts",
-        default=[],
-        help="Names of the hypervisor hosts this daemon serves; each name is the host's "
-        "NVE id in the directory and has a [host:<name>] group (uri, vtep, vnis, ...), "
-        "like [host:example] below. One per machine in production; several for a small "
-        "site or the lab.",
-    ),
-    cfg.StrOpt(
-        "event_source",
-        default="libvirt",
-        help="Event source plugin, by entry point name in the "
-        "vmm_orchestrator.event_sources namespace.",
-    ),
     cfg.StrOpt(
         "hook_socket",
         default="/run/vmm-orchestrator/hook.sock",
@@ -135,29 +122,10 @@ HOST_OPTS: list[cfg.Opt] = [
         help="libvirt URI of this host (for the lab: "
         "qemu:///system?socket=<host run dir>/libvirt-sock).",
     ),
-    cfg.HostAddressOpt(
-        "vtep",
-        help="Underlay (VTEP) address of this host's NVE. Required.",
-    ),
-    cfg.ListOpt(
-        "vnis",
-        item_type=types.Integer(min=1, max=2**24 - 1),
-        default=[],
-        help="Virtual networks this host's NVE serves.",
-    ),
-    cfg.StrOpt(
-        "netns",
-        help="Network namespace of this host's NVE (the lab); unset: the daemon's own.",
-    ),
     cfg.StrOpt(
         "hook_socket",
         help="Unix socket of this host's hook relay; unset: [agent] hook_socket. Hosts in "
         "one daemon need distinct sockets.",
-    ),
-    cfg.StrOpt(
-        "journal",
-        help="This host's journal file; unset: [pipeline] journal with one host, "
-        "journal-<name>.sqlite beside it with several.",
     ),
 ]
 
@@ -168,7 +136,9 @@ def host_group(name: str) -> str:
 
 
 def register_opts(conf: cfg.ConfigOpts) -> None:
-    """Register [libvirt] and [agent], and a [host:<name>] group per [agent] hosts."""
+    """Register [libvirt], this plugin's part of [agent] and of each [host:<name>] group
+    (the core's composition root registers the rest: hosts, vtep, vnis, ...)."""
+    agent.register_opts(conf)
     for group, opts in ((GROUP, LIBVIRT_OPTS), (AGENT_GROUP, AGENT_OPTS)):
         for opt in opts:
             with contextlib.suppress(cfg.DuplicateOptError):
@@ -225,10 +195,3 @@ def bridge_vnis(conf: cfg.ConfigOpts) -> dict[str, int]:
             )
         out[bridge] = vni
     return out
-
-
-def default_journal(pipeline_journal: str, name: str, several: bool) -> str:
-    """Where host ``name`` journals when its group sets no journal."""
-    if not several:
-        return pipeline_journal
-    return os.path.join(os.path.dirname(pipeline_journal) or ".", f"journal-{name}.sqlite")

@@ -1,23 +1,21 @@
-"""A Linux hypervisor host as the orchestrator sees it: its NVE, the agent
-that keeps the NVE in step with the directory, its announcers and, when
-state migration is on, its state service, offered to the stages through a
-HostContext.
+"""A Linux hypervisor host's data plane: its NVE, the agent that keeps the
+NVE in step with the directory and its announcers, offered to the stages as
+services. Entry point ``linux`` of ``vmm_orchestrator.host_drivers``: the
+composition root (:mod:`vmm_orchestrator.agent`) builds it through
+:meth:`LinuxHost.from_spec` and adds the other services (state) itself.
 """
 
 from __future__ import annotations
 
 import threading
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from oslo_config import cfg
 
 from vmm_linux import agent as agent_mod
 from vmm_linux import announce as announce_mod
 from vmm_linux.nve import LinuxNve, bridge_name
-from vmm_orchestrator.stage import HostContext
-
-if TYPE_CHECKING:  # vmm_state is optional: a host without state migration never imports it
-    from vmm_state.service import StateHost
+from vmm_orchestrator.contracts import HostDriver, HostSpec
 
 
 class AnnouncerPool:
@@ -56,15 +54,8 @@ class AnnouncerPool:
             self._by_vni.clear()
 
 
-class LinuxHost:
-    """NVE + agent + announcers (+ state service) of one host, wired from the configuration.
-
-    ``state`` is the host's state service (:class:`vmm_state.service.StateHost`),
-    built by the caller because it needs the peers' URLs and the directory
-    client; None (the default) leaves state migration off and the host exactly
-    as it was without it. When given, the state stages find it under
-    ``ctx.host.service("state")``.
-    """
+class LinuxHost(HostDriver):
+    """NVE + NVE agent + announcers of one host, wired from the configuration."""
 
     def __init__(
         self,
@@ -74,7 +65,6 @@ class LinuxHost:
         vtep: str,
         vnis: list[int],
         nva: Any,
-        state: StateHost | None = None,
     ) -> None:
         agent_mod.register_opts(conf)
         announce_mod.register_opts(conf)
@@ -97,28 +87,21 @@ class LinuxHost:
             [int(x) for x in ann.schedule_ms],
             announce_mod.parse_gateways(ann.gateways),
         )
-        self.state = state
-        services: dict[str, Any] = {
+        self.services: dict[str, Any] = {
             "nve": self.nve,
             "announcers": self.announcers,
             "agent": self.agent,
         }
-        if state is not None:
-            services["state"] = state
-        self.context = HostContext(name=name, nva=nva, services=services)
+
+    @classmethod
+    def from_spec(cls, conf: cfg.ConfigOpts, spec: HostSpec, directory: Any) -> LinuxHost:
+        """The ``vmm_orchestrator.host_drivers`` factory: a host from its [host:<name>]."""
+        return cls(conf, spec.name, spec.netns, spec.vtep, list(spec.vnis), directory)
 
     def start(self) -> None:
-        """Serve state first: a peer may pull a pre-copy from us as soon as our
-        agent makes the host take part in migrations."""
-        if self.state is not None:
-            self.state.start()
         self.agent.start()
 
     def stop(self) -> None:
-        """Stop the state service last, so that a peer still finishing a
-        transfer with us is answered until our NVE is gone."""
         self.agent.stop()
         self.announcers.close()
         self.nve.close()
-        if self.state is not None:
-            self.state.stop()

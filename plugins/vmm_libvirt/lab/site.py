@@ -9,11 +9,11 @@ NVE agents and directory.
 
 How the pieces are wired, and why:
 
-* The namespace lab comes from ``vmm_linux.lab.demo.lab_site`` with
-  ``orchestrated=False``: under libvirt the pipelines belong to the
-  ``HostAgent``s, which build their own ``Pipeline`` on each lab host's
-  ``HostContext`` (its NVE, announcers and NVE agent), so a second set of
-  dispatchers would only compete for the same journal.
+* The namespace lab comes from ``vmm_linux.lab.demo.lab_site``, whose hosts
+  the product's composition root assembled; orchestrated, the libvirt event
+  source of ``vmm agent`` (``Daemon.for_assembly``) is put in front of h1's
+  and h2's assembled hosts, exactly as ``vmm agent`` does. The operator's
+  path with ``vmm agent`` processes is tests/functional/test_agent_e2e.py.
 * The guest is registered in the directory at h1 but not plugged into h1's
   NVE. Without an orchestrator the NVE agents' local learning (EVPN-style
   MAC mobility) then moves it from QEMU's RARPs, the "QEMU alone" baseline;
@@ -63,7 +63,7 @@ from oslo_config import cfg
 
 from vmm_libvirt import options as lv_options
 from vmm_libvirt.announcers import LibvirtAnnounce
-from vmm_libvirt.daemon import Daemon, HostAgent, HostSpec
+from vmm_libvirt.daemon import Daemon, HostAgent
 from vmm_libvirt.events import start_event_loop
 from vmm_libvirt.lab import LibvirtLabError
 from vmm_libvirt.lab import guest as guest_mod
@@ -73,8 +73,8 @@ from vmm_linux import agent as nve_agent
 from vmm_linux.lab import options as lab_options
 from vmm_linux.lab.demo import LabSite, lab_site
 from vmm_linux.lab.topology import in_ns
+from vmm_orchestrator import agent as root
 from vmm_orchestrator import engine
-from vmm_orchestrator.journal import Journal
 from vmm_orchestrator.nva.client import NvaClient
 from vmm_orchestrator.stage import group_name, register_stage_opts
 
@@ -277,7 +277,6 @@ def libvirt_site(
     spec = guest or new_guest(vni)
     image = guest_mod.build_guest()
     hosts: dict[str, LibvirtHost] = {}
-    journals: list[Journal] = []
     daemon: Daemon | None = None
     with lab_site(conf, prefix, orchestrated=False) as site:
         workdir = tempfile.mkdtemp(prefix=f"{prefix}-lv-")
@@ -301,20 +300,12 @@ def libvirt_site(
             agents: dict[str, HostAgent] = {}
             if orchestrated:  # while the guest boots
                 for name in LIBVIRT_HOSTS:
-                    lab_host = site.lab.hosts[name]
-                    host_spec = HostSpec(
-                        name=name,
-                        uri=hosts[name].uri,
-                        vtep=lab_host.vtep,
-                        vnis=(vni,),
-                        netns=lab_host.netns,
-                        hook_socket=_hook_socket(workdir, name),
-                        journal=os.path.join(workdir, f"journal-{name}.sqlite"),
-                    )
-                    journal = Journal(host_spec.journal)
-                    journals.append(journal)
-                    agents[name] = HostAgent(conf, host_spec, site.hosts[name].context, journal)
-                daemon = Daemon(list(agents.values()), closers=[j.close for j in journals])
+                    group = lv_options.host_group(name)
+                    conf.set_override("uri", hosts[name].uri, group=group)
+                    conf.set_override("hook_socket", _hook_socket(workdir, name), group=group)
+                served = root.Assembly([site.assembly[name] for name in LIBVIRT_HOSTS])
+                daemon = Daemon.for_assembly(conf, served)
+                agents = {a.name: a for a in daemon.agents}
                 daemon.start()
                 waiting = daemon.wait_reconciled(RECONCILE_TIMEOUT_S)
                 if waiting:
@@ -340,11 +331,7 @@ def libvirt_site(
             )
         finally:
             if daemon is not None:
-                daemon.stop()  # also closes the journals
-            else:
-                for journal in journals:
-                    with contextlib.suppress(Exception):
-                        journal.close()
+                daemon.stop()  # the journals close with the lab site's assembly
             for host in hosts.values():
                 with contextlib.suppress(Exception):
                     host.stop()

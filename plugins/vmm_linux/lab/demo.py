@@ -41,7 +41,6 @@ from vmm_linux.lab import probe
 from vmm_linux.lab.hypervisor import LabHypervisor, LabMigration
 from vmm_linux.lab.topology import Lab, LabVm, in_ns, new_prefix
 from vmm_orchestrator import engine
-from vmm_orchestrator.journal import Journal
 from vmm_orchestrator.nva.client import NvaClient
 from vmm_orchestrator.nva.server import NvaServer
 from vmm_orchestrator.nva.store import NvaStore
@@ -132,6 +131,8 @@ class LabSite:
     states: dict[str, StateHost] = dataclasses.field(default_factory=dict)
     firewalls: dict[str, HostFirewall] = dataclasses.field(default_factory=dict)
     profiles: dict[str, PortProfile] = dataclasses.field(default_factory=dict)
+    #: The hosts as the composition root assembled them (journals, pipelines).
+    assembly: Any = None
 
     def client(self) -> NvaClient:
         return NvaClient(self.server.url, self.token)
@@ -174,6 +175,58 @@ def _state_conf(conf: cfg.ConfigOpts) -> None:
     conf.set_override("bind_port", 0, group=group)
 
 
+def configure_hosts(
+    conf: cfg.ConfigOpts,
+    lab: Lab,
+    nva_url: str,
+    nva_token: str,
+    workdir: str,
+    served: list[str],
+    stages: list[str] | None = None,
+) -> dict[str, dict[str, Any]]:
+    """Write the lab's hosts into ``conf`` the way an operator's config file does.
+
+    ``[agent] hosts`` = ``served``, a ``[host:<name>]`` group each (vtep,
+    vnis, netns, journal in ``workdir``), ``[nva]`` pointing at the lab's
+    directory and, when given, ``[pipeline] stages``. Returns the same as
+    INI sections ({group: {option: value}}), for writing an agent's file.
+    """
+    from vmm_orchestrator import agent as root
+    from vmm_orchestrator.nva import options as nva_options
+
+    vni = conf.lab.vni
+    sections: dict[str, dict[str, Any]] = {
+        "agent": {"hosts": ",".join(served)},
+        "nva": {"backend": "embedded", "url": nva_url, "token": nva_token},
+    }
+    root.register_opts(conf)
+    conf.set_override("hosts", served, group=root.GROUP)
+    root.register_opts(conf)  # now the [host:<name>] groups
+    nva_options.register_opts(conf)
+    conf.set_override("backend", "embedded", group=nva_options.GROUP)
+    conf.set_override("url", nva_url, group=nva_options.GROUP)
+    conf.set_override("token", nva_token, group=nva_options.GROUP)
+    if stages is not None:
+        conf.set_override("stages", stages, group=engine.GROUP)
+        sections["pipeline"] = {"stages": ",".join(stages)}
+    else:  # a lab before this one on the same conf may have set them
+        conf.clear_override("stages", group=engine.GROUP)
+    for name in served:
+        h = lab.hosts[name]
+        values = {
+            "vtep": h.vtep,
+            "vnis": [vni],
+            "netns": h.netns,
+            "journal": os.path.join(workdir, f"journal-{name}.sqlite"),
+        }
+        for key, value in values.items():
+            conf.set_override(key, value, group=root.host_group(name))
+        sections[root.host_group(name)] = {
+            k: ",".join(map(str, v)) if isinstance(v, list) else v for k, v in values.items()
+        }
+    return sections
+
+
 @contextlib.contextmanager
 def lab_site(
     conf: cfg.ConfigOpts,
@@ -181,27 +234,34 @@ def lab_site(
     orchestrated: bool,
     state: bool = False,
     move_state: bool = True,
+    external: tuple[str, ...] = (),
 ) -> Iterator[LabSite]:
     """Build the demo topology (PLACEMENT); tear everything down however the body ends.
+
+    The hosts come from the product's composition root
+    (:func:`vmm_orchestrator.agent.assemble`) on the lab's configuration,
+    exactly as ``vmm agent`` builds them. Hosts named in ``external`` are
+    left to ``vmm agent`` processes the caller starts (their VMs are not
+    created here).
 
     ``state`` adds what state migration needs: the firewall of
     :mod:`vmm_state.firewall` on every host (IGMP snooping on the VN bridge,
     with the gateway's host as querier, since a bridge enforces snooping only
-    while it knows one; every VM's port profile), a StateHost per host (in
-    ``[state]``: the lab's kinds unless set, a fresh key and token unless set,
-    services on 127.0.0.1 with a free port) and, when ``orchestrated``, the
-    pipeline of STATE_STAGES. ``move_state`` False keeps all of that but runs
-    the pipeline without the state stages: the "without state" baseline of
-    the same lab.
+    while it knows one; every VM's port profile) and, when ``orchestrated``
+    and ``move_state``, the pipeline of STATE_STAGES, which makes the root
+    build a state service per host (in ``[state]``: the lab's kinds unless
+    set, a fresh key and token unless set, services on 127.0.0.1 with a free
+    port). ``move_state`` False keeps the firewalls but runs the pipeline
+    without the state stages: the "without state" baseline of the same lab.
     """
+    from vmm_orchestrator import agent as root
+
     lab_opts.register_opts(conf)
     lab = Lab(prefix, conf.lab.vni)
     workdir = tempfile.mkdtemp(prefix=f"{prefix}-")
     token = secrets.token_urlsafe(24)
     server = NvaServer(NvaStore(":memory:"), token, "127.0.0.1", 0)
-    hosts: dict[str, LinuxHost] = {}
-    dispatchers: dict[str, engine.Dispatcher] = {}
-    states: dict[str, StateHost] = {}
+    assembly: root.Assembly | None = None
     firewalls: dict[str, HostFirewall] = {}
     try:
         server.start()
@@ -211,27 +271,33 @@ def lab_site(
         for i in range(1, conf.lab.hosts + 1):
             h = lab.add_host(f"h{i}")
             admin.register_nve(h.name, h.vtep, [vni])
-        peers: dict[str, str] = {}
-        if state:
-            from vmm_state.service import StateHost
-
+        with_state = state and orchestrated and move_state
+        if with_state:
             _state_conf(conf)
-            for name, h in lab.hosts.items():
-                nva = NvaClient(server.url, token)
-                states[name] = StateHost.from_conf(conf, name, h.netns, nva=nva, peers=peers)
-        for name, h in lab.hosts.items():
-            hosts[name] = LinuxHost(
-                conf, name, h.netns, h.vtep, [vni], NvaClient(server.url, token), states.get(name)
-            )
-            hosts[name].nve.ensure_vn(vni)
+        served = [name for name in lab.hosts if name not in external]
+        configure_hosts(
+            conf, lab, server.url, token, workdir, served, STATE_STAGES if with_state else None
+        )
+        assembly = root.assemble(conf)
+        hosts: dict[str, LinuxHost] = {}
+        for host in assembly.hosts:
+            if not isinstance(host.driver, LinuxHost):
+                raise RuntimeError("the namespace lab needs [agent] host_driver = linux")
+            hosts[host.name] = host.driver
+            host.driver.nve.ensure_vn(vni)
         for name, host_name in lab_opts.PLACEMENT.items():
+            if host_name in external:
+                continue
             vm = lab.add_vm(name, host_name, gateway=name == lab_opts.GATEWAY)
             admin.add_endpoint(vni, vm.mac, [vm.ipv4], [vm.ipv6], host_name)
             hosts[host_name].nve.plug(vni, vm.mac, vm.port, (vm.ipv4, vm.ipv6))
-        gw = lab.vms["gw"]
-        conf.set_override("gateways", [f"{gw.ipv4}@{gw.mac}"], group="announce")
-        for host in hosts.values():  # the pools were built before the gateway existed
-            host.announcers.gateways = [(gw.ipv4, gw.mac)]
+        gw = lab.vms.get(lab_opts.GATEWAY)
+        if gw is not None:
+            conf.set_override("gateways", [f"{gw.ipv4}@{gw.mac}"], group="announce")
+            for linux in hosts.values():  # the pools were built before the gateway existed
+                linux.announcers.gateways = [(gw.ipv4, gw.mac)]
+        states = {h.name: h.state for h in assembly.hosts if h.state is not None}
+        dispatchers = {h.name: h.dispatcher for h in assembly.hosts}
         site = LabSite(
             lab,
             server,
@@ -239,29 +305,17 @@ def lab_site(
             hosts,
             dispatchers if orchestrated else None,
             workdir,
-            states,
+            states,  # type: ignore[arg-type]
             firewalls,
+            assembly=assembly,
         )
-        for name, host in hosts.items():
-            host.start()
-            if host.state is not None:
-                peers[name] = host.state.url
+        assembly.start()
         if state:  # after the agents set the VXLAN flood lists: the querier's first
             _install_firewalls(site)  # query must reach every host's bridge
-        if orchestrated:
-            for name, host in hosts.items():
-                journal = Journal(os.path.join(workdir, f"journal-{name}.sqlite"))
-                stages = engine.load_stages(conf, STATE_STAGES) if state and move_state else None
-                pipeline = engine.Pipeline(conf, host.context, journal, stages=stages)
-                dispatchers[name] = engine.Dispatcher(pipeline)
         yield site
     finally:
-        for dispatcher in dispatchers.values():
-            with contextlib.suppress(Exception):
-                dispatcher.close()
-        for host in hosts.values():
-            with contextlib.suppress(Exception):
-                host.stop()
+        if assembly is not None:
+            assembly.close()
         with contextlib.suppress(Exception):
             server.stop()
         lab.teardown()
