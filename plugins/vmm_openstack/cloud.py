@@ -22,11 +22,19 @@ from vmm_orchestrator.errors import ConfigError, TransientError, VmmError
 
 if TYPE_CHECKING:
     from openstack.connection import Connection
+    from oslo_config import cfg
 
 LOG = logging.getLogger(__name__)
 
 #: What every credentials error tells the operator to check.
 CREDENTIALS_HINT = "check OS_* / clouds.yaml"
+#: How to give the product the rights Neutron's default policy asks for.
+SERVICE_USER_HINT = (
+    "set [neutron] in vmm-orchestrator.conf to Nova's service user, as nova.conf's "
+    "[neutron] (auth_type = password, auth_url, username = nova, password, "
+    "project_name = service, user_domain_name, project_domain_name), or grant the role: "
+    "`openstack role add --user USER --project PROJECT ROLE`"
+)
 
 
 class CloudError(VmmError):
@@ -100,26 +108,83 @@ def connect(
         raise ConfigError(f"bad OpenStack configuration: {exc}", hint=CREDENTIALS_HINT) from None
     auth_url = (region.config.get("auth") or {}).get("auth_url", "?")
     label = cloud_label(region)
-    conn = Connection(config=region)
+    return _authenticated(Connection(config=region), f"cloud {label}", label, auth_url)
+
+
+def _authenticated(conn: Connection, who: str, label: str, auth_url: str) -> Connection:
+    """``conn`` once Keystone gave it a token; ``who`` names the credentials in errors."""
+    import keystoneauth1.exceptions as ksa_exc
+
     try:
         conn.session.get_token()
     except ksa_exc.Unauthorized:
+        conn.close()
         raise CloudError(
-            f"authentication failed for cloud {label} at {auth_url}: {CREDENTIALS_HINT}"
+            f"authentication failed for {who} at {auth_url}: {CREDENTIALS_HINT}"
         ) from None
     except (ksa_exc.ConnectFailure, ksa_exc.ConnectTimeout, ksa_exc.DiscoveryFailure) as exc:
+        conn.close()
         raise CloudUnavailable(
-            f"cannot reach Keystone of cloud {label} at {auth_url}: {_short(exc)}",
+            f"cannot reach Keystone of {who} at {auth_url}: {_short(exc)}",
             hint="check auth_url in OS_AUTH_URL / clouds.yaml and that Keystone runs",
         ) from None
     except ksa_exc.ClientException as exc:
+        conn.close()
         raise CloudError(
-            f"Keystone of cloud {label} at {auth_url} failed: {_short(exc)}",
+            f"Keystone of {who} at {auth_url} failed: {_short(exc)}",
             hint=CREDENTIALS_HINT,
         ) from None
     conn.vmm_label = label  # type: ignore[attr-defined]
     conn.vmm_auth_url = auth_url  # type: ignore[attr-defined]
     return conn
+
+
+def connect_service_user(conf: cfg.ConfigOpts, api_timeout: float = 30.0) -> Connection | None:
+    """The ``[neutron]`` service user's Connection; None when the section is not set.
+
+    Loaded with keystoneauth's own loaders from the same options nova.conf's
+    ``[neutron]`` has, so the section reads like Nova's. The token is fetched
+    up front, as for the operator's cloud.
+    """
+    import keystoneauth1.exceptions as ksa_exc
+    from keystoneauth1 import loading as ks_loading
+    from openstack.connection import Connection
+
+    from vmm_openstack import options
+
+    options.register_opts(conf)
+    name = options.NEUTRON_GROUP
+    group = conf[name]
+    if not group.auth_type:
+        return None
+    _quiet_libraries()
+    try:
+        auth = ks_loading.load_auth_from_conf_options(conf, name)
+        session = ks_loading.load_session_from_conf_options(conf, name, auth=auth)
+    except ksa_exc.MissingRequiredOptions as exc:
+        missing = ", ".join(o.dest for o in exc.options) if exc.options else "auth_url"
+        raise ConfigError(
+            f"[{name}] lacks {missing}",
+            hint=f"write [{name}] like nova.conf's: auth_type, auth_url, username, password, "
+            "project_name, user_domain_name, project_domain_name",
+        ) from None
+    except ksa_exc.ClientException as exc:
+        raise ConfigError(f"bad [{name}] section: {_short(exc)}", hint=SERVICE_USER_HINT) from None
+    kwargs: dict[str, Any] = {"api_timeout": api_timeout}
+    if group.region_name:
+        kwargs["region_name"] = group.region_name
+    if group.valid_interfaces:
+        kwargs["interface"] = group.valid_interfaces[0]
+    if group.endpoint_override:
+        kwargs["network_endpoint_override"] = group.endpoint_override
+    user = getattr(group, "username", None) or getattr(group, "user_id", None) or "?"
+    auth_url = getattr(group, "auth_url", None) or "?"
+    return _authenticated(
+        Connection(session=session, **kwargs),
+        f"the [{name}] service user {user}",
+        f"[{name}] {user}",
+        auth_url,
+    )
 
 
 def _short(exc: BaseException) -> str:
@@ -147,7 +212,10 @@ def describe(exc: BaseException, what: str) -> VmmError:
         return exc
     if isinstance(exc, (ksa_exc.ConnectFailure, ksa_exc.ConnectTimeout)):
         return CloudUnavailable(f"{what}: cannot reach the service ({_short(exc)})")
-    if isinstance(exc, (ksa_exc.Unauthorized, sdk_exc.ForbiddenException)):
+    if isinstance(exc, sdk_exc.ForbiddenException):
+        detail = (exc.details or exc.message or "").strip() or "HTTP 403"
+        return CloudError(f"{what}: refused by policy ({detail})", hint=SERVICE_USER_HINT)
+    if isinstance(exc, ksa_exc.Unauthorized):
         return CloudError(f"{what}: refused ({_short(exc)})", hint=CREDENTIALS_HINT)
     if isinstance(exc, sdk_exc.HttpException):
         status = exc.status_code or 0
@@ -162,6 +230,20 @@ def describe(exc: BaseException, what: str) -> VmmError:
     if isinstance(exc, (sdk_exc.SDKException, ksa_exc.ClientException)):
         return CloudError(f"{what}: {_short(exc)}")
     return CloudError(f"{what}: {type(exc).__name__}: {exc}")
+
+
+def neutron_error_type(exc: BaseException) -> str | None:
+    """The ``NeutronError.type`` of a Neutron error answer (``PortBindingError``, ...)."""
+    response = getattr(exc, "response", None)
+    if response is None:
+        return None
+    try:
+        body = response.json()
+    except Exception:  # not JSON: no type to tell
+        return None
+    error = body.get("NeutronError") if isinstance(body, dict) else None
+    kind = error.get("type") if isinstance(error, dict) else None
+    return str(kind) if kind else None
 
 
 def http_status(exc: BaseException) -> int | None:

@@ -4,7 +4,12 @@ With Nova (the default) the cloud is configured as for the openstack CLI:
 ``--os-cloud`` / ``OS_CLOUD`` name an entry of clouds.yaml, otherwise the
 ``OS_*`` variables of an openrc file describe it (``[openstack] cloud`` is
 the last fallback). The credentials need the admin role: Nova shows a
-server's host, and Neutron its port bindings, only to admins.
+server's host only to admins. Port bindings are Neutron's service business:
+under its default policy they need the ``service`` role (and a network's
+VNI the ``admin`` role), the rights of Nova's own service user. So, like
+Nova, the command uses the service user of ``[neutron]`` (written as in
+nova.conf) for every Neutron call of the directory when that section is
+set; otherwise the operator's credentials need both roles.
 
 With ``--libvirt-uri SOURCE --libvirt-uri DESTINATION`` the same flow
 drives a plain libvirt migration, for clouds without Nova; the directory
@@ -21,6 +26,7 @@ accepted the migration).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 from typing import Any
@@ -194,6 +200,8 @@ class MigrateWithNetworkCommand(Command):
             flow.run(args.server, args.host)
         finally:
             driver.close()
+            with contextlib.suppress(Exception):  # the service user's own connection
+                driver.directory.close()
         return 0
 
     @staticmethod
@@ -212,6 +220,7 @@ class MigrateWithNetworkCommand(Command):
         return cloud.connect(self._cloud_name(conf, args), region, group.api_timeout)
 
     def _neutron(self, conf: cfg.ConfigOpts, conn: Any) -> Any:
+        """The directory on Neutron, through ``[neutron]``'s service user when it is set."""
         from vmm_openstack import cloud
         from vmm_openstack.neutron import NeutronDirectory
 
@@ -221,8 +230,9 @@ class MigrateWithNetworkCommand(Command):
                 f"cloud {conn.vmm_label} has no network service (Neutron) in its catalog",
                 hint="use --libvirt-uri with --directory nva for a site without Neutron",
             )
+        service_user = cloud.connect_service_user(conf, group.api_timeout)
         return NeutronDirectory(
-            conn,
+            service_user or conn,
             nve_hosts=group.nve_hosts,
             poll_interval=group.poll_interval,
             note_level=logging.INFO,  # the progress display shows the notes

@@ -54,6 +54,26 @@ inactive binding: prestage only checks the port, commit moves it with a
 plain ``binding:host_id`` update, abort has nothing to undo. The directory
 says so once, in ``notes`` and the log.
 
+Rights. Under Neutron's default policy (the new RBAC defaults DevStack
+enforces) creating, activating and deleting a binding needs the ``service``
+role, listing bindings ``admin`` or ``service``, and reading a network's
+``provider:segmentation_id`` (the VNI) ``admin``; Neutron hides that
+attribute from others instead of refusing. The directory is therefore given
+the connection of a service user like Nova's (``[neutron]``, see
+options.py) when one is configured; a refusal names the role it lacks and
+how to get it, in one line.
+
+What the real Neutron does that shapes the code here: a host no mechanism
+driver can bind is answered ``500 PortBindingError`` (not a binding with
+``vif_type binding_failed``), which is a refusal naming the host, never a
+transient error to retry; bindings exist only for compute ports (others get
+``400``), so a port that no server owns is refused before anything is
+changed; activating a binding keeps the source's binding, INACTIVE and
+unbound, which the directory deletes after a commit of its own binding, as
+Nova does after a live migration (left there, it would look like a leftover
+to the next move back); and Neutron deletes even an ACTIVE binding when
+asked, so ``abort`` checks the status itself.
+
 Errors are the NVA's (NotFound, Conflict, Unauthorized, Unavailable), so
 the core's directory stages treat Neutron like the embedded NVA: an
 unreachable Neutron is retried, a refusal fails the stage.
@@ -66,7 +86,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 
 from vmm_openstack import cloud
 from vmm_openstack.directory import Nic
@@ -87,6 +107,14 @@ TAG = "vmm_migration_id"
 BINDING_EXTENDED = "binding-extended"
 #: A binding Neutron could not complete (no live agent there, no segment reachable).
 FAILED_VIF_TYPES = ("binding_failed", "unbound")
+#: Neutron's error type for a host no mechanism driver binds (answered with HTTP 500).
+BINDING_ERROR = "PortBindingError"
+#: The device_owner prefix of a server's ports: the only ports Neutron binds per host.
+COMPUTE_OWNER = "compute:"
+#: The roles Neutron's default policy asks for (neutron/conf/policies/port_bindings.py).
+SERVICE_ROLE = "service"
+ADMIN_OR_SERVICE = "admin or service"
+ADMIN_ROLE = "admin"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -150,6 +178,8 @@ class NeutronDirectory:
     ) -> None:
         self.conn = conn
         self.where = self._endpoint()
+        #: Whose credentials Neutron sees, for messages ("cloud NAME", "[neutron] USER").
+        self.who = str(getattr(conn, "vmm_label", None) or "these credentials")
         self.nve_hosts = dict(nve_hosts or {})
         self._nves = {host: nve for nve, host in self.nve_hosts.items()}
         self._in_flight = in_flight
@@ -173,7 +203,9 @@ class NeutronDirectory:
 
         options.register_opts(conf)
         group = conf[options.GROUP]
-        conn = cloud.connect(group.cloud, group.region_name, group.api_timeout)
+        conn = cloud.connect_service_user(conf, group.api_timeout) or cloud.connect(
+            group.cloud, group.region_name, group.api_timeout
+        )
         return cls(conn, nve_hosts=group.nve_hosts, poll_interval=group.poll_interval)
 
     def close(self) -> None:
@@ -193,13 +225,23 @@ class NeutronDirectory:
                 self.notes.append(text)
         LOG.log(self._note_level, "%s", text)
 
-    def _call(self, what: str, fn: Callable[[], T]) -> T:
-        """Run one SDK call; its failure becomes the NVA error of the same meaning."""
+    def _call(self, what: str, fn: Callable[[], T], role: str | None = None) -> T:
+        """Run one SDK call; its failure becomes the NVA error of the same meaning.
+
+        ``role``: what Neutron's default policy asks for this call; a 403 then
+        says so, and how to get it.
+        """
         try:
             return fn()
         except Exception as exc:
-            err = cloud.describe(exc, what)
             status = cloud.http_status(exc)
+            if status == 403 and role is not None:
+                raise nva_errors.Unauthorized(
+                    f"Neutron refused {what} for {self.who} (HTTP 403): under Neutron's "
+                    f"default policy it needs the {role} role",
+                    hint=cloud.SERVICE_USER_HINT,
+                ) from exc
+            err = cloud.describe(exc, what)
             kind: type[nva_errors.NvaError]
             if isinstance(err, cloud.CloudUnavailable):
                 kind = nva_errors.Unavailable
@@ -249,6 +291,14 @@ class NeutronDirectory:
                 f"reading network {network_id}",
                 lambda: self.conn.network.get_network(network_id),
             )
+            if net.provider_network_type is None and net.provider_segmentation_id is None:
+                # Neutron hides the provider attributes from non-admins rather than refusing.
+                raise nva_errors.Unauthorized(
+                    f"Neutron hides the provider attributes of network {net.name or net.id} "
+                    f"from {self.who}: reading provider:segmentation_id (the VNI) needs the "
+                    f"{ADMIN_ROLE} role",
+                    hint=cloud.SERVICE_USER_HINT,
+                )
             cached = {
                 "id": net.id,
                 "name": net.name or net.id,
@@ -259,7 +309,20 @@ class NeutronDirectory:
                 self._networks[network_id] = cached
         return cached
 
+    @staticmethod
+    def _owned_by_a_server(port: Any) -> None:
+        """Refuse a port no server owns: Neutron binds only compute ports per host (400)."""
+        owner = port.device_owner or ""
+        if not owner.startswith(COMPUTE_OWNER):
+            raise nva_errors.BadRequest(
+                f"port {port.id} (MAC {normalize_mac(port.mac_address)}) is not a server's "
+                f"port (device_owner {owner or 'empty'}): Neutron binds only compute ports "
+                "to a host",
+                hint="only a server's ports move with it; check the MAC in the domain XML",
+            )
+
     def _nic(self, port: Any) -> Nic | None:
+        self._owned_by_a_server(port)
         net = self._network(port.network_id)
         if net["vni"] is None:
             return None
@@ -286,8 +349,8 @@ class NeutronDirectory:
                 net = self._network(port.network_id)
                 raise nva_errors.BadRequest(
                     f"port {port.id} is on network {net['name']}, which has no segmentation "
-                    f"ID ({net['type'] or 'no provider attributes'}): it has no VNI to follow",
-                    hint="the credentials need the admin role to read provider attributes",
+                    f"ID ({net['type']}): it has no VNI to follow",
+                    hint="only networks with a segmentation ID (vxlan, geneve, vlan) follow a VM",
                 )
             nics.append(nic)
         return nics
@@ -311,6 +374,7 @@ class NeutronDirectory:
         found = [p for p in ports if self._network(p.network_id)["vni"] == vni]
         if not found:
             raise nva_errors.NotFound(f"no Neutron port with MAC {mac} on a network with VNI {vni}")
+        self._owned_by_a_server(found[0])
         return found[0]
 
     def _get_port(self, port_id: str) -> Any:
@@ -320,13 +384,43 @@ class NeutronDirectory:
         return self._call(
             f"listing the bindings of port {port_id}",
             lambda: list(self.conn.network.port_bindings(port_id)),
+            role=ADMIN_OR_SERVICE,
         )
 
     def _delete_binding(self, port_id: str, host: str) -> None:
         self._call(
             f"deleting the binding of port {port_id} on {host}",
             lambda: self.conn.network.delete_port_binding(port_id, host, ignore_missing=True),
+            role=SERVICE_ROLE,
         )
+
+    def _create_binding(self, port: Any, host: str, migration_id: str) -> Any:
+        """An INACTIVE binding of ``port`` on ``host``; a host nothing binds is refused.
+
+        Neutron answers a host that no mechanism driver can bind (no live
+        agent there, no segment it reaches) with ``500 PortBindingError``
+        and keeps nothing: that is a refusal naming the host, not a fault
+        to retry.
+        """
+        what = f"binding port {port.id} on {host} (inactive)"
+        try:
+            return self.conn.network.create_port_binding(
+                port.id,
+                host=host,
+                vnic_type=port.binding_vnic_type or "normal",
+                profile={**dict(port.binding_profile or {}), TAG: migration_id},
+            )
+        except Exception as exc:
+            if cloud.neutron_error_type(exc) == BINDING_ERROR:
+                net = self._network(port.network_id)
+                raise nva_errors.Conflict(
+                    f"Neutron cannot bind port {port.id} on host {host}: no mechanism driver "
+                    f"binds it there ({BINDING_ERROR})",
+                    hint=f"is an L2 agent alive on {host}, and does it reach network "
+                    f"{net['name']}? `openstack network agent list --host {host}`",
+                ) from exc
+            failure: BaseException = exc
+        return self._call(what, lambda: _reraise(failure), role=SERVICE_ROLE)
 
     def _flights(self, device_id: str) -> list[InFlight] | None:
         """Nova's in-progress migrations of the port's server; None when unknowable."""
@@ -442,15 +536,7 @@ class NeutronDirectory:
             self.expect(vni, mac, nve, migration_id)
             return base | {"adopted": True, "binding": None}
         cleaned = [] if flights else self._clean(port, inactive)
-        binding = self._call(
-            f"binding port {port.id} on {host} (inactive)",
-            lambda: self.conn.network.create_port_binding(
-                port.id,
-                host=host,
-                vnic_type=port.binding_vnic_type or "normal",
-                profile={**dict(port.binding_profile or {}), TAG: migration_id},
-            ),
-        )
+        binding = self._create_binding(port, host, migration_id)
         if binding.vif_type in FAILED_VIF_TYPES:
             self._delete_binding(port.id, host)
             net = self._network(port.network_id)
@@ -541,16 +627,20 @@ class NeutronDirectory:
                     self._call(
                         f"activating the binding of port {pending.port_id} on {host}",
                         lambda: self.conn.network.activate_port_binding(pending.port_id, host),
+                        role=SERVICE_ROLE,
                     )
                     activated = True
                 except nva_errors.Conflict:
                     activated = False  # activated meanwhile (by Nova): the same outcome
+            if pending.created:
+                self._drop_source(pending, bindings)
         else:
             port = self._get_port(pending.port_id)
             if port.binding_host_id != host:
                 self._call(
                     f"moving port {pending.port_id} to {host} (binding:host_id)",
                     lambda: self.conn.network.update_port(pending.port_id, binding_host_id=host),
+                    role=ADMIN_OR_SERVICE,
                 )
                 activated = True
         port = self._get_port(pending.port_id)
@@ -578,6 +668,21 @@ class NeutronDirectory:
             "committed_at": committed_at,
             "activated": activated,
         }
+
+    def _drop_source(self, pending: _Pending, before: Mapping[str, Any]) -> None:
+        """Delete the source's binding, left INACTIVE by the activation, as Nova does
+        after a live migration; a failure is only noted (the move itself is done)."""
+        source = pending.source
+        if not source or source == pending.host or source not in before:
+            return
+        try:
+            for binding in self._bindings(pending.port_id):
+                if binding.host == source and binding.status != "ACTIVE":
+                    self._delete_binding(pending.port_id, source)
+        except nva_errors.NvaError as exc:
+            self._note(
+                f"the old binding of port {pending.port_id} on {source} stays: {exc.message}"
+            )
 
     def abort(self, vni: int, mac: str, migration_id: str) -> dict[str, Any]:
         """Delete the destination's inactive binding; never an active one. Repeats are harmless.
@@ -667,6 +772,10 @@ class NeutronDirectory:
     def health(self) -> dict[str, Any]:
         """``{"binding_extended": bool}`` when Neutron answers."""
         return {"binding_extended": self.binding_extended}
+
+
+def _reraise(exc: BaseException) -> NoReturn:
+    raise exc
 
 
 def _binding_dict(binding: Any) -> dict[str, Any]:

@@ -1,0 +1,412 @@
+"""Real Keystone and real Neutron from PyPI, started on 127.0.0.1 for the tests.
+
+The services live in their own virtual environment, ``.venv-openstack``
+(``scripts/setup-openstack.sh`` installs it; ``RealCloud.start`` runs that
+script, which returns at once when it is done), so that their pinned
+dependencies never meet the product's ``.venv``. They run as subprocesses of
+that environment's python; the product under test reaches them over HTTP
+with openstacksdk, exactly as in a cloud.
+
+How they are set up, as DevStack does where it matters:
+
+* Keystone with Fernet tokens, SQLite, ``keystone-manage bootstrap``
+  (admin user and project, the admin/manager/member/reader/service roles,
+  the identity endpoints), new RBAC defaults enforced;
+* Neutron (``neutron.wsgi.api``, which DevStack serves under uWSGI) with
+  ML2 (flat and vxlan), ``transport_url = fake:/`` (no message bus: no
+  real agent listens), keystonemiddleware in front, new RBAC defaults
+  enforced, the default policy. Its SQLite schema is created the way
+  Neutron's own unit tests do (all models, ``create_all``), because
+  ``neutron-db-manage`` cannot ALTER constraints on SQLite;
+* users as DevStack makes them: ``admin`` (admin role on project admin,
+  DevStack's ``devstack-admin`` cloud), ``nova`` (service and admin roles
+  on project service, the user of nova.conf's ``[neutron]`` section),
+  ``neutron`` (service role, for keystonemiddleware), plus ``binder``
+  (service role only) and ``demo`` (member of project demo);
+* the per-host L2 agents are the stand-in of ``standin_agent.py``: hosts
+  ``cmp1``, ``cmp2``, ``cmp3`` bind and wire ports, ``cmp-stuck`` binds
+  but never wires, any other host cannot be bound.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import os
+import shutil
+import signal
+import subprocess
+import tempfile
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[2]
+HERE = Path(__file__).resolve().parent
+VENV = ROOT / ".venv-openstack"
+PASSWORD = "secret-admin"
+SERVICE_PASSWORD = "secret-service"
+REGION = "RegionOne"
+
+#: Hosts whose stand-in agent binds and wires ports; binds but never wires.
+WIRING_HOSTS = ("cmp1", "cmp2", "cmp3")
+STUCK_HOST = "cmp-stuck"
+WIRE_DELAY = 0.3
+
+
+class StartError(RuntimeError):
+    """A service did not come up; the message holds the end of its log."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Credentials:
+    """One Keystone user as clouds.yaml / an openrc describes it."""
+
+    username: str
+    password: str
+    project: str
+
+    def auth(self, auth_url: str) -> dict[str, str]:
+        return {
+            "auth_url": auth_url,
+            "username": self.username,
+            "password": self.password,
+            "project_name": self.project,
+            "user_domain_name": "Default",
+            "project_domain_name": "Default",
+        }
+
+
+ADMIN = Credentials("admin", PASSWORD, "admin")
+NOVA = Credentials("nova", SERVICE_PASSWORD, "service")
+BINDER = Credentials("binder", SERVICE_PASSWORD, "service")
+DEMO = Credentials("demo", PASSWORD, "demo")
+
+
+def _log_tail(path: Path, lines: int = 25) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return "(no log)"
+
+
+class RealCloud:
+    """Keystone + Neutron for one pytest session (``start`` / ``stop``)."""
+
+    def __init__(self, workdir: Path) -> None:
+        self.dir = workdir
+        self.python = str(VENV / "bin" / "python")
+        self.procs: list[tuple[str, subprocess.Popen[bytes], Path]] = []
+        self.keystone_url = ""
+        self.neutron_url = ""
+        self.timings: dict[str, float] = {}
+
+    # ----------------------------------------------------------- set-up
+
+    def start(self) -> None:
+        t0 = time.monotonic()
+        subprocess.run(["bash", str(ROOT / "scripts" / "setup-openstack.sh")], check=True)
+        self.timings["install"] = time.monotonic() - t0
+        t1 = time.monotonic()
+        self._keystone()
+        self._identities()
+        self._neutron()
+        self.timings["start"] = time.monotonic() - t1
+
+    def stop(self) -> None:
+        for _name, proc, _log in reversed(self.procs):
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        for _name, proc, _log in self.procs:
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        self.procs.clear()
+
+    def _run(self, what: str, args: list[str], env: dict[str, str] | None = None) -> None:
+        log = self.dir / f"{what}.log"
+        with log.open("ab") as out:
+            done = subprocess.run(
+                args, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=self.dir, check=False
+            )
+        if done.returncode != 0:
+            raise StartError(f"{what} failed ({done.returncode}):\n{_log_tail(log)}")
+
+    def _serve(self, name: str, target: str, env: dict[str, str]) -> str:
+        """Start ``serve_wsgi.py`` for ``target``; its URL once it listens and answers."""
+        import requests
+
+        port_file = self.dir / f"{name}.port"
+        log = self.dir / f"{name}.log"
+        out = log.open("ab")
+        proc = subprocess.Popen(
+            [self.python, str(HERE / "serve_wsgi.py"), target, str(port_file)],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env=env,
+            cwd=self.dir,
+            start_new_session=True,
+        )
+        out.close()
+        self.procs.append((name, proc, log))
+        deadline = time.monotonic() + 120
+        while not port_file.exists():
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise StartError(f"{name} did not start:\n{_log_tail(log)}")
+            time.sleep(0.05)
+        url = f"http://127.0.0.1:{port_file.read_text().strip()}"
+        while True:
+            try:
+                requests.get(url + "/", timeout=5)
+                return url
+            except requests.RequestException:
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    raise StartError(f"{name} does not answer:\n{_log_tail(log)}") from None
+                time.sleep(0.05)
+
+    def _env(self, **extra: str) -> dict[str, str]:
+        env = {
+            k: v
+            for k, v in os.environ.items()
+            if not k.startswith(("OS_", "PYTHON", "VIRTUAL_ENV"))
+        }
+        env.update(extra)
+        return env
+
+    def _keystone(self) -> None:
+        d = self.dir / "keystone"
+        d.mkdir()
+        conf = d / "keystone.conf"
+        conf.write_text(
+            f"""[DEFAULT]
+debug = false
+[database]
+connection = sqlite:///{d}/keystone.db
+[token]
+provider = fernet
+[fernet_tokens]
+key_repository = {d}/fernet-keys
+[fernet_receipts]
+key_repository = {d}/fernet-keys
+[credential]
+key_repository = {d}/credential-keys
+[oslo_policy]
+enforce_new_defaults = true
+"""
+        )
+        manage = [str(VENV / "bin" / "keystone-manage"), "--config-file", str(conf)]
+        env = self._env()
+        t = time.monotonic()
+        self._run("keystone-db-sync", [*manage, "db_sync"], env)
+        self.timings["keystone db_sync"] = time.monotonic() - t
+        for step in ("fernet_setup", "credential_setup"):
+            self._run(
+                f"keystone-{step}",
+                [*manage, step, "--keystone-user", "root", "--keystone-group", "root"],
+                env,
+            )
+        self.keystone_url = self._serve(
+            "keystone", "keystone.wsgi.api:application", self._env(OS_KEYSTONE_CONFIG_FILES=str(conf))
+        )
+        url = self.auth_url
+        self._run(
+            "keystone-bootstrap",
+            [
+                *manage,
+                "bootstrap",
+                "--bootstrap-password",
+                PASSWORD,
+                "--bootstrap-region-id",
+                REGION,
+                "--bootstrap-admin-url",
+                url,
+                "--bootstrap-public-url",
+                url,
+                "--bootstrap-internal-url",
+                url,
+            ],
+            env,
+        )
+
+    @property
+    def auth_url(self) -> str:
+        return f"{self.keystone_url}/v3"
+
+    def connect(self, who: Credentials = ADMIN) -> Any:
+        """An openstacksdk Connection as ``who`` (the product's own library)."""
+        import openstack
+
+        return openstack.connect(
+            auth=who.auth(self.auth_url),
+            region_name=REGION,
+            identity_api_version="3",
+            load_yaml_config=False,
+            load_envvars=False,
+        )
+
+    def _identities(self) -> None:
+        conn = self.connect(ADMIN)
+        try:
+            for project in ("service", "demo"):
+                conn.identity.create_project(name=project, domain_id="default")
+            users = {
+                "nova": (SERVICE_PASSWORD, "service", ("service", "admin")),
+                "neutron": (SERVICE_PASSWORD, "service", ("service",)),
+                "binder": (SERVICE_PASSWORD, "service", ("service",)),
+                "demo": (PASSWORD, "demo", ("member",)),
+            }
+            for name, (password, project, roles) in users.items():
+                conn.identity.create_user(name=name, password=password, domain_id="default")
+                for role in roles:
+                    conn.grant_role(role, user=name, project=project, domain="default")
+        finally:
+            conn.close()
+
+    def _neutron(self) -> None:
+        d = self.dir / "neutron"
+        d.mkdir()
+        (d / "lock").mkdir()
+        db = d / "neutron.db"
+        conf = d / "neutron.conf"
+        paste = VENV / "etc" / "neutron" / "api-paste.ini"
+        conf.write_text(
+            f"""[DEFAULT]
+debug = false
+host = neutron-api
+core_plugin = ml2
+service_plugins =
+auth_strategy = keystone
+transport_url = fake:/
+state_path = {d}
+api_paste_config = {paste}
+notify_nova_on_port_status_changes = false
+notify_nova_on_port_data_changes = false
+[database]
+connection = sqlite:///{db}
+[keystone_authtoken]
+www_authenticate_uri = {self.auth_url}
+auth_url = {self.auth_url}
+auth_type = password
+username = neutron
+password = {SERVICE_PASSWORD}
+user_domain_name = Default
+project_name = service
+project_domain_name = Default
+[oslo_policy]
+enforce_new_defaults = true
+[oslo_concurrency]
+lock_path = {d}/lock
+[ml2]
+type_drivers = flat,vxlan
+tenant_network_types = vxlan
+mechanism_drivers = standin_agent
+extension_drivers = port_security
+[ml2_type_vxlan]
+vni_ranges = 1001:1999
+[ml2_type_flat]
+flat_networks = physnet1
+[standin_agent]
+hosts = {",".join(WIRING_HOSTS)}
+never_wire = {STUCK_HOST}
+wire_delay = {WIRE_DELAY}
+"""
+        )
+        # The stand-in agent's entry point, without installing a package: a
+        # distribution's metadata on PYTHONPATH is what importlib.metadata reads.
+        site = d / "site"
+        dist = site / "vmm_standin_agent-1.0.dist-info"
+        dist.mkdir(parents=True)
+        (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: vmm-standin-agent\nVersion: 1.0\n")
+        (dist / "entry_points.txt").write_text(
+            "[neutron.ml2.mechanism_drivers]\nstandin_agent = standin_agent:StandInAgentDriver\n"
+        )
+        env = self._env(
+            OS_NEUTRON_CONFIG_FILES=str(conf),
+            OS_NEUTRON_CONFIG_DIR="/",
+            PYTHONPATH=f"{site}{os.pathsep}{HERE}",
+        )
+        t = time.monotonic()
+        self._run(
+            "neutron-schema",
+            [
+                self.python,
+                "-c",
+                "import sys, sqlalchemy\n"
+                "from neutron.db.migration.models import head  # noqa: every model\n"
+                "from neutron_lib.db import model_base\n"
+                "engine = sqlalchemy.create_engine(sys.argv[1])\n"
+                "model_base.BASEV2.metadata.create_all(engine)\n",
+                f"sqlite:///{db}",
+            ],
+            env,
+        )
+        self.timings["neutron schema"] = time.monotonic() - t
+        self.neutron_url = self._serve("neutron", "neutron.wsgi.api:application", env)
+        conn = self.connect(ADMIN)
+        try:
+            service = conn.identity.create_service(name="neutron", type="network")
+            for interface in ("public", "internal", "admin"):
+                conn.identity.create_endpoint(
+                    service_id=service.id,
+                    interface=interface,
+                    url=self.neutron_url,
+                    region_id=REGION,
+                )
+        finally:
+            conn.close()
+
+    # ---------------------------------------------------------- for tests
+
+    def clouds_yaml(self, path: Path, **entries: Credentials) -> Path:
+        """A clouds.yaml with one entry per keyword (JSON is valid YAML)."""
+        clouds = {
+            name: {"auth": who.auth(self.auth_url), "region_name": REGION, "identity_api_version": 3}
+            for name, who in entries.items()
+        }
+        path.write_text(json.dumps({"clouds": clouds}, indent=2))
+        return path
+
+    def env(self, who: Credentials = ADMIN) -> dict[str, str]:
+        """The OS_* variables of an openrc for ``who``."""
+        return {
+            "OS_AUTH_URL": self.auth_url,
+            "OS_USERNAME": who.username,
+            "OS_PASSWORD": who.password,
+            "OS_PROJECT_NAME": who.project,
+            "OS_USER_DOMAIN_NAME": "Default",
+            "OS_PROJECT_DOMAIN_NAME": "Default",
+            "OS_REGION_NAME": REGION,
+            "OS_IDENTITY_API_VERSION": "3",
+        }
+
+    def neutron_section(self, who: Credentials = NOVA) -> str:
+        """vmm-orchestrator.conf's ``[neutron]``, as nova.conf's is written by DevStack."""
+        return (
+            "[neutron]\n"
+            "auth_type = password\n"
+            f"auth_url = {self.auth_url}\n"
+            f"username = {who.username}\n"
+            f"password = {who.password}\n"
+            "user_domain_name = Default\n"
+            f"project_name = {who.project}\n"
+            "project_domain_name = Default\n"
+            f"region_name = {REGION}\n"
+        )
+
+
+@contextlib.contextmanager
+def running_cloud() -> Iterator[RealCloud]:
+    """A started RealCloud in a fresh directory; everything stopped and removed after."""
+    workdir = Path(tempfile.mkdtemp(prefix=f"vmm-os-{uuid.uuid4().hex[:6]}-"))
+    cloud = RealCloud(workdir)
+    try:
+        cloud.start()
+        yield cloud
+    finally:
+        cloud.stop()
+        shutil.rmtree(workdir, ignore_errors=True)
