@@ -309,7 +309,9 @@ class NvaCommand(Command):
                     f"[nva] database: directory {directory} is not writable",
                     hint="fix its permissions or point [nva] database elsewhere",
                 )
-        store = NvaStore(database) if opts.backend == "embedded" else open_store(conf)
+        store = (
+            NvaStore.from_conf(conf, database) if opts.backend == "embedded" else open_store(conf)
+        )
         try:
             server = NvaServer.from_conf(conf, store=store)
             server.start()  # binds, or raises ConfigError naming bind_host/bind_port

@@ -39,8 +39,17 @@ from vmm_etcd.watch import WatchStream
 from vmm_orchestrator.nva import store as core
 from vmm_orchestrator.nva.errors import Conflict, NotFound, NvaError
 from vmm_orchestrator.nva.store import (
+    CHANGE_LOG_KEEP,
+    MobilityPolicy,
     StoreFront,
+    check_movable,
     check_vni,
+    decide_move,
+    frozen_error,
+    gone,
+    membership_changes,
+    nve_busy,
+    same_endpoint,
 )
 
 T = TypeVar("T")
@@ -60,12 +69,29 @@ PUBLIC_FIELDS = (
     "last_migration_id",
     "revision",
     "updated_at",
+    "sticky",
+    "frozen",
+    "frozen_at",
+    "frozen_reason",
+    "moves",
 )
+
+#: Mobility fields of an endpoint stored before they existed.
+_MOBILITY_DEFAULTS: dict[str, Any] = {
+    "sticky": False,
+    "frozen_at": None,
+    "frozen_reason": None,
+    "moves": [],
+    "last_planned": None,
+}
 
 
 def public(endpoint: dict[str, Any]) -> dict[str, Any]:
     """The endpoint as the API shows it."""
-    return {name: endpoint.get(name) for name in PUBLIC_FIELDS}
+    full = {**_MOBILITY_DEFAULTS, **endpoint}
+    full["frozen"] = full["frozen_at"] is not None
+    full["sticky"] = bool(full["sticky"])
+    return {name: full.get(name) for name in PUBLIC_FIELDS}
 
 
 def ack_value(revision: int, at: float | None) -> str:
@@ -109,10 +135,18 @@ class EtcdNvaStore(StoreFront):
         *,
         max_txn_ops: int = 128,
         owns_kv: bool = True,
+        mobility: MobilityPolicy | None = None,
+        keep_changes: int = CHANGE_LOG_KEEP,
     ) -> None:
         self.kv = kv
         self.keys = Keys(prefix)
         self.max_txn_ops = max_txn_ops
+        if mobility is not None:
+            self.mobility = mobility
+        self.keep_changes = max(1, keep_changes)
+        #: The key holding the revision up to which the change log was pruned.
+        self.pruned_key = f"{self.keys.prefix}pruned"
+        self._pruned_seen = 0
         self._owns_kv = owns_kv
         # Operations that record changes all compete for the revision key; inside one
         # process they wait their turn here instead of losing races in etcd.
@@ -170,6 +204,66 @@ class EtcdNvaStore(StoreFront):
     def _committed(self, tx: Tx) -> None:
         if tx.new_revision is not None:
             self._last_revision = max(self._last_revision, tx.new_revision)
+            self._prune(tx.new_revision)
+
+    @property
+    def pruned_revision(self) -> int:
+        """Changes up to this revision are no longer in the log (0: nothing pruned)."""
+        self._check_open()
+        found = self.kv.read(kvmod.get(self.pruned_key), what="read the pruned revision").one(0)
+        self._pruned_seen = int(found.value) if found is not None else 0
+        return self._pruned_seen
+
+    def _prune(self, revision: int) -> None:
+        """Keep the newest ``keep_changes`` changes, pruning in batches of a tenth of that.
+
+        The floor is raised first, then the older changes of every served VN
+        are deleted: a reader either sees the new floor (and is told to
+        re-sync) or reads a log that still has what it asks for.
+        """
+        floor = revision - self.keep_changes
+        if floor - self._pruned_seen < max(1, self.keep_changes // 10):
+            return
+        if floor - self.pruned_revision < max(1, self.keep_changes // 10):
+            return  # another process pruned already
+        answer = self.kv.txn(
+            [kvmod.cmp_value(self.pruned_key, "LESS", pad(floor))],
+            [kvmod.put(self.pruned_key, pad(floor))],
+            what="raise the pruned revision",
+        )
+        if not answer.succeeded and self.pruned_revision >= floor:
+            return
+        if not answer.succeeded:  # no floor key yet: create it
+            self.kv.txn(
+                [kvmod.cmp_mod(self.pruned_key, 0)],
+                [kvmod.put(self.pruned_key, pad(floor))],
+                what="set the pruned revision",
+            )
+        vnis = sorted(
+            {
+                vni
+                for item in self.kv.read(kvmod.get_prefix(self.keys.nves), what="list NVEs").kvs(0)
+                for vni in json.loads(item.value)["vnis"]
+            }
+            | {
+                int(key.key[len(self.keys.changes) :].split("/")[0])
+                for key in self.kv.read(
+                    kvmod.get_prefix(self.keys.changes, limit=1), what="read the change log"
+                ).kvs(0)
+            }
+        )
+        deletes = [
+            {
+                "request_delete_range": {
+                    "key": kvmod.b64(self.keys.vn_changes(vni)),
+                    "range_end": kvmod.b64(self.keys.change(vni, floor + 1)),
+                }
+            }
+            for vni in vnis
+        ]
+        for start in range(0, len(deletes), self.max_txn_ops):
+            self.kv.txn(success=deletes[start : start + self.max_txn_ops], what="prune changes")
+        self._pruned_seen = floor
 
     @contextlib.contextmanager
     def _watch(self, key: str, start_revision: int, prefix: bool = False) -> Iterator[WatchStream]:
@@ -207,8 +301,7 @@ class EtcdNvaStore(StoreFront):
         endpoint = tx.get_json(self.keys.endpoint(vni, mac))
         if endpoint is None:
             raise NotFound(f"no endpoint {mac} in VNI {vni}")
-        result: dict[str, Any] = endpoint
-        return result
+        return {**_MOBILITY_DEFAULTS, **endpoint}
 
     def _put_endpoint(self, tx: Tx, endpoint: dict[str, Any], **fields: Any) -> dict[str, Any]:
         """Write ``endpoint`` with ``fields`` changed; returns the stored form."""
@@ -238,14 +331,40 @@ class EtcdNvaStore(StoreFront):
         def decide(tx: Tx) -> dict[str, Any]:
             old, ack = tx.get(self.keys.nve(nve_id), self.keys.ack(nve_id))
             record = {"id": nve_id, "vtep": vtep_ip, "vnis": vni_list}
+            before = json.loads(old.value) if old is not None else None
+            if before == record and ack is not None:
+                return nve_dict(record, ack.value)  # a restarting agent: nothing changes
             tx.put_json(self.keys.nve(nve_id), record)
             if ack is None:
                 tx.put(self.keys.ack(nve_id), ack_value(0, None))
-            if old is not None and json.loads(old.value)["vtep"] != vtep_ip:
+            for vni, payload in membership_changes(before, record):
+                self._record(tx, vni, "nve", payload, tx.next_revision())
+            if before is not None and before["vtep"] != vtep_ip:
                 self._announce_vtep_change(tx, nve_id, vtep_ip)
             return nve_dict(record, ack.value if ack is not None else None)
 
         return self._run(f"register NVE {nve_id}", decide, changes=True)
+
+    def _do_delete_nve(self, nve_id: str) -> dict[str, Any]:
+        def decide(tx: Tx) -> dict[str, Any]:
+            tx.get(self.keys.nve(nve_id), self.keys.ack(nve_id), self.keys.revision)
+            record = self._nve(tx, nve_id)
+            busy = []
+            for item in tx.scan(self.keys.endpoints):
+                endpoint = json.loads(item.value)
+                tx.expect(item)
+                if nve_id in (endpoint["nve"], endpoint.get("pending_nve")):
+                    busy.append((endpoint["vni"], endpoint["mac"]))
+            if busy:
+                raise nve_busy(nve_id, busy)
+            ack = tx.get(self.keys.ack(nve_id))[0]
+            tx.delete(self.keys.nve(nve_id))
+            tx.delete(self.keys.ack(nve_id))
+            for vni, payload in membership_changes(record, None):
+                self._record(tx, vni, "nve", payload, tx.next_revision())
+            return nve_dict(record, ack.value if ack is not None else None)
+
+        return self._run(f"delete NVE {nve_id}", decide, changes=True)
 
     def _announce_vtep_change(self, tx: Tx, nve_id: str, vtep: str) -> None:
         """Peers tunnel to the VTEP, so each endpoint behind a moved VTEP is a change."""
@@ -284,14 +403,14 @@ class EtcdNvaStore(StoreFront):
     # ----------------------------------------------------------- endpoints
 
     def _do_create_endpoint(
-        self, vni: int, mac: str, v4: list[str], v6: list[str], nve: str
+        self, vni: int, mac: str, v4: list[str], v6: list[str], nve: str, sticky: bool
     ) -> tuple[dict[str, Any], bool]:
         def decide(tx: Tx) -> tuple[dict[str, Any], bool]:
             tx.get(self.keys.endpoint(vni, mac), self.keys.nve(nve), self.keys.revision)
             record = self._serving_nve(tx, nve, vni)
             existing = tx.get_json(self.keys.endpoint(vni, mac))
             if existing is not None:
-                if (existing["ipv4"], existing["ipv6"], existing["nve"]) == (v4, v6, nve):
+                if same_endpoint(public(existing), v4, v6, nve, sticky):
                     return public(existing), False
                 raise Conflict(
                     f"endpoint {mac} in VNI {vni} already exists with other addresses or NVE "
@@ -316,6 +435,8 @@ class EtcdNvaStore(StoreFront):
                 "revision": revision,
                 "last_commit_revision": None,
                 "committed_at": None,
+                **_MOBILITY_DEFAULTS,
+                "sticky": sticky,
             }
             stored = self._put_endpoint(tx, endpoint)
             for ip in v4 + v6:
@@ -400,6 +521,7 @@ class EtcdNvaStore(StoreFront):
             self._serving_nve(tx, nve, vni)
             if core.prestage_is_done(row, vni, mac, nve, migration_id):
                 return public(row)
+            check_movable(row, vni, mac, "pre-stage")
             self._check_addresses(tx, vni, mac, row["ipv4"] + row["ipv6"])
             target = tx.get(self.keys.nve(nve))[0]
             assert target is not None  # _serving_nve read it
@@ -441,9 +563,15 @@ class EtcdNvaStore(StoreFront):
             vtep = self._nve(tx, row["pending_nve"])["vtep"]
         revision = tx.next_revision()
         committed_at = time.time()
+        mobility: dict[str, Any] = {}
+        if row["pending_nve"] != row["nve"]:  # not already moved there by its first frame
+            mobility = decide_move(
+                row, row["pending_nve"], committed_at, self.mobility, row["migration_id"]
+            ).fields
         stored = self._put_endpoint(
             tx,
             row,
+            **mobility,
             nve=row["pending_nve"],
             vtep=vtep,
             seq=row["seq"] + 1,
@@ -484,16 +612,44 @@ class EtcdNvaStore(StoreFront):
             tx.get(self.keys.endpoint(vni, mac), self.keys.nve(nve), self.keys.revision)
             row = self._endpoint(tx, vni, mac)
             record = self._serving_nve(tx, nve, vni)
+            frozen.clear()  # from an attempt that lost a race
             if core.move_is_done(row, vni, mac, nve, seq):
+                return public(row)
+            check_movable(row, vni, mac, f"move to {nve}")
+            decision = decide_move(row, nve, time.time(), self.mobility)
+            if decision.freeze:
+                self._put_endpoint(tx, row, **decision.fields)
+                frozen.append((row["nve"], decision.reason or ""))
                 return public(row)
             revision = tx.next_revision()
             stored = self._put_endpoint(
-                tx, row, nve=nve, vtep=record["vtep"], seq=row["seq"] + 1, revision=revision
+                tx,
+                row,
+                **decision.fields,
+                nve=nve,
+                vtep=record["vtep"],
+                seq=row["seq"] + 1,
+                revision=revision,
             )
             self._record(tx, vni, "endpoint", {"endpoint": public(stored)}, revision)
             return public(stored)
 
-        return self._run(f"move {mac} in VNI {vni}", decide, changes=True)
+        frozen: list[tuple[str, str]] = []
+        result = self._run(f"move {mac} in VNI {vni}", decide, changes=True)
+        if frozen:
+            at, reason = frozen[-1]
+            raise frozen_error(vni, mac, at, reason)
+        return result
+
+    def _do_release(self, vni: int, mac: str) -> dict[str, Any]:
+        def decide(tx: Tx) -> dict[str, Any]:
+            row = self._endpoint(tx, vni, mac)
+            stored = self._put_endpoint(
+                tx, row, frozen_at=None, frozen_reason=None, moves=[], last_planned=None
+            )
+            return public(stored)
+
+        return self._run(f"release {mac} in VNI {vni}", decide, changes=False)
 
     def _do_expire(self, vni: int, mac: str, targets: list[str]) -> dict[str, Any]:
         def decide(tx: Tx) -> dict[str, Any]:
@@ -552,7 +708,11 @@ class EtcdNvaStore(StoreFront):
                 )
                 for vni in vnis
             ]
-            answer = self.kv.read(*requests_, what="read the change log")
+            answer = self.kv.read(
+                *requests_,
+                kvmod.get(self.pruned_key, etcd_revision),
+                what="read the change log",
+            )
             etcd_revision = etcd_revision or answer.revision
             counter = answer.one(0)
             current = int(counter.value) if counter is not None else 0
@@ -562,6 +722,10 @@ class EtcdNvaStore(StoreFront):
                     f"since={since} is ahead of the directory's revision {current}",
                     hint="the directory was reset: resynchronize from a full endpoint list",
                 )
+            floor = answer.one(len(requests_))
+            pruned = int(floor.value) if floor is not None else 0
+            if cursor < pruned:  # read at the same etcd revision as the log itself
+                raise gone(since, pruned)
             # A VN whose range hit the limit is known only up to its last change read.
             bound = current
             found: list[dict[str, Any]] = []

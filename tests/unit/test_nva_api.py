@@ -211,7 +211,7 @@ def test_slow_server_is_unavailable(server: NvaServer, client: NvaClient) -> Non
 
 
 def test_stopped_server_is_unavailable(server: NvaServer, client: NvaClient) -> None:
-    assert client.health() == {"revision": 0}
+    assert client.health() == {"revision": server.store.revision}
     server.stop()
     with pytest.raises(Unavailable):
         client.health()
@@ -281,10 +281,11 @@ def test_watch_long_polls_and_acks_wait(client: NvaClient) -> None:
 
 def test_watch_timeout_is_capped_by_the_server(server: NvaServer, client: NvaClient) -> None:
     server._api.watch_max_timeout = 0.2
+    start = server.store.revision  # after the fixture's NVE registrations
     started = time.monotonic()
-    revision, changes = client.watch("host-a", 0, timeout=30.0)
+    revision, changes = client.watch("host-a", start, timeout=30.0)
     assert time.monotonic() - started < 2.0
-    assert (revision, changes) == (0, [])
+    assert (revision, changes) == (start, [])
 
 
 def test_client_from_conf(server: NvaServer) -> None:
@@ -314,6 +315,11 @@ def test_options_have_help_and_secret_token() -> None:
         "backend",
         "max_body_bytes",
         "watch_max_timeout",
+        "mac_move_limit",
+        "mac_move_window",
+        "migration_grace",
+        "change_log_keep",
+        "max_json_depth",
     }
     assert all(len(opt.help or "") > 30 for opt in options.NVA_OPTS)
     assert by_name["token"].secret is True

@@ -253,22 +253,23 @@ def test_failed_operation_does_not_consume_a_revision(store: NvaStore) -> None:
 
 
 def test_watch_returns_only_the_nves_vnis_and_its_targeted_changes(store: NvaStore) -> None:
+    start = store.revision  # after the fixture's NVE registrations
     store.add_endpoint(OTHER_VNI, MAC2, ["10.1.0.2"], [], "host-c")
     _add(store)
     store.expire(VNI, MAC, ["host-a"])
     store.expire(VNI, MAC, ["host-b"])
 
-    revision, changes = store.changes_since("host-b", 0)
+    revision, changes = store.changes_since("host-b", start)
     assert revision == store.revision
     assert [c["kind"] for c in changes] == ["endpoint", "expire"]
     assert all(c["vni"] == VNI for c in changes)
     assert changes[0]["endpoint"]["mac"] == MAC
     assert (changes[1]["mac"], changes[1]["target_nve"]) == (MAC, "host-b")
 
-    _, for_c = store.changes_since("host-c", 0)
+    _, for_c = store.changes_since("host-c", start)
     assert [(c["vni"], c["endpoint"]["mac"]) for c in for_c] == [(OTHER_VNI, MAC2)]
 
-    _, for_a = store.changes_since("host-a", 0)
+    _, for_a = store.changes_since("host-a", start)
     assert [c["kind"] for c in for_a] == ["endpoint", "endpoint", "expire"]
     assert for_a[2]["target_nve"] == "host-a"
     # Nothing new after the current revision.
@@ -310,15 +311,16 @@ def test_long_poll_ignores_other_vnis_and_times_out(store: NvaStore) -> None:
 
 def test_watch_pages_a_long_backlog(store: NvaStore, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr("vmm_orchestrator.nva.store.CHANGES_PAGE", 2)
+    start = store.revision  # after the fixture's NVE registrations
     _add(store)
     store.expire(VNI, MAC, ["host-a"])
     store.expire(VNI, MAC, ["host-a"])
-    revision, changes = store.changes_since("host-a", 0)
-    assert [c["revision"] for c in changes] == [1, 2]
-    assert revision == 2
+    revision, changes = store.changes_since("host-a", start)
+    assert [c["revision"] - start for c in changes] == [1, 2]
+    assert revision == start + 2
     revision, changes = store.changes_since("host-a", revision)
-    assert [c["revision"] for c in changes] == [3]
-    assert revision == 3
+    assert [c["revision"] - start for c in changes] == [3]
+    assert revision == start + 3
 
 
 # ------------------------------------------------------------------ acks
@@ -369,6 +371,7 @@ def test_errors_are_vmm_errors_and_unavailable_is_transient() -> None:
 
 
 def test_store_is_thread_safe(store: NvaStore) -> None:
+    start = store.revision  # after the fixture's NVE registrations
     for i in range(20):
         store.add_endpoint(VNI, f"52:54:00:00:01:{i:02x}", [f"10.0.1.{i + 1}"], [], "host-a")
     errors: list[BaseException] = []
@@ -388,5 +391,5 @@ def test_store_is_thread_safe(store: NvaStore) -> None:
         t.join()
     assert errors == []
     assert all(e["seq"] == 3 for e in store.list_endpoints(VNI))
-    _, changes = store.changes_since("host-b", 20)
-    assert [c["revision"] for c in changes] == list(range(21, 81))
+    _, changes = store.changes_since("host-b", start + 20)
+    assert [c["revision"] - start for c in changes] == list(range(21, 81))

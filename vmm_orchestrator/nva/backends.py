@@ -32,8 +32,7 @@ class EmbeddedBackend:
 
     @classmethod
     def store_from_conf(cls, conf: cfg.ConfigOpts) -> NvaStore:
-        options.register_opts(conf)
-        return NvaStore(conf[options.GROUP].database)
+        return NvaStore.from_conf(conf)
 
 
 def load_backend(conf: cfg.ConfigOpts) -> Any:

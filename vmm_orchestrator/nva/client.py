@@ -186,6 +186,11 @@ class NvaClient:
         result: dict[str, Any] = self._request("GET", f"/v1/nves/{_seg(nve_id)}")
         return result
 
+    def delete_nve(self, nve_id: str) -> dict[str, Any]:
+        """Remove an NVE that serves no endpoint; peers drop it from their flood lists."""
+        result: dict[str, Any] = self._request("DELETE", f"/v1/nves/{_seg(nve_id)}")
+        return result
+
     def ack(self, nve_id: str, revision: int) -> dict[str, Any]:
         """Report that ``nve_id`` applied every change up to ``revision``."""
         body = {"revision": revision}
@@ -201,15 +206,21 @@ class NvaClient:
         ipv4: Sequence[str] | None,
         ipv6: Sequence[str] | None,
         nve: str,
+        sticky: bool = False,
     ) -> dict[str, Any]:
-        """Add an endpoint at ``nve``; repeating an identical add returns the existing one."""
-        body = {
+        """Add an endpoint at ``nve``; repeating an identical add returns the existing one.
+
+        A ``sticky`` (static) endpoint never moves.
+        """
+        body: dict[str, Any] = {
             "vni": vni,
             "mac": mac,
             "ipv4": list(ipv4 or ()),
             "ipv6": list(ipv6 or ()),
             "nve": nve,
         }
+        if sticky:
+            body["sticky"] = True
         result: dict[str, Any] = self._request("POST", "/v1/endpoints", body=body)
         return result
 
@@ -274,6 +285,13 @@ class NvaClient:
             body["seq"] = seq
         path = self._endpoint_path(vni, mac, "move")
         result: dict[str, Any] = self._request("POST", path, body=body)
+        return result
+
+    def release(self, vni: int, mac: str) -> dict[str, Any]:
+        """Unfreeze a MAC the directory froze as flapping; returns the endpoint."""
+        result: dict[str, Any] = self._request(
+            "POST", self._endpoint_path(vni, mac, "release"), body={}
+        )
         return result
 
     def expire(self, vni: int, mac: str, nves: Sequence[str]) -> dict[str, Any]:

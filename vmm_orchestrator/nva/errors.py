@@ -51,6 +51,16 @@ class Conflict(NvaError):
     code = "conflict"
 
 
+class Gone(Conflict):
+    """The changes a watcher asked for were pruned from the change log: it must re-sync.
+
+    A Conflict, so that an agent that re-syncs on a Conflict also re-syncs on this.
+    """
+
+    http_status = 410
+    code = "gone"
+
+
 class PayloadTooLarge(NvaError):
     """The request body is larger than ``[nva] max_body_bytes``."""
 
@@ -74,6 +84,7 @@ BY_STATUS: dict[int, type[NvaError]] = {
         NotFound,
         MethodNotAllowed,
         Conflict,
+        Gone,
         PayloadTooLarge,
         Unavailable,
     )

@@ -77,6 +77,47 @@ NVA_OPTS: list[cfg.Opt] = [
         help="Longest time in seconds the server holds a long-poll watch or acks request "
         "open waiting for changes; larger timeouts asked by clients are cut to this.",
     ),
+    cfg.IntOpt(
+        "mac_move_limit",
+        default=5,
+        min=1,
+        help="Move-flap protection (EVPN duplicate detection, RFC 7432 section 15): a MAC "
+        "that moved more than this many times within mac_move_window seconds, the last "
+        "time by local learning, is frozen where it is; further moves are refused until "
+        "`vmm nva endpoint release`. Moves of planned migrations (pre-stage + commit) are "
+        "counted but never freeze a MAC by themselves, so a load balancer or an "
+        "evacuation moving VMs back and forth does not trip it. FRR's default is 5.",
+    ),
+    cfg.FloatOpt(
+        "mac_move_window",
+        default=180.0,
+        min=1.0,
+        help="Seconds over which mac_move_limit counts a MAC's moves (FRR: 180).",
+    ),
+    cfg.FloatOpt(
+        "migration_grace",
+        default=30.0,
+        min=0.0,
+        help="Seconds after a planned migration's commit during which learned moves "
+        "between its source and destination (QEMU's announcements, frames still in "
+        "flight) are that migration's echo and are not counted: a planned migration "
+        "counts as one move however many announcements it causes.",
+    ),
+    cfg.IntOpt(
+        "change_log_keep",
+        default=100000,
+        min=100,
+        help="Changes the directory keeps in its change log; older ones are pruned. "
+        "An NVE agent that falls further behind is told its changes are gone (HTTP "
+        "410) and loads its VNs again in full.",
+    ),
+    cfg.IntOpt(
+        "max_json_depth",
+        default=32,
+        min=2,
+        help="Deepest nesting of arrays and objects a request body may have; deeper "
+        "bodies are refused with 400 before anything else reads them.",
+    ),
 ]
 
 

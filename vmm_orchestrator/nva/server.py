@@ -123,12 +123,50 @@ def _reject_constant(name: str) -> Any:
     raise ValueError(f"{name} is not valid JSON")
 
 
-def parse_json_body(data: bytes) -> dict[str, Any]:
-    """Decode a request body, which must be a JSON object."""
+#: Deepest nesting of arrays and objects a body may have ([nva] max_json_depth).
+MAX_JSON_DEPTH = 32
+
+
+def json_depth_over(data: bytes, limit: int) -> bool:
+    """Whether ``data`` nests arrays/objects deeper than ``limit``, found before parsing.
+
+    The parser recurses once per level, so a body nested thousands deep
+    would exhaust Python's stack (a 500 and a traceback); brackets inside
+    strings do not count.
+    """
+    if data.count(b"[") + data.count(b"{") <= limit:
+        return False
+    depth = 0
+    in_string = escaped = False
+    for byte in data:
+        if in_string:
+            if escaped:
+                escaped = False
+            elif byte == 0x5C:  # backslash
+                escaped = True
+            elif byte == 0x22:  # quote
+                in_string = False
+        elif byte == 0x22:
+            in_string = True
+        elif byte in (0x5B, 0x7B):  # [ {
+            depth += 1
+            if depth > limit:
+                return True
+        elif byte in (0x5D, 0x7D):  # ] }
+            depth -= 1
+    return False
+
+
+def parse_json_body(data: bytes, max_depth: int = MAX_JSON_DEPTH) -> dict[str, Any]:
+    """Decode a request body, which must be a JSON object nested at most ``max_depth`` deep."""
+    if json_depth_over(data, max_depth):
+        raise BadRequest(f"request body nests arrays or objects more than {max_depth} deep")
     try:
         body = json.loads(data.decode("utf-8"), parse_constant=_reject_constant)
     except (UnicodeDecodeError, ValueError) as err:
         raise BadRequest(f"request body is not valid JSON: {err}") from None
+    except RecursionError:  # belt and braces: the check above should have caught it
+        raise BadRequest(f"request body nests more than {max_depth} deep") from None
     if not isinstance(body, dict):
         raise BadRequest(f"request body must be a JSON object, got {type(body).__name__}")
     return body
@@ -150,7 +188,10 @@ class Api:
                     re.compile(r"^/v1/nves$"),
                     {"GET": self.list_nves, "POST": self.register_nve},
                 ),
-                (re.compile(r"^/v1/nves/([^/]+)$"), {"GET": self.get_nve}),
+                (
+                    re.compile(r"^/v1/nves/([^/]+)$"),
+                    {"GET": self.get_nve, "DELETE": self.delete_nve},
+                ),
                 (re.compile(r"^/v1/nves/([^/]+)/ack$"), {"POST": self.ack}),
                 (
                     re.compile(r"^/v1/endpoints$"),
@@ -165,6 +206,7 @@ class Api:
                 (re.compile(ep + "/abort$"), {"POST": self.abort}),
                 (re.compile(ep + "/move$"), {"POST": self.move}),
                 (re.compile(ep + "/expire$"), {"POST": self.expire}),
+                (re.compile(ep + "/release$"), {"POST": self.release}),
                 (re.compile(r"^/v1/watch$"), {"GET": self.watch}),
                 (re.compile(r"^/v1/acks$"), {"GET": self.acks}),
                 (re.compile(r"^/v1/health$"), {"GET": self.health}),
@@ -197,6 +239,10 @@ class Api:
         _query(req, set())
         return 200, self.store.get_nve(req.args[0])
 
+    def delete_nve(self, req: Request) -> Response:
+        _query(req, set())
+        return 200, self.store.delete_nve(req.args[0])
+
     def ack(self, req: Request) -> Response:
         _query(req, set())
         _fields(req.body, {"revision"})
@@ -206,10 +252,10 @@ class Api:
 
     def add_endpoint(self, req: Request) -> Response:
         _query(req, set())
-        _fields(req.body, {"vni", "mac", "nve"}, {"ipv4", "ipv6"})
+        _fields(req.body, {"vni", "mac", "nve"}, {"ipv4", "ipv6", "sticky"})
         b = req.body
         endpoint, created = self.store.create_endpoint(
-            b["vni"], b["mac"], b.get("ipv4"), b.get("ipv6"), b["nve"]
+            b["vni"], b["mac"], b.get("ipv4"), b.get("ipv6"), b["nve"], b.get("sticky", False)
         )
         return (201 if created else 200), endpoint
 
@@ -262,6 +308,12 @@ class Api:
         vni, mac = _path_vni(req.args[0]), req.args[1]
         return 200, self.store.move(vni, mac, req.body["nve"], req.body.get("seq"))
 
+    def release(self, req: Request) -> Response:
+        _query(req, set())
+        _fields(req.body, set())
+        vni, mac = _path_vni(req.args[0]), req.args[1]
+        return 200, self.store.release(vni, mac)
+
     def expire(self, req: Request) -> Response:
         _query(req, set())
         _fields(req.body, {"nves"})
@@ -305,9 +357,17 @@ class _HttpServer(JsonHttpServer):
     #: pending connections makes the kernel reset the rest.
     request_queue_size = 128
 
-    def __init__(self, address: tuple[str, int], api: Api, token: str, max_body: int) -> None:
+    def __init__(
+        self,
+        address: tuple[str, int],
+        api: Api,
+        token: str,
+        max_body: int,
+        max_json_depth: int = MAX_JSON_DEPTH,
+    ) -> None:
         self.api = api
         self.max_body_bytes = max_body
+        self.max_json_depth = max_json_depth
         super().__init__(address, _RequestHandler, token)
 
 
@@ -394,7 +454,7 @@ class _RequestHandler(JsonRequestHandler):
         if len(data) != length:
             self.close_connection = True
             raise BadRequest(f"request body ended after {len(data)} of {length} bytes")
-        return parse_json_body(data)
+        return parse_json_body(data, self._srv.max_json_depth)
 
 
 # ------------------------------------------------------------------ server
@@ -411,6 +471,7 @@ class NvaServer:
         port: int = 9797,
         max_body_bytes: int = 1024 * 1024,
         watch_max_timeout: float = 30.0,
+        max_json_depth: int = MAX_JSON_DEPTH,
     ) -> None:
         if not token:
             # An empty token would let an empty header through compare_digest.
@@ -423,6 +484,7 @@ class NvaServer:
         self.port = port
         self._token = token
         self._max_body_bytes = max_body_bytes
+        self._max_json_depth = max_json_depth
         self._api = Api(store, watch_max_timeout)
         self._httpd: _HttpServer | None = None
         self._thread: threading.Thread | None = None
@@ -438,12 +500,13 @@ class NvaServer:
                 "the NVA server needs a token", hint="set [nva] token to a shared secret"
             )
         return cls(
-            store if store is not None else NvaStore(group.database),
+            store if store is not None else NvaStore.from_conf(conf),
             group.token,
             host=group.bind_host,
             port=group.bind_port,
             max_body_bytes=group.max_body_bytes,
             watch_max_timeout=group.watch_max_timeout,
+            max_json_depth=group.max_json_depth,
         )
 
     @property
@@ -458,7 +521,11 @@ class NvaServer:
         if self._httpd is None:
             try:
                 self._httpd = _HttpServer(
-                    (self.host, self.port), self._api, self._token, self._max_body_bytes
+                    (self.host, self.port),
+                    self._api,
+                    self._token,
+                    self._max_body_bytes,
+                    self._max_json_depth,
                 )
             except OSError as err:
                 raise ConfigError(

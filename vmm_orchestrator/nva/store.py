@@ -20,6 +20,7 @@ operation is one transaction: nothing is ever half-applied.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import ipaddress
 import json
 import math
@@ -32,7 +33,8 @@ from typing import Any
 
 from vmm_orchestrator.errors import ConfigError
 from vmm_orchestrator.model import normalize_mac
-from vmm_orchestrator.nva.errors import BadRequest, Conflict, NotFound, NvaError
+from vmm_orchestrator.nva import options
+from vmm_orchestrator.nva.errors import BadRequest, Conflict, Gone, NotFound, NvaError
 
 MAX_VNI = 2**24 - 1
 
@@ -67,6 +69,11 @@ CREATE TABLE IF NOT EXISTS endpoints (
     committed_at REAL,
     revision INTEGER NOT NULL,
     updated_at REAL NOT NULL,
+    sticky INTEGER NOT NULL DEFAULT 0,
+    frozen_at REAL,
+    frozen_reason TEXT,
+    moves TEXT NOT NULL DEFAULT '[]',
+    last_planned TEXT,
     PRIMARY KEY (vni, mac)
 );
 CREATE TABLE IF NOT EXISTS changes (
@@ -78,7 +85,23 @@ CREATE TABLE IF NOT EXISTS changes (
     created_at REAL NOT NULL
 );
 CREATE INDEX IF NOT EXISTS changes_by_vni ON changes (vni, revision);
+CREATE TABLE IF NOT EXISTS meta (
+    key TEXT PRIMARY KEY,
+    value INTEGER NOT NULL
+);
 """
+
+#: Columns added after the first release, for databases created before them.
+_ADDED_COLUMNS = {
+    "sticky": "INTEGER NOT NULL DEFAULT 0",
+    "frozen_at": "REAL",
+    "frozen_reason": "TEXT",
+    "moves": "TEXT NOT NULL DEFAULT '[]'",
+    "last_planned": "TEXT",
+}
+
+#: Default number of changes the log keeps ([nva] change_log_keep).
+CHANGE_LOG_KEEP = 100000
 
 _ENDPOINT_SELECT = "SELECT e.*, n.vtep AS vtep FROM endpoints e LEFT JOIN nves n ON n.id = e.nve"
 
@@ -113,25 +136,62 @@ def check_vni(value: Any) -> int:
 
 
 def check_mac(value: Any) -> str:
-    """Normalize a MAC so 'AA-BB-..' and 'aa:bb:..' name the same endpoint."""
+    """Normalize a MAC so 'AA-BB-..' and 'aa:bb:..' name the same endpoint.
+
+    Only a unicast MAC can be an endpoint's: the kernel refuses to program a
+    multicast, broadcast or all-zero MAC as a bridge entry, so such an entry
+    in the directory would only fail on every NVE of the VN (issue 13).
+    """
     if not isinstance(value, str):
         raise BadRequest(f"mac must be a string like aa:bb:cc:dd:ee:ff, got {value!r}")
     try:
-        return normalize_mac(value)
+        mac = normalize_mac(value)
     except ValueError as err:
         raise BadRequest(str(err)) from None
+    if mac == "ff:ff:ff:ff:ff:ff":
+        raise BadRequest(f"mac {mac} is the broadcast address, not an endpoint's MAC")
+    if int(mac[:2], 16) & 1:
+        raise BadRequest(
+            f"mac {mac} is a multicast address (low bit of the first octet set), "
+            "not an endpoint's MAC"
+        )
+    if mac == "00:00:00:00:00:00":
+        raise BadRequest(f"mac {mac} is all zeros, not an endpoint's MAC")
+    return mac
 
 
 def check_ip(value: Any, field: str = "ip") -> ipaddress.IPv4Address | ipaddress.IPv6Address:
-    """Parse one unicast address; multicast or unspecified ones are never an endpoint's."""
+    """Parse one unicast address, as the kernel would accept it in a neighbour entry.
+
+    Refused: multicast, unspecified, the IPv4 limited broadcast, IPv4-mapped
+    IPv6 addresses, and any zone id (``fe80::1%eth0``): a zone names an
+    interface of one host, means nothing in a VN, and would let the same
+    address slip past the duplicate-address check under another spelling.
+    """
     if not isinstance(value, str):
         raise BadRequest(f"{field} must be an IP address string, got {value!r}")
+    if "%" in value:
+        raise BadRequest(f"{field}: {value!r} has a zone id ('%...'); give the bare address")
     try:
         addr = ipaddress.ip_address(value.strip())
     except ValueError:
         raise BadRequest(f"{field}: {value!r} is not an IP address") from None
     if addr.is_multicast or addr.is_unspecified:
         raise BadRequest(f"{field}: {addr} is not a unicast address")
+    if addr.version == 4 and addr == ipaddress.IPv4Address("255.255.255.255"):
+        raise BadRequest(f"{field}: {addr} is the broadcast address, not a unicast address")
+    if addr.version == 6 and addr.ipv4_mapped is not None:
+        raise BadRequest(f"{field}: {addr} is an IPv4-mapped address; give the IPv4 address")
+    return addr
+
+
+def check_endpoint_ip(
+    value: Any, field: str = "ip"
+) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
+    """An address a VM may hold: unicast (see check_ip) and not loopback."""
+    addr = check_ip(value, field)
+    if addr.is_loopback:
+        raise BadRequest(f"{field}: {addr} is a loopback address, not a VM's")
     return addr
 
 
@@ -143,7 +203,7 @@ def check_ips(values: Any, version: int, field: str) -> list[str]:
         raise BadRequest(f"{field} must be a list of IPv{version} addresses, got {values!r}")
     addrs = set()
     for value in values:
-        addr = check_ip(value, field)
+        addr = check_endpoint_ip(value, field)
         if addr.version != version:
             raise BadRequest(f"{field}: {addr} is an IPv{addr.version} address, not IPv{version}")
         addrs.add(addr)
@@ -233,6 +293,11 @@ def _endpoint_dict(row: sqlite3.Row) -> dict[str, Any]:
         "last_migration_id": row["last_migration_id"],
         "revision": row["revision"],
         "updated_at": row["updated_at"],
+        "sticky": bool(row["sticky"]),
+        "frozen": row["frozen_at"] is not None,
+        "frozen_at": row["frozen_at"],
+        "frozen_reason": row["frozen_reason"],
+        "moves": json.loads(row["moves"]),
     }
 
 
@@ -321,12 +386,196 @@ def move_is_done(row: Any, vni: int, mac: str, nve: str, seq: int | None) -> boo
     return False
 
 
+def check_movable(row: Any, vni: int, mac: str, what: str) -> None:
+    """Conflict if the endpoint may not move at all: sticky, or frozen as flapping."""
+    if row["sticky"]:
+        raise Conflict(
+            f"endpoint {mac} in VNI {vni} is sticky (static) and never moves; {what} refused",
+            hint="delete it and add it again without --sticky to let it move",
+        )
+    if row["frozen_at"] is not None:
+        raise Conflict(
+            f"endpoint {mac} in VNI {vni} is frozen at {row['nve']} as a flapping MAC "
+            f"({row['frozen_reason']}); {what} refused",
+            hint=f"find the duplicate MAC, then `vmm nva endpoint release --vni {vni} --mac {mac}`",
+        )
+
+
+@dataclasses.dataclass(frozen=True)
+class MobilityPolicy:
+    """When a MAC that keeps moving is frozen (EVPN duplicate detection, RFC 7432 s15).
+
+    Every location change of a (VN, MAC) is recorded; the directory freezes
+    the MAC when, within ``move_window`` seconds, more than ``move_limit``
+    moves were recorded *and* the one that would exceed the limit is an
+    unplanned (learned) move. Planned moves (the commit of a pre-staged
+    migration, or a learned move onto the NVE a migration is pending for)
+    are counted but never trip it themselves: they were asked for by an
+    orchestrator naming a migration, one at a time, so a load balancer
+    moving a VM back and forth or a host evacuation cannot freeze anything.
+    A learned move between a planned migration's two NVEs within
+    ``migration_grace`` seconds of its commit is that migration's echo
+    (QEMU's RARPs, stale frames at the source) and is not counted at all:
+    a planned migration counts once, however many announcements it causes.
+    The defaults are FRR's (5 moves in 180 s).
+    """
+
+    move_limit: int = 5
+    move_window: float = 180.0
+    migration_grace: float = 30.0
+
+    @classmethod
+    def from_conf(cls, conf: Any) -> MobilityPolicy:
+        group = conf["nva"]
+        return cls(group.mac_move_limit, group.mac_move_window, group.migration_grace)
+
+
+@dataclasses.dataclass
+class MoveDecision:
+    """What a location change does to an endpoint's mobility record."""
+
+    fields: dict[str, Any]
+    freeze: bool = False
+    reason: str | None = None
+
+
+def decide_move(
+    row: Any,
+    to_nve: str,
+    now: float,
+    policy: MobilityPolicy,
+    migration_id: str | None = None,
+) -> MoveDecision:
+    """Record a move of ``row`` to ``to_nve``; freeze instead when it flaps.
+
+    ``migration_id`` is given for a commit. Returns the columns to write
+    (``moves``, ``last_planned``, and on a freeze ``frozen_at`` and
+    ``frozen_reason``). On a freeze the caller writes those columns, keeps
+    the endpoint where it is, and refuses the move once that is stored.
+    """
+    from_nve = row["nve"]
+    history = [m for m in _json_list(row["moves"]) if now - m["at"] <= policy.move_window]
+    if migration_id is None and row["state"] == "pending" and row["pending_nve"] == to_nve:
+        migration_id = row["migration_id"]  # the migration's own first frame at the target
+    planned = migration_id is not None
+    last = _json_obj(row["last_planned"])
+    if (
+        not planned
+        and last is not None
+        and now - last["at"] <= policy.migration_grace
+        and {from_nve, to_nve} == {last["from"], last["to"]}
+    ):
+        return MoveDecision({"moves": history})  # the echo of a planned migration
+    move = {"at": now, "from": from_nve, "to": to_nve, "planned": planned}
+    if planned:
+        move["migration_id"] = migration_id
+    history.append(move)
+    fields: dict[str, Any] = {"moves": history[-(policy.move_limit + 1) :]}
+    if planned:
+        fields["last_planned"] = {"at": now, "from": from_nve, "to": to_nve}
+        return MoveDecision(fields)
+    if len(history) > policy.move_limit:
+        reason = (
+            f"{len(history)} moves in {policy.move_window:g} s, over the limit of "
+            f"{policy.move_limit}; last {from_nve} -> {to_nve} refused"
+        )
+        fields.update(frozen_at=now, frozen_reason=reason)
+        fields["moves"] = history[-(policy.move_limit + 1) :]
+        return MoveDecision(fields, freeze=True, reason=reason)
+    return MoveDecision(fields)
+
+
+def same_endpoint(
+    existing: dict[str, Any], v4: list[str], v6: list[str], nve: str, sticky: bool
+) -> bool:
+    """Whether an add repeats the endpoint as it is (harmless) rather than contradicting it."""
+    return (existing["ipv4"], existing["ipv6"], existing["nve"], bool(existing["sticky"])) == (
+        v4,
+        v6,
+        nve,
+        sticky,
+    )
+
+
+def nve_busy(nve_id: str, busy: list[tuple[int, str]]) -> Conflict:
+    where = ", ".join(f"{mac} in VNI {vni}" for vni, mac in busy[:3])
+    return Conflict(
+        f"NVE '{nve_id}' still serves endpoints ({where}{', ...' if len(busy) > 2 else ''})",
+        hint="move or delete its endpoints first",
+    )
+
+
+def gone(since: int, pruned: int) -> Gone:
+    return Gone(
+        f"the changes after revision {since} are no longer in the change log "
+        f"(pruned up to {pruned})",
+        hint="resynchronize from a full endpoint list, then watch from its revision",
+    )
+
+
+def frozen_error(vni: int, mac: str, nve: str, reason: str) -> Conflict:
+    return Conflict(
+        f"endpoint {mac} in VNI {vni} is now frozen at {nve} as a flapping MAC ({reason})",
+        hint=f"find the duplicate MAC, then `vmm nva endpoint release --vni {vni} --mac {mac}`",
+    )
+
+
+def _columns(fields: dict[str, Any]) -> dict[str, Any]:
+    """Mobility fields as SQLite columns (JSON text for the lists)."""
+    out = dict(fields)
+    for name in ("moves", "last_planned"):
+        if name in out and out[name] is not None:
+            out[name] = json.dumps(out[name])
+    return out
+
+
+def _json_list(value: Any) -> list[dict[str, Any]]:
+    if value is None:
+        return []
+    if isinstance(value, str):
+        value = json.loads(value)
+    return list(value)
+
+
+def _json_obj(value: Any) -> dict[str, Any] | None:
+    if isinstance(value, str):
+        value = json.loads(value)
+    return value
+
+
+def membership_changes(
+    old: dict[str, Any] | None, new: dict[str, Any] | None
+) -> list[tuple[int, dict[str, Any]]]:
+    """The VNs whose flood list an NVE (re-)registration or removal changes.
+
+    (vni, payload) per VN: ``member`` says whether the NVE now floods in
+    that VN, ``nve`` is its record. Re-registering the same VTEP and VNs
+    changes nothing, so an agent restarting records nothing.
+    """
+    old_vnis = set(old["vnis"]) if old else set()
+    new_vnis = set(new["vnis"]) if new else set()
+    same_vtep = old is not None and new is not None and old["vtep"] == new["vtep"]
+    out: list[tuple[int, dict[str, Any]]] = []
+    record = new or old
+    assert record is not None
+    nve = {"id": record["id"], "vtep": record["vtep"], "vnis": sorted(new_vnis)}
+    for vni in sorted(old_vnis | new_vnis):
+        if vni in new_vnis and (vni not in old_vnis or not same_vtep):
+            out.append((vni, {"nve": nve, "member": True}))
+        elif vni not in new_vnis:
+            out.append((vni, {"nve": nve, "member": False}))
+    return out
+
+
 class StoreFront:
     """The directory store contract: public signatures and argument checks.
 
     Backends (this module's NvaStore, the etcd plugin's store) implement the
     ``_do_*`` hooks, which get arguments already checked and normalized.
     """
+
+    #: When a flapping MAC is frozen; backends may take another in their constructor.
+    mobility: MobilityPolicy = MobilityPolicy()
 
     # ----------------------------------------------------------------- NVEs
 
@@ -339,6 +588,10 @@ class StoreFront:
     def get_nve(self, nve_id: str) -> dict[str, Any]:
         """One NVE, with the revision it last acked."""
         return self._do_get_nve(check_nve_id(nve_id, "id"))
+
+    def delete_nve(self, nve_id: str) -> dict[str, Any]:
+        """Remove an NVE that serves no endpoint; its peers drop it from their flood lists."""
+        return self._do_delete_nve(check_nve_id(nve_id, "id"))
 
     def list_nves(self, vni: int | None = None) -> list[dict[str, Any]]:
         """All NVEs, or only those serving ``vni``."""
@@ -355,9 +608,13 @@ class StoreFront:
         ipv4: Sequence[str] | None,
         ipv6: Sequence[str] | None,
         nve: str,
+        sticky: bool = False,
     ) -> dict[str, Any]:
-        """Add an endpoint at ``nve`` (active, seq 0); repeating the same add is harmless."""
-        return self.create_endpoint(vni, mac, ipv4, ipv6, nve)[0]
+        """Add an endpoint at ``nve`` (active, seq 0); repeating the same add is harmless.
+
+        A ``sticky`` (static) endpoint never moves: moves and pre-stages are refused.
+        """
+        return self.create_endpoint(vni, mac, ipv4, ipv6, nve, sticky)[0]
 
     def create_endpoint(
         self,
@@ -366,11 +623,14 @@ class StoreFront:
         ipv4: Sequence[str] | None,
         ipv6: Sequence[str] | None,
         nve: str,
+        sticky: bool = False,
     ) -> tuple[dict[str, Any], bool]:
         """Like add_endpoint, and also says whether the endpoint is new (for 201 vs 200)."""
         vni, mac = check_vni(vni), check_mac(mac)
         v4, v6 = check_ips(ipv4, 4, "ipv4"), check_ips(ipv6, 6, "ipv6")
-        return self._do_create_endpoint(vni, mac, v4, v6, check_nve_id(nve))
+        if not isinstance(sticky, bool):
+            raise BadRequest(f"sticky must be true or false, got {sticky!r}")
+        return self._do_create_endpoint(vni, mac, v4, v6, check_nve_id(nve), sticky)
 
     def get_endpoint(self, vni: int, mac: str) -> dict[str, Any]:
         """One endpoint by its key (VNI, MAC)."""
@@ -382,7 +642,7 @@ class StoreFront:
         if ip is None and mac is None:
             raise BadRequest("find needs an ip or a mac to look up")
         wanted_mac = None if mac is None else check_mac(mac)
-        addr = None if ip is None else check_ip(ip)
+        addr = None if ip is None else check_endpoint_ip(ip)
         return self._do_find(vni, addr, wanted_mac)
 
     def delete_endpoint(self, vni: int, mac: str) -> dict[str, Any]:
@@ -413,6 +673,10 @@ class StoreFront:
         if seq is not None:
             seq = check_revision(seq, "seq")
         return self._do_move(vni, mac, nve, seq)
+
+    def release(self, vni: int, mac: str) -> dict[str, Any]:
+        """Unfreeze a MAC frozen as flapping and forget its move history (operator action)."""
+        return self._do_release(check_vni(vni), check_mac(mac))
 
     def expire(self, vni: int, mac: str, nves: Sequence[str]) -> dict[str, Any]:
         """Tell ``nves`` to drop their cached entry for ``mac`` and look it up again."""
@@ -469,11 +733,17 @@ class StoreFront:
     def _do_get_nve(self, nve_id: str) -> dict[str, Any]:
         raise NotImplementedError
 
+    def _do_delete_nve(self, nve_id: str) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def _do_release(self, vni: int, mac: str) -> dict[str, Any]:
+        raise NotImplementedError
+
     def _do_list_nves(self, vni: int | None) -> list[dict[str, Any]]:
         raise NotImplementedError
 
     def _do_create_endpoint(
-        self, vni: int, mac: str, v4: list[str], v6: list[str], nve: str
+        self, vni: int, mac: str, v4: list[str], v6: list[str], nve: str, sticky: bool
     ) -> tuple[dict[str, Any], bool]:
         raise NotImplementedError
 
@@ -523,8 +793,16 @@ class StoreFront:
 class NvaStore(StoreFront):
     """Thread-safe directory of NVEs and endpoints with a watchable change log."""
 
-    def __init__(self, path: str) -> None:
+    def __init__(
+        self,
+        path: str,
+        mobility: MobilityPolicy | None = None,
+        keep_changes: int = CHANGE_LOG_KEEP,
+    ) -> None:
         self.path = path
+        if mobility is not None:
+            self.mobility = mobility
+        self.keep_changes = max(1, keep_changes)
         self._lock = threading.RLock()
         self._cond = threading.Condition(self._lock)
         self._closed = False
@@ -534,13 +812,31 @@ class NvaStore(StoreFront):
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA busy_timeout=5000")
             self._db.executescript(_SCHEMA)
+            have = {r["name"] for r in self._db.execute("PRAGMA table_info(endpoints)")}
+            for name, decl in _ADDED_COLUMNS.items():
+                if name not in have:
+                    self._db.execute(f"ALTER TABLE endpoints ADD COLUMN {name} {decl}")
             row = self._db.execute("SELECT COALESCE(MAX(revision), 0) FROM changes").fetchone()
+            floor = self._db.execute("SELECT value FROM meta WHERE key = 'pruned'").fetchone()
         except sqlite3.Error as err:
             raise ConfigError(
                 f"cannot open the NVA database {path!r}: {err}",
                 hint="check [nva] database: its directory must exist and be writable",
             ) from err
-        self._revision: int = row[0]
+        #: Every change up to this revision was pruned from the log.
+        self._pruned: int = floor[0] if floor is not None else 0
+        self._revision: int = max(row[0], self._pruned)
+
+    @classmethod
+    def from_conf(cls, conf: Any, path: str | None = None) -> NvaStore:
+        """The store ``[nva]`` describes (database, move-flap policy, change log window)."""
+        options.register_opts(conf)
+        group = conf[options.GROUP]
+        return cls(
+            group.database if path is None else path,
+            mobility=MobilityPolicy.from_conf(conf),
+            keep_changes=group.change_log_keep,
+        )
 
     # ------------------------------------------------------------ plumbing
 
@@ -584,6 +880,36 @@ class NvaStore(StoreFront):
                 raise
             self._db.execute("COMMIT")
             self._cond.notify_all()
+            self._prune()
+
+    def _prune(self) -> None:
+        """Keep the newest ``keep_changes`` changes; done in batches of a tenth of that.
+
+        A watcher asking for changes from before the pruned revision gets
+        Gone and re-syncs from a full endpoint list.
+        """
+        floor = self._revision - self.keep_changes
+        if floor - self._pruned < max(1, self.keep_changes // 10):
+            return
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            self._db.execute("DELETE FROM changes WHERE revision <= ?", (floor,))
+            self._db.execute(
+                "INSERT INTO meta (key, value) VALUES ('pruned', ?)"
+                " ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+                (floor,),
+            )
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise
+        self._db.execute("COMMIT")
+        self._pruned = floor
+
+    @property
+    def pruned_revision(self) -> int:
+        """Changes up to this revision are no longer in the log (0: nothing pruned)."""
+        with self._lock:
+            return self._pruned
 
     def _next_revision(self) -> int:
         """Take the next revision; only valid inside _tx, which undoes it on rollback."""
@@ -666,9 +992,29 @@ class NvaStore(StoreFront):
                 " ON CONFLICT (id) DO UPDATE SET vtep = excluded.vtep, vnis = excluded.vnis",
                 (nve_id, vtep_ip, json.dumps(vni_list)),
             )
+            before = None if old is None else _nve_dict(old)
+            for vni, payload in membership_changes(
+                before, {"id": nve_id, "vtep": vtep_ip, "vnis": vni_list}
+            ):
+                self._record(db, self._next_revision(), vni, "nve", payload)
             if old is not None and old["vtep"] != vtep_ip:
                 self._announce_vtep_change(db, nve_id)
             return _nve_dict(self._nve_row(db, nve_id))
+
+    def _do_delete_nve(self, nve_id: str) -> dict[str, Any]:
+        with self._tx() as db:
+            nve = _nve_dict(self._nve_row(db, nve_id))
+            busy = db.execute(
+                "SELECT vni, mac FROM endpoints WHERE nve = ? OR pending_nve = ?"
+                " ORDER BY vni, mac LIMIT 3",
+                (nve_id, nve_id),
+            ).fetchall()
+            if busy:
+                raise nve_busy(nve_id, [(r["vni"], r["mac"]) for r in busy])
+            db.execute("DELETE FROM nves WHERE id = ?", (nve_id,))
+            for vni, payload in membership_changes(nve, None):
+                self._record(db, self._next_revision(), vni, "nve", payload)
+            return nve
 
     def _announce_vtep_change(self, db: sqlite3.Connection, nve_id: str) -> None:
         """Peers tunnel to the VTEP, so each endpoint behind a moved VTEP is a change."""
@@ -692,7 +1038,7 @@ class NvaStore(StoreFront):
     # ----------------------------------------------------------- endpoints
 
     def _do_create_endpoint(
-        self, vni: int, mac: str, v4: list[str], v6: list[str], nve: str
+        self, vni: int, mac: str, v4: list[str], v6: list[str], nve: str, sticky: bool
     ) -> tuple[dict[str, Any], bool]:
         with self._tx() as db:
             self._serving_nve(db, nve, vni)
@@ -701,11 +1047,7 @@ class NvaStore(StoreFront):
             except NotFound:
                 pass
             else:
-                if (existing["ipv4"], existing["ipv6"], existing["nve"]) == (
-                    v4,
-                    v6,
-                    nve,
-                ):
+                if same_endpoint(existing, v4, v6, nve, sticky):
                     return existing, False
                 raise Conflict(
                     f"endpoint {mac} in VNI {vni} already exists with other addresses or NVE "
@@ -716,8 +1058,8 @@ class NvaStore(StoreFront):
             revision = self._next_revision()
             db.execute(
                 "INSERT INTO endpoints (vni, mac, ipv4, ipv6, nve, state, seq, revision,"
-                " updated_at) VALUES (?, ?, ?, ?, ?, 'active', 0, ?, ?)",
-                (vni, mac, json.dumps(v4), json.dumps(v6), nve, revision, time.time()),
+                " updated_at, sticky) VALUES (?, ?, ?, ?, ?, 'active', 0, ?, ?, ?)",
+                (vni, mac, json.dumps(v4), json.dumps(v6), nve, revision, time.time(), sticky),
             )
             endpoint = self._endpoint(db, vni, mac)
             self._record(db, revision, vni, "endpoint", {"endpoint": endpoint})
@@ -777,6 +1119,7 @@ class NvaStore(StoreFront):
             self._serving_nve(db, nve, vni)
             if prestage_is_done(row, vni, mac, nve, migration_id):
                 return _endpoint_dict(row)
+            check_movable(row, vni, mac, "pre-stage")
             addresses = json.loads(row["ipv4"]) + json.loads(row["ipv6"])
             self._check_addresses(db, vni, mac, addresses)
             return self._update_endpoint(
@@ -803,10 +1146,17 @@ class NvaStore(StoreFront):
         vni, mac = row["vni"], row["mac"]
         revision = self._next_revision()
         committed_at = time.time()
+        mobility: dict[str, Any] = {}
+        if row["pending_nve"] != row["nve"]:  # not already moved there by its first frame
+            decision = decide_move(
+                row, row["pending_nve"], committed_at, self.mobility, row["migration_id"]
+            )
+            mobility = _columns(decision.fields)
         endpoint = self._update_endpoint(
             db,
             vni,
             mac,
+            **mobility,
             nve=row["pending_nve"],
             seq=row["seq"] + 1,
             state="active",
@@ -839,12 +1189,32 @@ class NvaStore(StoreFront):
             self._serving_nve(db, nve, vni)
             if move_is_done(row, vni, mac, nve, seq):
                 return _endpoint_dict(row)
-            revision = self._next_revision()
-            endpoint = self._update_endpoint(
-                db, vni, mac, nve=nve, seq=row["seq"] + 1, revision=revision
+            check_movable(row, vni, mac, f"move to {nve}")
+            decision = decide_move(row, nve, time.time(), self.mobility)
+            if decision.freeze:
+                self._update_endpoint(db, vni, mac, **_columns(decision.fields))
+            else:
+                revision = self._next_revision()
+                endpoint = self._update_endpoint(
+                    db,
+                    vni,
+                    mac,
+                    **_columns(decision.fields),
+                    nve=nve,
+                    seq=row["seq"] + 1,
+                    revision=revision,
+                )
+                self._record(db, revision, vni, "endpoint", {"endpoint": endpoint})
+                return endpoint
+        assert decision.reason is not None
+        raise frozen_error(vni, mac, row["nve"], decision.reason)
+
+    def _do_release(self, vni: int, mac: str) -> dict[str, Any]:
+        with self._tx() as db:
+            self._endpoint_row(db, vni, mac)
+            return self._update_endpoint(
+                db, vni, mac, frozen_at=None, frozen_reason=None, moves="[]", last_planned=None
             )
-            self._record(db, revision, vni, "endpoint", {"endpoint": endpoint})
-            return endpoint
 
     def _do_expire(self, vni: int, mac: str, targets: list[str]) -> dict[str, Any]:
         with self._tx() as db:
@@ -881,6 +1251,8 @@ class NvaStore(StoreFront):
                 f"since={since} is ahead of the directory's revision {self._revision}",
                 hint="the directory was reset: resynchronize from a full endpoint list",
             )
+        if since < self._pruned:
+            raise gone(since, self._pruned)
         rows = self._db.execute(_CHANGES_SQL, (since, nve["vnis"], nve_id, CHANGES_PAGE))
         changes = [_change_dict(r) for r in rows.fetchall()]
         if len(changes) == CHANGES_PAGE:
