@@ -10,19 +10,30 @@ saw of the domain, so a small per-domain ``Track`` is kept:
 * RESUMED/MIGRATED is the destination's RESUMED, but on a host that is the
   *source* of a running migration it means the source took the VM back
   (the migration failed): ABORTED.
-* SUSPENDED/MIGRATED is only a candidate switchover. libvirt emits it both
+* SUSPENDED/MIGRATED is only a candidate switchover. libvirt 9.0 emits it,
+  with the same detail and the same state reason (PAUSED/MIGRATION), both
   when QEMU stops the VM for the final copy and when an operator pauses a VM
   during an outgoing migration (``virsh suspend``; nova's force-complete),
-  which leaves the migration in its iterative phase. It counts as SWITCHOVER
-  once the job really completed (STOPPED/MIGRATED or JOB_COMPLETED), and a
-  resume in between makes it a plain pause. The price: the source's
-  SWITCHOVER stages run when its STOPPED arrives, 0.37-0.48 s after the
-  destination's RESUMED/MIGRATED on the libvirt lab, when peers have long
-  converged (~20 ms after the commit) and an in-flight tunnel no longer
-  helps. ``early_switchover`` trades that for speed: SWITCHOVER at
-  SUSPENDED/MIGRATED (0.06-0.3 s before the destination resumes); an operator's
-  pause then switches over early, and resuming the VM here aborts the
-  source's part of the migration (its later completion is then ignored).
+  which leaves the migration iterating (measured on the libvirt lab; libvirt
+  also refuses ``virsh resume`` until that migration job ends, so such a
+  pause ends in a non-live completion or in an abort). What tells them apart
+  is the job: the event source reads the outgoing job's statistics right
+  after the pause (and after each later MIGRATION_ITERATION while paused)
+  and hands them in as ``JobProgress``. The migration is in its final phase
+  when the job ended, or when what remains fits in the migration's allowed
+  downtime at QEMU's measured bandwidth, which is QEMU's own test for
+  switching over. Measured at the real pause: 0 or 58 MiB left at 444 MB/s
+  (131 ms, under the 300 ms allowed); at an operator's pause of a 1 MiB/s
+  migration: 127 MiB left (124 s). With ``early_switchover`` (the default)
+  SWITCHOVER runs at that fact, 0.06-0.3 s before the destination resumes;
+  an operator's pause runs it only once its migration really switches over.
+  Whatever the facts, the job's completion (STOPPED/MIGRATED or
+  JOB_COMPLETED) is a switchover, and a resume here after an early
+  SWITCHOVER aborts the source's part of the migration (its later
+  completion is then ignored). Without ``early_switchover`` the source's
+  SWITCHOVER waits for the completion, 0.37-0.48 s after the destination's
+  RESUMED/MIGRATED on the libvirt lab, when peers have long converged and an
+  in-flight tunnel no longer helps.
 * Post-copy switches over at SUSPENDED/POSTCOPY (the VM runs at the
   destination from then on: no way back) and resumes at the destination
   with RESUMED/POSTCOPY, before RESUMED/MIGRATED.
@@ -164,6 +175,46 @@ class JobCompleted:
         return f"JOB_COMPLETED operation={self.operation}"
 
 
+#: How far above QEMU's own switchover threshold (bandwidth x allowed downtime)
+#: what remains may still count as the final phase: QEMU's bandwidth figure is
+#: refreshed every 100 ms and a loaded host's lags. Too generous only means an
+#: operator's pause close to the end switches over a little early.
+FINAL_PHASE_SLACK = 2
+
+
+@dataclasses.dataclass(frozen=True)
+class JobProgress:
+    """An outgoing migration job's statistics, read right after the source paused.
+
+    ``active``: a migration job still runs (False: it ended, or the domain
+    is gone). ``remaining`` and ``bps``: libvirt's memory_remaining (bytes)
+    and memory_bps (QEMU's measured bandwidth, bytes/s);
+    ``max_downtime_ms``: the migration's allowed downtime. None: not reported.
+    """
+
+    active: bool
+    remaining: int | None = None
+    bps: int | None = None
+    max_downtime_ms: int | None = None
+
+    @property
+    def final(self) -> bool:
+        """The migration switches over now: the job ended, or what is left fits in
+        the allowed downtime (QEMU's own test, with FINAL_PHASE_SLACK)."""
+        if not self.active or self.remaining == 0:
+            return True
+        if self.remaining is None or not self.bps or not self.max_downtime_ms:
+            return False
+        return self.remaining * 1000 <= self.bps * self.max_downtime_ms * FINAL_PHASE_SLACK
+
+    def __str__(self) -> str:
+        if not self.active:
+            return "job ended"
+        left = "?" if self.remaining is None else f"{self.remaining / 2**20:.1f} MiB"
+        rate = "?" if self.bps is None else f"{self.bps / 1e6:.1f} MB/s"
+        return f"job: {left} left at {rate}, {self.max_downtime_ms} ms allowed downtime"
+
+
 @dataclasses.dataclass(frozen=True)
 class Hook:
     """A call of libvirt's qemu hook, relayed by the hook script."""
@@ -180,13 +231,15 @@ class Observed:
     """A domain's state as read after a (re)connection.
 
     ``job_operation`` is the operation of the domain's active job (libvirt's
-    job statistics), None when there is no job or the driver cannot tell.
+    job statistics), None when there is no job or the driver cannot tell;
+    ``progress`` that job's statistics when it is an outgoing migration.
     """
 
     active: bool
     state: int
     reason: int
     job_operation: int | None = None
+    progress: JobProgress | None = None
 
     def __str__(self) -> str:
         job = f" job={self.job_operation}" if self.job_operation is not None else ""
@@ -201,7 +254,7 @@ class Absent:
         return "absent"
 
 
-Signal = Lifecycle | Iteration | JobCompleted | Hook | Observed | Absent
+Signal = Lifecycle | Iteration | JobCompleted | JobProgress | Hook | Observed | Absent
 
 
 # -- decisions -----------------------------------------------------------------
@@ -318,14 +371,16 @@ def _destination_resumed(track: Track, why: str, confirm: bool = False) -> Decis
     return _emit(dst, (Phase.PREPARE, Phase.RESUMED), why, confirm, hook_prepared=False)
 
 
-def decide(track: Track, signal: Signal, early_switchover: bool = False) -> Decision:
+def decide(track: Track, signal: Signal, early_switchover: bool = True) -> Decision:
     """Apply one signal to a domain's track (the rules are in the module docstring)."""
     if isinstance(signal, Lifecycle):
-        return _lifecycle(track, signal, early_switchover)
+        return _lifecycle(track, signal)
     if isinstance(signal, Iteration):
         return Decision(_as(track, Role.SOURCE))
     if isinstance(signal, JobCompleted):
         return _job_completed(track, signal)
+    if isinstance(signal, JobProgress):
+        return _job_progress(track, signal, early_switchover)
     if isinstance(signal, Hook):
         return _hook(track, signal)
     if isinstance(signal, Observed):
@@ -333,7 +388,7 @@ def decide(track: Track, signal: Signal, early_switchover: bool = False) -> Deci
     return _absent(track)
 
 
-def _lifecycle(track: Track, sig: Lifecycle, early_switchover: bool) -> Decision:
+def _lifecycle(track: Track, sig: Lifecycle) -> Decision:
     name = str(sig)
     event, detail = sig.event, sig.detail
     if event == Event.STARTED:
@@ -347,9 +402,7 @@ def _lifecycle(track: Track, sig: Lifecycle, early_switchover: bool) -> Decision
             return _emit(_as(track, Role.SOURCE), (Phase.SWITCHOVER,), name, paused=False)
         if detail == SUSPENDED_MIGRATED and not track.incoming():
             src = _as(track, Role.SOURCE)
-            if early_switchover:
-                return _emit(src, (Phase.SWITCHOVER,), f"{name} (early switchover)", paused=True)
-            why = f"{name}: a candidate switchover; SWITCHOVER waits for the job to complete"
+            why = f"{name}: a candidate switchover (the real one, or an operator's pause)"
             return Decision(dataclasses.replace(src, paused=True), note=why)
         if detail == SUSPENDED_POSTCOPY_FAILED:
             return Decision(track, note=f"{name}: post-copy failed; the VM needs recovery")
@@ -360,7 +413,7 @@ def _lifecycle(track: Track, sig: Lifecycle, early_switchover: bool) -> Decision
         if track.outgoing():
             if detail in (RESUMED_MIGRATED, RESUMED_POSTCOPY):
                 return _aborted(track, f"{name} on the source: the migration failed")
-            if Phase.SWITCHOVER in track.done:  # early switchover on an operator's pause
+            if Phase.SWITCHOVER in track.done:  # early switchover, then the VM runs here again
                 return _aborted(track, f"{name}: the VM runs here again after an early switchover")
             note = f"{name}: the pause was a plain pause" if track.paused else None
             return Decision(dataclasses.replace(track, paused=False), note=note)
@@ -379,6 +432,17 @@ def _job_completed(track: Track, sig: JobCompleted) -> Decision:
     if outgoing:
         return _source_completed(track, str(sig))
     return Decision(track)
+
+
+def _job_progress(track: Track, sig: JobProgress, early_switchover: bool) -> Decision:
+    """The statistics of a paused source's job: SWITCHOVER now if it is the final phase."""
+    if not (early_switchover and track.outgoing() and track.paused):
+        return Decision(track)
+    if Phase.SWITCHOVER in track.done:
+        return Decision(track)
+    if sig.final:
+        return _emit(track, (Phase.SWITCHOVER,), f"paused, {sig}: the switchover (early)")
+    return Decision(track, note=f"paused, {sig}: not the switchover yet (an operator's pause?)")
 
 
 def _hook(track: Track, sig: Hook) -> Decision:
@@ -404,10 +468,11 @@ def _observed(track: Track, obs: Observed, early_switchover: bool) -> Decision:
         src = _as(track, Role.SOURCE)
         if obs.state == STATE_PAUSED and obs.reason == PAUSED_POSTCOPY:
             return _emit(src, (Phase.SWITCHOVER,), why, paused=False)
-        paused = obs.state == STATE_PAUSED
-        if paused and early_switchover and obs.reason == PAUSED_MIGRATION:
-            return _emit(src, (Phase.SWITCHOVER,), f"{why} (early switchover)", paused=True)
-        return Decision(dataclasses.replace(src, paused=paused))
+        paused = obs.state == STATE_PAUSED and obs.reason == PAUSED_MIGRATION
+        src = dataclasses.replace(src, paused=paused)
+        if paused and obs.progress is not None:
+            return _job_progress(src, obs.progress, early_switchover)
+        return Decision(src)
     # No migration job: whatever was under way has ended.
     running = obs.state == STATE_RUNNING
     if track.incoming():
@@ -438,7 +503,7 @@ class Tracker:
     decide for the same domains.
     """
 
-    def __init__(self, early_switchover: bool = False) -> None:
+    def __init__(self, early_switchover: bool = True) -> None:
         self.early_switchover = early_switchover
         self._tracks: dict[str, Track] = {}
         self._lock = threading.Lock()
