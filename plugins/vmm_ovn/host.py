@@ -1,0 +1,67 @@
+"""An OVN chassis as a host of the orchestrator (the ``ovn`` host driver).
+
+``factory(conf, spec, directory)`` is the ``vmm_orchestrator.host_drivers``
+entry point: it reads ``[ovn]`` and builds the chassis view, the NVE
+driver and the announcers. A spec's ``extra`` may override the
+per-chassis connections (``ovsdb_connection``, ``openflow_target``,
+``ovn_sb_connection``), which lets one process serve several chassis (the
+lab does).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from oslo_config import cfg
+
+from vmm_orchestrator.contracts import HostDriver, HostSpec
+from vmm_orchestrator.stage import HostContext
+from vmm_ovn import options as ovn_opts
+from vmm_ovn.announce import OvnAnnouncerPool, parse_gateways
+from vmm_ovn.chassis import OvnChassis
+from vmm_ovn.nve import OvnNve
+
+
+class OvnHost(HostDriver):
+    """Chassis view + NVE driver + announcers of one OVN hypervisor."""
+
+    def __init__(self, conf: cfg.ConfigOpts, spec: HostSpec, directory: Any) -> None:
+        ovn_opts.register_opts(conf)
+        g = conf[ovn_opts.GROUP]
+        extra = spec.extra or {}
+        self.name = spec.name
+        self.chassis = OvnChassis(
+            extra.get("ovsdb_connection") or g.ovsdb_connection,
+            bridge=g.integration_bridge,
+            openflow_target=extra.get("openflow_target") or g.openflow_target,
+            barrier=g.barrier,
+            barrier_timeout=g.barrier_timeout,
+            poll_interval=g.poll_interval,
+            timeout=g.ovsdb_timeout,
+            sb_connection=extra.get("ovn_sb_connection") or g.ovn_sb_connection,
+        )
+        self.nve = OvnNve(self.chassis)
+        self.announcers = OvnAnnouncerPool(
+            self.chassis,
+            [int(x) for x in g.announce_schedule_ms],
+            parse_gateways(g.announce_gateways),
+            activation=g.announce_activation,
+        )
+        self.services: dict[str, Any] = {
+            "nve": self.nve,
+            "announcers": self.announcers,
+            "ovn": self.chassis,
+        }
+        self.context = HostContext(name=spec.name, nva=directory, services=self.services)
+
+    def start(self) -> None:
+        """The chassis registered itself in the SB; nothing to follow (OVN pushes)."""
+
+    def stop(self) -> None:
+        self.announcers.close()
+        self.nve.close()
+
+
+def factory(conf: cfg.ConfigOpts, spec: HostSpec, directory: Any) -> OvnHost:
+    """Entry point ``ovn`` in ``vmm_orchestrator.host_drivers``."""
+    return OvnHost(conf, spec, directory)
