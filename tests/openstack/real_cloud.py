@@ -211,7 +211,9 @@ enforce_new_defaults = true
                 env,
             )
         self.keystone_url = self._serve(
-            "keystone", "keystone.wsgi.api:application", self._env(OS_KEYSTONE_CONFIG_FILES=str(conf))
+            "keystone",
+            "keystone.wsgi.api:application",
+            self._env(OS_KEYSTONE_CONFIG_FILES=str(conf)),
         )
         url = self.auth_url
         self._run(
@@ -321,7 +323,9 @@ wire_delay = {WIRE_DELAY}
         site = d / "site"
         dist = site / "vmm_standin_agent-1.0.dist-info"
         dist.mkdir(parents=True)
-        (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: vmm-standin-agent\nVersion: 1.0\n")
+        (dist / "METADATA").write_text(
+            "Metadata-Version: 2.1\nName: vmm-standin-agent\nVersion: 1.0\n"
+        )
         (dist / "entry_points.txt").write_text(
             "[neutron.ml2.mechanism_drivers]\nstandin_agent = standin_agent:StandInAgentDriver\n"
         )
@@ -365,7 +369,11 @@ wire_delay = {WIRE_DELAY}
     def clouds_yaml(self, path: Path, **entries: Credentials) -> Path:
         """A clouds.yaml with one entry per keyword (JSON is valid YAML)."""
         clouds = {
-            name: {"auth": who.auth(self.auth_url), "region_name": REGION, "identity_api_version": 3}
+            name: {
+                "auth": who.auth(self.auth_url),
+                "region_name": REGION,
+                "identity_api_version": 3,
+            }
             for name, who in entries.items()
         }
         path.write_text(json.dumps({"clouds": clouds}, indent=2))

@@ -71,8 +71,9 @@ class StandInAgentDriver(api.MechanismDriver):
     def bind_port(self, context: Any) -> None:
         host = context.host
         if host not in self.hosts:
-            LOG.info("stand-in agent: no agent on host %s, port %s unbound", host,
-                     context.current["id"])
+            LOG.info(
+                "stand-in agent: no agent on host %s, port %s unbound", host, context.current["id"]
+            )
             return
         for segment in context.segments_to_bind:
             if segment[api.NETWORK_TYPE] in BINDABLE_TYPES:

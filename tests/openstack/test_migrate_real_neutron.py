@@ -104,7 +104,7 @@ def test_a_normal_move(
     out, err = capsys.readouterr()
     assert (status, err) == (0, ""), err
     assert "vm-move runs on cmp2 and its network has converged" in out
-    assert f"inactive binding on cmp2 (ovs)" in out
+    assert "inactive binding on cmp2 (ovs)" in out
     after = scene.admin.network.get_port(port.id)
     assert (after.binding_host_id, after.status) == ("cmp2", "ACTIVE")
     # The source's binding, which Neutron keeps INACTIVE after the activation, is gone.
@@ -166,7 +166,7 @@ def test_a_failed_migration_is_reverted_and_leaves_nothing(
 
     status = move(monkeypatch, conf_file(tmp_path, real_cloud), vm, "cmp1", "cmp2")
 
-    out, err = capsys.readouterr()
+    _out, err = capsys.readouterr()
     line = one_error_line(err)
     assert status == cli.EXIT_ERROR
     assert "phase migrate failed: libvirt migration" in line
@@ -252,8 +252,7 @@ def test_admin_credentials_without_the_service_role_name_the_role_and_the_fix(
     assert status == cli.EXIT_ERROR
     assert (
         f"phase prestage failed: Neutron refused binding port {port.id} on cmp2 (inactive) "
-        "for envvars (HTTP 403): under Neutron's default policy it needs the service role"
-        in line
+        "for envvars (HTTP 403): under Neutron's default policy it needs the service role" in line
     )
     assert "set [neutron] in vmm-orchestrator.conf to Nova's service user" in line
     assert "openstack role add" in line
@@ -317,12 +316,16 @@ def test_the_directory_prestage_commit_acks_and_abort_on_real_neutron(
 
     staged = directory.prestage(scene.vni, port.mac_address, "cmp2", "vmm-t2")
     again = directory.prestage(scene.vni, port.mac_address, "cmp2", "vmm-t2")
-    assert staged["binding"] == again["binding"] == {
-        "host": "cmp2",
-        "status": "INACTIVE",
-        "vif_type": "ovs",
-        "migration_id": "vmm-t2",
-    }
+    assert (
+        staged["binding"]
+        == again["binding"]
+        == {
+            "host": "cmp2",
+            "status": "INACTIVE",
+            "vif_type": "ovs",
+            "migration_id": "vmm-t2",
+        }
+    )
     committed = directory.commit(scene.vni, port.mac_address, "vmm-t2")
     assert committed["activated"] is True
     acks = directory.acks(scene.vni, committed["revision"], timeout=5)
