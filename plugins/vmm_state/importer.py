@@ -33,6 +33,7 @@ from vmm_state.bundle import (
     WrongBundle,
 )
 from vmm_state.kind import ImportResult, KindContext, PoisonedEntry, Reason, StateKind
+from vmm_state.kinds._common import no_gc
 
 LOG = logging.getLogger(__name__)
 
@@ -377,7 +378,15 @@ class Importer:
         """
         with self._lock:
             self._synced.pop(migration_id, None)
-            return len(self.ledger.take(migration_id))
+            dropped = len(self.ledger.take(migration_id))
+        for kind in self.kinds.values():
+            try:
+                kind.forget(migration_id)
+            except Exception as err:
+                LOG.error(
+                    "host %s: %s could not forget %s: %r", self.host, kind.name, migration_id, err
+                )
+        return dropped
 
     def import_bundle(
         self,
@@ -404,10 +413,11 @@ class Importer:
                 migration.id, header.label, bundle.sections, err, bundle.size
             )
         ctx = kind_context(self.netns, migration)
-        with self._lock:
+        with self._lock, no_gc():
             started = time.perf_counter()
             candidates = self._screen(ctx, bundle, report)
-            poisoned = self._check_entries(ctx, bundle, candidates, report)
+            parsed: dict[str, list[dict[str, Any]]] = {}
+            poisoned = self._check_entries(ctx, bundle, candidates, report, parsed)
             report.check_ms = (time.perf_counter() - started) * 1000.0
             if poisoned is not None:
                 LOG.error(
@@ -424,7 +434,10 @@ class Importer:
             for kind in candidates:
                 if kind in report.answers:  # refused by the checks
                     continue
-                report.answers[kind] = self._install(ctx, migration, bundle, kind, received_at)
+                entries = parsed.pop(kind, None)
+                report.answers[kind] = self._install(
+                    ctx, migration, bundle, kind, received_at, entries
+                )
             report.import_ms = (time.perf_counter() - started) * 1000.0
         # Keep the bundle's order in the answer.
         report.answers = {k: report.answers[k] for k in bundle.sections}
@@ -500,8 +513,12 @@ class Importer:
         bundle: VerifiedBundle,
         candidates: list[str],
         report: ImportReport,
+        parsed: dict[str, list[dict[str, Any]]],
     ) -> BundleError | None:
         """Run kind.check on every entry; a poisoned one refuses the whole bundle.
+
+        The entries checked are kept in ``parsed`` (per kind) and installed as
+        they are: parsed once, and a kind may keep what its check worked out.
 
         A malformed entry (ValueError) refuses only its kind
         (FAIL/unsupported): the signer is trusted, its exporter is not
@@ -510,10 +527,14 @@ class Importer:
         for name in candidates:
             kind = self.kinds[name]
             index, entry = -1, None
+            kept: list[dict[str, Any]] = []
             try:
+                check = kind.check
                 for entry in bundle.sections[name].entries():
                     index += 1
-                    kind.check(ctx, entry)
+                    check(ctx, entry)
+                    kept.append(entry)
+                parsed[name] = kept
             except PoisonedEntry as err:
                 return PoisonedBundle(
                     f"entry {index} of kind {name} does not belong to VM "
@@ -540,11 +561,13 @@ class Importer:
         bundle: VerifiedBundle,
         name: str,
         received_at: float | None,
+        entries: list[dict[str, Any]] | None = None,
     ) -> KindAnswer:
         kind = self.kinds[name]
         section = bundle.sections[name]
         started = time.perf_counter()
-        entries = list(section.entries())
+        if entries is None:
+            entries = list(section.entries())
         if received_at is not None:
             _add_age(entries, time.monotonic() - received_at)
         try:

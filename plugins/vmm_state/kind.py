@@ -120,7 +120,12 @@ class StateKind(abc.ABC):
 
         ``since`` (a time.time() of an earlier export) asks for a delta:
         entries new or changed since then; a kind that cannot tell returns
-        everything, and import must then replace rather than duplicate.
+        everything, and import must then replace rather than duplicate. A
+        tracking kind's delta may carry entries ``{"op": "delete", ...}``
+        (the entry is gone at the source; the rest of the entry names it and
+        is checked like any other) and a first entry ``{"op": "resync"}``
+        (what follows is the whole set: delete what the destination
+        imported for this migration and the set no longer holds).
         Remaining lifetimes are exported as remaining seconds, never as
         absolute times (the hosts' clocks need not agree).
         """
@@ -138,6 +143,29 @@ class StateKind(abc.ABC):
     @abc.abstractmethod
     def revert_import(self, ctx: KindContext, record: dict[str, Any]) -> None:
         """Undo an import (an aborted migration), using its result's record."""
+
+    # -- change tracking (optional; the defaults track nothing) -----------------
+
+    def track(self, ctx: KindContext) -> None:
+        """Source: start recording changes of the VM's entries, before the full
+        export that is the pre-copy, so that a later ``export(ctx, since)``
+        can answer with only what changed since (see ``export``). A kind that
+        cannot track answers later deltas with everything (replace semantics).
+        """
+        return None
+
+    def untrack(self, migration_id: str) -> None:
+        """Source: stop recording changes for a migration (COMPLETED, ABORTED). Idempotent."""
+        return None
+
+    def forget(self, migration_id: str) -> None:
+        """Destination: the migration is over; drop what the kind remembers of its imports."""
+        return None
+
+    def delta_figures(self, migration_id: str) -> dict[str, Any]:
+        """Figures of the newest export for the migration: ``mode`` ("full", "delta"
+        or "resync": events were lost and everything was sent again), counts."""
+        return {}
 
     @abc.abstractmethod
     def cleanup_source(self, ctx: KindContext) -> None:

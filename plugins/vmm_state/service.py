@@ -191,11 +191,16 @@ def nva_voucher(nva: Any, host: str) -> Voucher:
 
 @dataclasses.dataclass
 class ExportStat:
-    """One kind's part of an export: entries written and ms spent in the kind's export."""
+    """One kind's part of an export: entries written and ms spent in the kind's export.
+
+    ``figures`` are the kind's own (``StateKind.delta_figures``): for a
+    tracking kind, whether a delta was sent or, after lost events, a full resync.
+    """
 
     entries: int = 0
     ms: float = 0.0
     error: str | None = None
+    figures: dict[str, Any] = dataclasses.field(default_factory=dict)
 
 
 @dataclasses.dataclass
@@ -241,6 +246,10 @@ class StateHost:
         self._lock = threading.Lock()
         self._clients: dict[str, StateClient] = {}
         self._server: StateServer | None = None
+        #: migrations whose changes this host (as source) tracks
+        self._tracked: set[str] = set()
+        #: full resyncs sent because change events were lost (counted, logged, noted)
+        self.resyncs = 0
 
     @classmethod
     def from_conf(
@@ -282,8 +291,11 @@ class StateHost:
             self._server = None
         with self._lock:
             clients, self._clients = list(self._clients.values()), {}
+            tracked, self._tracked = set(self._tracked), set()
         for client in clients:
             client.close()
+        for migration_id in tracked:
+            self._untrack(migration_id)
 
     @property
     def url(self) -> str:
@@ -307,8 +319,46 @@ class StateHost:
             self._expected[migration.id] = migration
 
     def forget(self, migration_id: str) -> None:
+        """The migration is over here (completed, aborted or committed): stop
+        tracking its changes and drop what the kinds remember of it."""
         with self._lock:
             self._expected.pop(migration_id, None)
+            self._tracked.discard(migration_id)
+        self._untrack(migration_id)
+        for name, kind in self.kinds.items():
+            try:
+                kind.forget(migration_id)
+            except Exception as err:
+                LOG.error("host %s: %s could not forget %s: %r", self.name, name, migration_id, err)
+
+    def _untrack(self, migration_id: str) -> None:
+        for name, kind in self.kinds.items():
+            try:
+                kind.untrack(migration_id)
+            except Exception as err:
+                LOG.error(
+                    "host %s: %s could not stop tracking %s: %r", self.name, name, migration_id, err
+                )
+
+    def track(self, ctx: KindContext, names: Iterable[str]) -> None:
+        """Start tracking the VM's changes in ``names`` before their full export."""
+        for name in names:
+            kind = self.kinds.get(name)
+            if kind is None:
+                continue
+            try:
+                kind.track(ctx)
+            except Exception as err:  # the delta is then a full export (replace semantics)
+                LOG.warning(
+                    "host %s: cannot track %s changes of %s (%r); its delta will be a full export",
+                    self.name,
+                    name,
+                    ctx.migration_id,
+                    err,
+                )
+                continue
+            with self._lock:
+                self._tracked.add(ctx.migration_id)
 
     def resolve(self, migration_id: str, description: str | None, role: Role | None) -> Migration:
         """The migration a request is about, or the ServiceError that refuses it."""
@@ -392,6 +442,9 @@ class StateHost:
         names = list(self.kinds) if kinds is None else list(kinds)
         per_kind = since if isinstance(since, Mapping) else dict.fromkeys(names, since)
         starts = [s for s in (per_kind.get(n) for n in names) if s is not None]
+        full = [n for n in names if per_kind.get(n) is None]
+        if full:  # subscribe before the dump, so that no change slips between
+            self.track(ctx, full)
         header = BundleHeader(
             migration=migration.id,
             workload=migration.workload.name,
@@ -424,7 +477,23 @@ class StateHost:
         if why is not None:
             stat.error = f"host {self.name} cannot hold {name}: {why}"
             return SectionSource(name, unavailable=stat.error)
-        return SectionSource(name, entries=_timed(lambda: kind.export(ctx, since), stat))
+        return SectionSource(name, entries=self._exported(kind, ctx, since, stat))
+
+    def _exported(
+        self, kind: StateKind, ctx: KindContext, since: float | None, stat: ExportStat
+    ) -> Iterator[dict[str, Any]]:
+        yield from _timed(lambda: kind.export(ctx, since), stat)
+        stat.figures = kind.delta_figures(ctx.migration_id)
+        if stat.figures.get("mode") == "resync":
+            with self._lock:
+                self.resyncs += 1
+            LOG.warning(
+                "host %s: %s of %s sent as a full resync (%s)",
+                self.name,
+                kind.name,
+                ctx.migration_id,
+                stat.figures,
+            )
 
     def cleanup_source(self, migration: Migration) -> dict[str, str | None]:
         """Remove the VM's entries here, kind by kind; per kind None or the error."""

@@ -65,6 +65,10 @@ def figures(transfers: list[Transfer], verdict: Verdict) -> dict[str, Any]:
             "import_ms": round(answer.ms, 3),
             "export_ms": round(sum(e.ms for e in exported), 3) if exported else None,
         }
+        tracked = [e.figures for e in exported if e.figures]
+        if tracked:  # e.g. {"mode": "delta" | "resync" | "full", counts}
+            kinds[name]["delta"] = tracked[-1]
+            kinds[name]["resyncs"] = sum(1 for f in tracked if f.get("mode") == "resync")
     return {
         "kinds": kinds,
         "bytes": sum(t.report.bytes for t in transfers),

@@ -5,10 +5,14 @@ rules about remaining lifetimes.
 
 from __future__ import annotations
 
+import contextlib
 import errno
+import gc
 import ipaddress
 import re
 import subprocess
+import threading
+from collections.abc import Iterator
 from typing import Any, ClassVar
 
 from oslo_config import cfg
@@ -184,3 +188,34 @@ def require(entry: Any, *keys: str) -> dict[str, Any]:
     if missing:
         raise ValueError(f"entry lacks {', '.join(missing)}: {entry}")
     return entry
+
+
+# -- bulk work without the cyclic garbage collector ---------------------------------
+
+_gc_lock = threading.Lock()
+_gc_holders = 0
+_gc_was_enabled = False
+
+
+@contextlib.contextmanager
+def no_gc() -> Iterator[None]:
+    """Run the body with Python's cyclic garbage collector paused.
+
+    Moving 100,000 entries allocates millions of small objects that all stay
+    alive; every 700 allocations the collector would walk them again, which
+    measured as half of an import's time. Nothing here makes reference
+    cycles, so the pause loses nothing; nested and concurrent users share it.
+    """
+    global _gc_holders, _gc_was_enabled
+    with _gc_lock:
+        if _gc_holders == 0:
+            _gc_was_enabled = gc.isenabled()
+            gc.disable()
+        _gc_holders += 1
+    try:
+        yield
+    finally:
+        with _gc_lock:
+            _gc_holders -= 1
+            if _gc_holders == 0 and _gc_was_enabled:
+                gc.enable()

@@ -133,7 +133,7 @@ class CtnetlinkError(OSError):
     """The kernel refused a request; ``errno`` says why."""
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(slots=True, unsafe_hash=True)
 class Tuple:
     """One direction of a connection: addresses, protocol, ports or ICMP fields."""
 
@@ -154,8 +154,16 @@ class Tuple:
         echo/timestamp/info/address-mask requests have a reply, and the
         kernel derives it, so the type is not compared (see ``same_flow``).
         """
-        return dataclasses.replace(
-            self, src=self.dst, dst=self.src, sport=self.dport, dport=self.sport
+        return Tuple(
+            self.family,
+            self.proto,
+            self.dst,
+            self.src,
+            self.dport,
+            self.sport,
+            self.icmp_id,
+            self.icmp_type,
+            self.icmp_code,
         )
 
     def same_flow(self, other: Tuple) -> bool:
@@ -240,7 +248,7 @@ def _ranged(value: Any, top: int, what: str) -> int:
     return value
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(slots=True)
 class Conn:
     """One conntrack entry as the kernel reports it (or as we will create it)."""
 
@@ -261,7 +269,12 @@ class Conn:
 
     @property
     def nat(self) -> bool:
-        return not self.orig.inverse().same_flow(self.reply)
+        o, r = self.orig, self.reply
+        if r.src != o.dst or r.dst != o.src or r.proto != o.proto or r.family != o.family:
+            return True
+        if o.proto in ICMP_PROTOCOLS:
+            return r.icmp_id != o.icmp_id
+        return r.sport != o.dport or r.dport != o.sport
 
 
 # -- encoding -----------------------------------------------------------------
@@ -276,7 +289,75 @@ def _nest(kind: int, *parts: bytes) -> bytes:
     return _attr(kind | NLA_F_NESTED, b"".join(parts))
 
 
+def _hdr(length: int, kind: int) -> bytes:
+    return _NLATTR.pack(length, kind)
+
+
+#: The two tuple layouts the kernel (and we) use for TCP/UDP/UDPlite: an IP
+#: nest with source and destination, a proto nest with number and ports.
+#: One struct each, so that a tuple is packed or unpacked in one call
+#: (the header fields are constants; decoding checks them).
+_V4_TUPLE = struct.Struct(">4s4s4s4s4s4s4sB3x4sH2x4sH2x")
+_V6_TUPLE = struct.Struct(">4s4s16s4s16s4s4sB3x4sH2x4sH2x")
+_PROTO_HDRS = (_hdr(28, CTA_TUPLE_PROTO | NLA_F_NESTED), _hdr(5, CTA_PROTO_NUM))
+_SPORT_HDR, _DPORT_HDR = _hdr(6, CTA_PROTO_SRC_PORT), _hdr(6, CTA_PROTO_DST_PORT)
+_V4_HDRS = (_hdr(20, CTA_TUPLE_IP | NLA_F_NESTED), _hdr(8, CTA_IP_V4_SRC), _hdr(8, CTA_IP_V4_DST))
+_V6_HDRS = (_hdr(44, CTA_TUPLE_IP | NLA_F_NESTED), _hdr(20, CTA_IP_V6_SRC), _hdr(20, CTA_IP_V6_DST))
+_V4_CHECK = (*_V4_HDRS, *_PROTO_HDRS, _SPORT_HDR, _DPORT_HDR)
+_V6_CHECK = (*_V6_HDRS, *_PROTO_HDRS, _SPORT_HDR, _DPORT_HDR)
+_ORIG_V4 = _hdr(4 + _V4_TUPLE.size, CTA_TUPLE_ORIG | NLA_F_NESTED)
+_REPLY_V4 = _hdr(4 + _V4_TUPLE.size, CTA_TUPLE_REPLY | NLA_F_NESTED)
+_ORIG_V6 = _hdr(4 + _V6_TUPLE.size, CTA_TUPLE_ORIG | NLA_F_NESTED)
+_REPLY_V6 = _hdr(4 + _V6_TUPLE.size, CTA_TUPLE_REPLY | NLA_F_NESTED)
+_TIMEOUT_HDR = _hdr(8, CTA_TIMEOUT)
+_STATUS_HDR = _hdr(8, CTA_STATUS)
+_TCP_INFO = struct.Struct("=4s4s4sB3x4sB3x4sB3x4sBB2x4sBB2x")
+_TCP_INFO_HDRS = (
+    _hdr(4 + 4 + 5 * 8, CTA_PROTOINFO | NLA_F_NESTED),
+    _hdr(4 + 5 * 8, CTA_PROTOINFO_TCP | NLA_F_NESTED),
+    _hdr(5, CTA_PROTOINFO_TCP_STATE),
+    _hdr(5, CTA_PROTOINFO_TCP_WSCALE_ORIGINAL),
+    _hdr(5, CTA_PROTOINFO_TCP_WSCALE_REPLY),
+    _hdr(6, CTA_PROTOINFO_TCP_FLAGS_ORIGINAL),
+    _hdr(6, CTA_PROTOINFO_TCP_FLAGS_REPLY),
+)
+
+
 def _encode_tuple(t: Tuple) -> bytes:
+    if t.proto in PORT_PROTOCOLS:
+        if t.family == socket.AF_INET:
+            h = _V4_HDRS
+            return _V4_TUPLE.pack(
+                h[0],
+                h[1],
+                socket.inet_pton(socket.AF_INET, t.src),
+                h[2],
+                socket.inet_pton(socket.AF_INET, t.dst),
+                *_PROTO_HDRS,
+                t.proto,
+                _SPORT_HDR,
+                t.sport,
+                _DPORT_HDR,
+                t.dport,
+            )
+        h = _V6_HDRS
+        return _V6_TUPLE.pack(
+            h[0],
+            h[1],
+            socket.inet_pton(socket.AF_INET6, t.src),
+            h[2],
+            socket.inet_pton(socket.AF_INET6, t.dst),
+            *_PROTO_HDRS,
+            t.proto,
+            _SPORT_HDR,
+            t.sport,
+            _DPORT_HDR,
+            t.dport,
+        )
+    return _encode_tuple_generic(t)
+
+
+def _encode_tuple_generic(t: Tuple) -> bytes:
     if t.family == socket.AF_INET:
         ip = _attr(CTA_IP_V4_SRC, socket.inet_pton(socket.AF_INET, t.src)) + _attr(
             CTA_IP_V4_DST, socket.inet_pton(socket.AF_INET, t.dst)
@@ -305,30 +386,65 @@ def _encode_tuple(t: Tuple) -> bytes:
     return _nest(CTA_TUPLE_IP, ip) + _nest(CTA_TUPLE_PROTO, proto)
 
 
-def encode_conn(conn: Conn, create: bool) -> bytes:
+def encode_conn(conn: Conn, create: bool, helper: bool | None = None) -> bytes:
     """The attributes of a CT_NEW request for ``conn``.
 
     Creating needs both tuples; updating an existing entry names it by its
-    original tuple (and zone) and may not change the reply tuple or the helper.
+    original tuple (and zone) and may not change the reply tuple or the
+    helper. A replace (create without NLM_F_EXCL: update if present, else
+    create) sends both tuples and no helper (``create=True, helper=False``).
     """
-    parts = [_nest(CTA_TUPLE_ORIG, _encode_tuple(conn.orig))]
-    if create:
-        parts.append(_nest(CTA_TUPLE_REPLY, _encode_tuple(conn.reply)))
-    parts.append(_attr(CTA_TIMEOUT, _BE32.pack(conn.timeout)))
+    orig, reply = conn.orig, conn.reply
+    if orig.proto in PORT_PROTOCOLS and reply.proto in PORT_PROTOCOLS:
+        v4 = orig.family == socket.AF_INET
+        parts = [(_ORIG_V4 if v4 else _ORIG_V6) + _encode_tuple(orig)]
+        if create:
+            parts.append((_REPLY_V4 if v4 else _REPLY_V6) + _encode_tuple(reply))
+    else:
+        parts = [_nest(CTA_TUPLE_ORIG, _encode_tuple(orig))]
+        if create:
+            parts.append(_nest(CTA_TUPLE_REPLY, _encode_tuple(reply)))
     # The kernel marks a created entry CONFIRMED before it applies CTA_STATUS
     # and answers EBUSY to any request that would clear that bit (measured on
     # 6.18), so it is always sent along.
     status = (conn.status & SETTABLE_STATUS) | IPS_CONFIRMED
-    parts.append(_attr(CTA_STATUS, _BE32.pack(status)))
+    parts.append(_TIMEOUT_HDR + _BE32.pack(conn.timeout) + _STATUS_HDR + _BE32.pack(status))
     if conn.mark:
         parts.append(_attr(CTA_MARK, _BE32.pack(conn.mark)))
     if conn.zone:  # creates in, or (update) finds the entry in, that zone
         parts.append(_attr(CTA_ZONE, _BE16.pack(conn.zone)))
     if conn.labels and any(conn.labels):
         parts.append(_attr(CTA_LABELS, conn.labels))
-    if conn.helper and create:
+    if conn.helper and (create if helper is None else helper):
         parts.append(_nest(CTA_HELP, _attr(CTA_HELP_NAME, conn.helper.encode() + b"\0")))
-    if conn.orig.proto == IPPROTO_TCP and conn.tcp_state is not None:
+    if orig.proto == IPPROTO_TCP and conn.tcp_state is not None:
+        fields = (
+            conn.tcp_wscale_orig,
+            conn.tcp_wscale_reply,
+            conn.tcp_flags_orig,
+            conn.tcp_flags_reply,
+        )
+        if None not in fields:
+            h = _TCP_INFO_HDRS
+            parts.append(
+                _TCP_INFO.pack(
+                    h[0],
+                    h[1],
+                    h[2],
+                    conn.tcp_state,
+                    h[3],
+                    fields[0],
+                    h[4],
+                    fields[1],
+                    h[5],
+                    fields[2],
+                    0xFF,
+                    h[6],
+                    fields[3],
+                    0xFF,
+                )
+            )
+            return b"".join(parts)
         tcp = [_attr(CTA_PROTOINFO_TCP_STATE, bytes([conn.tcp_state]))]
         if conn.tcp_wscale_orig is not None:
             tcp.append(_attr(CTA_PROTOINFO_TCP_WSCALE_ORIGINAL, bytes([conn.tcp_wscale_orig])))
@@ -341,6 +457,74 @@ def encode_conn(conn: Conn, create: bool) -> bytes:
             tcp.append(_attr(CTA_PROTOINFO_TCP_FLAGS_REPLY, bytes([conn.tcp_flags_reply, 0xFF])))
         parts.append(_nest(CTA_PROTOINFO, _nest(CTA_PROTOINFO_TCP, *tcp)))
     return b"".join(parts)
+
+
+_TUPLE_FMT = {
+    socket.AF_INET: "4s4s4s4s4s4s4sB3x4sH2x4sH2x",
+    socket.AF_INET6: "4s4s16s4s16s4s4sB3x4sH2x4sH2x",
+}
+_TCP_FMT = "4s4s4sB3x4sB3x4sB3x4sBB2x4sBB2x"
+
+
+def _whole(family: int, tcp: bool) -> struct.Struct:
+    """One struct for a whole CT_NEW message with both tuples, timeout,
+    status and (TCP) protocol info, in host byte order; big-endian fields
+    are passed through htons/htonl."""
+    tup = _TUPLE_FMT[family]
+    return struct.Struct(
+        "=IHHIIBBH" + "4s" + tup + "4s" + tup + "4sI4sI" + (_TCP_FMT if tcp else "")
+    )
+
+
+_WHOLE = {(f, tcp): _whole(f, tcp) for f in _TUPLE_FMT for tcp in (False, True)}
+_NEW_TYPE = (NFNL_SUBSYS_CTNETLINK << 8) | IPCTNL_MSG_CT_NEW
+
+
+def _fast_new(conn: Conn, flags: int) -> bytes | None:
+    """A whole CT_NEW message (both tuples) in one struct call, or None
+    when ``conn`` needs the general encoder (ICMP, labels, a helper, an
+    incomplete TCP state)."""
+    o, r = conn.orig, conn.reply
+    if o.proto not in PORT_PROTOCOLS or conn.labels or conn.helper:
+        return None
+    tcp = o.proto == IPPROTO_TCP and conn.tcp_state is not None
+    if tcp and None in (
+        conn.tcp_wscale_orig,
+        conn.tcp_wscale_reply,
+        conn.tcp_flags_orig,
+        conn.tcp_flags_reply,
+    ):
+        return None
+    fam = o.family
+    whole = _WHOLE[(fam, tcp)]
+    pton = socket.inet_pton
+    htons = socket.htons
+    extra = b""
+    if conn.mark:
+        extra += _attr(CTA_MARK, _BE32.pack(conn.mark))
+    if conn.zone:
+        extra += _attr(CTA_ZONE, _BE16.pack(conn.zone))
+    ip_hdrs = _V4_HDRS if fam == socket.AF_INET else _V6_HDRS
+    head = (_ORIG_V4, _REPLY_V4) if fam == socket.AF_INET else (_ORIG_V6, _REPLY_V6)
+    status = (conn.status & SETTABLE_STATUS) | IPS_CONFIRMED
+    args = [
+        whole.size + len(extra), _NEW_TYPE, flags, 0, 0, fam, 0, 0,
+        head[0], ip_hdrs[0], ip_hdrs[1], pton(fam, o.src), ip_hdrs[2], pton(fam, o.dst),
+        _PROTO_HDRS[0], _PROTO_HDRS[1], o.proto, _SPORT_HDR, htons(o.sport),
+        _DPORT_HDR, htons(o.dport),
+        head[1], ip_hdrs[0], ip_hdrs[1], pton(fam, r.src), ip_hdrs[2], pton(fam, r.dst),
+        _PROTO_HDRS[0], _PROTO_HDRS[1], r.proto, _SPORT_HDR, htons(r.sport),
+        _DPORT_HDR, htons(r.dport),
+        _TIMEOUT_HDR, socket.htonl(conn.timeout), _STATUS_HDR, socket.htonl(status),
+    ]  # fmt: skip
+    if tcp:
+        h = _TCP_INFO_HDRS
+        args += (
+            h[0], h[1], h[2], conn.tcp_state, h[3], conn.tcp_wscale_orig, h[4],
+            conn.tcp_wscale_reply, h[5], conn.tcp_flags_orig, 0xFF, h[6],
+            conn.tcp_flags_reply, 0xFF,
+        )  # fmt: skip
+    return whole.pack(*args) + extra
 
 
 def _message(msg_type: int, flags: int, seq: int, family: int, payload: bytes) -> bytes:
@@ -454,22 +638,132 @@ def _decode_rest(conn: Conn, attrs: dict[int, Any]) -> None:
                 conn.tcp_flags_reply = tcp[CTA_PROTOINFO_TCP_FLAGS_REPLY][0]
 
 
+def _fast_tuple(data: bytes, pos: int, length: int) -> tuple[Any, ...] | None:
+    """(proto, src, dst, sport, dport) of an encoded TCP/UDP tuple, raw
+    addresses; None if it is laid out otherwise (then decode it generically)."""
+    if length == _V4_TUPLE.size:
+        t = _V4_TUPLE.unpack_from(data, pos)
+        if (t[0], t[1], t[3], t[5], t[6], t[8], t[10]) == _V4_CHECK:
+            return t[7], t[2], t[4], t[9], t[11]
+    elif length == _V6_TUPLE.size:
+        t = _V6_TUPLE.unpack_from(data, pos)
+        if (t[0], t[1], t[3], t[5], t[6], t[8], t[10]) == _V6_CHECK:
+            return t[7], t[2], t[4], t[9], t[11]
+    return None
+
+
+def parse_conn(
+    data: bytes,
+    pos: int,
+    end: int,
+    raw: set[bytes] | frozenset[bytes] | None = None,
+    keep: Callable[[Tuple, Tuple], bool] | None = None,
+) -> Conn | None:
+    """Decode the CT_NEW/CT_DELETE message payload ``data[pos:end]`` (after
+    the netlink header); None if it is not an IPv4/IPv6 entry, or none of its
+    four tuple addresses is in ``raw``, or ``keep`` refuses its tuples.
+
+    TCP/UDP tuples and the TCP protocol info are unpacked with one struct
+    call each (their layout checked), and the address filter runs on the raw
+    bytes before any object is built, so skipping the other VMs' entries of a
+    large table stays cheap.
+    """
+    fam = data[pos]
+    if fam != socket.AF_INET and fam != socket.AF_INET6:
+        return None
+    pos += _NFGENMSG.size
+    found: dict[int, Any] = {}
+    rest: dict[int, tuple[int, int]] = {}
+    unpack = _NLATTR.unpack_from
+    be32 = _BE32.unpack_from
+    matched = raw is None
+    timeout = status = mark = zone = ident = 0
+    tcp: tuple[Any, ...] | None = None
+    while pos + 4 <= end:
+        length, kind = unpack(data, pos)
+        if length < 4:
+            break
+        kind &= NLA_TYPE_MASK
+        if kind == CTA_TUPLE_ORIG or kind == CTA_TUPLE_REPLY:
+            fast = _fast_tuple(data, pos + 4, length - 4)
+            if fast is None:
+                nest = memoryview(data)[pos + 4 : pos + length]
+                found[kind] = nest
+                if not matched and _tuple_addresses(nest) & raw:  # type: ignore[operator]
+                    matched = True
+            else:
+                found[kind] = fast
+                if not matched and (fast[1] in raw or fast[2] in raw):  # type: ignore[operator]
+                    matched = True
+        elif kind == CTA_TIMEOUT:
+            timeout = be32(data, pos + 4)[0]
+        elif kind == CTA_STATUS:
+            status = be32(data, pos + 4)[0]
+        elif kind == CTA_MARK:
+            mark = be32(data, pos + 4)[0]
+        elif kind == CTA_ID:
+            ident = be32(data, pos + 4)[0]
+        elif kind == CTA_ZONE:
+            zone = _BE16.unpack_from(data, pos + 4)[0]
+        elif kind == CTA_PROTOINFO and length == _TCP_INFO.size:
+            t = _TCP_INFO.unpack_from(data, pos)
+            if (t[0], t[1], t[2], t[4], t[6], t[8], t[11]) == _TCP_INFO_HDRS:
+                tcp = (t[3], t[5], t[7], t[9], t[12])
+            else:
+                rest[kind] = (pos + 4, pos + length)
+        else:
+            rest[kind] = (pos + 4, pos + length)
+        pos += (length + 3) & ~3
+    if not matched or len(found) != 2:
+        return None
+    orig, reply = (_tuple_of(fam, found[k]) for k in (CTA_TUPLE_ORIG, CTA_TUPLE_REPLY))
+    if keep is not None and not keep(orig, reply):
+        return None
+    conn = Conn(orig, reply, timeout, status, mark, zone)
+    conn.id = ident
+    if tcp is not None:
+        (
+            conn.tcp_state,
+            conn.tcp_wscale_orig,
+            conn.tcp_wscale_reply,
+            conn.tcp_flags_orig,
+            conn.tcp_flags_reply,
+        ) = tcp
+    if rest:
+        view = memoryview(data)
+        _decode_rest(conn, {k: view[a:b] for k, (a, b) in rest.items()})
+    return conn
+
+
+def _tuple_of(family: int, found: Any) -> Tuple:
+    if isinstance(found, tuple):
+        proto, src, dst, sport, dport = found
+        ntop = socket.inet_ntop
+        return Tuple(family, proto, ntop(family, src), ntop(family, dst), sport, dport)
+    return _decode_tuple(family, found)
+
+
 # -- the socket ---------------------------------------------------------------
 
 
 class Ctnetlink:
     """A ctnetlink socket inside one network namespace (None: the current one)."""
 
-    #: Requests per ``send``: big enough to amortise the system call, small
-    #: enough that the acknowledgements fit the receive buffer.
-    BATCH = 256
+    #: Requests per ``sendmsg``: the kernel processes them in one go and
+    #: acknowledges only the last (plus every refusal, always reported with
+    #: its sequence number), so a batch costs one system call each way.
+    BATCH = 2048
 
-    def __init__(self, netns: str | None) -> None:
+    def __init__(self, netns: str | None, groups: int = 0) -> None:
         self.netns = netns
         self.sock = socket_in(netns, socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_NETFILTER)
-        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
-        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4 << 20)
-        self.sock.bind((0, 0))
+        for opt, force in ((socket.SO_RCVBUF, 33), (socket.SO_SNDBUF, 32)):  # *BUFFORCE
+            size = (32 << 20) if groups else (4 << 20)
+            try:
+                self.sock.setsockopt(socket.SOL_SOCKET, force, size)
+            except OSError:  # not root: what the sysctl allows
+                self.sock.setsockopt(socket.SOL_SOCKET, opt, size)
+        self.sock.bind((0, groups))
         # The kernel answers at once; a silent socket is broken, not busy.
         self.sock.settimeout(30.0)
         self._seq = int.from_bytes(os.urandom(2), "big") << 8
@@ -487,16 +781,20 @@ class Ctnetlink:
         self._seq = (self._seq + 1) & 0xFFFFFFFF
         return self._seq
 
-    def _messages(self) -> Iterator[tuple[int, int, int, memoryview]]:
-        """(type, flags, seq, payload) of every message in the next datagram."""
-        data = memoryview(self.sock.recv(1 << 20))
-        pos = 0
-        while pos + _NLMSGHDR.size <= len(data):
-            length, kind, flags, seq, _pid = _NLMSGHDR.unpack_from(data, pos)
-            if length < _NLMSGHDR.size:
+    def _messages(self, flags: int = 0) -> list[tuple[int, int, int, bytes, int, int]]:
+        """(type, flags, seq, datagram, start, end) of every message in the next
+        datagram; the payload is ``datagram[start:end]`` (no copies)."""
+        data = self.sock.recv(1 << 20, flags)
+        out = []
+        pos, size = 0, len(data)
+        unpack = _NLMSGHDR.unpack_from
+        while pos + 16 <= size:
+            length, kind, mflags, seq, _pid = unpack(data, pos)
+            if length < 16:
                 break
-            yield kind, flags, seq, data[pos + _NLMSGHDR.size : pos + length]
+            out.append((kind, mflags, seq, data, pos + 16, pos + length))
             pos += (length + 3) & ~3
+        return out
 
     # -- dump --------------------------------------------------------------
 
@@ -513,80 +811,102 @@ class Ctnetlink:
         tuples are decoded before ``keep`` decides: filtering a large table
         for one VM stays cheap.
         """
+        return list(self.iter_dump(keep, family, addresses))
+
+    def iter_dump(
+        self,
+        keep: Callable[[Tuple, Tuple], bool] | None = None,
+        family: int = socket.AF_UNSPEC,
+        addresses: set[str] | None = None,
+    ) -> Iterator[Conn]:
+        """``dump``, lazily (the caller must read it to its end before the next request)."""
         raw = {socket.inet_pton(_family_of(a), a) for a in addresses} if addresses else None
         seq = self._next_seq()
         self.sock.send(_message(IPCTNL_MSG_CT_GET, NLM_F_REQUEST | NLM_F_DUMP, seq, family, b""))
-        out: list[Conn] = []
         while True:
-            for kind, _flags, mseq, payload in self._messages():
+            for kind, _flags, mseq, data, start, end in self._messages():
                 if mseq != seq:
                     continue
                 if kind == NLMSG_DONE:
-                    return out
+                    return
                 if kind == NLMSG_ERROR:
-                    code = -_ERR.unpack_from(payload)[0]
+                    code = -_ERR.unpack_from(data, start)[0]
                     if code:
                         raise CtnetlinkError(code, f"conntrack dump: {os.strerror(code)}")
                     continue
-                fam = payload[0]
-                attrs = _attrs(payload, _NFGENMSG.size)
-                if CTA_TUPLE_ORIG not in attrs or CTA_TUPLE_REPLY not in attrs:
-                    continue
-                if fam not in (socket.AF_INET, socket.AF_INET6):
-                    continue
-                if raw is not None and not (
-                    _tuple_addresses(attrs[CTA_TUPLE_ORIG]) & raw
-                    or _tuple_addresses(attrs[CTA_TUPLE_REPLY]) & raw
-                ):
-                    continue
-                orig = _decode_tuple(fam, attrs[CTA_TUPLE_ORIG])
-                reply = _decode_tuple(fam, attrs[CTA_TUPLE_REPLY])
-                if keep is not None and not keep(orig, reply):
-                    continue
-                conn = Conn(orig, reply)
-                _decode_rest(conn, attrs)
-                out.append(conn)
+                conn = parse_conn(data, start, end, raw, keep)
+                if conn is not None:
+                    yield conn
 
     # -- changes -----------------------------------------------------------
 
     def apply(self, requests: list[tuple[str, Conn]]) -> list[int]:
-        """Send ``(op, conn)`` requests (op: create, update, delete) in batches.
+        """Send ``(op, conn)`` requests in batches (op: create, replace, update, delete).
 
-        Returns one errno per request (0: done), in order. Requests after a
-        refusal are still sent; the caller decides what to undo.
+        ``create`` fails with EEXIST if the entry exists; ``replace`` updates
+        it if it exists and creates it otherwise; ``update`` fails with ENOENT
+        if it does not exist. Returns one errno per request (0: done), in
+        order. Requests after a refusal are still sent; the caller decides
+        what to undo.
         """
-        results = [0] * len(requests)
-        for start in range(0, len(requests), self.BATCH):
-            chunk = requests[start : start + self.BATCH]
-            by_seq: dict[int, int] = {}
-            wire = []
-            for offset, (op, conn) in enumerate(chunk):
-                seq = self._next_seq()
-                by_seq[seq] = start + offset
-                wire.append(self._request(op, conn, seq))
-            self.sock.send(b"".join(wire))
-            pending = set(by_seq)
-            while pending:
-                for kind, _flags, mseq, payload in self._messages():
-                    if kind == NLMSG_ERROR and mseq in pending:
-                        pending.discard(mseq)
-                        results[by_seq[mseq]] = -_ERR.unpack_from(payload)[0]
+        wire = [self._request(op, conn, 0) for op, conn in requests]
+        return self.send_batched(wire)
+
+    def send_batched(self, wire: list[bytes]) -> list[int]:
+        """Send pre-encoded requests (sequence number 0 in their header: set here)
+        in batches, one acknowledgement per batch; one errno per request."""
+        results = [0] * len(wire)
+        pack_into = _SEQ.pack_into
+        for start in range(0, len(wire), self.BATCH):
+            chunk = wire[start : start + self.BATCH]
+            first = self._seq + 1
+            buf = bytearray(b"".join(chunk))
+            pos = 0
+            last = len(chunk) - 1
+            for i, msg in enumerate(chunk):
+                pack_into(buf, pos + 8, (first + i) & 0xFFFFFFFF)
+                if i == last:  # ask for an acknowledgement of the last one only
+                    flags = _FLAGS.unpack_from(buf, pos + 6)[0] | NLM_F_ACK
+                    _FLAGS.pack_into(buf, pos + 6, flags)
+                pos += len(msg)
+            self._seq = (first + last) & 0xFFFFFFFF
+            end_seq = self._seq
+            self.sock.send(buf)
+            done = False
+            while not done:
+                for kind, _flags, mseq, data, s0, _e in self._messages():
+                    if kind != NLMSG_ERROR:
+                        continue
+                    offset = (mseq - first) & 0xFFFFFFFF
+                    if offset > last:
+                        continue
+                    results[start + offset] = -_ERR.unpack_from(data, s0)[0]
+                    if mseq == end_seq:
+                        done = True
         return results
 
     @staticmethod
     def _request(op: str, conn: Conn, seq: int) -> bytes:
         family = conn.orig.family
         if op == "create":
-            flags = NLM_F_REQUEST | NLM_F_ACK | NLM_F_CREATE | NLM_F_EXCL
+            flags = NLM_F_REQUEST | NLM_F_CREATE | NLM_F_EXCL
+            fast = _fast_new(conn, flags) if not seq else None
+            if fast is not None:
+                return fast
             return _message(IPCTNL_MSG_CT_NEW, flags, seq, family, encode_conn(conn, True))
+        if op == "replace":
+            flags = NLM_F_REQUEST | NLM_F_CREATE
+            if not seq and not conn.helper:
+                fast = _fast_new(conn, flags)
+                if fast is not None:
+                    return fast
+            payload = encode_conn(conn, True, helper=False)
+            return _message(IPCTNL_MSG_CT_NEW, flags, seq, family, payload)
         if op == "update":
-            flags = NLM_F_REQUEST | NLM_F_ACK
+            flags = NLM_F_REQUEST
             return _message(IPCTNL_MSG_CT_NEW, flags, seq, family, encode_conn(conn, False))
         if op == "delete":
-            payload = _nest(CTA_TUPLE_ORIG, _encode_tuple(conn.orig))
-            if conn.zone:
-                payload += _attr(CTA_ZONE, _BE16.pack(conn.zone))
-            return _message(IPCTNL_MSG_CT_DELETE, NLM_F_REQUEST | NLM_F_ACK, seq, family, payload)
+            return _message(IPCTNL_MSG_CT_DELETE, NLM_F_REQUEST, seq, family, _name(conn))
         raise ValueError(f"unknown conntrack operation {op!r}")
 
     def delete(self, conns: list[Conn]) -> int:
@@ -597,21 +917,107 @@ class Ctnetlink:
                 raise CtnetlinkError(code, f"conntrack delete: {os.strerror(code)}")
         return sum(1 for c in codes if c == 0)
 
+    def get_many(self, conns: list[Conn]) -> list[Conn | None]:
+        """The kernel's current entry for each of ``conns`` (found by original
+        tuple and zone), None where there is none: one request each, batched."""
+        out: list[Conn | None] = [None] * len(conns)
+        for start in range(0, len(conns), 512):
+            chunk = conns[start : start + 512]
+            by_seq: dict[int, int] = {}
+            wire = []
+            for offset, conn in enumerate(chunk):
+                seq = self._next_seq()
+                by_seq[seq] = start + offset
+                wire.append(
+                    _message(IPCTNL_MSG_CT_GET, NLM_F_REQUEST, seq, conn.orig.family, _name(conn))
+                )
+            self.sock.send(b"".join(wire))
+            while by_seq:
+                for kind, _flags, mseq, data, s0, e0 in self._messages():
+                    index = by_seq.pop(mseq, None)
+                    if index is None:
+                        continue
+                    if kind == NLMSG_ERROR:
+                        code = -_ERR.unpack_from(data, s0)[0]
+                        if code and code != errno.ENOENT:
+                            raise CtnetlinkError(code, f"conntrack get: {os.strerror(code)}")
+                        continue
+                    out[index] = parse_conn(data, s0, e0)
+        return out
+
     def counts(self) -> tuple[int, int]:
         """(entries in this namespace's table, the table's maximum)."""
         seq = self._next_seq()
         self.sock.send(_message(IPCTNL_MSG_CT_GET_STATS, NLM_F_REQUEST, seq, socket.AF_UNSPEC, b""))
         while True:
-            for kind, _flags, mseq, payload in self._messages():
+            for kind, _flags, mseq, data, start, end in self._messages():
                 if mseq != seq:
                     continue
                 if kind == NLMSG_ERROR:
-                    code = -_ERR.unpack_from(payload)[0]
+                    code = -_ERR.unpack_from(data, start)[0]
                     raise CtnetlinkError(code, f"conntrack stats: {os.strerror(code)}")
-                attrs = _attrs(payload, _NFGENMSG.size)
+                attrs = _attrs(memoryview(data)[start:end], _NFGENMSG.size)
                 used = _BE32.unpack(attrs[CTA_STATS_GLOBAL_ENTRIES])[0]
                 top = _BE32.unpack(attrs[CTA_STATS_GLOBAL_MAX_ENTRIES])[0]
                 return used, top
+
+
+#: Multicast groups of conntrack events (``NFNLGRP_CONNTRACK_*``), as bind() bits.
+NFNLGRP_CONNTRACK_NEW = 1
+NFNLGRP_CONNTRACK_UPDATE = 2
+NFNLGRP_CONNTRACK_DESTROY = 3
+EVENT_GROUPS = (
+    (1 << (NFNLGRP_CONNTRACK_NEW - 1))
+    | (1 << (NFNLGRP_CONNTRACK_UPDATE - 1))
+    | (1 << (NFNLGRP_CONNTRACK_DESTROY - 1))
+)
+
+
+class EventSocket(Ctnetlink):
+    """A ctnetlink socket subscribed to NEW, UPDATE and DESTROY events.
+
+    Its receive buffer is 32 MiB; when the kernel still has to drop an event
+    (the reader fell behind), the next ``read`` raises ENOBUFS: the loss is
+    always seen, never silent.
+    """
+
+    def __init__(self, netns: str | None) -> None:
+        super().__init__(netns, EVENT_GROUPS)
+        self.sock.setblocking(False)
+
+    def read(self) -> list[tuple[bool, bytes, int, int]]:
+        """Every event queued now: (destroyed, datagram, start, end); OSError
+        ENOBUFS if the kernel dropped some."""
+        out: list[tuple[bool, bytes, int, int]] = []
+        while True:
+            try:
+                messages = self._messages()
+            except BlockingIOError:
+                return out
+            for kind, _flags, _seq, data, start, end in messages:
+                msg = kind & 0xFF
+                if kind >> 8 != NFNL_SUBSYS_CTNETLINK or msg not in (
+                    IPCTNL_MSG_CT_NEW,
+                    IPCTNL_MSG_CT_DELETE,
+                ):
+                    continue
+                out.append((msg == IPCTNL_MSG_CT_DELETE, data, start, end))
+
+
+def _name(conn: Conn) -> bytes:
+    """The attributes that name an entry: original tuple and zone."""
+    if conn.orig.proto in PORT_PROTOCOLS:
+        head = _ORIG_V4 if conn.orig.family == socket.AF_INET else _ORIG_V6
+        payload = head + _encode_tuple(conn.orig)
+    else:
+        payload = _nest(CTA_TUPLE_ORIG, _encode_tuple(conn.orig))
+    if conn.zone:
+        payload += _attr(CTA_ZONE, _BE16.pack(conn.zone))
+    return payload
+
+
+_SEQ = struct.Struct("=I")
+_FLAGS = struct.Struct("=H")
 
 
 @contextlib.contextmanager

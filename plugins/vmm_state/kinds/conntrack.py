@@ -43,10 +43,12 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import functools
 import ipaddress
 import logging
 import os
 import socket
+import threading
 import time
 from collections.abc import Iterator
 from typing import Any, ClassVar
@@ -55,7 +57,8 @@ from oslo_config import cfg
 
 from vmm_state.kind import ImportResult, KindContext, PoisonedEntry, Reason
 from vmm_state.kinds import _ctnetlink as ctnl
-from vmm_state.kinds._common import BaseKind, max_entries_opt, reason_for, remaining, require
+from vmm_state.kinds._common import BaseKind, max_entries_opt, no_gc, reason_for, remaining
+from vmm_state.kinds._cttrack import Tracker, key_of
 
 LOG = logging.getLogger(__name__)
 
@@ -68,10 +71,15 @@ EXPECTED_UNSUPPORTED = frozenset({socket.IPPROTO_IGMP})
 
 
 def _canonical(addresses: set[str]) -> set[str]:
-    return {str(ipaddress.ip_address(a)) for a in addresses}
+    return set(_canonical_cached(frozenset(addresses)))
 
 
-def owned(orig: ctnl.Tuple, reply: ctnl.Tuple, addresses: set[str]) -> bool:
+@functools.lru_cache(maxsize=64)
+def _canonical_cached(addresses: frozenset[str]) -> frozenset[str]:
+    return frozenset(str(ipaddress.ip_address(a)) for a in addresses)
+
+
+def owned(orig: ctnl.Tuple, reply: ctnl.Tuple, addresses: set[str] | frozenset[str]) -> bool:
     """The VM started (orig.src) or answers (reply.src) this connection."""
     return orig.src in addresses or reply.src in addresses
 
@@ -82,6 +90,12 @@ def other_ends(orig: ctnl.Tuple, reply: ctnl.Tuple, addresses: set[str]) -> set[
     return {orig.src, orig.dst, reply.src, reply.dst} - addresses
 
 
+_STATUS_LISTS = {
+    bits: tuple(name for bit, name in ctnl.STATUS_NAMES.items() if bits & bit)
+    for bits in range(ctnl.SETTABLE_STATUS + 1)
+}
+
+
 def to_entry(conn: ctnl.Conn) -> dict[str, Any]:
     """The JSON form of a kernel entry."""
     entry: dict[str, Any] = {
@@ -90,7 +104,7 @@ def to_entry(conn: ctnl.Conn) -> dict[str, Any]:
         "orig": conn.orig.to_dict(),
         "reply": conn.reply.to_dict(),
         "timeout": max(0, conn.timeout),
-        "status": [name for bit, name in ctnl.STATUS_NAMES.items() if conn.status & bit],
+        "status": list(_STATUS_LISTS[conn.status & ctnl.SETTABLE_STATUS]),
     }
     if conn.orig.proto == ctnl.IPPROTO_TCP and conn.tcp_state is not None:
         entry["tcp"] = {
@@ -114,57 +128,87 @@ def to_entry(conn: ctnl.Conn) -> dict[str, Any]:
 
 
 def _int(value: Any, top: int, what: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= top:
+    if value.__class__ is not int or not 0 <= value <= top:
         raise ValueError(f"{what} must be an integer from 0 to {top}, got {value!r}")
-    return value
+    return int(value)
+
+
+_STATUS_BITS = {v: k for k, v in ctnl.STATUS_NAMES.items()}
+_TCP_STATE_INDEX = {name: i for i, name in enumerate(ctnl.TCP_STATES)}
+_OPS = frozenset({"set", "delete"})
+#: Where ``check`` leaves the parsed entry for ``import_`` (a key no JSON
+#: entry can hold as a Conn: check always overwrites it, import only trusts a Conn).
+PARSED = "\0conn"
+
+
+def _tuple(family: int, proto: int, data: Any) -> ctnl.Tuple:
+    if data.__class__ is not dict:
+        raise ValueError("a conntrack tuple must be an object")
+    try:
+        src = ctnl.canonical_ip(family, data["src"])
+        dst = ctnl.canonical_ip(family, data["dst"])
+        if proto in ctnl.PORT_PROTOCOLS:
+            sport, dport = data["sport"], data["dport"]
+            if sport.__class__ is not int or dport.__class__ is not int:
+                raise ValueError(f"ports must be integers, got {sport!r}, {dport!r}")
+            if not (0 <= sport <= 0xFFFF and 0 <= dport <= 0xFFFF):
+                raise ValueError(f"ports out of range: {sport}, {dport}")
+            return ctnl.Tuple(family, proto, src, dst, sport, dport)
+    except KeyError as exc:
+        raise ValueError(f"tuple lacks {exc}") from None
+    return ctnl.Tuple.from_dict(family, proto, data)
 
 
 def from_entry(entry: dict[str, Any]) -> ctnl.Conn:
     """Parse and validate an entry (ValueError if malformed)."""
-    require(entry, "family", "proto", "orig", "reply", "timeout")
-    family = FAMILIES.get(entry["family"])
-    if family is None:
-        raise ValueError(f"unknown family {entry['family']!r}")
-    proto = PROTOCOLS.get(entry["proto"])
-    if proto is None:
-        raise ValueError(f"unsupported protocol {entry['proto']!r}")
+    if entry.__class__ is not dict:
+        raise ValueError(f"an entry must be an object, got {type(entry).__name__}")
+    try:
+        family = FAMILIES[entry["family"]]
+        proto = PROTOCOLS[entry["proto"]]
+        orig = _tuple(family, proto, entry["orig"])
+        reply = _tuple(family, proto, entry["reply"])
+        timeout = entry["timeout"]
+    except KeyError as exc:
+        raise ValueError(f"entry lacks or has an unknown {exc}: {str(entry)[:200]}") from None
+    except TypeError:
+        raise ValueError(f"malformed entry {str(entry)[:200]}") from None
     if proto == ctnl.IPPROTO_ICMP and family != socket.AF_INET:
         raise ValueError("icmp needs ipv4")
     if proto == ctnl.IPPROTO_ICMPV6 and family != socket.AF_INET6:
         raise ValueError("icmpv6 needs ipv6")
-    try:
-        orig = ctnl.Tuple.from_dict(family, proto, entry["orig"])
-        reply = ctnl.Tuple.from_dict(family, proto, entry["reply"])
-    except KeyError as exc:
-        raise ValueError(f"tuple lacks {exc}") from None
-    timeout = entry["timeout"]
-    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or timeout < 0:
+    if timeout.__class__ not in (int, float) or timeout < 0:
         raise ValueError(f"timeout must be seconds >= 0, got {timeout!r}")
     status = 0
-    names = {v: k for k, v in ctnl.STATUS_NAMES.items()}
-    for name in entry.get("status", []):
-        if name not in names:
-            raise ValueError(f"status {name!r} cannot be set (only {sorted(names)})")
-        status |= names[name]
-    conn = ctnl.Conn(orig, reply, timeout=int(timeout), status=status)
-    conn.mark = _int(entry.get("mark", 0), 0xFFFFFFFF, "mark")
-    conn.zone = _int(entry.get("zone", 0), 0xFFFF, "zone")
-    labels = entry.get("labels", "")
-    if not isinstance(labels, str) or len(labels) > 32:
-        raise ValueError("labels must be at most 16 bytes in hex")
-    try:
-        conn.labels = bytes.fromhex(labels)
-    except ValueError:
-        raise ValueError(f"labels are not hex: {labels!r}") from None
-    helper = entry.get("helper", "")
-    if not isinstance(helper, str) or len(helper) > 15 or not helper.isascii():
-        raise ValueError(f"bad helper name {helper!r}")
-    conn.helper = helper
+    for name in entry.get("status", ()):
+        bit = _STATUS_BITS.get(name)
+        if bit is None:
+            raise ValueError(f"status {name!r} cannot be set (only {sorted(_STATUS_BITS)})")
+        status |= bit
+    conn = ctnl.Conn(orig, reply, int(timeout), status)
+    if "mark" in entry:
+        conn.mark = _int(entry["mark"], 0xFFFFFFFF, "mark")
+    if "zone" in entry:
+        conn.zone = _int(entry["zone"], 0xFFFF, "zone")
+    labels = entry.get("labels")
+    if labels:
+        if not isinstance(labels, str) or len(labels) > 32:
+            raise ValueError("labels must be at most 16 bytes in hex")
+        try:
+            conn.labels = bytes.fromhex(labels)
+        except ValueError:
+            raise ValueError(f"labels are not hex: {labels!r}") from None
+    helper = entry.get("helper")
+    if helper:
+        if not isinstance(helper, str) or len(helper) > 15 or not helper.isascii():
+            raise ValueError(f"bad helper name {helper!r}")
+        conn.helper = helper
     tcp = entry.get("tcp")
     if proto == ctnl.IPPROTO_TCP:
-        if not isinstance(tcp, dict) or tcp.get("state") not in ctnl.TCP_STATES:
+        state = _TCP_STATE_INDEX.get(tcp.get("state")) if tcp.__class__ is dict else None
+        if state is None:
             raise ValueError(f"a TCP entry needs tcp.state in {ctnl.TCP_STATES}")
-        conn.tcp_state = ctnl.TCP_STATES.index(tcp["state"])
+        conn.tcp_state = state
         conn.tcp_wscale_orig = _int(tcp.get("wscale_orig", 0), 14, "wscale")
         conn.tcp_wscale_reply = _int(tcp.get("wscale_reply", 0), 14, "wscale")
         conn.tcp_flags_orig = _int(tcp.get("flags_orig", 0), 0xFF, "tcp flags")
@@ -172,6 +216,14 @@ def from_entry(entry: dict[str, Any]) -> ctnl.Conn:
     elif tcp is not None:
         raise ValueError("only TCP entries carry tcp state")
     return conn
+
+
+def parsed(entry: dict[str, Any]) -> ctnl.Conn:
+    """The entry's Conn: the one ``check`` parsed, else parsed now."""
+    conn = entry.get(PARSED)
+    if conn.__class__ is ctnl.Conn:
+        return conn  # type: ignore[no-any-return]
+    return from_entry(entry)
 
 
 def _key(t: ctnl.Tuple, zone: int) -> list[Any]:
@@ -187,6 +239,13 @@ def _from_key(key: list[Any]) -> ctnl.Conn:
         t = ctnl.Tuple(family, proto, src, dst, icmp_id=a, icmp_type=b, icmp_code=c)
     else:
         t = ctnl.Tuple(family, proto, src, dst, sport=a, dport=b)
+    return ctnl.Conn(t, t.inverse(), zone=zone)
+
+
+def _conn_of(key: tuple[Any, ...]) -> ctnl.Conn:
+    """A Conn that names the entry ``key_of`` describes (enough to delete it)."""
+    family, proto, src, dst, sport, dport, icmp_id, icmp_type, icmp_code, zone = key
+    t = ctnl.Tuple(family, proto, src, dst, sport, dport, icmp_id, icmp_type, icmp_code)
     return ctnl.Conn(t, t.inverse(), zone=zone)
 
 
@@ -215,7 +274,35 @@ class ConntrackKind(BaseKind):
             help="What to do with sessions whose reply tuple is rewritten (NAT): their "
             "mapping belongs to the source host's NAT configuration.",
         ),
+        cfg.IntOpt(
+            "refresh_below",
+            default=300,
+            min=0,
+            help="Source: a session whose remaining timeout was under this many seconds "
+            "at the pre-copy (or at its last event) is read again at the switchover and "
+            "sent with its current timeout: packets refresh timeouts without raising "
+            "events, and a short one could otherwise run out at the destination.",
+        ),
+        cfg.IntOpt(
+            "track_seconds",
+            default=3600,
+            min=1,
+            help="Source: longest a migration's conntrack events are followed; a "
+            "migration that neither completes nor aborts by then gets a full resync "
+            "at its switchover.",
+        ),
     ]
+
+    def __init__(self, conf: cfg.ConfigOpts) -> None:
+        super().__init__(conf)
+        self._lock = threading.Lock()
+        #: source: migration -> its change tracker
+        self._trackers: dict[str, Tracker] = {}
+        #: source: migration -> figures of its newest export
+        self._figures: dict[str, dict[str, Any]] = {}
+        #: destination: migration -> names (key_of) of the entries its imports installed
+        self._ours: dict[str, set[Any]] = {}
+        self._checking: tuple[KindContext, frozenset[str]] | None = None
 
     def unavailable(self, ctx: KindContext) -> str | None:
         try:
@@ -225,6 +312,31 @@ class ConntrackKind(BaseKind):
             return f"conntrack is not available in {ctx.netns or 'this namespace'}: {exc}"
         return None
 
+    # -- tracking (source) ---------------------------------------------------
+
+    def track(self, ctx: KindContext) -> None:
+        """Subscribe to the VM's conntrack events (before the pre-copy's dump)."""
+        group = self.conf[self.group]
+        tracker = Tracker(
+            ctx.netns, _canonical(ctx.addresses), group.refresh_below, group.track_seconds
+        )
+        with self._lock:
+            old = self._trackers.pop(ctx.migration_id, None)
+            self._trackers[ctx.migration_id] = tracker
+        if old is not None:
+            old.stop()
+
+    def untrack(self, migration_id: str) -> None:
+        with self._lock:
+            tracker = self._trackers.pop(migration_id, None)
+            self._figures.pop(migration_id, None)
+        if tracker is not None:
+            tracker.stop()
+
+    def delta_figures(self, migration_id: str) -> dict[str, Any]:
+        with self._lock:
+            return dict(self._figures.get(migration_id, {}))
+
     # -- export ------------------------------------------------------------
 
     def _dump_owned(self, netns: str | None, addresses: set[str]) -> list[ctnl.Conn]:
@@ -232,12 +344,53 @@ class ConntrackKind(BaseKind):
             return nl.dump(lambda o, r: owned(o, r, addresses), addresses=addresses)
 
     def export(self, ctx: KindContext, since: float | None = None) -> Iterator[dict[str, Any]]:
-        """Every session of the VM, with its remaining timeout.
+        """Every session of the VM with its remaining timeout; or, for a delta
+        (``since``) of a tracked migration, only the sessions created, changed
+        or destroyed since the pre-copy (see :mod:`._cttrack`).
 
-        conntrack keeps no change time unless timestamps are on, so a delta
-        (``since``) is the whole set; import replaces, never duplicates.
+        Without tracking, or when an event was lost, a delta is a resync: a
+        first entry ``{"op": "resync"}`` and then every session.
         """
-        for conn in self._dump_owned(ctx.netns, _canonical(ctx.addresses)):
+        with self._lock:
+            tracker = self._trackers.get(ctx.migration_id)
+        if since is not None and tracker is not None:
+            delta = tracker.delta()
+            if delta is not None:
+                changed, destroyed, figures = delta
+                self._note(
+                    ctx.migration_id,
+                    mode="delta",
+                    changed=len(changed),
+                    destroyed=len(destroyed),
+                    **figures,
+                )
+                for conn in changed:
+                    if conn.orig.proto in ctnl.SUPPORTED_PROTOCOLS:
+                        yield to_entry(conn)
+                for conn in destroyed:
+                    if conn.orig.proto in ctnl.SUPPORTED_PROTOCOLS:
+                        yield {"op": "delete", **to_entry(conn)}
+                return
+            LOG.warning(
+                "conntrack: %d event loss(es) while tracking %s; sending a full resync",
+                tracker.lost,
+                ctx.migration_id,
+            )
+        with no_gc():
+            conns = self._dump_owned(ctx.netns, _canonical(ctx.addresses))
+        if since is None:
+            if tracker is not None:
+                tracker.note_export(conns)
+            self._note(ctx.migration_id, mode="full", entries=len(conns))
+        else:
+            lost = tracker.lost if tracker is not None else 0
+            self._note(ctx.migration_id, mode="resync", entries=len(conns), lost_events=lost)
+            yield {"op": "resync"}
+        yield from self._entries(conns)
+
+    @staticmethod
+    def _entries(conns: list[ctnl.Conn]) -> Iterator[dict[str, Any]]:
+        for conn in conns:
             if conn.orig.proto not in ctnl.SUPPORTED_PROTOCOLS:
                 expected = conn.orig.proto in EXPECTED_UNSUPPORTED
                 LOG.log(
@@ -248,102 +401,161 @@ class ConntrackKind(BaseKind):
                 continue
             yield to_entry(conn)
 
+    def _note(self, migration_id: str, **figures: Any) -> None:
+        with self._lock:
+            self._figures[migration_id] = figures
+
     # -- check -------------------------------------------------------------
 
     def check(self, ctx: KindContext, entry: dict[str, Any]) -> None:
+        op = entry.get("op", "set") if entry.__class__ is dict else "set"
+        if op == "resync":
+            extra = set(entry) - {"op", "age"}
+            if extra:
+                raise ValueError(f"a resync marker carries nothing else, got {sorted(extra)}")
+            return
+        if op not in _OPS:
+            raise ValueError(f"unknown conntrack entry op {op!r}")
         conn = from_entry(entry)
-        if not owned(conn.orig, conn.reply, _canonical(ctx.addresses)):
+        memo = self._checking
+        if memo is None or memo[0] is not ctx:  # the same context for a whole bundle
+            memo = self._checking = (ctx, _canonical_cached(frozenset(ctx.addresses)))
+        if not owned(conn.orig, conn.reply, memo[1]):
             raise PoisonedEntry(
                 f"session {conn.orig.src} -> {conn.orig.dst} (reply from {conn.reply.src}) "
                 "is not one the VM starts or answers"
             )
+        entry[PARSED] = conn
 
     # -- import ------------------------------------------------------------
 
     def import_(self, ctx: KindContext, entries: list[dict[str, Any]]) -> ImportResult:
+        with no_gc():
+            return self._import(ctx, entries)
+
+    def _import(self, ctx: KindContext, entries: list[dict[str, Any]]) -> ImportResult:
         refused = self.too_many(len(entries))
         if refused:
             return refused
+        resync = bool(entries) and entries[0].get("op") == "resync"
+        if resync:
+            entries = entries[1:]
+        wanted: list[ctnl.Conn] = []
+        doomed: list[ctnl.Conn] = []
+        nat = expired = 0
+        liberal = self.conf[self.group].be_liberal
         try:
-            conns = [from_entry(e) for e in entries]
+            for entry in entries:
+                conn = parsed(entry)
+                entry.pop(PARSED, None)
+                if entry.get("op", "set") == "delete":
+                    doomed.append(conn)
+                    continue
+                if conn.nat:
+                    nat += 1
+                    continue
+                conn.timeout = remaining(entry["timeout"], entry)
+                if conn.timeout <= 0:
+                    expired += 1
+                    continue
+                if liberal and conn.orig.proto == ctnl.IPPROTO_TCP:
+                    conn.tcp_flags_orig = (conn.tcp_flags_orig or 0) | ctnl.TCP_FLAG_BE_LIBERAL
+                    conn.tcp_flags_reply = (conn.tcp_flags_reply or 0) | ctnl.TCP_FLAG_BE_LIBERAL
+                wanted.append(conn)
         except ValueError as exc:
             return ImportResult.fail(self.name, Reason.UNSUPPORTED, f"malformed entry: {exc}")
-        wanted: list[ctnl.Conn] = []
-        nat = expired = 0
-        for entry, conn in zip(entries, conns, strict=True):
-            if conn.nat:
-                nat += 1
-                continue
-            conn.timeout = remaining(conn.timeout, entry)
-            if conn.timeout <= 0:
-                expired += 1
-                continue
-            if self.conf[self.group].be_liberal and conn.orig.proto == ctnl.IPPROTO_TCP:
-                conn.tcp_flags_orig = (conn.tcp_flags_orig or 0) | ctnl.TCP_FLAG_BE_LIBERAL
-                conn.tcp_flags_reply = (conn.tcp_flags_reply or 0) | ctnl.TCP_FLAG_BE_LIBERAL
-            wanted.append(conn)
         if nat and self.conf[self.group].nat_sessions == "fail":
             return ImportResult.fail(
                 self.name, Reason.UNSUPPORTED, f"{nat} NATed session(s) cannot be installed"
             )
+        with self._lock:
+            ours = set(self._ours.get(ctx.migration_id, ()))
+        keys = [key_of(c) for c in wanted]
+        if resync:  # whatever we installed before and the source no longer has
+            doomed += [_conn_of(k) for k in ours.difference(keys)]
         try:
             with ctnl.ctnetlink(ctx.netns) as nl:
                 used, top = nl.counts()
-                if used + len(wanted) > top:
+                fresh = len(keys) - len(ours.intersection(keys)) if ours else len(keys)
+                if used + fresh > top:
                     return ImportResult.fail(
                         self.name,
                         Reason.RESOURCE_LIMIT,
-                        f"the conntrack table holds {used} of {top}; {len(wanted)} more do not fit",
+                        f"the conntrack table holds {used} of {top}; {fresh} more do not fit",
                     )
-                return self._install(nl, wanted, nat, expired, _canonical(ctx.addresses))
+                result = self._install(nl, wanted, keys, doomed, ours, nat, expired)
         except OSError as exc:
             code = exc.errno or errno.EIO
             return ImportResult.fail(self.name, reason_for(code), f"conntrack: {exc}")
+        if result.ok:
+            with self._lock:
+                mine = self._ours.setdefault(ctx.migration_id, set())
+                mine.update(keys)
+                mine.difference_update(key_of(c) for c in doomed)
+        return result
 
     def _install(
         self,
         nl: ctnl.Ctnetlink,
         wanted: list[ctnl.Conn],
+        keys: list[Any],
+        doomed: list[ctnl.Conn],
+        ours: set[Any],
         nat: int,
         expired: int,
-        addresses: set[str],
     ) -> ImportResult:
-        keys = {(c.orig.key(), c.zone) for c in wanted}
-        origs = {k[0] for k in keys}
-        before = {
-            (c.orig.key(), c.zone): c
-            for c in nl.dump(lambda o, r: o.key() in origs, addresses=addresses)
-            if (c.orig.key(), c.zone) in keys
-        }
-        ops = [("update" if (c.orig.key(), c.zone) in before else "create", c) for c in wanted]
+        """Replace semantics in one batched pass: sessions an earlier import of
+        this migration installed are replaced; others are created, and only
+        those the kernel already has (EEXIST) are read back, remembered for
+        revert, and replaced. Deletions of sessions not ours are read first
+        for the same reason."""
+        before: dict[Any, ctnl.Conn] = {}
+        strangers = [c for c in doomed if key_of(c) not in ours]
+        if strangers:
+            for conn in nl.get_many(strangers):
+                if conn is not None:
+                    before[key_of(conn)] = conn
+        if ours:
+            ops = [
+                ("replace" if k in ours else "create", c) for k, c in zip(keys, wanted, strict=True)
+            ]
+        else:
+            ops = [("create", c) for c in wanted]
+        created: list[ctnl.Conn] = []
         try:
             codes = nl.apply(ops)
-            # A session the traffic created between our dump and our create: replace it.
             raced = [i for i, code in enumerate(codes) if code == errno.EEXIST]
-            if raced:
-                race = {wanted[i].orig.key() for i in raced}
-                for c in nl.dump(lambda o, r: o.key() in race, addresses=addresses):
-                    before[(c.orig.key(), c.zone)] = c
-                retry = nl.apply([("update", wanted[i]) for i in raced])
+            if raced:  # the host already had these: keep their old values for revert
+                for conn in nl.get_many([wanted[i] for i in raced]):
+                    if conn is not None:
+                        before[key_of(conn)] = conn
+                retry = nl.apply([("replace", wanted[i]) for i in raced])
                 for i, code in zip(raced, retry, strict=True):
-                    ops[i] = ("update", wanted[i])
+                    ops[i] = ("replace", wanted[i])
                     codes[i] = code
+            created = [
+                c for (op, c), code in zip(ops, codes, strict=True) if not code and op == "create"
+            ]
+            failed = [i for i, code in enumerate(codes) if code]
+            gone = nl.apply([("delete", c) for c in doomed]) if doomed and not failed else []
         except OSError:
             # The socket failed midway (not a refusal): we cannot tell which
             # requests the kernel applied, so undo every one it may have.
-            fresh = [c for c in wanted if (c.orig.key(), c.zone) not in before]
+            fresh = [
+                c for k, c in zip(keys, wanted, strict=True) if k not in ours and k not in before
+            ]
             with contextlib.suppress(OSError):
                 self._undo(nl, fresh, list(before.values()))
             raise
-        failed = [i for i, code in enumerate(codes) if code]
-        created = [
-            c for (op, c), code in zip(ops, codes, strict=True) if op == "create" and not code
-        ]
-        replaced = [
-            before[(c.orig.key(), c.zone)]
-            for (op, c), code in zip(ops, codes, strict=True)
-            if op == "update" and not code
-        ]
+        replaced = (
+            [
+                before[k]
+                for k, (op, _c), code in zip(keys, ops, codes, strict=True)
+                if op == "replace" and not code and k in before
+            ]
+            if before
+            else []
+        )
         if failed:
             self._undo(nl, created, replaced)
             first = failed[0]
@@ -354,8 +566,16 @@ class ConntrackKind(BaseKind):
                 f"the kernel refused {len(failed)} of {len(wanted)} session(s); first: "
                 f"{to_entry(wanted[first])['orig']} ({os.strerror(code)}); nothing was kept",
             )
+        bad = [code for code in gone if code not in (0, errno.ENOENT)]
+        if bad:
+            self._undo(nl, created, replaced)
+            return ImportResult.fail(
+                self.name,
+                reason_for(bad[0]),
+                f"the kernel refused to delete {len(bad)} session(s) ({os.strerror(bad[0])})",
+            )
         labelled = [c for c in wanted if c.labels and any(c.labels)]
-        lost = self._labels_lost(nl, labelled, addresses)
+        lost = self._labels_lost(nl, labelled)
         if lost:
             self._undo(nl, created, replaced)
             return ImportResult.fail(
@@ -369,18 +589,25 @@ class ConntrackKind(BaseKind):
             detail.append(f"{nat} NATed session(s) left out")
         if expired:
             detail.append(f"{expired} expired session(s) left out")
+        removed = [before[key_of(c)] for c in doomed if key_of(c) in before]
         record = {
             "created": [_key(c.orig, c.zone) for c in created],
-            "replaced": [to_entry(c) for c in replaced],
+            "replaced": [to_entry(c) for c in replaced + removed],
             "at": time.time(),
         }
-        result = ImportResult.success(self.name, len(created) + len(replaced), record)
+        installed = sum(1 for code in codes if not code)
+        result = ImportResult.success(self.name, installed, record)
+        if doomed:
+            detail.append(f"{sum(1 for c in gone if c == 0)} session(s) deleted")
         result.detail = "; ".join(detail)
         return result
 
-    @staticmethod
-    def _labels_lost(nl: ctnl.Ctnetlink, labelled: list[ctnl.Conn], addresses: set[str]) -> int:
-        """How many of ``labelled`` the kernel stored without their labels.
+    #: How many labelled sessions are read back to see whether labels stuck
+    #: (label storage is per namespace: one tells, a few make sure).
+    LABEL_PROBES = 16
+
+    def _labels_lost(self, nl: ctnl.Ctnetlink, labelled: list[ctnl.Conn]) -> int:
+        """How many of (a sample of) ``labelled`` the kernel stored without their labels.
 
         Measured on 6.18: a namespace where no rule uses ``ct label`` has no
         label storage, and the kernel then accepts CTA_LABELS and drops them
@@ -389,32 +616,27 @@ class ConntrackKind(BaseKind):
         """
         if not labelled:
             return 0
-        want = {(c.orig.key(), c.zone): c.labels for c in labelled}
-        origs = {k[0] for k in want}
-        have = {
-            (c.orig.key(), c.zone): c.labels
-            for c in nl.dump(lambda o, r: o.key() in origs, addresses=addresses)
-            if (c.orig.key(), c.zone) in want
-        }
-        return sum(
+        sample = labelled[: self.LABEL_PROBES]
+        have = nl.get_many(sample)
+        lost = sum(
             1
-            for k, labels in want.items()
-            if have.get(k, b"").rstrip(b"\0") != labels.rstrip(b"\0")
+            for want, got in zip(sample, have, strict=True)
+            if got is None or got.labels.rstrip(b"\0") != want.labels.rstrip(b"\0")
         )
+        return len(labelled) if lost else 0
 
     @staticmethod
     def _undo(nl: ctnl.Ctnetlink, created: list[ctnl.Conn], replaced: list[ctnl.Conn]) -> None:
         nl.delete(created)
         if replaced:
-            codes = nl.apply([("update", c) for c in replaced])
-            gone = [c for c, code in zip(replaced, codes, strict=True) if code == errno.ENOENT]
-            if gone:
-                nl.apply([("create", c) for c in gone])
+            nl.apply([("replace", c) for c in replaced])
 
     # -- revert and cleanup ---------------------------------------------------
 
     def revert_import(self, ctx: KindContext, record: dict[str, Any]) -> None:
-        """Delete the sessions the import created; put back those it replaced."""
+        """Delete the sessions the import created; put back those it replaced or
+        deleted that were not an earlier import's of this migration (that import's
+        own revert removes those)."""
         created = [_from_key(k) for k in record.get("created", [])]
         elapsed = max(0.0, time.time() - float(record.get("at", time.time())))
         replaced = []
@@ -423,8 +645,14 @@ class ConntrackKind(BaseKind):
             conn.timeout = remaining(conn.timeout, {"age": elapsed})
             if conn.timeout > 0:  # an old session that would have expired by now stays gone
                 replaced.append(conn)
+        with self._lock:
+            self._ours.pop(ctx.migration_id, None)
         with ctnl.ctnetlink(ctx.netns) as nl:
             self._undo(nl, created, replaced)
+
+    def forget(self, migration_id: str) -> None:
+        with self._lock:
+            self._ours.pop(migration_id, None)
 
     def cleanup_source(self, ctx: KindContext) -> None:
         """Delete the VM's sessions from the source's table, except those with an
