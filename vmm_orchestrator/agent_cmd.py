@@ -46,12 +46,13 @@ def load_event_source(conf: cfg.ConfigOpts) -> Any:
 def check_agent_options(conf: cfg.ConfigOpts) -> list[Any]:
     """Read every option the agent uses now, so a bad value fails before anything starts."""
     agent.register_opts(conf)
+    # The event source first: it registers its own options of [agent] and [host:<name>].
+    specs: list[Any] = load_event_source(conf).check_options(conf)
     groups = [(agent.GROUP, agent.AGENT_OPTS)]
     groups += [(agent.host_group(n), agent.HOST_OPTS) for n in conf.agent.hosts]
     check_options(conf, groups + engine.list_opts() + nva_options.list_opts())
     stages = engine.load_stages(conf, list(conf.pipeline.stages))
     check_options(conf, [(group_name(s.name), stage_opts(type(s))) for s in stages])
-    specs: list[Any] = load_event_source(conf).check_options(conf)
     return specs
 
 

@@ -423,6 +423,18 @@ class Journal(JournalStore):
             records = [self.get(i) for i in ids]
         return [r for r in records if r is not None]
 
+    def recent(self, limit: int = 100) -> list[MigrationRecord]:
+        """The newest ``limit`` migrations, newest first (history for operators)."""
+        with self._lock:
+            ids = [
+                r[0]
+                for r in self._conn.execute(
+                    "SELECT id FROM migrations ORDER BY created DESC, id LIMIT ?", (limit,)
+                )
+            ]
+            records = [self.get(i) for i in ids]
+        return [r for r in records if r is not None]
+
     # -- helpers ------------------------------------------------------------
 
     def _stage_rows(self, where: str, params: tuple[Any, ...]) -> list[StageRun]:

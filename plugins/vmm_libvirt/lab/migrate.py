@@ -36,6 +36,7 @@ import os
 import signal
 import socket
 import struct
+import subprocess
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -228,6 +229,7 @@ def migrate(
     bandwidth_mib_s: int | None = None,
     timeout: float = MIGRATION_TIMEOUT_S,
     flags: int = FLAGS,
+    virsh: bool = False,
 ) -> MigrationRecord:
     """Live-migrate ``domain`` from ``src`` to ``dst`` (peer to peer) and return the record.
 
@@ -235,6 +237,8 @@ def migrate(
     stream (MiB/s), which makes a migration slow enough to abort. A job
     still running after ``timeout`` seconds is aborted. A failed or aborted
     migration raises MigrationFailed, whose ``record`` holds the events.
+    ``virsh`` runs the operator's command instead of the API call:
+    ``virsh migrate --live --p2p --persistent --undefinesource`` (same flags).
     """
     params: dict[str, Any] = {libvirt.VIR_MIGRATE_PARAM_URI: dst.migration_uri}
     if bandwidth_mib_s is not None:
@@ -247,7 +251,10 @@ def migrate(
         watchdog.start()
         record = MigrationRecord(domain, src.name, dst.name, started_at=time.monotonic())
         try:
-            dom.migrateToURI3(dst.peer_uri, params, flags)
+            if virsh:
+                record.error = _virsh_migrate(domain, src, dst, bandwidth_mib_s, timeout)
+            else:
+                dom.migrateToURI3(dst.peer_uri, params, flags)
         except libvirt.libvirtError as exc:
             record.error = str(exc)
         finally:
@@ -267,6 +274,23 @@ def migrate(
             f"migration of {domain} from {src.name} to {dst.name} failed: {record.error}", record
         )
     return record
+
+
+def _virsh_migrate(
+    domain: str, src: LibvirtHost, dst: LibvirtHost, bandwidth: int | None, timeout: float
+) -> str | None:
+    """``virsh migrate --live --p2p`` as an operator types it; the error text or None."""
+    cmd = ["virsh", "-c", src.uri, "migrate", "--live", "--p2p", "--persistent"]
+    cmd += ["--undefinesource", domain, dst.peer_uri, "--migrateuri", dst.migration_uri]
+    if bandwidth is not None:
+        cmd += ["--bandwidth", str(bandwidth)]
+    try:
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout + 10)
+    except subprocess.TimeoutExpired:
+        return f"virsh migrate did not return within {timeout + 10:.0f} s"
+    if done.returncode != 0:
+        return (done.stderr or done.stdout).strip() or f"virsh exited {done.returncode}"
+    return None
 
 
 def _abort_quietly(dom: libvirt.virDomain) -> None:

@@ -56,6 +56,7 @@ import shutil
 import tempfile
 import time
 from collections.abc import Iterator
+from typing import Any
 
 import libvirt
 import libvirt_qemu
@@ -67,12 +68,14 @@ from vmm_libvirt.daemon import Daemon, HostAgent
 from vmm_libvirt.events import start_event_loop
 from vmm_libvirt.lab import LibvirtLabError
 from vmm_libvirt.lab import guest as guest_mod
+from vmm_libvirt.lab.agents import AgentProcess, free_port, write_config
 from vmm_libvirt.lab.domain import GuestSpec, domain_xml
 from vmm_libvirt.lab.hosts import LibvirtHost
 from vmm_linux import agent as nve_agent
 from vmm_linux.lab import options as lab_options
-from vmm_linux.lab.demo import LabSite, lab_site
+from vmm_linux.lab.demo import STATE_STAGES, LabSite, _install_firewalls, lab_site
 from vmm_linux.lab.topology import in_ns
+from vmm_linux.stages import HoldTimer
 from vmm_orchestrator import agent as root
 from vmm_orchestrator import engine
 from vmm_orchestrator.nva.client import NvaClient
@@ -158,6 +161,8 @@ class LibvirtSite:
     #: Orchestrated: one HostAgent per libvirt host (empty for QEMU alone).
     agents: dict[str, HostAgent] = dataclasses.field(default_factory=dict)
     daemon: Daemon | None = None
+    #: With ``agent_processes``: the ``vmm agent`` process of h1 and of h2.
+    processes: dict[str, AgentProcess] = dataclasses.field(default_factory=dict)
     #: The host the guest runs on now (the migration helpers keep it current).
     where: str = LIBVIRT_HOSTS[0]
     #: Set-up figures: boot_to_ready_s, boot_to_ping_s, setup_s.
@@ -165,7 +170,7 @@ class LibvirtSite:
 
     @property
     def orchestrated(self) -> bool:
-        return self.daemon is not None
+        return self.daemon is not None or bool(self.processes)
 
     @property
     def ipv4(self) -> str:
@@ -261,12 +266,19 @@ def libvirt_site(
     prefix: str,
     orchestrated: bool,
     guest: GuestSpec | None = None,
+    agent_processes: bool = False,
+    state: bool = False,
 ) -> Iterator[LibvirtSite]:
     """Build the lab, two libvirtds, the booted guest and (``orchestrated``) the agents.
 
     Yields once the guest answers pings over IPv4 and IPv6 from a peer on
     another host and its guest agent answers, and (orchestrated) once every
     HostAgent reconciled its first connection.
+
+    ``agent_processes``: h1 and h2 are served by ``vmm agent`` processes
+    started from config files (``site.processes``), as an operator runs
+    them, instead of in this process; ``state`` adds the state stages and
+    the model stateful firewall on every host.
     """
     if not os.path.isfile(RELAY):
         raise LibvirtLabError(f"the hook relay {RELAY} is missing")
@@ -278,7 +290,9 @@ def libvirt_site(
     image = guest_mod.build_guest()
     hosts: dict[str, LibvirtHost] = {}
     daemon: Daemon | None = None
-    with lab_site(conf, prefix, orchestrated=False) as site:
+    external = LIBVIRT_HOSTS if orchestrated and agent_processes else ()
+    processes: dict[str, AgentProcess] = {}
+    with lab_site(conf, prefix, orchestrated=False, external=external) as site:
         workdir = tempfile.mkdtemp(prefix=f"{prefix}-lv-")
         try:
             for name in LIBVIRT_HOSTS:
@@ -289,6 +303,10 @@ def libvirt_site(
                     _install_relay(hosts[name], _hook_socket(workdir, name), LAB_HOOK_TIMEOUT_S + 1)
             with concurrent.futures.ThreadPoolExecutor(max_workers=len(hosts)) as pool:
                 list(pool.map(LibvirtHost.start, hosts.values()))
+            if external:  # their NVEs (and bridges) must exist before the guest is defined
+                processes = start_agent_processes(conf, site, hosts, workdir, state)
+            if state:
+                _install_firewalls(site)
             first = LIBVIRT_HOSTS[0]
             site.client().add_endpoint(vni, spec.mac, [_bare(spec.ipv4)], [_bare(spec.ipv6)], first)
             conn = libvirt.open(hosts[first].uri)
@@ -298,7 +316,7 @@ def libvirt_site(
             finally:
                 conn.close()
             agents: dict[str, HostAgent] = {}
-            if orchestrated:  # while the guest boots
+            if orchestrated and not external:  # while the guest boots
                 for name in LIBVIRT_HOSTS:
                     group = lv_options.host_group(name)
                     conf.set_override("uri", hosts[name].uri, group=group)
@@ -328,10 +346,13 @@ def libvirt_site(
                 agents=agents,
                 daemon=daemon,
                 figures=figures,
+                processes=processes,
             )
         finally:
             if daemon is not None:
                 daemon.stop()  # the journals close with the lab site's assembly
+            for process in processes.values():
+                process.stop()
             for host in hosts.values():
                 with contextlib.suppress(Exception):
                     host.stop()
@@ -346,3 +367,88 @@ def _bare(address: str | None) -> str:
     if not address:
         raise LibvirtLabError("the lab guest needs an IPv4 and an IPv6 address")
     return address.split("/")[0]
+
+
+#: State kinds the libvirt lab moves (the guest has no 802.1X, DHCP or multicast profile).
+LAB_LIBVIRT_STATE_KINDS = ["conntrack", "nft_sets"]
+
+
+def agent_sections(
+    conf: cfg.ConfigOpts,
+    site: LabSite,
+    host: LibvirtHost,
+    workdir: str,
+    state: dict[str, Any] | None,
+) -> dict[str, dict[str, Any]]:
+    """One host's config file, as the README's "On libvirt hosts" has an operator write it."""
+    name = host.name
+    lab_host = site.lab.hosts[name]
+    stages = [*(STATE_STAGES if state else engine.DEFAULT_STAGES), "libvirt_announce"]
+    gw = site.lab.vms[lab_options.GATEWAY]
+    sections: dict[str, dict[str, Any]] = {
+        "agent": {"hosts": name, "hook_timeout": LAB_HOOK_TIMEOUT_S},
+        root.host_group(name): {
+            "vtep": lab_host.vtep,
+            "vnis": [int(conf.lab.vni)],
+            "netns": lab_host.netns,
+            "uri": host.uri,
+            "hook_socket": _hook_socket(workdir, name),
+            "journal": os.path.join(workdir, f"journal-{name}.sqlite"),
+        },
+        "nva": {"backend": "embedded", "url": site.server.url, "token": site.token},
+        "pipeline": {"stages": stages},
+        "announce": {"gateways": [f"{gw.ipv4}@{gw.mac}"]},
+        "nve_agent": {"watch_timeout": conf.nve_agent.watch_timeout},
+        "stage_libvirt_announce": {"deadline": LAB_ANNOUNCE_DEADLINE_S},
+        "stage_hold_timer": {"hold_time": conf.stage_hold_timer.hold_time},
+    }
+    if conf.libvirt.early_switchover:
+        sections["libvirt"] = {"early_switchover": "true"}
+    if state:
+        sections["state"] = {
+            "kinds": LAB_LIBVIRT_STATE_KINDS,
+            "key": state["key"],
+            "token": state["token"],
+            "bind_host": "127.0.0.1",
+            "bind_port": state["ports"][name],
+            "peers": [f"{n}:http://127.0.0.1:{p}" for n, p in state["ports"].items()],
+            "ledger_dir": os.path.join(workdir, f"ledger-{name}"),
+        }
+    return sections
+
+
+def start_agent_processes(
+    conf: cfg.ConfigOpts,
+    site: LabSite,
+    hosts: dict[str, LibvirtHost],
+    workdir: str,
+    state: bool,
+) -> dict[str, AgentProcess]:
+    """Write h1's and h2's config files and start one ``vmm agent`` process each."""
+    register_stage_opts(conf, HoldTimer)
+    secrets_ = (
+        {
+            "key": secrets.token_urlsafe(32),
+            "token": secrets.token_urlsafe(24),
+            "ports": {name: free_port() for name in hosts},
+        }
+        if state
+        else None
+    )
+    processes: dict[str, AgentProcess] = {}
+    try:
+        for name, host in hosts.items():
+            path = os.path.join(workdir, f"{name}.conf")
+            write_config(path, agent_sections(conf, site, host, workdir, secrets_))
+            processes[name] = AgentProcess(
+                name,
+                path,
+                os.path.join(workdir, f"journal-{name}.sqlite"),
+                os.path.join(workdir, f"agent-{name}.log"),
+            )
+            processes[name].start()
+    except BaseException:
+        for process in processes.values():
+            process.kill()
+        raise
+    return processes
