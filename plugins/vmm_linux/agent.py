@@ -10,6 +10,25 @@ With ``local_learning`` on it also does what an EVPN NVE does without any
 orchestrator: when the bridge learns a MAC on a local port that the
 directory places elsewhere, it reports the move (sequence + 1). That is how
 the lab's baselines converge at all, from whatever frame the VM sends first.
+But one frame with a forged source MAC must not move another VM's traffic
+(issue 13), so a learned MAC is reported only when
+
+* it is the port's configured MAC: the MAC libvirt derived the tap's own
+  address from (``fe:`` + the guest MAC's last five octets, which the guest
+  cannot change), the MAC of a veth port's peer, or a MAC given to
+  :meth:`NveAgent.configure_port`; or
+* the directory has a migration of that MAC pending to this NVE (pre-staged
+  here, not yet committed).
+
+Anything else is refused, counted (``refused_moves``), logged, and the
+bridge entry is pointed back at the VXLAN port. Spoofed GARP/NA/RARP frames
+for a MAC that the directory binds elsewhere thus move nothing.
+
+Flood (BUM) lists follow the directory's NVE registrations at any time:
+the change log carries an ``nve`` change per VN whenever an NVE joins,
+leaves or changes its VTEP. An entry the kernel cannot take (a bad MAC or
+VTEP from an older directory) is logged, counted (``rejected_entries``) and
+skipped; the agent goes on with the rest.
 """
 
 from __future__ import annotations
@@ -21,14 +40,17 @@ import time
 from typing import Any
 
 from oslo_config import cfg
-from pyroute2.netlink import NETLINK_ROUTE
-from pyroute2.netlink.rtnl import RTMGRP_NEIGH
+from pyroute2.netlink import NETLINK_ROUTE, NLM_F_REQUEST
+from pyroute2.netlink.rtnl import RTM_GETLINK, RTM_NEWLINK, RTMGRP_NEIGH
+from pyroute2.netlink.rtnl.ifinfmsg import ifinfmsg
 from pyroute2.netlink.rtnl.marshal import MarshalRtnl
 
 from vmm_linux.netns import socket_in
 from vmm_linux.nve import LinuxNve
 from vmm_orchestrator.errors import TransientError, VmmError
+from vmm_orchestrator.model import normalize_mac
 from vmm_orchestrator.nva import errors as nva_errors
+from vmm_orchestrator.nva.store import check_ip, check_ips, check_mac
 
 LOG = logging.getLogger(__name__)
 
@@ -63,6 +85,66 @@ def register_opts(conf: cfg.ConfigOpts) -> None:
     conf.register_opts(AGENT_OPTS, group=GROUP)
 
 
+#: Seconds between two log lines about refused moves of the same MAC.
+REFUSAL_LOG_INTERVAL = 10.0
+
+
+class PortInspector:
+    """What a local bridge port says about the MAC it is configured for.
+
+    Read over netlink in the host's namespace, one request per question
+    (questions come only when a MAC placed elsewhere shows up on a port).
+    """
+
+    def __init__(self, netns: str | None) -> None:
+        self.netns = netns
+
+    def link(self, ifindex: int, nsid: int | None = None) -> dict[str, Any] | None:
+        """IFLA attributes of one link (in the namespace ``nsid`` names, when given)."""
+        msg = ifinfmsg()
+        msg["family"] = 0
+        msg["index"] = ifindex
+        if nsid is not None:
+            msg["attrs"] = [("IFLA_IF_NETNSID", nsid)]
+        msg["header"]["type"] = RTM_GETLINK
+        msg["header"]["flags"] = NLM_F_REQUEST
+        msg["header"]["sequence_number"] = 1
+        msg.encode()
+        sock = socket_in(self.netns, socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_ROUTE)
+        try:
+            sock.settimeout(1.0)
+            sock.bind((0, 0))
+            sock.send(msg.data)
+            data = sock.recv(1 << 16)
+        finally:
+            sock.close()
+        for answer in MarshalRtnl().parse(data):
+            if answer.get("header", {}).get("type") == RTM_NEWLINK:
+                info = answer.get("IFLA_LINKINFO")
+                return {
+                    "name": answer.get("IFLA_IFNAME"),
+                    "address": answer.get("IFLA_ADDRESS"),
+                    "link": answer.get("IFLA_LINK"),
+                    "netnsid": answer.get("IFLA_LINK_NETNSID"),
+                    "kind": info.get("IFLA_INFO_KIND") if info else None,
+                }
+        return None
+
+    def configured(self, ifindex: int, mac: str) -> str | None:
+        """Why ``mac`` is the configured MAC of port ``ifindex``, or None if it is not."""
+        port = self.link(ifindex)
+        if port is None:
+            return None
+        own = (port["address"] or "").lower()
+        if own.startswith("fe:") and own[2:] == mac[2:] and not mac.startswith("fe:"):
+            return f"the MAC libvirt configured tap {port['name']} for"
+        if port["kind"] == "veth" and port["link"]:
+            peer = self.link(port["link"], port["netnsid"])
+            if peer is not None and (peer["address"] or "").lower() == mac:
+                return f"the MAC of veth {port['name']}'s peer"
+        return None
+
+
 class NveAgent:
     """Directory -> kernel for one NVE, in two background threads."""
 
@@ -89,6 +171,18 @@ class NveAgent:
         #: (vni, mac) -> (where, monotonic time the kernel was programmed).
         self.applied_at: dict[tuple[int, str], tuple[str, float]] = {}
         self.errors = 0
+        #: Directory entries the kernel could not take (logged, skipped).
+        self.rejected_entries = 0
+        #: Locally learned MACs not reported as moves (no migration, not the port's MAC).
+        self.refused_moves = 0
+        #: Locally learned MACs reported as moves.
+        self.reported_moves = 0
+        #: VNI -> {peer NVE id: VTEP}: the VN's flood list.
+        self.members: dict[int, dict[str, str]] = {}
+        #: Port name -> MACs configured on it (by configure_port).
+        self.port_macs: dict[str, set[str]] = {}
+        self.ports = PortInspector(nve.netns)
+        self._refusal_logged: dict[tuple[int, str], float] = {}
         self._vteps: dict[str, str] = {}
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
@@ -137,11 +231,16 @@ class NveAgent:
             for vni in self.vnis:
                 nves = self.nva.list_nves(vni=vni)
                 self._vteps.update({n["id"]: n["vtep"] for n in nves})
-                self.nve.set_flood_list(vni, [n["vtep"] for n in nves if n["id"] != self.id])
+                self.members[vni] = {n["id"]: n["vtep"] for n in nves if n["id"] != self.id}
+                self._apply_flood_list(vni)
                 revision, endpoints = self.nva.snapshot(vni=vni)
                 revisions.append(revision)
+                present = set()
                 for endpoint in endpoints:
-                    self.apply_endpoint(endpoint)
+                    present.add((vni, str(endpoint.get("mac"))))
+                    self._apply_safely(endpoint)
+                for key in [k for k in self.placement if k[0] == vni and k not in present]:
+                    self._forget(key)  # deleted while we were not watching
             if revisions:
                 self.revision = (
                     min(revisions) if self.revision == 0 else max(self.revision, min(revisions))
@@ -149,8 +248,60 @@ class NveAgent:
         self.nva.ack(self.id, self.revision)
         self._synced.set()
 
+    def _apply_flood_list(self, vni: int) -> None:
+        vteps = sorted(set(self.members.get(vni, {}).values()))
+        try:
+            self.nve.set_flood_list(vni, vteps)
+        except Exception as exc:  # a bad VTEP must not stop the rest
+            self.rejected_entries += 1
+            LOG.error("%s: cannot set the flood list of VN %d to %s: %s", self.id, vni, vteps, exc)
+
+    def _apply_membership(self, vni: int, nve: dict[str, Any], member: bool) -> None:
+        """An NVE joined, left or moved its VTEP in ``vni``: follow it in the flood list."""
+        nve_id = str(nve["id"])
+        if nve_id == self.id or vni not in self.vnis:
+            return
+        members = self.members.setdefault(vni, {})
+        if member:
+            members[nve_id] = str(nve["vtep"])
+            self._vteps[nve_id] = str(nve["vtep"])
+        else:
+            members.pop(nve_id, None)
+        LOG.info(
+            "%s: NVE %s %s VN %d; flooding to %s",
+            self.id,
+            nve_id,
+            "is in" if member else "left",
+            vni,
+            sorted(members.values()),
+        )
+        self._apply_flood_list(vni)
+
+    def _apply_safely(self, endpoint: dict[str, Any]) -> bool:
+        """apply_endpoint, but an entry we cannot apply is logged, counted and skipped."""
+        try:
+            return self.apply_endpoint(endpoint)
+        except Exception as exc:
+            self.rejected_entries += 1
+            LOG.error(
+                "%s: cannot apply directory entry %s in VN %s (%s); skipped",
+                self.id,
+                endpoint.get("mac"),
+                endpoint.get("vni"),
+                exc,
+            )
+            return False
+
+    @staticmethod
+    def check_entry(endpoint: dict[str, Any]) -> None:
+        """Refuse (BadRequest) an entry the kernel would refuse, before touching it."""
+        check_mac(endpoint.get("mac"))
+        check_ips(endpoint.get("ipv4") or [], 4, "ipv4")
+        check_ips(endpoint.get("ipv6") or [], 6, "ipv6")
+
     def apply_endpoint(self, endpoint: dict[str, Any]) -> bool:
         """Apply one directory entry unless we already hold a newer one."""
+        self.check_entry(endpoint)
         key = (int(endpoint["vni"]), endpoint["mac"])
         seq = int(endpoint["seq"])
         with self._lock:
@@ -162,7 +313,8 @@ class NveAgent:
             if where == self.id:
                 self.nve.clear_remote(*key)
             else:
-                self.nve.set_remote(key[0], key[1], self._vtep_of(where), ips)
+                vtep = str(check_ip(self._vtep_of(where), "vtep"))
+                self.nve.set_remote(key[0], key[1], vtep, ips)
             if self.placement.get(key) != where:
                 self.applied_at[key] = (where, time.monotonic())
             self.applied[key] = seq
@@ -170,17 +322,32 @@ class NveAgent:
             return True
 
     def apply_change(self, change: dict[str, Any]) -> None:
+        """Apply one change of the log; one that cannot be applied is logged and skipped."""
         kind = change.get("kind")
-        if kind == "endpoint":
-            self.apply_endpoint(change["endpoint"])
-        elif kind == "expire":
-            self._expire(int(change["vni"]), change["mac"])
-        elif kind == "endpoint_deleted":
-            key = (int(change["vni"]), change["mac"])
-            with self._lock:
-                self.nve.forget(*key)
-                self.applied.pop(key, None)
-                self.placement.pop(key, None)
+        try:
+            if kind == "endpoint":
+                self._apply_safely(change["endpoint"])
+            elif kind == "nve":
+                self._apply_membership(int(change["vni"]), change["nve"], bool(change["member"]))
+            elif kind == "expire":
+                self._expire(int(change["vni"]), change["mac"])
+            elif kind == "endpoint_deleted":
+                self._forget((int(change["vni"]), change["mac"]))
+        except Exception as exc:
+            self.rejected_entries += 1
+            LOG.error(
+                "%s: cannot apply change %s (%s): %s; skipped",
+                self.id,
+                change.get("revision"),
+                kind,
+                exc,
+            )
+
+    def _forget(self, key: tuple[int, str]) -> None:
+        with self._lock:
+            self.applied.pop(key, None)
+            self.placement.pop(key, None)
+            self.nve.forget(*key)
 
     def _expire(self, vni: int, mac: str) -> None:
         """Drop our entry for ``mac`` and ask the directory again (cache miss)."""
@@ -189,7 +356,7 @@ class NveAgent:
                 self.nve.clear_remote(vni, mac)
             self.applied.pop((vni, mac), None)
         try:
-            self.apply_endpoint(self.nva.get_endpoint(vni, mac))
+            self._apply_safely(self.nva.get_endpoint(vni, mac))
         except VmmError as exc:
             LOG.warning(
                 "%s: look-up of %s in VN %d after expiry failed: %s",
@@ -305,16 +472,83 @@ class NveAgent:
             seq = self.applied.get(key)
         if where is None or where == self.id or seq is None:
             return
+        why = self._may_report(vni, mac, ifindex)
+        if why is None:
+            self._refuse(vni, mac, ifindex, where)
+            return
         LOG.info(
-            "%s: %s learned on a local port while placed at %s: reporting move",
+            "%s: %s learned on a local port while placed at %s (%s): reporting move",
             self.id,
             mac,
             where,
+            why,
         )
+        self.reported_moves += 1
         try:
-            self.apply_endpoint(self.nva.move(vni, mac, self.id, seq + 1))
+            self._apply_safely(self.nva.move(vni, mac, self.id, seq + 1))
         except VmmError as exc:
             LOG.info("%s: move of %s not taken (%s)", self.id, mac, exc)
+
+    def configure_port(self, port: str, mac: str) -> None:
+        """Declare ``mac`` the configured MAC of local ``port`` (learning may move it here)."""
+        self.port_macs.setdefault(port, set()).add(normalize_mac(mac))
+
+    def unconfigure_port(self, port: str, mac: str | None = None) -> None:
+        """Forget ``port``'s configured MAC (all of them when ``mac`` is None)."""
+        if mac is None:
+            self.port_macs.pop(port, None)
+        else:
+            self.port_macs.get(port, set()).discard(normalize_mac(mac))
+
+    def _may_report(self, vni: int, mac: str, ifindex: int) -> str | None:
+        """Why a MAC learned on port ``ifindex`` may be reported as a move here, or None.
+
+        Only a migration in progress to this NVE, or the port's own
+        configured MAC, lets learning move a binding (issue 13, no hijack).
+        """
+        try:
+            port = self.ports.link(ifindex)
+            if port is not None and mac in self.port_macs.get(str(port["name"]), ()):
+                return f"configured on port {port['name']}"
+            why = self.ports.configured(ifindex, mac)
+        except OSError as exc:
+            LOG.warning("%s: cannot inspect port %d: %s", self.id, ifindex, exc)
+            why = None
+        if why is not None:
+            return why
+        try:
+            endpoint = self.nva.get_endpoint(vni, mac)
+        except VmmError as exc:
+            LOG.warning("%s: cannot ask the directory about %s: %s", self.id, mac, exc)
+            return None  # fail closed: nothing moves on an unverified frame
+        if endpoint.get("state") == "pending" and endpoint.get("pending_nve") == self.id:
+            return f"migration {endpoint.get('migration_id')} is pending to this NVE"
+        return None
+
+    def _refuse(self, vni: int, mac: str, ifindex: int, where: str) -> None:
+        """Count and log a refused move; point the bridge back at where the MAC is."""
+        self.refused_moves += 1
+        key = (vni, mac)
+        now = time.monotonic()
+        if now - self._refusal_logged.get(key, -REFUSAL_LOG_INTERVAL) >= REFUSAL_LOG_INTERVAL:
+            self._refusal_logged[key] = now
+            LOG.warning(
+                "%s: refused to move %s in VN %d here: seen on local port %d, but the "
+                "directory binds it to %s, no migration of it is pending to this NVE and "
+                "it is not the port's configured MAC (spoofed frame?); %d refused so far",
+                self.id,
+                mac,
+                vni,
+                ifindex,
+                where,
+                self.refused_moves,
+            )
+        try:
+            with self._lock:
+                if self.placement.get(key) == where and self.nve.local_port(vni, mac) is None:
+                    self.nve.set_remote(vni, mac, self._vtep_of(where))
+        except Exception as exc:
+            LOG.warning("%s: cannot point %s back at %s: %s", self.id, mac, where, exc)
 
     def wait_synced(self, timeout: float) -> bool:
         return self._synced.wait(timeout)
