@@ -1,11 +1,29 @@
-"""A local stand-in for the Keystone v3, Nova and Neutron APIs the OpenStack plugin uses.
+"""A local stand-in for the Keystone v3, Nova and Neutron APIs, for fault injection.
 
-This is a stand-in at the edge of what this machine runs: the machine has
-no OpenStack (and no network beyond package registries), so the tests run
-the real openstacksdk (keystoneauth discovery, token handling, microversion
-negotiation, resource classes) against this HTTP server instead of a cloud.
-It speaks only the subset ``vmm migrate-with-network`` and the Neutron
-directory use, with the status codes and error bodies of the real services:
+The real services are tested in tests/openstack/ (real Keystone and Neutron
+from PyPI, under Neutron's default policy). This stand-in stays for what
+they cannot do on demand: a Nova live migration (no Nova runs here) that
+ends in error, never finishes or leaks bindings on rollback, a Neutron
+without ``binding-extended``, refused credentials, an unreachable service.
+Its Neutron copies every behaviour the real one showed where it differed
+from this stand-in's first version (each is a test in
+tests/openstack/test_neutron_behaviour.py, run against both):
+
+* policy: creating, activating and deleting a port binding needs the
+  ``service`` role (403 otherwise), listing bindings ``admin`` or
+  ``service``; ``provider:*`` attributes are hidden from non-admins;
+* a host nothing can bind is answered ``500 PortBindingError`` and nothing
+  is kept (hosts are bindable once ``add_host``/``add_server`` named them);
+* bindings exist only for compute ports (400 for any other port);
+* activating a binding keeps the old one INACTIVE with ``vif_type unbound``;
+* deleting a binding deletes it even when ACTIVE, and a missing one is 204.
+
+Users (``FakeCloud.users``): the operator (admin role only, DevStack's
+admin), ``nova`` (service and admin roles, Nova's service user; the
+``[neutron]`` section of ``neutron_section()``) and ``binder`` (service
+role only). It speaks only the subset ``vmm migrate-with-network`` and the
+Neutron directory use, with the status codes and error bodies of the real
+services:
 
 * Keystone v3: version discovery, ``POST /v3/auth/tokens`` (password) with a
   catalog holding compute, network and identity.
@@ -49,6 +67,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
+SERVICE_PASSWORD = "service-secret"
 NOVA_MIN = (2, 1)
 NOVA_MAX = (2, 96)
 GIB = 1024**3
@@ -126,8 +145,15 @@ class FakeCloud:
         self.username = username
         self.password = password
         self.project = project
+        #: name -> (password, project, roles), as DevStack creates them.
+        self.users: dict[str, tuple[str, str, tuple[str, ...]]] = {
+            username: (password, project, ("admin",)),
+            "nova": (SERVICE_PASSWORD, "service", ("service", "admin")),
+            "binder": (SERVICE_PASSWORD, "service", ("service",)),
+        }
         self.lock = threading.RLock()
-        self.tokens: set[str] = set()
+        #: token -> the roles of its user
+        self.tokens: dict[str, frozenset[str]] = {}
         self.requests: list[tuple[str, str]] = []
         #: (method, path, microversion) of every versioned Nova request
         self.nova_requests: list[tuple[str, str, tuple[int, int]]] = []
@@ -200,6 +226,21 @@ class FakeCloud:
         with open(path, "w", encoding="utf-8") as fh:
             json.dump({"clouds": {cloud: entry}}, fh, indent=2)
         return path
+
+    def neutron_section(self, username: str = "nova") -> str:
+        """vmm-orchestrator.conf's ``[neutron]`` for a service user, as nova.conf has it."""
+        password, project, _roles = self.users[username]
+        return (
+            "[neutron]\n"
+            "auth_type = password\n"
+            f"auth_url = {self.auth_url}\n"
+            f"username = {username}\n"
+            f"password = {password}\n"
+            f"project_name = {project}\n"
+            "user_domain_name = Default\n"
+            "project_domain_name = Default\n"
+            "region_name = RegionOne\n"
+        )
 
     # ------------------------------------------------------------- fixtures
 
@@ -371,20 +412,22 @@ class FakeCloud:
             name, password = user["name"], user["password"]
         except (KeyError, TypeError):
             raise refused from None
-        if self.behaviour.refuse_credentials or (name, password) != (self.username, self.password):
+        user_entry = self.users.get(name)
+        if self.behaviour.refuse_credentials or user_entry is None or user_entry[0] != password:
             raise refused
+        _password, project, roles = user_entry
         token = uuid.uuid4().hex
         with self.lock:
-            self.tokens.add(token)
+            self.tokens[token] = frozenset(roles)
         domain = {"id": "default", "name": "Default"}
         answer = {
             "token": {
                 "methods": ["password"],
                 "issued_at": _now_iso() + "Z",
                 "expires_at": "2099-01-01T00:00:00.000000Z",
-                "user": {"id": "u-admin", "name": name, "domain": domain},
-                "project": {"id": "p-admin", "name": self.project, "domain": domain},
-                "roles": [{"id": "r-admin", "name": "admin"}],
+                "user": {"id": f"u-{name}", "name": name, "domain": domain},
+                "project": {"id": f"p-{project}", "name": project, "domain": domain},
+                "roles": [{"id": f"r-{role}", "name": role} for role in roles],
                 "catalog": self._catalog(),
             }
         }
@@ -795,15 +838,27 @@ class FakeCloud:
         ]
 
     def neutron(
-        self, method: str, path: str, query: dict[str, list[str]], body: Any
+        self, method: str, path: str, query: dict[str, list[str]], body: Any, headers: Any
     ) -> tuple[int, Any, dict[str, str]]:
         if method == "GET" and path in ("", "/"):
             return 200, self._neutron_versions(), {}
         path = path.removeprefix("/v2.0")
         parts = [p for p in path.split("/") if p]
         with self.lock:
+            self._roles = self.tokens.get(headers.get("X-Auth-Token") or "", frozenset())
             status, answer = self._neutron_route(method, parts, query, body)
         return status, answer, {}
+
+    def _allow(self, rule: str, *roles: str) -> None:
+        """Neutron's default policy: one of ``roles`` or 403, as the real one answers."""
+        if not self._roles & set(roles):
+            raise neutron_error(403, "HTTPForbidden", f"rule:{rule} is disallowed by policy")
+
+    def _network_view(self, net: dict[str, Any]) -> dict[str, Any]:
+        """A network as the caller sees it: provider attributes for admins only."""
+        if "admin" in self._roles:
+            return dict(net)
+        return {k: v for k, v in net.items() if not k.startswith("provider:")}
 
     def _port(self, port_id: str) -> dict[str, Any]:
         port = self.ports.get(port_id)
@@ -833,12 +888,13 @@ class FakeCloud:
                 raise neutron_error(404, "ExtensionNotFound", f"Extension {parts[1]} not found.")
             return 200, {"extension": found[0]}
         if parts == ["networks"] and method == "GET":
-            return 200, {"networks": self._filtered(list(self.networks.values()), query)}
+            found = self._filtered(list(self.networks.values()), query)
+            return 200, {"networks": [self._network_view(n) for n in found]}
         if parts[:1] == ["networks"] and len(parts) == 2 and method == "GET":
             net = self.networks.get(parts[1])
             if net is None:
                 raise neutron_error(404, "NetworkNotFound", f"Network {parts[1]} not found.")
-            return 200, {"network": dict(net)}
+            return 200, {"network": self._network_view(net)}
         if parts == ["ports"] and method == "GET":
             return 200, {"ports": self._filtered(list(self.ports.values()), query)}
         if parts[:1] == ["ports"] and len(parts) >= 2:
@@ -850,6 +906,13 @@ class FakeCloud:
             if parts[2:3] == ["bindings"]:
                 if not self.behaviour.binding_extension:
                     raise not_found
+                if not str(port["device_owner"]).startswith("compute:"):
+                    raise neutron_error(
+                        400,
+                        "BadRequest",
+                        f"Bad port request: Invalid port {port['id']}. Operation only valid "
+                        "on compute and shared filesystem ports.",
+                    )
                 return self._bindings_route(method, port, parts[3:], query, body)
         raise not_found
 
@@ -859,6 +922,7 @@ class FakeCloud:
             raise neutron_error(400, "HTTPBadRequest", "Resource body required")
         for key, value in changes.items():
             if key == "binding:host_id":
+                self._allow("update_port:binding:host_id", "admin", "service")
                 if value != port["binding:host_id"]:
                     self._rebind(port, value)
             elif key == "binding:profile":
@@ -895,7 +959,8 @@ class FakeCloud:
         bindings = self.bindings[port["id"]]
         for other in bindings.values():
             if other["status"] == "ACTIVE":
-                other["status"] = "INACTIVE"
+                # Neutron keeps the old binding, inactive and unbound.
+                other.update(status="INACTIVE", vif_type="unbound", vif_details={})
         bindings[host]["status"] = "ACTIVE"
         port["binding:host_id"] = host
         port["binding:profile"] = dict(bindings[host]["profile"])
@@ -914,8 +979,10 @@ class FakeCloud:
     ) -> tuple[int, Any]:
         bindings = self.bindings[port["id"]]
         if not rest and method == "GET":
+            self._allow("get_port_binding", "admin", "service")
             return 200, {"bindings": self._filtered(list(bindings.values()), query)}
         if not rest and method == "POST":
+            self._allow("create_port_binding", "service")
             binding = body.get("binding") if isinstance(body, dict) else None
             if not isinstance(binding, dict) or not binding.get("host"):
                 raise neutron_error(400, "HTTPBadRequest", "A binding needs a host")
@@ -927,16 +994,32 @@ class FakeCloud:
                     f"Binding for port {port['id']} on host {host} already exists.",
                 )
             if host not in self.hosts:
-                created = self._binding(port["id"], host, "INACTIVE", binding.get("profile") or {})
-                created["vif_type"] = "binding_failed"
-            else:
-                created = self._binding(port["id"], host, "INACTIVE", binding.get("profile") or {})
+                # No mechanism driver binds it: Neutron keeps nothing and answers 500.
+                raise neutron_error(
+                    500,
+                    "PortBindingError",
+                    f"Binding for port {port['id']} on host {host} could not be created or "
+                    "updated.",
+                )
+            created = self._binding(port["id"], host, "INACTIVE", binding.get("profile") or {})
             bindings[host] = created
             port["revision_number"] += 1
             return 201, {"binding": dict(created)}
         if not rest:
             raise neutron_error(404, "HTTPNotFound", "The resource could not be found.")
         host = rest[0]
+        if method == "DELETE" and len(rest) == 1:
+            self._allow("delete_port_binding", "service")
+            # Neutron deletes whatever is there, even the ACTIVE binding; a missing one is 204.
+            gone = bindings.pop(host, None)
+            if gone is not None:
+                if gone["status"] == "ACTIVE":
+                    port["binding:host_id"] = ""
+                    port["binding:vif_type"] = "unbound"
+                port["revision_number"] += 1
+            return 204, None
+        if rest[1:] == ["activate"]:
+            self._allow("activate", "service")
         if host not in bindings:
             raise neutron_error(
                 404,
@@ -953,17 +1036,6 @@ class FakeCloud:
             return 200, dict(self._activate(port, host))
         if len(rest) == 1 and method == "GET":
             return 200, {"binding": dict(bindings[host])}
-        if len(rest) == 1 and method == "DELETE":
-            if bindings[host]["status"] == "ACTIVE":
-                raise neutron_error(
-                    409,
-                    "PortBindingError",
-                    f"Binding for port {port['id']} on host {host} is active; "
-                    "it cannot be deleted.",
-                )
-            del bindings[host]
-            port["revision_number"] += 1
-            return 204, None
         raise neutron_error(404, "HTTPNotFound", "The resource could not be found.")
 
     # ------------------------------------------------------------------ HTTP
@@ -1021,7 +1093,7 @@ class FakeCloud:
         routes: list[tuple[str, Callable[[str], tuple[int, Any, dict[str, str]]]]] = [
             ("/identity", lambda rest: self.keystone(method, rest, body)),
             ("/compute", lambda rest: self.nova(method, rest, query, body, headers)),
-            ("/networking", lambda rest: self.neutron(method, rest, query, body)),
+            ("/networking", lambda rest: self.neutron(method, rest, query, body, headers)),
         ]
         for prefix, handler in routes:
             if path == prefix or path.startswith(prefix + "/"):
@@ -1030,6 +1102,8 @@ class FakeCloud:
                     self._check_token(headers, prefix)
                 return handler(rest)
         raise ApiError(404, {"error": {"message": f"no service at {path}"}})
+
+    _roles: frozenset[str] = frozenset()
 
     def _check_token(self, headers: Any, prefix: str) -> None:
         token = headers.get("X-Auth-Token")

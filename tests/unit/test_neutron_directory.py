@@ -1,15 +1,19 @@
 """Neutron port bindings as the directory: prestage, commit, abort, stale leftovers.
 
 Every test drives the real openstacksdk (keystoneauth discovery, tokens,
-resource classes) against ``tests/fakes/openstack_api.py``, a local
-stand-in for Keystone, Nova and Neutron: this machine runs no OpenStack.
-What is asserted is the state of the stand-in's port bindings, i.e. what
-Neutron would hold afterwards: nothing half-applied.
+resource classes) against ``tests/fakes/openstack_api.py``, the stand-in
+kept for what the real services cannot do on demand (Nova's migrations in
+flight, a Neutron without binding-extended or unreachable); the same
+directory runs against real Keystone and Neutron in tests/openstack/. The
+directory connects as Nova's service user (``[neutron]``), as the product
+does. What is asserted is the state of the stand-in's port bindings, i.e.
+what Neutron would hold afterwards: nothing half-applied.
 """
 
 from __future__ import annotations
 
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -60,9 +64,21 @@ def site(monkeypatch: pytest.MonkeyPatch) -> Iterator[Site]:
     yield from make_site(monkeypatch)
 
 
+def service_conn(cloud: FakeCloud, username: str = "nova") -> Any:
+    """The ``[neutron]`` service user's connection, loaded as the product loads it."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "vmm.conf"
+        path.write_text(cloud.neutron_section(username))
+        conf = cfg.ConfigOpts()
+        conf(["--config-file", str(path)], project="vmm-test", default_config_files=[])
+        conn = os_cloud.connect_service_user(conf, api_timeout=5)
+    assert conn is not None
+    return conn
+
+
 @pytest.fixture
 def directory(site: Site) -> Iterator[NeutronDirectory]:
-    conn = os_cloud.connect(None, None, api_timeout=5)
+    conn = service_conn(site.cloud)
     d = NeutronDirectory(conn, poll_interval=0.01)
     yield d
     d.close()
@@ -108,7 +124,8 @@ def test_commit_activates_and_acks_wait_for_the_port_to_be_wired(
 
     assert result["activated"] is True
     assert result["endpoint"]["nve"] == "cmp2"
-    assert site.cloud.port_bindings(site.port_id) == {"cmp1": "INACTIVE", "cmp2": "ACTIVE"}
+    # Neutron keeps the source's binding inactive; the directory drops it, as Nova does.
+    assert site.cloud.port_bindings(site.port_id) == {"cmp2": "ACTIVE"}
     acks = directory.acks(site.vni, result["revision"], timeout=3)
     assert acks["cmp2"]["acked_revision"] == result["revision"]
     assert acks["cmp2"]["acked_at"] >= result["committed_at"]
@@ -159,7 +176,7 @@ def test_a_stale_inactive_binding_on_the_destination_is_cleaned_not_blocking(
 def test_why_cleaning_matters_nova_fails_on_a_leftover_binding(site: Site) -> None:
     """The record the design cites: with a leftover binding, Nova's own bind fails."""
     site.cloud.add_binding(site.port_id, "cmp2")
-    conn = os_cloud.connect(None, None, api_timeout=5)
+    conn = service_conn(site.cloud)
     conn.compute.live_migrate_server(site.server_id, host="cmp2")
     wait_for(lambda: site.cloud.migrations[-1]["status"] in ("error", "completed"))
     assert site.cloud.migrations[-1]["status"] == "error"
@@ -171,7 +188,7 @@ def test_a_binding_of_a_migration_nova_has_in_flight_is_adopted_not_deleted(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     for site in make_site(monkeypatch, never_finish=True):
-        conn = os_cloud.connect(None, None, api_timeout=5)
+        conn = service_conn(site.cloud)
         conn.compute.live_migrate_server(site.server_id, host="cmp2")
         wait_for(lambda s=site: "cmp2" in s.cloud.port_bindings(s.port_id))
         directory = NeutronDirectory(conn, poll_interval=0.01)
@@ -240,9 +257,9 @@ def test_an_unreachable_neutron_is_a_transient_error(site: Site) -> None:
         dead = sock.getsockname()[1]
     conn = openstack.connect(
         auth_url=site.cloud.auth_url,
-        username="admin",
-        password="secret",
-        project_name="admin",
+        username="nova",
+        password=site.cloud.users["nova"][0],
+        project_name="service",
         user_domain_name="Default",
         project_domain_name="Default",
         network_endpoint_override=f"http://127.0.0.1:{dead}/v2.0/",
@@ -260,7 +277,7 @@ def test_without_binding_extended_the_port_moves_by_a_host_update_saying_so(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     for site in make_site(monkeypatch, binding_extension=False):
-        directory = NeutronDirectory(os_cloud.connect(None, None, 5), poll_interval=0.01)
+        directory = NeutronDirectory(service_conn(site.cloud), poll_interval=0.01)
 
         staged = directory.prestage(site.vni, site.mac, "cmp2", MID)
         assert staged["fallback"] is True
@@ -293,7 +310,8 @@ def test_the_core_directory_stages_run_on_neutron(site: Site, directory: Neutron
     assert site.cloud.port_bindings(site.port_id)["cmp2"] == "INACTIVE"
     resumed = ctx(Phase.RESUMED)
     PeerUpdate(conf).run(resumed)
-    assert site.cloud.port_bindings(site.port_id) == {"cmp1": "INACTIVE", "cmp2": "ACTIVE"}
+    # Its own binding activated, the directory drops the source's, as Nova does.
+    assert site.cloud.port_bindings(site.port_id) == {"cmp2": "ACTIVE"}
     assert resumed.notes["laggards"] == []
     assert "cmp2" in resumed.notes["convergence_ms"]
 
@@ -308,7 +326,9 @@ def test_from_conf_reads_the_cloud_of_clouds_yaml(
     path = site.cloud.write_clouds_yaml(str(tmp_path / "clouds.yaml"), cloud="lab")
     monkeypatch.setenv("OS_CLIENT_CONFIG_FILE", path)
     conf_file = tmp_path / "vmm.conf"
-    conf_file.write_text("[openstack]\ncloud = lab\nnve_hosts = h2:cmp2\n")
+    conf_file.write_text(
+        "[openstack]\ncloud = lab\nnve_hosts = h2:cmp2\n" + site.cloud.neutron_section()
+    )
     conf = cfg.ConfigOpts()
     conf(["--config-file", str(conf_file)], project="vmm-test", default_config_files=[])
 

@@ -74,14 +74,23 @@ def conf_file(tmp_path: Path) -> str:
     return str(path)
 
 
+#: The running stand-in cloud whose service user vmm() writes into the config file.
+_CLOUDS: list[FakeCloud] = []
+
+
 def make_site(
     monkeypatch: pytest.MonkeyPatch, env: bool = True, **behaviour: Any
 ) -> Iterator[Site]:
+    """The usual scene; the operator's OS_* (unless ``env`` is False) are DevStack's admin."""
     with FakeCloud(Behaviour(**behaviour)) as cloud:
         if env:
             for key, value in cloud.env().items():
                 monkeypatch.setenv(key, value)
-        yield small_site(cloud)
+        _CLOUDS.append(cloud)
+        try:
+            yield small_site(cloud)
+        finally:
+            _CLOUDS.remove(cloud)
 
 
 @pytest.fixture
@@ -89,7 +98,13 @@ def site(monkeypatch: pytest.MonkeyPatch) -> Iterator[Site]:
     yield from make_site(monkeypatch)
 
 
-def vmm(conf_file: str, *args: str) -> int:
+def vmm(conf_file: str, *args: str, service_user: bool = True) -> int:
+    """Run the command; the config file gets ``[neutron]`` (Nova's service user) of the
+    running stand-in cloud, as an operator writes it, unless ``service_user`` is False."""
+    if service_user and _CLOUDS:
+        text = Path(conf_file).read_text()
+        if "[neutron]" not in text:
+            Path(conf_file).write_text(text + _CLOUDS[-1].neutron_section())
     return cli.main(["--config-file", conf_file, "migrate-with-network", *args])
 
 
@@ -259,7 +274,8 @@ def test_unknown_server(site: Site, conf_file: str, capsys: pytest.CaptureFixtur
     assert vmm(conf_file, "web-9", "--host", "cmp2") == cli.EXIT_ERROR
     line = one_error_line(capsys.readouterr().err)
     assert line.startswith("vmm: error: phase resolve failed: no server web-9 in cloud envvars")
-    assert site.cloud.calls("POST", ".") == [("/identity/v3/auth/tokens")]
+    # Two logins (the operator's, [neutron]'s service user) and nothing else posted.
+    assert site.cloud.calls("POST", ".") == ["/identity/v3/auth/tokens"] * 2
 
 
 def test_a_migration_that_ends_in_error_is_reverted(
