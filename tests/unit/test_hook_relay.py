@@ -1,11 +1,14 @@
 """The libvirt hook relay script, run for real as a subprocess (as libvirtd runs
 it: argv, XML on stdin, almost no environment) against the daemon's
 HookServer: XML passed through unchanged, vetoes, fail-open/fail-closed when
-nothing answers, and the deadline.
+nothing answers, and the deadline; its own configuration file (the shipped
+sample, refused values and keys), only guarded operations waiting for the
+agent, and the trace every fail-open pass leaves on stderr and in syslog.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -25,6 +28,7 @@ from vmm_orchestrator.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[2]
 RELAY = ROOT / "etc/libvirt/hooks/qemu.d/vmm-orchestrator"
+SAMPLE = ROOT / "etc/libvirt/hooks/vmm-orchestrator.conf.sample"
 
 # Non-ASCII, odd spacing and no trailing newline: any rewriting would show.
 XML = (
@@ -50,12 +54,16 @@ def relay_config(workdir: Path, **settings: Any) -> Path:
 
 
 def run_relay(
-    config: Path, op: str = "migrate", sub_op: str = "begin", stdin: str = XML
+    config: Path,
+    op: str = "migrate",
+    sub_op: str = "begin",
+    stdin: str = XML,
+    wrapper: list[str] | None = None,
 ) -> tuple[subprocess.CompletedProcess[bytes], float]:
     """Run the relay like libvirtd does; (its result, seconds it took)."""
     start = time.monotonic()
     result = subprocess.run(
-        [str(RELAY), "vm-é", op, sub_op, "-"],
+        [*(wrapper or []), str(RELAY), "vm-é", op, sub_op, "-"],
         input=stdin.encode("utf-8"),
         capture_output=True,
         env={"PATH": "/usr/bin:/bin", "VMM_HOOK_CONFIG": str(config)},
@@ -92,7 +100,7 @@ def test_relay_is_executable_and_stdlib_only() -> None:
     text = RELAY.read_text()
     assert text.startswith("#!/usr/bin/python3\n")
     imports = {line.split()[1] for line in text.splitlines() if line.startswith("import ")}
-    assert imports <= {"configparser", "json", "os", "socket", "sys", "time"}
+    assert imports <= {"configparser", "json", "math", "os", "socket", "sys", "syslog", "time"}
     assert "libvirt" not in imports
 
 
@@ -240,3 +248,226 @@ def test_server_replaces_a_stale_socket_but_not_a_live_one(workdir: Path, serve:
     (workdir / "file").write_text("")
     with pytest.raises(ConfigError, match="not a socket"):
         HookServer(str(workdir / "file"), lambda r: {"allow": True}).start()
+
+
+# -- its own configuration file ----------------------------------------------------------
+
+
+def sample_settings() -> dict[str, str]:
+    """The commented-out ``key = value`` lines of the shipped sample."""
+    settings = {}
+    for line in SAMPLE.read_text().splitlines():
+        if line.startswith("#") and " = " in line and not line.startswith("# "):
+            key, value = line[1:].split(" = ", 1)
+            settings[key.strip()] = value.strip()
+    return settings
+
+
+def load(path: Path) -> dict[str, Any]:
+    """The relay's own load_config (the script is stdlib Python without a .py name)."""
+    namespace: dict[str, Any] = {"__name__": "relay"}
+    exec(compile(RELAY.read_text(), str(RELAY), "exec"), namespace)
+    settings: dict[str, Any] = namespace["load_config"](str(path))
+    return settings
+
+
+def test_the_sample_documents_every_key_with_the_defaults(workdir: Path) -> None:
+    text = SAMPLE.read_text()
+    assert "[hook_relay]" in text
+    shown = sample_settings()
+    namespace: dict[str, Any] = {"__name__": "relay"}
+    exec(compile(RELAY.read_text(), str(RELAY), "exec"), namespace)
+    assert shown == namespace["DEFAULTS"]
+    # Uncommented, the sample is a valid configuration that means the defaults.
+    active = workdir / "sample.conf"
+    active.write_text(
+        "\n".join(
+            line[1:] if line[:1] == "#" and line[1:2].isalpha() else line
+            for line in text.splitlines()
+        )
+    )
+    assert load(active) == load(workdir / "absent.conf")
+    assert load(active)["guarded"] == {"migrate begin"}
+
+
+BAD_CONFIGS = [
+    ({"deadline": "nan"}, "deadline = nan is out of range"),
+    ({"deadline": "inf"}, "deadline = inf is out of range"),
+    ({"deadline": "-1"}, "deadline = -1 is out of range: give seconds from 0.05 to 10"),
+    ({"deadline": "0"}, "deadline = 0 is out of range"),
+    ({"deadline": "3600"}, "deadline = 3600 is out of range: give seconds from 0.05 to 10"),
+    ({"deadline": "2s"}, "deadline = '2s' is not a number of seconds"),
+    ({"notify_deadline": "5"}, "notify_deadline = 5 is out of range"),
+    ({"fail_mode": "opne"}, "fail_mode = 'opne' is not one of open, closed"),
+    ({"fail_mode": ""}, "fail_mode = '' is not one of open, closed"),
+    ({"failmode": "closed"}, "unknown key(s) failmode in [hook_relay]"),
+    ({"guarded": "migrate"}, "guarded entry 'migrate' is not '<operation> <sub-operation>'"),
+]
+
+
+@pytest.mark.parametrize(("settings", "message"), BAD_CONFIGS)
+def test_a_bad_configuration_refuses_guarded_calls_at_once_and_lets_others_go_on(
+    workdir: Path, serve: Any, settings: dict[str, str], message: str
+) -> None:
+    seen = serve(lambda r: {"allow": True})
+    config = relay_config(workdir, **settings)
+    result, took = run_relay(config)
+    stderr = result.stderr.decode()
+    assert result.returncode == 1 and result.stdout == b"", stderr
+    assert "Traceback" not in stderr
+    assert f"vm-é migrate begin: refused: configuration {config}: {message}" in stderr
+    assert took < 1.5, took
+    result, took = run_relay(config, op="start", sub_op="begin")
+    stderr = result.stderr.decode()
+    assert result.returncode == 0, stderr
+    assert f"going on without the agent: configuration {config}: {message}" in stderr
+    assert took < 1.5, took
+    assert seen == []  # a configuration it cannot use: the relay asks nobody
+
+
+def test_a_file_without_the_section_or_unparsable_is_refused(workdir: Path) -> None:
+    config = workdir / "relay.conf"
+    config.write_text("[agent]\nhook_socket = /run/x.sock\n")
+    result, _ = run_relay(config)
+    assert result.returncode == 1
+    assert "it has no [hook_relay] section" in result.stderr.decode()
+    config.write_text("[hook_relay]\ndeadline = 1\ndeadline = 2\n")
+    result, _ = run_relay(config)
+    assert result.returncode == 1
+    assert "cannot parse it: While reading from" in result.stderr.decode()
+
+
+def test_the_largest_deadline_and_any_case_fail_mode_are_accepted(workdir: Path) -> None:
+    settings = load(relay_config(workdir, deadline="10", fail_mode=" Closed "))
+    assert (settings["deadline"], settings["fail_mode"]) == (10.0, "closed")
+
+
+def test_check_validates_the_file_and_pings_the_agent(workdir: Path, serve: Any) -> None:
+    env = {"PATH": "/usr/bin:/bin", "VMM_HOOK_CONFIG": str(relay_config(workdir))}
+    run = [str(RELAY), "--check"]
+    result = subprocess.run(run, capture_output=True, env=env, timeout=20, check=False)
+    assert result.returncode == 1 and b"cannot reach" in result.stderr
+    serve(lambda r: {"allow": True, "reason": "host h1"})
+    result = subprocess.run(run, capture_output=True, env=env, timeout=20, check=False)
+    assert result.returncode == 0, result.stderr
+    assert b"host h1" in result.stdout
+    env["VMM_HOOK_CONFIG"] = str(relay_config(workdir, fail_mode="shut"))
+    result = subprocess.run(run, capture_output=True, env=env, timeout=20, check=False)
+    assert result.returncode == 1 and b"fail_mode = 'shut'" in result.stderr
+
+
+# -- only guarded operations wait --------------------------------------------------------
+
+
+def test_a_hung_agent_delays_only_guarded_operations(workdir: Path, serve: Any) -> None:
+    release = threading.Event()
+
+    def hung(_request: dict[str, Any]) -> dict[str, Any]:
+        release.wait(10)
+        return {"allow": True}
+
+    seen = serve(hung)
+    config = relay_config(workdir, deadline=2.0)
+    try:
+        for op, sub_op in (("prepare", "begin"), ("start", "begin"), ("release", "end")):
+            result, took = run_relay(config, op=op, sub_op=sub_op)
+            assert result.returncode == 0, result.stderr
+            assert took < 1.0, (op, took)  # Python start-up, the send; never the 2 s deadline
+        result, took = run_relay(config)  # migrate begin: guarded
+        assert took >= 2.0, took
+        assert b"no answer within 2 s; going on (fail-open)" in result.stderr
+    finally:
+        release.set()
+    # The agent was told of every call all the same (it learns of aborts from them).
+    deadline = time.monotonic() + 5
+    while len(seen) < 4 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert [(r["op"], r["sub_op"]) for r in seen] == [
+        ("prepare", "begin"),
+        ("start", "begin"),
+        ("release", "end"),
+        ("migrate", "begin"),
+    ]
+
+
+def test_guarded_operations_are_configurable(workdir: Path, serve: Any) -> None:
+    seen = serve(lambda r: {"allow": False, "reason": "no"})
+    config = relay_config(workdir, guarded="migrate begin, restore begin")
+    result, _ = run_relay(config, op="restore", sub_op="begin")
+    assert result.returncode == 1 and b"vmm-orchestrator: no" in result.stderr
+    result, _ = run_relay(config, op="start", sub_op="begin")  # not guarded: never refused
+    assert result.returncode == 0
+    assert [r["op"] for r in seen] == ["restore", "start"]
+
+
+# -- traces: stderr and syslog -----------------------------------------------------------
+
+
+@pytest.fixture
+def syslog_socket(workdir: Path) -> Iterator[tuple[list[str], socket.socket]]:
+    """A datagram socket standing in for /dev/log, and a wrapper that runs the relay in a
+    private mount namespace where /dev is a directory holding only that socket."""
+    if os.geteuid() != 0 or shutil.which("unshare") is None:
+        pytest.skip("needs root and unshare(1) to give the relay a private /dev/log")
+    dev = workdir / "dev"
+    dev.mkdir()
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind(str(dev / "log"))
+    sock.settimeout(0.5)
+    wrapper = [
+        "unshare",
+        "--mount",
+        "--propagation",
+        "private",
+        "sh",
+        "-c",
+        'mount --bind "$0" /dev && exec "$@"',
+        str(dev),
+    ]
+    try:
+        yield wrapper, sock
+    finally:
+        sock.close()
+
+
+def received(sock: socket.socket) -> list[str]:
+    lines = []
+    with contextlib.suppress(TimeoutError):
+        while True:
+            lines.append(sock.recv(65536).decode("utf-8", "replace"))
+    return lines
+
+
+def test_every_fail_open_pass_is_traced_in_syslog_and_on_stderr(
+    workdir: Path, syslog_socket: tuple[list[str], socket.socket]
+) -> None:
+    wrapper, sock = syslog_socket
+    result, _ = run_relay(relay_config(workdir, fail_mode="open"), wrapper=wrapper)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == XML.encode()
+    stderr = result.stderr.decode()
+    assert "vm-é migrate begin: cannot reach" in stderr and "going on (fail-open)" in stderr
+    logged = received(sock)
+    assert len(logged) == 1, logged
+    # <28>: facility daemon (3 << 3) + warning (4); the identifier journalctl -t selects.
+    assert logged[0].startswith("<28>"), logged
+    assert "vmm-orchestrator-hook[" in logged[0]
+    assert "vm-é migrate begin: cannot reach" in logged[0]
+    assert logged[0].rstrip("\x00\n").endswith("going on (fail-open)")
+
+
+def test_refusals_and_configuration_errors_are_traced_in_syslog_too(
+    workdir: Path, serve: Any, syslog_socket: tuple[list[str], socket.socket]
+) -> None:
+    wrapper, sock = syslog_socket
+    result, _ = run_relay(relay_config(workdir, fail_mode="ajar"), wrapper=wrapper)
+    assert result.returncode == 1
+    logged = received(sock)
+    assert len(logged) == 1 and logged[0].startswith("<27>"), logged  # daemon.err
+    assert "fail_mode = 'ajar' is not one of open, closed" in logged[0]
+    serve(lambda r: {"allow": False, "reason": "10.0.0.5 is held"})
+    result, _ = run_relay(relay_config(workdir), wrapper=wrapper)
+    assert result.returncode == 1
+    assert result.stderr.decode() == "vmm-orchestrator: 10.0.0.5 is held\n"
+    logged = received(sock)
+    assert len(logged) == 1 and "refused by the agent: 10.0.0.5 is held" in logged[0], logged
