@@ -64,7 +64,7 @@ setup(
             "state_cleanup = vmm_state.stages:StateCleanup",
         ],
         "vmm_orchestrator.commands": [
-            "lab = vmm_linux.lab.cli:LabCommand",
+            "lab = vmm_lab.linux.cli:LabCommand",
             "agent = vmm_orchestrator.agent_cmd:AgentCommand",
             "migrate-with-network = vmm_openstack.command:MigrateWithNetworkCommand",
         ],
@@ -82,6 +82,7 @@ setup(
             "vmm_libvirt = vmm_libvirt.options:list_opts",
             "vmm_state.kinds = vmm_state.kinds:list_opts",
             "vmm_etcd = vmm_etcd.options:list_opts",
+            "vmm_lab = vmm_lab.linux.options:list_opts",
         ],
         "vmm_state.kinds": [
             "conntrack = vmm_state.kinds.conntrack:ConntrackKind",

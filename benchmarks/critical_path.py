@@ -20,11 +20,11 @@ import time
 
 from oslo_config import cfg
 
-from vmm_linux.lab import options as lab_options
-from vmm_linux.lab.demo import lab_site
-from vmm_linux.lab.hypervisor import LabHypervisor
-from vmm_linux.lab.probe import format_table
-from vmm_linux.lab.topology import new_prefix
+from vmm_lab.linux import options as lab_options
+from vmm_lab.linux.demo import lab_site
+from vmm_lab.linux.hypervisor import LabHypervisor
+from vmm_lab.linux.probe import format_table
+from vmm_lab.linux.topology import new_prefix
 from vmm_linux.stages import HoldTimer
 from vmm_orchestrator.stage import register_stage_opts
 
@@ -58,7 +58,7 @@ def start_traffic(site, rate: int) -> list[subprocess.Popen[str]]:
                     lab.vms[peer].netns,
                     sys.executable,
                     "-m",
-                    "vmm_linux.lab.probe",
+                    "vmm_lab.linux.probe",
                     "send",
                     "--dst",
                     addr,

@@ -56,13 +56,13 @@ from vmm_etcd.ha import HaPipeline
 from vmm_etcd.journal import EtcdJournal
 from vmm_etcd.kv import EtcdKV
 from vmm_etcd.locks import InstanceLease, MigrationLocks
+from vmm_lab.linux import probe
+from vmm_lab.linux.hypervisor import LabHypervisor, LabMigration
+from vmm_lab.linux.topology import Lab, LabVm, new_prefix
 from vmm_linux import announce as announce_mod
 from vmm_linux.agent import GROUP as AGENT_GROUP
 from vmm_linux.agent import register_opts as register_agent_opts
 from vmm_linux.host import LinuxHost
-from vmm_linux.lab import probe
-from vmm_linux.lab.hypervisor import LabHypervisor, LabMigration
-from vmm_linux.lab.topology import Lab, LabVm, new_prefix
 from vmm_linux.netns import socket_in
 from vmm_linux.stages import HoldTimer
 from vmm_orchestrator import engine
@@ -202,7 +202,7 @@ class Probes:
     Sixty probe processes (a receiver per VM, a sender per stream) would be most
     of the load on a two-core machine; the hub opens every socket inside its
     namespace (vmm_linux.netns.socket_in) and serves them all from one loop,
-    writing the same logs as ``vmm_linux.lab.probe``.
+    writing the same logs as ``vmm_lab.linux.probe``.
     """
 
     def __init__(self, site: Site, targets: list[LabVm]) -> None:

@@ -48,9 +48,9 @@ from oslo_config import cfg
 from vmm_etcd.client import EtcdNvaClient
 from vmm_etcd.cluster import LocalEtcdCluster
 from vmm_etcd.kv import EtcdKV
+from vmm_lab.linux.probe import format_table
+from vmm_lab.linux.topology import Lab
 from vmm_linux.agent import NveAgent
-from vmm_linux.lab.probe import format_table
-from vmm_linux.lab.topology import Lab
 from vmm_linux.nve import LinuxNve
 from vmm_orchestrator.errors import VmmError
 from vmm_orchestrator.nva.client import NvaClient

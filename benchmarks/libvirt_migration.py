@@ -1,6 +1,6 @@
 """Real libvirt live migrations, QEMU alone vs orchestrated, side by side.
 
-For each mode one real-libvirt lab (vmm_libvirt.lab.site: two libvirtds in
+For each mode one real-libvirt lab (vmm_lab.libvirt.site: two libvirtds in
 lab host namespaces, a TCG guest booted on h1) and ``--runs`` live
 migrations of the guest back and forth between h1 and h2, each under the
 demo's six echo probe streams (vm2 and the gateway on h3, vm3 on h1; IPv4
@@ -11,7 +11,7 @@ and IPv6; ``--rate`` requests per second each):
   orchestrated  the HostAgents' pipelines on the real libvirt events.
 
 Per migration: packets lost after resume (all six streams; the strict window
-ends at the first RARP on the destination's tap, see vmm_libvirt.lab.demo),
+ends at the first RARP on the destination's tap, see vmm_lab.libvirt.demo),
 the longest black hole after resume, the slowest NVE's convergence (first
 RARP -> the NVE programmed the new host) and libvirt's own downtime. The
 summary gives median [min - max] per mode.
@@ -29,10 +29,10 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from vmm_libvirt.lab import demo
-from vmm_libvirt.lab.site import lab_conf, libvirt_site
-from vmm_linux.lab.probe import format_table
-from vmm_linux.lab.topology import new_prefix
+from vmm_lab.libvirt import demo
+from vmm_lab.libvirt.site import lab_conf, libvirt_site
+from vmm_lab.linux.probe import format_table
+from vmm_lab.linux.topology import new_prefix
 
 LABELS = {"rarp": "QEMU alone (RARP)", "orchestrated": "orchestrated"}
 

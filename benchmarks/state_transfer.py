@@ -44,7 +44,7 @@ from typing import Any
 
 from oslo_config import cfg
 
-from vmm_linux.lab.probe import format_table
+from vmm_lab.linux.probe import format_table
 from vmm_orchestrator.errors import ConfigError
 from vmm_orchestrator.model import Migration, Phase, Role, Vif, Workload
 from vmm_orchestrator.stage import HostContext, StageContext
@@ -89,7 +89,7 @@ def namespaces(prefix: str) -> Iterator[tuple[str, str]]:
 
 def load_firewall(ns: str) -> None:
     """The tables whose sets nft_sets moves (conntrack needs none)."""
-    from vmm_state import firewall
+    from vmm_lab import firewall
 
     sh(
         "ip",

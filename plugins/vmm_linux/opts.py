@@ -5,7 +5,6 @@ from __future__ import annotations
 from oslo_config import cfg
 
 from vmm_linux import agent, announce, nve
-from vmm_linux.lab import options as lab_options
 
 
 def list_opts() -> list[tuple[str, list[cfg.Opt]]]:
@@ -13,5 +12,4 @@ def list_opts() -> list[tuple[str, list[cfg.Opt]]]:
         (nve.GROUP, nve.NVE_OPTS),
         (agent.GROUP, agent.AGENT_OPTS),
         (announce.GROUP, announce.ANNOUNCE_OPTS),
-        (lab_options.GROUP, lab_options.LAB_OPTS),
     ]

@@ -9,8 +9,8 @@ import os
 import pytest
 from oslo_config import cfg
 
-from vmm_linux.lab import options as lab_options
-from vmm_linux.lab.topology import lab_namespaces, new_prefix
+from vmm_lab.linux import options as lab_options
+from vmm_lab.linux.topology import lab_namespaces, new_prefix
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

@@ -34,13 +34,13 @@ import pytest
 libvirt = pytest.importorskip("libvirt", reason="libvirt-python is not installed")
 import libvirt_qemu  # noqa: E402
 
-from vmm_libvirt.lab import LibvirtLabError  # noqa: E402
-from vmm_libvirt.lab import demo as lv_demo  # noqa: E402
-from vmm_libvirt.lab import guest as guest_mod  # noqa: E402
-from vmm_libvirt.lab import site as lv_site  # noqa: E402
-from vmm_libvirt.lab.migrate import RarpWatch, migrate  # noqa: E402
-from vmm_linux.lab import probe  # noqa: E402
-from vmm_linux.lab.topology import in_ns, lab_namespaces, new_prefix  # noqa: E402
+from vmm_lab.libvirt import LibvirtLabError  # noqa: E402
+from vmm_lab.libvirt import demo as lv_demo  # noqa: E402
+from vmm_lab.libvirt import guest as guest_mod  # noqa: E402
+from vmm_lab.libvirt import site as lv_site  # noqa: E402
+from vmm_lab.libvirt.migrate import RarpWatch, migrate  # noqa: E402
+from vmm_lab.linux import probe  # noqa: E402
+from vmm_lab.linux.topology import in_ns, lab_namespaces, new_prefix  # noqa: E402
 from vmm_linux.netns import socket_in  # noqa: E402
 from vmm_linux.nve import vxlan_name  # noqa: E402
 from vmm_linux.stages import HoldTimer  # noqa: E402

@@ -7,9 +7,9 @@ import re
 
 from oslo_config import cfg
 
-from vmm_linux.lab.demo import lab_site, run_mode
-from vmm_linux.lab.hypervisor import LabHypervisor
-from vmm_linux.lab.topology import in_ns
+from vmm_lab.linux.demo import lab_site, run_mode
+from vmm_lab.linux.hypervisor import LabHypervisor
+from vmm_lab.linux.topology import in_ns
 from vmm_orchestrator.model import MigrationEvent, Phase, Role
 
 VNI = 100

@@ -3,7 +3,7 @@ two libvirtds (lab hosts h1 and h2, network namespaces on this machine) on the
 lab's Linux NVEs, with the HostAgents watching the real events and the hook
 relay running PREPARE at "migrate begin".
 
-One site for the module (vmm_libvirt.lab.site): building it and booting the
+One site for the module (vmm_lab.libvirt.site): building it and booting the
 guest is most of the time. The tests run in order and each leaves the guest
 running somewhere, which the site's ``where`` tracks:
 
@@ -33,12 +33,12 @@ import pytest
 
 libvirt = pytest.importorskip("libvirt", reason="libvirt-python is not installed")
 
-from vmm_libvirt.lab import LibvirtLabError  # noqa: E402
-from vmm_libvirt.lab import demo as lv_demo  # noqa: E402
-from vmm_libvirt.lab import guest as guest_mod  # noqa: E402
-from vmm_libvirt.lab import site as lv_site  # noqa: E402
-from vmm_libvirt.lab.hosts import LibvirtHost  # noqa: E402
-from vmm_libvirt.lab.migrate import (  # noqa: E402
+from vmm_lab.libvirt import LibvirtLabError  # noqa: E402
+from vmm_lab.libvirt import demo as lv_demo  # noqa: E402
+from vmm_lab.libvirt import guest as guest_mod  # noqa: E402
+from vmm_lab.libvirt import site as lv_site  # noqa: E402
+from vmm_lab.libvirt.hosts import LibvirtHost  # noqa: E402
+from vmm_lab.libvirt.migrate import (  # noqa: E402
     MigrationFailed,
     abort,
     domain_state,
@@ -47,7 +47,7 @@ from vmm_libvirt.lab.migrate import (  # noqa: E402
     qemu_pid,
     wait_job_running,
 )
-from vmm_linux.lab.topology import lab_namespaces, new_prefix  # noqa: E402
+from vmm_lab.linux.topology import lab_namespaces, new_prefix  # noqa: E402
 from vmm_linux.nve import vxlan_name  # noqa: E402
 from vmm_linux.stages import HoldTimer  # noqa: E402
 from vmm_orchestrator.errors import VmmError  # noqa: E402

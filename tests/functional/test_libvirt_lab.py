@@ -33,10 +33,10 @@ import libvirt_qemu
 import pytest
 from oslo_config import cfg
 
-from vmm_libvirt.lab import guest as guest_mod
-from vmm_libvirt.lab.domain import GuestSpec, domain_xml
-from vmm_libvirt.lab.hosts import LibvirtHost
-from vmm_libvirt.lab.migrate import (
+from vmm_lab.libvirt import guest as guest_mod
+from vmm_lab.libvirt.domain import GuestSpec, domain_xml
+from vmm_lab.libvirt.hosts import LibvirtHost
+from vmm_lab.libvirt.migrate import (
     MigrationFailed,
     MigrationRecord,
     RarpWatch,
@@ -47,10 +47,10 @@ from vmm_libvirt.lab.migrate import (
     qemu_pid,
     wait_job_running,
 )
-from vmm_linux.lab import options as lab_options
-from vmm_linux.lab import probe
-from vmm_linux.lab.demo import LabSite, lab_site
-from vmm_linux.lab.topology import in_ns, lab_namespaces, new_prefix
+from vmm_lab.linux import options as lab_options
+from vmm_lab.linux import probe
+from vmm_lab.linux.demo import LabSite, lab_site
+from vmm_lab.linux.topology import in_ns, lab_namespaces, new_prefix
 
 pytestmark = pytest.mark.functional
 

@@ -23,7 +23,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from vmm_linux.lab.topology import Lab, in_ns, lab_run
+from vmm_lab.linux.topology import Lab, in_ns, lab_run
 from vmm_linux.netns import socket_in
 from vmm_linux.nve import LinuxNve, expected_set, pair_set, vxlan_name
 

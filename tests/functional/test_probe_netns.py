@@ -30,7 +30,7 @@ import pytest
 from pyroute2 import NetNS
 from pyroute2.netlink.rtnl.ndmsg import states as NUD
 
-from vmm_linux.lab import probe
+from vmm_lab.linux import probe
 
 pytestmark = [
     pytest.mark.functional,
@@ -69,7 +69,7 @@ class Lab:
     def start(self, ns: str, *args: str) -> subprocess.Popen[str]:
         """Start a probe program inside ``ns``; the finalizer kills it if still running."""
         p = subprocess.Popen(
-            ["ip", "netns", "exec", ns, sys.executable, "-m", "vmm_linux.lab.probe", *args],
+            ["ip", "netns", "exec", ns, sys.executable, "-m", "vmm_lab.linux.probe", *args],
             stdout=subprocess.PIPE,
             text=True,
             env=dict(os.environ, PYTHONUNBUFFERED="1"),

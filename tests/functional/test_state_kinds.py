@@ -7,7 +7,7 @@ or what the kernel rejects.
 Two "hosts" (namespaces ``<prefix>-a`` and ``<prefix>-b``), each with the VN
 bridge br-100, the migrating VM's port tap-vm1 and another VM's port tap-vm2
 (veths whose other ends stay in the host, up), and the model firewall of
-:mod:`vmm_state.firewall`.
+:mod:`vmm_lab.firewall`.
 """
 
 from __future__ import annotations
@@ -22,9 +22,9 @@ from typing import Any
 import pytest
 from oslo_config import cfg
 
-from vmm_linux.lab.topology import remove_namespaces, sh
+from vmm_lab.firewall import PORT_TABLE, HostFirewall
+from vmm_lab.linux.topology import remove_namespaces, sh
 from vmm_orchestrator.model import Vif
-from vmm_state.firewall import PORT_TABLE, HostFirewall
 from vmm_state.kind import KindContext, PoisonedEntry, Reason
 from vmm_state.kinds import _ctnetlink as ctnl
 from vmm_state.kinds import _nft

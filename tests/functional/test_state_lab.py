@@ -1,7 +1,7 @@
 """The four state proofs in the real lab, each with and without state migration.
 
 vm1 live-migrates from h1 to h2 (the orchestrator's pipeline moves the
-network), every host runs the model firewall of :mod:`vmm_state.firewall`,
+network), every host runs the model firewall of :mod:`vmm_lab.firewall`,
 and the state kinds are driven directly around the move, as the state
 stages would: export on h1 and import on h2 while the VM is paused (before
 its port resumes); the port-bound mdb entries as soon as the port is on
@@ -35,22 +35,15 @@ from typing import Any
 import pytest
 from oslo_config import cfg
 
-from vmm_linux.lab import options as lab_options
-from vmm_linux.lab.demo import LabSite, lab_site
-from vmm_linux.lab.hypervisor import LabHypervisor
-from vmm_linux.lab.topology import in_ns, lab_namespaces, new_prefix
-from vmm_linux.netns import socket_in
-from vmm_orchestrator.model import Phase
-from vmm_state.firewall import FW_TABLE, HostFirewall
-from vmm_state.kind import ImportResult, KindContext, StateKind
-from vmm_state.kinds.conntrack import ConntrackKind
-from vmm_state.kinds.dhcp_snooping import DhcpSnoopingKind
-from vmm_state.kinds.mdb import MdbKind
-from vmm_state.kinds.nftsets import NftSetsKind
+from vmm_lab.firewall import FW_TABLE, HostFirewall
+from vmm_lab.linux import options as lab_options
+from vmm_lab.linux.demo import LabSite, lab_site
+from vmm_lab.linux.hypervisor import LabHypervisor
+from vmm_lab.linux.topology import in_ns, lab_namespaces, new_prefix
 
-# The probes are the proofs' own (vmm_state.proofs, shared with the state demo and
+# The probes are the proofs' own (vmm_lab.proofs, shared with the state demo and
 # test_state_pipeline.py); only the moving of the state is done by hand here.
-from vmm_state.proofs import (
+from vmm_lab.proofs import (
     GROUP,
     GROUP_PORT,
     LEASE,
@@ -66,7 +59,14 @@ from vmm_state.proofs import (
     send_multicast,
     syn_flood,
 )
-from vmm_state.proofs import receive as receive_all
+from vmm_lab.proofs import receive as receive_all
+from vmm_linux.netns import socket_in
+from vmm_orchestrator.model import Phase
+from vmm_state.kind import ImportResult, KindContext, StateKind
+from vmm_state.kinds.conntrack import ConntrackKind
+from vmm_state.kinds.dhcp_snooping import DhcpSnoopingKind
+from vmm_state.kinds.mdb import MdbKind
+from vmm_state.kinds.nftsets import NftSetsKind
 
 ATTACKER = "vm4"
 SPOOFED = "198.19.100.99"

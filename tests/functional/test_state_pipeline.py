@@ -10,7 +10,7 @@ after PREPARE; a paused guest's tap stays up), so that the delta lands
 before the VM resumes and port-bound state (multicast membership) has a
 port on both sides at SWITCHOVER.
 
-The proofs (vmm_state.proofs) run once with the state stages and once
+The proofs (vmm_lab.proofs) run once with the state stages and once
 without: with them every proof holds, without them every proof breaks.
 Then an aborted and a refused migration must leave nothing at the
 destination that was not there before.
@@ -30,14 +30,14 @@ from typing import Any, cast
 import pytest
 from oslo_config import cfg
 
-from vmm_linux.lab import options as lab_options
-from vmm_linux.lab.demo import LabSite, lab_site
-from vmm_linux.lab.hypervisor import LabHypervisor, LabMigration, MigrationVetoed
-from vmm_linux.lab.topology import Lab, LabVm, lab_namespaces, new_prefix
+from vmm_lab import proofs
+from vmm_lab.linux import options as lab_options
+from vmm_lab.linux.demo import LabSite, lab_site
+from vmm_lab.linux.hypervisor import LabHypervisor, LabMigration, MigrationVetoed
+from vmm_lab.linux.topology import Lab, LabVm, lab_namespaces, new_prefix
 from vmm_linux.netns import socket_in
 from vmm_orchestrator.engine import PhaseReport
 from vmm_orchestrator.model import Phase, Role
-from vmm_state import proofs
 from vmm_state.kind import KindContext
 
 STATE_STAGES = {"state_precopy", "state_delta", "state_cleanup"}

@@ -510,7 +510,7 @@ def test_nva_status_against_a_closed_port(tmp_path: Path) -> None:
 @pytest.fixture
 def no_lab(monkeypatch: Any) -> list[str]:
     """Make building a lab fail the test: validation must stop first."""
-    from vmm_linux.lab import demo
+    from vmm_lab.linux import demo
 
     built: list[str] = []
 
@@ -535,7 +535,7 @@ def test_lab_demo_as_non_root(
 
 
 def test_lab_cleanup_as_non_root(monkeypatch: Any, capsys: pytest.CaptureFixture[str]) -> None:
-    from vmm_linux.lab import cli as lab_cli
+    from vmm_lab.linux import cli as lab_cli
 
     removed: list[str] = []
 
@@ -577,8 +577,8 @@ def test_lab_demo_good_input_reaches_the_demo(
     tmp_path: Path, monkeypatch: Any, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """The checks do not refuse good input, and the flags reach the demo."""
-    from vmm_linux.lab import cli as lab_cli
-    from vmm_linux.lab import demo
+    from vmm_lab.linux import cli as lab_cli
+    from vmm_lab.linux import demo
 
     seen: dict[str, Any] = {}
 

@@ -19,8 +19,8 @@ from pathlib import Path
 
 import pytest
 
-from vmm_linux.lab import probe
-from vmm_linux.lab.probe import Recv, SendLog, analyze
+from vmm_lab.linux import probe
+from vmm_lab.linux.probe import Recv, SendLog, analyze
 
 MS = 1_000_000
 T0 = 1_000_000_000_000  # an arbitrary CLOCK_MONOTONIC origin
@@ -361,7 +361,7 @@ def test_sender_stops_when_asked_and_never_runs_ahead() -> None:
 def test_cli_sigterm_writes_logs(tmp_path: Path) -> None:
     """Both programs print "ready", stop on SIGTERM and still write their logs."""
     env = dict(os.environ, PYTHONUNBUFFERED="1")
-    cmd = [sys.executable, "-m", "vmm_linux.lab.probe"]
+    cmd = [sys.executable, "-m", "vmm_lab.linux.probe"]
     port = 20000 + os.getpid() % 20000
     recv = subprocess.Popen(
         [*cmd, "recv", "--bind", "::1", "--port", str(port), "--out", str(tmp_path / "r.json")],

@@ -11,7 +11,7 @@ Every kind reads and writes the real kernel of a host's network namespace:
 ``macsec``          MACsec secure associations (key, next packet number)
 ==================  =====================================================
 
-The firewall whose tables they move is :mod:`vmm_state.firewall`.
+The firewall whose tables they move is :mod:`vmm_lab.firewall`.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Firewall sessions: the conntrack entries of the VM's connections.
 
 The session table of the host's stateful firewall is its namespace's
-conntrack table (see :mod:`vmm_state.firewall`). Without the VM's entries a
+conntrack table (see :mod:`vmm_lab.firewall`). Without the VM's entries a
 destination firewall that drops new inbound traffic drops the first
 mid-stream packet of every existing connection, and the connections die.
 

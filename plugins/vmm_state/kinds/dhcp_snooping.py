@@ -11,7 +11,7 @@ renewal: minutes to hours.
 Here the binding table is the ``bindings_v4/v6`` sets of the host's
 ``bridge vmm_port`` table, keyed ``port . MAC . IP`` with the lease as the
 element's timeout, and ``snooped_ports`` says which ports the filter guards
-(see :mod:`vmm_state.firewall`). Both move: the bindings, and the fact that
+(see :mod:`vmm_lab.firewall`). Both move: the bindings, and the fact that
 the VM's port is guarded, so a destination whose port profile forgot
 snooping still enforces it rather than letting the VM spoof.
 

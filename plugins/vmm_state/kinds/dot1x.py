@@ -8,7 +8,7 @@ drafts). Neither is in the VM's static port profile, so after a migration
 the destination treats the VM as unauthenticated and drops it until it logs
 in again.
 
-Here (see :mod:`vmm_state.firewall`) the port is a kernel locked bridge port
+Here (see :mod:`vmm_lab.firewall`) the port is a kernel locked bridge port
 (``bridge link set dev PORT locked on``: frames from a source MAC without an
 FDB entry on that port are dropped), the authorization is a static FDB
 entry of the VM's MAC on its port, and the dynamic ACL is the elements of

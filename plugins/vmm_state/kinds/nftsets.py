@@ -1,7 +1,7 @@
 """Firewall cumulative data: nftables dynamic set elements of the VM.
 
 The firewall's flood meters and blacklists are dynamic sets whose keys name
-the protected VM (``source . VM`` in :mod:`vmm_state.firewall`): a SYN-rate
+the protected VM (``source . VM`` in :mod:`vmm_lab.firewall`): a SYN-rate
 meter per source and VM, and the (source, VM) pairs blacklisted after a
 flood. Left behind, a flooding source that was blocked from the VM on the
 old host reaches it again on the new one, and the meters start from zero.

@@ -10,8 +10,8 @@ so the baselines converge the way a directory-driven overlay does today:
 only once the VM's MAC is seen on its new port.
 
 ``lab_site(..., state=True)`` builds the same lab with what state migration
-needs (see :mod:`vmm_state.lab_demo` for the demo that uses it): the model
-stateful firewall of :mod:`vmm_state.firewall` on every host, a state
+needs (see :mod:`vmm_lab.state_demo` for the demo that uses it): the model
+stateful firewall of :mod:`vmm_lab.firewall` on every host, a state
 service (StateHost) per host, and the pipeline with the state stages.
 """
 
@@ -35,18 +35,18 @@ from typing import TYPE_CHECKING, Any
 
 from oslo_config import cfg
 
+from vmm_lab.linux import options as lab_opts
+from vmm_lab.linux import probe
+from vmm_lab.linux.hypervisor import LabHypervisor, LabMigration
+from vmm_lab.linux.topology import Lab, LabVm, in_ns, new_prefix
 from vmm_linux.host import LinuxHost
-from vmm_linux.lab import options as lab_opts
-from vmm_linux.lab import probe
-from vmm_linux.lab.hypervisor import LabHypervisor, LabMigration
-from vmm_linux.lab.topology import Lab, LabVm, in_ns, new_prefix
 from vmm_orchestrator import engine
 from vmm_orchestrator.nva.client import NvaClient
 from vmm_orchestrator.nva.server import NvaServer
 from vmm_orchestrator.nva.store import NvaStore
 
 if TYPE_CHECKING:  # vmm_state is imported only when a lab runs with state=True
-    from vmm_state.firewall import HostFirewall
+    from vmm_lab.firewall import HostFirewall
     from vmm_state.service import StateHost
 
 LOG = logging.getLogger(__name__)
@@ -67,7 +67,7 @@ STATE_STAGES = [
     "state_cleanup",
 ]
 #: The kinds a lab with state migration moves unless [state] kinds says otherwise:
-#: those the firewall of vmm_state.firewall keeps for the lab's proofs.
+#: those the firewall of vmm_lab.firewall keeps for the lab's proofs.
 LAB_STATE_KINDS = ["conntrack", "nft_sets", "dhcp_snooping", "mdb"]
 
 
@@ -245,7 +245,7 @@ def lab_site(
     created here).
 
     ``state`` adds what state migration needs: the firewall of
-    :mod:`vmm_state.firewall` on every host (IGMP snooping on the VN bridge,
+    :mod:`vmm_lab.firewall` on every host (IGMP snooping on the VN bridge,
     with the gateway's host as querier, since a bridge enforces snooping only
     while it knows one; every VM's port profile) and, when ``orchestrated``
     and ``move_state``, the pipeline of STATE_STAGES, which makes the root
@@ -325,7 +325,7 @@ def lab_site(
 def _install_firewalls(site: LabSite) -> None:
     """The model firewall on every host, IGMP snooping on the VN's bridges, and every
     VM's port profile where it runs."""
-    from vmm_state.firewall import HostFirewall
+    from vmm_lab.firewall import HostFirewall
 
     lab = site.lab
     gw = lab.vms[lab_opts.GATEWAY]
@@ -352,7 +352,7 @@ class ProbeRun:
 
     def start(self, rate: int, duration: float) -> float:
         lab, work = self.site.lab, self.site.workdir
-        py = [sys.executable, "-m", "vmm_linux.lab.probe"]
+        py = [sys.executable, "-m", "vmm_lab.linux.probe"]
         for family, addr in (("v4", self.target.ipv4), ("v6", self.target.ipv6)):
             out = os.path.join(work, f"recv-{family}.json")
             proc = lab.popen(

@@ -6,7 +6,7 @@ stream on the destination's underlay address) with LIVE | PEER2PEER |
 PERSIST_DEST | UNDEFINE_SOURCE, so the guest ends up defined only where it
 runs, as a cloud's compute hosts want it. While it runs, the lifecycle
 events of both daemons are recorded with CLOCK_MONOTONIC receive times (the
-clock vmm_linux.lab.probe stamps packets with), and libvirt's statistics of
+clock vmm_lab.linux.probe stamps packets with), and libvirt's statistics of
 the finished job come from the source's JOB_COMPLETED event: with
 UNDEFINE_SOURCE the source domain is gone once the call returns, so its
 completed-job statistics can no longer be asked for.
@@ -44,9 +44,9 @@ from typing import Any
 
 import libvirt
 
+from vmm_lab.libvirt import LibvirtLabError
+from vmm_lab.libvirt.hosts import LibvirtHost
 from vmm_libvirt.events import start_event_loop
-from vmm_libvirt.lab import LibvirtLabError
-from vmm_libvirt.lab.hosts import LibvirtHost
 from vmm_linux.netns import socket_in
 
 FLAGS = (

@@ -7,8 +7,8 @@ reordering and how long the path stayed black-holed after resume.
 
 Run as a program inside a network namespace::
 
-    python -m vmm_linux.lab.probe recv --bind 10.0.0.2 --port 9000 --out r.json
-    python -m vmm_linux.lab.probe send --dst 10.0.0.2 --port 9000 --rate 1000 \
+    python -m vmm_lab.linux.probe recv --bind 10.0.0.2 --port 9000 --out r.json
+    python -m vmm_lab.linux.probe send --dst 10.0.0.2 --port 9000 --rate 1000 \
         --duration 5 --stream v4 --out s.json [--start-at MONO_SECONDS]
 
 Both print a single ``ready`` line (flushed) once their socket exists, stop
@@ -736,7 +736,7 @@ def _port(text: str) -> int:
 def build_parser() -> argparse.ArgumentParser:
     """The ``send`` / ``recv`` command line."""
     parser = argparse.ArgumentParser(
-        prog="python -m vmm_linux.lab.probe",
+        prog="python -m vmm_lab.linux.probe",
         description="UDP probe streams for the lab",
     )
     sub = parser.add_subparsers(dest="command", required=True)
@@ -761,7 +761,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of ``python -m vmm_linux.lab.probe``."""
+    """Entry point of ``python -m vmm_lab.linux.probe``."""
     args = build_parser().parse_args(argv)
     stop = _StopFlag()
     stop.install()

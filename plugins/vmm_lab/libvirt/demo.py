@@ -6,13 +6,13 @@ Modes (each in a fresh lab: same topology, same guest, same migration h1 -> h2):
                 which the NVE agents' local learning (EVPN-style MAC mobility)
                 turns into a directory move;
   orchestrated  the HostAgents' pipelines watching the real libvirt events
-                (hook relay PREPARE, early switchover, see vmm_libvirt.lab.site).
+                (hook relay PREPARE, early switchover, see vmm_lab.libvirt.site).
 
 The probes. The guest cannot run probe.py's receiver, so its kernel is the
 receiver: each peer (vm2 on h3, vm3 on h1, the gateway on h3) sends ICMP echo
 requests whose payload is a probe packet to the guest's IPv4 and IPv6
-address, and a reply counts as delivery (vmm_libvirt.lab.guest). The
-streams run as separate processes (``python -m vmm_libvirt.lab.demo echo``),
+address, and a reply counts as delivery (vmm_lab.libvirt.guest). The
+streams run as separate processes (``python -m vmm_lab.libvirt.demo echo``),
 so their 2 x 3 x ``rate`` packets per second do not compete for this
 process's interpreter with the HostAgents' critical path.
 
@@ -64,11 +64,11 @@ from pyroute2.netlink import NETLINK_ROUTE
 from pyroute2.netlink.rtnl import RTMGRP_NEIGH
 from pyroute2.netlink.rtnl.marshal import MarshalRtnl
 
-from vmm_libvirt.lab import guest as guest_mod
-from vmm_libvirt.lab.migrate import MigrationRecord, RarpWatch, migrate
-from vmm_libvirt.lab.site import LibvirtSite, lab_conf, libvirt_site
-from vmm_linux.lab import probe
-from vmm_linux.lab.topology import in_ns, new_prefix
+from vmm_lab.libvirt import guest as guest_mod
+from vmm_lab.libvirt.migrate import MigrationRecord, RarpWatch, migrate
+from vmm_lab.libvirt.site import LibvirtSite, lab_conf, libvirt_site
+from vmm_lab.linux import probe
+from vmm_lab.linux.topology import in_ns, new_prefix
 from vmm_linux.netns import socket_in
 from vmm_orchestrator.engine import PhaseReport
 from vmm_orchestrator.errors import VmmError
@@ -123,7 +123,7 @@ class EchoRun:
                 self.outputs[stream] = (f"{base}.send.json", f"{base}.recv.json")
                 self.procs[stream] = self.ls.lab_site.lab.popen(
                     self.ls.netns(peer),
-                    *(sys.executable, "-m", "vmm_libvirt.lab.demo", "echo"),
+                    *(sys.executable, "-m", "vmm_lab.libvirt.demo", "echo"),
                     *("--dst", addr, "--rate", str(self.rate), "--stream", stream),
                     *("--send-out", self.outputs[stream][0]),
                     *("--recv-out", self.outputs[stream][1]),
@@ -751,13 +751,13 @@ class _StopFlag:
 
 
 def echo_main(argv: Sequence[str] | None = None) -> int:
-    """``python -m vmm_libvirt.lab.demo echo``: one echo stream until SIGTERM.
+    """``python -m vmm_lab.libvirt.demo echo``: one echo stream until SIGTERM.
 
-    Like ``python -m vmm_libvirt.lab.guest echo`` but stopped by a signal, so
+    Like ``python -m vmm_lab.libvirt.guest echo`` but stopped by a signal, so
     the stream covers however long the migration takes, and the logs are
     written after the stop.
     """
-    parser = argparse.ArgumentParser(prog="python -m vmm_libvirt.lab.demo")
+    parser = argparse.ArgumentParser(prog="python -m vmm_lab.libvirt.demo")
     sub = parser.add_subparsers(dest="command", required=True)
     e = sub.add_parser("echo", help="probe the guest with ICMP echo until SIGTERM")
     e.add_argument("--dst", required=True)

@@ -33,7 +33,7 @@ nothing: :meth:`ProofLab.problems`); after the move the ``observe_*``
 functions measure; :func:`judge` gives the verdict for the mode. The lab
 must come from ``lab_site(..., state=True)`` (firewalls and port profiles).
 
-Used by the state demo (:mod:`vmm_state.lab_demo`) and the functional tests.
+Used by the state demo (:mod:`vmm_lab.state_demo`) and the functional tests.
 """
 
 from __future__ import annotations
@@ -50,10 +50,10 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from vmm_linux.lab.demo import LabSite, PortProfile
-from vmm_linux.lab.topology import LabVm, in_ns
+from vmm_lab.firewall import FW_TABLE
+from vmm_lab.linux.demo import LabSite, PortProfile
+from vmm_lab.linux.topology import LabVm, in_ns
 from vmm_linux.netns import socket_in
-from vmm_state.firewall import FW_TABLE
 
 #: The TCP service the VM offers (its security group opens it).
 SERVICE = 5001

@@ -86,3 +86,8 @@ def check(conf: cfg.ConfigOpts) -> None:
             f"[lab] modes: unknown mode(s) {', '.join(bad)}",
             hint=f"choose from {', '.join(MODES)}",
         )
+
+
+def list_opts() -> list[tuple[str, list[cfg.Opt]]]:
+    """For oslo-config-generator's ``vmm_lab`` namespace (not in the product's sample)."""
+    return [(GROUP, LAB_OPTS)]

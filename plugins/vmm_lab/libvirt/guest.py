@@ -13,7 +13,7 @@ It is built once per set of inputs: the cache key hashes the kernel version,
 every copied file's bytes and the /init text, so a later run (or another
 test) reuses the image and a changed input builds a new one beside it.
 
-Measuring delivery to the guest. The lab's probes (vmm_linux.lab.probe)
+Measuring delivery to the guest. The lab's probes (vmm_lab.linux.probe)
 count what arrives in the VM; a real guest cannot run that receiver (no
 Python, and this busybox has neither ``udpsvd`` nor a UDP ``nc``). The guest
 kernel itself is the receiver instead: every ICMP echo request that reaches
@@ -36,9 +36,9 @@ Lost-after-resume with the real guest, as probe.analyze defines it::
 
 The pause window comes from libvirt's SUSPENDED/RESUMED events; a strict
 count ends it at the first RARP on the destination's tap instead
-(``migrate.RarpWatch``; see vmm_libvirt.lab.migrate for how the marks
+(``migrate.RarpWatch``; see vmm_lab.libvirt.migrate for how the marks
 relate). All times are CLOCK_MONOTONIC, shared by every namespace.
-``python -m vmm_libvirt.lab.guest echo`` writes the same two logs as
+``python -m vmm_lab.libvirt.guest echo`` writes the same two logs as
 probe.py's send/recv, for probes run as separate processes.
 """
 
@@ -62,8 +62,8 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 
-from vmm_libvirt.lab import LibvirtLabError
-from vmm_linux.lab import probe
+from vmm_lab.libvirt import LibvirtLabError
+from vmm_lab.linux import probe
 from vmm_linux.netns import socket_in
 
 #: Load order of the guest's kernel modules (dependencies first).
@@ -88,7 +88,7 @@ DEFAULT_CACHE = os.environ.get("VMM_LIBVIRT_LAB_CACHE", "/var/tmp/vmm-libvirt-la
 FORMAT = "vmm-lab-guest/1"
 
 INIT = f"""#!/bin/sh
-# /init of the vmm lab guest; see vmm_libvirt.lab.guest.
+# /init of the vmm lab guest; see vmm_lab.libvirt.guest.
 /bin/busybox --install -s /bin
 export PATH=/bin:/usr/sbin
 mount -t proc proc /proc
@@ -443,8 +443,8 @@ def _receive_echoes(
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m vmm_libvirt.lab.guest echo ...``: one echo stream, logs as probe.py writes."""
-    parser = argparse.ArgumentParser(prog="python -m vmm_libvirt.lab.guest")
+    """``python -m vmm_lab.libvirt.guest echo ...``: one echo stream, logs as probe.py writes."""
+    parser = argparse.ArgumentParser(prog="python -m vmm_lab.libvirt.guest")
     sub = parser.add_subparsers(dest="command", required=True)
     e = sub.add_parser("echo", help="probe the guest with ICMP echo (run in a peer namespace)")
     e.add_argument("--dst", required=True)

@@ -1,9 +1,9 @@
 """The state demo: in the lab, vm1 live-migrates through the orchestrator's
 pipeline twice, once with state migration and once without, and the four
-proofs of :mod:`vmm_state.proofs` say what the state changed.
+proofs of :mod:`vmm_lab.proofs` say what the state changed.
 
 Both runs use the same fresh lab (the stateful firewall of
-:mod:`vmm_state.firewall` on every host, IGMP snooping, a state service per
+:mod:`vmm_lab.firewall` on every host, IGMP snooping, a state service per
 host) and the same hypervisor model: QEMU's ``pause-before-switchover``
 (the lab waits for the SWITCHOVER report, i.e. for the state delta, before
 it resumes the VM, and counts the wait in the downtime) and ports as
@@ -24,12 +24,12 @@ from typing import Any
 
 from oslo_config import cfg
 
-from vmm_linux.lab import options as lab_opts
-from vmm_linux.lab.demo import lab_site
-from vmm_linux.lab.hypervisor import LabHypervisor, MigrationVetoed
-from vmm_linux.lab.probe import format_table
-from vmm_linux.lab.topology import new_prefix
-from vmm_state import proofs
+from vmm_lab import proofs
+from vmm_lab.linux import options as lab_opts
+from vmm_lab.linux.demo import lab_site
+from vmm_lab.linux.hypervisor import LabHypervisor, MigrationVetoed
+from vmm_lab.linux.probe import format_table
+from vmm_lab.linux.topology import new_prefix
 from vmm_state.stages import DELTA, PRECOPY
 
 #: Seconds to wait for each phase's report.

@@ -14,8 +14,8 @@ import shutil
 
 from oslo_config import cfg
 
-from vmm_linux.lab import options as lab_opts
-from vmm_linux.lab.topology import remove_namespaces
+from vmm_lab.linux import options as lab_opts
+from vmm_lab.linux.topology import remove_namespaces
 from vmm_orchestrator.cli import check_options, override_option
 from vmm_orchestrator.commands import Command
 from vmm_orchestrator.errors import ConfigError, VmmError
@@ -81,7 +81,7 @@ def check_demo_options(conf: cfg.ConfigOpts) -> None:
     from vmm_orchestrator import engine
     from vmm_orchestrator.stage import group_name, stage_opts
 
-    check_options(conf, linux_opts.list_opts())
+    check_options(conf, [*linux_opts.list_opts(), *lab_opts.list_opts()])
     lab_opts.check(conf)
     if not conf.lab.modes:
         raise ConfigError(
@@ -220,7 +220,7 @@ class LabCommand(Command):
         check_demo_options(conf)
         check_json_out(args.json)
         need_root_and_ip()
-        from vmm_linux.lab.demo import run_demo
+        from vmm_lab.linux.demo import run_demo
 
         return run_demo(conf, json_out=args.json, vm=args.vm)
 
@@ -245,7 +245,7 @@ class LabCommand(Command):
         check_demo_options(conf)
         check_json_out(args.json)
         need_root_and_ip()
-        from vmm_libvirt.lab.demo import run_libvirt_demo
+        from vmm_lab.libvirt.demo import run_libvirt_demo
 
         return run_libvirt_demo(conf, json_out=args.json, modes=modes, rate=args.rate)
 
@@ -263,8 +263,8 @@ class LabCommand(Command):
                 args.downtime_ms,
                 "--downtime-ms",
             )
-        check_options(conf, linux_opts.list_opts())
+        check_options(conf, [*linux_opts.list_opts(), *lab_opts.list_opts()])
         need_root_and_ip()
-        from vmm_state.lab_demo import run_state_demo
+        from vmm_lab.state_demo import run_state_demo
 
         return run_state_demo(conf, vm=args.vm)

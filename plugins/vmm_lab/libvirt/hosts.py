@@ -33,7 +33,7 @@ from types import TracebackType
 
 import libvirt
 
-from vmm_libvirt.lab import LibvirtLabError
+from vmm_lab.libvirt import LibvirtLabError
 
 #: Directories each daemon gets its own copy of (mount point -> subdirectory).
 BIND_DIRS = {

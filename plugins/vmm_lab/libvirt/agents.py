@@ -24,7 +24,7 @@ import time
 from collections.abc import Mapping
 from typing import Any
 
-from vmm_libvirt.lab import LibvirtLabError
+from vmm_lab.libvirt import LibvirtLabError
 from vmm_orchestrator.journal import Journal, MigrationRecord
 
 #: Seconds an agent may take to print "vmm agent: serving".

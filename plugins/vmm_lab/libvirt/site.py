@@ -9,7 +9,7 @@ NVE agents and directory.
 
 How the pieces are wired, and why:
 
-* The namespace lab comes from ``vmm_linux.lab.demo.lab_site``, whose hosts
+* The namespace lab comes from ``vmm_lab.linux.demo.lab_site``, whose hosts
   the product's composition root assembled; orchestrated, the libvirt event
   source of ``vmm agent`` (``Daemon.for_assembly``) is put in front of h1's
   and h2's assembled hosts, exactly as ``vmm agent`` does. The operator's
@@ -62,19 +62,19 @@ import libvirt
 import libvirt_qemu
 from oslo_config import cfg
 
+from vmm_lab.libvirt import LibvirtLabError
+from vmm_lab.libvirt import guest as guest_mod
+from vmm_lab.libvirt.agents import AgentProcess, free_port, write_config
+from vmm_lab.libvirt.domain import GuestSpec, domain_xml
+from vmm_lab.libvirt.hosts import LibvirtHost
+from vmm_lab.linux import options as lab_options
+from vmm_lab.linux.demo import STATE_STAGES, LabSite, _install_firewalls, lab_site
+from vmm_lab.linux.topology import in_ns
 from vmm_libvirt import options as lv_options
 from vmm_libvirt.announcers import LibvirtAnnounce
 from vmm_libvirt.daemon import Daemon, HostAgent
 from vmm_libvirt.events import start_event_loop
-from vmm_libvirt.lab import LibvirtLabError
-from vmm_libvirt.lab import guest as guest_mod
-from vmm_libvirt.lab.agents import AgentProcess, free_port, write_config
-from vmm_libvirt.lab.domain import GuestSpec, domain_xml
-from vmm_libvirt.lab.hosts import LibvirtHost
 from vmm_linux import agent as nve_agent
-from vmm_linux.lab import options as lab_options
-from vmm_linux.lab.demo import STATE_STAGES, LabSite, _install_firewalls, lab_site
-from vmm_linux.lab.topology import in_ns
 from vmm_linux.stages import HoldTimer
 from vmm_orchestrator import agent as root
 from vmm_orchestrator import engine

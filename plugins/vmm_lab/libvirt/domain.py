@@ -15,7 +15,7 @@ from __future__ import annotations
 import dataclasses
 import xml.etree.ElementTree as ET
 
-from vmm_libvirt.lab.guest import GuestImage, kernel_cmdline
+from vmm_lab.libvirt.guest import GuestImage, kernel_cmdline
 
 IFNAMSIZ = 15
 QEMU = "/usr/bin/qemu-system-x86_64"
