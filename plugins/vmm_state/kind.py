@@ -146,6 +146,12 @@ class StateKind(abc.ABC):
 
     # -- change tracking (optional; the defaults track nothing) -----------------
 
+    def prepare(self, netns: str | None) -> None:
+        """The host's state service starts: get the namespace ready to track
+        changes later (e.g. make the kernel keep change events for every new
+        entry). Must not fail the service: log instead."""
+        return None
+
     def track(self, ctx: KindContext) -> None:
         """Source: start recording changes of the VM's entries, before the full
         export that is the pre-copy, so that a later ``export(ctx, since)``

@@ -281,6 +281,11 @@ class StateHost:
     def start(self) -> None:
         """Serve this host's state API in a background thread."""
         if self._server is None:
+            for name, kind in self.kinds.items():
+                try:
+                    kind.prepare(self.netns)
+                except Exception as err:
+                    LOG.warning("host %s: preparing %s failed: %r", self.name, name, err)
             self._server = StateServer(self)
         self._server.start()
 

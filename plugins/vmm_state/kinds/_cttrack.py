@@ -84,6 +84,8 @@ class Tracker:
         self.changes: dict[Key, tuple[bool, ctnl.Conn, float]] = {}
         #: names of the pre-copy's short-lived entries, re-read at the switchover
         self.short: dict[Key, ctnl.Conn] = {}
+        #: ids of sessions that may lack the kernel's event extension
+        self.legacy: frozenset[int] = frozenset()
         self.events = 0
         self.lost = 0
         self._lock = threading.Lock()
@@ -140,10 +142,13 @@ class Tracker:
                     self.changes[key_of(conn)] = (destroyed, conn, now)
 
     def note_export(self, conns: list[ctnl.Conn]) -> None:
-        """Remember the pre-copy's entries whose timeout runs out soon."""
+        """Remember the pre-copy's entries to re-read at the switchover: those
+        whose timeout runs out soon, and those that may raise no events (they
+        existed before the kernel was told to keep events, see ``legacy``)."""
+        legacy = self.legacy
         with self._lock:
             for conn in conns:
-                if conn.timeout < self.refresh_below:
+                if conn.timeout < self.refresh_below or (legacy and conn.id in legacy):
                     self.short[key_of(conn)] = conn
 
     # -- the delta ---------------------------------------------------------------

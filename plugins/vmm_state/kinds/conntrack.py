@@ -55,6 +55,7 @@ from typing import Any, ClassVar
 
 from oslo_config import cfg
 
+from vmm_linux.netns import entered
 from vmm_state.kind import ImportResult, KindContext, PoisonedEntry, Reason
 from vmm_state.kinds import _ctnetlink as ctnl
 from vmm_state.kinds._common import BaseKind, max_entries_opt, no_gc, reason_for, remaining
@@ -249,6 +250,19 @@ def _conn_of(key: tuple[Any, ...]) -> ctnl.Conn:
     return ctnl.Conn(t, t.inverse(), zone=zone)
 
 
+EVENTS_SYSCTL = "/proc/sys/net/netfilter/nf_conntrack_events"
+
+
+def _events_sysctl(netns: str | None, value: int | None = None) -> int:
+    """Read (or set) ``net.netfilter.nf_conntrack_events`` of ``netns``."""
+    with entered(netns):
+        if value is not None:
+            with open(EVENTS_SYSCTL, "w") as fh:
+                fh.write(f"{value}\n")
+        with open(EVENTS_SYSCTL) as fh:
+            return int(fh.read().strip() or 0)
+
+
 class ConntrackKind(BaseKind):
     """Sessions of the host's stateful firewall (the namespace's conntrack table)."""
 
@@ -283,6 +297,14 @@ class ConntrackKind(BaseKind):
             "sent with its current timeout: packets refresh timeouts without raising "
             "events, and a short one could otherwise run out at the destination.",
         ),
+        cfg.BoolOpt(
+            "enable_events",
+            default=True,
+            help="Source: set net.netfilter.nf_conntrack_events to 1 in the host's "
+            "namespace when the state service starts, so that every new session reports "
+            "its changes (with the default 2 a session created while nobody listened "
+            "never does). Sessions older than that are re-read at the switchover.",
+        ),
         cfg.IntOpt(
             "track_seconds",
             default=3600,
@@ -303,6 +325,8 @@ class ConntrackKind(BaseKind):
         #: destination: migration -> names (key_of) of the entries its imports installed
         self._ours: dict[str, set[Any]] = {}
         self._checking: tuple[KindContext, frozenset[str]] | None = None
+        #: namespace -> ids of the sessions that existed when events were switched on
+        self._legacy: dict[str | None, frozenset[int]] = {}
 
     def unavailable(self, ctx: KindContext) -> str | None:
         try:
@@ -314,12 +338,52 @@ class ConntrackKind(BaseKind):
 
     # -- tracking (source) ---------------------------------------------------
 
+    def prepare(self, netns: str | None) -> None:
+        """Make the kernel keep change events for every session from now on.
+
+        With ``net.netfilter.nf_conntrack_events`` = 2 (the default, "auto")
+        a session gets the kernel's event extension only if someone listened
+        when it was created, and a session without it never reports an update
+        or its end. So the namespace is switched to 1, and the sessions that
+        exist at that moment (which may lack the extension) are remembered by
+        id: a tracker re-reads those of a migrating VM at the switchover
+        instead of trusting events for them. Setting the sysctl at boot
+        (sysctl.d) makes that list empty.
+        """
+        if not self.conf[self.group].enable_events:
+            return
+        with self._lock:
+            if netns in self._legacy:
+                return
+        was = _events_sysctl(netns)
+        legacy: frozenset[int] = frozenset()
+        if was != 1:
+            _events_sysctl(netns, 1)
+            time.sleep(0.05)  # sessions in flight at the switch get confirmed
+            with ctnl.ctnetlink(netns) as nl:
+                legacy = frozenset(c.id for c in nl.iter_dump())
+            LOG.info(
+                "conntrack: net.netfilter.nf_conntrack_events was %s in %s, now 1; %d "
+                "older session(s) will be re-read rather than trusted to report changes",
+                was,
+                netns or "this namespace",
+                len(legacy),
+            )
+        with self._lock:
+            self._legacy[netns] = legacy
+
     def track(self, ctx: KindContext) -> None:
         """Subscribe to the VM's conntrack events (before the pre-copy's dump)."""
         group = self.conf[self.group]
+        if group.enable_events and _events_sysctl(ctx.netns) != 1:
+            with self._lock:
+                self._legacy.pop(ctx.netns, None)
+            self.prepare(ctx.netns)
         tracker = Tracker(
             ctx.netns, _canonical(ctx.addresses), group.refresh_below, group.track_seconds
         )
+        with self._lock:
+            tracker.legacy = self._legacy.get(ctx.netns, frozenset())
         with self._lock:
             old = self._trackers.pop(ctx.migration_id, None)
             self._trackers[ctx.migration_id] = tracker
