@@ -22,7 +22,7 @@ import re
 import signal
 import sys
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from types import FrameType
 from typing import Any, NoReturn
 
@@ -234,38 +234,330 @@ def _raise_keyboard_interrupt(_signum: int, _frame: FrameType | None) -> None:
     raise KeyboardInterrupt
 
 
+def _client_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--url", help="override [nva] url")
+    parser.add_argument(
+        "-f",
+        "--format",
+        choices=("table", "json"),
+        default="table",
+        help="output format (default: table)",
+    )
+
+
+def _key_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--vni", required=True, help="the endpoint's VN (VXLAN VNI)")
+    parser.add_argument("--mac", required=True, help="the endpoint's MAC")
+
+
+def _endpoint_row(e: dict[str, Any]) -> list[Any]:
+    state = str(e["state"])
+    if e.get("pending_nve"):
+        state += f" -> {e['pending_nve']} ({e.get('migration_id')})"
+    flags = [name for name in ("sticky", "frozen") if e.get(name)]
+    return [
+        e["vni"],
+        e["mac"],
+        ",".join(e.get("ipv4") or []) or "-",
+        ",".join(e.get("ipv6") or []) or "-",
+        e["nve"],
+        e.get("vtep") or "-",
+        e["seq"],
+        state,
+        ",".join(flags) or "-",
+    ]
+
+
+_ENDPOINT_HEADER = ["VN", "MAC", "IPv4", "IPv6", "NVE", "VTEP", "seq", "state", "flags"]
+
+
+def _where(e: dict[str, Any]) -> str:
+    """One sentence: where the directory places an endpoint."""
+    addresses = ", ".join((e.get("ipv4") or []) + (e.get("ipv6") or [])) or "no address"
+    text = (
+        f"{e['mac']} ({addresses}) in VN {e['vni']} is at NVE {e['nve']} "
+        f"(VTEP {e.get('vtep') or '?'}), seq {e['seq']}, {e['state']}"
+    )
+    if e.get("pending_nve"):
+        text += f", migrating to {e['pending_nve']} (migration {e.get('migration_id')})"
+    if e.get("sticky"):
+        text += ", sticky"
+    if e.get("frozen"):
+        text += f", FROZEN ({e.get('frozen_reason')})"
+    return text
+
+
 class NvaCommand(Command):
-    """`vmm nva serve` runs the embedded directory; `vmm nva status` shows its state."""
+    """`vmm nva serve` runs the embedded directory; the other commands talk to one."""
 
     name = "nva"
-    help = "run the embedded directory (NVA) service, or show its state"
+    help = "run the directory (NVA) service, show its state, manage endpoints and NVEs"
 
     def add_arguments(self, parser: argparse.ArgumentParser) -> None:
-        sub = parser.add_subparsers(dest="nva_command", metavar="{serve,status}", required=True)
+        sub = parser.add_subparsers(
+            dest="nva_command", metavar="{serve,status,endpoint,nve}", required=True
+        )
         serve = sub.add_parser("serve", help="serve the directory's HTTP API until stopped")
         serve.add_argument("--bind-host", help="override [nva] bind_host")
         serve.add_argument("--bind-port", type=int, help="override [nva] bind_port")
         serve.add_argument("--database", help="override [nva] database")
         status = sub.add_parser(
             "status",
-            help="show the directory's revision, its NVEs and the endpoints per VN",
+            help="show the directory's revision, its NVEs and the endpoints per VN, "
+            "or where one VM is (--mac or --ip)",
             description="Ask the directory at [nva] url (or --url) for its state. The token "
-            f"is ${TOKEN_ENV} if set, else [nva] token.",
+            f"is ${TOKEN_ENV} if set, else [nva] token. With --mac or --ip, say where that "
+            "endpoint is (in every VN, or only in --vni).",
         )
-        status.add_argument("--url", help="override [nva] url")
-        status.add_argument(
-            "-f",
-            "--format",
-            choices=("table", "json"),
-            default="table",
-            help="output format (default: table)",
+        _client_flags(status)
+        status.add_argument("--mac", help="say where the endpoint with this MAC is")
+        status.add_argument("--ip", help="say where the endpoint with this address is")
+        status.add_argument("--vni", help="look in this VN only")
+
+        endpoint = sub.add_parser(
+            "endpoint",
+            help="register, list, show, delete or release a VM's endpoints",
+            description="A VM's endpoint is one interface: its VN (VNI), MAC, IPv4/IPv6 "
+            "addresses and the NVE (host) it runs behind. Register each VM's endpoints "
+            "before its first migration.",
         )
+        ep_sub = endpoint.add_subparsers(
+            dest="endpoint_command",
+            metavar="{add,list,show,delete,release}",
+            required=True,
+        )
+        add = ep_sub.add_parser("add", help="register an endpoint at an NVE")
+        _key_flags(add)
+        add.add_argument("--ipv4", action="append", default=[], help="an IPv4 address (repeatable)")
+        add.add_argument("--ipv6", action="append", default=[], help="an IPv6 address (repeatable)")
+        add.add_argument("--nve", required=True, help="the NVE (host) it runs behind")
+        add.add_argument(
+            "--sticky",
+            action="store_true",
+            help="a static MAC (a gateway, an appliance): it never moves",
+        )
+        _client_flags(add)
+        listing = ep_sub.add_parser("list", help="list endpoints (of one VN with --vni)")
+        listing.add_argument("--vni", help="only this VN")
+        _client_flags(listing)
+        for name, text in (
+            ("show", "show one endpoint"),
+            ("delete", "remove an endpoint (its NVEs forget it)"),
+            ("release", "unfreeze a MAC the directory froze as flapping"),
+        ):
+            one = ep_sub.add_parser(name, help=text)
+            _key_flags(one)
+            _client_flags(one)
+
+        nve = sub.add_parser("nve", help="list NVEs, or remove one that went away")
+        nve_sub = nve.add_subparsers(dest="nve_command", metavar="{list,delete}", required=True)
+        nve_list = nve_sub.add_parser("list", help="list the registered NVEs")
+        _client_flags(nve_list)
+        nve_delete = nve_sub.add_parser(
+            "delete", help="remove an NVE that serves no endpoint; peers stop flooding to it"
+        )
+        nve_delete.add_argument("id", help="the NVE's id")
+        _client_flags(nve_delete)
 
     def run(self, conf: cfg.ConfigOpts, args: argparse.Namespace) -> int:
         check_options(conf, nva_options.list_opts())
         if args.nva_command == "status":
+            if args.mac is not None or args.ip is not None:
+                return self.locate(conf, args)
+            if args.vni is not None:
+                raise ConfigError("--vni goes with --mac or --ip", hint="add one, or drop --vni")
             return self.status(conf, args)
+        if args.nva_command == "endpoint":
+            return self.endpoint(conf, args)
+        if args.nva_command == "nve":
+            return self.nve(conf, args)
         return self.serve(conf, args)
+
+    # -- talking to the directory ---------------------------------------------
+
+    @contextlib.contextmanager
+    def _client(self, conf: cfg.ConfigOpts, args: argparse.Namespace) -> Iterator[Any]:
+        """A client for the directory; refused tokens and an unreachable directory
+        become one clear line each."""
+        from vmm_orchestrator.nva.client import NvaClient
+
+        if args.url is not None:
+            override_option(conf, nva_options.GROUP, nva_options.NVA_OPTS, "url", args.url, "--url")
+        opts = conf.nva
+        url: str = opts.url
+        token = os.environ.get(TOKEN_ENV)
+        if token is not None and not token:
+            raise ConfigError(
+                f"{TOKEN_ENV} is set but empty",
+                hint="set it to the directory's token, or unset it to use [nva] token",
+            )
+        token = token or opts.token
+        if not token:
+            raise ConfigError(
+                "no token for the directory",
+                hint=f"set [nva] token in the config file or the {TOKEN_ENV} environment variable",
+            )
+        with NvaClient(url, token, timeout=opts.request_timeout) as client:
+            try:
+                yield client
+            except Unauthorized as exc:
+                raise VmmError(
+                    f"the directory at {url} refused the token ({exc.message})",
+                    hint=f"use the token `vmm nva serve` runs with: [nva] token or {TOKEN_ENV}",
+                ) from None
+            except Unavailable as exc:
+                raise VmmError(
+                    exc.message,
+                    hint="is `vmm nva serve` running there? check --url or [nva] url "
+                    "and that the port is reachable",
+                ) from None
+
+    @staticmethod
+    def _vni(value: str | None) -> int | None:
+        from vmm_orchestrator.nva.store import check_vni
+
+        if value is None:
+            return None
+        if not re.fullmatch(r"[0-9]{1,9}", value.strip()):
+            raise ConfigError(
+                f"--vni {value}: not a VNI", hint="give an integer from 1 to 16777215"
+            )
+        try:
+            return check_vni(int(value))
+        except VmmError as exc:
+            raise ConfigError(
+                f"--vni {value}: {exc.message}", hint="give an integer from 1 to 16777215"
+            ) from None
+
+    @staticmethod
+    def _flag(flag: str, check: Any, value: Any) -> Any:
+        """Run a directory check on a flag's value; a refusal names the flag."""
+        try:
+            return check(value)
+        except VmmError as exc:
+            raise ConfigError(
+                f"{flag} {value}: {exc.message}", hint=f"give a valid value for {flag}"
+            ) from None
+
+    # -- endpoint --------------------------------------------------------------
+
+    def endpoint(self, conf: cfg.ConfigOpts, args: argparse.Namespace) -> int:
+        from vmm_orchestrator.nva import store as rules
+
+        command = args.endpoint_command
+        vni = self._vni(args.vni)
+        mac = None
+        if command != "list":
+            mac = self._flag("--mac", rules.check_mac, args.mac)
+        if command == "add":
+            # Everything is checked here, before the one request that registers it.
+            ipv4 = [
+                str(self._flag("--ipv4", lambda v: rules.check_ips([v], 4, "ipv4")[0], v))
+                for v in args.ipv4
+            ]
+            ipv6 = [
+                str(self._flag("--ipv6", lambda v: rules.check_ips([v], 6, "ipv6")[0], v))
+                for v in args.ipv6
+            ]
+            nve = self._flag("--nve", rules.check_nve_id, args.nve)
+        with self._client(conf, args) as client:
+            if command == "add":
+                result: Any = client.add_endpoint(vni, mac, ipv4, ipv6, nve, sticky=args.sticky)
+                verb = "registered"
+            elif command == "list":
+                result = client.list_endpoints(vni)
+                verb = ""
+            elif command == "show":
+                result = client.get_endpoint(vni, mac)
+                verb = ""
+            elif command == "delete":
+                result = client.delete_endpoint(vni, mac)
+                verb = "deleted"
+            else:
+                result = client.release(vni, mac)
+                verb = "released"
+        if args.format == "json":
+            print(json.dumps(result))
+        elif command == "list":
+            if result:
+                print(format_table(_ENDPOINT_HEADER, [_endpoint_row(e) for e in result]))
+            else:
+                print("no endpoint" + (f" in VN {vni}" if vni is not None else ""))
+        elif command == "show":
+            print(_where(result))
+            if result.get("moves"):
+                print(f"recent moves: {len(result['moves'])}")
+                for move in result["moves"]:
+                    kind = "planned" if move.get("planned") else "learned"
+                    stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(move["at"]))
+                    print(f"  {stamp}  {move['from']} -> {move['to']}  {kind}")
+        else:
+            print(f"{verb}: {_where(result)}")
+        return 0
+
+    # -- nve -------------------------------------------------------------------
+
+    def nve(self, conf: cfg.ConfigOpts, args: argparse.Namespace) -> int:
+        from vmm_orchestrator.nva import store as rules
+
+        nve_id = None
+        if args.nve_command == "delete":
+            nve_id = self._flag("NVE id", lambda v: rules.check_nve_id(v, "id"), args.id)
+        with self._client(conf, args) as client:
+            if nve_id is not None:
+                result: Any = client.delete_nve(nve_id)
+            else:
+                result = client.list_nves()
+        if args.format == "json":
+            print(json.dumps(result))
+        elif nve_id is not None:
+            print(
+                f"deleted NVE {result['id']} (VTEP {result['vtep']}); its peers stop flooding to it"
+            )
+        elif result:
+            rows = [
+                [
+                    n["id"],
+                    n["vtep"],
+                    ",".join(str(v) for v in n["vnis"]) or "-",
+                    n["acked_revision"],
+                ]
+                for n in result
+            ]
+            print(format_table(["NVE", "VTEP", "VNIs", "acked revision"], rows))
+        else:
+            print("no NVE registered")
+        return 0
+
+    # -- where is a VM ---------------------------------------------------------
+
+    def locate(self, conf: cfg.ConfigOpts, args: argparse.Namespace) -> int:
+        """Where the directory places the endpoint with a MAC or an address."""
+        from vmm_orchestrator.nva import store as rules
+
+        vni = self._vni(args.vni)
+        mac = None if args.mac is None else self._flag("--mac", rules.check_mac, args.mac)
+        ip = None if args.ip is None else str(self._flag("--ip", rules.check_endpoint_ip, args.ip))
+        with self._client(conf, args) as client:
+            endpoints = client.list_endpoints(vni)
+        found = [
+            e
+            for e in endpoints
+            if (mac is None or e["mac"] == mac)
+            and (ip is None or ip in (e.get("ipv4") or []) + (e.get("ipv6") or []))
+        ]
+        if not found:
+            wanted = " and ".join(x for x in (mac and f"MAC {mac}", ip and f"address {ip}") if x)
+            raise VmmError(
+                f"no endpoint with {wanted} in " + (f"VN {vni}" if vni is not None else "any VN"),
+                hint="register it with `vmm nva endpoint add`",
+            )
+        if args.format == "json":
+            print(json.dumps({"endpoints": found}))
+        else:
+            for e in found:
+                print(_where(e))
+        return 0
 
     # -- serve ---------------------------------------------------------------
 
@@ -338,40 +630,11 @@ class NvaCommand(Command):
     # -- status --------------------------------------------------------------
 
     def status(self, conf: cfg.ConfigOpts, args: argparse.Namespace) -> int:
-        from vmm_orchestrator.nva.client import NvaClient
-
-        if args.url is not None:
-            override_option(conf, nva_options.GROUP, nva_options.NVA_OPTS, "url", args.url, "--url")
-        opts = conf.nva
-        url: str = opts.url
-        token = os.environ.get(TOKEN_ENV)
-        if token is not None and not token:
-            raise ConfigError(
-                f"{TOKEN_ENV} is set but empty",
-                hint="set it to the directory's token, or unset it to use [nva] token",
-            )
-        token = token or opts.token
-        if not token:
-            raise ConfigError(
-                "no token for the directory",
-                hint=f"set [nva] token in the config file or the {TOKEN_ENV} environment variable",
-            )
-        with NvaClient(url, token, timeout=opts.request_timeout) as client:
-            try:
-                # NVEs first: every acked revision is then <= the revision shown.
-                nves = client.list_nves()
-                revision, endpoints = client.snapshot()
-            except Unauthorized as exc:
-                raise VmmError(
-                    f"the directory at {url} refused the token ({exc.message})",
-                    hint=f"use the token `vmm nva serve` runs with: [nva] token or {TOKEN_ENV}",
-                ) from None
-            except Unavailable as exc:
-                raise VmmError(
-                    exc.message,
-                    hint="is `vmm nva serve` running there? check --url or [nva] url "
-                    "and that the port is reachable",
-                ) from None
+        with self._client(conf, args) as client:
+            # NVEs first: every acked revision is then <= the revision shown.
+            nves = client.list_nves()
+            revision, endpoints = client.snapshot()
+        url: str = conf.nva.url
         per_vn: dict[int, int] = {vni: 0 for nve in nves for vni in nve["vnis"]}
         for endpoint in endpoints:
             per_vn[endpoint["vni"]] = per_vn.get(endpoint["vni"], 0) + 1

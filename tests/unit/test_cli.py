@@ -9,6 +9,7 @@ must not be built).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
@@ -23,6 +24,7 @@ import pytest
 from oslo_config import cfg
 
 from vmm_orchestrator import cli
+from vmm_orchestrator.errors import VmmError
 from vmm_orchestrator.nva.server import NvaServer
 from vmm_orchestrator.nva.store import NvaStore
 
@@ -262,7 +264,7 @@ def test_nva_status_refuses_a_bad_config_file(tmp_path: Path, text: str, words: 
         (["lab", "demo", "--vm"], ["--vm", "expected one argument"]),
         (["lab", "demo", "--rate", "fast"], ["--rate", "invalid int value"]),
         (["nva", "status", "-f", "xml"], ["--format", "xml", "vmm nva status --help"]),
-        (["nva"], ["required: {serve,status}", "vmm nva --help"]),
+        (["nva"], ["required: {serve,status,endpoint,nve}", "vmm nva --help"]),
         (["lab"], ["required: {demo,state-demo,cleanup}", "vmm lab --help"]),
     ],
     ids=[
@@ -636,3 +638,223 @@ def test_describe_config_error_names_file_and_option() -> None:
     assert "LocationInfo" not in text
     parse = cli.describe_config_error(cfg.ConfigFileParseError("/etc/vmm.conf", "bad line"))
     assert parse == "cannot parse config file /etc/vmm.conf: bad line (fix its syntax)"
+
+
+# ------------------------------------------------- nva endpoint / nve / where
+
+
+def _vmm(conf: str, *args: str) -> int:
+    return cli.main(["--config-file", conf, "nva", *args])
+
+
+def test_nva_endpoint_add_list_show_delete(
+    nva: NvaServer, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: Any
+) -> None:
+    monkeypatch.delenv(cli.TOKEN_ENV, raising=False)
+    conf = status_conf(tmp_path, nva.url)
+    mac = "52:54:00:00:00:0a"
+    add = ["endpoint", "add", "--vni", str(VNI), "--mac", mac.upper()]
+    add += ["--ipv4", "10.0.0.10", "--ipv6", "2001:db8::a", "--ipv6", "2001:DB8::b", "--nve", "h2"]
+    assert _vmm(conf, *add) == 0
+    out = capsys.readouterr().out
+    assert out.startswith(f"registered: {mac} (10.0.0.10, 2001:db8::a, 2001:db8::b)")
+    assert "is at NVE h2 (VTEP 192.0.2.2), seq 0, active" in out
+    stored = nva.store.get_endpoint(VNI, mac)
+    assert (stored["ipv4"], stored["ipv6"], stored["nve"]) == (
+        ["10.0.0.10"],
+        ["2001:db8::a", "2001:db8::b"],
+        "h2",
+    )
+    assert _vmm(conf, *add) == 0  # the same add again is harmless
+    capsys.readouterr()
+
+    assert _vmm(conf, "endpoint", "list", "--vni", str(VNI)) == 0
+    table = capsys.readouterr().out.splitlines()
+    assert table[0].split() == ["VN", "MAC", "IPv4", "IPv6", "NVE", "VTEP", "seq", "state", "flags"]
+    assert len(table) == 4 and any(mac in row and "h2" in row for row in table)
+    assert _vmm(conf, "endpoint", "list", "-f", "json") == 0
+    assert len(json.loads(capsys.readouterr().out)) == 4
+
+    assert _vmm(conf, "endpoint", "show", "--vni", str(VNI), "--mac", mac, "-f", "json") == 0
+    assert json.loads(capsys.readouterr().out)["nve"] == "h2"
+    assert _vmm(conf, "endpoint", "delete", "--vni", str(VNI), "--mac", mac) == 0
+    assert capsys.readouterr().out.startswith(f"deleted: {mac}")
+    assert [e["mac"] for e in nva.store.list_endpoints(VNI)] == [
+        "52:54:00:00:00:01",
+        "52:54:00:00:00:02",
+    ]
+
+
+@pytest.mark.parametrize(
+    ("flags", "words"),
+    [
+        (["--mac", "01:00:5e:00:00:01"], ["--mac 01:00:5e:00:00:01", "multicast"]),
+        (["--mac", "ff:ff:ff:ff:ff:ff"], ["broadcast"]),
+        (["--mac", "00:00:00:00:00:00"], ["all zeros"]),
+        (["--mac", "52:54:00:00:00:0b", "--ipv6", "fe80::1%eth0"], ["--ipv6", "zone id"]),
+        (["--mac", "52:54:00:00:00:0b", "--ipv4", "2001:db8::1"], ["--ipv4", "not IPv4"]),
+        (["--mac", "52:54:00:00:00:0b", "--ipv4", "10.0.0.300"], ["not an IP address"]),
+        (["--mac", "52:54:00:00:00:0b", "--vni-x"], ["unrecognized arguments"]),
+    ],
+    ids=["multicast", "broadcast", "zero", "zone-id", "v6-as-v4", "bad-ip", "bad-flag"],
+)
+def test_nva_endpoint_add_refuses_bad_input_and_registers_nothing(
+    nva: NvaServer,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: Any,
+    flags: list[str],
+    words: list[str],
+) -> None:
+    monkeypatch.delenv(cli.TOKEN_ENV, raising=False)
+    conf = status_conf(tmp_path, nva.url)
+    before = nva.store.revision
+    args = ["endpoint", "add", "--vni", str(VNI), "--nve", "h1", *flags]
+    try:
+        code = _vmm(conf, *args)
+    except SystemExit as exc:  # argparse's usage errors
+        code = int(exc.code or 0)
+    captured = capsys.readouterr()
+    assert code == 2
+    line = one_error_line(captured.err)
+    for word in words:
+        assert word in line, line
+    assert captured.out == ""
+    assert nva.store.revision == before and len(nva.store.list_endpoints()) == 3
+
+
+@pytest.mark.parametrize(
+    ("args", "words"),
+    [
+        (
+            ["endpoint", "add", "--vni", "0", "--mac", "52:54:00:00:00:0c", "--nve", "h1"],
+            ["--vni 0"],
+        ),
+        (
+            ["endpoint", "add", "--vni", "x", "--mac", "52:54:00:00:00:0c", "--nve", "h1"],
+            ["--vni x"],
+        ),
+        (
+            ["endpoint", "add", "--vni", "100", "--mac", "52:54:00:00:00:0c", "--nve", "a b"],
+            ["--nve"],
+        ),
+        (
+            ["endpoint", "add", "--vni", "100", "--mac", "52:54:00:00:00:0c", "--nve", "h9"],
+            ["no NVE 'h9'"],
+        ),
+        (
+            [
+                "endpoint",
+                "add",
+                "--vni",
+                "100",
+                "--mac",
+                "52:54:00:00:00:0c",
+                "--nve",
+                "h1",
+                "--ipv4",
+                "10.0.0.1",
+            ],
+            ["duplicate address", "10.0.0.1", "52:54:00:00:00:01"],
+        ),
+        (["endpoint", "show", "--vni", "100", "--mac", "52:54:00:00:00:0c"], ["no endpoint"]),
+        (["endpoint", "delete", "--vni", "100", "--mac", "52:54:00:00:00:0c"], ["no endpoint"]),
+        (["nve", "delete", "h1"], ["NVE 'h1' still serves endpoints", "move or delete"]),
+        (["status", "--vni", "100"], ["--vni goes with --mac or --ip"]),
+        (["status", "--mac", "52:54:00:00:00:0c"], ["no endpoint with MAC", "any VN"]),
+    ],
+    ids=[
+        "vni-0",
+        "vni-word",
+        "nve-space",
+        "nve-unknown",
+        "duplicate-ip",
+        "show-missing",
+        "delete-missing",
+        "nve-busy",
+        "vni-alone",
+        "where-missing",
+    ],
+)
+def test_nva_commands_refuse_with_one_line_and_change_nothing(
+    nva: NvaServer,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: Any,
+    args: list[str],
+    words: list[str],
+) -> None:
+    monkeypatch.delenv(cli.TOKEN_ENV, raising=False)
+    conf = status_conf(tmp_path, nva.url)
+    before = (nva.store.revision, nva.store.list_endpoints(), nva.store.list_nves())
+    assert _vmm(conf, *args) == 2
+    captured = capsys.readouterr()
+    line = one_error_line(captured.err)
+    for word in words:
+        assert word in line, line
+    assert captured.out == ""
+    assert (nva.store.revision, nva.store.list_endpoints(), nva.store.list_nves()) == before
+
+
+def test_nva_status_says_where_a_vm_is_by_mac_or_ip(
+    nva: NvaServer, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: Any
+) -> None:
+    monkeypatch.delenv(cli.TOKEN_ENV, raising=False)
+    conf = status_conf(tmp_path, nva.url)
+    assert _vmm(conf, "status", "--mac", "52-54-00-00-00-02") == 0
+    assert capsys.readouterr().out.strip() == (
+        "52:54:00:00:00:02 (10.0.0.2) in VN 100 is at NVE h2 (VTEP 192.0.2.2), seq 0, active"
+    )
+    nva.store.prestage(VNI, "52:54:00:00:00:01", "h2", "mig-7")
+    assert _vmm(conf, "status", "--ip", "10.0.0.1") == 0
+    out = capsys.readouterr().out
+    assert "52:54:00:00:00:01 (10.0.0.1) in VN 100 is at NVE h1" in out
+    assert "migrating to h2 (migration mig-7)" in out
+    assert _vmm(conf, "status", "--ip", "10.0.1.3", "--vni", "200", "-f", "json") == 0
+    found = json.loads(capsys.readouterr().out)["endpoints"]
+    assert [(e["mac"], e["nve"]) for e in found] == [("52:54:00:00:00:03", "h2")]
+    assert _vmm(conf, "status", "--ip", "10.0.1.3", "--vni", str(VNI)) == 2
+    assert "no endpoint with address 10.0.1.3 in VN 100" in one_error_line(capsys.readouterr().err)
+
+
+def test_nva_endpoint_release_and_sticky(
+    nva: NvaServer, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: Any
+) -> None:
+    monkeypatch.delenv(cli.TOKEN_ENV, raising=False)
+    conf = status_conf(tmp_path, nva.url)
+    gw = "52:54:00:00:00:fe"
+    assert (
+        _vmm(conf, "endpoint", "add", "--vni", str(VNI), "--mac", gw, "--nve", "h1", "--sticky")
+        == 0
+    )
+    assert "sticky" in capsys.readouterr().out
+    assert nva.store.get_endpoint(VNI, gw)["sticky"] is True
+    mac = "52:54:00:00:00:01"
+    nva.store.mobility = dataclasses.replace(nva.store.mobility, move_limit=2)
+    for nve in ("h2", "h1"):
+        nva.store.move(VNI, mac, nve)
+    with pytest.raises(VmmError, match="frozen"):
+        nva.store.move(VNI, mac, "h2")
+    assert _vmm(conf, "endpoint", "list", "--vni", str(VNI)) == 0
+    rows = capsys.readouterr().out.splitlines()
+    assert any(mac in row and "frozen" in row for row in rows)
+    assert any(gw in row and "sticky" in row for row in rows)
+    assert _vmm(conf, "endpoint", "show", "--vni", str(VNI), "--mac", mac) == 0
+    shown = capsys.readouterr().out
+    assert "FROZEN (3 moves in 180 s, over the limit of 2" in shown and "recent moves: 3" in shown
+    assert _vmm(conf, "endpoint", "release", "--vni", str(VNI), "--mac", mac) == 0
+    assert capsys.readouterr().out.startswith(f"released: {mac}")
+    assert nva.store.move(VNI, mac, "h2")["nve"] == "h2"
+
+
+def test_nva_nve_list_and_delete(
+    nva: NvaServer, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: Any
+) -> None:
+    monkeypatch.delenv(cli.TOKEN_ENV, raising=False)
+    conf = status_conf(tmp_path, nva.url)
+    nva.store.register_nve("h3", "192.0.2.3", [VNI])
+    assert _vmm(conf, "nve", "list") == 0
+    assert [r.split()[0] for r in capsys.readouterr().out.splitlines()] == ["NVE", "h1", "h2", "h3"]
+    assert _vmm(conf, "nve", "delete", "h3") == 0
+    assert "deleted NVE h3 (VTEP 192.0.2.3)" in capsys.readouterr().out
+    assert [n["id"] for n in nva.store.list_nves()] == ["h1", "h2"]
