@@ -29,6 +29,7 @@ from __future__ import annotations
 import errno
 import json
 import logging
+import threading
 import time
 from collections.abc import Iterator
 from typing import Any, ClassVar
@@ -109,6 +110,7 @@ class ElementKind(BaseKind):
         replaced: list[dict[str, Any]] = []
         expired = 0
         by_set: dict[tuple[str, str, str], list[tuple[list[Any], dict[str, Any]]]] = {}
+        deleted: list[dict[str, Any]] = []
         for name, key, entry in wanted:
             by_set.setdefault(name, []).append((key, entry))
         for name, items in by_set.items():
@@ -121,6 +123,15 @@ class ElementKind(BaseKind):
             now = {json.dumps(e["key"]): e for e in present}
             new = 0
             for key, entry in items:
+                if entry.get("op") == "delete":  # gone at the source
+                    old = now.pop(json.dumps(key), None)
+                    if old is not None:
+                        try:
+                            lines.append(_nft.delete_line(info, key))
+                        except ValueError as exc:
+                            return ImportResult.fail(self.name, Reason.UNSUPPORTED, str(exc))
+                        deleted.append({"set": list(name), **old})
+                    continue
                 timeout = entry.get("timeout")
                 expires = entry.get("expires")
                 if timeout is not None and expires is not None:
@@ -153,10 +164,19 @@ class ElementKind(BaseKind):
             _nft.transaction(ctx.netns, lines)
         except CommandFailed as exc:
             return self.refused(exc.errno or errno.EINVAL, f"nft refused the import: {exc}")
-        record = {"added": added, "replaced": replaced, "at": time.time(), **(record_extra or {})}
+        record = {
+            "added": added,
+            "replaced": replaced + deleted,
+            "at": time.time(),
+            **(record_extra or {}),
+        }
         result = ImportResult.success(self.name, len(added) + len(replaced), record)
+        notes = []
         if expired:
-            result.detail = f"{expired} expired element(s) left out"
+            notes.append(f"{expired} expired element(s) left out")
+        if deleted:
+            notes.append(f"{len(deleted)} element(s) deleted")
+        result.detail = "; ".join(notes)
         return result
 
     def revert_elements(self, ctx: KindContext, record: dict[str, Any]) -> None:
@@ -204,6 +224,10 @@ class NftSetsKind(ElementKind):
 
     def __init__(self, conf: cfg.ConfigOpts) -> None:
         super().__init__(conf)
+        self._lock = threading.Lock()
+        #: migration -> fingerprints of its pre-copy (None: the pre-copy is to come)
+        self._prints: dict[str, dict[tuple[str, ...], tuple[Any, ...]] | None] = {}
+        self._figures: dict[str, dict[str, Any]] = {}
         try:
             self.specs()
         except ValueError as exc:
@@ -219,9 +243,90 @@ class NftSetsKind(ElementKind):
     def set_names(self) -> list[tuple[str, str, str]]:
         return list(self.specs())
 
+    # -- change tracking by fingerprint -------------------------------------------
+
+    def track(self, ctx: KindContext) -> None:
+        """Fingerprint the next full export (the pre-copy): nftables has no
+        per-element events worth following here, and a VM's elements are few
+        enough to list again at the switchover and compare."""
+        with self._lock:
+            self._prints[ctx.migration_id] = None
+
+    def untrack(self, migration_id: str) -> None:
+        with self._lock:
+            self._prints.pop(migration_id, None)
+            self._figures.pop(migration_id, None)
+
+    def delta_figures(self, migration_id: str) -> dict[str, Any]:
+        with self._lock:
+            return dict(self._figures.get(migration_id, {}))
+
+    @staticmethod
+    def _print(entry: dict[str, Any], now: float) -> tuple[Any, ...]:
+        """What makes an element different: its lifetime, its deadline (to a
+        second and a half: expiry is listed in whole seconds), its limit.
+        Counters are not compared (they tick with every packet)."""
+        expires = entry.get("expires")
+        deadline = None if expires is None else now + float(expires)
+        return (entry.get("timeout"), deadline, json.dumps(entry.get("limit"), sort_keys=True))
+
+    @staticmethod
+    def _same(a: tuple[Any, ...], b: tuple[Any, ...]) -> bool:
+        if a[0] != b[0] or a[2] != b[2]:
+            return False
+        if a[1] is None or b[1] is None:
+            return a[1] is b[1]
+        return bool(abs(a[1] - b[1]) <= 1.5)
+
     def export(self, ctx: KindContext, since: float | None = None) -> Iterator[dict[str, Any]]:
-        """Every element of the configured sets that names the VM (no change
-        times exist, so a delta is the whole set; import replaces)."""
+        """Every element of the configured sets that names the VM; for a delta
+        of a tracked migration only the elements added, refreshed or changed
+        since the pre-copy and ``{"op": "delete", ...}`` for those gone."""
+        with self._lock:
+            tracking = ctx.migration_id in self._prints
+            before = self._prints.get(ctx.migration_id)
+        now = time.monotonic()
+        current = list(self._export_all(ctx))
+        prints = {
+            (e["family"], e["table"], e["set"], json.dumps(e["key"])): self._print(e, now)
+            for e in current
+        }
+        if since is None or before is None:
+            if tracking and since is None:
+                with self._lock:
+                    self._prints[ctx.migration_id] = prints
+            with self._lock:
+                self._figures[ctx.migration_id] = {
+                    "mode": "full" if since is None else "resync",
+                    "entries": len(current),
+                }
+            yield from current
+            return
+        changed = 0
+        for entry in current:
+            name = (entry["family"], entry["table"], entry["set"], json.dumps(entry["key"]))
+            old = before.get(name)
+            if old is None or not self._same(old, prints[name]):
+                changed += 1
+                yield entry
+        gone = [name for name in before if name not in prints]
+        for family, table, set_name, key in gone:
+            yield {
+                "op": "delete",
+                "family": family,
+                "table": table,
+                "set": set_name,
+                "key": json.loads(key),
+            }
+        with self._lock:
+            self._figures[ctx.migration_id] = {
+                "mode": "delta",
+                "changed": changed,
+                "destroyed": len(gone),
+                "listed": len(current),
+            }
+
+    def _export_all(self, ctx: KindContext) -> Iterator[dict[str, Any]]:
         addresses = ctx.addresses
         for (family, table, name), field in self.specs().items():
             try:
@@ -247,6 +352,8 @@ class NftSetsKind(ElementKind):
         the element is written (:func:`vmm_state.kinds._nft.token`).
         """
         require(entry, "family", "table", "set", "key")
+        if entry.get("op", "set") not in ("set", "delete"):
+            raise ValueError(f"unknown element op {entry.get('op')!r}")
         name = (entry["family"], entry["table"], entry["set"])
         field = self.specs().get(name)
         if field is None:
