@@ -40,7 +40,7 @@ class OvnHost(HostDriver):
             timeout=g.ovsdb_timeout,
             sb_connection=extra.get("ovn_sb_connection") or g.ovn_sb_connection,
         )
-        self.nve = OvnNve(self.chassis)
+        self.nve = OvnNve(self.chassis, directory, switch_at_pause=g.switch_at_pause)
         self.announcers = OvnAnnouncerPool(
             self.chassis,
             [int(x) for x in g.announce_schedule_ms],

@@ -37,7 +37,10 @@ import tempfile
 import time
 from collections.abc import Iterator, Sequence
 
+from pyroute2 import IPRoute
+
 from vmm_orchestrator.errors import VmmError
+from vmm_ovn.netns import entered, socket_in
 
 LOG = logging.getLogger(__name__)
 
@@ -105,8 +108,6 @@ def tx_checksum_off(netns: str, ifname: str) -> None:
     CHECKSUM_PARTIAL packets unfixed: every UDP/TCP packet from such a port
     would arrive with a bad checksum.
     """
-    from vmm_ovn.netns import socket_in
-
     value = ctypes.create_string_buffer(struct.pack("II", ETHTOOL_STXCSUM, 0), 8)
     ifreq = struct.pack("16sP", ifname.encode(), ctypes.addressof(value)) + bytes(16)
     with socket_in(netns, socket.AF_INET, socket.SOCK_DGRAM) as sock:
@@ -177,6 +178,7 @@ class Vm:
     generation: int = 0
     #: A pre-plugged NIC on a destination: (chassis, VM-side link, host-side port).
     pending: tuple[str, str, str] | None = None
+    neighbours: list[tuple[str, str]] = dataclasses.field(default_factory=list)
 
     @property
     def lsp(self) -> str:
@@ -406,15 +408,20 @@ class OvnLab:
         vm.pending = (destination, link, port)
         return port
 
-    def pause(self, vm: Vm) -> None:
-        """The guest stops on the source: its live link goes down."""
-        run("ip", "-n", vm.netns, "link", "set", vm.link, "down")
+    def pause(self, vm: Vm) -> float:
+        """The guest stops on the source: its live link goes down (its neighbour
+        cache is kept for the resume: Linux flushes a down link's entries)."""
+        vm.neighbours = []
+        return _link_state(vm.netns, vm.link, "down", save_neighbours=vm.neighbours)
 
-    def resume(self, vm: Vm) -> None:
+    def resume(self, vm: Vm) -> float:
         """The guest runs on the destination: the pre-plugged link comes up."""
         if vm.pending is None:
             raise LabError(f"{vm.name} has no pre-plugged NIC to resume on")
-        run("ip", "-n", vm.netns, "link", "set", vm.pending[1], "up")
+        link = vm.pending[1]
+        # The guest's neighbour cache survives a migration; the lab's is per
+        # device, so the new NIC gets the old one's entries (as stale ones).
+        return _link_state(vm.netns, link, "up", vm.neighbours)
 
     def finish(self, vm: Vm) -> None:
         """COMPLETED: the source's NIC is unplugged; the pre-plugged one is the VM's now."""
@@ -471,6 +478,37 @@ class OvnLab:
             run("ip", "netns", "del", ns, check=False)
         self.namespaces.clear()
         shutil.rmtree(self.workdir, ignore_errors=True)
+
+
+def _link_state(
+    netns: str,
+    link: str,
+    state: str,
+    neighbours: Sequence[tuple[str, str]] = (),
+    save_neighbours: list[tuple[str, str]] | None = None,
+) -> float:
+    """Set a VM link up/down in-process over netlink and return the monotonic
+    instant it changed (the lab's pause and resume instants must be the link's,
+    not a process start's). ``neighbours`` are added (stale) after an up;
+    ``save_neighbours`` receives the link's entries before a down (Linux
+    flushes a down link's neighbours)."""
+    with entered(netns):
+        ipr = IPRoute()
+    try:
+        idx = ipr.link_lookup(ifname=link)[0]
+        if save_neighbours is not None:
+            for msg in ipr.get_neighbours(ifindex=idx):
+                ip, mac = msg.get_attr("NDA_DST"), msg.get_attr("NDA_LLADDR")
+                if ip and mac:
+                    save_neighbours.append((ip, mac))
+        ipr.link("set", index=idx, state=state)
+        changed = time.monotonic()
+        for ip, mac in neighbours:
+            with contextlib.suppress(Exception):
+                ipr.neigh("replace", dst=ip, lladdr=mac, ifindex=idx, state=0x04)  # NUD_STALE
+        return changed
+    finally:
+        ipr.close()
 
 
 def _alive(pid: int) -> bool:

@@ -20,10 +20,16 @@ plug (RESUMED)     barrier, required: the VM's port exists and its flows
 unplug             no-op: the port belongs to its creator (os-vif,
                    libvirt); the directory's abort/commit restores
                    requested-chassis
-start_inflight /   no-op: multi-chassis binding (requested-chassis
-stop_inflight      "src,dst") already sends every frame for the port to
-                   both chassis until the commit, which is what the Linux
-                   NVE's in-flight tunnel does by hand
+start_inflight     (SWITCHOVER, source; the guest is paused) with a
+                   directory that can (the OVN NB directory): make the
+                   destination the port's only chassis now, so OVN moves
+                   the binding during the pause (50-100 ms) instead of
+                   after the resume, and the destination needs no
+                   activation. Otherwise a no-op: multi-chassis binding
+                   already clones every frame for the port to both
+                   chassis, which is what the Linux in-flight tunnel does
+stop_inflight      undo that while the move is still pending (ABORTED);
+                   a no-op after the commit (the hold timer's call)
 =================  =====================================================
 
 Every call is idempotent, as the contract asks.
@@ -33,6 +39,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
+from typing import Any
 
 from vmm_orchestrator.contracts import NveDriver
 from vmm_orchestrator.errors import TransientError
@@ -44,8 +51,12 @@ LOG = logging.getLogger(__name__)
 class OvnNve(NveDriver):
     """NveDriver over one chassis' :class:`OvnChassis`."""
 
-    def __init__(self, chassis: OvnChassis) -> None:
+    def __init__(
+        self, chassis: OvnChassis, directory: Any = None, switch_at_pause: bool = True
+    ) -> None:
         self.chassis = chassis
+        self.directory = directory
+        self.switch_at_pause = switch_at_pause
         #: The last barrier per MAC (figures for reports).
         self.last_barrier: dict[str, BarrierResult] = {}
 
@@ -70,11 +81,21 @@ class OvnNve(NveDriver):
     def unplug(self, vni: int, mac: str) -> None:
         """The port's owner (os-vif, libvirt) removes it; OVN follows."""
 
+    def _switcher(self, name: str) -> Any:
+        if not self.switch_at_pause or self.directory is None:
+            return None
+        return getattr(self.directory, name, None)
+
     def start_inflight(self, vni: int, mac: str, vtep: str) -> None:
-        """Multi-chassis binding already clones the VM's traffic to both chassis."""
+        switch = self._switcher("switch")
+        if switch is not None:
+            result = switch(vni, mac)
+            LOG.info("SWITCHOVER %s: destination takes the port during the pause: %s", mac, result)
 
     def stop_inflight(self, vni: int, mac: str) -> None:
-        """Ends with the directory's commit (requested-chassis = destination)."""
+        unswitch = self._switcher("unswitch")
+        if unswitch is not None:
+            unswitch(vni, mac)
 
     def close(self) -> None:
         self.chassis.close()

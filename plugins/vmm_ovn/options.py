@@ -86,6 +86,14 @@ OVN_OPTS: list[cfg.Opt] = [
         "from OVN 25.09. Empty: none (traffic cloned to both chassis, both unblocked).",
     ),
     cfg.BoolOpt(
+        "switch_at_pause",
+        default=True,
+        help="At SWITCHOVER (the guest paused at the source) make the destination the "
+        "port's only chassis through the directory, so OVN moves the binding during "
+        "the pause rather than after the resume (the NVE's in-flight step on OVN). "
+        "Needs a directory that writes the Northbound (the OVN directory).",
+    ),
+    cfg.BoolOpt(
         "announce_activation",
         default=True,
         help="Start every announcement round with a RARP from the VM's port: with "

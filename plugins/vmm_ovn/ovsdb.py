@@ -76,7 +76,13 @@ class Db:
             helper.register_all()
         self.idl = _NotifyingIdl(target, helper)
         self.conn = connection.Connection(self.idl, timeout)
-        self.api = _APIS[schema](self.conn)
+        # ovsdbapp keeps ONE connection per API class (a class attribute, the
+        # singleton Neutron relies on): a second database of the same schema
+        # (another chassis in the lab, NB next to an NB) would silently read
+        # the first one's rows. A subclass per Db gives each its own.
+        base = _APIS[schema]
+        own = type(f"{base.__name__}_{id(self):x}", (base,), {"_ovsdb_connection": None})
+        self.api = own(self.conn)
 
     # -- reads -------------------------------------------------------------
 
