@@ -50,6 +50,7 @@ def _load(name: str) -> ModuleType:
 
 
 semantics = _load("test_nva_store")
+rules = _load("test_nva_rules")
 journal_tests = _load("test_journal_recovery")
 
 #: Scenarios of tests/unit/test_nva_store.py that poke at SQLite itself or build their
@@ -62,6 +63,11 @@ _STORE_ONLY = {
 for _name in dir(semantics):
     if _name.startswith("test_") and _name not in _STORE_ONLY:
         globals()[_name] = getattr(semantics, _name)
+
+# The shared rules (validation, NVE membership, move-flap freeze, sticky MACs, pruning).
+for _name in dir(rules):
+    if _name.startswith("test_"):
+        globals()[f"{_name}_rule"] = getattr(rules, _name)
 
 # The journal scenarios that take the `journal` fixture run against EtcdJournal too.
 for _name in (
@@ -283,9 +289,10 @@ def test_client_watch_streams_its_vns_changes_only(
     pair: tuple[EtcdNvaStore, EtcdNvaClient],
 ) -> None:
     orchestrator, agent = pair
+    start = orchestrator.revision  # after the NVE registrations
     orchestrator.add_endpoint(VNI, MAC, ["10.0.0.1"], [], "host-a")
-    revision, changes = agent.watch("host-b", 0, timeout=0)
-    assert [c["revision"] for c in changes] == [1] and revision == 1
+    revision, changes = agent.watch("host-b", start, timeout=0)
+    assert [c["revision"] - start for c in changes] == [1] and revision == start + 1
     # The watch is now a live etcd stream: a change in another VN moves nothing...
     orchestrator.add_endpoint(OTHER_VNI, MAC2, ["10.1.0.2"], [], "host-c")
     assert agent.watch("host-b", revision, timeout=0.3) == (revision, [])
@@ -306,8 +313,8 @@ def test_client_watch_streams_its_vns_changes_only(
     assert [(c["kind"], c["target_nve"]) for c in changes] == [("expire", "host-b")]
     assert revision == orchestrator.revision
     # A resync (since earlier than where the stream is) reads the log again.
-    _, again = agent.watch("host-b", 0, timeout=0)
-    assert [c["revision"] for c in again] == [1, 3, 5]
+    _, again = agent.watch("host-b", start, timeout=0)
+    assert [c["revision"] - start for c in again] == [1, 3, 5]
 
 
 def test_client_watch_reports_a_broken_stream_then_recovers(
@@ -331,8 +338,9 @@ def test_client_watch_of_an_nve_without_vns_waits(
 ) -> None:
     orchestrator, agent = pair
     orchestrator.register_nve("idle", "192.0.2.9", [])
+    start = orchestrator.revision  # an NVE without VNs records no change
     started = time.monotonic()
-    assert agent.watch("idle", 0, timeout=0.3) == (0, [])
+    assert agent.watch("idle", start, timeout=0.3) == (start, [])
     assert time.monotonic() - started >= 0.25  # a long-poll, not a busy loop
 
 
@@ -356,7 +364,7 @@ def test_backend_builds_clients_from_the_config(etcd: LocalEtcdCluster) -> None:
     with backend.from_conf(conf) as client:
         _populate(client)
         assert [n["id"] for n in client.list_nves(VNI)] == ["host-a", "host-b"]
-        assert client.health()["revision"] == 0
+        assert client.health()["revision"] == 4  # host-a joined two VNs, host-b and -c one
     store = backend.store_from_conf(conf)
     assert [n["id"] for n in store.list_nves(OTHER_VNI)] == ["host-a", "host-c"]
     store.close()
