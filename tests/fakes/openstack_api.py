@@ -317,6 +317,31 @@ class FakeCloud:
             port_ids.append(port_id)
         return server_id, port_ids
 
+    def add_port(self, network_id: str, mac: str, device_owner: str = "") -> str:
+        """A port no server owns (a DHCP or router port, a spare port): unbound."""
+        port_id = str(uuid.uuid4())
+        self.ports[port_id] = {
+            "id": port_id,
+            "name": "",
+            "network_id": network_id,
+            "mac_address": mac,
+            "fixed_ips": [],
+            "device_id": "",
+            "device_owner": device_owner,
+            "status": "DOWN",
+            "admin_state_up": True,
+            "tenant_id": "p-admin",
+            "project_id": "p-admin",
+            "binding:host_id": "",
+            "binding:vif_type": "unbound",
+            "binding:vnic_type": "normal",
+            "binding:profile": {},
+            "binding:vif_details": {},
+            "revision_number": 1,
+        }
+        self.bindings[port_id] = {}
+        return port_id
+
     def add_host(self, name: str) -> None:
         if name not in self.hosts:
             self.hosts.append(name)

@@ -12,15 +12,14 @@ from __future__ import annotations
 import os
 import sys
 import time
-import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from real_cloud import ADMIN, NOVA, WIRING_HOSTS, RealCloud, running_cloud
+from real_cloud import ADMIN, NOVA, RealCloud, Scene, running_cloud
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -73,56 +72,6 @@ def nova(real_cloud: RealCloud) -> Iterator[Any]:
     conn = real_cloud.connect(NOVA)
     yield conn
     conn.close()
-
-
-def wait_for(what: str, check: Callable[[], bool], timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.05)
-
-
-class Scene:
-    """A test's own network, and the ports it creates on it (all removed afterwards)."""
-
-    def __init__(self, admin: Any) -> None:
-        self.admin = admin
-        self.tag = uuid.uuid4().hex[:8]
-        self.network = admin.network.create_network(
-            name=f"net-{self.tag}", provider_network_type="vxlan"
-        )
-        self.vni = int(self.network.provider_segmentation_id)
-        admin.network.create_subnet(
-            network_id=self.network.id, cidr="10.0.0.0/24", ip_version=4, name=f"sub-{self.tag}"
-        )
-        self.ports: list[str] = []
-
-    def server_port(self, host: str = WIRING_HOSTS[0], *, owner: str = "compute:nova") -> Any:
-        """A port of a (Nova-less) server on ``host``, wired there (ACTIVE) like Nova leaves it."""
-        port = self.admin.network.create_port(
-            network_id=self.network.id,
-            device_id=str(uuid.uuid4()) if owner else "",
-            device_owner=owner,
-            binding_host_id=host if owner else None,
-            name=f"port-{self.tag}-{len(self.ports)}",
-        )
-        self.ports.append(port.id)
-        if owner:
-            wait_for(f"port {port.id} ACTIVE on {host}", lambda: self.status(port.id) == "ACTIVE")
-        return self.admin.network.get_port(port.id)
-
-    def status(self, port_id: str) -> str:
-        return str(self.admin.network.get_port(port_id).status)
-
-    def bindings(self, port_id: str) -> dict[str, str]:
-        """host -> status of the port's bindings (read as admin)."""
-        return {b.host: b.status for b in self.admin.network.port_bindings(port_id)}
-
-    def remove(self) -> None:
-        for port_id in self.ports:
-            self.admin.network.delete_port(port_id, ignore_missing=True)
-        self.admin.network.delete_network(self.network.id, ignore_missing=True)
 
 
 @pytest.fixture
