@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from vmm_orchestrator.nva.errors import BadRequest, Conflict, Gone, NotFound
+from vmm_orchestrator.nva.errors import BadRequest, Conflict, Gone, Invalid, NotFound
 from vmm_orchestrator.nva.store import NvaStore
 
 VNI = 100
@@ -60,8 +60,9 @@ def _migrate(store: Any, to: str, migration_id: str) -> dict[str, Any]:
 )
 def test_macs_the_kernel_refuses_are_refused(store: Any, mac: str, words: str) -> None:
     before = store.revision
-    with pytest.raises(BadRequest, match=words):
+    with pytest.raises(Invalid, match=words) as info:
         store.add_endpoint(VNI, mac, [], [], "host-a")
+    assert info.value.http_status == 400
     with pytest.raises(BadRequest, match=words):
         store.move(VNI, mac, "host-b")
     assert store.revision == before and store.list_endpoints() == []

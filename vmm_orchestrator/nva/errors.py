@@ -23,6 +23,10 @@ class BadRequest(NvaError):
     code = "bad_request"
 
 
+#: The name the contracts use for a refused value (an invalid MAC, address, VNI...): 400.
+Invalid = BadRequest
+
+
 class Unauthorized(NvaError):
     """The X-Auth-Token header is missing or does not match the server's token."""
 
