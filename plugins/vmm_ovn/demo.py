@@ -163,9 +163,8 @@ class Probes:
         if "ready" not in line:
             raise lab_mod.LabError(f"probe receiver {addr} did not start: {line!r}")
 
-    def _send(
-        self, netns: str, dst: str, stream: str, rate: int, duration: float, start_at: float
-    ) -> None:
+    def _send(self, netns: str, dst: str, stream: str, rate: int, start_at: float) -> None:
+        """A sender that runs until SIGTERM, its first packet at ``start_at``."""
         out = os.path.join(self.work, f"send-{stream}.json")
         self.send_out[stream] = out
         self.procs.append(
@@ -181,31 +180,41 @@ class Probes:
                 str(self.port),
                 "--rate",
                 str(rate),
-                "--duration",
-                f"{duration:.3f}",
                 "--stream",
                 stream,
                 "--out",
                 out,
                 "--start-at",
                 f"{start_at:.6f}",
-                stdout=subprocess.DEVNULL,
+                stdout=subprocess.PIPE,
             )
         )
 
-    def start(self, rate: int, duration: float) -> float:
+    def start(self, rate: int) -> float:
+        """Receivers, then senders; returns the common start instant (every sender
+        is ready before it, so the streams really begin together)."""
         vm, talk_to = self.vm, self.peers[-1]
         self._recv(vm.netns, vm.ipv4, "v4")
         self._recv(vm.netns, vm.ipv6, "v6")
         self._recv(talk_to.netns, talk_to.ipv4, "out")
-        start_at = time.monotonic() + 0.3
+        start_at = time.monotonic() + 3.0
         for peer in self.peers:
-            self._send(peer.netns, vm.ipv4, f"{peer.name}-v4", rate, duration, start_at)
-            self._send(peer.netns, vm.ipv6, f"{peer.name}-v6", rate, duration, start_at)
-        self._send(vm.netns, talk_to.ipv4, f"{vm.name}-out-v4", rate, duration, start_at)
+            self._send(peer.netns, vm.ipv4, f"{peer.name}-v4", rate, start_at)
+            self._send(peer.netns, vm.ipv6, f"{peer.name}-v6", rate, start_at)
+        self._send(vm.netns, talk_to.ipv4, f"{vm.name}-out-v4", rate, start_at)
+        for proc in self.procs:
+            assert proc.stdout is not None
+            line = proc.stdout.readline()
+            if "ready" not in line:
+                raise lab_mod.LabError(f"probe sender did not start: {line!r}")
+        if time.monotonic() > start_at:
+            raise lab_mod.LabError("probe senders took over 3 s to start (machine overloaded?)")
+        time.sleep(max(0.0, start_at - time.monotonic()))
         return start_at
 
     def finish(self, paused_at: float, resumed_at: float) -> list[probe.StreamReport]:
+        for proc in self.procs:
+            proc.send_signal(signal.SIGTERM)
         for proc in self.procs:
             proc.wait(timeout=60)
         time.sleep(0.2)
@@ -352,10 +361,9 @@ def run_mode(
     errors: list[str] = []
     reports: list[engine.PhaseReport] = []
     probes = Probes(lab, vm, peers, settings.port)
-    duration = settings.warmup_s + settings.downtime_ms / 1000.0 + settings.observe_s
     threads: list[threading.Thread] = []
     try:
-        start_at = probes.start(settings.rate, duration)
+        start_at = probes.start(settings.rate)
         # PREPARE: the destination's port is plugged (Nova's pre_live_migration),
         # multi-chassis binding with rarp activation (Neutron, or our prestage).
         prepare_at = time.monotonic()
@@ -400,6 +408,7 @@ def run_mode(
             pending.append(
                 orch.submit(DESTINATION, migration, Phase.RESUMED, Role.DESTINATION, resumed_at)
             )
+        observe_until = resumed_at + settings.observe_s
         # Post-migration: Neutron activates the destination's binding (OVN alone),
         # and the source's port is unplugged; the orchestrator's commit was at RESUMED.
         time.sleep(max(0.0, resumed_at + settings.neutron_delay_s - time.monotonic()))
@@ -421,6 +430,7 @@ def run_mode(
             )  # fmt: skip
             revision = _bump(lab)
         lab.finish(vm)
+        time.sleep(max(0.0, observe_until - time.monotonic()))
         streams = probes.finish(paused_at, resumed_at)
     finally:
         probes.kill()
