@@ -1,5 +1,5 @@
 """How long moving a VM's firewall state takes, and how much of it falls
-inside the VM's pause.
+inside the VM's pause - with sessions changing during the migration.
 
 Two host namespaces (source, destination) with the real kinds and the real
 framework: each host runs its state service (HTTP on loopback, as the
@@ -7,25 +7,30 @@ orchestrators do in the lab), the source's kernel holds N sessions
 (conntrack) or N set elements (nftables blacklist) of one VM, and the
 pipeline's own stages move them:
 
-* pre-copy: ``state_precopy`` at PREPARE (VM still running): the
-  destination pulls a signed bundle streamed from the source's export,
-  verifies it, checks every entry and installs them;
-* delta: ``state_delta`` at SWITCHOVER (VM paused): the source exports what
-  changed since the pre-copy and pushes it; the destination installs it
-  before answering. This stage's duration is the part inside the pause.
+* pre-copy: ``state_precopy`` at PREPARE (VM still running): the source
+  subscribes to the VM's change events, then the destination pulls a signed
+  bundle streamed from the source's export, verifies it, checks every entry
+  and installs them;
+* churn: while the migration runs, a share of the VM's entries changes at
+  the source (a third created, a third changed, a third destroyed);
+* delta: ``state_delta`` at SWITCHOVER (VM paused): the source sends only
+  what changed since the pre-copy; the destination installs it in one
+  batched pass before answering. This stage's wall time is the part inside
+  the pause.
 
-Columns: ``export ms`` is the kind dumping the source table, measured on its
-own beforehand; ``transfer ms`` is the pre-copy's wall time minus the
-destination's check and install (so: the export again, streamed, plus
-encoding, signing, HTTP and verification); ``import ms`` is the
-destination's ``kind.check`` pass (shown in brackets) plus the install; ``pause ms`` is the
-delta stage's wall time and ``pause entries`` what it carried (a kind
-without change times sends everything again, inside the pause).
+Columns: ``pre-copy ms`` is the whole pre-copy stage; ``pause ms`` the delta
+stage (inside the VM's pause); ``delta`` and ``delta bytes`` what crossed
+in the pause; ``mode`` says delta, or resync if events were lost;
+``exact`` whether the destination ended with exactly the source's final
+set; ``move ms`` is pre-copy plus pause. ``export/s`` is the kind's own
+export of the whole table (dump, decode, JSON-able entries); ``import/s``
+the destination's check and install of the pre-copy (entries per second of
+``kind.check`` + ``kind.import_``). The baseline lines give the pause of
+the same SWITCHOVER stage without state: with no state kinds at all, and
+with the kinds enabled for a VM that has no entries (one round trip).
 
 Run as root:  .venv/bin/python benchmarks/state_transfer.py
-   (``--sessions 1000,10000,100000 --elements 10000``; ``--kinds`` picks the
-   state kinds by entry point name, falling back to the classes in
-   plugins/vmm_state/kinds when the entry points are not installed yet)
+   (``--sessions 1000,10000,100000 --churn 0,1,10 --elements 1000``)
 """
 
 from __future__ import annotations
@@ -39,7 +44,7 @@ import secrets
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from oslo_config import cfg
@@ -50,6 +55,8 @@ from vmm_orchestrator.model import Migration, Phase, Role, Vif, Workload
 from vmm_orchestrator.stage import HostContext, StageContext
 from vmm_state import options, registry
 from vmm_state.kind import KindContext, StateKind
+from vmm_state.kinds import _ctnetlink as ctnl
+from vmm_state.kinds import _nft
 from vmm_state.service import StateHost, StateSettings
 from vmm_state.stages import StateDelta, StatePrecopy
 
@@ -63,6 +70,7 @@ VM_V4 = "10.77.0.10"
 VIF = Vif("52:54:00:77:00:10", 100, (VM_V4,), ("fd77::10",), "tap-bench")
 VM = Workload("bench-vm", (VIF,))
 DEADLINE_S = 900.0
+BLACKLIST = ("inet", "vmm_fw", "blacklist_v4")
 
 
 def sh(*args: str, input_: str | None = None) -> str:
@@ -115,45 +123,80 @@ def load_kind(conf: cfg.ConfigOpts, name: str) -> StateKind:
         return kind
 
 
-def peers(n: int) -> Iterator[str]:
-    """Distinct peer addresses in 198.18.0.0/15."""
-    base = int(ipaddress.ip_address("198.18.0.1"))
-    for i in range(n):
-        yield str(ipaddress.ip_address(base + i))
+def peer(i: int) -> str:
+    """The i-th peer address in 198.18.0.0/15."""
+    return str(ipaddress.ip_address(int(ipaddress.ip_address("198.18.0.1")) + i))
 
 
-def sessions(n: int) -> list[dict[str, Any]]:
-    """N established TCP sessions the VM answers (peers -> VM:443), as the kind exports them."""
-    out = []
-    for i, peer in enumerate(peers((n + 59999) // 60000)):
-        for sport in range(1024, 1024 + min(60000, n - i * 60000)):
-            out.append(
-                {
-                    "family": "ipv4",
-                    "proto": "tcp",
-                    "orig": {"src": peer, "dst": VM_V4, "sport": sport, "dport": 443},
-                    "reply": {"src": VM_V4, "dst": peer, "sport": 443, "dport": sport},
-                    "timeout": 3600,
-                    "status": ["SEEN_REPLY", "ASSURED"],
-                    "tcp": {"state": "ESTABLISHED", "wscale_orig": 7, "wscale_reply": 7},
-                }
-            )
-    return out
+def session(i: int, mark: int = 0) -> ctnl.Conn:
+    """Established TCP session i that the VM answers (peer -> VM:443)."""
+    orig = ctnl.Tuple(2, ctnl.IPPROTO_TCP, peer(i // 60000), VM_V4, 1024 + i % 60000, 443)
+    return ctnl.Conn(
+        orig,
+        orig.inverse(),
+        timeout=3600,
+        status=ctnl.IPS_SEEN_REPLY | ctnl.IPS_ASSURED,
+        mark=mark,
+        tcp_state=3,
+        tcp_wscale_orig=7,
+        tcp_wscale_reply=7,
+        tcp_flags_orig=0,
+        tcp_flags_reply=0,
+    )
 
 
-def elements(n: int) -> list[dict[str, Any]]:
-    """N blacklist elements (flooding peer . VM), as the kind exports them."""
-    return [
-        {
-            "family": "inet",
-            "table": "vmm_fw",
-            "set": "blacklist_v4",
-            "key": [peer, VM_V4],
-            "timeout": 3600,
-            "expires": 3600,
-        }
-        for peer in peers(n)
+def seed_sessions(ns: str, n: int) -> None:
+    with ctnl.ctnetlink(ns) as nl:
+        codes = nl.apply([("create", session(i)) for i in range(n)])
+    if any(codes):
+        raise RuntimeError(f"seeding sessions failed: {sorted(set(codes))}")
+
+
+def churn_sessions(ns: str, n: int, share: float) -> int:
+    """Create, change (mark, TCP state) and destroy a third of ``share`` of n each."""
+    k = int(n * share / 100.0)
+    third = k // 3
+    ops: list[tuple[str, ctnl.Conn]] = [("create", session(n + i)) for i in range(k - 2 * third)]
+    for i in range(third):
+        changed = session(i, mark=7)
+        changed.tcp_state = 4  # FIN_WAIT
+        ops.append(("update", changed))
+    ops += [("delete", session(n - 1 - i)) for i in range(third)]
+    with ctnl.ctnetlink(ns) as nl:
+        codes = nl.apply(ops)
+    if any(codes):
+        raise RuntimeError(f"churn failed: {sorted(set(codes))}")
+    return k
+
+
+def element(i: int, timeout: int = 3600) -> str:
+    return f"{{ {peer(i)} . {VM_V4} timeout {timeout}s expires {timeout}s }}"
+
+
+def seed_elements(ns: str, n: int) -> None:
+    _nft.transaction(ns, [f"add element {' '.join(BLACKLIST)} " + element(i) for i in range(n)])
+
+
+def churn_elements(ns: str, n: int, share: float) -> int:
+    k = int(n * share / 100.0)
+    third = k // 3
+    lines = [f"add element {' '.join(BLACKLIST)} " + element(n + i) for i in range(k - 2 * third)]
+    lines += [f"add element {' '.join(BLACKLIST)} " + element(i, 7200) for i in range(third)]
+    lines += [
+        f"delete element {' '.join(BLACKLIST)} {{ {peer(n - 1 - i)} . {VM_V4} }}"
+        for i in range(third)
     ]
+    _nft.transaction(ns, lines)
+    return k
+
+
+def vm_state(ns: str, kind_name: str) -> set[Any]:
+    """What the VM has in ``ns``: session names and marks, or element keys."""
+    if kind_name == "conntrack":
+        with ctnl.ctnetlink(ns) as nl:
+            return {(c.orig.key(), c.mark, c.tcp_state) for c in nl.iter_dump(addresses={VM_V4})}
+    _, elements = _nft.list_set(ns, *BLACKLIST)
+    return {tuple(e["key"]) for e in elements if e["key"][1] == VM_V4}
 
 
 def settings(token: str, key: bytes) -> StateSettings:
@@ -178,54 +221,97 @@ def context(host: StateHost, migration: Migration, phase: Phase, role: Role) -> 
     )
 
 
-def run_case(conf: cfg.ConfigOpts, kind_name: str, entries: list[dict[str, Any]]) -> dict[str, Any]:
-    """Seed the source, then pre-copy and delta through the real stages."""
+SEED: dict[str, Callable[[str, int], None]] = {
+    "conntrack": seed_sessions,
+    "nft_sets": seed_elements,
+}
+CHURN: dict[str, Callable[[str, int, float], int]] = {
+    "conntrack": churn_sessions,
+    "nft_sets": churn_elements,
+}
+
+
+def run_case(conf: cfg.ConfigOpts, kind_name: str, n: int, churn: float) -> dict[str, Any]:
+    """Seed the source, pre-copy, churn, delta through the real stages; check the result."""
     prefix = f"vmmst{os.getpid() % 10000:04d}{secrets.token_hex(2)}"
     migration = Migration(f"bench-{prefix}", VM, "src", "dst")
     token, key = secrets.token_urlsafe(16), secrets.token_bytes(32)
     with namespaces(prefix) as (src_ns, dst_ns):
-        kind = load_kind(conf, kind_name)
-        seeded = kind.import_(KindContext(src_ns, VM.vifs, "seed"), entries)
-        if not seeded.ok:
-            raise RuntimeError(f"seeding {kind_name} failed: {seeded.reason} {seeded.detail}")
-        started = time.perf_counter()
-        exported = sum(1 for _ in kind.export(KindContext(src_ns, VM.vifs, migration.id)))
-        export_ms = (time.perf_counter() - started) * 1000.0
         table: dict[str, str] = {}
-        src = StateHost("src", src_ns, {kind_name: kind}, settings(token, key), table)
-        dst = StateHost("dst", dst_ns, {kind_name: kind}, settings(token, key), table)
-        with src, dst:
+        src_kind, dst_kind = load_kind(conf, kind_name), load_kind(conf, kind_name)
+        src = StateHost("src", src_ns, {kind_name: src_kind}, settings(token, key), table)
+        dst = StateHost("dst", dst_ns, {kind_name: dst_kind}, settings(token, key), table)
+        with src, dst:  # started before the seeding, as a host's service is
             table.update(src=src.url, dst=dst.url)
+            SEED[kind_name](src_ns, n)
+            started = time.perf_counter()
+            exported = sum(1 for _ in src_kind.export(KindContext(src_ns, VM.vifs, "probe")))
+            export_s = time.perf_counter() - started
             src.expect(migration)
             pre = context(dst, migration, Phase.PREPARE, Role.DESTINATION)
             started = time.perf_counter()
             StatePrecopy(conf).run(pre)
             precopy_ms = (time.perf_counter() - started) * 1000.0
+            changed = CHURN[kind_name](src_ns, n, churn)
             delta = context(src, migration, Phase.SWITCHOVER, Role.SOURCE)
             started = time.perf_counter()
             StateDelta(conf).run(delta)
             pause_ms = (time.perf_counter() - started) * 1000.0
+            exact = vm_state(src_ns, kind_name) == vm_state(dst_ns, kind_name)
+            src.forget(migration.id)
             dst.revert_imports(migration)
     answer = pre.notes["kinds"][kind_name]
-    check_ms = float(pre.notes["check_ms"])
-    install_ms = float(answer["import_ms"])
+    check_s = float(pre.notes["check_ms"]) / 1000.0
+    install_s = float(answer["import_ms"]) / 1000.0
+    moved = delta.notes["kinds"][kind_name]
     return {
         "kind": kind_name,
         "entries": exported,
-        "bytes": pre.notes["bytes"],
-        "export_ms": f"{export_ms:.1f}",
-        "transfer_ms": f"{precopy_ms - check_ms - install_ms:.1f}",
-        "import_ms": f"{check_ms + install_ms:.1f} ({check_ms:.0f} check)",
-        "precopy_ms": f"{precopy_ms:.1f}",
-        "pause_ms": f"{pause_ms:.1f}",
-        "pause_entries": delta.notes["kinds"][kind_name]["entries"],
+        "churn": f"{churn:g}% ({changed})",
+        "precopy_ms": precopy_ms,
+        "pause_ms": pause_ms,
+        "delta": moved["entries"],
+        "delta_bytes": delta.notes["bytes"],
+        "mode": moved.get("delta", {}).get("mode", "-"),
+        "exact": exact,
+        "move_ms": precopy_ms + pause_ms,
+        "export_rate": exported / export_s if export_s else 0,
+        "import_rate": answer["entries"] / (check_s + install_s) if check_s + install_s else 0,
+        "install_rate": answer["entries"] / install_s if install_s else 0,
     }
+
+
+def baseline(conf: cfg.ConfigOpts) -> dict[str, float]:
+    """The pause of the SWITCHOVER stage without state: no kinds; kinds, no entries."""
+    prefix = f"vmmst{os.getpid() % 10000:04d}{secrets.token_hex(2)}"
+    migration = Migration(f"bench-{prefix}", VM, "src", "dst")
+    token, key = secrets.token_urlsafe(16), secrets.token_bytes(32)
+    out = {}
+    with namespaces(prefix) as (src_ns, dst_ns):
+        for label, names in (("no state kinds", []), ("idle VM", ["conntrack", "nft_sets"])):
+            table: dict[str, str] = {}
+            kinds = {n: load_kind(conf, n) for n in names}
+            src = StateHost("src", src_ns, kinds, settings(token, key), table)
+            dst = StateHost(
+                "dst", dst_ns, {n: load_kind(conf, n) for n in names}, settings(token, key), table
+            )
+            with src, dst:
+                table.update(src=src.url, dst=dst.url)
+                src.expect(migration)
+                StatePrecopy(conf).run(context(dst, migration, Phase.PREPARE, Role.DESTINATION))
+                started = time.perf_counter()
+                StateDelta(conf).run(context(src, migration, Phase.SWITCHOVER, Role.SOURCE))
+                out[label] = (time.perf_counter() - started) * 1000.0
+                src.forget(migration.id)
+                dst.revert_imports(migration)
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else "")
     parser.add_argument("--sessions", default="1000,10000,100000", help="conntrack sizes")
-    parser.add_argument("--elements", default="10000", help="nft set element sizes")
+    parser.add_argument("--churn", default="0,1,10", help="percent of entries changing")
+    parser.add_argument("--elements", default="1000", help="nft set element sizes")
     args = parser.parse_args(argv)
     if os.geteuid() != 0:
         print("run as root: the benchmark builds network namespaces", file=sys.stderr)
@@ -233,13 +319,14 @@ def main(argv: list[str] | None = None) -> int:
     conf = cfg.ConfigOpts()
     conf(args=[], default_config_files=[])
     options.register_opts(conf)
-    cases = [("conntrack", int(n)) for n in args.sessions.split(",") if n]
-    cases += [("nft_sets", int(n)) for n in args.elements.split(",") if n]
+    churns = [float(c) for c in args.churn.split(",") if c]
+    cases = [("conntrack", int(n), c) for n in args.sessions.split(",") if n for c in churns]
+    cases += [("nft_sets", int(n), c) for n in args.elements.split(",") if n for c in churns]
     rows = []
-    for kind_name, n in cases:
-        print(f"-- {kind_name}: {n} entries ...", flush=True)
-        make = sessions if kind_name == "conntrack" else elements
-        rows.append(run_case(conf, kind_name, make(n)))
+    for kind_name, n, churn in cases:
+        print(f"-- {kind_name}: {n} entries, {churn:g}% churn ...", flush=True)
+        rows.append(run_case(conf, kind_name, n, churn))
+    base = baseline(conf)
     print()
     print(
         format_table(
@@ -247,15 +334,24 @@ def main(argv: list[str] | None = None) -> int:
             [
                 ("kind", "kind"),
                 ("entries", "entries"),
-                ("bytes", "bundle bytes"),
-                ("export_ms", "export ms"),
-                ("transfer_ms", "transfer ms"),
-                ("import_ms", "import ms"),
+                ("churn", "churn"),
                 ("precopy_ms", "pre-copy ms"),
-                ("pause_ms", "in pause ms"),
-                ("pause_entries", "in pause entries"),
+                ("pause_ms", "pause ms"),
+                ("delta", "delta"),
+                ("delta_bytes", "delta bytes"),
+                ("mode", "mode"),
+                ("exact", "exact"),
+                ("move_ms", "move ms"),
+                ("export_rate", "export/s", ".0f"),
+                ("import_rate", "import/s", ".0f"),
+                ("install_rate", "install/s", ".0f"),
             ],
         )
+    )
+    print()
+    print(
+        "no-state baseline (pause ms of the same SWITCHOVER stage): "
+        + ", ".join(f"{label} {ms:.1f}" for label, ms in base.items())
     )
     return 0
 

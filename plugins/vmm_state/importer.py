@@ -488,7 +488,10 @@ class Importer:
                     name, section.refusal.reason, str(section.refusal), n
                 )
             else:
-                why = self._unavailable(kind, ctx)
+                # a kind this migration already imported here was available moments
+                # ago: the delta inside the pause does not ask again
+                done = any(name in k for k in self._synced.get(ctx.migration_id, {}).values())
+                why = None if done else self._unavailable(kind, ctx)
                 if why is not None:
                     report.answers[name] = KindAnswer.fail(
                         name,

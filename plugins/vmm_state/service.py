@@ -47,6 +47,7 @@ from vmm_state.bundle import (
 from vmm_state.client import StateClient
 from vmm_state.importer import Importer, ImportReport, Ledger, LedgerEntry, kind_context
 from vmm_state.kind import KindContext, StateKind
+from vmm_state.kinds._common import freeze_heap, no_gc, thaw_heap
 from vmm_state.server import StateServer
 from vmm_state.wire import (
     MID_RE,
@@ -250,6 +251,8 @@ class StateHost:
         self._tracked: set[str] = set()
         #: full resyncs sent because change events were lost (counted, logged, noted)
         self.resyncs = 0
+        #: (migration, kind) found available at a full export here
+        self._available: set[tuple[str, str]] = set()
 
     @classmethod
     def from_conf(
@@ -329,6 +332,8 @@ class StateHost:
         with self._lock:
             self._expected.pop(migration_id, None)
             self._tracked.discard(migration_id)
+            self._available = {m for m in self._available if m[0] != migration_id}
+        thaw_heap(migration_id)
         self._untrack(migration_id)
         for name, kind in self.kinds.items():
             try:
@@ -461,7 +466,17 @@ class StateHost:
         box = stats if stats is not None else {}
         sections = (self._section(ctx, name, per_kind.get(name), box) for name in names)
         s = self.settings
-        return write_bundle(header, s.key_id, s.key, sections, s.chunk_entries)
+        pieces = write_bundle(header, s.key_id, s.key, sections, s.chunk_entries)
+        return self._without_gc(pieces, migration.id if full else None)
+
+    @staticmethod
+    def _without_gc(pieces: Iterator[bytes], freeze: str | None) -> Iterator[bytes]:
+        """The bundle, written with the collector paused (see ``no_gc``); after a
+        pre-copy's export the heap is frozen until the migration ends (``freeze_heap``)."""
+        with no_gc():
+            yield from pieces
+        if freeze is not None:
+            freeze_heap(freeze)
 
     def _section(
         self,
@@ -475,10 +490,17 @@ class StateHost:
         if kind is None:
             stat.error = f"kind {name} is not enabled on host {self.name} ([state] kinds)"
             return SectionSource(name, unavailable=stat.error)
-        try:
-            why = kind.unavailable(ctx)
-        except Exception as err:
-            why = f"its availability check failed: {err!r}"
+        mark = (ctx.migration_id, name)
+        if since is not None and mark in self._available:
+            why = None  # checked at the pre-copy: not again inside the pause
+        else:
+            try:
+                why = kind.unavailable(ctx)
+            except Exception as err:
+                why = f"its availability check failed: {err!r}"
+            if why is None:
+                with self._lock:
+                    self._available.add(mark)
         if why is not None:
             stat.error = f"host {self.name} cannot hold {name}: {why}"
             return SectionSource(name, unavailable=stat.error)
@@ -523,6 +545,12 @@ class StateHost:
         self, migration: Migration, pieces: Iterable[bytes], label: str
     ) -> ImportReport:
         """Read, verify and import one bundle; refusals become FAIL answers, never raise."""
+        with no_gc():
+            return self._import_pieces(migration, pieces, label)
+
+    def _import_pieces(
+        self, migration: Migration, pieces: Iterable[bytes], label: str
+    ) -> ImportReport:
         reader = self.new_reader()
         started = time.perf_counter()
         received_at = time.monotonic()
@@ -585,13 +613,20 @@ class StateHost:
         return kinds + [str(k) for k in theirs if k not in self.kinds]
 
     def pull(self, migration: Migration, label: str, kinds: list[str], deadline: float) -> Transfer:
-        """Destination: pull an export of ``kinds`` from the source and import it here."""
+        """Destination: pull an export of ``kinds`` from the source and import it here
+        (the collector paused; the heap frozen afterwards until the migration ends)."""
+        with no_gc():
+            done = self._pull(migration, label, kinds, deadline)
+        freeze_heap(migration.id)
+        return done
+
+    def _pull(self, migration: Migration, label: str, kinds: list[str], until: float) -> Transfer:
         started = time.perf_counter()
         received_at = time.monotonic()
         client = self.peer(migration.source)
         reader = self.new_reader()
         try:
-            client.pull(migration, reader, label=label, kinds=kinds, deadline=deadline)
+            client.pull(migration, reader, label=label, kinds=kinds, deadline=until)
             bundle = reader.finish()
         except BundleError as err:
             report = ImportReport.refused(migration.id, label, kinds, err, reader.size)
@@ -607,16 +642,21 @@ class StateHost:
         return Transfer(report, {}, (time.perf_counter() - started) * 1000.0)
 
     def push(self, migration: Migration, label: str, kinds: list[str], deadline: float) -> Transfer:
-        """Source: export ``kinds`` (each since the destination last imported it) and push."""
+        """Source: export ``kinds`` (each since the destination last imported it) and push,
+        with the collector paused (this is the part inside the VM's pause)."""
+        with no_gc():
+            return self._push(migration, label, kinds, deadline)
+
+    def _push(self, migration: Migration, label: str, kinds: list[str], until: float) -> Transfer:
         started = time.perf_counter()
         client = self.peer(migration.destination)
         stats: dict[str, ExportStat] = {}
         try:
-            synced = client.synced(migration, deadline)
+            synced = client.synced(migration, until)
             margin = self.settings.delta_margin
             since = {k: (synced[k] - margin if k in synced else None) for k in kinds}
             pieces = self.export(migration, label, kinds, since, stats)
-            report = client.push(migration, pieces, label=label, deadline=deadline)
+            report = client.push(migration, pieces, label=label, deadline=until)
         except ServiceError as err:
             report = ImportReport.failed(
                 migration.id, label, kinds, reason_for(err), f"{err.code}: {err}"

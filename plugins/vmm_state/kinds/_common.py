@@ -219,3 +219,32 @@ def no_gc() -> Iterator[None]:
             _gc_holders -= 1
             if _gc_holders == 0 and _gc_was_enabled:
                 gc.enable()
+
+
+_frozen_for: set[str] = set()
+
+
+def freeze_heap(migration_id: str) -> None:
+    """Keep the collector off what the pre-copy left alive until the migration ends.
+
+    After a pre-copy of 100,000 entries the heap holds millions of live
+    objects (ledger records, tracked names); the collector's next full pass
+    over them takes 100-200 ms, and it would come at the next burst of
+    allocations - the delta, inside the VM's pause (measured: 237 ms pause
+    instead of 48). ``gc.freeze`` moves every live object out of the
+    collector's sight (reference counting still frees them); ``thaw_heap``
+    at the end of the migration gives them back.
+    """
+    with _gc_lock:
+        _frozen_for.add(migration_id)
+        gc.freeze()
+
+
+def thaw_heap(migration_id: str) -> None:
+    """The migration is over: let the collector see its objects again."""
+    with _gc_lock:
+        if migration_id not in _frozen_for:
+            return
+        _frozen_for.discard(migration_id)
+        if not _frozen_for:
+            gc.unfreeze()
