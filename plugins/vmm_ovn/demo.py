@@ -100,6 +100,7 @@ class ModeResult:
     downtime_ms: float
     convergence_ms: dict[str, float | None]
     first_announce_ms: float | None
+    plug_to_installed_ms: float
     barrier: dict[str, Any]
     announce: dict[str, Any] | None
     timeline: list[dict[str, Any]]
@@ -287,15 +288,18 @@ class Orchestrators:
 # -- one migration ---------------------------------------------------------------
 
 
-def _wait_installed(lab: lab_mod.OvnLab, chassis: str, port: str, timeout: float = 10.0) -> None:
-    """What Nova waits for before migrating (network-vif-plugged): the port's flows are in."""
+def _wait_installed(lab: lab_mod.OvnLab, chassis: str, port: str, timeout: float = 10.0) -> float:
+    """What Nova waits for before migrating (network-vif-plugged): the port's flows
+    are in. Returns ovn-controller's ovn-installed-ts (wall clock, s)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         out = lab.chassis[chassis].vsctl(
-            "--if-exists", "get", "Interface", port, "external_ids:ovn-installed"
-        )
-        if out.strip().strip('"') == "true":
-            return
+            "--if-exists", "get", "Interface", port, "external_ids:ovn-installed",
+            "external_ids:ovn-installed-ts",
+        )  # fmt: skip
+        values = [v.strip().strip('"') for v in out.split()]
+        if len(values) == 2 and values[0] == "true" and values[1].isdigit():
+            return int(values[1]) / 1000.0
         time.sleep(0.01)
     raise lab_mod.LabError(f"port {port} on {chassis} not installed after {timeout}s")
 
@@ -373,6 +377,7 @@ def run_mode(
                 f'options:requested-chassis="{SOURCE},{DESTINATION}"',
                 "options:activation-strategy=rarp",
             )  # fmt: skip
+        plugged_wall = time.time()
         port = lab.preplug(vm, DESTINATION)
         if orchestrated:
             assert orch is not None
@@ -380,7 +385,8 @@ def run_mode(
                 DESTINATION, migration, Phase.PREPARE, Role.DESTINATION, prepare_at
             ).result(60)
             reports.append(rep)
-        _wait_installed(lab, DESTINATION, port)
+        installed_wall = _wait_installed(lab, DESTINATION, port)
+        plug_to_installed_ms = round((installed_wall - plugged_wall) * 1000.0, 1)
         time.sleep(max(0.0, start_at + settings.warmup_s - time.monotonic()))
         # SWITCHOVER: the guest stops at the source.
         paused_at = lab.pause(vm)
@@ -466,6 +472,7 @@ def run_mode(
         downtime_ms=round((resumed_at - paused_at) * 1000.0, 1),
         convergence_ms=convergence,
         first_announce_ms=first,
+        plug_to_installed_ms=plug_to_installed_ms,
         barrier=barrier,
         announce=announce,
         timeline=_timeline(reports),
@@ -542,6 +549,7 @@ def render(results: list[ModeResult]) -> str:
                 "dup": sum(s.duplicates for s in r.streams),
                 "bh": f"{max(bh):.1f}" if bh else "-",
                 "first": "-" if r.first_announce_ms is None else f"{r.first_announce_ms:.1f}",
+                "installed": f"{r.plug_to_installed_ms:.1f}",
                 "barrier": "-"
                 if not r.barrier
                 else ", ".join(f"{w:.1f}" for w in r.barrier.get("waits_ms", [])),
@@ -557,6 +565,7 @@ def render(results: list[ModeResult]) -> str:
                 ("dup", "dup"),
                 ("bh", "max black-hole ms"),
                 ("first", "RESUMED->1st GARP ms"),
+                ("installed", "plug->installed ms"),
                 ("barrier", "barrier waits ms"),
             ],
         )
