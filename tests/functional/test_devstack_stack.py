@@ -31,6 +31,7 @@ import configparser
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import sysconfig
@@ -188,14 +189,23 @@ class Stack:
 
     def phase(self, *words: str) -> subprocess.CompletedProcess[str]:
         script = PROLOGUE + f"run_phase {' '.join(words)}\n"
-        result = subprocess.run(
+        # Its own process group: a phase that hangs is ended with pip and git under it.
+        proc = subprocess.Popen(
             ["bash", "-c", script],
             env=self.env,
             cwd=self.tmp,
-            capture_output=True,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
             text=True,
-            timeout=PHASE_TIMEOUT,
+            start_new_session=True,
         )
+        try:
+            out, err = proc.communicate(timeout=PHASE_TIMEOUT)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.communicate()
+            raise
+        result = subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
         self.results[" ".join(words)] = result
         assert result.returncode == 0, (
             f"{' '.join(words)} failed ({result.returncode})\n"
