@@ -100,6 +100,11 @@ PIPELINE_OPTS: list[cfg.Opt] = [
 #: source sees the migration complete, the destination sees the VM resume).
 TERMINAL_PHASE = {Role.SOURCE: Phase.COMPLETED, Role.DESTINATION: Phase.RESUMED}
 
+#: What a recovery ``locate`` answers when the hypervisor still runs the
+#: migration's job: neither finished nor failed, so nothing is reverted;
+#: the phase reached is finished and the events still to come drive the rest.
+IN_FLIGHT = "<migration in flight>"
+
 
 def register_opts(conf: cfg.ConfigOpts) -> None:
     """Register the [pipeline] options; calling it again is harmless."""
@@ -676,8 +681,10 @@ class Pipeline:
         * REVERTED when a stage had failed or a revert had begun (the engine
           had already decided), or when ABORTED was being handled;
         * otherwise, with ``locate`` (which returns the NVE/host where the
-          workload runs now, or None when unknown): FINISHED when it runs at
-          the migration's destination, REVERTED otherwise (including unknown);
+          workload runs now, None when unknown, or IN_FLIGHT while the
+          hypervisor still runs the migration's job): FINISHED when it runs
+          at the migration's destination or is in flight, REVERTED otherwise
+          (including unknown);
         * without ``locate``: FINISHED when the last phase reached is RESUMED
           or COMPLETED (the VM already runs at the destination), else REVERTED.
 
@@ -743,6 +750,8 @@ class Pipeline:
             return False, "ABORTED was being handled"
         if locate is not None:
             where = locate(record.migration)
+            if where == IN_FLIGHT:
+                return True, "the hypervisor still runs the migration's job"
             at_destination = where is not None and where == record.migration.destination
             return at_destination, f"workload runs at {where or 'an unknown place'}"
         reached = record.last_phase in (Phase.RESUMED, Phase.COMPLETED)

@@ -37,7 +37,7 @@ from vmm_libvirt.hook import HookServer
 from vmm_libvirt.resolve import NothingToMove, ResolveError, Resolver
 from vmm_orchestrator import agent as root
 from vmm_orchestrator import journal as jr
-from vmm_orchestrator.engine import Dispatcher, PhaseReport, Pipeline
+from vmm_orchestrator.engine import IN_FLIGHT, Dispatcher, PhaseReport, Pipeline
 from vmm_orchestrator.errors import ConfigError
 from vmm_orchestrator.journal import Journal
 from vmm_orchestrator.model import Migration, MigrationEvent, Phase, Role, Workload
@@ -204,15 +204,36 @@ class HostAgent:
             return False
         return (state, reason) not in _NOT_RUNNING_YET
 
+    def migrating_here(self, name: str) -> bool:
+        """Whether VM ``name`` is in a migration on this host now: an incoming one
+        still paused, or one with an active (outgoing) migration job."""
+        try:
+            dom = self.source.connection().lookupByName(name)
+            if not dom.isActive():
+                return False
+            if dom.state() == [phases.STATE_PAUSED, phases.PAUSED_MIGRATION]:
+                return True
+            return bool(dom.jobInfo()[0] != libvirt.VIR_DOMAIN_JOB_NONE)
+        except libvirt.libvirtError as exc:
+            if exc.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN:
+                return False
+            raise
+
     def locate(self, migration: Migration) -> str | None:
-        """The host where the migration's VM runs, asking this host's libvirt then siblings'."""
+        """Where the migration's VM runs, asking this host's libvirt then siblings';
+        ``engine.IN_FLIGHT`` while a host still runs its migration job."""
         name = migration.workload.name
-        if self.runs_here(name):
-            return self.name
-        for other in self.siblings:
+        agents = [self, *self.siblings]
+        for agent in agents:
             try:
-                if other.runs_here(name):
-                    return other.name
+                if agent.migrating_here(name):
+                    return IN_FLIGHT
+            except events.NotConnected:
+                continue
+        for agent in agents:
+            try:
+                if agent.runs_here(name):
+                    return agent.name
             except events.NotConnected:
                 continue
         return None

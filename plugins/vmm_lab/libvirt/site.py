@@ -268,6 +268,7 @@ def libvirt_site(
     guest: GuestSpec | None = None,
     agent_processes: bool = False,
     state: bool = False,
+    ha_etcd: dict[str, Any] | None = None,
 ) -> Iterator[LibvirtSite]:
     """Build the lab, two libvirtds, the booted guest and (``orchestrated``) the agents.
 
@@ -278,7 +279,8 @@ def libvirt_site(
     ``agent_processes``: h1 and h2 are served by ``vmm agent`` processes
     started from config files (``site.processes``), as an operator runs
     them, instead of in this process; ``state`` adds the state stages and
-    the model stateful firewall on every host.
+    the model stateful firewall on every host; ``ha_etcd`` ({"endpoints",
+    "prefix"}) runs an HA pair of agents instead (see start_agent_processes).
     """
     if not os.path.isfile(RELAY):
         raise LibvirtLabError(f"the hook relay {RELAY} is missing")
@@ -304,7 +306,7 @@ def libvirt_site(
             with concurrent.futures.ThreadPoolExecutor(max_workers=len(hosts)) as pool:
                 list(pool.map(LibvirtHost.start, hosts.values()))
             if external:  # their NVEs (and bridges) must exist before the guest is defined
-                processes = start_agent_processes(conf, site, hosts, workdir, state)
+                processes = start_agent_processes(conf, site, hosts, workdir, state, ha_etcd)
             if state:
                 _install_firewalls(site)
             first = LIBVIRT_HOSTS[0]
@@ -373,28 +375,30 @@ def _bare(address: str | None) -> str:
 LAB_LIBVIRT_STATE_KINDS = ["conntrack", "nft_sets"]
 
 
+#: HA pair (``ha_etcd``): [nva_etcd] lease_ttl, so a killed instance's
+#: migrations are taken over within seconds.
+HA_LEASE_TTL_S = 3
+
+
 def agent_sections(
     conf: cfg.ConfigOpts,
     site: LabSite,
-    host: LibvirtHost,
+    served: list[LibvirtHost],
     workdir: str,
     state: dict[str, Any] | None,
+    instance: str = "",
+    ha_etcd: dict[str, Any] | None = None,
 ) -> dict[str, dict[str, Any]]:
-    """One host's config file, as the README's "On libvirt hosts" has an operator write it."""
-    name = host.name
-    lab_host = site.lab.hosts[name]
+    """One agent's config file, as the README's "On libvirt hosts" has an operator write it.
+
+    ``instance`` tells apart the hook sockets (and journals) of several agents
+    serving the same hosts; ``ha_etcd`` ({"endpoints", "prefix"}) puts their
+    journal and per-migration leases on etcd.
+    """
     stages = [*(STATE_STAGES if state else engine.DEFAULT_STAGES), "libvirt_announce"]
     gw = site.lab.vms[lab_options.GATEWAY]
     sections: dict[str, dict[str, Any]] = {
-        "agent": {"hosts": name, "hook_timeout": LAB_HOOK_TIMEOUT_S},
-        root.host_group(name): {
-            "vtep": lab_host.vtep,
-            "vnis": [int(conf.lab.vni)],
-            "netns": lab_host.netns,
-            "uri": host.uri,
-            "hook_socket": _hook_socket(workdir, name),
-            "journal": os.path.join(workdir, f"journal-{name}.sqlite"),
-        },
+        "agent": {"hosts": [h.name for h in served], "hook_timeout": LAB_HOOK_TIMEOUT_S},
         "nva": {"backend": "embedded", "url": site.server.url, "token": site.token},
         "pipeline": {"stages": stages},
         "announce": {"gateways": [f"{gw.ipv4}@{gw.mac}"]},
@@ -402,9 +406,29 @@ def agent_sections(
         "stage_libvirt_announce": {"deadline": LAB_ANNOUNCE_DEADLINE_S},
         "stage_hold_timer": {"hold_time": conf.stage_hold_timer.hold_time},
     }
+    for host in served:
+        lab_host = site.lab.hosts[host.name]
+        sections[root.host_group(host.name)] = {
+            "vtep": lab_host.vtep,
+            "vnis": [int(conf.lab.vni)],
+            "netns": lab_host.netns,
+            "uri": host.uri,
+            "hook_socket": _hook_socket(workdir, host.name + instance),
+            "journal": os.path.join(workdir, f"journal-{host.name}{instance}.sqlite"),
+        }
     if conf.libvirt.early_switchover:
         sections["libvirt"] = {"early_switchover": "true"}
+    if ha_etcd:
+        sections["agent"].update({"journal_backend": "etcd", "migration_lock": "etcd"})
+        sections["nva_etcd"] = {
+            "endpoints": ha_etcd["endpoints"],
+            "prefix": ha_etcd["prefix"],
+            "lease_ttl": HA_LEASE_TTL_S,
+        }
+        if instance:  # one NVE agent per kernel reports what it learns; the other follows
+            sections["nve_agent"]["local_learning"] = "false"
     if state:
+        (name,) = [h.name for h in served]
         sections["state"] = {
             "kinds": LAB_LIBVIRT_STATE_KINDS,
             "key": state["key"],
@@ -423,8 +447,15 @@ def start_agent_processes(
     hosts: dict[str, LibvirtHost],
     workdir: str,
     state: bool,
+    ha_etcd: dict[str, Any] | None = None,
 ) -> dict[str, AgentProcess]:
-    """Write h1's and h2's config files and start one ``vmm agent`` process each."""
+    """Write the agents' config files and start one ``vmm agent`` process each.
+
+    One agent per host (named after it); with ``ha_etcd`` instead two
+    agents, "a" and "b", each serving both hosts and sharing the journal
+    and leases on etcd. The hook relays talk to "a"; "b" learns of
+    migrations from libvirt's events alone.
+    """
     register_stage_opts(conf, HoldTimer)
     secrets_ = (
         {
@@ -435,11 +466,17 @@ def start_agent_processes(
         if state
         else None
     )
+    layout: list[tuple[str, list[LibvirtHost], str]]
+    if ha_etcd:
+        layout = [("a", list(hosts.values()), ""), ("b", list(hosts.values()), "-b")]
+    else:
+        layout = [(name, [host], "") for name, host in hosts.items()]
     processes: dict[str, AgentProcess] = {}
     try:
-        for name, host in hosts.items():
+        for name, served, instance in layout:
             path = os.path.join(workdir, f"{name}.conf")
-            write_config(path, agent_sections(conf, site, host, workdir, secrets_))
+            sections = agent_sections(conf, site, served, workdir, secrets_, instance, ha_etcd)
+            write_config(path, sections)
             processes[name] = AgentProcess(
                 name,
                 path,
