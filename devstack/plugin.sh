@@ -4,12 +4,16 @@
 # DevStack plugin of vmm-orchestrator: the network follows live-migrating VMs.
 #
 # stack.sh and unstack.sh/clean.sh source this file with the phase as arguments:
-#   stack install      install the package (and libvirt-python), the libvirt hook relay
+#   stack install      install the package in develop mode (setup_develop; its name is
+#                      read from setup.cfg) and the libvirt hook relay
 #   stack post-config  write /etc/vmm-orchestrator/vmm-orchestrator.conf and the relay's
-#                      configuration, restart libvirtd so that it picks the relay up
-#   stack extra        start the services: vmm-nva (directory) and vmm-agent (daemon)
-#   unstack            stop the services
-#   clean              remove what install and post-config left on the host
+#                      configuration, restart libvirtd so that it picks the relay up;
+#                      the Keystone service user and its clouds.yaml entry ($VMM_CLOUD)
+#   stack extra        start the services as DevStack units (devstack@vmm-nva, directory;
+#                      devstack@vmm-agent, daemon)
+#   unstack            stop and disable the services
+#   clean              remove what the stack phases left: relay, configuration, data,
+#                      units, the clouds.yaml entry, the package
 #
 # Services (enable them in local.conf): vmm-agent on every compute host,
 # vmm-nva on one host (the controller) when the embedded directory is used.
