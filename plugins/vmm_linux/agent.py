@@ -24,6 +24,15 @@ Anything else is refused, counted (``refused_moves``), logged, and the
 bridge entry is pointed back at the VXLAN port. Spoofed GARP/NA/RARP frames
 for a MAC that the directory binds elsewhere thus move nothing.
 
+A guest can also claim another VM's *address* with its own MAC (a GARP or
+an unsolicited NA), which moves nothing in the directory but would poison
+the neighbour caches of every guest in the VN. With ``address_guard`` on,
+the agent keeps an nftables ``bridge vmm_guard`` table in the host's
+namespace holding the directory's (IP, MAC) bindings of its VNs, and drops
+ARP and NA frames entering from a local port that announce a known address
+with a MAC the directory does not bind it to (the table's counters say how
+many).
+
 Flood (BUM) lists follow the directory's NVE registrations at any time:
 the change log carries an ``nve`` change per VN whenever an NVE joins,
 leaves or changes its VTEP. An entry the kernel cannot take (a bad MAC or
@@ -33,8 +42,10 @@ skipped; the agent goes on with the rest.
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import socket
+import subprocess
 import threading
 import time
 from typing import Any
@@ -46,7 +57,7 @@ from pyroute2.netlink.rtnl.ifinfmsg import ifinfmsg
 from pyroute2.netlink.rtnl.marshal import MarshalRtnl
 
 from vmm_linux.netns import socket_in
-from vmm_linux.nve import LinuxNve
+from vmm_linux.nve import LinuxNve, _LibNft
 from vmm_orchestrator.errors import TransientError, VmmError
 from vmm_orchestrator.model import normalize_mac
 from vmm_orchestrator.nva import errors as nva_errors
@@ -73,6 +84,14 @@ AGENT_OPTS: list[cfg.Opt] = [
         "after a failure the agent loads its VNs again in full.",
     ),
     cfg.BoolOpt(
+        "address_guard",
+        default=True,
+        help="Drop ARP and neighbour advertisements entering from a local port that "
+        "announce an address the directory binds to another MAC (an nftables bridge "
+        "table 'vmm_guard' in the host's namespace), so one guest cannot claim another's "
+        "address.",
+    ),
+    cfg.BoolOpt(
         "local_learning",
         default=True,
         help="Report a MAC that the bridge learns on a local port, while the "
@@ -83,6 +102,130 @@ AGENT_OPTS: list[cfg.Opt] = [
 
 def register_opts(conf: cfg.ConfigOpts) -> None:
     conf.register_opts(AGENT_OPTS, group=GROUP)
+
+
+GUARD_TABLE = "bridge vmm_guard"
+
+
+class AddressGuard:
+    """The directory's (IP, MAC) bindings as nftables sets, and the rules that use them.
+
+    One table per host namespace with the union of the bindings of every VN
+    the agent serves: an address is guarded once any VN binds it, and a
+    frame passes if any VN binds its (address, MAC) pair, so overlapping
+    tenant ranges stay usable. Frames from the VXLAN ports are the remote
+    NVE's business and pass. Updates are incremental set-element changes,
+    one nft transaction each, through libnftables when it is there.
+    """
+
+    def __init__(self, netns: str | None) -> None:
+        self.netns = netns
+        self._bindings: dict[tuple[int, str], tuple[str, ...]] = {}
+        self._pairs: dict[tuple[str, str], int] = {}
+        self._known: dict[str, int] = {}
+        self._lib: Any = None
+        self._lib_tried = False
+        self.failures = 0
+
+    @staticmethod
+    def _element(ip: str) -> tuple[str, str]:
+        """(set suffix, element text) of an address: IPv6 as the raw 128-bit target."""
+        addr = ipaddress.ip_address(ip)
+        if addr.version == 4:
+            return "4", str(addr)
+        return "6", "0x" + addr.packed.hex()
+
+    def _run(self, script: str) -> None:
+        if not self._lib_tried:
+            self._lib_tried = True
+            self._lib = _LibNft.load(self.netns)
+        if self._lib is not None:
+            self._lib.run(script, self.netns)
+            return
+        cmd = ["nft", "-f", "-"]
+        if self.netns:
+            cmd = ["ip", "netns", "exec", self.netns, *cmd]
+        proc = subprocess.run(cmd, input=script, capture_output=True, text=True, timeout=10)
+        if proc.returncode != 0:
+            raise VmmError(f"nft failed: {proc.stderr.strip()}", hint="is nftables installed?")
+
+    def start(self) -> None:
+        """Create (or reset to empty) the table; bindings are added as entries apply."""
+        t = GUARD_TABLE
+        self._bindings.clear()
+        self._pairs.clear()
+        self._known.clear()
+        self._run(
+            "\n".join(
+                [
+                    f"add table {t}",
+                    f"delete table {t}",
+                    f"add table {t}",
+                    f"add set {t} known4 {{ type ipv4_addr; }}",
+                    f"add set {t} pair4 {{ type ipv4_addr . ether_addr; }}",
+                    f"add set {t} known6 {{ typeof @th,64,128; }}",
+                    f"add set {t} pair6 {{ typeof @th,64,128 . ether saddr; }}",
+                    f"add chain {t} pre {{ type filter hook prerouting priority -10; "
+                    "policy accept; }",
+                    f'add rule {t} pre iifname "vx-*" accept',
+                    f'add rule {t} pre iifname "vi-*" accept',
+                    f"add rule {t} pre arp saddr ip @known4 "
+                    "arp saddr ip . arp saddr ether != @pair4 counter drop",
+                    f"add rule {t} pre icmpv6 type nd-neighbor-advert @th,64,128 @known6 "
+                    "@th,64,128 . ether saddr != @pair6 counter drop",
+                    "",
+                ]
+            )
+        )
+
+    def stop(self) -> None:
+        """Remove the table (nothing guards a host whose agent is gone)."""
+        t = GUARD_TABLE
+        self._run(f"add table {t}\ndelete table {t}\n")
+
+    def bind(self, key: tuple[int, str], ips: tuple[str, ...]) -> None:
+        """The directory binds ``ips`` to ``key``'s MAC (replacing what it bound before)."""
+        ips = tuple(sorted(set(ips)))
+        if self._bindings.get(key, ()) == ips:
+            return
+        self._update(key, ips)
+
+    def unbind(self, key: tuple[int, str]) -> None:
+        if key in self._bindings:
+            self._update(key, ())
+
+    def _update(self, key: tuple[int, str], ips: tuple[str, ...]) -> None:
+        mac = key[1]
+        old = self._bindings.get(key, ())
+        lines: list[str] = []
+        t = GUARD_TABLE
+        for ip in set(old) - set(ips):
+            version, elem = self._element(ip)
+            if self._count(self._pairs, (ip, mac), -1) == 0:
+                lines.append(f"delete element {t} pair{version} {{ {elem} . {mac} }}")
+            if self._count(self._known, ip, -1) == 0:
+                lines.append(f"delete element {t} known{version} {{ {elem} }}")
+        for ip in set(ips) - set(old):
+            version, elem = self._element(ip)
+            if self._count(self._pairs, (ip, mac), 1) == 1:
+                lines.append(f"add element {t} pair{version} {{ {elem} . {mac} }}")
+            if self._count(self._known, ip, 1) == 1:
+                lines.append(f"add element {t} known{version} {{ {elem} }}")
+        if ips:
+            self._bindings[key] = ips
+        else:
+            self._bindings.pop(key, None)
+        if lines:
+            self._run("\n".join(lines) + "\n")
+
+    @staticmethod
+    def _count(counts: dict[Any, int], item: Any, delta: int) -> int:
+        value = counts.get(item, 0) + delta
+        if value > 0:
+            counts[item] = value
+        else:
+            counts.pop(item, None)
+        return max(value, 0)
 
 
 #: Seconds between two log lines about refused moves of the same MAC.
@@ -157,6 +300,7 @@ class NveAgent:
         watch_timeout: float = 5.0,
         retry_interval: float = 0.5,
         local_learning: bool = True,
+        address_guard: bool = True,
     ) -> None:
         self.id = nve_id
         self.nve = nve
@@ -182,6 +326,8 @@ class NveAgent:
         #: Port name -> MACs configured on it (by configure_port).
         self.port_macs: dict[str, set[str]] = {}
         self.ports = PortInspector(nve.netns)
+        #: The ARP/NA guard of this host's local ports (None: off).
+        self.guard = AddressGuard(nve.netns) if address_guard else None
         self._refusal_logged: dict[tuple[int, str], float] = {}
         self._vteps: dict[str, str] = {}
         self._stop = threading.Event()
@@ -197,6 +343,8 @@ class NveAgent:
         self._stop.clear()
         for vni in self.vnis:
             self.nve.ensure_vn(vni)
+        if self.guard is not None:
+            self._guard_call(self.guard.start)
         self.nva.register_nve(self.id, self.nve.local_vtep, self.vnis)
         self.resync()
         self._spawn(self._watch_loop, f"nve-agent-{self.id}")
@@ -211,6 +359,23 @@ class NveAgent:
         for thread in self._threads:
             thread.join(timeout=self.watch_timeout + 2)
         self._threads.clear()
+        if self.guard is not None:
+            self._guard_call(self.guard.stop)
+
+    def _guard_call(self, method: Any, *args: Any) -> None:
+        """A change to the address guard; a failure is counted and logged, never fatal."""
+        assert self.guard is not None
+        try:
+            method(*args)
+        except Exception as exc:
+            self.guard.failures += 1
+            if self.guard.failures <= 3 or self.guard.failures % 100 == 0:
+                LOG.warning(
+                    "%s: address guard update failed (%d so far): %s",
+                    self.id,
+                    self.guard.failures,
+                    exc,
+                )
 
     def _spawn(self, target: Any, name: str) -> None:
         thread = threading.Thread(target=target, name=name, daemon=True)
@@ -315,6 +480,8 @@ class NveAgent:
             else:
                 vtep = str(check_ip(self._vtep_of(where), "vtep"))
                 self.nve.set_remote(key[0], key[1], vtep, ips)
+            if self.guard is not None:
+                self._guard_call(self.guard.bind, key, ips)
             if self.placement.get(key) != where:
                 self.applied_at[key] = (where, time.monotonic())
             self.applied[key] = seq
@@ -347,6 +514,8 @@ class NveAgent:
         with self._lock:
             self.applied.pop(key, None)
             self.placement.pop(key, None)
+            if self.guard is not None:
+                self._guard_call(self.guard.unbind, key)
             self.nve.forget(*key)
 
     def _expire(self, vni: int, mac: str) -> None:

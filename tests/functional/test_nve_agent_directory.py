@@ -316,3 +316,64 @@ def test_learning_moves_a_mac_whose_migration_is_pending_to_this_nve(site: Site)
     committed = site.admin.commit(VNI, vm.mac, "mig-1")["endpoint"]
     assert committed["nve"] == "h2" and committed["seq"] == 2
     assert [m["planned"] for m in committed["moves"]] == [True]  # counted once
+
+
+def _neigh_mac(vm: LabVm, ip: str) -> str | None:
+    out = in_ns(vm.netns, "ip", "-j", "neigh", "show", ip, "dev", "eth0")
+    entries = json.loads(out or "[]")
+    return entries[0].get("lladdr") if entries else None
+
+
+def _guard_drops(site: Site, host: str) -> int:
+    out = in_ns(
+        site.lab.hosts[host].netns, "nft", "-j", "list", "chain", "bridge", "vmm_guard", "pre"
+    )
+    return sum(
+        item["rule"]["expr"][-2]["counter"]["packets"]
+        for item in json.loads(out)["nftables"]
+        if "rule" in item and "counter" in item["rule"]["expr"][-2]
+    )
+
+
+@pytest.mark.parametrize("guard", [True, False], ids=["guarded", "control-unguarded"])
+def test_a_vm_claiming_another_vms_address_moves_nothing(site: Site, guard: bool) -> None:
+    """A GARP and an unsolicited NA from the attacker's own MAC for the victim's
+    addresses: the directory moves nothing either way; with the address guard the
+    gateway's caches keep the victim (the unguarded control shows the threat)."""
+    for host in ("h1", "h2", "h3"):
+        site.start(host, address_guard=guard)
+    victim = site.add_vm("victim", "h1")
+    attacker = site.add_vm("attacker", "h2")
+    gw = site.add_vm("gw", "h3", gateway=True)
+    assert ping(gw.netns, victim.ipv4) == 5 and ping(gw.netns, victim.ipv6) == 5
+    assert _neigh_mac(gw, victim.ipv4) == victim.mac
+    time.sleep(1.2)  # past the neighbour locktime, so an update would be taken
+    claims = [frames.gratuitous_arp_request(attacker.mac, victim.ipv4)] * 3
+    claims += [frames.unsolicited_na(attacker.mac, victim.ipv6)] * 3
+    send_from(attacker, *claims)
+    time.sleep(0.5)
+
+    # The directory and every NVE still bind the victim's addresses to the victim.
+    assert site.admin.find(VNI, ip=victim.ipv4)["mac"] == victim.mac
+    assert site.admin.find(VNI, ip=victim.ipv6)["mac"] == victim.mac
+    endpoint = site.admin.get_endpoint(VNI, victim.mac)
+    assert (endpoint["nve"], endpoint["seq"]) == ("h1", 0)
+    assert site.agents["h2"].reported_moves == 0
+    if not guard:
+        # The threat is real: the gateway now sends the victim's traffic to the attacker.
+        assert _neigh_mac(gw, victim.ipv4) == attacker.mac
+        assert _neigh_mac(gw, victim.ipv6) == attacker.mac
+        return
+    assert _guard_drops(site, "h2") == 6
+    assert _neigh_mac(gw, victim.ipv4) == victim.mac
+    assert _neigh_mac(gw, victim.ipv6) == victim.mac
+    counter = EchoCounter(attacker, victim.ipv4)
+    try:
+        answered = ping(gw.netns, victim.ipv4, count=20)
+    finally:
+        seen_by_attacker = counter.close()
+    assert (answered, seen_by_attacker) == (20, 0)
+    # The victim's own announcements still pass the guard on its host.
+    send_from(victim, frames.gratuitous_arp_request(victim.mac, victim.ipv4))
+    assert _guard_drops(site, "h1") == 0
+    assert site.agents["h2"].guard is not None and site.agents["h2"].guard.failures == 0
