@@ -13,6 +13,7 @@ from typing import Any, ClassVar
 
 from oslo_config import cfg
 
+from vmm_orchestrator.convergence import await_acks
 from vmm_orchestrator.errors import StageFailed, TransientError
 from vmm_orchestrator.model import Phase, Role
 from vmm_orchestrator.nva import errors as nva_errors
@@ -93,23 +94,10 @@ class PeerUpdate(Stage):
             commits.append((vif, int(result["revision"]), float(result["committed_at"])))
         for vif, revision, committed_at in commits:
             wait = min(self.options.ack_timeout, ctx.remaining())
-            acks = nva.acks(vif.vni, revision, timeout=wait)
-            for nve_id, ack in acks.items():
-                if int(ack.get("acked_revision") or 0) >= revision and ack.get("acked_at"):
-                    ms = max(0.0, (float(ack["acked_at"]) - committed_at) * 1000.0)
-                    convergence[nve_id] = max(convergence.get(nve_id, 0.0), ms)
-                else:
-                    laggards.add(nve_id)
-            late = sorted(n for n in laggards if n in acks)
-            if late:
-                LOG.warning(
-                    "migration %s: %s did not apply the move of %s within %.2fs; expiring",
-                    ctx.migration.id,
-                    ", ".join(late),
-                    vif.mac,
-                    wait,
-                )
-                nva.expire(vif.vni, vif.mac, late)
+            result = await_acks(nva, vif.vni, vif.mac, revision, committed_at, wait)
+            for nve_id, ms in result.acked_ms.items():
+                convergence[nve_id] = max(convergence.get(nve_id, 0.0), ms)
+            laggards.update(result.laggards)
         ctx.note(
             convergence_ms=convergence,
             laggards=sorted(laggards),
