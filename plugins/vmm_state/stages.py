@@ -8,6 +8,12 @@
   changed since the destination's last import and push it there; the
   destination imports it before answering, so the state is in place before
   the VM resumes. This stage is the part of the transfer inside the pause.
+  The source has tracked the VM's changes since it exported the pre-copy
+  (conntrack events, nftables fingerprints: ``StateKind.track``), so the
+  delta holds only the entries created, changed or destroyed since; after a
+  lost event it is a full resync, noted per kind (``delta``, ``resyncs``).
+  Tracking ends when the migration does (``StateHost.forget``: COMPLETED,
+  ABORTED) or after ``[state_conntrack] track_seconds``.
 * COMPLETED, source, ``state_cleanup``: remove the VM's entries here
   (keeping the sessions of the endpoints that stay here: their traffic with
   the VM still crosses this host's firewall) and tell the destination its

@@ -1,16 +1,31 @@
-"""A small ctnetlink client: dump, create, update and delete conntrack entries.
+"""A small ctnetlink client: dump, create, replace, update, delete and get
+conntrack entries, and follow their change events.
 
-Why not pyroute2's NFCTSocket: it covers every attribute we need (tuples,
-timeout, status, TCP state and flags), but in 0.9.7 it costs about 1.6 ms per
-created entry and 1 ms per dumped entry (measured: 5,000 entries took 8.3 s to
-create and 5.1 s to dump), so a VM with 100,000 sessions would take minutes.
-Why not the conntrack CLI: ``conntrack -I`` is one process per entry, cannot
-set TCP window-tracking flags (be-liberal), and ``-o save`` drops marks,
-labels and helpers. This module speaks the netlink protocol directly with
-``struct``: one socket in the host's namespace, creations batched many per
-``send`` with one acknowledgement each (so a refusal is pinned to its entry),
-and a dump parser that decodes the tuples first and the rest only for the
-entries the caller keeps.
+Why hand-written rather than pyroute2's NFCTSocket (0.9.7, the version in
+the project's environment): it speaks every attribute we need, but it sends
+one request and waits for one acknowledgement per entry and decodes every
+attribute of every message into generic objects. Measured on this 2-core
+machine, the same table, the same run (``ip netns exec ... python`` with
+10,000 sessions)::
+
+                       pyroute2 NFCTSocket   this module
+    dump (decode all)        9,200 /s         62,800 /s
+    create                   1,250 /s        135,000 /s
+
+so a VM with 100,000 sessions would take 80 s to install with the library
+and under a second here. Why not the conntrack CLI: ``conntrack -I`` is one
+process per entry, cannot set TCP window-tracking flags (be-liberal), and
+``-o save`` drops marks, labels and helpers.
+
+How: one socket in the host's namespace; requests encoded with one
+``struct`` call per message for the common TCP/UDP case; many messages per
+``sendmsg`` (``BATCH``) with an acknowledgement asked only of the last
+(the kernel reports every refusal with its sequence number anyway, so a
+refusal is still pinned to its entry); replace semantics (NLM_F_CREATE
+without NLM_F_EXCL updates an existing entry in place); a dump parser that
+checks the layout of TCP/UDP tuples and TCP protocol info and unpacks each
+with one call, filtering on raw address bytes before it builds anything.
+``EventSocket`` subscribes to the NEW/UPDATE/DESTROY event groups.
 
 Attribute numbers are those of ``linux/netfilter/nfnetlink_conntrack.h``.
 """

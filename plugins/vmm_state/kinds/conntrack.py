@@ -37,6 +37,18 @@ What the kernel does (measured on 6.18, see the tests):
   * an existing entry with the same original tuple is replaced (updated in
     place: timeout, status, TCP state and flags, mark), and revert puts the
     old values back.
+
+Change tracking (the source, from the pre-copy on): ``track`` subscribes to
+the VM's conntrack events before the pre-copy's dump (:mod:`._cttrack`);
+the switchover's export then carries only the sessions created or changed
+since (with current timeouts) and ``{"op": "delete", ...}`` for those
+destroyed, and the destination applies them in one batched pass. A lost
+event makes that export a resync (``{"op": "resync"}`` then every session),
+counted in the figures. With ``nf_conntrack_events`` = 2 the kernel gives
+a session its event extension only if someone listened when it was created,
+so ``prepare`` switches the namespace to 1 when the state service starts and
+the sessions older than that are re-read at the switchover rather than
+trusted to report changes.
 """
 
 from __future__ import annotations
