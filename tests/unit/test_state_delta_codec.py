@@ -1,0 +1,173 @@
+"""The pieces of issue 12 that need no kernel: the one-struct ctnetlink
+codec against the general one, the dump parser's address filter, the delta
+entries' checks (a delete naming another VM's session poisons the whole
+bundle), the nftables fingerprints and the collector pause."""
+
+from __future__ import annotations
+
+import gc
+import socket
+from typing import Any
+
+import pytest
+from oslo_config import cfg
+
+from vmm_orchestrator.model import Migration, Vif, Workload
+from vmm_state.bundle import BundleHeader, SectionSource, read_bundle, write_bundle
+from vmm_state.importer import Importer, Ledger, kind_context
+from vmm_state.kind import PoisonedEntry, Reason
+from vmm_state.kinds import _ctnetlink as ctnl
+from vmm_state.kinds._common import freeze_heap, no_gc, thaw_heap
+from vmm_state.kinds.conntrack import PARSED, ConntrackKind, to_entry
+from vmm_state.kinds.nftsets import NftSetsKind
+
+VM4, VM6 = "198.19.100.10", "fd00:100::10"
+VIF = Vif("52:54:00:00:64:0a", 100, (VM4,), (VM6,), "tap-vm1")
+MIGRATION = Migration("mig-1", Workload("vm1", (VIF,)), "src", "dst")
+
+
+@pytest.fixture
+def conf() -> cfg.ConfigOpts:
+    value = cfg.ConfigOpts()
+    value(args=[], default_config_files=[])
+    return value
+
+
+def conn(family: int, proto: int, src: str, dst: str, **extra: Any) -> ctnl.Conn:
+    orig = ctnl.Tuple(family, proto, src, dst, 40000, 443)
+    made = ctnl.Conn(orig, orig.inverse(), timeout=300, status=ctnl.IPS_SEEN_REPLY)
+    if proto == ctnl.IPPROTO_TCP:
+        made.tcp_state, made.tcp_wscale_orig, made.tcp_wscale_reply = 3, 7, 6
+        made.tcp_flags_orig, made.tcp_flags_reply = ctnl.TCP_FLAG_BE_LIBERAL, 2
+    for name, value in extra.items():
+        setattr(made, name, value)
+    return made
+
+
+def parse(message: bytes, raw: set[bytes] | None = None) -> ctnl.Conn | None:
+    return ctnl.parse_conn(message, 16, len(message), raw)
+
+
+CASES = [
+    conn(socket.AF_INET, ctnl.IPPROTO_TCP, "10.0.0.1", VM4),
+    conn(socket.AF_INET, ctnl.IPPROTO_UDP, VM4, "10.0.0.1", mark=42, zone=3),
+    conn(socket.AF_INET6, ctnl.IPPROTO_TCP, "fd00::1", VM6, mark=7),
+    conn(socket.AF_INET6, ctnl.IPPROTO_UDPLITE, VM6, "fd00::1"),
+]
+
+
+@pytest.mark.parametrize("made", CASES, ids=lambda c: f"{c.orig.family}-{c.orig.proto}")
+def test_one_struct_messages_decode_to_what_the_general_encoder_says(made: ctnl.Conn) -> None:
+    fast = ctnl._fast_new(made, ctnl.NLM_F_REQUEST | ctnl.NLM_F_CREATE)
+    assert fast is not None
+    general = ctnl._message(
+        ctnl.IPCTNL_MSG_CT_NEW,
+        ctnl.NLM_F_REQUEST | ctnl.NLM_F_CREATE,
+        0,
+        made.orig.family,
+        ctnl.encode_conn(made, True),
+    )
+    assert len(fast) == len(general)
+    a, b = parse(fast), parse(general)
+    assert a is not None and a == b
+    assert (a.orig, a.reply, a.mark, a.zone, a.timeout) == (
+        made.orig,
+        made.reply,
+        made.mark,
+        made.zone,
+        made.timeout,
+    )
+    assert a.tcp_state == made.tcp_state and a.tcp_flags_orig == made.tcp_flags_orig
+
+
+def test_the_general_encoder_takes_what_the_fast_one_leaves() -> None:
+    orig = ctnl.Tuple(socket.AF_INET, ctnl.IPPROTO_ICMP, VM4, "10.0.0.1", icmp_id=9, icmp_type=8)
+    reply = ctnl.Tuple(socket.AF_INET, ctnl.IPPROTO_ICMP, "10.0.0.1", VM4, icmp_id=9)
+    echo = ctnl.Conn(orig, reply, timeout=30)
+    assert ctnl._fast_new(echo, ctnl.NLM_F_REQUEST) is None
+    labelled = conn(socket.AF_INET, ctnl.IPPROTO_TCP, VM4, "10.0.0.1", labels=b"\x01" * 16)
+    assert ctnl._fast_new(labelled, ctnl.NLM_F_REQUEST) is None
+    message = ctnl.Ctnetlink._request("create", echo, 0)
+    back = parse(message)
+    assert back is not None and back.orig == orig and back.reply.icmp_id == 9
+
+
+def test_the_dump_parser_filters_on_raw_addresses_before_decoding() -> None:
+    message = ctnl.Ctnetlink._request("create", CASES[0], 0)
+    assert parse(message, {socket.inet_pton(socket.AF_INET, "10.9.9.9")}) is None
+    assert parse(message, {socket.inet_pton(socket.AF_INET, VM4)}) is not None
+    # the reply tuple alone names the VM: still the VM's
+    assert parse(message, {socket.inet_pton(socket.AF_INET, "10.0.0.1")}) is not None
+
+
+def test_delta_entries_are_checked_like_any_other(conf: cfg.ConfigOpts) -> None:
+    kind = ConntrackKind(conf)
+    ctx = kind_context(None, MIGRATION)
+    mine = {"op": "delete", **to_entry(CASES[0])}
+    kind.check(ctx, mine)
+    assert isinstance(mine[PARSED], ctnl.Conn)  # parsed once, for import_
+    other = {"op": "delete", **to_entry(conn(socket.AF_INET, 6, "10.0.0.1", "198.19.100.11"))}
+    with pytest.raises(PoisonedEntry):
+        kind.check(ctx, other)
+    kind.check(ctx, {"op": "resync", "age": 0.5})
+    with pytest.raises(ValueError):
+        kind.check(ctx, {"op": "resync", "orig": {}})
+    with pytest.raises(ValueError):
+        kind.check(ctx, {"op": "explode", **to_entry(CASES[0])})
+
+
+def test_a_delta_that_deletes_another_vms_session_is_refused_whole(conf: cfg.ConfigOpts) -> None:
+    """Poison refused whole, also when it hides in a delete."""
+    key = b"k" * 32
+    entries = [
+        to_entry(CASES[0]),
+        {"op": "delete", **to_entry(conn(socket.AF_INET, 6, "10.0.0.1", "198.19.100.11"))},
+    ]
+    header = BundleHeader("mig-1", "vm1", "src", "delta", since=1.0, exported_at=2.0)
+    pieces = write_bundle(header, "k", key, [SectionSource("conntrack", entries)])
+    bundle = read_bundle(pieces, {"k": key}, 1 << 20, lambda _k: 1000)
+    installed: list[Any] = []
+
+    class Spy(ConntrackKind):
+        def unavailable(self, ctx: Any) -> None:
+            return None
+
+        def import_(self, ctx: Any, entries: list[dict[str, Any]]) -> Any:
+            installed.append(entries)
+            raise AssertionError("nothing of a poisoned bundle is installed")
+
+    importer = Importer("dst", None, {"conntrack": Spy(conf)}, Ledger())
+    report = importer.import_bundle(MIGRATION, bundle, "delta")
+    assert not report.ok and report.reason is Reason.POLICY_CONFLICT
+    assert "poisoned" in (report.error or "") and installed == []
+
+
+def test_nft_fingerprints_see_refreshes_not_the_clock(conf: cfg.ConfigOpts) -> None:
+    kind = NftSetsKind(conf)
+    elem = {"timeout": 600, "expires": 590, "limit": None}
+    first = kind._print(elem, 1000.0)
+    later = kind._print({**elem, "expires": 580}, 1010.4)  # ten seconds on, not refreshed
+    refreshed = kind._print({**elem, "expires": 599}, 1010.4)
+    longer = kind._print({**elem, "timeout": 900}, 1000.0)
+    assert kind._same(first, later)
+    assert not kind._same(first, refreshed)
+    assert not kind._same(first, longer)
+
+
+def test_the_collector_pause_nests_and_restores() -> None:
+    assert gc.isenabled()
+    with no_gc():
+        with no_gc():
+            assert not gc.isenabled()
+        assert not gc.isenabled()
+    assert gc.isenabled()
+    before = gc.get_freeze_count()
+    keep = [[i] for i in range(1000)]
+    freeze_heap("m-a")
+    freeze_heap("m-b")
+    assert gc.get_freeze_count() >= before + len(keep)
+    thaw_heap("m-a")
+    assert gc.get_freeze_count() > 0  # m-b still running
+    thaw_heap("m-b")
+    assert gc.get_freeze_count() == 0
+    thaw_heap("m-b")  # idempotent
