@@ -325,9 +325,10 @@ class NveAgent:
         self.members: dict[int, dict[str, str]] = {}
         #: Port name -> MACs configured on it (by configure_port).
         self.port_macs: dict[str, set[str]] = {}
-        self.ports = PortInspector(nve.netns)
-        #: The ARP/NA guard of this host's local ports (None: off).
-        self.guard = AddressGuard(nve.netns) if address_guard else None
+        netns = getattr(nve, "netns", None)
+        self.ports = PortInspector(netns)
+        #: The ARP/NA guard of this host's local ports (None: off, or not a Linux NVE).
+        self.guard = AddressGuard(netns) if address_guard and isinstance(nve, LinuxNve) else None
         self._refusal_logged: dict[tuple[int, str], float] = {}
         self._vteps: dict[str, str] = {}
         self._stop = threading.Event()
