@@ -176,6 +176,16 @@ class OvnChassis:
 
         return self.db.read(read)
 
+    def ct_zone(self, lsp: str) -> int | None:
+        """The conntrack zone ovn-controller gave logical port ``lsp`` on this chassis
+        (``br-int external_ids:ct-zone-<lsp>``; chosen per chassis). Call with or
+        without the replica locked."""
+        for br in self.db.api.tables["Bridge"].rows.values():
+            if br.name == self.bridge:
+                value = (br.external_ids or {}).get(f"ct-zone-{lsp}", "")
+                return int(value) if value.isdigit() else None
+        return None
+
     # -- the barrier -------------------------------------------------------
 
     def wait_ready(
