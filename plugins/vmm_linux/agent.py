@@ -230,6 +230,10 @@ class AddressGuard:
 
 #: Seconds between two log lines about refused moves of the same MAC.
 REFUSAL_LOG_INTERVAL = 10.0
+#: Seconds a refusal stands for the same MAC on the same port without asking
+#: the directory again: a guest spoofing at frame rate costs at most a few
+#: look-ups per second, and a migration pre-staged meanwhile waits this long.
+REFUSAL_HOLD_DOWN = 0.25
 
 
 class PortInspector:
@@ -330,6 +334,7 @@ class NveAgent:
         #: The ARP/NA guard of this host's local ports (None: off, or not a Linux NVE).
         self.guard = AddressGuard(netns) if address_guard and isinstance(nve, LinuxNve) else None
         self._refusal_logged: dict[tuple[int, str], float] = {}
+        self._refused_at: dict[tuple[int, str, int], float] = {}
         self._vteps: dict[str, str] = {}
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
@@ -642,10 +647,16 @@ class NveAgent:
             seq = self.applied.get(key)
         if where is None or where == self.id or seq is None:
             return
-        why = self._may_report(vni, mac, ifindex)
-        if why is None:
+        held = self._refused_at.get((vni, mac, ifindex))
+        if held is not None and time.monotonic() - held < REFUSAL_HOLD_DOWN:
             self._refuse(vni, mac, ifindex, where)
             return
+        why = self._may_report(vni, mac, ifindex)
+        if why is None:
+            self._refused_at[(vni, mac, ifindex)] = time.monotonic()
+            self._refuse(vni, mac, ifindex, where)
+            return
+        self._refused_at.pop((vni, mac, ifindex), None)
         LOG.info(
             "%s: %s learned on a local port while placed at %s (%s): reporting move",
             self.id,
