@@ -8,9 +8,11 @@ entry point, and passes the conformance cases in
 ``tests/unit/test_contracts.py`` (the same cases run over every installed
 implementation).
 
-* :class:`Directory`: the NVA, keyed by (VNI, MAC); pre-stage, commit,
-  abort and move with sequence numbers, NVE registration, acknowledgements
-  and a long-poll watch. Embedded (HTTP), etcd and Neutron implement it.
+* :class:`Directory`: the NVA, keyed by (VNI, MAC), as migrations use it:
+  pre-stage, commit, abort, acknowledgements, expire. Embedded (HTTP), etcd
+  and Neutron implement it; :class:`NveDirectory` adds what NVE agents that
+  follow the directory themselves need (registration, snapshot, watch,
+  ack): embedded and etcd.
 * :class:`JournalStore`: the durable record of every migration, phase and
   stage that the pipeline engine writes and recovery reads. SQLite and etcd.
 * :class:`NveDriver` and :class:`AnnouncerPool`: the data plane of one host
@@ -64,13 +66,43 @@ class HostSpec:
 
 @runtime_checkable
 class Directory(Protocol):
-    """The NVA as stages, agents and the command use it.
+    """The NVA as the migration stages and the command use it (every backend:
+    embedded, etcd, Neutron).
 
-    Every method answers a JSON-able dict (or list) and raises
-    :class:`vmm_orchestrator.nva.errors.NvaError` subclasses: ``Unavailable``
-    (worth a retry), ``NotFound``, ``Conflict`` (a duplicate address, a move
-    refused) and ``Invalid``.
+    ``prestage`` marks the (VNI, MAC) pending at ``nve`` for ``migration_id``
+    after checking that ``nve`` may take it (it serves the VN / can bind the
+    port) and that no other endpoint claims its addresses; ``commit`` moves
+    it there (a higher sequence, or the binding activated); ``abort`` undoes
+    a prestage and is a no-op when there is nothing to undo; ``acks`` waits
+    until every NVE of the VN acknowledged ``min_revision`` (or the timeout)
+    and answers per NVE; ``expire`` tells NVEs to drop a stale entry.
+    Errors are :class:`vmm_orchestrator.nva.errors.NvaError` subclasses (or
+    VmmError with a hint): ``Unavailable`` is worth a retry, anything else
+    is final.
     """
+
+    def prestage(self, vni: int, mac: str, nve: str, migration_id: str) -> dict[str, Any]: ...
+
+    def commit(self, vni: int, mac: str, migration_id: str) -> dict[str, Any]: ...
+
+    def abort(self, vni: int, mac: str, migration_id: str) -> dict[str, Any]: ...
+
+    def acks(
+        self,
+        vni: int,
+        min_revision: int,
+        nves: Sequence[str] | None = None,
+        timeout: float = 0.0,
+    ) -> dict[str, dict[str, Any]]: ...
+
+    def expire(self, vni: int, mac: str, nves: Sequence[str]) -> dict[str, Any]: ...
+
+
+@runtime_checkable
+class NveDirectory(Directory, Protocol):
+    """A directory NVE agents follow themselves (embedded, etcd): NVEs register
+    with their VTEP and VNs, read a VN's snapshot, long-poll its changes and
+    acknowledge the revision they applied."""
 
     def register_nve(self, nve_id: str, vtep: str, vnis: Sequence[int]) -> dict[str, Any]: ...
 
@@ -89,13 +121,13 @@ class Directory(Protocol):
 
     def get_endpoint(self, vni: int, mac: str) -> dict[str, Any]: ...
 
-    def find(self, vni: int, ip: str | None = None, mac: str | None = None) -> dict[str, Any]: ...
+    def snapshot(self, vni: int | None = None) -> tuple[int, list[dict[str, Any]]]: ...
 
-    def prestage(self, vni: int, mac: str, nve: str, migration_id: str) -> dict[str, Any]: ...
+    def watch(
+        self, nve: str, since: int, timeout: float = 0.0
+    ) -> tuple[int, list[dict[str, Any]]]: ...
 
-    def commit(self, vni: int, mac: str, migration_id: str) -> dict[str, Any]: ...
-
-    def abort(self, vni: int, mac: str, migration_id: str) -> dict[str, Any]: ...
+    def ack(self, nve_id: str, revision: int) -> dict[str, Any]: ...
 
 
 class JournalStore(abc.ABC):

@@ -60,6 +60,7 @@ from oslo_config import cfg
 from pyroute2 import NetlinkError, NetNS
 
 from vmm_linux.netns import entered
+from vmm_orchestrator.contracts import NveDriver
 from vmm_orchestrator.errors import ConfigError, VmmError
 
 LOG = logging.getLogger(__name__)
@@ -168,7 +169,7 @@ class _Entry:
     expected: bool = False
 
 
-class LinuxNve:
+class LinuxNve(NveDriver):
     """One host's NVE, driven through netlink inside the host's namespace.
 
     All methods are thread-safe (one netlink socket behind a lock) and
