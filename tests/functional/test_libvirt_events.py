@@ -30,6 +30,7 @@ import sys
 import tempfile
 import threading
 import time
+import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -39,7 +40,7 @@ from oslo_config import cfg
 
 libvirt = pytest.importorskip("libvirt", reason="libvirt-python is not installed")
 
-from vmm_libvirt import events, phases  # noqa: E402
+from vmm_libvirt import events, options, phases  # noqa: E402
 from vmm_libvirt.announcers import LibvirtAnnounce  # noqa: E402
 from vmm_libvirt.daemon import HostAgent, HostSpec, LibvirtDomains  # noqa: E402
 from vmm_orchestrator import journal as jr  # noqa: E402
@@ -122,6 +123,8 @@ class PrivateLibvirtd:
             path.mkdir(parents=True, exist_ok=True)
         # No virtlogd: QEMU's output goes to a file.
         (self.config / "libvirt" / "qemu.conf").write_text('stdio_handler = "file"\n')
+        # Its own host UUID: libvirt refuses to migrate between hosts with the same one.
+        (self.config / "libvirt" / "libvirtd.conf").write_text(f'host_uuid = "{uuid.uuid4()}"\n')
         for path in (self.home, self.run):
             for sub in [path, *path.rglob("*")]:
                 os.chown(sub, NOBODY, NOBODY)
@@ -352,6 +355,210 @@ def test_qemu_lifecycle_events(libvirtd: PrivateLibvirtd, source_factory: Any) -
     signals = [i for i in got.items if isinstance(i, events.DomainSignal)]
     assert {i.uuid for i in signals} == {UUID1}
     assert all(a.monotonic <= b.monotonic for a, b in itertools.pairwise(signals))
+
+
+# -- the switchover pause against an operator's pause, on a real migration ---------------
+#
+# Two private libvirtds (distinct host UUIDs) migrate the tiny guest to each other
+# over loopback, peer to peer. Each has its event source feeding a phases.Tracker
+# built from the defaults, exactly as a HostAgent does, and every decision is kept.
+
+
+class Decisions:
+    """The handler of one host's source: a Tracker with the defaults, and what it decided."""
+
+    def __init__(self, host: str) -> None:
+        conf = cfg.ConfigOpts()
+        conf(args=[], default_config_files=[])
+        options.register_opts(conf)
+        self.host = host
+        self.tracker = phases.Tracker(conf.libvirt.early_switchover)
+        self.items: list[events.DomainSignal] = []
+        #: (monotonic, phase, why) of every transition, in order.
+        self.transitions: list[tuple[float, Phase, str]] = []
+        self._cond = threading.Condition()
+
+    def __call__(self, item: events.Item) -> None:
+        if not isinstance(item, events.DomainSignal):
+            return
+        decision = self.tracker.apply(item.uuid, item.signal)
+        with self._cond:
+            self.items.append(item)
+            self.transitions += [(item.monotonic, t.phase, t.why) for t in decision.transitions]
+            self._cond.notify_all()
+
+    def wait(self, match: Callable[[events.DomainSignal], bool], timeout: float = 20.0) -> float:
+        """Monotonic time of the first matching item."""
+        with self._cond:
+            found: list[float] = []
+
+            def seen() -> bool:
+                found[:] = [i.monotonic for i in self.items if match(i)][:1]
+                return bool(found)
+
+            assert self._cond.wait_for(seen, timeout), f"{self.host}: not seen in {self.items}"
+            return found[0]
+
+    def decided(self) -> list[Phase]:
+        with self._cond:
+            return [phase for _, phase, _ in self.transitions]
+
+    def progress(self) -> list[phases.JobProgress]:
+        with self._cond:
+            return [i.signal for i in self.items if isinstance(i.signal, phases.JobProgress)]
+
+
+def lifecycle(event: phases.Event, detail: int) -> Callable[[events.DomainSignal], bool]:
+    return lambda i: i.signal == L(event, detail)
+
+
+def progress_after(moment: float) -> Callable[[events.DomainSignal], bool]:
+    return lambda i: isinstance(i.signal, phases.JobProgress) and i.monotonic > moment
+
+
+@pytest.fixture
+def pair() -> Iterator[tuple[PrivateLibvirtd, PrivateLibvirtd]]:
+    need("/usr/sbin/libvirtd", QEMU, "/usr/bin/tini", "/usr/bin/setpriv")
+    daemons = [PrivateLibvirtd(), PrivateLibvirtd()]
+    try:
+        for daemon in daemons:
+            daemon.start()
+        yield daemons[0], daemons[1]
+    finally:
+        for daemon in daemons:
+            daemon.cleanup()
+    for daemon in daemons:
+        assert not daemon.our_processes(), "processes of a private libvirtd left behind"
+
+
+MIGRATE_FLAGS = libvirt.VIR_MIGRATE_LIVE | libvirt.VIR_MIGRATE_PEER2PEER
+
+
+def migrate_async(
+    src: PrivateLibvirtd, dst: PrivateLibvirtd, bandwidth_mib_s: int | None = None
+) -> tuple[threading.Thread, list[BaseException]]:
+    """Start a peer-to-peer live migration of domain UUID1 from ``src`` to ``dst`` over
+    loopback, on a connection of its own (as virsh migrate would): the test's own calls
+    (suspend, abort) must not queue behind it."""
+    params: dict[str, Any] = {libvirt.VIR_MIGRATE_PARAM_URI: "tcp://127.0.0.1"}
+    if bandwidth_mib_s is not None:
+        params[libvirt.VIR_MIGRATE_PARAM_BANDWIDTH] = bandwidth_mib_s
+    errors: list[BaseException] = []
+    conn = libvirt.open(src.uri())
+
+    def run() -> None:
+        try:
+            conn.lookupByUUIDString(UUID1).migrateToURI3(dst.uri(), params, MIGRATE_FLAGS)
+        except libvirt.libvirtError as exc:
+            errors.append(exc)
+        finally:
+            conn.close()
+
+    thread = threading.Thread(target=run, name="migrate", daemon=True)
+    thread.start()
+    return thread, errors
+
+
+def wait_sent(dom: Any, min_bytes: int, timeout: float = 20.0) -> None:
+    """Until the outgoing migration job of ``dom`` has sent ``min_bytes``."""
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        with contextlib.suppress(libvirt.libvirtError):
+            stats = dom.jobStats()
+            if stats.get("type") == libvirt.VIR_DOMAIN_JOB_UNBOUNDED:
+                if stats.get("data_processed", 0) >= min_bytes:
+                    return
+        time.sleep(0.01)
+    raise AssertionError(f"no migration job sending {min_bytes} bytes within {timeout} s")
+
+
+def test_defaults_switch_over_at_the_real_pause_and_not_at_an_operators_pause(
+    pair: tuple[PrivateLibvirtd, PrivateLibvirtd],
+) -> None:
+    a, b = pair
+    seen = {"a": Decisions("a"), "b": Decisions("b")}
+    assert seen["a"].tracker.early_switchover  # the default
+    sources = {}
+    for name, daemon in (("a", a), ("b", b)):
+        source = events.LibvirtEventSource(daemon.uri(), seen[name], name=name)
+        source.start()
+        sources[name] = source
+    try:
+        for source in sources.values():
+            end = time.monotonic() + 10
+            while not source.connected and time.monotonic() < end:
+                time.sleep(0.05)
+        conn_a = libvirt.open(a.uri())
+        conn_b = libvirt.open(b.uri())
+        conn_a.createXML(domain_xml("mig", UUID1))
+        seen["a"].wait(lifecycle(E.STARTED, 0))
+
+        # 1. A plain live migration a -> b: SWITCHOVER at the pause, before the job completed.
+        thread, errors = migrate_async(a, b)
+        thread.join(60)
+        assert not errors, errors
+        stopped = seen["a"].wait(lifecycle(E.STOPPED, phases.STOPPED_MIGRATED))
+        seen["a"].wait(lambda i: isinstance(i.signal, phases.JobCompleted))
+        src = seen["a"]
+        assert src.decided() == [Phase.SWITCHOVER, Phase.COMPLETED], src.transitions
+        at, _, why = src.transitions[0]
+        assert "the switchover (early)" in why, why  # from the job's statistics ...
+        assert at < stopped  # ... at the pause, not at the completion
+        progress = src.progress()
+        assert progress and progress[-1].final, progress
+        print(f"\nreal pause: {progress}; switchover {1000 * (stopped - at):.0f} ms before STOPPED")
+        assert seen["b"].decided() == [Phase.PREPARE, Phase.RESUMED]
+
+        # 2. b -> a at 1 MiB/s, paused by the operator: no SWITCHOVER at that pause; it comes
+        # once, when the migration really switches over (a later job read or its completion).
+        dom_b = conn_b.lookupByName("mig")
+        dom_b.migrateSetMaxDowntime(20, 0)  # QEMU's test: what is left must fit in 20 ms
+        thread, errors = migrate_async(b, a, bandwidth_mib_s=1)
+        wait_sent(dom_b, 64 * 1024)
+        paused_at = time.monotonic()
+        dom_b.suspend()
+        seen["b"].wait(progress_after(paused_at))
+        first = seen["b"].progress()[0]
+        assert first.active and not first.final, first
+        print(f"operator's pause: {first}")
+        time.sleep(0.3)
+        assert seen["b"].decided() == [Phase.PREPARE, Phase.RESUMED]  # nothing new on b
+        sped_up = at = time.monotonic()
+        dom_b.migrateSetMaxSpeed(10000, 0)
+        thread.join(60)
+        assert not errors, errors
+        seen["b"].wait(lambda i: isinstance(i.signal, phases.JobCompleted) and i.monotonic > at)
+        late = seen["b"].transitions[2:]
+        assert [p for _, p, _ in late] == [Phase.SWITCHOVER, Phase.COMPLETED], late
+        assert late[0][0] > sped_up, late
+        seen["a"].wait(lifecycle(E.RESUMED, phases.RESUMED_MIGRATED))  # it runs on a
+
+        # 3. a -> b at 1 MiB/s, paused by the operator, then aborted: libvirt resumes the VM
+        # on a (RESUMED/MIGRATED); nothing had run for that migration, nothing to undo.
+        before = seen["a"].decided()
+        dom_a = conn_a.lookupByName("mig")
+        dom_a.migrateSetMaxDowntime(20, 0)
+        thread, errors = migrate_async(a, b, bandwidth_mib_s=1)
+        wait_sent(dom_a, 64 * 1024)
+        paused_at = time.monotonic()
+        dom_a.suspend()
+        seen["a"].wait(progress_after(paused_at))
+        assert not seen["a"].progress()[-1].final, seen["a"].progress()
+        dom_a.abortJob()
+        thread.join(60)
+        assert errors, "the aborted migration did not fail"
+        resumed = seen["a"].wait(
+            lambda i: i.signal == L(E.RESUMED, phases.RESUMED_MIGRATED) and i.monotonic > paused_at
+        )
+        assert resumed > paused_at
+        assert seen["a"].decided() == before, seen["a"].transitions
+        assert seen["a"].tracker.get(UUID1) == phases.Track()
+        assert dom_a.state()[0] == libvirt.VIR_DOMAIN_RUNNING
+        conn_a.close()
+        conn_b.close()
+    finally:
+        for source in sources.values():
+            source.stop()
 
 
 def test_reconnect_with_backoff_reregisters_and_reconciles(
