@@ -23,6 +23,8 @@ from vmm_orchestrator.model import Migration, Phase, Role, Vif, Workload  # noqa
 from vmm_ovn import conntrack, demo  # noqa: E402
 from vmm_ovn.chassis import OvnChassis  # noqa: E402
 from vmm_ovn.netns import socket_in  # noqa: E402
+from vmm_ovn.state import OvnConntrackKind  # noqa: E402
+from vmm_state.kind import KindContext, PoisonedEntry  # noqa: E402
 
 pytestmark = pytest.mark.skipif(
     bool(lab_mod.missing_binaries()),
@@ -103,6 +105,15 @@ class Download:
             t.join(timeout=2)
 
 
+def _kind(lab: lab_mod.OvnLab, chassis: str) -> OvnConntrackKind:
+    conf = cfg.ConfigOpts()
+    conf([], project="vmm-orchestrator-test", default_config_files=[])
+    kind = OvnConntrackKind(conf)
+    conf.set_override("ovsdb_connection", lab.chassis[chassis].db, group="ovn")
+    conf.set_override("vswitchd_ctl", lab.chassis[chassis].vswitchd_ctl, group=kind.group)
+    return kind
+
+
 def _migrate(lab: lab_mod.OvnLab, orch: demo.Orchestrators, name: str, move_state: bool) -> dict:
     vm, peer = lab.vms[name], lab.vms["vm3"]
     vif = Vif(mac=vm.mac, vni=demo.VNI, ipv4=(vm.ipv4,), ipv6=(vm.ipv6,), port=vm.name)
@@ -111,7 +122,7 @@ def _migrate(lab: lab_mod.OvnLab, orch: demo.Orchestrators, name: str, move_stat
     figures: dict = {}
     try:
         time.sleep(0.5)
-        port = lab.preplug(vm, "ch2")
+        lab.preplug(vm, "ch2")
         assert (
             orch.submit("ch2", mig, Phase.PREPARE, Role.DESTINATION, time.monotonic()).result(30).ok
         )
@@ -121,17 +132,22 @@ def _migrate(lab: lab_mod.OvnLab, orch: demo.Orchestrators, name: str, move_stat
             src_zone = src.ct_zone(vm.lsp)
             assert src_zone and dst_zone, "no conntrack zone for the port on both chassis"
             before = len(download.received)
+            ctx = KindContext(netns=None, vifs=(vif,), migration_id=mig.id)
+            exporter, importer = _kind(lab, "ch1"), _kind(lab, "ch2")
             paused_at = lab.pause(vm)
+            if move_state:
+                # Through the state kind, as the state stages carry it. The export
+                # comes first at SWITCHOVER (state_delta before inflight_tunnel):
+                # the switch releases the port at the source, whose zone goes.
+                exported = list(exporter.export(ctx))
             switchover = orch.submit("ch1", mig, Phase.SWITCHOVER, Role.SOURCE, paused_at)
             if move_state:
-                info = dst.find_port(vm.mac, port)
-                assert info is not None
-                moved = conntrack.move(
-                    lab.chassis["ch1"].vswitchd_ctl, src_zone,
-                    lab.chassis["ch2"].vswitchd_ctl, lab.chassis["ch2"].openflow,
-                    info.ofport, dst_zone, [vm.ipv4], vm.mac,
-                )  # fmt: skip
-                figures["moved"] = [e.to_dict() for e in moved]
+                for entry in exported:
+                    importer.check(ctx, entry)
+                result = importer.import_(ctx, exported)
+                assert result.ok, result.detail
+                figures["moved"] = exported
+                figures["installed"] = result.installed
                 figures["moved_ms"] = round((time.monotonic() - paused_at) * 1000.0, 1)
             assert switchover.result(30).ok
             time.sleep(max(0.0, paused_at + 0.25 - time.monotonic()))
@@ -178,7 +194,20 @@ def test_tcp_survives_through_stateful_acl_only_with_moved_conntrack(lab: lab_mo
     # With the VM's entry moved into the destination's zone, the stream resumes
     # with the peer's next retransmission and the connection survives.
     assert [e["dport"] for e in with_state["moved"]] == [PORT + 4]
+    assert with_state["installed"] == 1
     assert with_state["error"] is None
     assert with_state["stall_ms"] is not None and with_state["stall_ms"] < 1000.0
     assert with_state["bytes_after"] > 100 * 1024
     assert any(e.dport == PORT + 4 and e.state == "ESTABLISHED" for e in with_state["dst_entries"])
+
+
+def test_state_kind_refuses_entries_of_other_addresses(lab: lab_mod.OvnLab) -> None:
+    vm = lab.vms["vm2"]
+    vif = Vif(mac=vm.mac, vni=demo.VNI, ipv4=(vm.ipv4,), ipv6=(vm.ipv6,), port=vm.name)
+    ctx = KindContext(netns=None, vifs=(vif,), migration_id="poison")
+    kind = _kind(lab, "ch1")
+    poisoned = {"lsp": "vm2", "proto": "tcp", "src": "10.0.0.3", "dst": "10.0.0.4",
+                "sport": 1, "dport": 2, "zone": 1}  # fmt: skip
+    with pytest.raises(PoisonedEntry):
+        kind.check(ctx, poisoned)
+    kind.check(ctx, {**poisoned, "src": vm.ipv4})
