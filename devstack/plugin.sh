@@ -8,12 +8,12 @@
 #                      read from setup.cfg) and the libvirt hook relay
 #   stack post-config  write /etc/vmm-orchestrator/vmm-orchestrator.conf and the relay's
 #                      configuration, restart libvirtd so that it picks the relay up;
-#                      the Keystone service user and its clouds.yaml entry ($VMM_CLOUD)
+#                      the [neutron] service user for port bindings (Keystone user)
 #   stack extra        start the services as DevStack units (devstack@vmm-nva, directory;
 #                      devstack@vmm-agent, daemon)
 #   unstack            stop and disable the services
 #   clean              remove what the stack phases left: relay, configuration, data,
-#                      units, the clouds.yaml entry, the package
+#                      units, the package
 #
 # Services (enable them in local.conf): vmm-agent on every compute host,
 # vmm-nva on one host (the controller) when the embedded directory is used.

@@ -6,8 +6,9 @@ DevStack in ``../shared/devstack`` (``functions``, ``stackrc``, ``lib/keystone``
 and goes through DevStack's ``enable_plugin``, ``fetch_plugins`` (a real git clone,
 from a commit of this working tree), ``run_phase``, ``setup_develop``,
 ``setup_devstack_virtualenv``, ``iniset``, ``run_process``/``write_user_unit_file``,
-``stop_process``, ``tools/update_clouds_yaml.py``. Only what would reach outside
-this machine or change the host is a stand-in, each a few lines written below:
+``stop_process``, ``write_clouds_yaml``, ``create_service_user``,
+``configure_keystoneauth``. Only what would reach outside this machine or change
+the host is a stand-in, each a few lines written below:
 
 * ``sudo``: runs the command as the test's user (``sudo systemctl`` goes to the
   ``systemctl`` stand-in);
@@ -41,7 +42,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
-import yaml
 
 ROOT = Path(__file__).resolve().parents[2]
 DEVSTACK_TREE = ROOT.parent / "shared" / "devstack"
@@ -188,7 +188,12 @@ class Stack:
         return [line.split("\t")[1:] for line in lines if line.split("\t")[0] == name]
 
     def phase(self, *words: str) -> subprocess.CompletedProcess[str]:
-        script = PROLOGUE + f"run_phase {' '.join(words)}\n"
+        script = PROLOGUE
+        if words == ("stack", "post-config"):
+            # stack.sh writes its clouds.yaml (devstack-admin, ...) just before. As user
+            # nobody: write_clouds_yaml also removes ~STACK_USER/.config/openstack/clouds.yaml.
+            script += "(STACK_USER=nobody; write_clouds_yaml)\n"
+        script += f"run_phase {' '.join(words)}\n"
         # Its own process group: a phase that hangs is ended with pip and git under it.
         proc = subprocess.Popen(
             ["bash", "-c", script],
@@ -360,55 +365,50 @@ def test_stack_post_config_writes_the_configuration_and_the_credentials(stack: S
     stack.phase("stack", "post-config")
 
     conf = _read_ini(stack.conf)
-    assert set(conf.sections()) >= {"nva", "pipeline", "openstack", "agent", "host:cmp1"}
+    assert set(conf.sections()) >= {"nva", "pipeline", "openstack", "neutron", "agent", "host:cmp1"}
     assert conf["nva"]["url"] == "http://192.0.2.10:9797"
     assert conf["nva"]["token"] == "devstack-secret"
-    assert conf["openstack"]["cloud"] == "vmm-orchestrator"
+    assert conf["openstack"]["cloud"] == "devstack-admin"
     assert conf["openstack"]["region_name"] == "RegionOne"
     assert conf["agent"]["hosts"] == "cmp1"
     assert conf["host:cmp1"]["vtep"] == "192.0.2.11"
     data_dir = stack.dest / "data" / "vmm-orchestrator"
     assert conf["pipeline"]["journal"] == str(data_dir / "journal.sqlite")
-    assert stack.conf.stat().st_mode & 0o777 == 0o640  # it holds the directory's token
+    assert stack.conf.stat().st_mode & 0o777 == 0o640  # it holds the token and a password
     relay = _read_ini(stack.hooks / "vmm-orchestrator.conf")
     assert relay["hook_relay"]["socket"] == conf["agent"]["hook_socket"]
     assert ["restart", "libvirtd"] in stack.calls("systemctl")
 
-    # The service user, made by DevStack's create_service_user like Nova's.
+    # The service user, made by DevStack's create_service_user with Nova's roles.
     keystone = stack.calls("openstack")
-    user = [c for c in keystone if "user" in c and "create" in c]
-    assert user and user[0][user[0].index("create") + 1] == "vmm-orchestrator"
-    added = {c[c.index("add") + 1] for c in keystone if "role" in c and "add" in c}
-    assert added == {"service", "admin"}
-    assert all("--project" in c and "service" in c for c in keystone if "add" in c)
+    created = [c for c in keystone if c[2:4] == ["user", "create"]]
+    assert [c[4] for c in created] == ["vmm-orchestrator"]
+    added = [c for c in keystone if c[2:4] == ["role", "add"]]
+    assert sorted(c[4] for c in added) == ["admin", "service"]
+    assert all(c[c.index("--project") + 1] == "service" for c in added)
 
 
-def test_the_clouds_yaml_entry_is_the_one_the_command_reads(stack: Stack) -> None:
-    """openstacksdk's own loader, as `vmm migrate-with-network` uses it, finds the
-    entry that [openstack] cloud names, with the service user's credentials."""
+def test_the_command_finds_its_cloud_and_its_service_user(stack: Stack) -> None:
+    """With the product's own loaders: openstacksdk finds [openstack] cloud in the
+    clouds.yaml DevStack wrote; keystoneauth loads [neutron] as the service user."""
+    from keystoneauth1 import loading as ks_loading
     from openstack import config as os_config
 
-    data = yaml.safe_load(stack.clouds_yaml.read_text())
-    cloud = _read_ini(stack.conf)["openstack"]["cloud"]
-    loader = os_config.OpenStackConfig(config_files=[str(stack.clouds_yaml)])
-    region = loader.get_one(cloud=cloud)
-    auth = region.config["auth"]
-    assert auth["auth_url"] == "http://192.0.2.10/identity"
-    assert auth["username"] == "vmm-orchestrator"
-    assert auth["password"] == "devstack-secret"
-    assert auth["project_name"] == "service"
-    assert region.get_region_name() == "RegionOne"
-    assert list(data["clouds"]) == [cloud]
-
-
-def test_the_written_configuration_is_valid_for_vmm(stack: Stack) -> None:
     from vmm_openstack import options as os_options
     from vmm_orchestrator.cli import check_options, load_config
     from vmm_orchestrator.nva import options as nva_options
 
     conf = load_config([str(stack.conf)])
     check_options(conf, [*os_options.list_opts(), *nva_options.list_opts()])
-    assert conf.openstack.cloud == "vmm-orchestrator"
+    loader = os_config.OpenStackConfig(config_files=[str(stack.clouds_yaml)])
+    operator = loader.get_one(cloud=conf.openstack.cloud).config["auth"]
+    assert (operator["username"], operator["project_name"]) == ("admin", "admin")
+    assert operator["auth_url"] == "http://192.0.2.10/identity"
+    service = ks_loading.load_auth_from_conf_options(conf, "neutron")
+    assert service.auth_url == operator["auth_url"]
+    assert (service._username, service._project_name) == ("vmm-orchestrator", "service")
+    assert service._password == "devstack-secret"
+    assert conf.neutron.region_name == "RegionOne"
 
 
 def test_stack_extra_writes_devstack_units_that_run_the_installed_vmm(stack: Stack) -> None:
@@ -444,11 +444,7 @@ def test_unstack_stops_and_disables_the_units(stack: Stack) -> None:
 
 
 def test_clean_removes_what_install_post_config_and_extra_made(stack: Stack) -> None:
-    # DevStack's own clouds.yaml entries are not the plugin's to remove.
-    data = yaml.safe_load(stack.clouds_yaml.read_text())
-    data["clouds"]["devstack-admin"] = {"auth": {"username": "admin"}}
-    stack.clouds_yaml.write_text(yaml.safe_dump(data))
-
+    devstack_clouds = stack.clouds_yaml.read_text()
     before = len(stack.calls("systemctl"))
     stack.phase("clean")
 
@@ -459,7 +455,7 @@ def test_clean_removes_what_install_post_config_and_extra_made(stack: Stack) -> 
     for gone in ("etc-vmm-orchestrator", "run-vmm-orchestrator", "opt-stack/data/vmm-orchestrator"):
         assert not (stack.tmp / gone).exists(), gone
     assert list(stack.units.glob("devstack@vmm-*")) == []
-    assert list(yaml.safe_load(stack.clouds_yaml.read_text())["clouds"]) == ["devstack-admin"]
+    assert stack.clouds_yaml.read_text() == devstack_clouds  # DevStack's: clean.sh removes it
     assert not (stack.venv / "bin" / "vmm").exists()
     left = stack.in_venv(
         "import importlib.metadata as m\n"

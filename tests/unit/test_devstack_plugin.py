@@ -3,9 +3,9 @@
 Each phase sources the DevStack snapshot in ``../shared/devstack`` (``functions``,
 ``stackrc``, ``lib/keystone``) and runs ``run_phase`` exactly as stack.sh,
 unstack.sh and clean.sh do, so ``setup_develop`` really reads setup.cfg,
-``iniset`` really writes the files, ``run_process`` really writes DevStack's
-systemd units and ``tools/update_clouds_yaml.py`` really writes clouds.yaml,
-all in a temporary folder. The stand-ins are those of
+``iniset`` and ``configure_keystoneauth`` really write the files and
+``run_process`` really writes DevStack's systemd units, all in a temporary
+folder. The stand-ins are those of
 tests/functional/test_devstack_stack.py (sudo, systemctl, openstack,
 edit-constraints) plus, to stay quick here, pip: DevStack's virtualenv holds a
 ``pip`` that records its arguments (the functional test installs for real) and
@@ -25,7 +25,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-import yaml
 
 from vmm_openstack import options as os_options
 from vmm_orchestrator.cli import check_options, load_config
@@ -100,10 +99,6 @@ class Host:
     def units(self) -> Path:
         return self.root / "etc-systemd-system"
 
-    @property
-    def clouds_yaml(self) -> Path:
-        return self.root / "etc-openstack" / "clouds.yaml"
-
     def calls(self, name: str | None = None) -> list[list[str]]:
         log = Path(self.env["STUB_LOG"])
         rows = [line.split("\t") for line in log.read_text().splitlines()] if log.exists() else []
@@ -133,7 +128,7 @@ def host(tmp_path: Path) -> Host:
     venv_bin.mkdir(parents=True)
     (venv_bin / "pip").write_text(PIP)
     (venv_bin / "pip").chmod(0o755)
-    # DevStack's Python: this one (it has PyYAML for update_clouds_yaml.py).
+    # DevStack's Python: this one.
     (venv_bin / "python3").symlink_to(sys.executable)
     requirements = tmp_path / "requirements"
     (requirements / ".venv" / "bin").mkdir(parents=True)
@@ -218,7 +213,7 @@ def test_stack_post_config_writes_the_configuration(host: Host) -> None:
     conf = read_ini(host.conf)
     assert conf["nva"]["url"] == "http://192.0.2.10:9797"
     assert conf["nva"]["token"] == "devstack-secret"
-    assert conf["openstack"]["cloud"] == "vmm-orchestrator"
+    assert conf["openstack"]["cloud"] == "devstack-admin"
     assert conf["openstack"]["region_name"] == "RegionOne"
     assert conf["agent"]["hosts"] == "cmp1"
     assert conf["host:cmp1"]["uri"] == "qemu:///system"
@@ -233,7 +228,7 @@ def test_stack_post_config_writes_the_configuration(host: Host) -> None:
     assert ["restart", "libvirtd"] in host.calls("systemctl")  # it reads hooks at start
 
 
-def test_post_config_gives_the_command_a_service_users_cloud(host: Host) -> None:
+def test_post_config_writes_the_neutron_service_user_like_novas(host: Host) -> None:
     ok(host.run("stack", "post-config"))
 
     keystone = host.calls("openstack")
@@ -241,17 +236,17 @@ def test_post_config_gives_the_command_a_service_users_cloud(host: Host) -> None
     assert [c[4] for c in created] == ["vmm-orchestrator"]
     roles = sorted(c[4] for c in keystone if c[2:4] == ["role", "add"])
     assert roles == ["admin", "service"]
-    clouds = yaml.safe_load(host.clouds_yaml.read_text())["clouds"]
-    assert clouds["vmm-orchestrator"] == {
+    neutron = dict(read_ini(host.conf)["neutron"])
+    assert neutron == {
+        "auth_type": "password",
+        "auth_url": "http://192.0.2.10/identity",
+        "username": "vmm-orchestrator",
+        "password": "devstack-secret",
+        "user_domain_name": "Default",
+        "project_name": "service",
+        "project_domain_name": "Default",
         "region_name": "RegionOne",
-        "auth": {
-            "auth_url": "http://192.0.2.10/identity",
-            "username": "vmm-orchestrator",
-            "user_domain_id": "default",
-            "password": "devstack-secret",
-            "project_name": "service",
-            "project_domain_id": "default",
-        },
+        "valid_interfaces": "public",
     }
 
 
@@ -260,7 +255,13 @@ def test_the_written_configuration_is_valid_for_vmm(host: Host) -> None:
     conf = load_config([str(host.conf)])
     # Every key of these groups is a known option with a valid value.
     check_options(conf, [*os_options.list_opts(), *nva_options.list_opts()])
-    assert conf.openstack.cloud == "vmm-orchestrator"
+    assert conf.openstack.cloud == "devstack-admin"  # DevStack's own clouds.yaml entry
+    # [neutron] loads with keystoneauth's loaders, as the product loads it.
+    from keystoneauth1 import loading as ks_loading
+
+    auth = ks_loading.load_auth_from_conf_options(conf, "neutron")
+    assert auth.auth_url == "http://192.0.2.10/identity"
+    assert auth._username == "vmm-orchestrator" and auth._project_name == "service"
 
 
 def test_stack_extra_writes_and_starts_devstack_units(host: Host) -> None:
@@ -291,7 +292,7 @@ def test_a_compute_host_runs_the_agent_only_and_creates_no_user(host: Host) -> N
         ok(host.run(*phase))
     assert sorted(p.name for p in host.units.iterdir()) == ["devstack@vmm-agent.service"]
     assert host.calls("openstack") == []  # Keystone runs on the controller
-    assert "vmm-orchestrator" in yaml.safe_load(host.clouds_yaml.read_text())["clouds"]
+    assert read_ini(host.conf)["neutron"]["username"] == "vmm-orchestrator"
 
 
 def test_unstack_stops_and_disables_the_services(host: Host) -> None:
@@ -319,7 +320,6 @@ def test_clean_removes_what_the_stack_phases_left(host: Host) -> None:
         assert not Path(host.env[key]).exists()
     assert not (host.root / "opt-stack" / "data" / "vmm-orchestrator").exists()
     assert list(host.units.iterdir()) == []
-    assert yaml.safe_load(host.clouds_yaml.read_text())["clouds"] == {}
     assert host.calls("pip")[-1] == ["uninstall", "-y", "vmm-orchestrator"]
 
 
