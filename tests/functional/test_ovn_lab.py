@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import os
 import subprocess
+import threading
 import time
 from collections.abc import Iterator
 
 import pytest
 from oslo_config import cfg
 
+from vmm_orchestrator.errors import TransientError
 from vmm_orchestrator.model import Vif
 from vmm_orchestrator.nva import errors as nva_errors
 
@@ -23,6 +25,7 @@ from vmm_ovn import demo  # noqa: E402
 from vmm_ovn.announce import OvnAnnouncer  # noqa: E402
 from vmm_ovn.chassis import OvnChassis  # noqa: E402
 from vmm_ovn.directory import OvnNbDirectory  # noqa: E402
+from vmm_ovn.nve import OvnNve  # noqa: E402
 
 VNI = demo.VNI
 PLACEMENT = [
@@ -31,6 +34,7 @@ PLACEMENT = [
     ("vm3", "ch3"),  # peer on a third chassis
     ("vm4", "ch1"),  # the directory test's port
     ("vm5", "ch1"),  # the barrier test's port
+    ("vm6", "ch1"),  # the stalled-controller test's port
 ]
 
 pytestmark = pytest.mark.skipif(
@@ -110,6 +114,40 @@ def test_barrier_waits_for_ovn_installed(lab: lab_mod.OvnLab) -> None:
         lab.chassis["ch2"].vsctl("--if-exists", "del-port", "br-int", "ghost")
         lab.cancel(vm)
         chassis.close()
+
+
+def test_barrier_holds_while_ovn_controller_is_stalled(lab: lab_mod.OvnLab) -> None:
+    """The loaded-host case: ovn-controller claims late. plug() must not report the
+    VM ready before the flows exist, and must pass as soon as they do."""
+    vm = lab.vms["vm6"]
+    ctl = lab.chassis["ch2"].controller_ctl()
+    chassis = OvnChassis(lab.chassis["ch2"].db, barrier_timeout=0.5)
+    nve = OvnNve(chassis)
+    resumer: threading.Timer | None = None
+    try:
+        lab.nbctl("set", "Logical_Switch_Port", vm.lsp, 'options:requested-chassis="ch1,ch2"')
+        subprocess.run(["ovn-appctl", "-t", ctl, "debug/pause"], check=True, capture_output=True)
+        port = lab.preplug(vm, "ch2")
+        with pytest.raises(TransientError, match="not installed"):
+            nve.plug(VNI, vm.mac, port, [vm.ipv4])
+        chassis.barrier_timeout = 10.0
+        resumer = threading.Timer(
+            0.8, subprocess.run, (["ovn-appctl", "-t", ctl, "debug/resume"],), {"check": True}
+        )
+        started = time.monotonic()
+        resumer.start()
+        nve.plug(VNI, vm.mac, port, [vm.ipv4])
+        waited = (time.monotonic() - started) * 1000.0
+        barrier = nve.last_barrier[vm.mac]
+        assert barrier.ok and barrier.installed_ts_ms is not None
+        assert 800.0 <= waited < 10000.0
+        print(f"barrier held {waited:.0f} ms while ovn-controller was paused for 800 ms")
+    finally:
+        if resumer is not None:
+            resumer.join()
+        subprocess.run(["ovn-appctl", "-t", ctl, "debug/resume"], capture_output=True)
+        lab.cancel(vm)
+        nve.close()
 
 
 def test_packet_out_announcement_updates_a_peers_neighbour(lab: lab_mod.OvnLab) -> None:
