@@ -50,13 +50,12 @@ from typing import Any
 
 from oslo_config import cfg
 
+from vmm_etcd import options as etcd_options
 from vmm_etcd.client import EtcdNvaClient
 from vmm_etcd.cluster import LocalEtcdCluster
-from vmm_etcd.ha import HaPipeline
-from vmm_etcd.journal import EtcdJournal
 from vmm_etcd.kv import EtcdKV
-from vmm_etcd.locks import InstanceLease, MigrationLocks
 from vmm_lab.linux import probe
+from vmm_lab.linux.demo import configure_hosts
 from vmm_lab.linux.hypervisor import LabHypervisor, LabMigration
 from vmm_lab.linux.topology import Lab, LabVm, new_prefix
 from vmm_linux import announce as announce_mod
@@ -65,9 +64,10 @@ from vmm_linux.agent import register_opts as register_agent_opts
 from vmm_linux.host import LinuxHost
 from vmm_linux.netns import socket_in
 from vmm_linux.stages import HoldTimer
+from vmm_orchestrator import agent as root
 from vmm_orchestrator import engine
 from vmm_orchestrator import journal as jr
-from vmm_orchestrator.journal import Journal
+from vmm_orchestrator.nva import options as nva_options
 from vmm_orchestrator.nva.client import NvaClient
 from vmm_orchestrator.nva.server import NvaServer
 from vmm_orchestrator.nva.store import NvaStore
@@ -142,13 +142,30 @@ def evacuation_site(
         admin = client()
         closers.append(admin)
         lab.build_underlay()
-        for name in (SOURCE, *DESTINATIONS, PEERS_HOST):
+        names = [SOURCE, *DESTINATIONS, PEERS_HOST]
+        for name in names:
             h = lab.add_host(name)
             admin.register_nve(h.name, h.vtep, [VNI])
-            nva = client()
-            closers.append(nva)
-            hosts[name] = LinuxHost(conf, name, h.netns, h.vtep, [VNI], nva)
-            hosts[name].nve.ensure_vn(VNI)
+        if directory == "embedded":
+            configure_hosts(conf, lab, url, token, workdir, names, vni=VNI)
+        else:
+            etcd_options.register_opts(conf)
+            nva_options.register_opts(conf)
+            conf.set_override("backend", "etcd", group=nva_options.GROUP)
+            conf.set_override("endpoints", endpoints, group=etcd_options.GROUP)
+            conf.set_override("prefix", key_prefix, group=etcd_options.GROUP)
+            conf.set_override("lease_ttl", 5, group=etcd_options.GROUP)
+            configure_hosts(conf, lab, None, None, workdir, names, vni=VNI)
+            conf.set_override("journal_backend", "etcd", group=root.GROUP)
+            conf.set_override("migration_lock", "etcd", group=root.GROUP)
+        assembly = root.assemble(conf)
+        closers.append(assembly)
+        for host in assembly.hosts:
+            assert isinstance(host.driver, LinuxHost)
+            hosts[host.name] = host.driver
+            host.driver.nve.ensure_vn(VNI)
+            dispatchers[host.name] = host.dispatcher
+            journals[host.name] = host.journal
         placement = [("gw", PEERS_HOST, True), ("peer", PEERS_HOST, False)]
         placement += [(f"vm{i + 1:02d}", SOURCE, False) for i in range(vms)]
         for name, where, is_gw in placement:
@@ -160,35 +177,12 @@ def evacuation_site(
         for host in hosts.values():
             # The pool builds its announcers on first use: give it the gateway now.
             host.announcers.gateways = announce_mod.parse_gateways(conf.announce.gateways)
-            host.start()
-        for name, host in hosts.items():
-            pipeline: engine.Pipeline
-            if directory == "embedded":
-                journal: Any = Journal(os.path.join(workdir, f"journal-{name}.sqlite"))
-                pipeline = engine.Pipeline(conf, host.context, journal)
-            else:
-                kv = EtcdKV(endpoints)
-                lease = InstanceLease(kv, 5)
-                locks = MigrationLocks(kv, name, lease, key_prefix)
-                journal = EtcdJournal(kv, name, key_prefix, owner=locks)
-                closers.append(lease)
-                pipeline = HaPipeline(conf, host.context, journal, locks)
-            journals[name] = journal
-            dispatchers[name] = engine.Dispatcher(pipeline)
+        assembly.start()
         yield Site(directory, lab, hosts, dispatchers, journals, admin, workdir)
     finally:
-        for dispatcher in dispatchers.values():
-            with contextlib.suppress(Exception):
-                dispatcher.close()
-        for host in hosts.values():
-            with contextlib.suppress(Exception):
-                host.stop()
-        for closer in closers:
+        for closer in reversed(closers):  # the assembly: dispatchers, hosts, journals
             with contextlib.suppress(Exception):
                 closer.close()
-        for j in journals.values():
-            with contextlib.suppress(Exception):
-                j.close()
         if server is not None:
             with contextlib.suppress(Exception):
                 server.stop()

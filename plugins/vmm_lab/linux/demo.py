@@ -178,34 +178,34 @@ def _state_conf(conf: cfg.ConfigOpts) -> None:
 def configure_hosts(
     conf: cfg.ConfigOpts,
     lab: Lab,
-    nva_url: str,
-    nva_token: str,
+    nva_url: str | None,
+    nva_token: str | None,
     workdir: str,
     served: list[str],
     stages: list[str] | None = None,
+    vni: int | None = None,
 ) -> dict[str, dict[str, Any]]:
     """Write the lab's hosts into ``conf`` the way an operator's config file does.
 
     ``[agent] hosts`` = ``served``, a ``[host:<name>]`` group each (vtep,
     vnis, netns, journal in ``workdir``), ``[nva]`` pointing at the lab's
-    directory and, when given, ``[pipeline] stages``. Returns the same as
-    INI sections ({group: {option: value}}), for writing an agent's file.
+    embedded directory (with ``nva_url``; None: the caller configured
+    another backend) and, when given, ``[pipeline] stages``. Returns the
+    same as INI sections ({group: {option: value}}), for an agent's file.
     """
     from vmm_orchestrator import agent as root
     from vmm_orchestrator.nva import options as nva_options
 
-    vni = conf.lab.vni
-    sections: dict[str, dict[str, Any]] = {
-        "agent": {"hosts": ",".join(served)},
-        "nva": {"backend": "embedded", "url": nva_url, "token": nva_token},
-    }
+    vni = conf.lab.vni if vni is None else vni
+    sections: dict[str, dict[str, Any]] = {"agent": {"hosts": ",".join(served)}}
     root.register_opts(conf)
     conf.set_override("hosts", served, group=root.GROUP)
     root.register_opts(conf)  # now the [host:<name>] groups
-    nva_options.register_opts(conf)
-    conf.set_override("backend", "embedded", group=nva_options.GROUP)
-    conf.set_override("url", nva_url, group=nva_options.GROUP)
-    conf.set_override("token", nva_token, group=nva_options.GROUP)
+    if nva_url is not None:
+        nva_options.register_opts(conf)
+        sections["nva"] = {"backend": "embedded", "url": nva_url, "token": nva_token}
+        for key, value in sections["nva"].items():
+            conf.set_override(key, value, group=nva_options.GROUP)
     if stages is not None:
         conf.set_override("stages", stages, group=engine.GROUP)
         sections["pipeline"] = {"stages": ",".join(stages)}
