@@ -639,7 +639,10 @@ class NveAgent:
         mac = msg.get("NDA_LLADDR")
         if vni is None or not mac or ifindex is None or ifindex in bridges:
             return
-        if self.nve.local_port(vni, mac) is not None:
+        pinned = self.nve.local_port(vni, mac)
+        if pinned is not None:
+            if not self.nve.expected(vni, mac):  # while expected, the NVE's filter decides
+                self._keep_pinned(vni, mac, ifindex, pinned)
             return
         key = (vni, mac)
         with self._lock:
@@ -669,6 +672,33 @@ class NveAgent:
             self._apply_safely(self.nva.move(vni, mac, self.id, seq + 1))
         except VmmError as exc:
             LOG.info("%s: move of %s not taken (%s)", self.id, mac, exc)
+
+    def _keep_pinned(self, vni: int, mac: str, ifindex: int, pinned: str) -> None:
+        """A MAC pinned to a local port was learned on another one: a forged frame.
+
+        The kernel lets even a static bridge entry roam to the port a frame
+        came from; point it back at the port it is pinned to.
+        """
+        port = self.ports.link(ifindex)
+        name = None if port is None else port["name"]
+        if name is None or name == pinned:
+            return
+        self.refused_moves += 1
+        key = (vni, mac)
+        now = time.monotonic()
+        if now - self._refusal_logged.get(key, -REFUSAL_LOG_INTERVAL) >= REFUSAL_LOG_INTERVAL:
+            self._refusal_logged[key] = now
+            LOG.warning(
+                "%s: %s in VN %d is pinned to local port %s but was seen on port %s "
+                "(spoofed frame?); pinned again; %d refused so far",
+                self.id,
+                mac,
+                vni,
+                pinned,
+                name,
+                self.refused_moves,
+            )
+        self.nve.plug(vni, mac, pinned)
 
     def configure_port(self, port: str, mac: str) -> None:
         """Declare ``mac`` the configured MAC of local ``port`` (learning may move it here)."""
