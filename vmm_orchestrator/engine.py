@@ -218,6 +218,103 @@ def _describe(err: BaseException) -> str:
     return f"{type(err).__name__}: {text}" if text else type(err).__name__
 
 
+# -- observers ----------------------------------------------------------------
+
+#: ``observer(pipeline, report, origin_monotonic)``: called after every
+#: PhaseReport a pipeline produces (events and recovery), in the thread that
+#: produced it, so metrics and history hang off one place. Keep it quick.
+Observer = Callable[["Pipeline", PhaseReport, float], None]
+
+_OBSERVERS: list[Observer] = []
+_OBSERVERS_GUARD = threading.Lock()
+
+
+def add_observer(observer: Observer) -> None:
+    """Have ``observer`` called for every PhaseReport of every pipeline (once)."""
+    with _OBSERVERS_GUARD:
+        if observer not in _OBSERVERS:
+            _OBSERVERS.append(observer)
+
+
+def remove_observer(observer: Observer) -> None:
+    """Stop calling ``observer``; harmless when it was not added."""
+    with _OBSERVERS_GUARD:
+        if observer in _OBSERVERS:
+            _OBSERVERS.remove(observer)
+
+
+def _log_fields(
+    host: str, migration_id: str, phase: Phase, role: Role | None = None, **more: Any
+) -> dict[str, Any]:
+    """``extra`` of a log record: what a JSON log shipper indexes (see logs.py)."""
+    fields = {"host": host, "migration_id": migration_id, "phase": phase.value, **more}
+    if role is not None:
+        fields["role"] = role.value
+    return fields
+
+
+def _log_report(report: PhaseReport) -> None:
+    """One INFO line per stage outcome and one per phase, each with the migration id.
+
+    Reports of ignored events carry nothing new (the engine said why already).
+    """
+    if report.ok and not report.timeline and (report.detail or "").startswith("ignored"):
+        return
+    for t in report.timeline:
+        LOG.log(
+            logging.WARNING if t.outcome == "failed" else logging.INFO,
+            "host %s: migration %s %s stage %s %s in %.1f ms (+%.1f ms from the event, "
+            "%d attempt(s))",
+            report.host,
+            report.migration_id,
+            t.phase.value,
+            t.stage,
+            t.outcome,
+            t.duration_ms,
+            t.started_offset_ms,
+            t.attempts,
+            extra=_log_fields(
+                report.host,
+                report.migration_id,
+                t.phase,
+                report.role,
+                stage=t.stage,
+                outcome=t.outcome,
+                duration_ms=round(t.duration_ms, 3),
+            ),
+        )
+    if report.ok:
+        outcome = "ok"
+    elif report.reverted:
+        outcome = f"failed: {report.error}; reverted: {', '.join(report.reverted)}"
+    else:
+        outcome = f"failed: {report.error}"
+    if report.ok and report.reverted:
+        outcome = f"ok; reverted: {', '.join(report.reverted)}"
+    end = max((t.started_offset_ms + t.duration_ms for t in report.timeline), default=0.0)
+    LOG.log(
+        logging.INFO if report.ok else logging.ERROR,
+        "host %s: migration %s %s as %s %s (%d stage run(s), %.1f ms from the event)%s",
+        report.host,
+        report.migration_id,
+        report.phase.value,
+        report.role.value,
+        outcome,
+        len(report.timeline),
+        end,
+        f"; {report.detail}" if report.detail else "",
+        extra=_log_fields(
+            report.host,
+            report.migration_id,
+            report.phase,
+            report.role,
+            outcome="ok" if report.ok else "failed",
+            duration_ms=round(end, 3),
+            reverted=list(report.reverted),
+        ),
+    )
+
+
 # -- pipeline -----------------------------------------------------------------
 
 
@@ -281,8 +378,14 @@ class Pipeline:
 
         A stage failure reverts the migration's completed stages on this host
         and is reported with ``ok=False``. Journal errors (disk full) do raise:
-        the engine cannot work without its journal.
+        the engine cannot work without its journal. The report goes to the
+        observers (:func:`add_observer`) before it is returned.
         """
+        report = self._handle(event)
+        self._observe(report, event.monotonic)
+        return report
+
+    def _handle(self, event: MigrationEvent) -> PhaseReport:
         with self._migration_lock(event.migration.id):
             self.journal.begin_migration(event.migration, event.role)
             record = self.journal.get(event.migration.id)
@@ -296,6 +399,7 @@ class Pipeline:
                 event.migration.id,
                 event.phase.value,
                 event.role.value,
+                extra=_log_fields(self.host.name, event.migration.id, event.phase, event.role),
             )
             if event.phase is Phase.ABORTED:
                 return self._abort(event.migration, event.role, event.monotonic)
@@ -719,7 +823,9 @@ class Pipeline:
                 record.id,
                 error,
             )
-            return self._report(record.migration, record.role, phase, ok=False, error=error)
+            report = self._report(record.migration, record.role, phase, ok=False, error=error)
+            self._observe(report, self._clock())
+            return report
         LOG.warning(
             "host %s: recovering migration %s: %s (%s)",
             self.host.name,
@@ -737,6 +843,7 @@ class Pipeline:
         else:
             report = self._run_phase(record.migration, record.role, phase, origin)
         report.detail = f"recovered: {'finished' if finish else 'reverted'} ({why})"
+        self._observe(report, origin)
         return report
 
     @staticmethod
@@ -757,6 +864,27 @@ class Pipeline:
         reached = record.last_phase in (Phase.RESUMED, Phase.COMPLETED)
         last = record.last_phase.value if record.last_phase else "none"
         return reached, f"last phase reached: {last}"
+
+    # -- observers ------------------------------------------------------------
+
+    def _observe(self, report: PhaseReport, origin: float) -> None:
+        """Log the report (a line per stage outcome and one for the phase), then
+        hand it to every observer; an observer's failure is logged, never raised.
+
+        ``origin`` is the monotonic time the report's offsets count from (the
+        event's, or the start of a recovery).
+        """
+        _log_report(report)
+        for observer in list(_OBSERVERS):
+            try:
+                observer(self, report, origin)
+            except Exception:
+                LOG.exception(
+                    "host %s: observer %r failed on migration %s",
+                    self.host.name,
+                    observer,
+                    report.migration_id,
+                )
 
     # -- locking --------------------------------------------------------------
 
