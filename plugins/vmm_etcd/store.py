@@ -239,19 +239,7 @@ class EtcdNvaStore(StoreFront):
                 [kvmod.put(self.pruned_key, pad(floor))],
                 what="set the pruned revision",
             )
-        vnis = sorted(
-            {
-                vni
-                for item in self.kv.read(kvmod.get_prefix(self.keys.nves), what="list NVEs").kvs(0)
-                for vni in json.loads(item.value)["vnis"]
-            }
-            | {
-                int(key.key[len(self.keys.changes) :].split("/")[0])
-                for key in self.kv.read(
-                    kvmod.get_prefix(self.keys.changes, limit=1), what="read the change log"
-                ).kvs(0)
-            }
-        )
+        vnis = self._logged_vnis()
         deletes = [
             {
                 "request_delete_range": {
@@ -264,6 +252,21 @@ class EtcdNvaStore(StoreFront):
         for start in range(0, len(deletes), self.max_txn_ops):
             self.kv.txn(success=deletes[start : start + self.max_txn_ops], what="prune changes")
         self._pruned_seen = floor
+
+    def _logged_vnis(self) -> list[int]:
+        """Every VN with a change in the log (one short read per VN, at pruning time)."""
+        vnis: list[int] = []
+        start = self.keys.changes
+        while True:
+            found = self.kv.read(
+                kvmod.get_prefix(self.keys.changes, start=start, limit=1),
+                what="read the change log",
+            ).kvs(0)
+            if not found:
+                return vnis
+            vni = int(found[0].key[len(self.keys.changes) :].split("/", 1)[0])
+            vnis.append(vni)
+            start = self.keys.vn_changes(vni + 1)
 
     @contextlib.contextmanager
     def _watch(self, key: str, start_revision: int, prefix: bool = False) -> Iterator[WatchStream]:

@@ -371,3 +371,19 @@ def test_backend_builds_clients_from_the_config(etcd: LocalEtcdCluster) -> None:
     conf.set_override("endpoints", ["ftp://x:1"], group="nva_etcd")
     with pytest.raises(ConfigError, match="invalid etcd endpoint"):
         backend.store_from_conf(conf)
+
+
+def test_pruning_deletes_old_changes_of_every_vn_from_etcd(estore: EtcdNvaStore) -> None:
+    estore.keep_changes = 10
+    estore.add_endpoint(OTHER_VNI, MAC2, [], [], "host-c")
+    estore.register_nve("host-c", "192.0.2.3", [])  # nobody serves OTHER_VNI's log any more
+    estore.register_nve("host-a", "192.0.2.1", [VNI])
+    semantics._add(estore)
+    for _ in range(30):
+        estore.expire(VNI, MAC, ["host-a"])
+    floor = estore.pruned_revision
+    assert floor >= estore.revision - 11
+    log = estore.kv.read(kvmod.get_prefix(estore.keys.changes)).kvs(0)
+    revisions = sorted(int(item.key.rsplit("/", 1)[1]) for item in log)
+    assert revisions and revisions[0] > floor  # both VNs' old changes are gone
+    assert len(revisions) == estore.revision - floor
