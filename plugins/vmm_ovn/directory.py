@@ -344,6 +344,9 @@ class OvnNbDirectory:
         """Duplicate address detection against the NB: no other port of the switch
         may hold the MAC or any of the addresses (in addresses or port_security)."""
         wanted = {str(ipaddress.ip_address(i)) for i in ips}
+        # The replica may lag other clients' commits by a few ms: one round trip
+        # (an nb_cfg bump, harmless) brings in every commit made before the check.
+        self.nb.bump_nb_cfg()
 
         def read() -> None:
             ls = self._switch(vni)
@@ -625,6 +628,24 @@ class OvnNbDirectory:
             if (chassis is None or name in chassis) and cfg_ >= revision:
                 out[name] = round(max(0.0, ((ts or time.time()) - started) * 1000.0), 2)
         return out
+
+    def bound_to(self, vni: int, mac: str) -> str | None:
+        """The port's only requested chassis, None while it is on several (moving)."""
+        _, lsp = self.nb.read(lambda: self._lsp(vni, mac))
+        rc = (lsp.options or {}).get("requested-chassis", "")
+        return rc if rc and "," not in rc else None
+
+    def wait_bound(self, vni: int, mac: str, chassis: str, timeout: float) -> bool:
+        """Until the NB binds the port to ``chassis`` alone (Neutron's activation of
+        the destination's binding, or this directory's commit)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            if self.bound_to(vni, mac) == chassis:
+                return True
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return False
+            time.sleep(min(left, 0.01))
 
     def acks(
         self,

@@ -30,6 +30,7 @@ class OvnHost(HostDriver):
         g = conf[ovn_opts.GROUP]
         extra = spec.extra or {}
         self.name = spec.name
+        self._own_reader: object | None = None
         self.chassis = OvnChassis(
             extra.get("ovsdb_connection") or g.ovsdb_connection,
             bridge=g.integration_bridge,
@@ -52,6 +53,22 @@ class OvnHost(HostDriver):
             "announcers": self.announcers,
             "ovn": self.chassis,
         }
+        reader = directory if hasattr(directory, "chassis_progress") else None
+        if reader is None and g.ovn_nb_connection and g.ovn_sb_connection:
+            from vmm_ovn.directory import OvnNbDirectory
+
+            # Read-only: with Neutron in charge the plugin never writes the NB rows.
+            reader = OvnNbDirectory(
+                g.ovn_nb_connection,
+                g.ovn_sb_connection,
+                timeout=g.ovsdb_timeout,
+                chassis_names=ovn_opts.pairs(g.chassis_names, "chassis_names"),
+                vni_switches=ovn_opts.pairs(g.vni_switches, "vni_switches"),
+                neutron_managed=True,
+            )
+            self._own_reader = reader
+        if reader is not None:
+            self.services["ovn_reader"] = reader
         self.context = HostContext(name=spec.name, nva=directory, services=self.services)
 
     def start(self) -> None:
@@ -60,6 +77,9 @@ class OvnHost(HostDriver):
     def stop(self) -> None:
         self.announcers.close()
         self.nve.close()
+        close = getattr(self._own_reader, "close", None)
+        if close is not None:
+            close()
 
 
 def factory(conf: cfg.ConfigOpts, spec: HostSpec, directory: Any) -> OvnHost:

@@ -17,8 +17,9 @@ import pytest
 from oslo_config import cfg
 
 from vmm_orchestrator.errors import TransientError
-from vmm_orchestrator.model import Vif
+from vmm_orchestrator.model import Migration, Phase, Role, Vif, Workload
 from vmm_orchestrator.nva import errors as nva_errors
+from vmm_orchestrator.stage import HostContext, StageContext
 
 lab_mod = pytest.importorskip("vmm_ovn.lab")
 from vmm_ovn import demo  # noqa: E402
@@ -26,6 +27,7 @@ from vmm_ovn.announce import OvnAnnouncer  # noqa: E402
 from vmm_ovn.chassis import OvnChassis  # noqa: E402
 from vmm_ovn.directory import OvnNbDirectory  # noqa: E402
 from vmm_ovn.nve import OvnNve  # noqa: E402
+from vmm_ovn.stages import OvnConvergence  # noqa: E402
 
 VNI = demo.VNI
 PLACEMENT = [
@@ -35,6 +37,7 @@ PLACEMENT = [
     ("vm4", "ch1"),  # the directory test's port
     ("vm5", "ch1"),  # the barrier test's port
     ("vm6", "ch1"),  # the stalled-controller test's port
+    ("vm7", "ch1"),  # the Neutron-managed convergence test's port
 ]
 
 pytestmark = pytest.mark.skipif(
@@ -256,3 +259,39 @@ def test_nb_directory_prestage_commit_abort(lab: lab_mod.OvnLab) -> None:
             readonly.close()
     finally:
         directory.close()
+
+
+def test_convergence_stage_when_neutron_writes_the_nb(lab: lab_mod.OvnLab) -> None:
+    """With Neutron in charge the plugin only reads OVN (and bumps nb_cfg as
+    --wait=hv does): the stage waits for Neutron's activation, then reports
+    when each chassis applied it."""
+    vm = lab.vms["vm7"]
+    conf = cfg.ConfigOpts()
+    conf([], project="vmm-orchestrator-test", default_config_files=[])
+    stage = OvnConvergence(conf)
+    reader = OvnNbDirectory(lab.nb, lab.sb, neutron_managed=True)
+    vif = _vif(vm)
+    migration = Migration("neutron-move", Workload(vm.name, (vif,)), "ch1", "ch2")
+    ctx = StageContext(
+        migration=migration,
+        phase=Phase.RESUMED,
+        role=Role.DESTINATION,
+        host=HostContext(name="ch2", nva=None, services={"ovn_reader": reader}),
+        deadline=time.monotonic() + 10.0,
+    )
+    # "Neutron" activates the destination's binding 0.3 s after the resume.
+    neutron = threading.Timer(
+        0.3, lab.nbctl, ("set", "Logical_Switch_Port", vm.lsp, "options:requested-chassis=ch2")
+    )
+    try:
+        neutron.start()
+        record = stage.run(ctx)
+    finally:
+        neutron.join()
+        reader.close()
+    notes = ctx.notes
+    assert set(notes["ovn_convergence_ms"]) == {"ch1", "ch2", "ch3"} == set(record["chassis"])
+    assert notes["ovn_laggards"] == []
+    assert notes["ovn_bound_ms"] >= 250.0
+    assert all(ms >= notes["ovn_bound_ms"] - 1.0 for ms in notes["ovn_convergence_ms"].values())
+    print(f"Neutron-managed convergence: {notes}")
