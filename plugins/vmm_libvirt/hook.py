@@ -8,11 +8,22 @@ libvirt; it forwards the call here and waits a short, bounded time.
 Request (one line of JSON, then the client shuts down its sending side)::
 
     {"guest": "vm1", "op": "migrate", "sub_op": "begin", "extra": "-",
-     "xml": "<domain ...>"}
+     "xml": "<domain ...>", "expires": 81234.5}
 
 Answer: ``{"allow": bool, "reason": str}``, plus ``"error": true`` when the
 daemon could not decide (a bug, a malformed request): the relay then applies
 its fail-open/fail-closed policy, as when the daemon is unreachable.
+
+``expires`` (optional; the relay sends it for the calls it waits for) is the
+CLOCK_MONOTONIC time at which the relay stops waiting. The relay has then
+already let libvirt go on (fail-open) or refused (fail-closed) without the
+agent, so a request read after it (an agent that hung, then resumed) is
+answered as expired and never handed to the handler: no PREPARE runs for a
+migration the relay already decided. A request whose handler allowed it but
+whose answer came too late (or found the relay gone) is handed to
+``on_abandoned``, so the daemon can revert what the handler did. Calls the
+relay does not wait for (it never vetoes them) come without ``expires`` and
+the client closes without reading the answer.
 
 The same socket is the agent's local API: ``{"op": "ping"}`` answers allow
 with the host's name (a health check), ``{"op": "status"}`` adds the
@@ -28,6 +39,7 @@ import os
 import socket
 import stat
 import threading
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -42,6 +54,8 @@ LOCAL_OPS = ("ping", "status")
 MAX_REQUEST = 8 * 1024 * 1024
 
 Handler = Callable[[dict[str, Any]], dict[str, Any]]
+#: Told of a request whose allowing answer the relay never took: (request, answer).
+Abandoned = Callable[[dict[str, Any], dict[str, Any]], None]
 
 
 class BadRequest(ValueError):
@@ -64,7 +78,18 @@ def parse_request(data: bytes) -> dict[str, Any]:
     for key in ("extra", "xml"):
         if key in request and not isinstance(request[key], str):
             raise BadRequest(f"'{key}' must be a string")
+    expires = request.get("expires")
+    if expires is not None and (isinstance(expires, bool) or not isinstance(expires, int | float)):
+        raise BadRequest("'expires' must be a number (CLOCK_MONOTONIC seconds)")
     return request
+
+
+def expired(request: dict[str, Any], now: float | None = None) -> bool:
+    """Whether the relay stopped waiting for this request (False if it set no deadline)."""
+    expires = request.get("expires")
+    if expires is None:
+        return False
+    return (time.monotonic() if now is None else now) >= float(expires)
 
 
 class HookServer:
@@ -72,16 +97,27 @@ class HookServer:
 
     Each connection gets its own short-lived thread, so a slow synchronous
     PREPARE for one VM does not hold up hook calls for others. ``timeout``
-    bounds reading a request and writing the answer.
+    bounds reading a request and writing the answer, and how long ``stop``
+    waits for requests under way. ``on_abandoned`` is told of each allowed
+    request whose answer the relay did not take (see the module docstring).
     """
 
-    def __init__(self, path: str, handler: Handler, timeout: float = 5.0) -> None:
+    def __init__(
+        self,
+        path: str,
+        handler: Handler,
+        timeout: float = 5.0,
+        on_abandoned: Abandoned | None = None,
+    ) -> None:
         self.path = path
         self.handler = handler
         self.timeout = timeout
+        self.on_abandoned = on_abandoned
         self._sock: socket.socket | None = None
         self._thread: threading.Thread | None = None
         self._stopping = threading.Event()
+        self._in_flight: set[threading.Thread] = set()
+        self._in_flight_lock = threading.Lock()
 
     def start(self) -> None:
         """Bind (replacing a stale socket file, refusing a live one) and serve."""
@@ -138,7 +174,10 @@ class HookServer:
             hint="stop the other vmm agent, or give this host another hook_socket",
         )
 
-    def stop(self) -> None:
+    def stop(self, timeout: float | None = None) -> None:
+        """Stop listening, then wait (``timeout``, default the request bound) for the
+        requests under way: a PREPARE that runs when the agent is told to stop finishes
+        and is answered rather than cut off."""
         self._stopping.set()
         sock, self._sock = self._sock, None
         if sock is not None:
@@ -150,6 +189,19 @@ class HookServer:
         if self._thread is not None:
             self._thread.join(2.0)
             self._thread = None
+        end = time.monotonic() + (self.timeout if timeout is None else timeout)
+        with self._in_flight_lock:
+            running = list(self._in_flight)
+        for thread in running:
+            thread.join(max(0.0, end - time.monotonic()))
+        if any(t.is_alive() for t in running):
+            LOG.warning("hook socket %s: stopped with requests still under way", self.path)
+
+    @property
+    def in_flight(self) -> int:
+        """Requests being answered now."""
+        with self._in_flight_lock:
+            return len(self._in_flight)
 
     def _accept_loop(self) -> None:
         sock = self._sock
@@ -162,21 +214,46 @@ class HookServer:
                     return
                 LOG.exception("hook socket %s: accept failed", self.path)
                 continue
-            threading.Thread(
+            thread = threading.Thread(
                 target=self._serve_one, args=(conn,), name="hook-request", daemon=True
-            ).start()
+            )
+            with self._in_flight_lock:
+                self._in_flight.add(thread)
+            thread.start()
 
     def _serve_one(self, conn: socket.socket) -> None:
-        with conn:
-            conn.settimeout(self.timeout)
+        try:
+            with conn:
+                conn.settimeout(self.timeout)
+                try:
+                    data = self._read(conn)
+                except (OSError, BadRequest) as exc:
+                    LOG.warning("hook socket %s: unreadable request: %s", self.path, exc)
+                    return
+                request, answer, handled = self._decide(data)
+                delivered = True
+                try:
+                    conn.sendall(json.dumps(answer).encode("utf-8") + b"\n")
+                except OSError:
+                    delivered = False
+                if handled and answer.get("allow") and (not delivered or expired(request)):
+                    self._abandoned(request, answer)
+        finally:
+            with self._in_flight_lock:
+                self._in_flight.discard(threading.current_thread())
+
+    def _abandoned(self, request: dict[str, Any], answer: dict[str, Any]) -> None:
+        LOG.warning(
+            "hook %s %s for %s: allowed after the relay stopped waiting; it decided alone",
+            request.get("op"),
+            request.get("sub_op"),
+            request.get("guest"),
+        )
+        if self.on_abandoned is not None:
             try:
-                data = self._read(conn)
-            except (OSError, BadRequest) as exc:
-                LOG.warning("hook socket %s: unreadable request: %s", self.path, exc)
-                return
-            answer = self.answer(data)
-            with contextlib.suppress(OSError):
-                conn.sendall(json.dumps(answer).encode("utf-8") + b"\n")
+                self.on_abandoned(request, answer)
+            except Exception:
+                LOG.exception("hook socket %s: handling an abandoned answer failed", self.path)
 
     @staticmethod
     def _read(conn: socket.socket) -> bytes:
@@ -196,10 +273,23 @@ class HookServer:
 
     def answer(self, data: bytes) -> dict[str, Any]:
         """The answer to one raw request; never raises."""
+        return self._decide(data)[1]
+
+    def _decide(self, data: bytes) -> tuple[dict[str, Any], dict[str, Any], bool]:
+        """(request, answer, whether the handler ran); never raises."""
         try:
             request = parse_request(data)
         except BadRequest as exc:
-            return {"allow": False, "reason": f"bad request: {exc}", "error": True}
+            return {}, {"allow": False, "reason": f"bad request: {exc}", "error": True}, False
+        if expired(request):
+            LOG.warning(
+                "hook %s %s for %s: read after the relay stopped waiting; not handled",
+                request.get("op"),
+                request.get("sub_op"),
+                request.get("guest"),
+            )
+            reason = "the relay stopped waiting before the agent read the request"
+            return request, {"allow": False, "reason": reason, "error": True}, False
         try:
             answer = self.handler(request)
         except Exception as exc:
@@ -209,6 +299,10 @@ class HookServer:
                 request.get("sub_op"),
                 request.get("guest"),
             )
-            return {"allow": False, "reason": f"the daemon failed: {exc}", "error": True}
+            return (
+                request,
+                {"allow": False, "reason": f"the daemon failed: {exc}", "error": True},
+                True,
+            )
         answer.setdefault("reason", "")
-        return answer
+        return request, answer, True

@@ -106,9 +106,13 @@ def test_relay_is_executable_and_stdlib_only() -> None:
 
 def test_allowed_migrate_passes_the_xml_through_unchanged(workdir: Path, serve: Any) -> None:
     seen = serve(lambda r: {"allow": True, "reason": ""})
+    before = time.monotonic()
     result, _ = run_relay(relay_config(workdir))
     assert result.returncode == 0, result.stderr
     assert result.stdout == XML.encode("utf-8")
+    # expires: when the relay stops waiting (CLOCK_MONOTONIC, shared across processes).
+    expires = seen[0].pop("expires")
+    assert before + 1.0 < expires < time.monotonic() + 1.0
     assert seen == [{"guest": "vm-é", "op": "migrate", "sub_op": "begin", "extra": "-", "xml": XML}]
 
 
@@ -118,6 +122,7 @@ def test_other_operations_print_nothing(workdir: Path, serve: Any) -> None:
     result, _ = run_relay(relay_config(workdir), op="started", sub_op="begin")
     assert (result.returncode, result.stdout) == (0, b"")
     assert seen[0]["op"] == "started" and seen[0]["xml"] == XML
+    assert "expires" not in seen[0]  # nobody waits for the answer of an unguarded call
 
 
 def test_a_veto_exits_1_with_the_reason_on_stderr(workdir: Path, serve: Any) -> None:
@@ -471,3 +476,113 @@ def test_refusals_and_configuration_errors_are_traced_in_syslog_too(
     assert result.stderr.decode() == "vmm-orchestrator: 10.0.0.5 is held\n"
     logged = received(sock)
     assert len(logged) == 1 and "refused by the agent: 10.0.0.5 is held" in logged[0], logged
+
+
+# -- a hung agent, a stopping agent ------------------------------------------------------
+
+
+def test_a_request_read_after_the_relay_gave_up_is_not_handled(workdir: Path) -> None:
+    """The agent hung (it accepts nothing) while libvirt asked; the relay gave up and went
+    on alone; once the agent reads the request, it must not run PREPARE for it."""
+    hung = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    hung.bind(str(workdir / "hook.sock"))
+    hung.listen(8)  # the kernel queues the relay's connection; nobody reads it
+    try:
+        result, _ = run_relay(relay_config(workdir, deadline=0.3, fail_mode="open"))
+        assert result.returncode == 0 and b"no answer within 0.3 s" in result.stderr
+        conn, _ = hung.accept()  # the agent resumes
+        with conn:
+            conn.settimeout(2)
+            data = HookServer._read(conn)
+    finally:
+        hung.close()
+    handled: list[dict[str, Any]] = []
+
+    def handle(request: dict[str, Any]) -> dict[str, Any]:
+        handled.append(request)
+        return {"allow": True}
+
+    server = HookServer(str(workdir / "unused.sock"), handle)
+    answer = server.answer(data)
+    assert handled == []
+    assert answer["allow"] is False and answer["error"] is True
+    assert "relay stopped waiting" in answer["reason"]
+    # The same request read in time is handled as usual.
+    fresh = json.loads(data)
+    fresh["expires"] = time.monotonic() + 5
+    assert server.answer(json.dumps(fresh).encode())["allow"] is True
+    assert len(handled) == 1
+
+
+def test_an_allow_the_relay_no_longer_waited_for_is_abandoned(workdir: Path) -> None:
+    abandoned: list[tuple[dict[str, Any], dict[str, Any]]] = []
+    done = threading.Event()
+
+    def slow(_request: dict[str, Any]) -> dict[str, Any]:
+        time.sleep(0.6)  # longer than the relay waits
+        return {"allow": True, "reason": "migration m1 prepared"}
+
+    def on_abandoned(request: dict[str, Any], answer: dict[str, Any]) -> None:
+        abandoned.append((request, answer))
+        done.set()
+
+    server = HookServer(str(workdir / "hook.sock"), slow, on_abandoned=on_abandoned)
+    server.start()
+    try:
+        result, _ = run_relay(relay_config(workdir, deadline=0.3, fail_mode="closed"))
+        assert result.returncode == 1 and b"refusing (fail-closed)" in result.stderr
+        assert done.wait(5), "on_abandoned was never called"
+    finally:
+        server.stop()
+    request, answer = abandoned[0]
+    assert (request["op"], request["sub_op"], request["guest"]) == ("migrate", "begin", "vm-é")
+    assert answer["reason"] == "migration m1 prepared"
+
+
+def test_a_refusal_or_an_answer_in_time_is_never_abandoned(workdir: Path) -> None:
+    abandoned: list[Any] = []
+    answers: Iterator[dict[str, Any]] = iter([{"allow": True}, {"allow": False, "reason": "no"}])
+    server = HookServer(
+        str(workdir / "hook.sock"),
+        lambda r: next(answers),
+        on_abandoned=lambda r, a: abandoned.append(r),
+    )
+    server.start()
+    try:
+        assert run_relay(relay_config(workdir))[0].returncode == 0
+        assert run_relay(relay_config(workdir))[0].returncode == 1
+    finally:
+        server.stop()
+    assert abandoned == []
+
+
+def test_stopping_waits_for_a_request_under_way(workdir: Path) -> None:
+    started = threading.Event()
+
+    def prepare(_request: dict[str, Any]) -> dict[str, Any]:
+        started.set()
+        time.sleep(0.5)
+        return {"allow": True, "reason": "prepared"}
+
+    server = HookServer(str(workdir / "hook.sock"), prepare, timeout=5.0)
+    server.start()
+    outcome: list[subprocess.CompletedProcess[bytes]] = []
+    relay = threading.Thread(
+        target=lambda: outcome.append(run_relay(relay_config(workdir, deadline=3))[0])
+    )
+    relay.start()
+    assert started.wait(5)
+    assert server.in_flight == 1
+    server.stop()  # SIGTERM in the middle of a PREPARE: it finishes and is answered
+    assert server.in_flight == 0
+    relay.join(10)
+    assert outcome[0].returncode == 0, outcome[0].stderr
+    assert outcome[0].stderr == b""  # the agent's answer, no fail-open pass
+    assert not (workdir / "hook.sock").exists()
+
+
+def test_the_server_refuses_a_malformed_expires(workdir: Path) -> None:
+    server = HookServer(str(workdir / "unused.sock"), lambda r: {"allow": True})
+    request = {"guest": "g", "op": "migrate", "sub_op": "begin", "expires": "soon"}
+    answer = server.answer(json.dumps(request).encode())
+    assert answer["error"] and "'expires' must be a number" in answer["reason"]
