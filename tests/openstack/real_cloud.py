@@ -137,7 +137,7 @@ class RealCloud:
         if done.returncode != 0:
             raise StartError(f"{what} failed ({done.returncode}):\n{_log_tail(log)}")
 
-    def _serve(self, name: str, target: str, env: dict[str, str]) -> str:
+    def _serve(self, name: str, target: str, env: dict[str, str], *lock: str) -> str:
         """Start ``serve_wsgi.py`` for ``target``; its URL once it listens and answers."""
         import requests
 
@@ -145,7 +145,7 @@ class RealCloud:
         log = self.dir / f"{name}.log"
         out = log.open("ab")
         proc = subprocess.Popen(
-            [self.python, str(HERE / "serve_wsgi.py"), target, str(port_file)],
+            [self.python, str(HERE / "serve_wsgi.py"), target, str(port_file), *lock],
             stdout=out,
             stderr=subprocess.STDOUT,
             env=env,
@@ -350,7 +350,9 @@ wire_delay = {WIRE_DELAY}
             env,
         )
         self.timings["neutron schema"] = time.monotonic() - t
-        self.neutron_url = self._serve("neutron", "neutron.wsgi.api:application", env)
+        self.neutron_url = self._serve(
+            "neutron", "neutron.wsgi.api:application", env, "standin_agent:SERIAL"
+        )
         conn = self.connect(ADMIN)
         try:
             service = conn.identity.create_service(name="neutron", type="network")
@@ -459,7 +461,11 @@ class Scene:
 
 @contextlib.contextmanager
 def running_cloud() -> Iterator[RealCloud]:
-    """A started RealCloud in a fresh directory; everything stopped and removed after."""
+    """A started RealCloud in a fresh directory; everything stopped and removed after.
+
+    With ``VMM_OPENSTACK_KEEP=1`` the directory (configurations, databases, the
+    services' logs) is kept for a look after a failure, and its path printed.
+    """
     workdir = Path(tempfile.mkdtemp(prefix=f"vmm-os-{uuid.uuid4().hex[:6]}-"))
     cloud = RealCloud(workdir)
     try:
@@ -467,4 +473,7 @@ def running_cloud() -> Iterator[RealCloud]:
         yield cloud
     finally:
         cloud.stop()
-        shutil.rmtree(workdir, ignore_errors=True)
+        if os.environ.get("VMM_OPENSTACK_KEEP") == "1":
+            print(f"real OpenStack kept in {workdir}")
+        else:
+            shutil.rmtree(workdir, ignore_errors=True)

@@ -7,9 +7,13 @@ serves the real application object, ``keystone.wsgi.api:application`` or
 ``neutron.wsgi.api:application``. The service reads its configuration from
 its usual variables (OS_KEYSTONE_CONFIG_FILES, OS_NEUTRON_CONFIG_FILES).
 
-Usage: ``python serve_wsgi.py MODULE:ATTRIBUTE PORT_FILE``. It listens on a
-free port, then writes that port to PORT_FILE (the parent waits for it) and
-serves until terminated.
+Usage: ``python serve_wsgi.py MODULE:ATTRIBUTE PORT_FILE [MODULE:LOCK]``. It
+listens on a free port, then writes that port to PORT_FILE (the parent waits
+for it) and serves until terminated. With a lock, requests run one at a time
+under it: SQLite, unlike the MySQL of a cloud, fails two transactions that
+read and then write at once ("database is locked", an HTTP 500) instead of
+waiting, so Neutron's requests and its stand-in agents' reports (which take
+the same lock) are serialized.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ import os
 import signal
 import socketserver
 import sys
+from typing import Any
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 
@@ -35,13 +40,30 @@ class QuietHandler(WSGIRequestHandler):
         """The services log each request themselves."""
 
 
+def _load(target: str) -> Any:
+    module, attribute = target.split(":")
+    return getattr(importlib.import_module(module), attribute)
+
+
+def serialized(app: Any, lock: Any) -> Any:
+    """``app`` answering one request at a time (its responses are lists, not streams)."""
+
+    def locked(environ: dict[str, Any], start_response: Any) -> Any:
+        with lock:
+            return list(app(environ, start_response))
+
+    return locked
+
+
 def main() -> None:
     target, port_file = sys.argv[1], sys.argv[2]
+    lock_name = sys.argv[3] if len(sys.argv) > 3 else None
     # The services parse sys.argv with oslo.config: give them none of ours.
     sys.argv = [sys.argv[0]]
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
-    module, attribute = target.split(":")
-    app = getattr(importlib.import_module(module), attribute)
+    app = _load(target)
+    if lock_name:
+        app = serialized(app, _load(lock_name))
     server = make_server(
         "127.0.0.1", 0, app, server_class=ThreadingWSGIServer, handler_class=QuietHandler
     )

@@ -50,6 +50,10 @@ cfg.CONF.register_opts(OPTS, group="standin_agent")
 
 BINDABLE_TYPES = (constants.TYPE_VXLAN, constants.TYPE_FLAT)
 
+#: Held by the API server around each request (serve_wsgi.py) and by the agents
+#: around each report: SQLite fails concurrent writers instead of queueing them.
+SERIAL = threading.RLock()
+
 
 class StandInAgentDriver(api.MechanismDriver):
     """Binds ports for the configured hosts and reports them up like their agents would."""
@@ -91,7 +95,8 @@ class StandInAgentDriver(api.MechanismDriver):
         while True:
             time.sleep(self.poll_interval)
             try:
-                self._poll()
+                with SERIAL:
+                    self._poll()
             except Exception:  # an agent survives a failed poll and tries again
                 LOG.exception("stand-in agent poll failed")
 
