@@ -50,6 +50,7 @@ from vmm_lab.linux import probe
 from vmm_linux import frames
 from vmm_orchestrator import engine
 from vmm_orchestrator.contracts import HostSpec
+from vmm_orchestrator.errors import VmmError
 from vmm_orchestrator.journal import Journal
 from vmm_orchestrator.model import Migration, MigrationEvent, Phase, Role, Vif, Workload
 from vmm_ovn import lab as lab_mod
@@ -597,17 +598,44 @@ def render(results: list[ModeResult]) -> str:
     return "\n".join(lines)
 
 
+def parse_modes(value: str | Sequence[str] | None) -> tuple[str, ...]:
+    """``"ovn,orchestrated"`` (or a list) -> checked modes; VmmError naming the bad one."""
+    if value is None:
+        return MODES
+    items = value.split(",") if isinstance(value, str) else list(value)
+    modes = tuple(m.strip() for m in items if m.strip())
+    unknown = [m for m in modes if m not in MODES]
+    if unknown or not modes:
+        raise VmmError(
+            f"unknown OVN demo mode(s): {', '.join(unknown) or '(none given)'}",
+            hint=f"choose from {', '.join(MODES)}",
+        )
+    return modes
+
+
 def run_demo(
     conf: cfg.ConfigOpts | None = None,
     json_out: str | None = None,
+    modes: str | Sequence[str] | None = None,
+    rate: int | None = None,
+    downtime_ms: float | None = None,
     settings: Settings | None = None,
 ) -> int:
     """``vmm lab demo --backend ovn``: every mode on one lab; 0 only if the
-    orchestrated run lost nothing after resume and had no stage error."""
+    orchestrated run lost nothing after resume and had no stage error.
+
+    ``modes`` (comma-separated or a list; default all of MODES), ``rate``
+    (probe packets/s per stream) and ``downtime_ms`` override ``settings``.
+    Raises VmmError (LabError) with a hint when OVN/OVS is not installed.
+    """
     if conf is None:
         conf = cfg.ConfigOpts()
         conf([], project="vmm-orchestrator", default_config_files=[])
-    settings = settings or Settings()
+    settings = dataclasses.replace(settings or Settings(), modes=parse_modes(modes))
+    if rate is not None:
+        settings = dataclasses.replace(settings, rate=int(rate))
+    if downtime_ms is not None:
+        settings = dataclasses.replace(settings, downtime_ms=float(downtime_ms))
     results = run_all(conf, settings)
     print(render(results))
     if json_out:

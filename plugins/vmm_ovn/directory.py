@@ -49,6 +49,7 @@ Neutron's writes.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import logging
 import threading
@@ -88,7 +89,8 @@ def _split_addresses(entries: Sequence[str]) -> tuple[str | None, list[str], lis
             mac = normalize_mac(parts[0])
         except ValueError:
             continue
-        v4, v6 = [], []
+        v4: list[str] = []
+        v6: list[str] = []
         for p in parts[1:]:
             try:
                 addr = ipaddress.ip_address(p.split("/")[0])
@@ -333,7 +335,7 @@ class OvnNbDirectory:
             for lsp in self._switch(vni).ports:
                 _, v4, v6 = _split_addresses(lsp.addresses or [])
                 if wanted in v4 or wanted in v6:
-                    return self.sb.read(lambda lsp=lsp: self._endpoint(vni, lsp))
+                    return self.sb.read(functools.partial(self._endpoint, vni, lsp))
             raise nva_errors.NotFound(f"no port with address {wanted} in VNI {vni}")
 
         return self.nb.read(read)

@@ -34,7 +34,7 @@ _APIS: dict[str, Any] = {
 }
 
 
-class _NotifyingIdl(connection.OvsdbIdl):  # type: ignore[misc]
+class _NotifyingIdl(connection.OvsdbIdl):
     """An IDL that sets every registered waiter's event on each row change."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
@@ -132,7 +132,7 @@ class Db:
         self.conn.stop(timeout=5)
 
 
-class _BumpNbCfg(command.BaseCommand):  # type: ignore[misc]
+class _BumpNbCfg(command.BaseCommand):
     """NB_Global.nb_cfg += 1, verified (a concurrent bump makes ovsdbapp retry)."""
 
     def run_idl(self, txn: Any) -> None:

@@ -21,6 +21,7 @@ agent, as on a real hypervisor).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import subprocess
 import threading
@@ -137,7 +138,7 @@ class OvnConntrackKind(StateKind):
                 mine = [_entry(e) for e in entries if e.get("lsp", lsp) == lsp]
                 if not mine:
                     continue
-                zone = chassis.db.wait_for(lambda lsp=lsp: chassis.ct_zone(lsp), wait)
+                zone = chassis.db.wait_for(functools.partial(chassis.ct_zone, lsp), wait)
                 if zone is None:
                     return ImportResult.fail(
                         self.name, Reason.TRANSFER_FAILED, f"no conntrack zone for {lsp} here"
