@@ -231,6 +231,23 @@ CHURN: dict[str, Callable[[str, int, float], int]] = {
 }
 
 
+def settle(kind: StateKind, migration_id: str, changed: int) -> None:
+    """Let the source's event reader take in the churn's events before the pause.
+
+    The churn stands for changes during the migration's memory copy, while
+    the VM still runs: the reader consumes their events as they come, and the
+    switchover finds them read (a burst just before the pause would be read
+    inside it instead). Waits at most two seconds.
+    """
+    trackers = getattr(kind, "_trackers", {})
+    tracker = trackers.get(migration_id)
+    if tracker is None or not changed:
+        return
+    until = time.monotonic() + 2.0
+    while tracker.events < changed and time.monotonic() < until:
+        time.sleep(0.01)
+
+
 def run_case(conf: cfg.ConfigOpts, kind_name: str, n: int, churn: float) -> dict[str, Any]:
     """Seed the source, pre-copy, churn, delta through the real stages; check the result."""
     prefix = f"vmmst{os.getpid() % 10000:04d}{secrets.token_hex(2)}"
@@ -253,6 +270,7 @@ def run_case(conf: cfg.ConfigOpts, kind_name: str, n: int, churn: float) -> dict
             StatePrecopy(conf).run(pre)
             precopy_ms = (time.perf_counter() - started) * 1000.0
             changed = CHURN[kind_name](src_ns, n, churn)
+            settle(src_kind, migration.id, changed)
             delta = context(src, migration, Phase.SWITCHOVER, Role.SOURCE)
             started = time.perf_counter()
             StateDelta(conf).run(delta)
@@ -322,6 +340,8 @@ def main(argv: list[str] | None = None) -> int:
     churns = [float(c) for c in args.churn.split(",") if c]
     cases = [("conntrack", int(n), c) for n in args.sessions.split(",") if n for c in churns]
     cases += [("nft_sets", int(n), c) for n in args.elements.split(",") if n for c in churns]
+    run_case(conf, "conntrack", 100, 1)  # warm-up: imports, libnftables, first sockets
+    load = os.getloadavg()[0]
     rows = []
     for kind_name, n, churn in cases:
         print(f"-- {kind_name}: {n} entries, {churn:g}% churn ...", flush=True)
@@ -352,6 +372,10 @@ def main(argv: list[str] | None = None) -> int:
     print(
         "no-state baseline (pause ms of the same SWITCHOVER stage): "
         + ", ".join(f"{label} {ms:.1f}" for label, ms in base.items())
+    )
+    print(
+        f"load average {load:.2f} at the start, {os.getloadavg()[0]:.2f} at the end "
+        f"({os.cpu_count()} cores; both hosts share this process)"
     )
     return 0
 

@@ -88,6 +88,8 @@ class StateSettings:
     retry_delay: float = 0.2
     tls: TlsFiles | None = None
     ledger_dir: str | None = None
+    #: longest a source tracks a migration's changes (a missed end is not a leak)
+    track_seconds: float = 3600.0
 
     def __post_init__(self) -> None:
         if not self.key or self.key_id not in self.verify_keys:
@@ -368,7 +370,29 @@ class StateHost:
                 )
                 continue
             with self._lock:
+                fresh = ctx.migration_id not in self._tracked
                 self._tracked.add(ctx.migration_id)
+            if fresh:
+                # A migration that aborts before its switchover leaves the source no
+                # stage to end its tracking: end it after a generous lifetime.
+                timer = threading.Timer(
+                    self.settings.track_seconds, self._expire, (ctx.migration_id,)
+                )
+                timer.daemon = True
+                timer.start()
+
+    def _expire(self, migration_id: str) -> None:
+        with self._lock:
+            if migration_id not in self._tracked:
+                return
+        LOG.warning(
+            "host %s: migration %s neither completed nor aborted within %.0f s; its "
+            "change tracking ends",
+            self.name,
+            migration_id,
+            self.settings.track_seconds,
+        )
+        self.forget(migration_id)
 
     def resolve(self, migration_id: str, description: str | None, role: Role | None) -> Migration:
         """The migration a request is about, or the ServiceError that refuses it."""
