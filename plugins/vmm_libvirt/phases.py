@@ -539,6 +539,15 @@ class Tracker:
         with self._lock:
             return dict(self._tracks)
 
+    def under_way(self) -> dict[str, Track]:
+        """The domains whose migration has not reached this host's last phase yet.
+
+        An agent told to stop waits for these (while still handling events) so
+        that a migration it prepared gets its RESUMED (or ABORTED) before exit.
+        """
+        with self._lock:
+            return {uuid: t for uuid, t in self._tracks.items() if not t.finished}
+
     def _store(self, uuid: str, track: Track) -> None:
         if track == Track():
             self._tracks.pop(uuid, None)

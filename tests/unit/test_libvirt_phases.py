@@ -318,6 +318,18 @@ def test_a_vetoed_migration_is_forgotten_and_a_retry_prepares_again() -> None:
     assert run([STARTED_MIGRATED], tracker) == [(Phase.PREPARE, D)]
 
 
+def test_under_way_lists_migrations_until_their_last_phase_here() -> None:
+    tracker = Tracker()
+    run([STARTED_MIGRATED], tracker)  # PREPARE ran: RESUMED still to come
+    assert set(tracker.under_way()) == {UUID}
+    run([RESUMED_MIGRATED], tracker)
+    assert tracker.under_way() == {}
+    run([Iteration(1), SUSPENDED_MIGRATED, REAL_PAUSE], tracker)  # source: SWITCHOVER ran
+    assert set(tracker.under_way()) == {UUID}
+    run([STOPPED_MIGRATED], tracker)
+    assert tracker.under_way() == {}
+
+
 # -- reconciliation ----------------------------------------------------------------------
 
 
