@@ -69,6 +69,14 @@ def parse_spec(spec: str) -> tuple[str, str, str, int]:
     return parts[0], parts[1], parts[2], int(parts[3])
 
 
+def _name(value: Any) -> Any:
+    """A hashable name of a JSON value (an element key, a limit): the tuple of
+    a flat list, else its JSON text."""
+    if isinstance(value, list) and all(isinstance(v, (str, int)) for v in value):
+        return tuple(value)
+    return json.dumps(value, sort_keys=True, separators=(",", ":"))
+
+
 class ElementKind(BaseKind):
     """Shared logic of the kinds whose state is nftables set elements."""
 
@@ -226,7 +234,7 @@ class NftSetsKind(ElementKind):
         super().__init__(conf)
         self._lock = threading.Lock()
         #: migration -> fingerprints of its pre-copy (None: the pre-copy is to come)
-        self._prints: dict[str, dict[tuple[str, ...], tuple[Any, ...]] | None] = {}
+        self._prints: dict[str, dict[tuple[Any, ...], tuple[Any, ...]] | None] = {}
         self._figures: dict[str, dict[str, Any]] = {}
         try:
             self.specs()
@@ -268,7 +276,8 @@ class NftSetsKind(ElementKind):
         Counters are not compared (they tick with every packet)."""
         expires = entry.get("expires")
         deadline = None if expires is None else now + float(expires)
-        return (entry.get("timeout"), deadline, json.dumps(entry.get("limit"), sort_keys=True))
+        limit = entry.get("limit")
+        return (entry.get("timeout"), deadline, None if limit is None else _name(limit))
 
     @staticmethod
     def _same(a: tuple[Any, ...], b: tuple[Any, ...]) -> bool:
@@ -288,7 +297,7 @@ class NftSetsKind(ElementKind):
         now = time.monotonic()
         current = list(self._export_all(ctx))
         prints = {
-            (e["family"], e["table"], e["set"], json.dumps(e["key"])): self._print(e, now)
+            (e["family"], e["table"], e["set"], _name(e["key"])): self._print(e, now)
             for e in current
         }
         if since is None or before is None:
@@ -304,7 +313,7 @@ class NftSetsKind(ElementKind):
             return
         changed = 0
         for entry in current:
-            name = (entry["family"], entry["table"], entry["set"], json.dumps(entry["key"]))
+            name = (entry["family"], entry["table"], entry["set"], _name(entry["key"]))
             old = before.get(name)
             if old is None or not self._same(old, prints[name]):
                 changed += 1
@@ -316,7 +325,7 @@ class NftSetsKind(ElementKind):
                 "family": family,
                 "table": table,
                 "set": set_name,
-                "key": json.loads(key),
+                "key": list(key) if isinstance(key, tuple) else json.loads(key),
             }
         with self._lock:
             self._figures[ctx.migration_id] = {
@@ -334,16 +343,20 @@ class NftSetsKind(ElementKind):
             except (OSError, LookupError):
                 LOG.warning("nft_sets: set %s %s %s is missing here", family, table, name)
                 continue
+            verdicts: dict[str, bool] = {}  # the field holds few distinct addresses
             for elem in elements:
                 key = elem["key"]
                 if field >= len(key) or not isinstance(key[field], str):
                     continue
-                try:
-                    if ip_text(key[field]) not in addresses:
-                        continue
-                except ValueError:
-                    continue
-                yield {"family": family, "table": table, "set": name, **elem}
+                value = key[field]
+                mine = verdicts.get(value)
+                if mine is None:
+                    try:
+                        mine = verdicts[value] = ip_text(value) in addresses
+                    except ValueError:
+                        mine = verdicts[value] = False
+                if mine:
+                    yield {"family": family, "table": table, "set": name, **elem}
 
     def check(self, ctx: KindContext, entry: dict[str, Any]) -> None:
         """The set is one that moves and the VM's address is in its field.
