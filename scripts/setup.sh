@@ -39,7 +39,7 @@ fi
 if [ ! -x .venv/bin/python ]; then
   "$PYTHON" -m venv .venv
 fi
-stamp=.venv/.installed-$(cat setup.py pyproject.toml | sha256sum | cut -c1-16)
+stamp=.venv/.installed-$(cat setup.py setup.cfg pyproject.toml | sha256sum | cut -c1-16)
 if [ ! -f "$stamp" ]; then
   .venv/bin/pip install -q --disable-pip-version-check -e '.[test]'
   rm -f .venv/.installed-*

@@ -70,6 +70,7 @@ from vmm_lab.libvirt.hosts import LibvirtHost
 from vmm_lab.linux import options as lab_options
 from vmm_lab.linux.demo import STATE_STAGES, LabSite, _install_firewalls, lab_site
 from vmm_lab.linux.topology import in_ns
+from vmm_lab.nva_process import endpoint_add
 from vmm_libvirt import options as lv_options
 from vmm_libvirt.announcers import LibvirtAnnounce
 from vmm_libvirt.daemon import Daemon, HostAgent
@@ -294,7 +295,9 @@ def libvirt_site(
     daemon: Daemon | None = None
     external = LIBVIRT_HOSTS if orchestrated and agent_processes else ()
     processes: dict[str, AgentProcess] = {}
-    with lab_site(conf, prefix, orchestrated=False, external=external) as site:
+    with lab_site(
+        conf, prefix, orchestrated=False, external=external, nva_process=bool(external)
+    ) as site:
         workdir = tempfile.mkdtemp(prefix=f"{prefix}-lv-")
         try:
             for name in LIBVIRT_HOSTS:
@@ -310,7 +313,13 @@ def libvirt_site(
             if state:
                 _install_firewalls(site)
             first = LIBVIRT_HOSTS[0]
-            site.client().add_endpoint(vni, spec.mac, [_bare(spec.ipv4)], [_bare(spec.ipv6)], first)
+            if processes:  # as the README's step 5 has an operator register it
+                config = next(iter(processes.values())).config
+                endpoint_add(config, vni, spec.mac, [_bare(spec.ipv4)], [_bare(spec.ipv6)], first)
+            else:
+                site.client().add_endpoint(
+                    vni, spec.mac, [_bare(spec.ipv4)], [_bare(spec.ipv6)], first
+                )
             conn = libvirt.open(hosts[first].uri)
             try:
                 boot = time.monotonic()

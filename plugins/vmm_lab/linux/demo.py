@@ -123,7 +123,8 @@ class LabSite:
     """
 
     lab: Lab
-    server: NvaServer
+    #: The directory: in-process (NvaServer) or ``vmm nva serve`` (NvaProcess).
+    server: Any
     token: str
     hosts: dict[str, LinuxHost]
     dispatchers: dict[str, engine.Dispatcher] | None
@@ -235,6 +236,7 @@ def lab_site(
     state: bool = False,
     move_state: bool = True,
     external: tuple[str, ...] = (),
+    nva_process: bool = False,
 ) -> Iterator[LabSite]:
     """Build the demo topology (PLACEMENT); tear everything down however the body ends.
 
@@ -242,7 +244,8 @@ def lab_site(
     (:func:`vmm_orchestrator.agent.assemble`) on the lab's configuration,
     exactly as ``vmm agent`` builds them. Hosts named in ``external`` are
     left to ``vmm agent`` processes the caller starts (their VMs are not
-    created here).
+    created here). ``nva_process`` serves the directory as the operator's
+    ``vmm nva serve`` process (vmm_lab.nva_process) instead of in-process.
 
     ``state`` adds what state migration needs: the firewall of
     :mod:`vmm_lab.firewall` on every host (IGMP snooping on the VN bridge,
@@ -260,7 +263,13 @@ def lab_site(
     lab = Lab(prefix, conf.lab.vni)
     workdir = tempfile.mkdtemp(prefix=f"{prefix}-")
     token = secrets.token_urlsafe(24)
-    server = NvaServer(NvaStore(":memory:"), token, "127.0.0.1", 0)
+    server: Any
+    if nva_process:
+        from vmm_lab.nva_process import NvaProcess
+
+        server = NvaProcess(workdir, token)
+    else:
+        server = NvaServer(NvaStore(":memory:"), token, "127.0.0.1", 0)
     assembly: root.Assembly | None = None
     firewalls: dict[str, HostFirewall] = {}
     try:
