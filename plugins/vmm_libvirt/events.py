@@ -314,8 +314,17 @@ class LibvirtEventSource:
     def _wants_progress(self, item: Item) -> bool:
         """Whether the job's statistics should follow ``item``: after the pause of a
         migration, and after each migration iteration while it stays paused."""
-        if isinstance(item, Reconciled | Disconnected):
-            self._paused.clear()  # a reconciliation reads the job itself
+        if isinstance(item, Disconnected):
+            self._paused.clear()
+            return False
+        if isinstance(item, Reconciled):  # it read each job itself; later iterations re-read
+            self._paused = {
+                d.uuid
+                for d in item.domains
+                if d.observed.job_operation == phases.JOB_MIGRATION_OUT
+                and (d.observed.state, d.observed.reason)
+                == (phases.STATE_PAUSED, phases.PAUSED_MIGRATION)
+            }
             return False
         if not isinstance(item, DomainSignal):
             return False

@@ -561,6 +561,39 @@ def test_defaults_switch_over_at_the_real_pause_and_not_at_an_operators_pause(
             source.stop()
 
 
+def test_which_items_the_job_statistics_follow() -> None:
+    """After the pause of an outgoing migration, and after its iterations while it stays
+    paused (also when a reconciliation found it paused); never otherwise."""
+    source = events.LibvirtEventSource("test:///default", lambda item: None)
+
+    def item(signal: phases.Signal, uuid: str = UUID1) -> events.DomainSignal:
+        return events.DomainSignal("test:///default", uuid, "vm", signal, time.monotonic())
+
+    wants = source._wants_progress
+    assert not wants(item(phases.Iteration(1)))
+    assert wants(item(L(E.SUSPENDED, phases.SUSPENDED_MIGRATED)))
+    assert wants(item(phases.Iteration(2)))
+    assert not wants(item(phases.Iteration(2), UUID2))
+    assert not wants(item(L(E.DEFINED, 0)))
+    assert wants(item(phases.Iteration(3)))  # DEFINED changes nothing
+    assert not wants(item(L(E.RESUMED, phases.RESUMED_MIGRATED)))
+    assert not wants(item(phases.Iteration(4)))
+    assert not wants(item(L(E.SUSPENDED, 0)))  # a pause outside a migration
+    observed = phases.Observed(
+        True, phases.STATE_PAUSED, phases.PAUSED_MIGRATION, phases.JOB_MIGRATION_OUT
+    )
+    reconciled = events.Reconciled(
+        "test:///default",
+        (events.DomainInfo(UUID2, "vm2", observed, None),),
+        time.monotonic(),
+        1,
+    )
+    assert not wants(reconciled)
+    assert wants(item(phases.Iteration(7), UUID2))
+    assert not wants(events.Disconnected("test:///default", "end of file", time.monotonic()))
+    assert not wants(item(phases.Iteration(8), UUID2))
+
+
 def test_reconnect_with_backoff_reregisters_and_reconciles(
     libvirtd: PrivateLibvirtd, source_factory: Any
 ) -> None:
