@@ -447,8 +447,9 @@ class NvaCommand(Command):
         command = args.endpoint_command
         vni = self._vni(args.vni)
         mac = None
-        if command != "list":
-            mac = self._flag("--mac", rules.check_mac, args.mac)
+        if command != "list":  # an existing entry may be named by any MAC (to delete it)
+            check = rules.check_mac if command == "add" else rules.check_mac_syntax
+            mac = self._flag("--mac", check, args.mac)
         if command == "add":
             # Everything is checked here, before the one request that registers it.
             ipv4 = [

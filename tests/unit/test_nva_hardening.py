@@ -170,6 +170,25 @@ def test_a_database_from_before_the_mobility_columns_opens(tmp_path: Path) -> No
         store.close()
 
 
+def test_a_bad_entry_from_an_older_directory_can_be_read_and_deleted(tmp_path: Path) -> None:
+    store = NvaStore(str(tmp_path / "nva.sqlite"))
+    try:
+        store.register_nve("host-a", "192.0.2.1", [VNI])
+        with store._tx() as db:
+            db.execute(
+                "INSERT INTO endpoints (vni, mac, ipv4, ipv6, nve, state, seq, revision,"
+                " updated_at) VALUES (100, '01:00:5e:00:00:01', '[]', '[]', 'host-a', 'active',"
+                " 0, 1, 0)"
+            )
+        assert store.get_endpoint(VNI, "01:00:5E:00:00:01")["nve"] == "host-a"
+        with pytest.raises(BadRequest, match="multicast"):
+            store.move(VNI, "01:00:5e:00:00:01", "host-a")
+        assert store.delete_endpoint(VNI, "01:00:5e:00:00:01")["mac"] == "01:00:5e:00:00:01"
+        assert store.list_endpoints() == []
+    finally:
+        store.close()
+
+
 def test_the_pruned_revision_survives_a_restart(tmp_path: Path) -> None:
     path = str(tmp_path / "nva.sqlite")
     store = NvaStore(path, keep_changes=10)

@@ -135,6 +135,20 @@ def check_vni(value: Any) -> int:
     return value
 
 
+def check_mac_syntax(value: Any) -> str:
+    """A MAC in canonical form, unicast or not: to name an endpoint that exists.
+
+    Reading, deleting and releasing take any MAC, so an operator can remove
+    an entry an older directory accepted before the unicast rule below.
+    """
+    if not isinstance(value, str):
+        raise BadRequest(f"mac must be a string like aa:bb:cc:dd:ee:ff, got {value!r}")
+    try:
+        return normalize_mac(value)
+    except ValueError as err:
+        raise BadRequest(str(err)) from None
+
+
 def check_mac(value: Any) -> str:
     """Normalize a MAC so 'AA-BB-..' and 'aa:bb:..' name the same endpoint.
 
@@ -634,7 +648,7 @@ class StoreFront:
 
     def get_endpoint(self, vni: int, mac: str) -> dict[str, Any]:
         """One endpoint by its key (VNI, MAC)."""
-        return self._do_get_endpoint(check_vni(vni), check_mac(mac))
+        return self._do_get_endpoint(check_vni(vni), check_mac_syntax(mac))
 
     def find(self, vni: int, ip: str | None = None, mac: str | None = None) -> dict[str, Any]:
         """Look an endpoint up by IP (ARP/ND cache miss) or by MAC (RARP); both must match."""
@@ -647,7 +661,7 @@ class StoreFront:
 
     def delete_endpoint(self, vni: int, mac: str) -> dict[str, Any]:
         """Remove an endpoint and tell the NVEs; returns it with the delete's revision."""
-        return self._do_delete_endpoint(check_vni(vni), check_mac(mac))
+        return self._do_delete_endpoint(check_vni(vni), check_mac_syntax(mac))
 
     # ---------------------------------------------------------- migration
 
@@ -676,7 +690,7 @@ class StoreFront:
 
     def release(self, vni: int, mac: str) -> dict[str, Any]:
         """Unfreeze a MAC frozen as flapping and forget its move history (operator action)."""
-        return self._do_release(check_vni(vni), check_mac(mac))
+        return self._do_release(check_vni(vni), check_mac_syntax(mac))
 
     def expire(self, vni: int, mac: str, nves: Sequence[str]) -> dict[str, Any]:
         """Tell ``nves`` to drop their cached entry for ``mac`` and look it up again."""
