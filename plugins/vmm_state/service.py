@@ -255,6 +255,8 @@ class StateHost:
         self.resyncs = 0
         #: (migration, kind) found available at a full export here
         self._available: set[tuple[str, str]] = set()
+        #: migrations for which this host froze the heap (``freeze_heap``)
+        self._frozen: set[str] = set()
 
     @classmethod
     def from_conf(
@@ -306,6 +308,10 @@ class StateHost:
             client.close()
         for migration_id in tracked:
             self._untrack(migration_id)
+        with self._lock:
+            frozen, self._frozen = set(self._frozen), set()
+        for migration_id in frozen:
+            thaw_heap(migration_id)
 
     @property
     def url(self) -> str:
@@ -335,6 +341,7 @@ class StateHost:
             self._expected.pop(migration_id, None)
             self._tracked.discard(migration_id)
             self._available = {m for m in self._available if m[0] != migration_id}
+            self._frozen.discard(migration_id)
         thaw_heap(migration_id)
         self._untrack(migration_id)
         for name, kind in self.kinds.items():
@@ -493,14 +500,18 @@ class StateHost:
         pieces = write_bundle(header, s.key_id, s.key, sections, s.chunk_entries)
         return self._without_gc(pieces, migration.id if full else None)
 
-    @staticmethod
-    def _without_gc(pieces: Iterator[bytes], freeze: str | None) -> Iterator[bytes]:
+    def _without_gc(self, pieces: Iterator[bytes], freeze: str | None) -> Iterator[bytes]:
         """The bundle, written with the collector paused (see ``no_gc``); after a
         pre-copy's export the heap is frozen until the migration ends (``freeze_heap``)."""
         with no_gc():
             yield from pieces
         if freeze is not None:
-            freeze_heap(freeze)
+            self._freeze(freeze)
+
+    def _freeze(self, migration_id: str) -> None:
+        with self._lock:
+            self._frozen.add(migration_id)
+        freeze_heap(migration_id)
 
     def _section(
         self,
@@ -641,7 +652,7 @@ class StateHost:
         (the collector paused; the heap frozen afterwards until the migration ends)."""
         with no_gc():
             done = self._pull(migration, label, kinds, deadline)
-        freeze_heap(migration.id)
+        self._freeze(migration.id)
         return done
 
     def _pull(self, migration: Migration, label: str, kinds: list[str], until: float) -> Transfer:
