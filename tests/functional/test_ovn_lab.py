@@ -153,25 +153,38 @@ def test_barrier_holds_while_ovn_controller_is_stalled(lab: lab_mod.OvnLab) -> N
         nve.close()
 
 
-def test_packet_out_announcement_updates_a_peers_neighbour(lab: lab_mod.OvnLab) -> None:
+def test_packet_out_announcement_updates_a_peers_neighbours(lab: lab_mod.OvnLab) -> None:
+    """GARP (IPv4), unicast ARP reply (to a 'gateway') and unsolicited NA (IPv6,
+    Override) injected from the VM's own port reach a peer on another chassis
+    and replace its stale entries."""
     vm, peer = lab.vms["vm2"], lab.vms["vm3"]
-    lab.ns_run(
-        peer.netns, "ip", "neigh", "replace", vm.ipv4, "lladdr", "0a:00:00:00:00:99",
-        "dev", peer.link, "nud", "stale",
-    )  # fmt: skip
+    wrong = "0a:00:00:00:00:99"
+    for addr in (vm.ipv4, vm.ipv6):
+        lab.ns_run(
+            peer.netns, "ip", "neigh", "replace", addr, "lladdr", wrong,
+            "dev", peer.link, "nud", "stale",
+        )  # fmt: skip
     chassis = OvnChassis(lab.chassis[vm.chassis].db)
     try:
-        announcer = OvnAnnouncer(chassis, [0], activation=False)
+        announcer = OvnAnnouncer(chassis, [0], gateways=[(peer.ipv4, peer.mac)], activation=False)
         handle = announcer.announce(_vif(vm))
-        assert handle.errors == [] and handle.frames_sent == 2  # GARP + NA
+        assert handle.errors == [] and handle.frames_sent == 3  # GARP, ARP reply, NA
         assert handle.port == vm.port and handle.barrier is not None and handle.barrier.ok
+
+        def entries() -> dict[str, str]:
+            found = {}
+            for addr in (vm.ipv4, vm.ipv6):
+                found[addr] = lab.ns_run(peer.netns, "ip", "neigh", "show", addr, "dev", peer.link)
+            return found
+
         deadline = time.monotonic() + 2.0
         while time.monotonic() < deadline:
-            out = lab.ns_run(peer.netns, "ip", "neigh", "show", vm.ipv4, "dev", peer.link)
-            if vm.mac in out:
+            seen = entries()
+            if all(vm.mac in out for out in seen.values()):
                 break
             time.sleep(0.02)
-        assert vm.mac in out, f"peer's entry not updated by the injected GARP: {out!r}"
+        assert vm.mac in seen[vm.ipv4], f"IPv4 entry not updated: {seen[vm.ipv4]!r}"
+        assert vm.mac in seen[vm.ipv6], f"IPv6 entry not updated by the NA: {seen[vm.ipv6]!r}"
     finally:
         chassis.close()
 
