@@ -236,8 +236,11 @@ class HookServer:
                     conn.sendall(json.dumps(answer).encode("utf-8") + b"\n")
                 except OSError:
                     delivered = False
-                if handled and answer.get("allow") and (not delivered or expired(request)):
-                    self._abandoned(request, answer)
+                # Only a relay that waits (it sent "expires") reads the answer.
+                waited = request.get("expires") is not None
+                if handled and waited and answer.get("allow"):
+                    if not delivered or expired(request):
+                        self._abandoned(request, answer)
         finally:
             with self._in_flight_lock:
                 self._in_flight.discard(threading.current_thread())

@@ -539,20 +539,30 @@ def test_an_allow_the_relay_no_longer_waited_for_is_abandoned(workdir: Path) -> 
     assert answer["reason"] == "migration m1 prepared"
 
 
-def test_a_refusal_or_an_answer_in_time_is_never_abandoned(workdir: Path) -> None:
+def test_a_refusal_an_answer_in_time_or_a_notification_is_never_abandoned(
+    workdir: Path,
+) -> None:
     abandoned: list[Any] = []
-    answers: Iterator[dict[str, Any]] = iter([{"allow": True}, {"allow": False, "reason": "no"}])
+    answers: Iterator[dict[str, Any]] = iter(
+        [{"allow": True}, {"allow": False, "reason": "no"}, {"allow": True}]
+    )
+
+    def handle(request: dict[str, Any]) -> dict[str, Any]:
+        if request["op"] == "release":
+            time.sleep(0.3)  # the relay is long gone when the answer is sent
+        return next(answers)
+
     server = HookServer(
-        str(workdir / "hook.sock"),
-        lambda r: next(answers),
-        on_abandoned=lambda r, a: abandoned.append(r),
+        str(workdir / "hook.sock"), handle, on_abandoned=lambda r, a: abandoned.append(r)
     )
     server.start()
     try:
         assert run_relay(relay_config(workdir))[0].returncode == 0
         assert run_relay(relay_config(workdir))[0].returncode == 1
+        # An unguarded call: the relay hands it over and closes without reading the answer.
+        assert run_relay(relay_config(workdir), op="release", sub_op="end")[0].returncode == 0
     finally:
-        server.stop()
+        server.stop()  # waits for the release call's handler
     assert abandoned == []
 
 
