@@ -19,7 +19,9 @@ pipeline's own stages move them:
   the pause.
 
 Columns: ``pre-copy ms`` is the whole pre-copy stage; ``pause ms`` the delta
-stage (inside the VM's pause); ``delta`` and ``delta bytes`` what crossed
+stage (inside the VM's pause); each ``(cpu)`` the CPU time this process
+(both hosts: their services share it) spent meanwhile, which a loaded
+machine does not stretch; ``delta`` and ``delta bytes`` what crossed
 in the pause; ``mode`` says delta, or resync if events were lost;
 ``exact`` whether the destination ended with exactly the source's final
 set; ``move ms`` is pre-copy plus pause. ``export/s`` is the kind's own
@@ -266,15 +268,17 @@ def run_case(conf: cfg.ConfigOpts, kind_name: str, n: int, churn: float) -> dict
             export_s = time.perf_counter() - started
             src.expect(migration)
             pre = context(dst, migration, Phase.PREPARE, Role.DESTINATION)
-            started = time.perf_counter()
+            started, cpu = time.perf_counter(), time.process_time()
             StatePrecopy(conf).run(pre)
             precopy_ms = (time.perf_counter() - started) * 1000.0
+            precopy_cpu = (time.process_time() - cpu) * 1000.0
             changed = CHURN[kind_name](src_ns, n, churn)
             settle(src_kind, migration.id, changed)
             delta = context(src, migration, Phase.SWITCHOVER, Role.SOURCE)
-            started = time.perf_counter()
+            started, cpu = time.perf_counter(), time.process_time()
             StateDelta(conf).run(delta)
             pause_ms = (time.perf_counter() - started) * 1000.0
+            pause_cpu = (time.process_time() - cpu) * 1000.0
             exact = vm_state(src_ns, kind_name) == vm_state(dst_ns, kind_name)
             src.forget(migration.id)
             dst.revert_imports(migration)
@@ -287,7 +291,9 @@ def run_case(conf: cfg.ConfigOpts, kind_name: str, n: int, churn: float) -> dict
         "entries": exported,
         "churn": f"{churn:g}% ({changed})",
         "precopy_ms": precopy_ms,
+        "precopy_cpu": precopy_cpu,
         "pause_ms": pause_ms,
+        "pause_cpu": pause_cpu,
         "delta": moved["entries"],
         "delta_bytes": delta.notes["bytes"],
         "mode": moved.get("delta", {}).get("mode", "-"),
@@ -356,7 +362,9 @@ def main(argv: list[str] | None = None) -> int:
                 ("entries", "entries"),
                 ("churn", "churn"),
                 ("precopy_ms", "pre-copy ms"),
+                ("precopy_cpu", "(cpu)"),
                 ("pause_ms", "pause ms"),
+                ("pause_cpu", "(cpu)"),
                 ("delta", "delta"),
                 ("delta_bytes", "delta bytes"),
                 ("mode", "mode"),

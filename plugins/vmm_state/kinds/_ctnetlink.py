@@ -35,6 +35,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import errno
+import operator
 import os
 import socket
 import struct
@@ -523,22 +524,63 @@ def _fast_new(conn: Conn, flags: int) -> bytes | None:
     head = (_ORIG_V4, _REPLY_V4) if fam == socket.AF_INET else (_ORIG_V6, _REPLY_V6)
     status = (conn.status & SETTABLE_STATUS) | IPS_CONFIRMED
     args = [
-        whole.size + len(extra), _NEW_TYPE, flags, 0, 0, fam, 0, 0,
-        head[0], ip_hdrs[0], ip_hdrs[1], pton(fam, o.src), ip_hdrs[2], pton(fam, o.dst),
-        _PROTO_HDRS[0], _PROTO_HDRS[1], o.proto, _SPORT_HDR, htons(o.sport),
-        _DPORT_HDR, htons(o.dport),
-        head[1], ip_hdrs[0], ip_hdrs[1], pton(fam, r.src), ip_hdrs[2], pton(fam, r.dst),
-        _PROTO_HDRS[0], _PROTO_HDRS[1], r.proto, _SPORT_HDR, htons(r.sport),
-        _DPORT_HDR, htons(r.dport),
-        _TIMEOUT_HDR, socket.htonl(conn.timeout), _STATUS_HDR, socket.htonl(status),
-    ]  # fmt: skip
+        whole.size + len(extra),
+        _NEW_TYPE,
+        flags,
+        0,
+        0,
+        fam,
+        0,
+        0,
+        head[0],
+        ip_hdrs[0],
+        ip_hdrs[1],
+        pton(fam, o.src),
+        ip_hdrs[2],
+        pton(fam, o.dst),
+        _PROTO_HDRS[0],
+        _PROTO_HDRS[1],
+        o.proto,
+        _SPORT_HDR,
+        htons(o.sport),
+        _DPORT_HDR,
+        htons(o.dport),
+        head[1],
+        ip_hdrs[0],
+        ip_hdrs[1],
+        pton(fam, r.src),
+        ip_hdrs[2],
+        pton(fam, r.dst),
+        _PROTO_HDRS[0],
+        _PROTO_HDRS[1],
+        r.proto,
+        _SPORT_HDR,
+        htons(r.sport),
+        _DPORT_HDR,
+        htons(r.dport),
+        _TIMEOUT_HDR,
+        socket.htonl(conn.timeout),
+        _STATUS_HDR,
+        socket.htonl(status),
+    ]
     if tcp:
         h = _TCP_INFO_HDRS
         args += (
-            h[0], h[1], h[2], conn.tcp_state, h[3], conn.tcp_wscale_orig, h[4],
-            conn.tcp_wscale_reply, h[5], conn.tcp_flags_orig, 0xFF, h[6],
-            conn.tcp_flags_reply, 0xFF,
-        )  # fmt: skip
+            h[0],
+            h[1],
+            h[2],
+            conn.tcp_state,
+            h[3],
+            conn.tcp_wscale_orig,
+            h[4],
+            conn.tcp_wscale_reply,
+            h[5],
+            conn.tcp_flags_orig,
+            0xFF,
+            h[6],
+            conn.tcp_flags_reply,
+            0xFF,
+        )
     return whole.pack(*args) + extra
 
 
@@ -667,6 +709,89 @@ def _fast_tuple(data: bytes, pos: int, length: int) -> tuple[Any, ...] | None:
     return None
 
 
+def _dump_layout(family: int) -> tuple[struct.Struct, tuple[bytes, ...], Callable[..., Any]]:
+    """How the kernel (6.x) lays out a dumped TCP entry of ``family`` up to its
+    protocol info: both tuples, status, mark, id, use, timeout, TCP info.
+    A struct for all of it, the constant headers it must show, and a getter
+    for those headers."""
+    tup = _TUPLE_FMT[family].replace("H2x", "2s2x")  # ports as raw bytes
+    fmt = "=4s4s" + tup + "4s" + tup + "4sI4sI4sI4sI4sI" + _TCP_FMT
+    whole = struct.Struct(fmt)
+    hdrs4 = _V4_HDRS if family == socket.AF_INET else _V6_HDRS
+    orig = _ORIG_V4 if family == socket.AF_INET else _ORIG_V6
+    reply = _REPLY_V4 if family == socket.AF_INET else _REPLY_V6
+    # field indices: 0 nfgen, 1 orig hdr, 2..13 orig tuple, 14 reply hdr, 15..26 reply tuple,
+    # 27/28 status, 29/30 mark, 31/32 id, 33/34 use, 35/36 timeout, 37.. tcp info
+    tuple_hdrs = (0, 1, 3, 5, 6, 8, 10)
+    expected = (
+        orig,
+        *(v for v in (*hdrs4, *_PROTO_HDRS, _SPORT_HDR, _DPORT_HDR)),
+        reply,
+        *(v for v in (*hdrs4, *_PROTO_HDRS, _SPORT_HDR, _DPORT_HDR)),
+        _STATUS_HDR,
+        _hdr(8, CTA_MARK),
+        _hdr(8, CTA_ID),
+        _hdr(8, CTA_USE),
+        _TIMEOUT_HDR,
+        *_TCP_INFO_HDRS,
+    )
+    idx = [1, *(2 + i for i in tuple_hdrs), 14, *(15 + i for i in tuple_hdrs)]
+    idx += [27, 29, 31, 33, 35]
+    idx += [37, 38, 39, 41, 43, 45, 48]
+    getter = operator.itemgetter(*idx)
+    assert len(idx) == len(expected)
+    return whole, expected, getter
+
+
+CTA_USE = 11
+_DUMP_TCP = {f: _dump_layout(f) for f in _TUPLE_FMT}
+
+
+def _parse_tcp_fast(
+    data: bytes, pos: int, end: int, raw: set[bytes] | frozenset[bytes] | None
+) -> tuple[Conn | None, int] | None:
+    """A dumped TCP entry in one struct call: (Conn or None if filtered out,
+    where its remaining attributes start); None if laid out otherwise."""
+    fam = data[pos]
+    layout = _DUMP_TCP.get(fam)
+    if layout is None:
+        return None
+    whole, expected, getter = layout
+    if end - pos < whole.size:
+        return None
+    t = whole.unpack_from(data, pos)
+    if getter(t) != expected or t[9] != IPPROTO_TCP:
+        return None
+    osrc, odst, rsrc, rdst = t[4], t[6], t[17], t[19]
+    if raw is not None and not (osrc in raw or odst in raw or rsrc in raw or rdst in raw):
+        return (None, pos + whole.size)
+    ntop = socket.inet_ntop
+    ntohl = socket.ntohl
+    osp, odp = t[11], t[13]
+    rsp, rdp = t[24], t[26]
+    orig = Tuple(
+        fam,
+        IPPROTO_TCP,
+        ntop(fam, osrc),
+        ntop(fam, odst),
+        (osp[0] << 8) | osp[1],
+        (odp[0] << 8) | odp[1],
+    )
+    reply = Tuple(
+        fam,
+        t[22],
+        ntop(fam, rsrc),
+        ntop(fam, rdst),
+        (rsp[0] << 8) | rsp[1],
+        (rdp[0] << 8) | rdp[1],
+    )
+    conn = Conn(orig, reply, ntohl(t[36]), ntohl(t[28]), ntohl(t[30]))
+    conn.id = ntohl(t[32])
+    conn.tcp_state, conn.tcp_wscale_orig, conn.tcp_wscale_reply = t[40], t[42], t[44]
+    conn.tcp_flags_orig, conn.tcp_flags_reply = t[46], t[49]
+    return (conn, pos + whole.size)
+
+
 def parse_conn(
     data: bytes,
     pos: int,
@@ -686,6 +811,14 @@ def parse_conn(
     fam = data[pos]
     if fam != socket.AF_INET and fam != socket.AF_INET6:
         return None
+    fast = _parse_tcp_fast(data, pos, end, raw)
+    if fast is not None:
+        conn, rest_at = fast
+        if conn is None or (keep is not None and not keep(conn.orig, conn.reply)):
+            return None
+        if rest_at < end:
+            _decode_rest(conn, _attrs(memoryview(data)[:end], rest_at))
+        return conn
     pos += _NFGENMSG.size
     found: dict[int, Any] = {}
     rest: dict[int, tuple[int, int]] = {}
