@@ -153,10 +153,18 @@ class LibvirtDriver:
             except nva_errors.NvaError as exc:
                 raise VmmError(exc.message, hint=exc.hint) from None
             if not found:
+                hint = "register the NIC there first; its network would not follow"
+                if self.directory.kind == "neutron":
+                    # Neutron shows a user only its own project's ports (no error).
+                    who = getattr(self.directory, "who", "these credentials")
+                    hint = (
+                        f"is it a Neutron port that {who} may see? "
+                        f"`openstack port list --mac-address {mac}` as admin"
+                    )
                 raise VmmError(
                     f"the directory ({self.directory.kind} at {self.directory.where}) knows no "
                     f"endpoint with MAC {mac} of domain {name}",
-                    hint="register the NIC there first; its network would not follow",
+                    hint=hint,
                 )
             nics.extend(found)
         return Target(self._uuid, name, source, destination, nics, "running")

@@ -16,14 +16,16 @@ tests/openstack/test_neutron_behaviour.py, run against both):
   is kept (hosts are bindable once ``add_host``/``add_server`` named them);
 * bindings exist only for compute ports (400 for any other port);
 * activating a binding keeps the old one INACTIVE with ``vif_type unbound``;
-* deleting a binding deletes it even when ACTIVE, and a missing one is 204.
+* deleting a binding deletes it even when ACTIVE, and a missing one is 204;
+* a user without admin or service sees only its own project's ports: others
+  are absent from lists (no error) and 404 when asked for.
 
 Users (``FakeCloud.users``): the operator (admin role only, DevStack's
 admin), ``nova`` (service and admin roles, Nova's service user; the
-``[neutron]`` section of ``neutron_section()``) and ``binder`` (service
-role only). It speaks only the subset ``vmm migrate-with-network`` and the
-Neutron directory use, with the status codes and error bodies of the real
-services:
+``[neutron]`` section of ``neutron_section()``), ``binder`` (service
+role only) and ``demo`` (member of project demo). It speaks only the
+subset ``vmm migrate-with-network`` and the Neutron directory use, with the
+status codes and error bodies of the real services:
 
 * Keystone v3: version discovery, ``POST /v3/auth/tokens`` (password) with a
   catalog holding compute, network and identity.
@@ -150,10 +152,13 @@ class FakeCloud:
             username: (password, project, ("admin",)),
             "nova": (SERVICE_PASSWORD, "service", ("service", "admin")),
             "binder": (SERVICE_PASSWORD, "service", ("service",)),
+            "demo": (password, "demo", ("member", "reader")),
         }
         self.lock = threading.RLock()
         #: token -> the roles of its user
         self.tokens: dict[str, frozenset[str]] = {}
+        #: token -> the project id it is scoped to
+        self.token_projects: dict[str, str] = {}
         self.requests: list[tuple[str, str]] = []
         #: (method, path, microversion) of every versioned Nova request
         self.nova_requests: list[tuple[str, str, tuple[int, int]]] = []
@@ -444,6 +449,7 @@ class FakeCloud:
         token = uuid.uuid4().hex
         with self.lock:
             self.tokens[token] = frozenset(roles)
+            self.token_projects[token] = f"p-{project}"
         domain = {"id": "default", "name": "Default"}
         answer = {
             "token": {
@@ -870,7 +876,9 @@ class FakeCloud:
         path = path.removeprefix("/v2.0")
         parts = [p for p in path.split("/") if p]
         with self.lock:
-            self._roles = self.tokens.get(headers.get("X-Auth-Token") or "", frozenset())
+            token = headers.get("X-Auth-Token") or ""
+            self._roles = self.tokens.get(token, frozenset())
+            self._project = self.token_projects.get(token, "")
             status, answer = self._neutron_route(method, parts, query, body)
         return status, answer, {}
 
@@ -878,6 +886,10 @@ class FakeCloud:
         """Neutron's default policy: one of ``roles`` or 403, as the real one answers."""
         if not self._roles & set(roles):
             raise neutron_error(403, "HTTPForbidden", f"rule:{rule} is disallowed by policy")
+
+    def _sees(self, item: dict[str, Any]) -> bool:
+        """Admins and services see everything; others only their own project's."""
+        return bool(self._roles & {"admin", "service"}) or item["project_id"] == self._project
 
     def _network_view(self, net: dict[str, Any]) -> dict[str, Any]:
         """A network as the caller sees it: provider attributes for admins only."""
@@ -921,9 +933,12 @@ class FakeCloud:
                 raise neutron_error(404, "NetworkNotFound", f"Network {parts[1]} not found.")
             return 200, {"network": self._network_view(net)}
         if parts == ["ports"] and method == "GET":
-            return 200, {"ports": self._filtered(list(self.ports.values()), query)}
+            visible = [p for p in self.ports.values() if self._sees(p)]
+            return 200, {"ports": self._filtered(visible, query)}
         if parts[:1] == ["ports"] and len(parts) >= 2:
             port = self._port(parts[1])
+            if not self._sees(port):
+                raise neutron_error(404, "PortNotFound", f"Port {parts[1]} could not be found.")
             if len(parts) == 2 and method == "GET":
                 return 200, {"port": dict(port)}
             if len(parts) == 2 and method == "PUT":
@@ -1129,6 +1144,7 @@ class FakeCloud:
         raise ApiError(404, {"error": {"message": f"no service at {path}"}})
 
     _roles: frozenset[str] = frozenset()
+    _project: str = ""
 
     def _check_token(self, headers: Any, prefix: str) -> None:
         token = headers.get("X-Auth-Token")

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from real_cloud import ADMIN, BINDER, STUCK_HOST, RealCloud
+from real_cloud import ADMIN, BINDER, DEMO, STUCK_HOST, RealCloud
 from standin_libvirt import StandInLibvirt
 
 from vmm_openstack import libvirt_driver
@@ -276,6 +276,24 @@ def test_a_service_user_without_the_admin_role_names_the_role_and_the_fix(
         f"net-{scene.tag} from [neutron] binder: reading provider:segmentation_id (the VNI) "
         "needs the admin role" in line
     )
+    assert scene.bindings(port.id) == {"cmp1": "ACTIVE"}
+
+
+def test_a_user_who_cannot_see_the_port_is_told_so(
+    real_cloud: RealCloud, scene: Any, operator: None, tmp_path: Path, monkeypatch, capsys
+) -> None:
+    """A member of another project: Neutron lists no port for the MAC, without an error."""
+    port = scene.server_port("cmp1")
+    vm = StandInLibvirt("vm-demo", [port.mac_address], "cmp1")
+
+    status = move(monkeypatch, conf_file(tmp_path, real_cloud, DEMO), vm, "cmp1", "cmp2")
+
+    _, err = capsys.readouterr()
+    line = one_error_line(err)
+    assert status == cli.EXIT_ERROR
+    assert f"phase resolve failed: the directory (neutron at {real_cloud.neutron_url}" in line
+    assert f"knows no endpoint with MAC {port.mac_address} of domain vm-demo" in line
+    assert "is it a Neutron port that [neutron] demo may see?" in line
     assert scene.bindings(port.id) == {"cmp1": "ACTIVE"}
 
 

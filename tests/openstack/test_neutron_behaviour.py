@@ -19,7 +19,7 @@ from typing import Any
 import openstack
 import pytest
 from openstack import exceptions as sdk_exc
-from real_cloud import ADMIN, BINDER, NOVA, RealCloud, Scene
+from real_cloud import ADMIN, BINDER, DEMO, NOVA, RealCloud, Scene
 
 from vmm_openstack import cloud as os_cloud
 
@@ -39,6 +39,7 @@ class Backend:
     admin: Any  # DevStack's admin: admin role, no service role
     nova: Any  # Nova's service user: service and admin roles
     binder: Any  # service role only
+    demo: Any  # member of another project
     network_id: str
 
     def server_port(self) -> str:
@@ -61,6 +62,7 @@ class RealBackend(Backend):
         self.admin = cloud.connect(ADMIN)
         self.nova = cloud.connect(NOVA)
         self.binder = cloud.connect(BINDER)
+        self.demo = cloud.connect(DEMO)
         self.network_id = scene.network.id
 
     def server_port(self) -> str:
@@ -70,7 +72,7 @@ class RealBackend(Backend):
         return str(self.scene.server_port(owner="").id)
 
     def close(self) -> None:
-        for conn in (self.admin, self.nova, self.binder):
+        for conn in (self.admin, self.nova, self.binder, self.demo):
             conn.close()
 
 
@@ -85,6 +87,7 @@ class FakeBackend(Backend):
         self.admin = self._connect(cloud.username, cloud.password, cloud.project)
         self.nova = self._connect("nova", *cloud.users["nova"][:2])
         self.binder = self._connect("binder", *cloud.users["binder"][:2])
+        self.demo = self._connect("demo", *cloud.users["demo"][:2])
         self._macs = 0
 
     def _connect(self, user: str, password: str, project: str) -> Any:
@@ -114,7 +117,7 @@ class FakeBackend(Backend):
         return self.cloud.add_port(self.network_id, self._mac())
 
     def close(self) -> None:
-        for conn in (self.admin, self.nova, self.binder):
+        for conn in (self.admin, self.nova, self.binder, self.demo):
             conn.close()
 
 
@@ -229,3 +232,13 @@ def test_neutron_deletes_even_an_active_binding_and_a_missing_one_is_no_error(
     nova.delete_port_binding(port, "cmp1")  # the ACTIVE one: gone
 
     assert neutron.bindings(port) == {}
+
+
+def test_a_member_of_another_project_sees_no_port_and_gets_no_error(neutron: Backend) -> None:
+    port = neutron.server_port()
+    mac = neutron.nova.network.get_port(port).mac_address
+
+    assert list(neutron.demo.network.ports(mac_address=mac)) == []
+    with pytest.raises(sdk_exc.NotFoundException):
+        neutron.demo.network.get_port(port)
+    assert [p.id for p in neutron.binder.network.ports(mac_address=mac)] == [port]
