@@ -331,6 +331,41 @@ def baseline(conf: cfg.ConfigOpts) -> dict[str, float]:
     return out
 
 
+def rates(conf: cfg.ConfigOpts, n: int) -> dict[str, tuple[float, float]]:
+    """The conntrack kind's own rates at ``n`` sessions, without transport:
+    export (dump, decode, JSON-able entries), check, import (into an empty
+    table) and import replacing (every entry exists). Per step: entries per
+    second of wall time and of this process's CPU time."""
+    prefix = f"vmmst{os.getpid() % 10000:04d}{secrets.token_hex(2)}"
+    out: dict[str, tuple[float, float]] = {}
+
+    def timed(name: str, work: Callable[[], Any]) -> Any:
+        wall, cpu = time.perf_counter(), time.process_time()
+        result = work()
+        wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+        out[name] = (n / wall, n / cpu if cpu else 0.0)
+        return result
+
+    with namespaces(prefix) as (src_ns, dst_ns):
+        kind = load_kind(conf, "conntrack")
+        seed_sessions(src_ns, n)
+        src = KindContext(src_ns, VM.vifs, "rates")
+        dst = KindContext(dst_ns, VM.vifs, "rates")
+        entries = timed("export", lambda: list(kind.export(src)))
+
+        def check() -> None:
+            for entry in entries:
+                kind.check(dst, entry)
+
+        timed("check", check)
+        result = timed("import", lambda: kind.import_(dst, entries))
+        if not result.ok:
+            raise RuntimeError(f"import failed: {result.detail}")
+        timed("import (replace)", lambda: kind.import_(dst, [dict(e) for e in entries]))
+        kind.forget("rates")
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else "")
     parser.add_argument("--sessions", default="1000,10000,100000", help="conntrack sizes")
@@ -353,6 +388,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"-- {kind_name}: {n} entries, {churn:g}% churn ...", flush=True)
         rows.append(run_case(conf, kind_name, n, churn))
     base = baseline(conf)
+    top = max((n for kind_name, n, _c in cases if kind_name == "conntrack"), default=0)
+    measured = rates(conf, top) if top else {}
     print()
     print(
         format_table(
@@ -381,6 +418,11 @@ def main(argv: list[str] | None = None) -> int:
         "no-state baseline (pause ms of the same SWITCHOVER stage): "
         + ", ".join(f"{label} {ms:.1f}" for label, ms in base.items())
     )
+    if measured:
+        print(
+            f"conntrack kind at {top} sessions, entries/s wall (cpu): "
+            + ", ".join(f"{k} {w:,.0f} ({c:,.0f})" for k, (w, c) in measured.items())
+        )
     print(
         f"load average {load:.2f} at the start, {os.getloadavg()[0]:.2f} at the end "
         f"({os.cpu_count()} cores; both hosts share this process)"

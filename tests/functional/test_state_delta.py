@@ -317,3 +317,31 @@ def test_sessions_older_than_the_event_switch_are_reread_not_trusted(pair):
     assert figures["mode"] == "delta" and figures["events"] == 0, figures
     assert figures["reread"] == 5, figures  # the VM's five old sessions
     same_sessions(pair.src_ns, pair.dst_ns)
+
+
+def test_the_one_struct_dump_decoder_agrees_with_the_general_one(pair, monkeypatch):
+    """Dumped TCP entries take the one-struct path; zoned and UDP ones the general
+    one; both give the same sessions (timeouts aside: they tick between dumps)."""
+    conns = [tcp(PEER4, VM_V4, 30000 + i, 443) for i in range(20)]
+    for c in conns[:5]:
+        c.zone, c.mark = 2, 9
+    conns += [tcp(PEER6, VM_V6, 30100, 443), udp(VM_V4, PEER4, 5353, 53, 300)]
+    apply(pair.src_ns, [("create", c) for c in conns])
+    seen: list[Any] = []
+    real = ctnl._parse_tcp_fast
+
+    def counting(*args: Any) -> Any:
+        out = real(*args)
+        seen.append(out is not None)
+        return out
+
+    monkeypatch.setattr(ctnl, "_parse_tcp_fast", counting)
+    fast = table(pair.src_ns)
+    assert sum(seen) == 16  # 15 plain IPv4 TCP + 1 IPv6 TCP
+    monkeypatch.setattr(ctnl, "_parse_tcp_fast", lambda *a: None)
+    general = table(pair.src_ns)
+    assert fast.keys() == general.keys() and len(fast) == 22
+    for key, conn in fast.items():
+        other = general[key]
+        conn.timeout = other.timeout = 0
+        assert conn == other, key
