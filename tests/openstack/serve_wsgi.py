@@ -24,6 +24,8 @@ import os
 import signal
 import socketserver
 import sys
+import threading
+import time
 from typing import Any
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
@@ -55,6 +57,19 @@ def serialized(app: Any, lock: Any) -> Any:
     return locked
 
 
+def _exit_with_parent() -> None:
+    """End when the test run that started this server is gone, even if it was killed
+    without a chance to stop it (the server runs in a session of its own)."""
+    parent = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(1.0)
+        os._exit(0)
+
+    threading.Thread(target=watch, name="parent-watch", daemon=True).start()
+
+
 def main() -> None:
     target, port_file = sys.argv[1], sys.argv[2]
     lock_name = sys.argv[3] if len(sys.argv) > 3 else None
@@ -68,6 +83,7 @@ def main() -> None:
         "127.0.0.1", 0, app, server_class=ThreadingWSGIServer, handler_class=QuietHandler
     )
     signal.signal(signal.SIGTERM, lambda *_: os._exit(0))
+    _exit_with_parent()
     tmp = port_file + ".tmp"
     with open(tmp, "w", encoding="utf-8") as fh:
         fh.write(str(server.server_port))
