@@ -428,8 +428,11 @@ class OvnLab:
         assert vm.pending is not None
         destination, link, port = vm.pending
         src = self.chassis[vm.chassis]
-        src.vsctl("--if-exists", "del-port", "br-int", vm.port)
+        # As libvirt does: the source QEMU exits and its tap goes, then the port
+        # is removed from br-int. (The other order, del-port on a live veth, made
+        # ovs-vswitchd drop a few packets of other ports on the source chassis.)
         run("ip", "-n", vm.netns, "link", "del", vm.link, check=False)
+        src.vsctl("--if-exists", "del-port", "br-int", vm.port)
         vm.chassis, vm.link, vm.port = destination, link, port
         vm.generation += 1
         vm.pending = None
@@ -439,8 +442,8 @@ class OvnLab:
         if vm.pending is None:
             return
         destination, link, port = vm.pending
-        self.chassis[destination].vsctl("--if-exists", "del-port", "br-int", port)
         run("ip", "-n", vm.netns, "link", "del", link, check=False)
+        self.chassis[destination].vsctl("--if-exists", "del-port", "br-int", port)
         run("ip", "-n", vm.netns, "link", "set", vm.link, "up")
         vm.pending = None
 
