@@ -256,8 +256,11 @@ def _view(
             key = (t["phase"], t["stage"])
             if key in by_key:
                 revert_ms[key] = t["duration_ms"]
-            else:
-                by_key[key] = t
+                continue
+            by_key[key] = t = dict(t, notes=dict(t.get("notes") or {}))
+            first = t["notes"].get("first_frame_monotonic")
+            if first is not None:  # a monotonic instant means nothing to a reader
+                t["notes"]["first_frame_ms"] = (float(first) - rep["origin_monotonic"]) * 1e3
     stages = []
     for run in sorted(runs, key=lambda r: r["seq"]):
         key = (run["phase"], run["stage"])
@@ -294,7 +297,7 @@ def _view(
         s.stage
         for s in sorted(
             (s for s in stages if s.outcome in ("reverted", "revert failed")),
-            key=lambda s: -(runs_reverted(runs, s) or 0.0),
+            key=lambda s: runs_reverted(runs, s) or 0.0,  # revert order: newest stage first
         )
     ]
     return MigrationView(

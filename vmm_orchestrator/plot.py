@@ -39,7 +39,7 @@ _PHASE_ORDER = {"PREPARE": 0, "SWITCHOVER": 1, "RESUMED": 2, "COMPLETED": 3, "AB
 
 @dataclasses.dataclass
 class Bar:
-    """One stage run (or revert) on a lane ("h2 RESUMED")."""
+    """One stage run (or revert) on its lane ("h2 RESUMED announce")."""
 
     lane: str
     stage: str
@@ -72,9 +72,18 @@ class Timeline:
 # ------------------------------------------------------------------ building
 
 
-def _lane_key(lane: str) -> tuple[int, str]:
-    host, _, phase = lane.partition(" ")
-    return (_PHASE_ORDER.get(phase, 9), host)
+def _lanes(timelines: Sequence[Timeline]) -> list[str]:
+    """One row per host, phase and stage: by phase, then by when the stage first ran."""
+    first: dict[str, float] = {}
+    for tl in timelines:
+        for b in tl.bars:
+            first[b.lane] = min(first.get(b.lane, b.start_ms), b.start_ms)
+
+    def key(lane: str) -> tuple[int, float, str]:
+        phase = lane.split(" ")[1] if " " in lane else ""
+        return (_PHASE_ORDER.get(phase, 9), first[lane], lane)
+
+    return sorted(first, key=key)
 
 
 def bars_from_reports(reports: Iterable[dict[str, Any]], zero_wall: float) -> list[Bar]:
@@ -89,7 +98,7 @@ def bars_from_reports(reports: Iterable[dict[str, Any]], zero_wall: float) -> li
             seen.add(key)
             bars.append(
                 Bar(
-                    lane=f"{rep['host']} {rep['phase']}",
+                    lane=f"{rep['host']} {t['phase']} {t['stage']}",
                     stage=t["stage"],
                     start_ms=base + float(t["started_offset_ms"]),
                     duration_ms=float(t["duration_ms"]),
@@ -187,8 +196,9 @@ def _window(
 ) -> tuple[float, float]:
     if window is not None:
         return window
+    # Long tails (a hold timer of seconds) would squeeze the pause to a line.
     starts = [b.start_ms for t in timelines for b in t.bars]
-    ends = [b.start_ms + b.duration_ms for t in timelines for b in t.bars if b.duration_ms < 2000]
+    ends = [b.start_ms + b.duration_ms for t in timelines for b in t.bars if b.duration_ms < 400]
     pauses = [p for t in timelines if t.pause for p in t.pause]
     lo = min(starts + pauses + [0.0]) - 20.0
     hi = max(ends + pauses + [100.0]) + 20.0
@@ -218,7 +228,7 @@ def render(
         raise VmmError(f"cannot write {path}: the picture is .svg or .png", hint="name it *.svg")
     lo, hi = _window(timelines, window)
     with_streams = any(t.streams for t in timelines)
-    lanes = sorted({b.lane for t in timelines for b in t.bars}, key=_lane_key)
+    lanes = _lanes(timelines)
     rows = 2 if with_streams else 1
     heights = [max(2.0, 0.45 * len(lanes) + 1.0)] + ([3.2] if with_streams else [])
     fig, axes = plt.subplots(
@@ -248,25 +258,36 @@ def render(
                 edgecolor="black",
                 linewidth=0.4,
             )
-            label = (
-                b.stage
-                if b.start_ms + b.duration_ms <= hi
-                else f"{b.stage} ({b.duration_ms:.0f} ms)"
-            )
+            if b.revert:
+                continue
+            end = b.start_ms + b.duration_ms
+            text = f"{b.duration_ms:.1f} ms"
+            if b.start_ms >= hi:
+                text = f"at +{b.start_ms:.0f} ms, lasts {b.duration_ms:.0f} ms \u2192"
+            elif end >= hi:
+                text += " \u2192"
             ax.text(
-                max(b.start_ms, lo) + 0.5,
+                min(end, hi) + (hi - lo) * 0.005 * (-1 if end >= hi else 1),
                 y,
-                label,
+                text,
                 va="center",
-                ha="left",
+                ha="right" if end >= hi else "left",
                 fontsize=7,
                 clip_on=True,
             )
         for ms, text in tl.marks:
             ax.axvline(ms, color="#1565c0", lw=1, ls="--")
-            ax.text(ms, -0.8, f" {text} {ms:.1f} ms", color="#1565c0", fontsize=7, va="center")
+            ax.text(
+                ms,
+                -0.8,
+                f" {text} +{ms:.1f} ms ",
+                color="#1565c0",
+                fontsize=7,
+                va="center",
+                ha="left" if ms < (lo + hi) / 2 else "right",
+            )
         ax.axvline(0.0, color="black", lw=0.8)
-        ax.set_yticks(range(len(lanes)), lanes, fontsize=8)
+        ax.set_yticks(range(len(lanes)), lanes if col == 0 else [], fontsize=8)
         ax.set_ylim(len(lanes) - 0.4, -1.3)
         ax.set_xlim(lo, hi)
         ax.set_title(tl.title, fontsize=10)
