@@ -19,7 +19,7 @@ from vmm_state.kind import PoisonedEntry, Reason
 from vmm_state.kinds import _common
 from vmm_state.kinds import _ctnetlink as ctnl
 from vmm_state.kinds._common import freeze_heap, no_gc, thaw_heap
-from vmm_state.kinds.conntrack import PARSED, ConntrackKind, to_entry
+from vmm_state.kinds.conntrack import PARSED, ConntrackKind, deletion, to_entry
 from vmm_state.kinds.nftsets import NftSetsKind
 
 VM4, VM6 = "198.19.100.10", "fd00:100::10"
@@ -104,10 +104,10 @@ def test_the_dump_parser_filters_on_raw_addresses_before_decoding() -> None:
 def test_delta_entries_are_checked_like_any_other(conf: cfg.ConfigOpts) -> None:
     kind = ConntrackKind(conf)
     ctx = kind_context(None, MIGRATION)
-    mine = {"op": "delete", **to_entry(CASES[0])}
+    mine = deletion(CASES[0])
     kind.check(ctx, mine)
     assert isinstance(mine[PARSED], ctnl.Conn)  # parsed once, for import_
-    other = {"op": "delete", **to_entry(conn(socket.AF_INET, 6, "10.0.0.1", "198.19.100.11"))}
+    other = deletion(conn(socket.AF_INET, 6, "10.0.0.1", "198.19.100.11"))
     with pytest.raises(PoisonedEntry):
         kind.check(ctx, other)
     kind.check(ctx, {"op": "resync", "age": 0.5})
@@ -122,7 +122,7 @@ def test_a_delta_that_deletes_another_vms_session_is_refused_whole(conf: cfg.Con
     key = b"k" * 32
     entries = [
         to_entry(CASES[0]),
-        {"op": "delete", **to_entry(conn(socket.AF_INET, 6, "10.0.0.1", "198.19.100.11"))},
+        deletion(conn(socket.AF_INET, 6, "10.0.0.1", "198.19.100.11")),
     ]
     header = BundleHeader("mig-1", "vm1", "src", "delta", since=1.0, exported_at=2.0)
     pieces = write_bundle(header, "k", key, [SectionSource("conntrack", entries)])

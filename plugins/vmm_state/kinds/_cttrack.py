@@ -110,7 +110,13 @@ class Tracker:
             except (OSError, ValueError):
                 return  # closed under us by stop()
             if ready:
-                self.pump()
+                try:
+                    self.pump()
+                except Exception as err:  # a reader that dies must not leave a silent gap
+                    LOG.error("conntrack event reader in %s failed: %r", self.netns, err)
+                    with self._lock:
+                        self.lost += 1
+                    return
 
     def pump(self) -> None:
         """Read every queued event now."""
@@ -156,7 +162,11 @@ class Tracker:
     def delta(self) -> tuple[list[ctnl.Conn], list[ctnl.Conn], dict[str, int]] | None:
         """(changed entries with current timeouts, destroyed entries, figures),
         or None if an event was lost (send everything instead)."""
-        self.pump()
+        try:
+            self.pump()
+        except OSError as err:
+            LOG.error("conntrack events in %s unreadable: %r", self.netns, err)
+            return None
         with self._lock:
             if self.lost:
                 return None

@@ -231,11 +231,46 @@ def from_entry(entry: dict[str, Any]) -> ctnl.Conn:
     return conn
 
 
+def deletion(conn: ctnl.Conn) -> dict[str, Any]:
+    """The delta entry that says a session is gone: its tuples and zone."""
+    entry: dict[str, Any] = {
+        "op": "delete",
+        "family": FAMILY_NAMES[conn.orig.family],
+        "proto": ctnl.PROTOCOL_NAMES[conn.orig.proto],
+        "orig": conn.orig.to_dict(),
+        "reply": conn.reply.to_dict(),
+    }
+    if conn.zone:
+        entry["zone"] = conn.zone
+    return entry
+
+
+def from_deletion(entry: dict[str, Any]) -> ctnl.Conn:
+    """Parse a deletion (ValueError if malformed): tuples and zone are all it needs."""
+    if entry.__class__ is not dict:
+        raise ValueError(f"an entry must be an object, got {type(entry).__name__}")
+    try:
+        family = FAMILIES[entry["family"]]
+        proto = PROTOCOLS[entry["proto"]]
+        conn = ctnl.Conn(
+            _tuple(family, proto, entry["orig"]), _tuple(family, proto, entry["reply"])
+        )
+    except KeyError as exc:
+        raise ValueError(f"deletion lacks or has an unknown {exc}: {str(entry)[:200]}") from None
+    except TypeError:
+        raise ValueError(f"malformed deletion {str(entry)[:200]}") from None
+    if "zone" in entry:
+        conn.zone = _int(entry["zone"], 0xFFFF, "zone")
+    return conn
+
+
 def parsed(entry: dict[str, Any]) -> ctnl.Conn:
     """The entry's Conn: the one ``check`` parsed, else parsed now."""
     conn = entry.get(PARSED)
     if conn.__class__ is ctnl.Conn:
         return conn  # type: ignore[no-any-return]
+    if entry.get("op") == "delete":
+        return from_deletion(entry)
     return from_entry(entry)
 
 
@@ -445,7 +480,7 @@ class ConntrackKind(BaseKind):
                         yield to_entry(conn)
                 for conn in destroyed:
                     if conn.orig.proto in ctnl.SUPPORTED_PROTOCOLS:
-                        yield {"op": "delete", **to_entry(conn)}
+                        yield deletion(conn)
                 return
             LOG.warning(
                 "conntrack: %d event loss(es) while tracking %s; sending a full resync",
@@ -492,7 +527,7 @@ class ConntrackKind(BaseKind):
             return
         if op not in _OPS:
             raise ValueError(f"unknown conntrack entry op {op!r}")
-        conn = from_entry(entry)
+        conn = from_deletion(entry) if op == "delete" else from_entry(entry)
         memo = self._checking
         if memo is None or memo[0] is not ctx:  # the same context for a whole bundle
             memo = self._checking = (ctx, _canonical_cached(frozenset(ctx.addresses)))
@@ -544,8 +579,8 @@ class ConntrackKind(BaseKind):
             return ImportResult.fail(
                 self.name, Reason.UNSUPPORTED, f"{nat} NATed session(s) cannot be installed"
             )
-        with self._lock:
-            ours = set(self._ours.get(ctx.migration_id, ()))
+        with self._lock:  # read only until the install is done (imports run one at a time)
+            ours = self._ours.get(ctx.migration_id) or set()
         keys = [key_of(c) for c in wanted]
         if resync:  # whatever we installed before and the source no longer has
             doomed += [_conn_of(k) for k in ours.difference(keys)]
