@@ -650,8 +650,23 @@ class NvaCommand(Command):
             for n in sorted(nves, key=lambda n: str(n["id"]))
         ]
         vns = [{"vni": vni, "endpoints": count} for vni, count in sorted(per_vn.items())]
+        frozen = [
+            {k: e.get(k) for k in ("vni", "mac", "nve", "frozen_at", "frozen_reason")}
+            for e in endpoints
+            if e.get("frozen")
+        ]
         if args.format == "json":
-            print(json.dumps({"url": url, "revision": revision, "nves": nve_rows, "vns": vns}))
+            print(
+                json.dumps(
+                    {
+                        "url": url,
+                        "revision": revision,
+                        "nves": nve_rows,
+                        "vns": vns,
+                        "frozen": frozen,
+                    }
+                )
+            )
             return 0
         print(f"directory {url} at revision {revision}")
         print()
@@ -673,6 +688,11 @@ class NvaCommand(Command):
             print(format_table(["VN", "endpoints"], [[v["vni"], v["endpoints"]] for v in vns]))
         else:
             print("no VN")
+        if frozen:  # flapping MACs the directory refuses to move until released
+            print()
+            print(f"{len(frozen)} frozen MAC(s) (release with `vmm nva endpoint release`):")
+            for f in frozen:
+                print(f"  {f['mac']} in VN {f['vni']} at {f['nve']}: {f['frozen_reason']}")
         return 0
 
 

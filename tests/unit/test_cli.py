@@ -358,7 +358,13 @@ def test_nva_serve_runs_answers_status_and_stops_on_sigterm(tmp_path: Path) -> N
             "nva", "status", "--url", url, "-f", "json", env=clean_env(VMM_NVA_TOKEN=TOKEN)
         )
         assert res.returncode == 0, res.stderr
-        assert json.loads(res.stdout) == {"url": url, "revision": 0, "nves": [], "vns": []}
+        assert json.loads(res.stdout) == {
+            "url": url,
+            "revision": 0,
+            "nves": [],
+            "vns": [],
+            "frozen": [],
+        }
         proc.send_signal(signal.SIGTERM)
         _, err = proc.communicate(timeout=10)
         assert proc.returncode == 0, err
@@ -842,6 +848,12 @@ def test_nva_endpoint_release_and_sticky(
     assert _vmm(conf, "endpoint", "show", "--vni", str(VNI), "--mac", mac) == 0
     shown = capsys.readouterr().out
     assert "FROZEN (3 moves in 180 s, over the limit of 2" in shown and "recent moves: 3" in shown
+    assert _vmm(conf, "status") == 0
+    status = capsys.readouterr().out
+    assert "1 frozen MAC(s) (release with `vmm nva endpoint release`):" in status
+    assert f"  {mac} in VN {VNI} at h1: 3 moves in 180 s" in status
+    assert _vmm(conf, "status", "-f", "json") == 0
+    assert [f["mac"] for f in json.loads(capsys.readouterr().out)["frozen"]] == [mac]
     assert _vmm(conf, "endpoint", "release", "--vni", str(VNI), "--mac", mac) == 0
     assert capsys.readouterr().out.startswith(f"released: {mac}")
     assert nva.store.move(VNI, mac, "h2")["nve"] == "h2"
