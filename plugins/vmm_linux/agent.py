@@ -761,5 +761,16 @@ class NveAgent:
         except Exception as exc:
             LOG.warning("%s: cannot point %s back at %s: %s", self.id, mac, where, exc)
 
+    def stats(self) -> dict[str, int]:
+        """The agent's counters, for an operator's status and for tests."""
+        return {
+            "revision": self.revision,
+            "watch_errors": self.errors,
+            "rejected_entries": self.rejected_entries,
+            "refused_moves": self.refused_moves,
+            "reported_moves": self.reported_moves,
+            "guard_failures": self.guard.failures if self.guard is not None else 0,
+        }
+
     def wait_synced(self, timeout: float) -> bool:
         return self._synced.wait(timeout)

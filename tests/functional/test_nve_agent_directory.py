@@ -241,6 +241,8 @@ def test_an_agent_skips_entries_it_cannot_apply_counts_them_and_starts(site: Sit
     assert wait_for(lambda: site.admin.get_nve("h1")["acked_revision"] >= moved["revision"])
     assert agent.rejected_entries == 5
     assert agent.errors == 0  # the watch never broke
+    stats = agent.stats()
+    assert (stats["rejected_entries"], stats["watch_errors"]) == (5, 0)
 
 
 # ------------------------------------------------------ no hijack (issues 13, 14)
