@@ -209,12 +209,15 @@ class Tuple:
         )
 
     def to_dict(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"src": self.src, "dst": self.dst}
         if self.proto in ICMP_PROTOCOLS:
-            out.update(id=self.icmp_id, type=self.icmp_type, code=self.icmp_code)
-        else:
-            out.update(sport=self.sport, dport=self.dport)
-        return out
+            return {
+                "src": self.src,
+                "dst": self.dst,
+                "id": self.icmp_id,
+                "type": self.icmp_type,
+                "code": self.icmp_code,
+            }
+        return {"src": self.src, "dst": self.dst, "sport": self.sport, "dport": self.dport}
 
     @classmethod
     def from_dict(cls, family: int, proto: int, data: dict[str, Any]) -> Tuple:

@@ -501,6 +501,11 @@ class ConntrackKind(BaseKind):
 
     @staticmethod
     def _entries(conns: list[ctnl.Conn]) -> Iterator[dict[str, Any]]:
+        with no_gc():  # a hundred thousand live dicts: see no_gc
+            yield from ConntrackKind._each_entry(conns)
+
+    @staticmethod
+    def _each_entry(conns: list[ctnl.Conn]) -> Iterator[dict[str, Any]]:
         for conn in conns:
             if conn.orig.proto not in ctnl.SUPPORTED_PROTOCOLS:
                 expected = conn.orig.proto in EXPECTED_UNSUPPORTED
