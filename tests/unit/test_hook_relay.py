@@ -9,6 +9,7 @@ agent, and the trace every fail-open pass leaves on stderr and in syslog.
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import os
 import shutil
@@ -596,3 +597,32 @@ def test_the_server_refuses_a_malformed_expires(workdir: Path) -> None:
     request = {"guest": "g", "op": "migrate", "sub_op": "begin", "expires": "soon"}
     answer = server.answer(json.dumps(request).encode())
     assert answer["error"] and "'expires' must be a number" in answer["reason"]
+
+
+@pytest.mark.parametrize(
+    ("op", "sub_op", "status"), [("started", "begin", 0), ("migrate", "begin", 1)]
+)
+def test_a_failing_relay_never_stops_a_vm(
+    workdir: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    op: str,
+    sub_op: str,
+    status: int,
+) -> None:
+    """A bug in the relay itself: an unguarded call still goes on (libvirt would stop the
+    VM on a failing "started" hook); a guarded one is refused, with the reason."""
+    namespace: dict[str, Any] = {"__name__": "relay"}
+    exec(compile(RELAY.read_text(), str(RELAY), "exec"), namespace)
+
+    def broken(*_args: Any) -> Any:
+        raise KeyError("boom")
+
+    namespace["notify"] = broken
+    namespace["ask"] = broken
+    monkeypatch.setenv("VMM_HOOK_CONFIG", str(relay_config(workdir)))
+    monkeypatch.setattr("sys.stdin", io.StringIO(XML))
+    assert namespace["run"](["relay", "vm-é", op, sub_op, "-"]) == status
+    verdict = "refusing" if status else "going on"
+    err = capsys.readouterr().err
+    assert f"vm-é {op} {sub_op}: the relay failed (KeyError: 'boom'); {verdict}" in err
