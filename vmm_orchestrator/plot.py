@@ -51,11 +51,13 @@ class Bar:
 
 @dataclasses.dataclass
 class StreamSeries:
-    """One probe stream: arrival times and send times of lost packets, in ms from zero."""
+    """One probe stream, in ms from zero: arrival times, send times of the packets
+    that arrived, and send times of the lost ones."""
 
     name: str
     received_ms: list[float]
     lost_ms: list[float]
+    delivered_ms: list[float] = dataclasses.field(default_factory=list)
 
 
 @dataclasses.dataclass
@@ -168,7 +170,10 @@ def stream_series(
         ]
         lo, hi = s.first_seq, s.first_seq + len(s.send_ns)
         recv = sorted((ns - zero_ns) / 1e6 for seq, ns in got.items() if lo <= seq < hi)
-        out.append(StreamSeries(s.stream, recv, lost))
+        delivered = [
+            (ns - zero_ns) / 1e6 for i, ns in enumerate(s.send_ns) if (s.first_seq + i) in got
+        ]
+        out.append(StreamSeries(s.stream, recv, lost, sorted(delivered)))
     return out
 
 
@@ -205,6 +210,47 @@ def _window(
     return lo, hi
 
 
+def _draw_streams(
+    sx: Any,
+    tl: Timeline,
+    names: list[str],
+    step: float,
+    lo: float,
+    hi: float,
+    first_column: bool,
+) -> None:
+    """One row per stream: packets delivered per bin, by send time (so a dip is
+    exactly when the path was broken, whatever the receiver's scheduling did), and
+    a red tick at the send time of every lost packet."""
+    if tl.pause is not None:
+        sx.axvspan(*tl.pause, color="#b0bec5", alpha=0.5, lw=0)
+    palette = ["#1565c0", "#00838f", "#2e7d32", "#6a1b9a", "#ad1457", "#4e342e", "#37474f"]
+    for st in tl.streams:
+        i = names.index(st.name)
+        base = i * step
+        centres, counts = _counts(st.delivered_ms, lo, hi)
+        colour = palette[i % len(palette)]
+        sx.plot(centres, [base + c for c in counts], lw=1, color=colour, drawstyle="steps-mid")
+        sx.axhline(base, color=colour, lw=0.3, alpha=0.5)
+        lost = [t for t in st.lost_ms if lo <= t <= hi]
+        if lost:
+            sx.plot(lost, [base] * len(lost), "|", color="#c62828", ms=7, mew=0.8)
+    total_lost = sum(1 for st in tl.streams for t in st.lost_ms if t >= 0)
+    sx.axvline(0.0, color="black", lw=0.8)
+    sx.set_yticks([i * step for i in range(len(names))], names if first_column else [])
+    sx.tick_params(axis="y", labelsize=8)
+    sx.set_ylim(-0.3 * step, len(names) * step)
+    if first_column:
+        sx.set_ylabel(f"packets delivered / {BIN_MS:.0f} ms (by send time)", fontsize=8)
+    sx.set_xlabel("ms from the VM's resume at the destination", fontsize=8)
+    sx.set_title(
+        f"lost after resume: {total_lost} (red ticks: every lost packet, at its send time)",
+        fontsize=8,
+        color="#c62828",
+    )
+    sx.grid(axis="x", alpha=0.3)
+
+
 def render(
     timelines: Sequence[Timeline],
     path: str,
@@ -230,7 +276,9 @@ def render(
     with_streams = any(t.streams for t in timelines)
     lanes = _lanes(timelines)
     rows = 2 if with_streams else 1
-    heights = [max(2.0, 0.45 * len(lanes) + 1.0)] + ([3.2] if with_streams else [])
+    n_streams = len({st.name for tl in timelines for st in tl.streams})
+    heights = [max(2.0, 0.45 * len(lanes) + 1.0)]
+    heights += [max(2.0, 0.5 * n_streams + 1.0)] if with_streams else []
     fig, axes = plt.subplots(
         rows,
         len(timelines),
@@ -239,7 +287,10 @@ def render(
         sharex=True,
         gridspec_kw={"height_ratios": heights},
     )
-    ymax = 0
+    names = sorted({st.name for tl in timelines for st in tl.streams})
+    streams = [st for tl in timelines for st in tl.streams]
+    peak = max((max(_counts(st.delivered_ms, lo, hi)[1], default=0) for st in streams), default=0)
+    step = peak * 1.3 + 2.0
     for col, tl in enumerate(timelines):
         ax = axes[0][col]
         if tl.pause is not None:
@@ -262,16 +313,21 @@ def render(
                 continue
             end = b.start_ms + b.duration_ms
             text = f"{b.duration_ms:.1f} ms"
+            x, align = min(end, hi) + (hi - lo) * 0.005, "left"
             if b.start_ms >= hi:
                 text = f"at +{b.start_ms:.0f} ms, lasts {b.duration_ms:.0f} ms \u2192"
-            elif end >= hi:
-                text += " \u2192"
+            elif end < lo:
+                text = f"\u2190 at {b.start_ms:.0f} ms, lasts {b.duration_ms:.1f} ms"
+                x = lo + (hi - lo) * 0.005
+            if end >= hi:
+                text += "" if b.start_ms >= hi else " \u2192"
+                x, align = hi - (hi - lo) * 0.005, "right"
             ax.text(
-                min(end, hi) + (hi - lo) * 0.005 * (-1 if end >= hi else 1),
+                x,
                 y,
                 text,
                 va="center",
-                ha="right" if end >= hi else "left",
+                ha=align,
                 fontsize=7,
                 clip_on=True,
             )
@@ -293,37 +349,19 @@ def render(
         ax.set_title(tl.title, fontsize=10)
         ax.grid(axis="x", alpha=0.3)
         if with_streams:
-            sx = axes[1][col]
-            if tl.pause is not None:
-                sx.axvspan(*tl.pause, color="#b0bec5", alpha=0.5, lw=0)
-            for s in tl.streams:
-                centres, counts = _counts(s.received_ms, lo, hi)
-                ymax = max([ymax, *counts])
-                sx.plot(centres, counts, lw=1, label=s.name, drawstyle="steps-mid")
-                lost = [t for t in s.lost_ms if lo <= t <= hi]
-                if lost:
-                    sx.plot(lost, [-0.5] * len(lost), "|", color="#c62828", ms=6)
-            total_lost = sum(1 for s in tl.streams for t in s.lost_ms if t > 0)
-            sx.axvline(0.0, color="black", lw=0.8)
-            sx.set_ylabel(f"packets / {BIN_MS:.0f} ms", fontsize=8)
-            sx.set_xlabel("ms from the VM's resume at the destination", fontsize=8)
-            sx.text(
-                0.99,
-                0.04,
-                f"lost after resume: {total_lost} (red ticks: every lost packet)",
-                transform=sx.transAxes,
-                ha="right",
-                fontsize=7,
-                color="#c62828",
-            )
-            sx.grid(alpha=0.3)
-            if tl.streams:
-                sx.legend(fontsize=6, ncol=3, loc="upper right")
+            _draw_streams(axes[1][col], tl, names, step, lo, hi, col == 0)
         else:
             ax.set_xlabel("ms from the VM's resume at the destination", fontsize=8)
-    if with_streams:
-        for col in range(len(timelines)):
-            axes[1][col].set_ylim(-1.5, ymax * 1.35 + 1)
+        if not tl.bars:
+            ax.text(
+                (lo + hi) / 2,
+                (len(lanes) - 1) / 2,
+                "no orchestrator: no stage ran",
+                ha="center",
+                va="center",
+                fontsize=9,
+                color="#616161",
+            )
     legend = [Patch(color=c, label=k) for k, c in _COLOURS.items() if k != "running"]
     legend.append(Patch(color="#b0bec5", label="pause"))
     fig.legend(handles=legend, loc="lower center", ncol=len(legend), fontsize=8, frameon=False)
