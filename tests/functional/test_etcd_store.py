@@ -33,7 +33,7 @@ from vmm_etcd.store import EtcdNvaStore
 from vmm_orchestrator.errors import ConfigError, TransientError
 from vmm_orchestrator.journal import Journal
 from vmm_orchestrator.nva.client import NvaClient
-from vmm_orchestrator.nva.errors import Conflict, NotFound, NvaError, Unavailable
+from vmm_orchestrator.nva.errors import Conflict, Gone, NotFound, NvaError, Unavailable
 from vmm_orchestrator.nva.server import NvaServer
 from vmm_orchestrator.nva.store import NvaStore
 
@@ -387,3 +387,29 @@ def test_pruning_deletes_old_changes_of_every_vn_from_etcd(estore: EtcdNvaStore)
     revisions = sorted(int(item.key.rsplit("/", 1)[1]) for item in log)
     assert revisions and revisions[0] > floor  # both VNs' old changes are gone
     assert len(revisions) == estore.revision - floor
+
+
+def test_client_watch_behind_the_pruned_log_is_gone(
+    pair: tuple[EtcdNvaStore, EtcdNvaClient],
+) -> None:
+    """A live etcd stream never falls behind; an agent that comes back with an old
+    revision after the log was pruned is told to re-sync, and can."""
+    orchestrator, agent = pair
+    orchestrator.keep_changes = 10
+    orchestrator.add_endpoint(VNI, MAC, ["10.0.0.1"], [], "host-a")
+    old, _ = agent.watch("host-b", 0, timeout=0)
+    for _ in range(20):
+        orchestrator.expire(VNI, MAC, ["host-b"])
+    revision, changes = agent.watch("host-b", old, timeout=2.0)  # the live stream...
+    while revision < orchestrator.revision:
+        revision, more = agent.watch("host-b", revision, timeout=2.0)
+        changes += more
+    assert len(changes) == 20  # ...lost nothing to the pruning
+    with pytest.raises(Gone, match="no longer in the change log"):
+        agent.watch("host-b", old, timeout=0)  # back from an old revision: re-sync
+    revision, endpoints = agent.snapshot(VNI)
+    assert [e["mac"] for e in endpoints] == [MAC] and revision == orchestrator.revision
+    assert agent.watch("host-b", revision, timeout=0) == (revision, [])
+    orchestrator.move(VNI, MAC, "host-b")
+    revision, changes = agent.watch("host-b", revision, timeout=2.0)
+    assert [c["endpoint"]["nve"] for c in changes] == ["host-b"]
