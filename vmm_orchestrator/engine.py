@@ -793,12 +793,15 @@ class Pipeline:
           or COMPLETED (the VM already runs at the destination), else REVERTED.
 
         FINISHED re-runs the stages not completed in the last phase reached
-        (a stage cut short gets its checkpoint back as ``ctx.saved``); the
-        migration becomes 'done' when that phase is the role's last, else it
-        stays 'running' for the next events. REVERTED reverts the stages run
-        so far, newest first (the stage cut short included), like ABORTED,
-        and the migration becomes 'reverted'. When ``locate`` raises, the
-        migration is left running and the report says why.
+        (a stage cut short gets its checkpoint back as ``ctx.saved``); when
+        the workload is known to run at the destination it also runs every
+        later phase of the role (their events were missed while this host
+        was down); the migration becomes 'done' when the role's last phase
+        ran, else it stays 'running' for the next events (in flight).
+        REVERTED reverts the stages run so far, newest first (the stage cut
+        short included), like ABORTED, and the migration becomes 'reverted'.
+        When ``locate`` raises, the migration is left running and the
+        report says why.
         """
         reports = []
         for record in self.journal.unfinished():
@@ -814,7 +817,7 @@ class Pipeline:
     ) -> PhaseReport:
         phase = record.last_phase or Phase.PREPARE
         try:
-            finish, why = self._recovery_decision(record, locate)
+            finish, why, arrived = self._recovery_decision(record, locate)
         except Exception as err:
             error = f"cannot locate workload {record.migration.workload.name}: {_describe(err)}"
             LOG.error(
@@ -836,6 +839,8 @@ class Pipeline:
         origin = self._clock()
         if not finish:
             report = self._abort(record.migration, record.role, origin)
+        elif arrived:
+            report = self._finish_missed(record, phase, origin)
         elif record.phases.get(phase) == jr.COMPLETED:
             report = self._report(record.migration, record.role, phase)
             if self._is_last_phase(record.role, phase):
@@ -846,24 +851,39 @@ class Pipeline:
         self._observe(report, origin)
         return report
 
+    def _finish_missed(self, record: MigrationRecord, reached: Phase, origin: float) -> PhaseReport:
+        """The VM runs at the destination: run the phase reached and every later
+        one of the role up to its last (their events came while this host was
+        down and will not come again); the last report."""
+        report = self._report(record.migration, record.role, reached)
+        for phase in ORDERED_PHASES[ORDERED_PHASES.index(reached) :]:
+            if record.phases.get(phase) == jr.COMPLETED:
+                continue
+            report = self._run_phase(record.migration, record.role, phase, origin)
+            if not report.ok or self._is_last_phase(record.role, phase):
+                break
+        return report
+
     @staticmethod
     def _recovery_decision(
         record: MigrationRecord, locate: Callable[[Migration], str | None] | None
-    ) -> tuple[bool, str]:
-        """(finish?, why) following the rule in ``recover``'s docstring."""
+    ) -> tuple[bool, str, bool]:
+        """(finish?, why, arrived?) following the rule in ``recover``'s docstring;
+        ``arrived``: the VM is known to run at the destination, so the phases
+        missed meanwhile are run too, not only the one reached."""
         if any(r.state in (jr.STAGE_FAILED, jr.STAGE_REVERTED) for r in record.stages):
-            return False, "a stage had failed and reverting had begun"
+            return False, "a stage had failed and reverting had begun", False
         if record.last_phase is Phase.ABORTED:
-            return False, "ABORTED was being handled"
+            return False, "ABORTED was being handled", False
         if locate is not None:
             where = locate(record.migration)
             if where == IN_FLIGHT:
-                return True, "the hypervisor still runs the migration's job"
+                return True, "the hypervisor still runs the migration's job", False
             at_destination = where is not None and where == record.migration.destination
-            return at_destination, f"workload runs at {where or 'an unknown place'}"
+            return at_destination, f"workload runs at {where or 'an unknown place'}", at_destination
         reached = record.last_phase in (Phase.RESUMED, Phase.COMPLETED)
         last = record.last_phase.value if record.last_phase else "none"
-        return reached, f"last phase reached: {last}"
+        return reached, f"last phase reached: {last}", False
 
     # -- observers ------------------------------------------------------------
 

@@ -236,6 +236,23 @@ class HostAgent:
                     return agent.name
             except events.NotConnected:
                 continue
+        return self._directory_says(migration)
+
+    def _directory_says(self, migration: Migration) -> str | None:
+        """Where the directory places the VM's first NIC, when it holds it active
+        (a VM gone from every libvirt this agent sees: its other host is served
+        by another agent, which committed the move or not)."""
+        get = getattr(self.context.nva, "get_endpoint", None)
+        if get is None or not migration.workload.vifs:
+            return None
+        vif = migration.workload.vifs[0]
+        try:
+            entry = get(vif.vni, vif.mac)
+        except nva_errors.NvaError as exc:
+            LOG.warning("%s: cannot ask the directory where %s is: %s", self.name, vif.mac, exc)
+            return None
+        if entry.get("state") == "active" and entry.get("nve"):
+            return str(entry["nve"])
         return None
 
     # -- events -------------------------------------------------------------------------

@@ -354,7 +354,19 @@ class LinuxNve(NveDriver):
         self._update(vni, mac, inflight_vtep=str(ipaddress.ip_address(vtep)))
 
     def stop_inflight(self, vni: int, mac: str) -> None:
-        self._update(vni, mac, inflight_vtep=None)
+        with self._lock:
+            entry = self._entries.get((vni, mac))
+            known = bool(entry and entry.inflight_vtep)
+        if known:
+            self._update(vni, mac, inflight_vtep=None)
+        else:  # one a previous process of this agent left behind (it was killed)
+            self._forget_inflight(vni, mac)
+
+    @_on_netlink_thread
+    def _forget_inflight(self, vni: int, mac: str) -> None:
+        """Remove the kernel's in-flight entry for ``mac`` whoever made it."""
+        self.ensure_vn(vni)
+        self._fdb_del(ifindex=self._index(inflight_name(vni)), lladdr=mac, flags=NTF_SELF)
 
     def inflight(self, vni: int, mac: str) -> str | None:
         with self._lock:

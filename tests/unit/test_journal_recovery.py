@@ -26,7 +26,7 @@ import pytest
 from oslo_config import cfg
 
 from vmm_orchestrator import engine
-from vmm_orchestrator.engine import Pipeline
+from vmm_orchestrator.engine import IN_FLIGHT, Pipeline
 from vmm_orchestrator.errors import ConfigError
 from vmm_orchestrator.journal import Journal
 from vmm_orchestrator.model import Migration, MigrationEvent, Phase, Role, Vif, Workload
@@ -340,21 +340,37 @@ def test_recovery_finishes_when_the_vm_runs_at_the_destination(
     [report] = pipe.recover(lambda m: m.destination)
 
     assert report.ok and report.detail is not None and "finished" in report.detail
-    assert report.phase is Phase.SWITCHOVER and report.reverted == []
-    # only the stage cut short runs again, and it gets its checkpoint back
-    assert lines(log_path)[4:] == ["run blocker", "saved vx-42"]
+    # The VM runs at the destination: the phases missed while down run too
+    # (COMPLETED's event came and went while this host was down).
+    assert report.phase is Phase.COMPLETED and report.reverted == []
+    # the stage cut short runs again with its checkpoint back, then COMPLETED's
+    assert lines(log_path)[4:] == ["run blocker", "saved vx-42", "run hold"]
     blocker = pipe.journal.stage_run("m1", Phase.SWITCHOVER, "blocker")
     assert blocker is not None and blocker.state == "completed"
     assert blocker.record == {"tunnel": "vx-42"}
     rec = pipe.journal.get("m1")
-    assert rec is not None and rec.status == "running"  # the source still awaits COMPLETED
-    assert rec.phases[Phase.SWITCHOVER] == "completed"
-
-    assert pipe.handle(event(Phase.COMPLETED)).ok
-    rec = pipe.journal.get("m1")
     assert rec is not None and rec.status == "done"
-    assert lines(log_path)[-1] == "run hold"
+    assert rec.phases[Phase.SWITCHOVER] == rec.phases[Phase.COMPLETED] == "completed"
+    # a COMPLETED event that still arrives changes nothing
+    assert pipe.handle(event(Phase.COMPLETED)).ok
+    assert lines(log_path)[-1] == "run hold" and lines(log_path).count("run hold") == 1
     assert not any(line.startswith("revert") for line in lines(log_path))
+
+
+def test_recovery_in_flight_finishes_only_the_phase_reached(
+    crashed: tuple[str, str],
+) -> None:
+    journal_path, log_path = crashed
+    pipe = build_pipeline(journal_path, log_path)
+
+    [report] = pipe.recover(lambda m: IN_FLIGHT)
+
+    assert report.ok and report.phase is Phase.SWITCHOVER and report.reverted == []
+    assert lines(log_path)[4:] == ["run blocker", "saved vx-42"]
+    rec = pipe.journal.get("m1")
+    assert rec is not None and rec.status == "running"  # the source still awaits COMPLETED
+    assert pipe.handle(event(Phase.COMPLETED)).ok
+    assert pipe.journal.get("m1").status == "done"  # type: ignore[union-attr]
 
 
 # -- the recovery rule without locate (crash simulated in the journal) -------------
