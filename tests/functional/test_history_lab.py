@@ -91,9 +91,9 @@ def test_list_show_and_plot_a_migration_while_the_agents_run(lab_conf, prefix, t
     }
     assert all(s["outcome"] == "ok" and s["attempts"] == 1 for s in stages.values())
     # The figures the stages noted are in the history, as the reports had them.
-    assert stages["peer_update"]["figures"]["convergence_ms"] == notes["peer_update"][
-        "convergence_ms"
-    ]
+    assert (
+        stages["peer_update"]["figures"]["convergence_ms"] == notes["peer_update"]["convergence_ms"]
+    )
     assert stages["hold_timer"]["figures"]["hold_s"] == 1.0
     assert stages["hold_timer"]["duration_ms"] >= 1000.0
     assert views["h1"]["failure"] is None and views["h1"]["reverted"] == []
