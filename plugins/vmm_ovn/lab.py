@@ -376,17 +376,18 @@ class OvnLab:
         self.vms[name] = vm
         return vm
 
-    def _nic(self, vm: Vm, chassis: str, link: str, port: str) -> str:
-        """A veth VM:``link`` <-> chassis:``port`` with the VM's MAC and addresses, plugged
-        into br-int with the VM's iface-id (as os-vif plugs a tap). The VM end stays down."""
+    def _nic(self, vm: Vm, chassis: str, link: str, port: str, addresses: bool = True) -> str:
+        """A veth VM:``link`` <-> chassis:``port`` with the VM's MAC (and addresses),
+        plugged into br-int with the VM's iface-id (as os-vif plugs a tap)."""
         ch = self.chassis[chassis]
         run(
             "ip", "link", "add", link, "netns", vm.netns, "address", vm.mac, "mtu", str(VM_MTU),
             "type", "veth", "peer", "name", port, "netns", ch.netns, "mtu", str(VM_MTU),
         )  # fmt: skip
         tx_checksum_off(vm.netns, link)
-        run("ip", "-n", vm.netns, "addr", "add", f"{vm.ipv4}/24", "dev", link)
-        run("ip", "-n", vm.netns, "addr", "add", f"{vm.ipv6}/64", "dev", link, "nodad")
+        if addresses:
+            run("ip", "-n", vm.netns, "addr", "add", f"{vm.ipv4}/24", "dev", link)
+            run("ip", "-n", vm.netns, "addr", "add", f"{vm.ipv6}/64", "dev", link, "nodad")
         run("ip", "-n", ch.netns, "link", "set", port, "up")
         self.plug(chassis, port, vm)
         return port
@@ -401,10 +402,13 @@ class OvnLab:
     # -- migration steps (the lab's hypervisor) ----------------------------------
 
     def preplug(self, vm: Vm, destination: str) -> str:
-        """PREPARE: the destination's NIC exists and is plugged, its guest side down."""
+        """PREPARE: the destination's NIC exists and is plugged, as a tap QEMU has
+        opened: up on both ends (so no carrier change at the resume), but the
+        guest does not use it yet: it holds no address until the resume."""
         gen = vm.generation + 1
         link, port = f"eth{gen}", f"{vm.name}-p{gen}"
-        self._nic(vm, destination, link, port)
+        self._nic(vm, destination, link, port, addresses=False)
+        _link_state(vm.netns, link, "up")
         vm.pending = (destination, link, port)
         return port
 
@@ -415,13 +419,12 @@ class OvnLab:
         return _link_state(vm.netns, vm.link, "down", save_neighbours=vm.neighbours)
 
     def resume(self, vm: Vm) -> float:
-        """The guest runs on the destination: the pre-plugged link comes up."""
+        """The guest runs on the destination: its addresses are on the pre-plugged NIC."""
         if vm.pending is None:
             raise LabError(f"{vm.name} has no pre-plugged NIC to resume on")
-        link = vm.pending[1]
         # The guest's neighbour cache survives a migration; the lab's is per
         # device, so the new NIC gets the old one's entries (as stale ones).
-        return _link_state(vm.netns, link, "up", vm.neighbours)
+        return _guest_moves(vm.netns, vm.pending[1], vm, vm.neighbours)
 
     def finish(self, vm: Vm) -> None:
         """COMPLETED: the source's NIC is unplugged; the pre-plugged one is the VM's now."""
@@ -505,6 +508,24 @@ def _link_state(
                 if ip and mac:
                     save_neighbours.append((ip, mac))
         ipr.link("set", index=idx, state=state)
+        changed = time.monotonic()
+        for ip, mac in neighbours:
+            with contextlib.suppress(Exception):
+                ipr.neigh("replace", dst=ip, lladdr=mac, ifindex=idx, state=0x04)  # NUD_STALE
+        return changed
+    finally:
+        ipr.close()
+
+
+def _guest_moves(netns: str, link: str, vm: Vm, neighbours: Sequence[tuple[str, str]]) -> float:
+    """The guest's addresses (and neighbour cache) onto ``link`` over netlink; the
+    monotonic instant the addresses were there (the guest runs on the new NIC)."""
+    with entered(netns):
+        ipr = IPRoute()
+    try:
+        idx = ipr.link_lookup(ifname=link)[0]
+        ipr.addr("add", index=idx, address=vm.ipv4, prefixlen=24)
+        ipr.addr("add", index=idx, address=vm.ipv6, prefixlen=64)
         changed = time.monotonic()
         for ip, mac in neighbours:
             with contextlib.suppress(Exception):
