@@ -72,7 +72,13 @@ METRICS_OPTS: list[cfg.Opt] = [
     cfg.PortOpt(
         "port",
         default=9798,
-        help="TCP port of the metrics endpoint (0: any free port).",
+        help="TCP port of the agent's metrics endpoint (0: any free port).",
+    ),
+    cfg.PortOpt(
+        "directory_port",
+        default=9799,
+        help="TCP port of the embedded directory's metrics endpoint (`vmm nva serve`), "
+        "so an agent and the directory on one host can share this file.",
     ),
     cfg.StrOpt(
         "token",
@@ -449,10 +455,11 @@ class MetricsExporter:
         self.collectors: list[Collector] = []
 
     @classmethod
-    def from_conf(cls, conf: cfg.ConfigOpts) -> MetricsExporter:
+    def from_conf(cls, conf: cfg.ConfigOpts, directory: bool = False) -> MetricsExporter:
+        """The agent's exporter, or with ``directory`` the embedded directory's."""
         register_opts(conf)
         g = conf[GROUP]
-        return cls(g.bind_host, g.port, g.token)
+        return cls(g.bind_host, g.directory_port if directory else g.port, g.token)
 
     def authorized(self, header: str | None) -> bool:
         if self._token is None:
@@ -512,15 +519,16 @@ class MetricsExporter:
 
 def start_from_conf(conf: cfg.ConfigOpts, directory: Any = None) -> MetricsExporter | None:
     """What a composition root calls once: observe every pipeline and, when
-    ``[metrics] enabled``, serve the endpoint (also the directory's lag when
-    ``directory`` is an NvaStore). Returns the exporter to stop, or None."""
+    ``[metrics] enabled``, serve the endpoint on ``[metrics] port``; with
+    ``directory`` (the NvaStore of `vmm nva serve`) its revision lag per NVE
+    on ``[metrics] directory_port``. Returns the exporter to stop, or None."""
     from vmm_orchestrator import engine
 
     register_opts(conf)
     engine.add_observer(observe)
     if not conf[GROUP].enabled:
         return None
-    exporter = MetricsExporter.from_conf(conf)
+    exporter = MetricsExporter.from_conf(conf, directory=directory is not None)
     exporter.start()
     if directory is not None:
         exporter.collectors.append(watch_directory(directory))

@@ -211,3 +211,26 @@ def test_start_from_conf_is_off_by_default_and_serves_when_enabled() -> None:
             exporter.stop()
     finally:
         engine.remove_observer(metrics.observe)
+
+
+def test_the_directory_serves_its_lag_on_its_own_port() -> None:
+    conf = cfg.ConfigOpts()
+    conf(args=[], default_config_files=[])
+    metrics.register_opts(conf)
+    conf.set_override("enabled", True, group="metrics")
+    conf.set_override("directory_port", 0, group="metrics")
+    store = NvaStore(":memory:")
+    store.register_nve("n1", "192.0.2.1", [100])
+    try:
+        exporter = metrics.start_from_conf(conf, directory=store)
+        assert exporter is not None and exporter.port == 0  # directory_port, not port
+        try:
+            text = requests.get(exporter.url, timeout=5).text
+            assert 'vmm_nva_nve_lag_revisions{nve="n1"} 1.0' in text
+        finally:
+            exporter.stop()
+        # stopped: the collector is gone with it
+        assert metrics.REGISTRY.get_sample_value("vmm_nva_revision") is None
+    finally:
+        engine.remove_observer(metrics.observe)
+        store.close()
