@@ -173,3 +173,19 @@ def test_the_collector_pause_nests_and_restores() -> None:
     if not _common._frozen_for:  # nobody else in this process holds it
         assert gc.get_freeze_count() == 0
     thaw_heap("m-b")  # idempotent
+
+
+def test_entry_parsing_checks_the_reply_also_when_it_mirrors_the_original() -> None:
+    from vmm_state.kinds.conntrack import from_entry
+
+    plain = to_entry(CASES[0])
+    parsed_plain = from_entry(plain)
+    assert parsed_plain.reply == CASES[0].reply and not parsed_plain.nat
+    natted = to_entry(CASES[0])
+    natted["reply"] = {**natted["reply"], "src": "10.0.0.99"}
+    assert from_entry(natted).nat
+    for bad in ("443", -1, 70000, True):
+        broken = to_entry(CASES[0])
+        broken["reply"] = {**broken["reply"], "sport": bad}
+        with pytest.raises(ValueError):
+            from_entry(broken)

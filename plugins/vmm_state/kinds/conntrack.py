@@ -179,8 +179,22 @@ def from_entry(entry: dict[str, Any]) -> ctnl.Conn:
     try:
         family = FAMILIES[entry["family"]]
         proto = PROTOCOLS[entry["proto"]]
-        orig = _tuple(family, proto, entry["orig"])
-        reply = _tuple(family, proto, entry["reply"])
+        o, r = entry["orig"], entry["reply"]
+        orig = _tuple(family, proto, o)
+        if (
+            r.__class__ is dict
+            and proto in ctnl.PORT_PROTOCOLS
+            and r.get("src") == o["dst"]
+            and r.get("dst") == o["src"]
+        ):  # the mirror image (no NAT): its addresses are already checked
+            sport, dport = r["sport"], r["dport"]
+            if sport.__class__ is not int or dport.__class__ is not int:
+                raise ValueError(f"ports must be integers, got {sport!r}, {dport!r}")
+            if not (0 <= sport <= 0xFFFF and 0 <= dport <= 0xFFFF):
+                raise ValueError(f"ports out of range: {sport}, {dport}")
+            reply = ctnl.Tuple(family, proto, orig.dst, orig.src, sport, dport)
+        else:
+            reply = _tuple(family, proto, r)
         timeout = entry["timeout"]
     except KeyError as exc:
         raise ValueError(f"entry lacks or has an unknown {exc}: {str(entry)[:200]}") from None
