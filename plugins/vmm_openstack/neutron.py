@@ -179,7 +179,14 @@ class NeutronDirectory:
         self.conn = conn
         self.where = self._endpoint()
         #: Whose credentials Neutron sees, for messages ("cloud NAME", "[neutron] USER").
-        self.who = str(getattr(conn, "vmm_label", None) or "these credentials")
+        label = getattr(conn, "vmm_label", None)
+        self.who = (
+            "these credentials"
+            if not label
+            else str(label)
+            if str(label).startswith("[")
+            else f"cloud {label}"
+        )
         self.nve_hosts = dict(nve_hosts or {})
         self._nves = {host: nve for nve, host in self.nve_hosts.items()}
         self._in_flight = in_flight

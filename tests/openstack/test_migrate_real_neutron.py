@@ -252,7 +252,8 @@ def test_admin_credentials_without_the_service_role_name_the_role_and_the_fix(
     assert status == cli.EXIT_ERROR
     assert (
         f"phase prestage failed: Neutron refused binding port {port.id} on cmp2 (inactive) "
-        "for envvars (HTTP 403): under Neutron's default policy it needs the service role" in line
+        "for cloud envvars (HTTP 403): under Neutron's default policy it needs the service "
+        "role" in line
     )
     assert "set [neutron] in vmm-orchestrator.conf to Nova's service user" in line
     assert "openstack role add" in line
