@@ -102,6 +102,7 @@ class ModeResult:
     convergence_ms: dict[str, float | None]
     first_announce_ms: float | None
     plug_to_installed_ms: float
+    claim_to_installed_ms: float | None
     barrier: dict[str, Any]
     announce: dict[str, Any] | None
     timeline: list[dict[str, Any]]
@@ -289,6 +290,34 @@ class Orchestrators:
 # -- one migration ---------------------------------------------------------------
 
 
+_LOG_TIME = "%Y-%m-%dT%H:%M:%S.%fZ"
+
+
+def claim_to_installed_ms(lab: lab_mod.OvnLab, chassis: str, lsp: str) -> float | None:
+    """From ovn-controller's own log on ``chassis``: ms from its last "Claiming lport"
+    of ``lsp`` to the "Setting lport ... ovn-installed" that followed (the
+    destination's flows for the port were acknowledged by OVS)."""
+    import datetime
+
+    path = os.path.join(lab.chassis[chassis].dir, "ovn-controller.log")
+    claimed = installed = None
+    try:
+        with open(path, encoding="utf-8", errors="replace") as f:
+            for line in f:
+                stamp = line.split("|", 1)[0]
+                if f"Claiming lport {lsp} " in line:
+                    claimed, installed = stamp, None
+                elif f"Setting lport {lsp} ovn-installed" in line and claimed and not installed:
+                    installed = stamp
+    except OSError:
+        return None
+    if not (claimed and installed):
+        return None
+    t0 = datetime.datetime.strptime(claimed, _LOG_TIME)
+    t1 = datetime.datetime.strptime(installed, _LOG_TIME)
+    return round((t1 - t0).total_seconds() * 1000.0, 1)
+
+
 def _wait_installed(lab: lab_mod.OvnLab, chassis: str, port: str, timeout: float = 10.0) -> float:
     """What Nova waits for before migrating (network-vif-plugged): the port's flows
     are in. Returns ovn-controller's ovn-installed-ts (wall clock, s)."""
@@ -388,6 +417,7 @@ def run_mode(
             reports.append(rep)
         installed_wall = _wait_installed(lab, DESTINATION, port)
         plug_to_installed_ms = round((installed_wall - plugged_wall) * 1000.0, 1)
+        claim_ms = claim_to_installed_ms(lab, DESTINATION, vm.lsp)
         time.sleep(max(0.0, start_at + settings.warmup_s - time.monotonic()))
         # SWITCHOVER: the guest stops at the source.
         paused_at = lab.pause(vm)
@@ -474,6 +504,7 @@ def run_mode(
         convergence_ms=convergence,
         first_announce_ms=first,
         plug_to_installed_ms=plug_to_installed_ms,
+        claim_to_installed_ms=claim_ms,
         barrier=barrier,
         announce=announce,
         timeline=_timeline(reports),
@@ -551,6 +582,9 @@ def render(results: list[ModeResult]) -> str:
                 "bh": f"{max(bh):.1f}" if bh else "-",
                 "first": "-" if r.first_announce_ms is None else f"{r.first_announce_ms:.1f}",
                 "installed": f"{r.plug_to_installed_ms:.1f}",
+                "claim": "-"
+                if r.claim_to_installed_ms is None
+                else f"{r.claim_to_installed_ms:.1f}",
                 "barrier": "-"
                 if not r.barrier
                 else ", ".join(f"{w:.1f}" for w in r.barrier.get("waits_ms", [])),
@@ -567,6 +601,7 @@ def render(results: list[ModeResult]) -> str:
                 ("bh", "max black-hole ms"),
                 ("first", "RESUMED->1st GARP ms"),
                 ("installed", "plug->installed ms"),
+                ("claim", "claim->installed ms"),
                 ("barrier", "barrier waits ms"),
             ],
         )
