@@ -750,6 +750,61 @@ CTA_USE = 11
 _DUMP_TCP = {f: _dump_layout(f) for f in _TUPLE_FMT}
 
 
+def unpack_tcp(data: bytes, pos: int, end: int) -> tuple[tuple[Any, ...], int] | None:
+    """A dumped TCP entry laid out as usual, unpacked in one struct call and
+    nothing built: (fields, where the attributes after its TCP info start),
+    else None. Fields: family, original source, destination (raw), ports,
+    reply protocol, source, destination (raw), ports, timeout, status, mark,
+    id, TCP state, window scales and flags (original, reply)."""
+    fam = data[pos]
+    layout = _DUMP_TCP.get(fam)
+    if layout is None:
+        return None
+    whole, expected, getter = layout
+    if end - pos < whole.size:
+        return None
+    t = whole.unpack_from(data, pos)
+    if getter(t) != expected or t[9] != IPPROTO_TCP:
+        return None
+    ntohl = socket.ntohl
+    osp, odp, rsp, rdp = t[11], t[13], t[24], t[26]
+    return (
+        fam,
+        t[4],
+        t[6],
+        (osp[0] << 8) | osp[1],
+        (odp[0] << 8) | odp[1],
+        t[22],
+        t[17],
+        t[19],
+        (rsp[0] << 8) | rsp[1],
+        (rdp[0] << 8) | rdp[1],
+        ntohl(t[36]),
+        ntohl(t[28]),
+        ntohl(t[30]),
+        ntohl(t[32]),
+        t[40],
+        t[42],
+        t[44],
+        t[46],
+        t[49],
+    ), pos + whole.size
+
+
+def plain_rest(data: bytes, pos: int, end: int) -> bool:
+    """True if the attributes in ``data[pos:end]`` carry nothing an entry keeps
+    (no zone, labels or helper: those need the general decoder)."""
+    unpack = _NLATTR.unpack_from
+    while pos + 4 <= end:
+        length, kind = unpack(data, pos)
+        if length < 4:
+            return True
+        if kind & NLA_TYPE_MASK in (CTA_ZONE, CTA_LABELS, CTA_HELP):
+            return False
+        pos += (length + 3) & ~3
+    return True
+
+
 def _parse_tcp_fast(
     data: bytes, pos: int, end: int, raw: set[bytes] | frozenset[bytes] | None
 ) -> tuple[Conn | None, int] | None:
@@ -972,6 +1027,13 @@ class Ctnetlink:
     ) -> Iterator[Conn]:
         """``dump``, lazily (the caller must read it to its end before the next request)."""
         raw = {socket.inet_pton(_family_of(a), a) for a in addresses} if addresses else None
+        for data, start, end in self.iter_raw(family):
+            conn = parse_conn(data, start, end, raw, keep)
+            if conn is not None:
+                yield conn
+
+    def iter_raw(self, family: int = socket.AF_UNSPEC) -> Iterator[tuple[bytes, int, int]]:
+        """Every dumped entry's message payload as (datagram, start, end), undecoded."""
         seq = self._next_seq()
         self.sock.send(_message(IPCTNL_MSG_CT_GET, NLM_F_REQUEST | NLM_F_DUMP, seq, family, b""))
         while True:
@@ -985,9 +1047,7 @@ class Ctnetlink:
                     if code:
                         raise CtnetlinkError(code, f"conntrack dump: {os.strerror(code)}")
                     continue
-                conn = parse_conn(data, start, end, raw, keep)
-                if conn is not None:
-                    yield conn
+                yield data, start, end
 
     # -- changes -----------------------------------------------------------
 
