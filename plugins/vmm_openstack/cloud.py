@@ -111,17 +111,18 @@ def connect(
     return _authenticated(Connection(config=region), f"cloud {label}", label, auth_url)
 
 
-def _authenticated(conn: Connection, who: str, label: str, auth_url: str) -> Connection:
-    """``conn`` once Keystone gave it a token; ``who`` names the credentials in errors."""
+def _authenticated(
+    conn: Connection, who: str, label: str, auth_url: str, check: str = CREDENTIALS_HINT
+) -> Connection:
+    """``conn`` once Keystone gave it a token; ``who`` names the credentials in errors,
+    ``check`` says where they are written."""
     import keystoneauth1.exceptions as ksa_exc
 
     try:
         conn.session.get_token()
     except ksa_exc.Unauthorized:
         conn.close()
-        raise CloudError(
-            f"authentication failed for {who} at {auth_url}: {CREDENTIALS_HINT}"
-        ) from None
+        raise CloudError(f"authentication failed for {who} at {auth_url}: {check}") from None
     except (ksa_exc.ConnectFailure, ksa_exc.ConnectTimeout, ksa_exc.DiscoveryFailure) as exc:
         conn.close()
         raise CloudUnavailable(
@@ -132,7 +133,7 @@ def _authenticated(conn: Connection, who: str, label: str, auth_url: str) -> Con
         conn.close()
         raise CloudError(
             f"Keystone of {who} at {auth_url} failed: {_short(exc)}",
-            hint=CREDENTIALS_HINT,
+            hint=check,
         ) from None
     conn.vmm_label = label  # type: ignore[attr-defined]
     conn.vmm_auth_url = auth_url  # type: ignore[attr-defined]
@@ -158,6 +159,24 @@ def connect_service_user(conf: cfg.ConfigOpts, api_timeout: float = 30.0) -> Con
     if not group.auth_type:
         return None
     _quiet_libraries()
+    if group.auth_type == "password":
+        # keystoneauth notices a missing user or password only at the first request,
+        # with a bare Exception: ask for them here, as for the other options.
+        absent = [
+            option
+            for option, present in (
+                ("auth_url", getattr(group, "auth_url", None)),
+                ("username", getattr(group, "username", None) or getattr(group, "user_id", None)),
+                ("password", getattr(group, "password", None)),
+            )
+            if not present
+        ]
+        if absent:
+            raise ConfigError(
+                f"[{name}] lacks {', '.join(absent)}",
+                hint=f"write [{name}] like nova.conf's: auth_type, auth_url, username, "
+                "password, project_name, user_domain_name, project_domain_name",
+            )
     try:
         auth = ks_loading.load_auth_from_conf_options(conf, name)
         session = ks_loading.load_session_from_conf_options(conf, name, auth=auth)
@@ -184,6 +203,7 @@ def connect_service_user(conf: cfg.ConfigOpts, api_timeout: float = 30.0) -> Con
         f"the [{name}] service user {user}",
         f"[{name}] {user}",
         auth_url,
+        f"check [{name}] in vmm-orchestrator.conf",
     )
 
 

@@ -349,6 +349,50 @@ def test_a_destination_neutron_cannot_bind_is_refused_before_nova_starts(
     assert site.cloud.port_bindings(site.port_id) == {"cmp1": "ACTIVE"}
 
 
+def test_without_the_service_user_nova_is_not_started_and_the_role_is_named(
+    site: Site, conf_file: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """DevStack's admin alone: Neutron's policy refuses the binding (as the real one does,
+    tests/openstack); Nova's migration is never started, nothing is left."""
+    assert vmm(conf_file, "web-1", "--host", "cmp2", service_user=False) == cli.EXIT_ERROR
+    line = one_error_line(capsys.readouterr().err)
+    assert (
+        f"phase prestage failed: Neutron refused binding port {site.port_id} on cmp2 "
+        "(inactive) for cloud envvars (HTTP 403): under Neutron's default policy it needs "
+        "the service role; reverted: nothing; web-1 still runs on cmp1" in line
+    )
+    assert "set [neutron] in vmm-orchestrator.conf to Nova's service user" in line
+    assert site.cloud.migrations == []
+    assert site.cloud.port_bindings(site.port_id) == {"cmp1": "ACTIVE"}
+
+
+def test_a_bad_service_user_section_names_what_it_lacks(
+    site: Site, conf_file: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with open(conf_file, "a", encoding="utf-8") as fh:
+        fh.write(f"[neutron]\nauth_type = password\nauth_url = {site.cloud.auth_url}\n")
+    assert vmm(conf_file, "web-1", "--host", "cmp2") == cli.EXIT_ERROR
+    line = one_error_line(capsys.readouterr().err)
+    assert "vmm: error: [neutron] lacks username, password" in line
+    assert "write [neutron] like nova.conf's" in line
+    assert site.cloud.migrations == []
+
+
+def test_a_wrong_service_user_password_names_the_section(
+    site: Site, conf_file: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    section = site.cloud.neutron_section().replace(site.cloud.users["nova"][0], "wrong")
+    with open(conf_file, "a", encoding="utf-8") as fh:
+        fh.write(section)
+    assert vmm(conf_file, "web-1", "--host", "cmp2") == cli.EXIT_ERROR
+    line = one_error_line(capsys.readouterr().err)
+    assert (
+        "vmm: error: authentication failed for the [neutron] service user nova at "
+        f"{site.cloud.auth_url}: check [neutron] in vmm-orchestrator.conf" in line
+    )
+    assert site.cloud.migrations == []
+
+
 @pytest.mark.parametrize(
     ("args", "expected"),
     [
