@@ -38,7 +38,7 @@ EVENT_SOURCES = "vmm_orchestrator.event_sources"
 def load_event_source(conf: cfg.ConfigOpts) -> Any:
     """The class named by ``[agent] event_source``: ``check_options(conf)`` and
     ``for_assembly(conf, assembly)`` giving an object with start, stop,
-    wait_reconciled, wait_idle, locate and on_report."""
+    drain, wait_reconciled, wait_idle, locate and on_report."""
     agent.register_opts(conf)
     return agent.load_plugin(EVENT_SOURCES, conf.agent.event_source, "[agent] event_source")
 
@@ -99,7 +99,15 @@ class AgentCommand(Command):
             else:
                 while not stop.wait(3600):
                     pass
-                LOG.info("stopping: finishing queued phases")
+                timeout = float(getattr(conf.agent, "stop_timeout", 0.0))
+                LOG.info("stopping: migrations under way get up to %g s to finish", timeout)
+                left = source.drain(timeout)
+                if left:
+                    LOG.warning(
+                        "stopping with migrations still under way (the next start "
+                        "recovers them): %s",
+                        ", ".join(left),
+                    )
         finally:
             stop.set()
             if source is not None:

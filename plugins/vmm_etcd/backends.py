@@ -22,6 +22,7 @@ from vmm_etcd.kv import EtcdKV
 from vmm_etcd.locks import InstanceLease, MigrationLocks
 from vmm_etcd.store import EtcdNvaStore
 from vmm_orchestrator.contracts import HostSpec
+from vmm_orchestrator.nva.store import MobilityPolicy
 from vmm_orchestrator.stage import HostContext, Stage
 
 
@@ -49,14 +50,26 @@ class EtcdBackend:
         """The directory client for NVE agents and stages (what the namespace promises)."""
         kv = cls.kv_from_conf(conf)
         g = conf[options.GROUP]
-        return EtcdNvaClient(kv, g.prefix, max_txn_ops=g.max_txn_ops)
+        return EtcdNvaClient(
+            kv,
+            g.prefix,
+            max_txn_ops=g.max_txn_ops,
+            mobility=MobilityPolicy.from_conf(conf),
+            keep_changes=conf.nva.change_log_keep,
+        )
 
     @classmethod
     def store_from_conf(cls, conf: cfg.ConfigOpts) -> EtcdNvaStore:
         """The directory for ``vmm nva serve`` (or in-process use)."""
         kv = cls.kv_from_conf(conf)
         g = conf[options.GROUP]
-        return EtcdNvaStore(kv, g.prefix, max_txn_ops=g.max_txn_ops)
+        return EtcdNvaStore(
+            kv,
+            g.prefix,
+            max_txn_ops=g.max_txn_ops,
+            mobility=MobilityPolicy.from_conf(conf),
+            keep_changes=conf.nva.change_log_keep,
+        )
 
     @classmethod
     def locks_from_conf(cls, conf: cfg.ConfigOpts, host: str) -> MigrationLocks:

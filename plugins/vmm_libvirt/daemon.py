@@ -152,7 +152,14 @@ class HostAgent:
         self.source = make_source(conf, spec.uri, self.on_item, name=spec.name)
         context.services.setdefault("libvirt", LibvirtDomains(self.source))
         self.hook_timeout = float(conf[options.AGENT_GROUP].hook_timeout)
-        self.hook = HookServer(spec.hook_socket, self.on_hook, timeout=self.hook_timeout + 1.0)
+        self.hook = HookServer(
+            spec.hook_socket,
+            self.on_hook,
+            timeout=self.hook_timeout + 1.0,
+            on_abandoned=self._hook_abandoned,
+        )
+        #: Stopping: incoming migrations are refused, those under way finish.
+        self._draining = False
         self.siblings: list[HostAgent] = []
         self.reports: collections.deque[PhaseReport] = collections.deque(maxlen=200)
         self.reconciled = threading.Event()
@@ -501,6 +508,11 @@ class HostAgent:
         if request.get("op") == "status":
             return self.status()
         op, sub_op, guest = request["op"], request["sub_op"], request["guest"]
+        if self._draining and (op, sub_op) == ("migrate", "begin"):
+            return {
+                "allow": False,
+                "reason": f"the vmm agent of {self.name} is stopping; retry the migration",
+            }
         xml = request.get("xml") or ""
         try:
             uuid = discovery.parse_domain(xml).uuid
@@ -584,6 +596,37 @@ class HostAgent:
         self._vetoed(uuid)
         return {"allow": False, "reason": f"{guest}: {report.error}"}
 
+    def _hook_abandoned(self, request: dict[str, Any], answer: dict[str, Any]) -> None:
+        """An allow that reached the relay after it stopped waiting: the relay
+        decided alone, so undo this PREPARE (if libvirt went on regardless,
+        its events prepare the migration again)."""
+        if (request.get("op"), request.get("sub_op")) != ("migrate", "begin"):
+            return
+        try:
+            uuid = discovery.parse_domain(request.get("xml") or "").uuid
+        except discovery.DomainXmlError:
+            return
+        with self._lock:
+            migration = self._incoming.pop(uuid, None)
+        self.tracker.forget(uuid)
+        if migration is not None:
+            LOG.warning(
+                "%s: migration %s: the relay stopped waiting for PREPARE; reverting it",
+                self.name,
+                migration.id,
+            )
+            self._submit(migration, Phase.ABORTED, Role.DESTINATION, time.monotonic())
+
+    def drain(self, end: float) -> list[str]:
+        """Refuse new incoming migrations and keep handling events until every
+        migration under way here reached its last phase here (or ``end``, a
+        time.monotonic() deadline); the names of those still under way."""
+        self._draining = True
+        while self.tracker.under_way() and time.monotonic() < end:
+            time.sleep(0.05)
+        self.wait_idle(max(0.0, end - time.monotonic()))
+        return [self._cached_name(u) for u in self.tracker.under_way()]
+
     def _vetoed(self, uuid: str) -> None:
         self.tracker.forget(uuid)
         with self._lock:
@@ -654,6 +697,14 @@ class Daemon:
     def locate(self, migration: Migration) -> str | None:
         """Where a migration's VM runs, asking every host's libvirt (for takeovers)."""
         return self.agents[0].locate(migration) if self.agents else None
+
+    def drain(self, timeout: float) -> list[str]:
+        """Let the migrations under way on every host finish (see HostAgent.drain)."""
+        end = time.monotonic() + timeout
+        left: list[str] = []
+        for agent in self.agents:
+            left += agent.drain(end)
+        return left
 
     def on_report(self, report: PhaseReport) -> None:
         for agent in self.agents:

@@ -112,6 +112,14 @@ AGENT_OPTS: list[cfg.Opt] = [
         "point vetoes the migration and is reverted once it ends.",
     ),
     cfg.FloatOpt(
+        "stop_timeout",
+        default=30.0,
+        min=0.0,
+        help="Seconds a stopping agent (SIGTERM) keeps handling events so that the "
+        "migrations under way on its hosts reach their last phase here; new incoming "
+        "migrations are refused meanwhile. Keep the systemd unit's TimeoutStopSec above it.",
+    ),
+    cfg.FloatOpt(
         "connect_timeout",
         default=10.0,
         min=0.0,

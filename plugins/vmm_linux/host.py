@@ -79,6 +79,7 @@ class LinuxHost(HostDriver):
             watch_timeout=opts.watch_timeout,
             retry_interval=opts.retry_interval,
             local_learning=opts.local_learning,
+            address_guard=opts.address_guard,
         )
         ann = conf[announce_mod.GROUP]
         self.announcers = AnnouncerPool(

@@ -111,6 +111,7 @@ def test_a_mac_seen_on_a_local_port_is_reported_as_a_move(env):
         ["ip", "-n", ns, "link", "add", "tap0", "type", "veth", "peer", "name", "vm0"], check=True
     )
     for cmd in (
+        ["ip", "-n", ns, "link", "set", "vm0", "address", MAC],  # the port's configured MAC
         ["ip", "-n", ns, "link", "set", "tap0", "master", f"br-{VNI}", "up"],
         ["ip", "-n", ns, "link", "set", "vm0", "up"],
     ):

@@ -26,12 +26,9 @@ How the pieces are wired, and why:
   file naming that host's hook socket, so "migrate begin" on the destination
   runs PREPARE synchronously. The pipeline is ``engine.DEFAULT_STAGES`` plus
   ``libvirt_announce`` (the guest's own GARP/NA through its agent, and
-  QEMU's announce-self), and ``[libvirt] early_switchover`` is on: the
-  source's SWITCHOVER (the in-flight tunnel) then runs at the pause
-  (SUSPENDED/MIGRATED). With the default (at job completion) it would run
-  0.37-0.48 s after the destination resumed, by which time the peers have
-  converged and the tunnel can no longer save the frames that a peer with a
-  stale entry sends to the old host in between.
+  QEMU's announce-self); with the defaults the source's SWITCHOVER (the
+  in-flight tunnel) runs at the migration's final pause, told from an
+  operator's pause by libvirt's job statistics (see vmm_libvirt.phases).
 * This machine has two cores that other test runs load heavily, so the
   synchronous PREPARE gets ``LAB_HOOK_TIMEOUT_S`` (the relay's deadline one
   second more) instead of the production 1.5 s: a PREPARE that finishes late
@@ -141,7 +138,6 @@ def prepare_conf(conf: cfg.ConfigOpts, orchestrated: bool) -> None:
         if "libvirt_announce" not in stages:
             stages.append("libvirt_announce")
         conf.set_override("stages", stages, group=engine.GROUP)
-        conf.set_override("early_switchover", True, group=lv_options.GROUP)
         conf.set_override("hook_timeout", LAB_HOOK_TIMEOUT_S, group=lv_options.AGENT_GROUP)
         register_stage_opts(conf, LibvirtAnnounce)
         conf.set_override(
@@ -425,8 +421,6 @@ def agent_sections(
             "hook_socket": _hook_socket(workdir, host.name + instance),
             "journal": os.path.join(workdir, f"journal-{host.name}{instance}.sqlite"),
         }
-    if conf.libvirt.early_switchover:
-        sections["libvirt"] = {"early_switchover": "true"}
     if ha_etcd:
         sections["agent"].update({"journal_backend": "etcd", "migration_lock": "etcd"})
         sections["nva_etcd"] = {
