@@ -281,6 +281,7 @@ def _log_report(report: PhaseReport) -> None:
                 stage=t.stage,
                 outcome=t.outcome,
                 duration_ms=round(t.duration_ms, 3),
+                figures=t.notes,
             ),
         )
     if report.ok:
