@@ -329,12 +329,17 @@ def kind_context(netns: str | None, migration: Migration) -> KindContext:
 
 def _add_age(entries: list[dict[str, Any]], seconds: float) -> None:
     """Add the time in transit to each entry's ``age`` (seconds since export)."""
+    plain = round(seconds, 3)
     for entry in entries:
+        before = entry.get("age")
+        if not before:
+            entry["age"] = plain
+            continue
         try:
-            before = float(entry.get("age") or 0.0)
+            earlier = float(before)
         except (TypeError, ValueError):
-            before = 0.0
-        entry["age"] = round(max(0.0, before) + seconds, 3)
+            earlier = 0.0
+        entry["age"] = round(max(0.0, earlier) + seconds, 3)
 
 
 def _quote(entry: Any) -> str:

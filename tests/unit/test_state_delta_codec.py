@@ -189,3 +189,17 @@ def test_entry_parsing_checks_the_reply_also_when_it_mirrors_the_original() -> N
         broken["reply"] = {**broken["reply"], "sport": bad}
         with pytest.raises(ValueError):
             from_entry(broken)
+
+
+def test_status_and_tcp_fields_are_still_checked_on_the_quick_path() -> None:
+    from vmm_state.kinds.conntrack import from_entry
+
+    entry = to_entry(CASES[0])
+    entry["status"] = ["ASSURED", "SEEN_REPLY"]
+    assert from_entry(entry).status == ctnl.IPS_ASSURED | ctnl.IPS_SEEN_REPLY
+    for status in (["CONFIRMED"], "ASSURED", ["ASSURED", 3], [["ASSURED"]]):
+        with pytest.raises(ValueError):
+            from_entry({**entry, "status": status})
+    for field, value in (("wscale_orig", 15), ("flags_reply", 256), ("flags_orig", "8")):
+        with pytest.raises(ValueError):
+            from_entry({**entry, "tcp": {**entry["tcp"], field: value}})

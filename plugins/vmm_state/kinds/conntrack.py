@@ -147,6 +147,14 @@ def _int(value: Any, top: int, what: str) -> int:
 
 
 _STATUS_BITS = {v: k for k, v in ctnl.STATUS_NAMES.items()}
+#: status lists as exported (and their permutations) -> bits, for the common case
+_STATUS_OF = {
+    (): 0,
+    ("SEEN_REPLY",): ctnl.IPS_SEEN_REPLY,
+    ("ASSURED",): ctnl.IPS_ASSURED,
+    ("SEEN_REPLY", "ASSURED"): ctnl.IPS_SEEN_REPLY | ctnl.IPS_ASSURED,
+    ("ASSURED", "SEEN_REPLY"): ctnl.IPS_SEEN_REPLY | ctnl.IPS_ASSURED,
+}
 _TCP_STATE_INDEX = {name: i for i, name in enumerate(ctnl.TCP_STATES)}
 _OPS = frozenset({"set", "delete"})
 #: Where ``check`` leaves the parsed entry for ``import_`` (a key no JSON
@@ -206,12 +214,18 @@ def from_entry(entry: dict[str, Any]) -> ctnl.Conn:
         raise ValueError("icmpv6 needs ipv6")
     if timeout.__class__ not in (int, float) or timeout < 0:
         raise ValueError(f"timeout must be seconds >= 0, got {timeout!r}")
-    status = 0
-    for name in entry.get("status", ()):
-        bit = _STATUS_BITS.get(name)
-        if bit is None:
-            raise ValueError(f"status {name!r} cannot be set (only {sorted(_STATUS_BITS)})")
-        status |= bit
+    names = entry.get("status", ())
+    try:
+        status = _STATUS_OF.get(tuple(names)) if names.__class__ is list else None
+    except TypeError:  # an unhashable item: the loop below names it
+        status = None
+    if status is None:
+        status = 0
+        for name in names:
+            bit = _STATUS_BITS.get(name) if isinstance(name, str) else None
+            if bit is None:
+                raise ValueError(f"status {name!r} cannot be set (only {sorted(_STATUS_BITS)})")
+            status |= bit
     conn = ctnl.Conn(orig, reply, int(timeout), status)
     if "mark" in entry:
         conn.mark = _int(entry["mark"], 0xFFFFFFFF, "mark")
@@ -236,10 +250,21 @@ def from_entry(entry: dict[str, Any]) -> ctnl.Conn:
         if state is None:
             raise ValueError(f"a TCP entry needs tcp.state in {ctnl.TCP_STATES}")
         conn.tcp_state = state
-        conn.tcp_wscale_orig = _int(tcp.get("wscale_orig", 0), 14, "wscale")
-        conn.tcp_wscale_reply = _int(tcp.get("wscale_reply", 0), 14, "wscale")
-        conn.tcp_flags_orig = _int(tcp.get("flags_orig", 0), 0xFF, "tcp flags")
-        conn.tcp_flags_reply = _int(tcp.get("flags_reply", 0), 0xFF, "tcp flags")
+        wso, wsr = tcp.get("wscale_orig", 0), tcp.get("wscale_reply", 0)
+        fo, fr = tcp.get("flags_orig", 0), tcp.get("flags_reply", 0)
+        if (
+            wso.__class__ is not int
+            or wsr.__class__ is not int
+            or fo.__class__ is not int
+            or fr.__class__ is not int
+            or not (0 <= wso <= 14 and 0 <= wsr <= 14 and 0 <= fo <= 0xFF and 0 <= fr <= 0xFF)
+        ):
+            _int(wso, 14, "wscale")
+            _int(wsr, 14, "wscale")
+            _int(fo, 0xFF, "tcp flags")
+            _int(fr, 0xFF, "tcp flags")
+        conn.tcp_wscale_orig, conn.tcp_wscale_reply = wso, wsr
+        conn.tcp_flags_orig, conn.tcp_flags_reply = fo, fr
     elif tcp is not None:
         raise ValueError("only TCP entries carry tcp state")
     return conn
