@@ -416,7 +416,9 @@ class OvnLab:
         """The guest stops on the source: its live link goes down (its neighbour
         cache is kept for the resume: Linux flushes a down link's entries)."""
         vm.neighbours = []
-        return _link_state(vm.netns, vm.link, "down", save_neighbours=vm.neighbours)
+        return _link_state(
+            vm.netns, vm.link, "down", save_neighbours=vm.neighbours, flush_addresses=True
+        )
 
     def resume(self, vm: Vm) -> float:
         """The guest runs on the destination: its addresses are on the pre-plugged NIC."""
@@ -447,6 +449,8 @@ class OvnLab:
         destination, link, port = vm.pending
         run("ip", "-n", vm.netns, "link", "del", link, check=False)
         self.chassis[destination].vsctl("--if-exists", "del-port", "br-int", port)
+        for addr in (f"{vm.ipv4}/24", f"{vm.ipv6}/64"):
+            run("ip", "-n", vm.netns, "addr", "replace", addr, "dev", vm.link, check=False)
         run("ip", "-n", vm.netns, "link", "set", vm.link, "up")
         vm.pending = None
 
@@ -492,12 +496,15 @@ def _link_state(
     state: str,
     neighbours: Sequence[tuple[str, str]] = (),
     save_neighbours: list[tuple[str, str]] | None = None,
+    flush_addresses: bool = False,
 ) -> float:
     """Set a VM link up/down in-process over netlink and return the monotonic
     instant it changed (the lab's pause and resume instants must be the link's,
     not a process start's). ``neighbours`` are added (stale) after an up;
     ``save_neighbours`` receives the link's entries before a down (Linux
-    flushes a down link's neighbours)."""
+    flushes a down link's neighbours); ``flush_addresses`` removes the link's
+    addresses right after (Linux keeps answering for an IPv4 address of a down
+    link, which a paused guest would not)."""
     with entered(netns):
         ipr = IPRoute()
     try:
@@ -509,6 +516,8 @@ def _link_state(
                     save_neighbours.append((ip, mac))
         ipr.link("set", index=idx, state=state)
         changed = time.monotonic()
+        if flush_addresses:
+            ipr.flush_addr(index=idx)
         for ip, mac in neighbours:
             with contextlib.suppress(Exception):
                 ipr.neigh("replace", dst=ip, lladdr=mac, ifindex=idx, state=0x04)  # NUD_STALE
