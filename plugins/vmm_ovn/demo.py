@@ -458,8 +458,8 @@ def run_mode(
                     60
                 )
             )
-            commits = [c for c in orch.directory._commits if c[3] == vm.mac]
-            revision = commits[-1][1] if commits else 0
+            last = orch.directory.last_commit(VNI, vm.mac)
+            revision = last[0] if last else 0
         else:
             lab.nbctl(
                 "set", "Logical_Switch_Port", vm.lsp, f"options:requested-chassis={DESTINATION}",

@@ -677,6 +677,13 @@ class OvnNbDirectory:
             }
         return answer
 
+    def last_commit(self, vni: int, mac: str) -> tuple[int, float] | None:
+        """(revision, committed_at) of this directory's newest commit of ``mac``."""
+        mac = normalize_mac(mac)
+        with self._lock:
+            mine = [(rev, at) for v, rev, at, m in self._commits if v == vni and m == mac]
+        return mine[-1] if mine else None
+
     def expire(self, vni: int, mac: str, nves: Sequence[str]) -> dict[str, Any]:
         """Nothing to expire: a lagging ovn-controller gets the change pushed when it can."""
         LOG.info("expire %s in VNI %s at %s: OVN pushes the move itself", mac, vni, ", ".join(nves))
