@@ -16,3 +16,4 @@
 * :mod:`vmm_ovn.options`: the ``[ovn]`` group.
 * :mod:`vmm_ovn.lab`, :mod:`vmm_ovn.demo`, :mod:`vmm_ovn.state_demo`: a real
   OVN lab in network namespaces (OVS userspace datapath) and the demos.
+"""
