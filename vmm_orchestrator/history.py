@@ -474,8 +474,12 @@ Reader = SqliteReader | EtcdReader
 def open_readers(conf: cfg.ConfigOpts) -> list[Reader]:
     """A reader per configured host, through the journal entry points ``vmm agent`` uses.
 
-    A sqlite journal that does not exist yet is skipped (the host has not
-    migrated anything); opening it through its factory would create it.
+    The backend is loaded from ``vmm_orchestrator.journals`` like the agent
+    loads it (a misspelt backend fails the same way). A sqlite journal is
+    then read through its own read-only connection instead of the factory's
+    read-write one, so an operator who may only read the agent's file can
+    list its history, and a journal that does not exist yet is skipped (the
+    host has not migrated anything) rather than created.
     """
     from vmm_orchestrator import agent, contracts
 
@@ -488,7 +492,6 @@ def open_readers(conf: cfg.ConfigOpts) -> list[Reader]:
             if not os.path.exists(spec.journal):
                 LOG.info("host %s: no journal at %s yet", spec.name, spec.journal)
                 continue
-            factory(conf, spec, None).close()  # the backend's own checks (path, schema)
             readers.append(SqliteReader(spec.name, spec.journal))
             continue
         journal = factory(conf, spec, None)
