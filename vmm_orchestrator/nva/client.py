@@ -8,8 +8,6 @@ Unavailable, a TransientError, so pipeline stages retry it.
 
 from __future__ import annotations
 
-import re
-import threading
 from collections.abc import Sequence
 from typing import Any, Self
 from urllib.parse import quote
@@ -18,6 +16,7 @@ import requests
 from oslo_config import cfg
 
 from vmm_orchestrator.errors import ConfigError
+from vmm_orchestrator.httpclient import HttpClient, connection_reason, error_parts
 from vmm_orchestrator.nva import options
 from vmm_orchestrator.nva.errors import (
     BY_STATUS,
@@ -31,27 +30,15 @@ TOKEN_HEADER = "X-Auth-Token"
 
 UNAVAILABLE_HINT = "is `vmm nva serve` running? check [nva] url"
 
-_ERRNO_RE = re.compile(r"\[Errno -?\d+\] ([^'\")]+)")
-
 
 def _seg(value: Any) -> str:
     """One URL path segment: MACs keep their meaning, slashes cannot sneak in."""
     return quote(str(value), safe="")
 
 
-def _reason(err: Exception) -> str:
-    """The useful part of requests' long connection-error text ('Connection refused')."""
-    found = _ERRNO_RE.search(str(err))
-    return found.group(1).strip() if found else type(err).__name__
-
-
 class NvaClient:
-    """Client of the NVA API; one instance may be shared between threads.
-
-    requests does not promise a Session is thread-safe, and an NVE agent's
-    watch thread and a stage often share a client, so each thread gets its
-    own Session (and connection pool) behind the scenes.
-    """
+    """Client of the NVA API; one instance may be shared between threads
+    (calls borrow a Session from :class:`vmm_orchestrator.httpclient.HttpClient`)."""
 
     def __init__(self, url: str, token: str, timeout: float = 2.0) -> None:
         if not token:
@@ -62,23 +49,9 @@ class NvaClient:
         self.url = url.rstrip("/")
         self.timeout = timeout
         # Bytes so a non-ASCII token reaches the server as its UTF-8 encoding.
-        self._token = token.encode("utf-8")
-        self._local = threading.local()
-        self._sessions: list[requests.Session] = []
-        self._sessions_lock = threading.Lock()
-
-    @property
-    def _session(self) -> requests.Session:
-        """This thread's Session, created on first use."""
-        session: requests.Session | None = getattr(self._local, "session", None)
-        if session is None:
-            session = requests.Session()
-            session.headers[TOKEN_HEADER] = self._token
-            session.headers["Accept"] = "application/json"
-            self._local.session = session
-            with self._sessions_lock:
-                self._sessions.append(session)
-        return session
+        self._http = HttpClient(
+            self.url, {TOKEN_HEADER: token.encode("utf-8"), "Accept": "application/json"}
+        )
 
     @classmethod
     def from_conf(cls, conf: cfg.ConfigOpts) -> NvaClient:
@@ -88,12 +61,8 @@ class NvaClient:
         return cls(group.url, group.token, timeout=group.request_timeout)
 
     def close(self) -> None:
-        """Release every thread's pooled connections."""
-        with self._sessions_lock:
-            sessions, self._sessions = self._sessions, []
-        for session in sessions:
-            session.close()
-        self._local = threading.local()
+        """Release the pooled connections."""
+        self._http.close()
 
     def __enter__(self) -> Self:
         return self
@@ -114,12 +83,11 @@ class NvaClient:
     ) -> Any:
         """Send one request; ``wait`` is how long the server may hold it on purpose."""
         timeout = wait + self.timeout
-        url = self.url + path
         try:
-            resp = self._session.request(method, url, params=params, json=body, timeout=timeout)
+            resp = self._http.request(method, path, params=params, json=body, timeout=timeout)
         except requests.ConnectionError as err:
             raise Unavailable(
-                f"cannot reach the NVA at {self.url} ({method} {path}): {_reason(err)}",
+                f"cannot reach the NVA at {self.url} ({method} {path}): {connection_reason(err)}",
                 hint=UNAVAILABLE_HINT,
             ) from err
         except requests.Timeout as err:
@@ -136,22 +104,15 @@ class NvaClient:
 
     def _decode(self, resp: requests.Response, method: str, path: str) -> Any:
         """The JSON answer, or the exception class the status stands for."""
-        try:
-            payload = resp.json()
-        except ValueError:
-            payload = None
         if resp.status_code < 400:
-            if payload is None:
+            try:
+                return resp.json()
+            except ValueError:
                 raise NvaError(
                     f"{method} {path} at {self.url} answered HTTP {resp.status_code} without JSON",
                     hint="check that [nva] url points at `vmm nva serve`",
-                )
-            return payload
-        error = payload.get("error") if isinstance(payload, dict) else None
-        if isinstance(error, dict) and isinstance(error.get("message"), str):
-            message, hint = error["message"], error.get("hint")
-        else:
-            message, hint = f"HTTP {resp.status_code} {resp.reason}", None
+                ) from None
+        message, hint, _code = error_parts(resp)
         cls = BY_STATUS.get(resp.status_code)
         if cls is None:
             cls = Unavailable if resp.status_code in (502, 504) else NvaError

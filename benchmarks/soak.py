@@ -1,0 +1,156 @@
+"""Soak: N live migrations back and forth through the assembled hosts, and what leaks.
+
+The namespace lab's hosts come from the product's composition root
+(``lab_site`` -> ``vmm_orchestrator.agent.assemble``): directory client,
+Linux NVE + NVE agent, journal, pipeline and dispatcher, exactly what
+``vmm agent`` runs; LabHypervisor drives the phases. vm1 moves h1 <-> h2
+``--migrations`` times (default 1,000), with a ping from the gateway after
+each move. Before and after (after a warm-up of ``--warmup`` migrations, so
+that caches and thread pools are counted as steady state) it prints:
+
+* this process's open descriptors, threads and RSS;
+* the lab's network namespaces;
+* FDB entries per host (bridge + VXLAN), nftables objects per host
+  (tables, chains, rules, set elements), conntrack entries per host;
+* the journal's migrations (they stay: history), and the directory's change
+  log length.
+
+Every count must return to its value before the run (RSS within 10%); the
+exit status is 1 if one does not.
+
+Run as root: ``.venv/bin/python benchmarks/soak.py --migrations 1000``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import resource
+import sys
+import threading
+import time
+from typing import Any
+
+from oslo_config import cfg
+
+from vmm_lab.linux import options as lab_opts
+from vmm_lab.linux.demo import lab_site
+from vmm_lab.linux.hypervisor import LabHypervisor
+from vmm_lab.linux.topology import in_ns, lab_namespaces, new_prefix
+from vmm_linux.agent import register_opts as register_agent_opts
+from vmm_linux.stages import HoldTimer
+from vmm_orchestrator import engine
+from vmm_orchestrator.stage import register_stage_opts
+
+HOSTS = ("h1", "h2", "h3")
+
+
+def make_conf(hold_s: float) -> cfg.ConfigOpts:
+    conf = cfg.ConfigOpts()
+    conf([], default_config_files=[])
+    lab_opts.register_opts(conf)
+    engine.register_opts(conf)
+    register_agent_opts(conf)
+    register_stage_opts(conf, HoldTimer)
+    conf.set_override("hold_time", hold_s, group="stage_hold_timer")
+    conf.set_override("watch_timeout", 1.0, group="nve_agent")
+    return conf
+
+
+def rss_kib() -> int:
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+
+
+def nft_objects(netns: str) -> int:
+    out = in_ns(netns, "nft", "-j", "list", "ruleset", check=False)
+    count = 0
+    for item in json.loads(out or '{"nftables": []}').get("nftables", []):
+        for kind in ("table", "chain", "rule"):
+            count += kind in item
+        if "set" in item:
+            count += 1 + len(item["set"].get("elem", []) or [])
+    return count
+
+
+def snapshot(site: Any, prefix: str) -> dict[str, int]:
+    gc.collect()
+    figures = {
+        "descriptors": len(os.listdir("/proc/self/fd")),
+        "threads": threading.active_count(),
+        "rss_kib": rss_kib(),
+        "namespaces": len(lab_namespaces(prefix)),
+    }
+    for name in HOSTS:
+        ns = site.lab.hosts[name].netns
+        fdb = json.loads(in_ns(ns, "bridge", "-j", "fdb", "show", check=False) or "[]")
+        figures[f"fdb_{name}"] = len(fdb)
+        figures[f"nft_{name}"] = nft_objects(ns)
+        ct = in_ns(ns, "conntrack", "-C", check=False).strip()
+        figures[f"conntrack_{name}"] = int(ct) if ct.isdigit() else -1
+    return figures
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--migrations", type=int, default=1000)
+    parser.add_argument("--warmup", type=int, default=20)
+    parser.add_argument("--downtime-ms", type=float, default=20.0)
+    parser.add_argument("--hold", type=float, default=0.05, help="[stage_hold_timer] hold_time")
+    args = parser.parse_args(argv)
+    if os.geteuid() != 0:
+        print("soak: run as root (it builds network namespaces)", file=sys.stderr)
+        return 2
+    conf = make_conf(args.hold)
+    prefix = new_prefix()
+    failures = 0
+    with lab_site(conf, prefix, orchestrated=True) as site:
+        vm1, gw = site.lab.vms["vm1"], site.lab.vms["gw"]
+        hyper = LabHypervisor(site.lab, site.dispatchers, qemu_rarp=False)
+
+        def move(i: int) -> None:
+            nonlocal failures
+            dst = "h2" if vm1.host == "h1" else "h1"
+            _, futures = hyper.migrate(vm1, dst, args.downtime_ms)
+            reports = [f.result(timeout=60) for f in futures]
+            if not all(r.ok for r in reports):
+                failures += 1
+                print(f"migration {i}: {[r.error for r in reports if not r.ok]}")
+
+        for i in range(args.warmup):
+            move(i)
+        before = snapshot(site, prefix)
+        started = time.monotonic()
+        for i in range(args.migrations):
+            move(i)
+            if (i + 1) % 100 == 0:
+                print(f"{i + 1} migrations, {time.monotonic() - started:.0f} s", flush=True)
+        if vm1.host != "h1":
+            move(-1)  # end where it started, so the tables compare
+        time.sleep(1.5)  # the last hold timer and the agents' acknowledgements
+        after = snapshot(site, prefix)
+        pings = in_ns(gw.netns, "ping", "-c", "3", "-i", "0.2", vm1.ipv4, check=False)
+        reachable = " 0% packet loss" in pings
+    left = lab_namespaces(prefix)
+    took = time.monotonic() - started
+    print(
+        f"\n{args.migrations} migrations in {took:.0f} s ({failures} failed); vm1 reachable:"
+        f" {reachable}; namespaces left after teardown: {len(left)}\n"
+    )
+    print(f"{'figure':<14} {'before':>10} {'after':>10}  ok")
+    bad = failures > 0 or not reachable or bool(left)
+    for key, value in before.items():
+        now = after[key]
+        ok = abs(now - value) <= 0.10 * value if key == "rss_kib" else now == value
+        bad |= not ok
+        print(f"{key:<14} {value:>10} {now:>10}  {'yes' if ok else 'NO'}")
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
