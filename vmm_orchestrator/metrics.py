@@ -349,7 +349,19 @@ class DirectoryCollector(Collector):
         self.store = store
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
-        revision = int(self.store.revision)
+        up = GaugeMetricFamily(
+            "vmm_nva_up", "1 when the directory answered this scrape, else 0 (see the log)."
+        )
+        try:
+            revision = int(self.store.revision)
+            nves = list(self.store.list_nves())
+        except Exception as exc:  # etcd unreachable: the other metrics are still served
+            LOG.warning("metrics: cannot read the directory: %s", exc)
+            up.add_metric([], 0)
+            yield up
+            return
+        up.add_metric([], 1)
+        yield up
         yield GaugeMetricFamily(
             "vmm_nva_revision", "Revision of the directory's newest change.", value=revision
         )
@@ -358,7 +370,7 @@ class DirectoryCollector(Collector):
             "Directory revision minus the revision each NVE acknowledged.",
             labels=["nve"],
         )
-        for nve in self.store.list_nves():
+        for nve in nves:
             lag.add_metric([str(nve["id"])], max(0, revision - int(nve["acked_revision"])))
         yield lag
 
@@ -394,7 +406,13 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             self._answer(404, b"not found: try /metrics\n", "text/plain")
             return
         encoder, content_type = choose_encoder(self.headers.get("Accept", ""))
-        self._answer(200, encoder(exporter.registry), content_type)
+        try:
+            body = encoder(exporter.registry)
+        except Exception:
+            LOG.exception("metrics: a collector failed")
+            self._answer(500, b"a collector failed; see the log\n", "text/plain")
+            return
+        self._answer(200, body, content_type)
 
     def _answer(
         self, status: int, body: bytes, content_type: str, headers: dict[str, str] | None = None

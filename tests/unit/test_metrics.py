@@ -169,6 +169,7 @@ def test_directory_lag_per_nve() -> None:
         families = {f.name: f for f in collector.collect()}
         lag = {s.labels["nve"]: s.value for s in families["vmm_nva_nve_lag_revisions"].samples}
         assert families["vmm_nva_revision"].samples[0].value == store.revision > 0
+        assert families["vmm_nva_up"].samples[0].value == 1
         assert lag == {"n1": 0, "n2": store.revision}
     finally:
         store.close()
@@ -234,3 +235,12 @@ def test_the_directory_serves_its_lag_on_its_own_port() -> None:
     finally:
         engine.remove_observer(metrics.observe)
         store.close()
+
+
+def test_a_closed_directory_is_reported_down_and_the_rest_still_served() -> None:
+    store = NvaStore(":memory:")
+    store.close()
+    collector = metrics.DirectoryCollector(store)
+    families = {f.name: f for f in collector.collect()}
+    assert families["vmm_nva_up"].samples[0].value == 0
+    assert "vmm_nva_nve_lag_revisions" not in families
