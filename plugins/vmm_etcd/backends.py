@@ -22,6 +22,7 @@ from vmm_etcd.kv import EtcdKV
 from vmm_etcd.locks import InstanceLease, MigrationLocks
 from vmm_etcd.store import EtcdNvaStore
 from vmm_orchestrator.contracts import HostSpec
+from vmm_orchestrator.nva import options as nva_options
 from vmm_orchestrator.nva.store import MobilityPolicy
 from vmm_orchestrator.stage import HostContext, Stage
 
@@ -35,6 +36,7 @@ class EtcdBackend:
     def kv_from_conf(conf: cfg.ConfigOpts) -> EtcdKV:
         """A connection to the cluster (ConfigError when the endpoints are malformed)."""
         options.register_opts(conf)
+        nva_options.register_opts(conf)  # [nva]: the move-flap policy, the change-log window
         g = conf[options.GROUP]
         return EtcdKV(
             g.endpoints,
