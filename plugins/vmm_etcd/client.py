@@ -24,7 +24,13 @@ from vmm_etcd.store import EtcdNvaStore, decode_change, watched_range
 from vmm_etcd.watch import WatchStream
 from vmm_orchestrator.nva import store as core
 from vmm_orchestrator.nva.errors import NvaError
-from vmm_orchestrator.nva.store import check_nve_id, check_revision, check_timeout
+from vmm_orchestrator.nva.store import (
+    CHANGE_LOG_KEEP,
+    MobilityPolicy,
+    check_nve_id,
+    check_revision,
+    check_timeout,
+)
 
 LOG = logging.getLogger(__name__)
 
@@ -48,8 +54,17 @@ class EtcdNvaClient(EtcdNvaStore):
         *,
         max_txn_ops: int = 128,
         owns_kv: bool = True,
+        mobility: MobilityPolicy | None = None,
+        keep_changes: int = CHANGE_LOG_KEEP,
     ) -> None:
-        super().__init__(kv, prefix, max_txn_ops=max_txn_ops, owns_kv=owns_kv)
+        super().__init__(
+            kv,
+            prefix,
+            max_txn_ops=max_txn_ops,
+            owns_kv=owns_kv,
+            mobility=mobility,
+            keep_changes=keep_changes,
+        )
         self._subs: dict[str, _Subscription] = {}
         self._subs_lock = threading.Lock()
 
