@@ -35,6 +35,7 @@ from typing import TYPE_CHECKING, Any
 
 from oslo_config import cfg
 
+from vmm_lab import plot_modes
 from vmm_lab.linux import options as lab_opts
 from vmm_lab.linux import probe
 from vmm_lab.linux.hypervisor import LabHypervisor, LabMigration
@@ -86,13 +87,16 @@ class ModeResult:
     destination_vtep: str
     gateway_neigh_mac: str | None
     errors: list[str]
+    #: This mode's column of the demo's picture (vmm_lab.plot_modes).
+    picture: Any = dataclasses.field(default=None, repr=False, compare=False)
 
     @property
     def lost_after_resume(self) -> int:
         return sum(s.lost_after_resume for s in self.streams)
 
     def to_dict(self) -> dict[str, Any]:
-        out = dataclasses.asdict(self)
+        out = dataclasses.asdict(dataclasses.replace(self, picture=None))
+        out.pop("picture")
         out["lost_after_resume"] = self.lost_after_resume
         return out
 
@@ -504,11 +508,13 @@ def run_mode(
         hyper = LabHypervisor(lab, site.dispatchers, qemu_rarp=mode != "none")
         duration = settings.warmup_s + settings.downtime_ms / 1000.0 + 0.3 + settings.observe_s
         try:
-            start_at = probes.start(settings.probe_rate, duration)
-            time.sleep(max(0.0, start_at + settings.warmup_s - time.monotonic()))
-            record, futures = hyper.migrate(vm1, destination, settings.downtime_ms)
-            reports = [f.result(timeout=120) for f in futures]
+            with plot_modes.Recorder() as recorder:
+                start_at = probes.start(settings.probe_rate, duration)
+                time.sleep(max(0.0, start_at + settings.warmup_s - time.monotonic()))
+                record, futures = hyper.migrate(vm1, destination, settings.downtime_ms)
+                reports = [f.result(timeout=120) for f in futures]
             streams = probes.finish(record)
+            picture = plot_modes.mode_timeline(mode, recorder.docs, record, site.workdir)
         finally:
             probes.kill()
         errors = [f"{r.phase.value} on {r.host}: {r.error}" for r in reports if not r.ok]
@@ -533,6 +539,7 @@ def run_mode(
             destination_vtep=lab.hosts[destination].vtep,
             gateway_neigh_mac=neigh_mac,
             errors=errors,
+            picture=picture,
         )
 
 
@@ -640,7 +647,12 @@ def render(results: list[ModeResult]) -> str:
     return "\n".join(lines)
 
 
-def run_demo(conf: cfg.ConfigOpts, json_out: str | None = None, vm: str = "vm1") -> int:
+def run_demo(
+    conf: cfg.ConfigOpts,
+    json_out: str | None = None,
+    vm: str = "vm1",
+    picture_out: str | None = None,
+) -> int:
     """Run every configured mode; 0 only if the orchestrated run lost nothing after resume."""
     lab_opts.register_opts(conf)
     lab_opts.check(conf)
@@ -651,6 +663,11 @@ def run_demo(conf: cfg.ConfigOpts, json_out: str | None = None, vm: str = "vm1")
         results.append(run_mode(conf, mode, f"{prefix}{mode[0]}", vm_name=vm))
     print()
     print(render(results))
+    pictures = [r.picture for r in results if r.picture is not None]
+    if pictures:
+        path = picture_out or os.path.join(tempfile.gettempdir(), f"vmm-demo-{prefix}.svg")
+        plot_modes.write_side_by_side(pictures, path)
+        print(f"\npicture of the modes side by side: {path}")
     if json_out:
         with open(json_out, "w", encoding="utf-8") as fh:
             json.dump([r.to_dict() for r in results], fh, indent=2, default=str)
