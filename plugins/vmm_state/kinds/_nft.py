@@ -159,37 +159,60 @@ def list_set(
     out = nft_json(netns, "list", "set", family, table, name)
     for item in json.loads(out)["nftables"]:
         data = item.get("set")
-        if not data:
-            continue
-        types = data["type"] if isinstance(data["type"], list) else [data["type"]]
-        flags = data.get("flags", [])
-        if isinstance(flags, str):
-            flags = [flags]
-        info = SetInfo(
-            family,
-            table,
-            name,
-            list(types),
-            "timeout" in flags or "timeout" in data,
-            data.get("timeout"),
-            data.get("size"),
-        )
-        elements = []
-        for raw in data.get("elem", []):
-            elem = raw["elem"] if isinstance(raw, dict) and "elem" in raw else {"val": raw}
-            entry: dict[str, Any] = {
-                "key": _as_list(elem["val"]),
-                "timeout": elem.get("timeout", info.default_timeout if info.timeout_flag else None),
-                "expires": elem.get("expires"),
-            }
-            if entry["timeout"] is not None and entry["expires"] is None:
-                entry["expires"] = 0  # nft leaves out an expiry under one second
-            for extra in ("limit", "counter"):
-                if extra in elem:
-                    entry[extra] = elem[extra]
-            elements.append(entry)
-        return info, elements
+        if data and data.get("name") == name:
+            return _parse_set(family, table, data)
     raise LookupError(f"set {family} {table} {name} not found")
+
+
+def list_table_sets(
+    netns: str | None, family: str, table: str
+) -> dict[str, tuple[SetInfo, list[dict[str, Any]]]]:
+    """Every set of a table with its elements, in one listing (each listing
+    makes nft read the ruleset first: one per table, not one per set)."""
+    for part in (family, table):
+        if not _IFNAME.match(part):
+            raise LookupError(f"not a table name: {part!r}")
+    out = nft_json(netns, "list", "table", family, table)
+    found = {}
+    for item in json.loads(out)["nftables"]:
+        data = item.get("set")
+        if data and isinstance(data.get("name"), str):
+            found[data["name"]] = _parse_set(family, table, data)
+    return found
+
+
+def _parse_set(
+    family: str, table: str, data: dict[str, Any]
+) -> tuple[SetInfo, list[dict[str, Any]]]:
+    name = data["name"]
+    types = data["type"] if isinstance(data["type"], list) else [data["type"]]
+    flags = data.get("flags", [])
+    if isinstance(flags, str):
+        flags = [flags]
+    info = SetInfo(
+        family,
+        table,
+        name,
+        list(types),
+        "timeout" in flags or "timeout" in data,
+        data.get("timeout"),
+        data.get("size"),
+    )
+    elements = []
+    for raw in data.get("elem", []):
+        elem = raw["elem"] if isinstance(raw, dict) and "elem" in raw else {"val": raw}
+        entry: dict[str, Any] = {
+            "key": _as_list(elem["val"]),
+            "timeout": elem.get("timeout", info.default_timeout if info.timeout_flag else None),
+            "expires": elem.get("expires"),
+        }
+        if entry["timeout"] is not None and entry["expires"] is None:
+            entry["expires"] = 0  # nft leaves out an expiry under one second
+        for extra in ("limit", "counter"):
+            if extra in elem:
+                entry[extra] = elem[extra]
+        elements.append(entry)
+    return info, elements
 
 
 def set_exists(netns: str | None, family: str, table: str, name: str) -> bool:

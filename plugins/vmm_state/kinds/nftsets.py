@@ -337,12 +337,18 @@ class NftSetsKind(ElementKind):
 
     def _export_all(self, ctx: KindContext) -> Iterator[dict[str, Any]]:
         addresses = ctx.addresses
+        tables: dict[tuple[str, str], dict[str, Any]] = {}
         for (family, table, name), field in self.specs().items():
-            try:
-                _info, elements = _nft.list_set(ctx.netns, family, table, name)
-            except (OSError, LookupError):
+            if (family, table) not in tables:
+                try:
+                    tables[(family, table)] = _nft.list_table_sets(ctx.netns, family, table)
+                except (OSError, LookupError):
+                    tables[(family, table)] = {}
+            found = tables[(family, table)].get(name)
+            if found is None:
                 LOG.warning("nft_sets: set %s %s %s is missing here", family, table, name)
                 continue
+            _info, elements = found
             verdicts: dict[str, bool] = {}  # the field holds few distinct addresses
             for elem in elements:
                 key = elem["key"]
