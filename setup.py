@@ -42,6 +42,8 @@ setup(
         "libvirt-python>=9.0",
         "openstacksdk>=4.0",
         "etcd3gw>=2.7",
+        "prometheus-client>=0.17",
+        "matplotlib>=3.7",
     ],
     extras_require={
         "test": ["pytest>=8", "ruff", "mypy", "types-requests"],
@@ -66,6 +68,7 @@ setup(
         "vmm_orchestrator.commands": [
             "lab = vmm_lab.linux.cli:LabCommand",
             "agent = vmm_orchestrator.agent_cmd:AgentCommand",
+            "migration = vmm_orchestrator.migration_cmd:MigrationCommand",
             "migrate-with-network = vmm_openstack.command:MigrateWithNetworkCommand",
         ],
         "vmm_orchestrator.nva_backends": [

@@ -45,3 +45,7 @@ if [ ! -f "$stamp" ]; then
   rm -f .venv/.installed-*
   touch "$stamp"
 fi
+
+# Real Keystone and Neutron for the tests in tests/openstack (their own venv,
+# so that their pinned dependencies never meet the product's).
+bash scripts/setup-openstack.sh

@@ -23,7 +23,7 @@ from typing import Any
 
 from oslo_config import cfg
 
-from vmm_orchestrator import agent, engine
+from vmm_orchestrator import agent, engine, history, metrics
 from vmm_orchestrator.cli import check_options
 from vmm_orchestrator.commands import Command
 from vmm_orchestrator.errors import VmmError
@@ -50,7 +50,7 @@ def check_agent_options(conf: cfg.ConfigOpts) -> list[Any]:
     specs: list[Any] = load_event_source(conf).check_options(conf)
     groups = [(agent.GROUP, agent.AGENT_OPTS)]
     groups += [(agent.host_group(n), agent.HOST_OPTS) for n in conf.agent.hosts]
-    check_options(conf, groups + engine.list_opts() + nva_options.list_opts())
+    check_options(conf, groups + engine.list_opts() + nva_options.list_opts() + metrics.list_opts())
     stages = engine.load_stages(conf, list(conf.pipeline.stages))
     check_options(conf, [(group_name(s.name), stage_opts(type(s))) for s in stages])
     return specs
@@ -78,7 +78,10 @@ class AgentCommand(Command):
         previous = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
         assembly = agent.assemble(conf)
         source = None
+        exporter = None
         try:
+            history.start_recording()
+            exporter = metrics.start_from_conf(conf)
             assembly.start()
             source = source_cls.for_assembly(conf, assembly)
             source.start()
@@ -113,6 +116,8 @@ class AgentCommand(Command):
             if source is not None:
                 source.stop()
             assembly.close()
+            if exporter is not None:
+                exporter.stop()
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
         return 0

@@ -29,7 +29,7 @@ from typing import Any, NoReturn
 from oslo_config import cfg, types
 from stevedore import ExtensionManager
 
-from vmm_orchestrator import __version__
+from vmm_orchestrator import __version__, logs, metrics
 from vmm_orchestrator.commands import Command
 from vmm_orchestrator.errors import ConfigError, VmmError
 from vmm_orchestrator.nva import options as nva_options
@@ -360,7 +360,7 @@ class NvaCommand(Command):
         _client_flags(nve_delete)
 
     def run(self, conf: cfg.ConfigOpts, args: argparse.Namespace) -> int:
-        check_options(conf, nva_options.list_opts())
+        check_options(conf, nva_options.list_opts() + metrics.list_opts())
         if args.nva_command == "status":
             if args.mac is not None or args.ip is not None:
                 return self.locate(conf, args)
@@ -605,9 +605,15 @@ class NvaCommand(Command):
         store = (
             NvaStore.from_conf(conf, database) if opts.backend == "embedded" else open_store(conf)
         )
+        exporter = None
         try:
             server = NvaServer.from_conf(conf, store=store)
             server.start()  # binds, or raises ConfigError naming bind_host/bind_port
+            try:
+                exporter = metrics.start_from_conf(conf, directory=store)
+            except BaseException:
+                server.stop()
+                raise
         except BaseException:
             store.close()
             if created:  # nothing half-applied: no empty database left behind
@@ -623,6 +629,8 @@ class NvaCommand(Command):
         except KeyboardInterrupt:
             pass
         finally:
+            if exporter is not None:
+                exporter.stop()
             server.stop()
             store.close()
             signal.signal(signal.SIGTERM, previous)
@@ -732,6 +740,12 @@ def build_parser(commands: dict[str, Command]) -> ArgumentParser:
         default=0,
         help="log more (-v info, -vv debug and tracebacks)",
     )
+    parser.add_argument(
+        "--log-format",
+        choices=logs.FORMATS,
+        default="text",
+        help="log lines as text (default) or one JSON object per line, for log shippers",
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     sub.metavar = "{" + ",".join(sorted(commands)) + "}"
     for name, command in sorted(commands.items()):
@@ -744,7 +758,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser(commands)
     args = parser.parse_args(argv)
     level = {0: logging.WARNING, 1: logging.INFO}.get(args.verbose, logging.DEBUG)
-    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logs.configure(level, args.log_format)
     try:
         conf = load_config(args.config_file)
         return commands[args.command].run(conf, args)

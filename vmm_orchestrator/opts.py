@@ -10,7 +10,7 @@ from __future__ import annotations
 from oslo_config import cfg
 from stevedore import ExtensionManager
 
-from vmm_orchestrator import engine
+from vmm_orchestrator import engine, metrics
 from vmm_orchestrator.nva import options as nva_options
 from vmm_orchestrator.stage import Stage, group_name, stage_opts
 
@@ -24,4 +24,9 @@ def stage_option_groups() -> list[tuple[str, list[cfg.Opt]]]:
 
 
 def list_opts() -> list[tuple[str, list[cfg.Opt]]]:
-    return [*engine.list_opts(), *nva_options.list_opts(), *stage_option_groups()]
+    return [
+        *engine.list_opts(),
+        *nva_options.list_opts(),
+        *metrics.list_opts(),
+        *stage_option_groups(),
+    ]

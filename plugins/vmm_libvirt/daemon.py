@@ -37,6 +37,7 @@ from vmm_libvirt.hook import HookServer
 from vmm_libvirt.resolve import NothingToMove, ResolveError, Resolver
 from vmm_orchestrator import agent as root
 from vmm_orchestrator import journal as jr
+from vmm_orchestrator import metrics
 from vmm_orchestrator.engine import IN_FLIGHT, Dispatcher, PhaseReport, Pipeline
 from vmm_orchestrator.errors import ConfigError
 from vmm_orchestrator.journal import Journal
@@ -502,6 +503,13 @@ class HostAgent:
     # -- hook calls (hook server threads; never call libvirt here) -------------------------
 
     def on_hook(self, request: dict[str, Any]) -> dict[str, Any]:
+        """Answer one relayed hook call (see _answer_hook); counted in the metrics."""
+        answer = self._answer_hook(request)
+        if request.get("op") not in ("ping", "status"):
+            metrics.count_hook(str(request.get("op", "")), str(request.get("sub_op", "")), answer)
+        return answer
+
+    def _answer_hook(self, request: dict[str, Any]) -> dict[str, Any]:
         """Answer one relayed hook call: {"allow": bool, "reason": str[, "error": True]}."""
         if request.get("op") == "ping":
             return {"allow": True, "reason": f"host {self.name}", "host": self.name}

@@ -38,6 +38,7 @@ from oslo_config import cfg, types
 
 from vmm_linux import frames
 from vmm_linux.netns import socket_in
+from vmm_orchestrator import metrics
 from vmm_orchestrator.model import Vif, normalize_mac
 
 LOG = logging.getLogger(__name__)
@@ -223,6 +224,7 @@ class AnnounceHandle:
 
     def _record_sent(self, kind: str) -> Callable[[float], None] | None:
         """Count one frame; return the first-sent callback if it is due now."""
+        metrics.count_announcement(kind)
         with self._lock:
             self.sent[kind] += 1
             if self.first_sent_at is not None:

@@ -194,6 +194,8 @@ def connect_service_user(conf: cfg.ConfigOpts, api_timeout: float = 30.0) -> Con
         kwargs["region_name"] = group.region_name
     if group.valid_interfaces:
         kwargs["interface"] = group.valid_interfaces[0]
+    elif group.interface:  # keystoneauth's deprecated spelling, as DevStack writes nova.conf
+        kwargs["interface"] = group.interface
     if group.endpoint_override:
         kwargs["network_endpoint_override"] = group.endpoint_override
     user = getattr(group, "username", None) or getattr(group, "user_id", None) or "?"

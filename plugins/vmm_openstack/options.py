@@ -85,7 +85,7 @@ OPENSTACK_OPTS: list[cfg.Opt] = [
 
 
 #: keystoneauth's adapter options that ``[neutron]`` honours, as nova.conf's does.
-ADAPTER_OPTS = ("region_name", "valid_interfaces", "endpoint_override")
+ADAPTER_OPTS = ("region_name", "valid_interfaces", "interface", "endpoint_override")
 
 
 def neutron_opts() -> list[cfg.Opt]:
@@ -98,7 +98,7 @@ def neutron_opts() -> list[cfg.Opt]:
 
     adapter = [
         o
-        for o in ks_loading.get_adapter_conf_options(include_deprecated=False)
+        for o in ks_loading.get_adapter_conf_options(include_deprecated=True)
         if o.dest in ADAPTER_OPTS
     ]
     return [

@@ -260,7 +260,7 @@ def test_nva_status_refuses_a_bad_config_file(tmp_path: Path, text: str, words: 
 @pytest.mark.parametrize(
     ("args", "words"),
     [
-        ([], ["required: {agent,lab,migrate-with-network,nva}", "vmm --help"]),
+        ([], ["required: {agent,lab,migrate-with-network,migration,nva}", "vmm --help"]),
         (["lab", "demo", "--vm"], ["--vm", "expected one argument"]),
         (["lab", "demo", "--rate", "fast"], ["--rate", "invalid int value"]),
         (["nva", "status", "-f", "xml"], ["--format", "xml", "vmm nva status --help"]),
@@ -590,7 +590,12 @@ def test_lab_demo_good_input_reaches_the_demo(
 
     seen: dict[str, Any] = {}
 
-    def fake_run_demo(conf: cfg.ConfigOpts, json_out: str | None = None, vm: str = "vm1") -> int:
+    def fake_run_demo(
+        conf: cfg.ConfigOpts,
+        json_out: str | None = None,
+        vm: str = "vm1",
+        picture_out: str | None = None,
+    ) -> int:
         seen.update(
             modes=list(conf.lab.modes),
             downtime_ms=conf.lab.downtime_ms,

@@ -149,6 +149,12 @@ class LabCommand(Command):
         demo.add_argument("--rate", type=int, help="override [lab] probe_rate")
         demo.add_argument("--json", metavar="FILE", help="also write the results as JSON")
         demo.add_argument(
+            "--picture",
+            metavar="FILE",
+            help="write the modes' timelines side by side (.svg or .png; default: a file "
+            "in the temporary directory, whose path is printed)",
+        )
+        demo.add_argument(
             "--libvirt",
             action="store_true",
             help="migrate a real libvirt guest (a libvirtd on h1 and h2, a tiny TCG guest) "
@@ -219,10 +225,13 @@ class LabCommand(Command):
             override_option(conf, group, opts, "probe_rate", args.rate, "--rate")
         check_demo_options(conf)
         check_json_out(args.json)
+        picture = getattr(args, "picture", None)
+        if picture and not picture.lower().endswith((".svg", ".png")):
+            raise VmmError(f"--picture {picture}: name a .svg or .png file")
         need_root_and_ip()
         from vmm_lab.linux.demo import run_demo
 
-        return run_demo(conf, json_out=args.json, vm=args.vm)
+        return run_demo(conf, json_out=args.json, vm=args.vm, picture_out=picture)
 
     def libvirt_demo(self, conf: cfg.ConfigOpts, args: argparse.Namespace) -> int:
         """`vmm lab demo --libvirt`: one real libvirt live migration per mode."""
