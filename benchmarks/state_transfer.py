@@ -18,9 +18,10 @@ pipeline's own stages move them:
   batched pass before answering. This stage's wall time is the part inside
   the pause.
 
-Columns: ``pre-copy ms`` is the whole pre-copy stage; ``pause ms`` the delta
-stage (inside the VM's pause); each ``(cpu)`` the CPU time this process
-(both hosts: their services share it) spent meanwhile, which a loaded
+The source's service runs in its own process, as on a real source host
+(``--one-process``: both in one). Columns: ``pre-copy ms`` is the whole
+pre-copy stage; ``pause ms`` the delta stage (inside the VM's pause); each
+``(cpu)`` the CPU time both hosts' processes spent meanwhile, which a loaded
 machine does not stretch; ``delta`` and ``delta bytes`` what crossed
 in the pause; ``mode`` says delta, or resync if events were lost;
 ``exact`` whether the destination ended with exactly the source's final
@@ -251,42 +252,147 @@ def settle(kind: StateKind, migration_id: str, changed: int) -> None:
         time.sleep(0.01)
 
 
-def run_case(conf: cfg.ConfigOpts, kind_name: str, n: int, churn: float) -> dict[str, Any]:
+class Source:
+    """The source host's state service in its own process, as on a real source
+    host (its own orchestrator): driven over a pipe by the benchmark, which
+    plays the destination. With ``separate=False`` it runs in this process."""
+
+    def __init__(self, separate: bool, build: Callable[[], StateHost]) -> None:
+        self.separate = separate
+        if not separate:
+            self.host = build()
+            self.host.start()
+            self.url = self.host.url
+            return
+        import multiprocessing
+
+        ctx = multiprocessing.get_context("fork")
+        self.pipe, child = ctx.Pipe()
+        self.proc = ctx.Process(target=self._serve, args=(child, build), daemon=True)
+        self.proc.start()
+        self.url = self.call("url")
+
+    @staticmethod
+    def _serve(pipe: Any, build: Callable[[], StateHost]) -> None:
+        host = build()
+        host.start()
+        conf = cfg.ConfigOpts()
+        conf(args=[], default_config_files=[])
+        options.register_opts(conf)
+        try:
+            while True:
+                op, args = pipe.recv()
+                if op == "stop":
+                    pipe.send(None)
+                    return
+                try:
+                    pipe.send(("ok", Source.do(host, conf, op, *args)))
+                except Exception as err:
+                    pipe.send(("error", repr(err)))
+        finally:
+            host.stop()
+
+    @staticmethod
+    def do(host: StateHost, conf: cfg.ConfigOpts, op: str, *args: Any) -> Any:
+        kind = next(iter(host.kinds.values()))
+        if op == "url":
+            return host.url
+        if op == "cpu":
+            return time.process_time()
+        if op == "expect":
+            host.expect(args[0])
+            return None
+        if op == "peers":
+            host.peers = dict(args[0])
+            return None
+        if op == "probe":
+            started = time.perf_counter()
+            count = sum(1 for _ in kind.export(KindContext(host.netns, VM.vifs, "probe")))
+            return count, time.perf_counter() - started
+        if op == "settle":
+            settle(kind, args[0], args[1])
+            return None
+        if op == "delta":
+            ctx = context(host, args[0], Phase.SWITCHOVER, Role.SOURCE)
+            started, cpu = time.perf_counter(), time.process_time()
+            StateDelta(conf).run(ctx)
+            wall = (time.perf_counter() - started) * 1000.0
+            return wall, (time.process_time() - cpu) * 1000.0, ctx.notes
+        if op == "forget":
+            host.forget(args[0])
+            return None
+        raise ValueError(op)
+
+    def call(self, op: str, *args: Any) -> Any:
+        if not self.separate:
+            return self.do(self.host, _CONF, op, *args)
+        self.pipe.send((op, args))
+        status, value = self.pipe.recv()
+        if status != "ok":
+            raise RuntimeError(f"source process: {op} failed: {value}")
+        return value
+
+    def stop(self) -> None:
+        if not self.separate:
+            self.host.stop()
+            return
+        self.pipe.send(("stop", ()))
+        self.pipe.recv()
+        self.proc.join(timeout=30)
+
+
+_CONF = cfg.ConfigOpts()
+
+
+def run_case(
+    conf: cfg.ConfigOpts, kind_name: str, n: int, churn: float, separate: bool = True
+) -> dict[str, Any]:
     """Seed the source, pre-copy, churn, delta through the real stages; check the result."""
     prefix = f"vmmst{os.getpid() % 10000:04d}{secrets.token_hex(2)}"
     migration = Migration(f"bench-{prefix}", VM, "src", "dst")
     token, key = secrets.token_urlsafe(16), secrets.token_bytes(32)
     with namespaces(prefix) as (src_ns, dst_ns):
         table: dict[str, str] = {}
-        src_kind, dst_kind = load_kind(conf, kind_name), load_kind(conf, kind_name)
-        src = StateHost("src", src_ns, {kind_name: src_kind}, settings(token, key), table)
+
+        def build() -> StateHost:
+            return StateHost(
+                "src", src_ns, {kind_name: load_kind(conf, kind_name)}, settings(token, key), table
+            )
+
+        source = Source(separate, build)  # started before the seeding, as a host's service is
+        dst_kind = load_kind(conf, kind_name)
         dst = StateHost("dst", dst_ns, {kind_name: dst_kind}, settings(token, key), table)
-        with src, dst:  # started before the seeding, as a host's service is
-            table.update(src=src.url, dst=dst.url)
-            SEED[kind_name](src_ns, n)
-            started = time.perf_counter()
-            exported = sum(1 for _ in src_kind.export(KindContext(src_ns, VM.vifs, "probe")))
-            export_s = time.perf_counter() - started
-            src.expect(migration)
-            pre = context(dst, migration, Phase.PREPARE, Role.DESTINATION)
-            started, cpu = time.perf_counter(), time.process_time()
-            StatePrecopy(conf).run(pre)
-            precopy_ms = (time.perf_counter() - started) * 1000.0
-            precopy_cpu = (time.process_time() - cpu) * 1000.0
-            changed = CHURN[kind_name](src_ns, n, churn)
-            settle(src_kind, migration.id, changed)
-            delta = context(src, migration, Phase.SWITCHOVER, Role.SOURCE)
-            started, cpu = time.perf_counter(), time.process_time()
-            StateDelta(conf).run(delta)
-            pause_ms = (time.perf_counter() - started) * 1000.0
-            pause_cpu = (time.process_time() - cpu) * 1000.0
-            exact = vm_state(src_ns, kind_name) == vm_state(dst_ns, kind_name)
-            src.forget(migration.id)
-            dst.revert_imports(migration)
+        try:
+            with dst:
+                table.update(src=source.url, dst=dst.url)
+                source.call("peers", table)
+                SEED[kind_name](src_ns, n)
+                exported, export_s = source.call("probe")
+                source.call("expect", migration)
+                pre = context(dst, migration, Phase.PREPARE, Role.DESTINATION)
+                started, cpu = time.perf_counter(), time.process_time()
+                src_cpu = source.call("cpu") if separate else 0.0
+                StatePrecopy(conf).run(pre)
+                precopy_ms = (time.perf_counter() - started) * 1000.0
+                precopy_cpu = (time.process_time() - cpu) * 1000.0
+                if separate:
+                    precopy_cpu += (source.call("cpu") - src_cpu) * 1000.0
+                changed = CHURN[kind_name](src_ns, n, churn)
+                source.call("settle", migration.id, changed)
+                cpu = time.process_time()
+                pause_ms, pause_cpu, notes = source.call("delta", migration)
+                if separate:
+                    pause_cpu += (time.process_time() - cpu) * 1000.0
+                exact = vm_state(src_ns, kind_name) == vm_state(dst_ns, kind_name)
+                source.call("forget", migration.id)
+                dst.revert_imports(migration)
+                dst.forget(migration.id)
+        finally:
+            source.stop()
     answer = pre.notes["kinds"][kind_name]
     check_s = float(pre.notes["check_ms"]) / 1000.0
     install_s = float(answer["import_ms"]) / 1000.0
-    moved = delta.notes["kinds"][kind_name]
+    moved = notes["kinds"][kind_name]
     return {
         "kind": kind_name,
         "entries": exported,
@@ -296,7 +402,7 @@ def run_case(conf: cfg.ConfigOpts, kind_name: str, n: int, churn: float) -> dict
         "pause_ms": pause_ms,
         "pause_cpu": pause_cpu,
         "delta": moved["entries"],
-        "delta_bytes": delta.notes["bytes"],
+        "delta_bytes": notes["bytes"],
         "mode": moved.get("delta", {}).get("mode", "-"),
         "exact": exact,
         "move_ms": precopy_ms + pause_ms,
@@ -373,6 +479,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sessions", default="1000,10000,100000", help="conntrack sizes")
     parser.add_argument("--churn", default="0,1,10", help="percent of entries changing")
     parser.add_argument("--elements", default="1000", help="nft set element sizes")
+    parser.add_argument(
+        "--one-process",
+        action="store_true",
+        help="run the source's service in this process too (default: its own process, "
+        "as on a real source host)",
+    )
     args = parser.parse_args(argv)
     if os.geteuid() != 0:
         print("run as root: the benchmark builds network namespaces", file=sys.stderr)
@@ -380,15 +492,18 @@ def main(argv: list[str] | None = None) -> int:
     conf = cfg.ConfigOpts()
     conf(args=[], default_config_files=[])
     options.register_opts(conf)
+    _CONF(args=[], default_config_files=[])
+    options.register_opts(_CONF)
+    separate = not args.one_process
     churns = [float(c) for c in args.churn.split(",") if c]
     cases = [("conntrack", int(n), c) for n in args.sessions.split(",") if n for c in churns]
     cases += [("nft_sets", int(n), c) for n in args.elements.split(",") if n for c in churns]
-    run_case(conf, "conntrack", 100, 1)  # warm-up: imports, libnftables, first sockets
+    run_case(conf, "conntrack", 100, 1, separate)  # warm-up: imports, libnftables, sockets
     load = os.getloadavg()[0]
     rows = []
     for kind_name, n, churn in cases:
         print(f"-- {kind_name}: {n} entries, {churn:g}% churn ...", flush=True)
-        rows.append(run_case(conf, kind_name, n, churn))
+        rows.append(run_case(conf, kind_name, n, churn, separate))
     base = baseline(conf)
     top = max((n for kind_name, n, _c in cases if kind_name == "conntrack"), default=0)
     measured = rates(conf, top) if top else {}
@@ -427,7 +542,9 @@ def main(argv: list[str] | None = None) -> int:
         )
     print(
         f"load average {load:.2f} at the start, {os.getloadavg()[0]:.2f} at the end "
-        f"({os.cpu_count()} cores; both hosts share this process)"
+        f"({os.cpu_count()} cores; the hosts "
+        + ("in one process" if not separate else "in two processes")
+        + ")"
     )
     return 0
 
