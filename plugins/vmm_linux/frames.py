@@ -35,6 +35,7 @@ ETH_P_IPV6 = 0x86DD
 ARPOP_REQUEST = 1
 ARPOP_REPLY = 2
 ARPOP_RREQUEST = 3  # RARP "reverse request", what QEMU's self-announce uses
+ARPOP_RREPLY = 4  # RARP "reverse reply": the server's answer (RFC 903)
 
 ARPHRD_ETHER = 1
 IPPROTO_ICMPV6 = 58
@@ -145,6 +146,46 @@ def rarp(mac: str) -> bytes:
         bytes(4),
     )
     return ethernet(BROADCAST_MAC, mac, ETH_P_RARP, body)
+
+
+def rarp_reply(server_mac: str, server_ip: str, client_mac: str, client_ip: str) -> bytes:
+    """RARP reverse reply (RFC 903) telling ``client_mac`` that its IPv4 address is ``client_ip``.
+
+    Sent unicast to the client: sender = the answering server (an NVE has no
+    address in the VN, so ``server_ip`` is usually 0.0.0.0), target = the
+    client's MAC and the address it asked for.
+    """
+    body = _ARP.pack(
+        ARPHRD_ETHER,
+        ETH_P_IP,
+        6,
+        4,
+        ARPOP_RREPLY,
+        mac_to_bytes(server_mac),
+        _ip4(server_ip),
+        mac_to_bytes(client_mac),
+        _ip4(client_ip),
+    )
+    return ethernet(client_mac, server_mac, ETH_P_RARP, body)
+
+
+def rarp_request_for_self(frame: bytes) -> str | None:
+    """The MAC a RARP request asks its own address for, else None.
+
+    Only a reverse request (op 3) whose target MAC is its sender MAC and its
+    Ethernet source counts: a guest asking for its *own* address, as a
+    diskless guest (and QEMU's self-announce) does. A request for another
+    MAC, a reply, or anything that is not Ethernet/IPv4 RARP gives None.
+    """
+    try:
+        arp = parse_arp(frame)
+    except ValueError:
+        return None
+    if arp["ethertype"] != ETH_P_RARP or arp["op"] != ARPOP_RREQUEST:
+        return None
+    if not (arp["sha"] == arp["tha"] == arp["src"]):
+        return None
+    return str(arp["tha"])
 
 
 def inet_checksum(data: bytes) -> int:

@@ -14,6 +14,7 @@ from oslo_config import cfg
 
 from vmm_linux import agent as agent_mod
 from vmm_linux import announce as announce_mod
+from vmm_linux import rarp as rarp_mod
 from vmm_linux.nve import LinuxNve, bridge_name
 from vmm_orchestrator.contracts import HostDriver, HostSpec
 
@@ -68,6 +69,7 @@ class LinuxHost(HostDriver):
     ) -> None:
         agent_mod.register_opts(conf)
         announce_mod.register_opts(conf)
+        rarp_mod.register_opts(conf)
         self.name = name
         self.nve = LinuxNve.from_conf(conf, netns, vtep)
         opts = conf[agent_mod.GROUP]
@@ -93,6 +95,11 @@ class LinuxHost(HostDriver):
             "announcers": self.announcers,
             "agent": self.agent,
         }
+        #: Answers diskless guests' RARP requests from the directory ([rarp] responder).
+        self.rarp: rarp_mod.RarpResponder | None = None
+        if conf[rarp_mod.GROUP].responder:
+            self.rarp = rarp_mod.RarpResponder(name, netns, nva, vnis)
+            self.services["rarp"] = self.rarp
 
     @classmethod
     def from_spec(cls, conf: cfg.ConfigOpts, spec: HostSpec, directory: Any) -> LinuxHost:
@@ -101,8 +108,12 @@ class LinuxHost(HostDriver):
 
     def start(self) -> None:
         self.agent.start()
+        if self.rarp is not None:
+            self.rarp.start()
 
     def stop(self) -> None:
+        if self.rarp is not None:
+            self.rarp.stop()
         self.agent.stop()
         self.announcers.close()
         self.nve.close()

@@ -192,3 +192,37 @@ def test_bad_ip_rejected() -> None:
         frames.gratuitous_arp_request(VM_MAC, "fd77::1")
     with pytest.raises(ValueError):
         frames.unsolicited_na(VM_MAC, "10.0.0.1")
+
+
+def test_rarp_reply_layout() -> None:
+    """RFC 903 reverse reply: op 4, unicast to the client, target = client MAC and its IP."""
+    frame = frames.rarp_reply("02:00:00:00:00:01", "0.0.0.0", "52:54:00:00:64:0a", "198.19.100.10")
+    assert len(frame) == 60
+    arp = frames.parse_arp(frame)
+    assert arp["ethertype"] == frames.ETH_P_RARP == 0x8035
+    assert (arp["dst"], arp["src"]) == ("52:54:00:00:64:0a", "02:00:00:00:00:01")
+    assert arp["op"] == frames.ARPOP_RREPLY == 4
+    assert (arp["sha"], arp["spa"]) == ("02:00:00:00:00:01", "0.0.0.0")
+    assert (arp["tha"], arp["tpa"]) == ("52:54:00:00:64:0a", "198.19.100.10")
+
+
+def test_rarp_request_for_self_accepts_own_mac_requests() -> None:
+    """A diskless guest's request and QEMU's self-announce are the same frame: both count."""
+    assert frames.rarp_request_for_self(frames.rarp("52:54:00:00:64:0a")) == "52:54:00:00:64:0a"
+
+
+def test_rarp_request_for_self_rejects_others() -> None:
+    mac, other = "52:54:00:00:64:0a", "52:54:00:00:64:0b"
+    # asking for another MAC's address
+    body = bytearray(frames.rarp(mac))
+    body[14 + 18 : 14 + 24] = frames.mac_to_bytes(other)
+    assert frames.rarp_request_for_self(bytes(body)) is None
+    # Ethernet source differs from the sender MAC
+    body = bytearray(frames.rarp(mac))
+    body[6:12] = frames.mac_to_bytes(other)
+    assert frames.rarp_request_for_self(bytes(body)) is None
+    # a reply, an ARP request, garbage
+    reply = frames.rarp_reply(other, "0.0.0.0", mac, "10.0.0.1")
+    assert frames.rarp_request_for_self(reply) is None
+    assert frames.rarp_request_for_self(frames.gratuitous_arp_request(mac, "10.0.0.1")) is None
+    assert frames.rarp_request_for_self(b"\x00" * 20) is None
