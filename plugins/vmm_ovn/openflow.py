@@ -38,6 +38,9 @@ OFPP_IN_PORT = 0xFFF8
 NO_BUFFER = 0xFFFFFFFF
 NX_VENDOR_ID = 0x00002320
 NXAST_RESUBMIT_TABLE = 14
+NXAST_CT = 35
+NX_CT_F_COMMIT = 1
+NX_CT_RECIRC_NONE = 0xFF
 
 _HEADER = struct.Struct("!BBHI")
 
@@ -51,9 +54,20 @@ def resubmit_table0() -> bytes:
     return struct.pack("!HHIHHB3x", 0xFFFF, 16, NX_VENDOR_ID, NXAST_RESUBMIT_TABLE, OFPP_IN_PORT, 0)
 
 
-def packet_out_message(xid: int, in_port: int, frame: bytes) -> bytes:
-    """An OpenFlow 1.0 PACKET_OUT of ``frame`` from ``in_port`` with resubmit(,0)."""
-    actions = resubmit_table0()
+def ct_commit(zone: int) -> bytes:
+    """Nicira ``ct(commit,zone=Z)``: commit the frame to conntrack zone Z, nothing else."""
+    if not 0 <= zone <= 0xFFFF:
+        raise OpenFlowError(f"conntrack zone {zone} out of range")
+    return struct.pack(
+        "!HHIHHIHB3xH", 0xFFFF, 24, NX_VENDOR_ID, NXAST_CT, NX_CT_F_COMMIT, 0, zone,
+        NX_CT_RECIRC_NONE, 0,
+    )  # fmt: skip
+
+
+def packet_out_message(xid: int, in_port: int, frame: bytes, actions: bytes | None = None) -> bytes:
+    """An OpenFlow 1.0 PACKET_OUT of ``frame`` from ``in_port`` (default action:
+    resubmit(,0), i.e. OVN's pipeline as if the port had sent it)."""
+    actions = resubmit_table0() if actions is None else actions
     body = struct.pack("!IHH", NO_BUFFER, in_port, len(actions)) + actions + frame
     return _HEADER.pack(OFP10, OFPT_PACKET_OUT, _HEADER.size + len(body), xid) + body
 
@@ -74,8 +88,15 @@ def _recv_exact(sock: socket.socket, n: int) -> bytes:
     return buf
 
 
-def packet_out(target: str, in_port: int, frames: Sequence[bytes], timeout: float = 2.0) -> None:
-    """Inject ``frames`` from ``in_port`` on the bridge at ``target`` (unix:PATH.mgmt).
+def packet_out(
+    target: str,
+    in_port: int,
+    frames: Sequence[bytes],
+    timeout: float = 2.0,
+    actions: bytes | None = None,
+) -> None:
+    """Inject ``frames`` from ``in_port`` on the bridge at ``target`` (unix:PATH.mgmt),
+    through ``actions`` (encoded; default resubmit(,0)).
 
     Returns once OVS answered the barrier that follows them (every frame
     processed); raises OpenFlowError otherwise.
@@ -91,7 +112,7 @@ def packet_out(target: str, in_port: int, frames: Sequence[bytes], timeout: floa
             raise OpenFlowError(f"cannot connect to {target}: {exc}") from None
         out = bytearray(_HEADER.pack(OFP10, OFPT_HELLO, _HEADER.size, 1))
         for i, frame in enumerate(frames):
-            out += packet_out_message(100 + i, in_port, frame)
+            out += packet_out_message(100 + i, in_port, frame, actions)
         barrier_xid = 99
         out += _HEADER.pack(OFP10, OFPT_BARRIER_REQUEST, _HEADER.size, barrier_xid)
         sock.sendall(out)

@@ -140,6 +140,8 @@ def migrate_download(
             before = len(download.received)
             ctx = KindContext(netns=None, vifs=(vif,), migration_id=mig.id)
             exporter, importer = state_kind(lab, "ch1"), state_kind(lab, "ch2")
+            for kind in (exporter, importer):  # long-lived in an agent: connect them now
+                assert kind.unavailable(ctx) is None
             paused_at = lab.pause(vm)
             if move_state:
                 # Through the state kind, as the state stages carry it. The export

@@ -43,6 +43,18 @@ def test_packet_out_message_is_openflow10_with_resubmit_table0() -> None:
     assert msg[32:] == frame
 
 
+def test_ct_commit_action_encoding() -> None:
+    action = openflow.ct_commit(7)
+    assert len(action) == 24
+    atype, alen, vendor, subtype, flags, zone_src, zone, recirc = struct.unpack_from(
+        "!HHIHHIHB", action
+    )
+    assert (atype, alen, vendor, subtype) == (0xFFFF, 24, 0x2320, 35)
+    assert (flags, zone_src, zone, recirc) == (1, 0, 7, 0xFF)
+    msg = openflow.packet_out_message(1, 3, b"f" * 60, actions=action)
+    assert struct.unpack_from("!H", msg, 14)[0] == 24 and msg[16:40] == action
+
+
 def test_packet_out_refuses_reserved_ports() -> None:
     with pytest.raises(openflow.OpenFlowError):
         openflow.packet_out("unix:/nonexistent", 0xFFFE, [b"x" * 60])
