@@ -229,23 +229,30 @@ class LedgerEntry:
 class Ledger:
     """What each migration's imports installed, oldest first, per migration.
 
-    With a ``directory`` every change is written to one JSON file per
-    migration (replaced atomically), so an orchestrator restarted after an
-    import still reverts it on ABORTED; without one it lives in memory.
+    With a ``directory`` every entry is written to a file of its own
+    (``<migration digest>-<sequence>.json``, written atomically and synced),
+    so an orchestrator restarted after an import still reverts it on
+    ABORTED. One file per entry, not per migration: the delta's entry is
+    written inside the VM's pause, and must not rewrite the pre-copy's
+    (a 100,000-session record is megabytes). Without a directory the
+    ledger lives in memory.
     """
 
     def __init__(self, directory: str | None = None) -> None:
         self.directory = directory
         self._lock = threading.Lock()
-        self._entries: dict[str, list[LedgerEntry]] = {}
+        self._entries: dict[str, list[tuple[int, LedgerEntry]]] = {}
+        self._seq = 0
         if directory:
             os.makedirs(directory, exist_ok=True)
             self._load()
 
-    def _path(self, migration_id: str) -> str:
+    def _digest(self, migration_id: str) -> str:
+        return hashlib.sha256(migration_id.encode("utf-8")).hexdigest()[:32]
+
+    def _path(self, migration_id: str, seq: int) -> str:
         assert self.directory
-        digest = hashlib.sha256(migration_id.encode("utf-8")).hexdigest()[:32]
-        return os.path.join(self.directory, f"{digest}.json")
+        return os.path.join(self.directory, f"{self._digest(migration_id)}-{seq:012d}.json")
 
     def _load(self) -> None:
         assert self.directory
@@ -256,8 +263,21 @@ class Ledger:
             try:
                 with open(path, encoding="utf-8") as fh:
                     data = json.load(fh)
-                entries = [LedgerEntry.from_dict(e) for e in data["entries"]]
-                self._entries[str(data["migration"])] = entries
+                migration = str(data["migration"])
+                if "entries" in data:  # the former one-file-per-migration form
+                    for entry in data["entries"]:
+                        self._seq += 1
+                        self._write(migration, self._seq, LedgerEntry.from_dict(entry))
+                        self._entries.setdefault(migration, []).append(
+                            (self._seq, LedgerEntry.from_dict(entry))
+                        )
+                    os.unlink(path)
+                    continue
+                seq = int(data["seq"])
+                self._seq = max(self._seq, seq)
+                self._entries.setdefault(migration, []).append(
+                    (seq, LedgerEntry.from_dict(data["entry"]))
+                )
             except (OSError, ValueError, KeyError, TypeError) as err:
                 LOG.error(
                     "state ledger file %s is unreadable (%s); its imports cannot be "
@@ -265,58 +285,68 @@ class Ledger:
                     path,
                     err,
                 )
+        for entries in self._entries.values():
+            entries.sort(key=lambda item: item[0])
 
-    def _save(self, migration_id: str) -> None:
+    def _write(self, migration_id: str, seq: int, entry: LedgerEntry) -> None:
         if not self.directory:
             return
-        path = self._path(migration_id)
-        entries = self._entries.get(migration_id, [])
-        if not entries:
-            if os.path.exists(path):
-                os.unlink(path)
-            return
-        data = {"migration": migration_id, "entries": [e.to_dict() for e in entries]}
+        data = {"migration": migration_id, "seq": seq, "entry": entry.to_dict()}
         fd, tmp = tempfile.mkstemp(dir=self.directory, suffix=".tmp")
         try:
             with os.fdopen(fd, "w", encoding="utf-8") as fh:
                 json.dump(data, fh)
                 fh.flush()
                 os.fsync(fh.fileno())
-            os.replace(tmp, path)
+            os.replace(tmp, self._path(migration_id, seq))
         except BaseException:
             if os.path.exists(tmp):
                 os.unlink(tmp)
             raise
 
+    def _remove(self, migration_id: str, seq: int) -> None:
+        if not self.directory:
+            return
+        try:
+            os.unlink(self._path(migration_id, seq))
+        except FileNotFoundError:
+            pass
+
     def add(self, migration_id: str, entry: LedgerEntry) -> None:
         with self._lock:
-            self._entries.setdefault(migration_id, []).append(entry)
-            self._save(migration_id)
+            self._seq += 1
+            self._write(migration_id, self._seq, entry)
+            self._entries.setdefault(migration_id, []).append((self._seq, entry))
 
     def entries(self, migration_id: str) -> list[LedgerEntry]:
         with self._lock:
-            return list(self._entries.get(migration_id, []))
+            return [e for _, e in self._entries.get(migration_id, [])]
 
     def take(self, migration_id: str, label: str | None = None) -> list[LedgerEntry]:
         """Remove and return the entries (of ``label``, or all), newest first."""
         with self._lock:
-            kept: list[LedgerEntry] = []
-            taken: list[LedgerEntry] = []
-            for entry in self._entries.get(migration_id, []):
-                (taken if label is None or entry.label == label else kept).append(entry)
+            kept: list[tuple[int, LedgerEntry]] = []
+            taken: list[tuple[int, LedgerEntry]] = []
+            for item in self._entries.get(migration_id, []):
+                (taken if label is None or item[1].label == label else kept).append(item)
             if kept:
                 self._entries[migration_id] = kept
             else:
                 self._entries.pop(migration_id, None)
-            self._save(migration_id)
-            return list(reversed(taken))
+            for seq, _entry in taken:
+                self._remove(migration_id, seq)
+            return [e for _, e in reversed(taken)]
 
     def put_back(self, migration_id: str, entries: list[LedgerEntry]) -> None:
         """Return entries (newest first, as taken) whose revert failed, for a later try."""
         with self._lock:
             current = self._entries.setdefault(migration_id, [])
-            current[:0] = list(reversed(entries))
-            self._save(migration_id)
+            # numbered below what is there, so that a reload keeps them first (oldest first)
+            first = (current[0][0] if current else self._seq + 1) - len(entries)
+            back = [(first + i, e) for i, e in enumerate(reversed(entries))]
+            for seq, entry in back:
+                self._write(migration_id, seq, entry)
+            self._entries[migration_id] = back + current
 
 
 # ---------------------------------------------------------------- importer

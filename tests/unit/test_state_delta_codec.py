@@ -203,3 +203,42 @@ def test_status_and_tcp_fields_are_still_checked_on_the_quick_path() -> None:
     for field, value in (("wscale_orig", 15), ("flags_reply", 256), ("flags_orig", "8")):
         with pytest.raises(ValueError):
             from_entry({**entry, "tcp": {**entry["tcp"], field: value}})
+
+
+def test_the_ledger_writes_one_file_per_import_and_keeps_the_order(tmp_path: Any) -> None:
+    """The delta's ledger entry is written inside the pause: it must not rewrite
+    the pre-copy's. Order (newest first on revert) survives a restart and a put-back."""
+    from vmm_state.importer import LedgerEntry
+
+    ledger = Ledger(str(tmp_path))
+    big = LedgerEntry("precopy", "conntrack", {"created": [[2, 6, "a", "b", 1, 2, 0, 0]] * 1000})
+    ledger.add("m", big)
+    precopy_file = next(tmp_path.iterdir())
+    stamp = precopy_file.stat().st_mtime_ns
+    ledger.add("m", LedgerEntry("delta", "conntrack", {"created": []}))
+    assert len(list(tmp_path.iterdir())) == 2
+    assert precopy_file.stat().st_mtime_ns == stamp  # untouched by the delta's write
+    again = Ledger(str(tmp_path))
+    assert [e.label for e in again.entries("m")] == ["precopy", "delta"]
+    taken = again.take("m")
+    assert [e.label for e in taken] == ["delta", "precopy"] and not list(tmp_path.iterdir())
+    again.add("m", LedgerEntry("later", "conntrack", {}))
+    again.put_back("m", taken)
+    reloaded = Ledger(str(tmp_path))
+    assert [e.label for e in reloaded.entries("m")] == ["precopy", "delta", "later"]
+
+
+def test_a_ledger_file_of_the_former_form_is_read_and_converted(tmp_path: Any) -> None:
+    import json
+
+    old = {
+        "migration": "m",
+        "entries": [
+            {"label": "precopy", "kind": "conntrack", "record": {"created": []}},
+            {"label": "delta", "kind": "conntrack", "record": {"created": []}},
+        ],
+    }
+    (tmp_path / ("0" * 32 + ".json")).write_text(json.dumps(old))
+    ledger = Ledger(str(tmp_path))
+    assert [e.label for e in ledger.entries("m")] == ["precopy", "delta"]
+    assert len(list(tmp_path.iterdir())) == 2 and not (tmp_path / ("0" * 32 + ".json")).exists()
