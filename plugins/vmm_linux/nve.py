@@ -44,6 +44,7 @@ set-element change each, through ``nft -f -`` in the host's namespace.
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import ctypes
 import dataclasses
 import errno
@@ -51,15 +52,18 @@ import functools
 import ipaddress
 import json
 import logging
+import socket
 import subprocess
 import threading
+import time
 from collections.abc import Callable
 from typing import Any, TypeVar
 
 from oslo_config import cfg
 from pyroute2 import NetlinkError, NetNS
+from pyroute2.netlink.rtnl.marshal import MarshalRtnl
 
-from vmm_linux.netns import entered
+from vmm_linux.netns import entered, socket_in
 from vmm_orchestrator.contracts import NveDriver
 from vmm_orchestrator.errors import ConfigError, VmmError
 
@@ -74,6 +78,16 @@ ZERO_MAC = "00:00:00:00:00:00"
 #: The nftables bridge table the NVE owns in its namespace (one per host).
 NFT_TABLE = "bridge vmm_nve"
 NFT_TIMEOUT_S = 10.0
+#: tc: the ingress hook of a clsact qdisc, and ETH_P_ALL.
+TC_H_CLSACT_INGRESS = 0xFFFFFFF2
+ETH_P_ALL = 0x0003
+NETLINK_ROUTE = 0
+RTMGRP_LINK = 0x1
+#: How often the hold watcher looks at queues it has heard nothing about.
+HOLD_POLL_S = 0.02
+#: Poke frames: a locally administered address no VM has, an experimental EtherType.
+POKE_MAC = bytes.fromhex("020000000000")
+POKE_ETHERTYPE = b"\x88\xb5"
 
 GROUP = "linux_nve"
 NVE_OPTS: list[cfg.Opt] = [
@@ -101,6 +115,36 @@ NVE_OPTS: list[cfg.Opt] = [
         default=1450,
         min=576,
         help="MTU of the VN bridges and VXLAN devices (underlay MTU minus 50).",
+    ),
+    cfg.BoolOpt(
+        "hold",
+        default=True,
+        help="Hold the frames that reach this NVE over VXLAN for an incoming VM whose "
+        "port does not exist yet (from PREPARE until the VM's port joins the bridge) "
+        "in a bounded per-VM kernel queue, and release them in order, before new "
+        "frames, when it does. A port that already exists (libvirt's tap) queues "
+        "them itself.",
+    ),
+    cfg.IntOpt(
+        "hold_frames",
+        default=4096,
+        min=1,
+        help="Most frames held per incoming VM (a 300 ms pause at 10 kpps is 3000). "
+        "Frames beyond it are dropped and counted.",
+    ),
+    cfg.IntOpt(
+        "hold_bytes",
+        default=8 * 1024 * 1024,
+        min=2048,
+        help="Most bytes held per incoming VM. The kernel queue counts frames, so "
+        "the frame limit becomes min(hold_frames, hold_bytes / (mtu + 18)).",
+    ),
+    cfg.IntOpt(
+        "hold_ms",
+        default=1000,
+        min=10,
+        help="Longest a frame may stay held: a hold not released this long after its "
+        "first frame arrived is dropped (counted as expired).",
     ),
 ]
 
@@ -157,6 +201,73 @@ class NftError(VmmError):
     """nft refused a change of the NVE's bridge filter."""
 
 
+@dataclasses.dataclass(frozen=True)
+class HoldLimits:
+    """Bounds of one VM's hold ([linux_nve] hold_frames, hold_bytes, hold_ms)."""
+
+    frames: int
+    bytes: int
+    ms: int
+
+    def queue_frames(self, mtu: int) -> int:
+        """The kernel fifo's limit in frames: both bounds hold, whatever the frame size."""
+        return max(1, min(self.frames, self.bytes // (mtu + 18)))
+
+
+@dataclasses.dataclass
+class _Hold:
+    """One incoming VM's hold: a veth pair whose sending end is stalled.
+
+    ``stall`` (root qdisc: a token bucket that refills 100 bytes a second,
+    over a fifo bounded in frames) receives, by a tc redirect on the VXLAN
+    port's ingress, every frame that arrives for ``mac``; ``recv`` gets them
+    once the bucket is opened, and redirects them into the VM's port.
+    """
+
+    vni: int
+    mac: str
+    port: str
+    stall: str
+    recv: str
+    prio: int = 0
+    stall_idx: int = 0
+    recv_idx: int = 0
+    poker: socket.socket | None = None
+    armed_at: float = 0.0
+    first_frame_at: float | None = None
+    released_at: float | None = None
+    held: int = 0
+    dropped: int = 0
+    expired: int = 0
+    outcome: str = "holding"
+
+    def report(self) -> dict[str, Any]:
+        return {
+            "held": self.held,
+            "dropped": self.dropped,
+            "expired": self.expired,
+            "outcome": self.outcome
+            if self.released_at is None or self.outcome != "holding"
+            else "released",
+            "released_after_arm_ms": None
+            if self.released_at is None
+            else round((self.released_at - self.armed_at) * 1000.0, 2),
+        }
+
+
+def _poker(netns: str | None, dev: str) -> socket.socket:
+    sock = socket_in(netns, socket.AF_PACKET, socket.SOCK_RAW, 0)
+    sock.bind((dev, 0))
+    sock.setblocking(False)
+    return sock
+
+
+def _poke_frame(size: int) -> bytes:
+    """A frame for nobody: it only makes the stalled queue dequeue (or spends tokens)."""
+    head = POKE_MAC + POKE_MAC + POKE_ETHERTYPE
+    return head + bytes(max(0, size - len(head)))
+
+
 @dataclasses.dataclass
 class _Entry:
     """What the NVE was told about one MAC of one VN."""
@@ -185,6 +296,10 @@ class LinuxNve(NveDriver):
         inflight_port: int = 4790,
         neigh_suppress: bool = False,
         mtu: int = 1450,
+        hold: bool = True,
+        hold_frames: int = 4096,
+        hold_bytes: int = 8 * 1024 * 1024,
+        hold_ms: int = 1000,
     ) -> None:
         if vxlan_port == inflight_port:
             raise ConfigError(
@@ -197,6 +312,13 @@ class LinuxNve(NveDriver):
         self.inflight_port = inflight_port
         self.neigh_suppress = neigh_suppress
         self.mtu = mtu
+        self.hold_enabled = hold
+        self.hold_limits = HoldLimits(hold_frames, hold_bytes, hold_ms)
+        self._holds: dict[tuple[int, str], _Hold] = {}
+        self._hold_reports: dict[tuple[int, str], dict[str, Any]] = {}
+        self._watcher: threading.Thread | None = None
+        self._closing = threading.Event()
+        self._hold_seq = 0
         self._worker = concurrent.futures.ThreadPoolExecutor(
             max_workers=1, thread_name_prefix=f"nve-netlink-{netns or 'host'}"
         )
@@ -223,6 +345,10 @@ class LinuxNve(NveDriver):
             inflight_port=opts.inflight_port,
             neigh_suppress=opts.neigh_suppress,
             mtu=opts.mtu,
+            hold=opts.hold,
+            hold_frames=opts.hold_frames,
+            hold_bytes=opts.hold_bytes,
+            hold_ms=opts.hold_ms,
         )
 
     # -- devices -----------------------------------------------------------
@@ -296,11 +422,25 @@ class LinuxNve(NveDriver):
         wanted = {str(ipaddress.ip_address(v)) for v in vteps} - {self.local_vtep}
         with self._lock:
             vx = self._index(vxlan_name(vni))
+            vi = self._index(inflight_name(vni))
             have = self._flood.setdefault(vni, set())
             for vtep in sorted(wanted - have):
                 self._fdb("append", ifindex=vx, lladdr=ZERO_MAC, dst=vtep, flags=NTF_SELF)
+                # The in-flight port replicates too: a local port that loses its
+                # carrier (a VM paused by unplugging it) has it as backup port, and
+                # a frame for a MAC it has no entry for yet must reach the
+                # destination, which holds it (see ``expect``).
+                self._fdb(
+                    "append",
+                    ifindex=vi,
+                    lladdr=ZERO_MAC,
+                    dst=vtep,
+                    port=self.vxlan_port,
+                    flags=NTF_SELF,
+                )
             for vtep in sorted(have - wanted):
                 self._fdb_del(ifindex=vx, lladdr=ZERO_MAC, dst=vtep, flags=NTF_SELF)
+                self._fdb_del(ifindex=vi, lladdr=ZERO_MAC, dst=vtep, flags=NTF_SELF)
             self._flood[vni] = wanted
 
     # -- what the agent and the stages say ------------------------------------
@@ -324,6 +464,8 @@ class LinuxNve(NveDriver):
         aborted migration).
         """
         self._update(vni, mac, local_port=port, expected=True, **self._ips(ips))
+        if self.hold_enabled:
+            self._arm_hold(vni, mac, port)
 
     def plug(self, vni: int, mac: str, port: str, ips: tuple[str, ...] = ()) -> None:
         """``mac`` runs behind local ``port``: pin it there.
@@ -333,10 +475,12 @@ class LinuxNve(NveDriver):
         worst duplicates a few). If the port does not exist, the bridge floods
         ``mac`` to the local ports until it does.
         """
+        self.release_hold(vni, mac)
         self._update(vni, mac, local_port=port, expected=False, **self._ips(ips))
 
     def unplug(self, vni: int, mac: str) -> None:
         """Neither expected nor pinned here any more (also reverts ``expect``)."""
+        self._drop_hold(vni, mac, "unplugged")
         self._update(vni, mac, local_port=None, expected=False)
 
     def expected(self, vni: int, mac: str) -> bool:
@@ -395,6 +539,261 @@ class LinuxNve(NveDriver):
             vni, mac, remote_vtep=None, local_port=None, inflight_vtep=None, expected=False
         )
 
+    # -- the hold: frames for an incoming VM whose port does not exist yet ----
+
+    @_on_netlink_thread
+    def _arm_hold(self, vni: int, mac: str, port: str) -> None:
+        """Queue, from now on, what arrives over VXLAN for ``mac`` (see ``_Hold``).
+
+        Nothing to do if ``port`` exists already: a tap queues frames itself
+        while the incoming guest is paused (libvirt creates it before the
+        pause), and the expectation filter already sends them there.
+        """
+        key = (vni, mac)
+        with self._lock:
+            if key in self._holds or self._lookup(port) is not None:
+                return
+            self._hold_seq += 1
+            hold = _Hold(vni, mac, port, f"vmh{self._hold_seq}s", f"vmh{self._hold_seq}r")
+            hold.prio = 100 + self._hold_seq % 60000
+            limit = self.hold_limits.queue_frames(self.mtu)
+            vx = vxlan_name(vni)
+            script = "\n".join(
+                [
+                    f"ip link del {hold.stall} 2>/dev/null || true",
+                    f"ip link add {hold.stall} mtu {self.mtu} type veth peer name {hold.recv}"
+                    f" mtu {self.mtu}",
+                    f"sysctl -qw net.ipv6.conf.{hold.stall}.disable_ipv6=1"
+                    f" net.ipv6.conf.{hold.recv}.disable_ipv6=1",
+                    # a token bucket that refills 100 bytes a second: a stall
+                    f"tc qdisc add dev {hold.stall} root handle 1: tbf rate 800bit"
+                    f" burst {self.mtu + 64} limit {limit * (self.mtu + 18)}",
+                    f"tc qdisc add dev {hold.stall} parent 1:1 handle 10: pfifo limit {limit}",
+                    f"ip link set {hold.recv} up",
+                    f"ip link set {hold.stall} up",
+                    f"tc qdisc add dev {hold.recv} clsact",
+                    f"tc qdisc add dev {vx} clsact 2>/dev/null || true",
+                    f"tc filter del dev {vx} ingress prio {hold.prio} 2>/dev/null || true",
+                    f"tc filter add dev {vx} ingress prio {hold.prio} protocol all u32"
+                    f" match ether dst {mac} action mirred egress redirect dev {hold.stall}",
+                ]
+            )
+            self._sh(script)
+            hold.stall_idx = self._index(hold.stall, refresh=True)
+            hold.recv_idx = self._index(hold.recv, refresh=True)
+            hold.poker = _poker(self.netns, hold.stall)
+            # Use up the bucket's first tokens (one frame's worth) on a frame
+            # nobody receives (the receiving end has no redirect yet).
+            hold.poker.send(_poke_frame(self.mtu))
+            hold.armed_at = time.monotonic()
+            self._holds[key] = hold
+            self._ensure_watcher()
+
+    def release_hold(self, vni: int, mac: str) -> dict[str, Any] | None:
+        """Release ``mac``'s held frames into its port, in order, before new frames.
+
+        Called when the port joins the bridge (the watcher) and by ``plug``
+        (RESUMED) at the latest; idempotent. Returns the hold's report (None:
+        nothing was held for ``mac``).
+        """
+        self._release(vni, mac)
+        with self._lock:
+            hold = self._holds.get((vni, mac))
+            report = self._hold_reports.get((vni, mac))
+        return hold.report() if hold is not None else report
+
+    @_on_netlink_thread
+    def _release(self, vni: int, mac: str) -> bool:
+        with self._lock:
+            hold = self._holds.get((vni, mac))
+            if hold is None or hold.released_at is not None:
+                return hold is not None
+            port = self._lookup(hold.port)
+            if port is None:
+                return False
+            stats = self._qdisc_stats(hold.stall_idx, 0x100000)
+            hold.held, hold.dropped = stats.get("qlen", 0), stats.get("drops", 0)
+            # The receiving end delivers into the port, then the stall opens:
+            # what waited leaves first, what arrives now queues behind it.
+            self._ipr.tc(
+                "add-filter",
+                "u32",
+                index=hold.recv_idx,
+                parent=TC_H_CLSACT_INGRESS,
+                protocol=ETH_P_ALL,
+                keys=["0x0/0x0+0"],
+                target=0,
+                action={
+                    "kind": "mirred",
+                    "direction": "egress",
+                    "action": "redirect",
+                    "ifindex": port,
+                },
+            )
+            self._ipr.tc(
+                "change",
+                "tbf",
+                index=hold.stall_idx,
+                handle=0x10000,
+                rate="10gbit",
+                burst=1 << 20,
+                limit=self.hold_limits.queue_frames(self.mtu) * (self.mtu + 18),
+            )
+            if hold.poker is not None:  # a dequeue now, not at the old rate's next tick
+                hold.poker.send(_poke_frame(64))
+            hold.released_at = time.monotonic()
+        threading.Thread(
+            target=self._finish_hold, args=(hold,), name=f"nve-hold-{mac}", daemon=True
+        ).start()
+        return True
+
+    def _finish_hold(self, hold: _Hold) -> None:
+        """Once the queue is empty, let new frames take the bridge; then remove it all."""
+        deadline = time.monotonic() + 0.5
+        while time.monotonic() < deadline and not self._closing.is_set():
+            try:
+                if self._on_worker(self._qdisc_stats, hold.stall_idx, 0x100000).get("qlen"):
+                    time.sleep(0.001)
+                    continue
+            except Exception:  # the device went away: nothing left to wait for
+                pass
+            break
+        self._retire(hold, "released")
+
+    def _drop_hold(self, vni: int, mac: str, why: str) -> None:
+        with self._lock:
+            hold = self._holds.get((vni, mac))
+        if hold is not None:
+            if hold.released_at is None:
+                try:
+                    stats = self._on_worker(self._qdisc_stats, hold.stall_idx, 0x100000)
+                    hold.expired = stats.get("qlen", 0)
+                    hold.dropped = stats.get("drops", 0)
+                except Exception:  # counted as nothing
+                    pass
+            self._retire(hold, why)
+
+    def _retire(self, hold: _Hold, why: str) -> None:
+        """Remove the hold's filter and devices; keep its report."""
+        key = (hold.vni, hold.mac)
+        with self._lock:
+            if self._holds.get(key) is not hold:
+                return
+            del self._holds[key]
+            hold.outcome = why
+            self._hold_reports[key] = hold.report()
+        if hold.poker is not None:
+            hold.poker.close()
+        vx = vxlan_name(hold.vni)
+        with contextlib.suppress(NftError):
+            self._sh(
+                f"tc filter del dev {vx} ingress prio {hold.prio} 2>/dev/null || true\n"
+                f"ip link del {hold.stall} 2>/dev/null || true"
+            )
+        LOG.info("hold of %s in VNI %d: %s", hold.mac, hold.vni, hold.report())
+
+    def hold_report(self, vni: int, mac: str) -> dict[str, Any] | None:
+        """What the hold of ``mac`` did (held, dropped, expired, outcome), None if none."""
+        with self._lock:
+            hold = self._holds.get((vni, mac))
+            return hold.report() if hold is not None else self._hold_reports.get((vni, mac))
+
+    def holding(self, vni: int, mac: str) -> bool:
+        """Whether frames for ``mac`` are being held (armed and not released)."""
+        with self._lock:
+            hold = self._holds.get((vni, mac))
+            return bool(hold and hold.released_at is None)
+
+    def _on_worker(self, fn: Callable[..., T], *args: Any) -> T:
+        if threading.get_ident() == self._worker_ident:
+            return fn(*args)
+        return self._worker.submit(fn, *args).result()
+
+    def _qdisc_stats(self, index: int, handle: int) -> dict[str, int]:
+        """qlen and drops of the qdisc ``handle`` on ``index`` (the hold's fifo)."""
+        for msg in self._ipr.get_qdiscs(index=index):
+            if msg.get("handle") != handle:
+                continue
+            q = msg.get_attr("TCA_STATS2")
+            queue = q.get_attr("TCA_STATS_QUEUE") if q is not None else None
+            if queue is not None:
+                return {"qlen": int(queue["qlen"]), "drops": int(queue["drops"])}
+        return {}
+
+    def _ensure_watcher(self) -> None:
+        if self._watcher is None:
+            self._watcher = threading.Thread(
+                target=self._watch, name=f"nve-hold-watch-{self.netns or 'host'}", daemon=True
+            )
+            self._watcher.start()
+
+    def _watch(self) -> None:
+        """Release a hold the moment its port joins the bridge; expire old holds.
+
+        Link notifications of the NVE's namespace, read on a socket of their
+        own: the port's RTM_NEWLINK with the bridge as master is the VM's
+        resume in the lab (under libvirt the tap exists before, and nothing
+        is held).
+        """
+        sock = socket_in(self.netns, socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_ROUTE)
+        sock.bind((0, RTMGRP_LINK))
+        sock.settimeout(HOLD_POLL_S)
+        marshal = MarshalRtnl()
+        try:
+            while not self._closing.is_set():
+                try:
+                    data = sock.recv(65536)
+                except TimeoutError:
+                    data = b""
+                except OSError:  # ENOBUFS: missed events; the poll below still runs
+                    data = b""
+                if data:
+                    for msg in marshal.parse(data):
+                        if msg.get("event") != "RTM_NEWLINK" or not msg.get_attr("IFLA_MASTER"):
+                            continue
+                        name = msg.get_attr("IFLA_IFNAME")
+                        with self._lock:
+                            keys = [k for k, h in self._holds.items() if h.port == name]
+                        for vni, mac in keys:
+                            self._worker.submit(self._release, vni, mac)
+                self._expire_holds()
+        finally:
+            sock.close()
+
+    def _expire_holds(self) -> None:
+        """Drop a hold whose oldest frame waited longer than hold_ms."""
+        now = time.monotonic()
+        with self._lock:
+            waiting = [h for h in self._holds.values() if h.released_at is None]
+        for hold in waiting:
+            if hold.first_frame_at is None:
+                try:
+                    qlen = self._on_worker(self._qdisc_stats, hold.stall_idx, 0x100000).get("qlen")
+                except Exception:  # retired meanwhile
+                    continue
+                if qlen:
+                    hold.first_frame_at = now
+            elif (now - hold.first_frame_at) * 1000.0 > self.hold_limits.ms:
+                self._drop_hold(hold.vni, hold.mac, "expired")
+
+    def _sh(self, script: str) -> None:
+        cmd = ["sh", "-ec", script]
+        if self.netns:
+            cmd = ["ip", "netns", "exec", self.netns, *cmd]
+        res = subprocess.run(cmd, capture_output=True, text=True, timeout=NFT_TIMEOUT_S)
+        if res.returncode != 0:
+            raise NftError(
+                f"hold set-up failed in namespace {self.netns or '(host)'}: {res.stderr.strip()}"
+            )
+
+    def _set_backup_port(self, port: int, backup: int) -> None:
+        """Frames for a local port whose carrier is gone go to ``backup`` (the
+        in-flight port) instead of being dropped (IFLA_BRPORT_BACKUP_PORT)."""
+        try:
+            self._ipr.brport("set", index=port, backup_port=backup)
+        except NetlinkError as exc:  # a kernel before 4.15: frames are dropped as before
+            LOG.debug("no backup port for ifindex %d: %s", port, exc)
+
     # -- reading the kernel (tests, reports) ---------------------------------
 
     @_on_netlink_thread
@@ -431,6 +830,13 @@ class LinuxNve(NveDriver):
         return found
 
     def close(self) -> None:
+        self._closing.set()
+        with self._lock:
+            holds = list(self._holds.values())
+        for hold in holds:
+            self._retire(hold, "closed")
+        if self._watcher is not None:
+            self._watcher.join(timeout=2 * HOLD_POLL_S + 1)
         with self._lock:
             self._worker.submit(self._ipr.close).result()
             self._worker.shutdown(wait=True)
@@ -522,6 +928,8 @@ class LinuxNve(NveDriver):
                     flags=NTF_MASTER,
                     state=NUD_NOARP,
                 )
+                if now.local_port != before.local_port or before.expected:
+                    self._set_backup_port(port, self._index(inflight_name(vni)))
         elif now.remote_vtep:
             self._fdb(
                 "replace",
