@@ -1,0 +1,121 @@
+"""Step into a named network namespace, open sockets there, run tools there.
+
+A socket keeps the namespace it was created in, and setns(2) for the
+network namespace changes only the calling thread, so a thread can step
+into a namespace, open a socket and step back while other threads go on.
+Python 3.11 has no os.setns, hence the small ctypes call. Tools (iproute2's
+``bridge``, ``conntrack``) run under ``ip netns exec``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import errno
+import os
+import socket
+import subprocess
+import threading
+from collections.abc import Iterator
+
+CLONE_NEWNET = 0x40000000
+NETNS_RUN_DIR = "/run/netns"
+
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+def _setns(fd: int) -> None:
+    if _libc.setns(fd, CLONE_NEWNET) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"setns failed: {os.strerror(err)}")
+
+
+@contextlib.contextmanager
+def entered(netns: str | None) -> Iterator[None]:
+    """Run the body with this thread in ``netns`` (None: stay where we are)."""
+    if not netns:
+        yield
+        return
+    path = os.path.join(NETNS_RUN_DIR, netns)
+    try:
+        target = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        raise OSError(f"network namespace {netns!r} does not exist ({path})") from None
+    own = os.open(
+        f"/proc/self/task/{threading.get_native_id()}/ns/net",
+        os.O_RDONLY | os.O_CLOEXEC,
+    )
+    try:
+        _setns(target)
+        try:
+            yield
+        finally:
+            _setns(own)
+    finally:
+        os.close(target)
+        os.close(own)
+
+
+def socket_in(netns: str | None, family: int, type_: int, proto: int = 0) -> socket.socket:
+    """A socket created inside ``netns``."""
+    with entered(netns):
+        return socket.socket(family, type_, proto)
+
+
+def namespace_inode(netns: str | None) -> int:
+    """The inode of ``netns`` (0: ours; -1: gone): a namespace deleted and made
+    again under its name is another namespace."""
+    if not netns:
+        return 0
+    try:
+        return os.stat(os.path.join(NETNS_RUN_DIR, netns)).st_ino
+    except OSError:
+        return -1
+
+
+#: How iproute2, conntrack and nft word the errno they got from the kernel.
+_MESSAGES = {
+    "no such file or directory": errno.ENOENT,
+    "no such device": errno.ENODEV,
+    "file exists": errno.EEXIST,
+    "operation not supported": errno.EOPNOTSUPP,
+    "not supported": errno.EOPNOTSUPP,
+    "unknown device type": errno.EOPNOTSUPP,
+    "invalid argument": errno.EINVAL,
+    "cannot allocate memory": errno.ENOMEM,
+    "no space left on device": errno.ENOSPC,
+    "too many open files in system": errno.ENFILE,
+    "no buffer space available": errno.ENOBUFS,
+    "argument list too long": errno.E2BIG,
+    "operation not permitted": errno.EPERM,
+    "permission denied": errno.EACCES,
+    "device or resource busy": errno.EBUSY,
+    "numerical result out of range": errno.ERANGE,
+}
+
+
+def errno_of(message: str) -> int:
+    """Our best reading of the errno behind a tool's error message (EINVAL if none)."""
+    low = message.lower()
+    for text, code in _MESSAGES.items():
+        if text in low:
+            return code
+    return errno.EINVAL
+
+
+class CommandFailed(OSError):
+    """A tool answered non-zero; ``errno`` is our best reading of its message."""
+
+    def __init__(self, argv: list[str], stderr: str) -> None:
+        super().__init__(errno_of(stderr), f"`{' '.join(argv)}`: {stderr.strip()}")
+        self.argv = argv
+        self.stderr = stderr
+
+
+def run(netns: str | None, *args: str, input_: str | None = None, check: bool = True) -> str:
+    """Run a tool inside ``netns`` (None: here); its stdout, or CommandFailed."""
+    argv = ["ip", "netns", "exec", netns, *args] if netns else list(args)
+    proc = subprocess.run(argv, capture_output=True, text=True, input=input_)
+    if check and proc.returncode != 0:
+        raise CommandFailed(list(args), proc.stderr or f"exit status {proc.returncode}")
+    return proc.stdout
