@@ -12,7 +12,8 @@ probe streams from a peer on the source chassis and one on a third):
 * ``ovn-garp-guest``: the same with a guest that announces by GARP only
   (vhost-user/DPDK guests without QEMU's RARP): OVN 23.03 activates on RARP
   only, so the port stays blocked until Neutron's activation.
-* ``orchestrated``: the same hypervisor steps, QEMU's RARPs included, plus
+* ``orchestrated`` (and ``orchestrated-garp-guest``, with the GARP-only
+  guest): the same hypervisor steps, QEMU's RARPs included, plus
   this project's pipeline on every chassis through the ``ovn`` host driver
   and the OVN Northbound directory: prestage with a per-chassis barrier,
   the flows-installed barrier at the destination, the announcer injecting
@@ -64,7 +65,14 @@ LOG = logging.getLogger(__name__)
 MODE_OVN = "ovn"
 MODE_GARP_GUEST = "ovn-garp-guest"
 MODE_ORCHESTRATED = "orchestrated"
-MODES = (MODE_OVN, MODE_GARP_GUEST, MODE_ORCHESTRATED)
+MODE_ORCH_GARP_GUEST = "orchestrated-garp-guest"
+#: Ablation: the pipeline without the switch at pause (activation by the
+#: announcer's injected RARP at RESUMED only).
+MODE_ORCH_NO_SWITCH = "orchestrated-no-switch"
+MODES = (MODE_OVN, MODE_GARP_GUEST, MODE_ORCHESTRATED, MODE_ORCH_GARP_GUEST)
+ALL_MODES = (*MODES, MODE_ORCH_NO_SWITCH)
+ORCHESTRATED_MODES = (MODE_ORCHESTRATED, MODE_ORCH_GARP_GUEST, MODE_ORCH_NO_SWITCH)
+GARP_GUEST_MODES = (MODE_GARP_GUEST, MODE_ORCH_GARP_GUEST)
 
 VNI = 1001
 SOURCE, DESTINATION = "ch1", "ch2"
@@ -391,7 +399,7 @@ def run_mode(
         source=SOURCE,
         destination=DESTINATION,
     )
-    orchestrated = mode == MODE_ORCHESTRATED
+    orchestrated = mode in ORCHESTRATED_MODES
     errors: list[str] = []
     reports: list[engine.PhaseReport] = []
     probes = Probes(lab, vm, peers, settings.port)
@@ -424,6 +432,7 @@ def run_mode(
         pending = []
         if orchestrated:
             assert orch is not None
+            orch.hosts[SOURCE].nve.switch_at_pause = mode != MODE_ORCH_NO_SWITCH
             pending.append(orch.submit(SOURCE, migration, Phase.SWITCHOVER, Role.SOURCE, paused_at))
         time.sleep(max(0.0, paused_at + settings.downtime_ms / 1000.0 - time.monotonic()))
         # RESUMED: the guest runs at the destination; QEMU announces (RARP), or
@@ -431,7 +440,7 @@ def run_mode(
         resumed_at = lab.resume(vm)
         resumed_wall = time.time() - (time.monotonic() - resumed_at)
         link = vm.pending[1] if vm.pending else vm.link
-        if mode == MODE_GARP_GUEST:
+        if mode in GARP_GUEST_MODES:
             build = [frames.gratuitous_arp_request(vm.mac, vm.ipv4)]
         else:
             build = [frames.rarp(vm.mac)]
@@ -639,11 +648,11 @@ def parse_modes(value: str | Sequence[str] | None) -> tuple[str, ...]:
         return MODES
     items = value.split(",") if isinstance(value, str) else list(value)
     modes = tuple(m.strip() for m in items if m.strip())
-    unknown = [m for m in modes if m not in MODES]
+    unknown = [m for m in modes if m not in ALL_MODES]
     if unknown or not modes:
         raise VmmError(
             f"unknown OVN demo mode(s): {', '.join(unknown) or '(none given)'}",
-            hint=f"choose from {', '.join(MODES)}",
+            hint=f"choose from {', '.join(ALL_MODES)}",
         )
     return modes
 
@@ -676,7 +685,7 @@ def run_demo(
     if json_out:
         with open(json_out, "w", encoding="utf-8") as fh:
             json.dump([r.to_dict() for r in results], fh, indent=2, default=str)
-    bad = [r for r in results if r.mode == MODE_ORCHESTRATED and (r.lost_after_resume or r.errors)]
+    bad = [r for r in results if r.mode in ORCHESTRATED_MODES and (r.lost_after_resume or r.errors)]
     for r in bad:
         print(
             f"\nFAIL: orchestrated lost {r.lost_after_resume} packet(s) after resume",
@@ -692,7 +701,8 @@ def run_all(conf: cfg.ConfigOpts, settings: Settings) -> list[ModeResult]:
     placement += [(name, SOURCE) for name in movers.values() if name != "vm1"]
     results = []
     with lab_mod.ovn_lab(vms=placement, vni=VNI) as lab:
-        orch = Orchestrators(conf, lab) if MODE_ORCHESTRATED in settings.modes else None
+        wanted = set(ORCHESTRATED_MODES) & set(settings.modes)
+        orch = Orchestrators(conf, lab) if wanted else None
         try:
             for mode in settings.modes:
                 print(
