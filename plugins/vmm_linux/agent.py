@@ -1,8 +1,12 @@
 """The NVE agent: keeps one host's Linux NVE in step with the directory.
 
-It registers the NVE, loads the VNs it serves, then long-polls the NVA's
-watch and applies each change to the kernel, acknowledging the revision it
-has applied so the orchestrator can measure when every peer has converged.
+It registers the NVE, loads the VNs it serves, then follows the NVA's
+watch (a stream the directory pushes changes on, or a long-poll where the
+directory cannot stream) and applies each change to the kernel,
+acknowledging the revision it has applied so the orchestrator can measure
+when every peer has converged. Acks go out without waiting for an answer
+(``ack_async``: on the stream, or batched with other NVEs' acks for etcd),
+so a move costs the directory no request-response round per peer.
 Sequence numbers make it safe against reordering: an older location is
 never applied over a newer one (EVPN MAC mobility, RFC 7432 section 15).
 
@@ -365,6 +369,9 @@ class NveAgent:
         for thread in self._threads:
             thread.join(timeout=self.watch_timeout + 2)
         self._threads.clear()
+        close_stream = getattr(self.nva, "close_stream", None)
+        if close_stream is not None:  # an agent that stopped follows nothing
+            close_stream(self.id)
         if self.guard is not None:
             self._guard_call(self.guard.stop)
 
@@ -555,7 +562,7 @@ class NveAgent:
                         self.apply_change(change)
                     self.revision = max(self.revision, revision)
                 if changes:
-                    self.nva.ack(self.id, self.revision)
+                    self._ack(self.revision)
             except nva_errors.Conflict as exc:
                 # Our revision is ahead of the directory's: it was reset.
                 LOG.warning("%s: directory was reset (%s); loading it again", self.id, exc)
@@ -568,6 +575,15 @@ class NveAgent:
                 if self._stop.wait(self.retry_interval):
                     return
                 self._retry_resync()
+
+    def _ack(self, revision: int) -> None:
+        """Ack without waiting where the directory client can (on the NVE's stream, or
+        batched with other acks), else with one request."""
+        ack_async = getattr(self.nva, "ack_async", None)
+        if ack_async is not None:
+            ack_async(self.id, revision)
+        else:
+            self.nva.ack(self.id, revision)
 
     def _retry_resync(self) -> None:
         try:

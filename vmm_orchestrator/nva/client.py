@@ -4,10 +4,19 @@ Each method is one request and raises the same exceptions the store
 raises in-process (NotFound, Conflict, ...), carrying the server's message.
 When the directory cannot be reached or does not answer in time it raises
 Unavailable, a TransientError, so pipeline stages retry it.
+
+``watch`` is the exception: by default each NVE gets one stream
+(:mod:`vmm_orchestrator.nva.streamclient`) on which the directory pushes
+its changes and ``ack_async`` sends its acks, instead of a long-poll and an
+ack request per change (issue 16: a request-response round per peer per
+move made the fan-out to 1,000 NVEs take seconds). A directory that cannot
+stream is long-polled as before.
 """
 
 from __future__ import annotations
 
+import logging
+import threading
 from collections.abc import Sequence
 from typing import Any, Self
 from urllib.parse import quote
@@ -25,6 +34,9 @@ from vmm_orchestrator.nva.errors import (
     Unauthorized,
     Unavailable,
 )
+from vmm_orchestrator.nva.streamclient import ChangeStream, StreamRefused
+
+LOG = logging.getLogger(__name__)
 
 TOKEN_HEADER = "X-Auth-Token"
 
@@ -40,7 +52,7 @@ class NvaClient:
     """Client of the NVA API; one instance may be shared between threads
     (calls borrow a Session from :class:`vmm_orchestrator.httpclient.HttpClient`)."""
 
-    def __init__(self, url: str, token: str, timeout: float = 2.0) -> None:
+    def __init__(self, url: str, token: str, timeout: float = 2.0, stream: bool = True) -> None:
         if not token:
             raise ConfigError(
                 "the NVA client needs a token",
@@ -52,6 +64,11 @@ class NvaClient:
         self._http = HttpClient(
             self.url, {TOKEN_HEADER: token.encode("utf-8"), "Accept": "application/json"}
         )
+        self._token = token
+        #: Whether watch() streams (False: long-polls, as for a directory that cannot stream).
+        self.streaming = stream
+        self._streams: dict[str, ChangeStream] = {}
+        self._streams_lock = threading.Lock()
 
     @classmethod
     def from_conf(cls, conf: cfg.ConfigOpts) -> NvaClient:
@@ -61,7 +78,11 @@ class NvaClient:
         return cls(group.url, group.token, timeout=group.request_timeout)
 
     def close(self) -> None:
-        """Release the pooled connections."""
+        """Release the pooled connections and close every NVE's stream."""
+        with self._streams_lock:
+            streams, self._streams = list(self._streams.values()), {}
+        for stream in streams:
+            stream.close()
         self._http.close()
 
     def __enter__(self) -> Self:
@@ -264,10 +285,80 @@ class NvaClient:
     # ----------------------------------------------------- watch, acks, health
 
     def watch(self, nve: str, since: int, timeout: float = 0.0) -> tuple[int, list[dict[str, Any]]]:
+        """The changes for ``nve`` after ``since``, waiting up to ``timeout`` s:
+        (revision to ack, changes).
+
+        Streamed: the first call (or one whose ``since`` is not where the
+        stream stands, as after a resync) opens the NVE's stream from
+        ``since``; later calls take what the directory pushed. A broken
+        stream raises Unavailable and the next call opens a new one.
+        """
+        if self.streaming:
+            try:
+                return self._stream_watch(nve, since, timeout)
+            except StreamRefused as err:
+                LOG.info("the NVA at %s does not stream (%s); long-polling", self.url, err)
+                self.streaming = False
+        return self.poll(nve, since, timeout)
+
+    def poll(self, nve: str, since: int, timeout: float = 0.0) -> tuple[int, list[dict[str, Any]]]:
         """Long-poll the changes for ``nve`` after ``since``: (revision to ack, changes)."""
         params = {"nve": nve, "since": since, "timeout": timeout}
         answer = self._request("GET", "/v1/watch", params=params, wait=timeout)
         return int(answer["revision"]), list(answer["changes"])
+
+    def _stream_watch(
+        self, nve: str, since: int, timeout: float
+    ) -> tuple[int, list[dict[str, Any]]]:
+        with self._streams_lock:
+            stream = self._streams.get(nve)
+        if stream is None or stream.position != since or stream.broken is not None:
+            if stream is not None:
+                stream.close()
+            stream = ChangeStream(self.url, self._token, nve, since, self.timeout)
+            with self._streams_lock:
+                old = self._streams.get(nve)
+                self._streams[nve] = stream
+            if old is not None and old is not stream:
+                old.close()
+        try:
+            answer = stream.get(timeout)
+        except NvaError:
+            with self._streams_lock:
+                if self._streams.get(nve) is stream:
+                    del self._streams[nve]
+            stream.close()
+            raise
+        if answer is None:
+            return stream.position, []
+        return answer
+
+    def close_stream(self, nve_id: str) -> None:
+        """Close ``nve_id``'s stream (its agent stopped following); the next watch opens one."""
+        with self._streams_lock:
+            stream = self._streams.pop(nve_id, None)
+        if stream is not None:
+            stream.close()
+
+    def ack_async(self, nve_id: str, revision: int) -> None:
+        """Report ``revision`` applied without waiting for the answer: on the NVE's
+        stream when it has one (the directory writes acks that arrive together in one
+        transaction), else as :meth:`ack`."""
+        with self._streams_lock:
+            stream = self._streams.get(nve_id)
+        if stream is not None and stream.broken is None:
+            try:
+                stream.ack(revision)
+                return
+            except NvaError:
+                pass  # the stream broke: ack by request, the next watch reconnects
+        self.ack(nve_id, revision)
+
+    def ack_many(self, acks: dict[str, int]) -> dict[str, Any]:
+        """Many NVEs' acks in one request and one transaction:
+        {"acked": {id: nve}, "errors": {id: message}}."""
+        result: dict[str, Any] = self._request("POST", "/v1/acks", body={"acks": dict(acks)})
+        return result
 
     def acks(
         self,

@@ -8,6 +8,14 @@ for a directory that sees a handful of requests per migration.
 
 Every request must carry the shared token: the directory decides where
 traffic goes, so an unauthenticated write could hijack a VM's traffic.
+
+NVE agents that follow the directory at scale open one stream each
+(``GET /v1/stream`` with ``Upgrade: vmm-nva-stream/1``, served by
+:mod:`vmm_orchestrator.nva.stream`) instead of long-polling ``/v1/watch``,
+and ack on that stream; ``POST /v1/acks`` records many acks in one
+request and one transaction. The long-poll and the single ack stay for
+older agents and for backends without a commit feed (etcd behind this
+server answers 404 on ``/v1/stream``, and the client long-polls).
 """
 
 from __future__ import annotations
@@ -43,7 +51,8 @@ from vmm_orchestrator.nva.errors import (
     PayloadTooLarge,
     Unauthorized,
 )
-from vmm_orchestrator.nva.store import NvaStore, check_timeout
+from vmm_orchestrator.nva.store import NvaStore, check_nve_id, check_revision, check_timeout
+from vmm_orchestrator.nva.stream import PROTOCOL, StreamHub
 
 LOG = logging.getLogger(__name__)
 
@@ -181,6 +190,8 @@ class Api:
     def __init__(self, store: NvaStore, watch_max_timeout: float) -> None:
         self.store = store
         self.watch_max_timeout = watch_max_timeout
+        #: The streams' hub, while the server runs on a store with a commit feed.
+        self.hub: StreamHub | None = None
         ep = r"^/v1/endpoints/([^/]+)/([^/]+)"
         self.routes: Routes[Handler] = Routes(
             [
@@ -208,7 +219,8 @@ class Api:
                 (re.compile(ep + "/expire$"), {"POST": self.expire}),
                 (re.compile(ep + "/release$"), {"POST": self.release}),
                 (re.compile(r"^/v1/watch$"), {"GET": self.watch}),
-                (re.compile(r"^/v1/acks$"), {"GET": self.acks}),
+                (re.compile(r"^/v1/acks$"), {"GET": self.acks, "POST": self.ack_many}),
+                (re.compile(r"^/v1/stream$"), {"GET": self.stream_without_upgrade}),
                 (re.compile(r"^/v1/health$"), {"GET": self.health}),
             ],
             NotFound,
@@ -342,6 +354,33 @@ class Api:
         complete = all(a["acked_revision"] >= min_revision for a in acks.values())
         return 200, {"acks": acks, "complete": complete}
 
+    def ack_many(self, req: Request) -> Response:
+        """A batch of acks ({"acks": {nve: revision}}), written in one transaction."""
+        _query(req, set())
+        _fields(req.body, {"acks"})
+        return 200, self.store.ack_many(req.body["acks"])
+
+    def stream_without_upgrade(self, req: Request) -> Response:
+        raise BadRequest(
+            f"/v1/stream needs the headers 'Connection: Upgrade' and 'Upgrade: {PROTOCOL}'",
+            hint="use /v1/watch to long-poll instead",
+        )
+
+    def stream_args(self, req: Request) -> tuple[str, int]:
+        """(nve, since) of a stream request, checked as a watch would check them."""
+        query = _query(req, {"nve", "since"})
+        if "nve" not in query:
+            raise BadRequest("query parameter nve is required")
+        if self.hub is None:
+            raise NotFound(
+                "this directory's backend cannot stream changes",
+                hint="use /v1/watch to long-poll instead",
+            )
+        nve = check_nve_id(query["nve"])
+        since = check_revision(_opt_int(query, "since") or 0, "since")
+        self.store.changes_since(nve, since, 0.0)  # NotFound / Conflict / Gone, as HTTP
+        return nve, since
+
     def health(self, req: Request) -> Response:
         _query(req, set())
         return 200, {"revision": self.store.revision}
@@ -389,6 +428,9 @@ class _RequestHandler(JsonRequestHandler):
     def _dispatch(self, method: str) -> None:
         headers: dict[str, str] = {}
         try:
+            if method == "GET" and self._wants_stream():
+                self._stream()
+                return
             status, payload = self._handle(method)
         except NvaError as err:
             status, payload = err.http_status, error_body(err)
@@ -399,6 +441,34 @@ class _RequestHandler(JsonRequestHandler):
             status = 500
             payload = internal_error_body()
         self._send_json(status, payload, headers)
+
+    def _wants_stream(self) -> bool:
+        upgrade = (self.headers.get("Upgrade") or "").strip().lower()
+        return upgrade == PROTOCOL and urlsplit(self.path).path == "/v1/stream"
+
+    def _stream(self) -> None:
+        """Switch this connection to the stream protocol and hand it to the hub.
+
+        The connection's thread waits (idle) until the stream ends, so the
+        server's bookkeeping closes the socket only then.
+        """
+        api = self._srv.api
+        length = self._content_length()
+        self._discard(length)
+        self._authenticate()
+        url = urlsplit(self.path)
+        nve, since = api.stream_args(Request((), parse_qs(url.query, keep_blank_values=True), {}))
+        hub = api.hub
+        if hub is None:  # stopped meanwhile
+            raise NotFound("the directory is stopping")
+        self.send_response(101)
+        self.send_header("Upgrade", PROTOCOL)
+        self.send_header("Connection", "Upgrade")
+        self.end_headers()
+        self.wfile.flush()
+        self.close_connection = True
+        sub = hub.attach(self.connection, nve, since)
+        sub.done.wait()
 
     def _handle(self, method: str) -> Response:
         length = self._content_length()
@@ -532,6 +602,8 @@ class NvaServer:
                     f"the NVA server cannot listen on {self.host}:{self.port}: {err}",
                     hint="check [nva] bind_host and bind_port; is another `vmm nva serve` running?",
                 ) from err
+            if self._api.hub is None and hasattr(self.store, "add_listener"):
+                self._api.hub = StreamHub(self.store)
         return self._httpd
 
     def start(self) -> None:
@@ -575,6 +647,9 @@ class NvaServer:
         self._close()
 
     def _close(self) -> None:
+        hub, self._api.hub = self._api.hub, None
+        if hub is not None:
+            hub.close()
         httpd, self._httpd = self._httpd, None
         if httpd is not None:
             httpd.server_close()
