@@ -8,7 +8,14 @@ For each configured host one ``HostAgent`` ties together:
 * discovery and resolution, turning a domain into a ``Migration``;
 * the host's ``Pipeline`` and ``Dispatcher``, which run the stages;
 * the hook endpoint, where libvirt's ``migrate begin`` on the destination
-  runs PREPARE synchronously and its outcome allows or vetoes the migration.
+  runs PREPARE synchronously and its outcome allows or vetoes the migration;
+* cold mobility (draft-ietf-nvo3-vmm section 7): a domain that starts here
+  outside any migration while the directory places its MAC at another NVE
+  was shut down there and started here. The network follows it as a
+  planned move (``_cold_start``): prestage here, pin the MAC to its port,
+  commit (sequence + 1, peers follow), announce. No state is imported: the
+  VM restarted, and what the state kinds carry (sessions, snooped bindings,
+  memberships, 802.1X/MACsec associations) belongs to the old run.
 
 Handling runs on the event source's dispatcher thread (which may call
 libvirt) and on the hook server's threads (which must not: libvirtd is
@@ -169,8 +176,16 @@ class HostAgent:
         self._workloads: dict[str, Workload] = {}
         self._incoming: dict[str, Migration] = {}
         self._outgoing: dict[str, Migration] = {}
-        self._pending: set[concurrent.futures.Future[PhaseReport]] = set()
+        self._pending: set[concurrent.futures.Future[Any]] = set()
         self._idle = threading.Condition(self._lock)
+        #: Cold moves run here, off the event thread (they wait for peers' acks).
+        self._cold_pool = concurrent.futures.ThreadPoolExecutor(
+            max_workers=1, thread_name_prefix=f"cold-{spec.name}"
+        )
+        #: The last cold moves decided here (what _cold_start returned), newest last.
+        self.cold_moves: collections.deque[dict[str, Any]] = collections.deque(maxlen=50)
+        #: Seconds a cold move waits for every NVE of the VN to apply it (logged, not fatal).
+        self.cold_ack_timeout = 3.0
 
     # -- life cycle -------------------------------------------------------------------
 
@@ -183,6 +198,7 @@ class HostAgent:
         assembled host's close waits for them when it owns the dispatcher)."""
         self.hook.stop()
         self.source.stop()
+        self._cold_pool.shutdown(wait=True)
         if self._owns_dispatcher:
             self.dispatcher.close(wait=True)
 
@@ -282,6 +298,8 @@ class HostAgent:
             if decision.note:
                 LOG.info("%s: %s: %s", self.name, item.name, decision.note)
             self._run(item.uuid, item.name, decision.transitions, item.monotonic)
+            if decision.started:
+                self._cold_start_later(item.uuid, item.name, decision.started)
         elif isinstance(item, events.Disconnected):
             LOG.info("%s: libvirt connection closed (%s)", self.name, item.reason)
 
@@ -311,6 +329,8 @@ class HostAgent:
             if decision.note:
                 LOG.info("%s: %s: %s", self.name, name, decision.note)
             self._run(uuid, name, decision.transitions, item.monotonic)
+            if decision.started:
+                self._cold_start_later(uuid, name, decision.started)
         with self._lock:  # forget the NICs of domains gone and no longer tracked
             keep = set(observed) | set(self.tracker.snapshot())
             for uuid in set(self._workloads) - keep:
@@ -499,6 +519,157 @@ class HostAgent:
             with self._lock:
                 self._outgoing.pop(uuid, None)
         return known
+
+    # -- cold mobility -----------------------------------------------------------------------
+
+    def _cold_start_later(self, uuid: str, name: str, why: str) -> None:
+        """Check (and do) a cold move off the event thread; wait_idle waits for it."""
+        if getattr(self.context.nva, "get_endpoint", None) is None:
+            return  # a directory without endpoint reads (Neutron binds ports itself)
+        try:
+            future = self._cold_pool.submit(self._cold_start, uuid, name, why)
+        except RuntimeError:
+            return  # stopping
+        with self._lock:
+            self._pending.add(future)
+        future.add_done_callback(self._cold_done)
+
+    def _cold_done(self, future: concurrent.futures.Future[Any]) -> None:
+        try:
+            future.result()
+        except Exception:
+            LOG.exception("%s: a cold move failed", self.name)
+        with self._idle:
+            self._pending.discard(future)
+            self._idle.notify_all()
+
+    def _cold_start(
+        self, uuid: str, name: str, why: str, workload: Workload | None = None
+    ) -> dict[str, Any] | None:
+        """A domain started here outside any migration: move each NIC the directory
+        places at another NVE (phases.cold_verdict) to this host.
+
+        Per NIC: prestage here under one ``cold-<uuid>-<ns>`` id, pin the MAC to
+        its port, commit (a planned move: sequence + 1, counted once), then
+        announce it and wait (bounded) for every NVE of the VN to acknowledge.
+        Returns what was done (also kept in ``cold_moves``), None when nothing
+        had to move.
+        """
+        workload = workload or self._live_workload(uuid)
+        if workload is None:
+            LOG.info("%s: %s started, but its NICs cannot be read: no cold move", self.name, name)
+            return None
+        with self._lock:
+            self._workloads[uuid] = workload
+        nva = self.context.nva
+        to_move = []
+        learned: list[Any] = []
+        skipped: dict[str, str] = {}
+        for vif in workload.vifs:
+            try:
+                endpoint = nva.get_endpoint(vif.vni, vif.mac)
+            except nva_errors.NotFound:
+                skipped[vif.mac] = "not in the directory"
+                continue
+            except nva_errors.NvaError as exc:
+                skipped[vif.mac] = f"directory error: {exc}"
+                LOG.warning("%s: %s: cold move check of %s: %s", self.name, name, vif.mac, exc)
+                continue
+            verdict, reason = phases.cold_verdict(endpoint, self.name, time.time())
+            if verdict is phases.Cold.MOVE:
+                to_move.append((vif, str(endpoint.get("nve"))))
+            elif verdict is phases.Cold.LEARNED:
+                learned.append(vif)
+                skipped[vif.mac] = reason
+            else:
+                skipped[vif.mac] = reason
+                if verdict is not phases.Cold.HERE:
+                    LOG.warning("%s: %s: no cold move: %s", self.name, name, reason)
+        nve = self.context.services.get("nve")
+        announcers = self.context.services.get("announcers")
+        for vif in learned:  # the directory already moved: pin and announce only
+            self._pin_and_announce(nve, announcers, name, vif)
+        if not to_move:
+            if learned:
+                record: dict[str, Any] = {
+                    "vm": name,
+                    "why": why,
+                    "learned": [v.mac for v in learned],
+                }
+                self.cold_moves.append(record)
+                return record
+            return None
+        mid = f"cold-{uuid}-{time.time_ns()}"
+        LOG.info(
+            "%s: %s: cold move %s (%s): %s",
+            self.name,
+            name,
+            mid,
+            why,
+            ", ".join(f"{v.mac} from {old}" for v, old in to_move),
+        )
+        moved: list[tuple[Any, str, int]] = []
+        for vif, old in to_move:
+            plugged = False
+            try:
+                nva.prestage(vif.vni, vif.mac, self.name, mid)
+                if nve is not None and vif.port:
+                    nve.ensure_vn(vif.vni)
+                    nve.plug(vif.vni, vif.mac, vif.port, vif.ipv4 + vif.ipv6)
+                    plugged = True
+                result = nva.commit(vif.vni, vif.mac, mid)
+            except Exception as exc:  # one NIC's failure is logged and undone
+                skipped[vif.mac] = f"move refused: {exc}"
+                LOG.error("%s: %s: cold move of %s failed: %s", self.name, name, vif.mac, exc)
+                with contextlib.suppress(Exception):
+                    nva.abort(vif.vni, vif.mac, mid)
+                if plugged:
+                    with contextlib.suppress(Exception):
+                        nve.unplug(vif.vni, vif.mac)
+                continue
+            moved.append((vif, old, int(result.get("revision") or 0)))
+        for vif, _old, _rev in moved:
+            self._pin_and_announce(None, announcers, name, vif)
+        laggards: dict[str, list[str]] = {}
+        for vif, _old, revision in moved:
+            if not revision:
+                continue
+            try:
+                acks = nva.acks(vif.vni, revision, timeout=self.cold_ack_timeout)
+            except nva_errors.NvaError as exc:
+                LOG.warning("%s: %s: peers' acks for %s: %s", self.name, name, vif.mac, exc)
+                continue
+            late = sorted(n for n, a in acks.items() if (a.get("acked_revision") or 0) < revision)
+            if late:
+                laggards[vif.mac] = late
+                LOG.warning(
+                    "%s: %s: %s not yet applied by %s", self.name, name, vif.mac, ", ".join(late)
+                )
+        record = {
+            "migration_id": mid,
+            "vm": name,
+            "why": why,
+            "moved": [
+                {"vni": v.vni, "mac": v.mac, "from": old, "revision": rev} for v, old, rev in moved
+            ],
+            "skipped": skipped,
+            "laggards": laggards,
+            "learned": [v.mac for v in learned],
+            "state_imported": False,
+        }
+        self.cold_moves.append(record)
+        return record
+
+    def _pin_and_announce(self, nve: Any, announcers: Any, name: str, vif: Any) -> None:
+        """Pin a started VM's MAC to its port (when ``nve``) and announce it; best effort."""
+        try:
+            if nve is not None and vif.port:
+                nve.ensure_vn(vif.vni)
+                nve.plug(vif.vni, vif.mac, vif.port, vif.ipv4 + vif.ipv6)
+            if announcers is not None:
+                announcers.for_vni(vif.vni).announce(vif)
+        except Exception as exc:  # the directory move stands; peers converge without it
+            LOG.warning("%s: %s: pinning/announcing %s: %s", self.name, name, vif.mac, exc)
 
     # -- hook calls (hook server threads; never call libvirt here) -------------------------
 

@@ -38,6 +38,16 @@ saw of the domain, so a small per-domain ``Track`` is kept:
   destination from then on: no way back) and resumes at the destination
   with RESUMED/POSTCOPY, before RESUMED/MIGRATED.
 
+A domain that *starts* here outside any migration (STARTED/BOOTED or
+STARTED/RESTORED, or found running for one of those reasons at a
+reconciliation) may be a cold move (draft-ietf-nvo3-vmm section 7): shut
+down on another host, then defined and started here (``virsh migrate
+--offline`` or undefine/define, then ``virsh start``). No phase of the live
+pipeline fits it, so the decision only says ``started``; the caller reads
+the directory and ``cold_verdict`` decides, per NIC, whether the network
+must follow (the directory places the MAC at another NVE and no migration is
+pending) or not.
+
 ``reconcile`` applies the same rules to a state read after a (re)connection,
 so a migration that began, ended or failed while no event could arrive is
 not missed. Decisions it cannot prove from libvirt alone (a domain that came
@@ -51,6 +61,7 @@ import dataclasses
 import enum
 import threading
 from collections.abc import Mapping
+from typing import Any
 
 from vmm_orchestrator.model import Phase, Role
 
@@ -70,7 +81,9 @@ class Event(enum.IntEnum):
 
 
 # virDomainEvent*DetailType values this module reads.
+STARTED_BOOTED = 0
 STARTED_MIGRATED = 1
+STARTED_RESTORED = 2
 SUSPENDED_MIGRATED = 1
 SUSPENDED_POSTCOPY = 7
 SUSPENDED_POSTCOPY_FAILED = 8
@@ -83,7 +96,9 @@ STOPPED_MIGRATED = 3
 STATE_RUNNING = 1
 STATE_PAUSED = 3
 STATE_SHUTOFF = 5
+RUNNING_BOOTED = 1
 RUNNING_MIGRATED = 2
+RUNNING_RESTORED = 3
 RUNNING_POSTCOPY = 10
 PAUSED_MIGRATION = 2
 PAUSED_STARTING_UP = 11
@@ -307,11 +322,16 @@ class Track:
 
 @dataclasses.dataclass(frozen=True)
 class Decision:
-    """The new track, the phases to run (in order) and, when nothing runs, why not."""
+    """The new track, the phases to run (in order) and, when nothing runs, why not.
+
+    ``started`` (why, or None): the domain started here outside any migration;
+    the caller checks the directory for a cold move (``cold_verdict``).
+    """
 
     track: Track
     transitions: tuple[Transition, ...] = ()
     note: str | None = None
+    started: str | None = None
 
 
 def _emit(
@@ -393,6 +413,8 @@ def _lifecycle(track: Track, sig: Lifecycle) -> Decision:
     event, detail = sig.event, sig.detail
     if event == Event.STARTED:
         if detail != STARTED_MIGRATED:
+            if track.finished and detail in (STARTED_BOOTED, STARTED_RESTORED):
+                return Decision(Track(), started=f"{name}: started here, no migration under way")
             return _aborted(track, f"{name} while a migration was under way")
         if track.incoming() and track.hook_prepared:
             return Decision(dataclasses.replace(track, hook_prepared=False))
@@ -483,6 +505,8 @@ def _observed(track: Track, obs: Observed, early_switchover: bool) -> Decision:
         return Decision(track)
     if track.role is None and running and obs.reason in (RUNNING_MIGRATED, RUNNING_POSTCOPY):
         return _destination_resumed(track, f"{why}: came by migration unseen", confirm=True)
+    if track.role is None and running and obs.reason in (RUNNING_BOOTED, RUNNING_RESTORED):
+        return Decision(track, started=f"{why}: running here, no migration under way")
     return Decision(track)
 
 
@@ -491,6 +515,63 @@ def _absent(track: Track) -> Decision:
         # A transient domain vanishes when it migrates away; it also does when destroyed.
         return _source_completed(track, "reconciled: gone from this host", confirm=True)
     return _aborted(track, "reconciled: gone from this host")
+
+
+# -- cold mobility -------------------------------------------------------------
+
+
+class Cold(enum.Enum):
+    """What a domain started here outside a migration means for one NIC."""
+
+    MOVE = "move"  # the directory places it at another NVE: move it here
+    HERE = "here"  # already placed here: an ordinary (re)boot, nothing to move
+    LEARNED = "learned"  # just moved here by the NVE agent's local learning: pin, announce
+    IN_FLIGHT = "in_flight"  # a migration of it is pending: that migration decides
+    REFUSED = "refused"  # sticky or frozen: the directory would refuse the move
+
+
+#: How recent (seconds) an unplanned move here must be to count as the NVE
+#: agent's local learning of the VM that just started (it may report the
+#: MAC from the guest's first frame before the start event is handled).
+LEARNED_WINDOW = 30.0
+
+
+def cold_verdict(
+    endpoint: Mapping[str, Any], host: str, now: float | None = None
+) -> tuple[Cold, str]:
+    """Decide a cold move of one NIC from the directory's endpoint (``get_endpoint``).
+
+    ``host`` is this host's NVE id; ``now`` the wall clock (time.time()) to
+    judge the endpoint's last move by. Pure: the caller did the reading.
+    """
+    at = endpoint.get("nve")
+    mac = endpoint.get("mac")
+    if endpoint.get("state") == "pending":
+        return Cold.IN_FLIGHT, (
+            f"{mac}: migration {endpoint.get('migration_id')} to "
+            f"{endpoint.get('pending_nve')} is pending"
+        )
+    if at == host:
+        moves = endpoint.get("moves") or []
+        last = moves[-1] if moves else {}
+        if (
+            now is not None
+            and last.get("to") == host
+            and not last.get("planned")
+            and now - float(last.get("at") or 0.0) <= LEARNED_WINDOW
+        ):
+            return Cold.LEARNED, (
+                f"{mac}: moved here from {last.get('from')} by local learning just now"
+            )
+        return Cold.HERE, f"{mac}: the directory already places it at {host}"
+    if endpoint.get("sticky"):
+        return Cold.REFUSED, f"{mac}: sticky at {at}; a sticky MAC never moves"
+    if endpoint.get("frozen"):
+        return Cold.REFUSED, (
+            f"{mac}: frozen at {at} ({endpoint.get('frozen_reason')}); "
+            "release it with vmm nva release"
+        )
+    return Cold.MOVE, f"{mac}: at {at} in the directory, started at {host}: a cold move"
 
 
 # -- per-host state ------------------------------------------------------------
