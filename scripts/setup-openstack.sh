@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Installs real OpenStack services (Keystone, Neutron) from PyPI into their own
+# Installs real OpenStack services (Keystone, Neutron, Nova, Placement) from PyPI into their own
 # virtual environment, .venv-openstack, for the real-OpenStack test tier
 # (tests/openstack/). A separate environment, because the services pin their
 # dependencies (oslo.*, SQLAlchemy, WebOb ...) to one release series and must
@@ -8,10 +8,13 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-# One OpenStack release series: Keystone 30 and Neutron 29 (2026.2).
+# One OpenStack release series: Keystone 30, Neutron 29, Nova 34 and
+# Placement 16 (2026.2).
 OPENSTACK_PACKAGES=(
   "keystone==30.0.0"
   "neutron==29.0.0"
+  "nova==34.0.0"
+  "openstack-placement==16.0.0"
 )
 
 PYTHON="${PYTHON:-python3}"

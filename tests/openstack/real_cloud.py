@@ -54,6 +54,8 @@ REGION = "RegionOne"
 #: Hosts whose stand-in agent binds and wires ports; binds but never wires.
 WIRING_HOSTS = ("cmp1", "cmp2", "cmp3")
 STUCK_HOST = "cmp-stuck"
+#: The hosts of the two nova-compute services (their stand-in agents wire ports).
+NOVA_HOSTS = ("cmp1", "cmp2")
 WIRE_DELAY = 0.3
 
 
@@ -102,6 +104,8 @@ class RealCloud:
         self.procs: list[tuple[str, subprocess.Popen[bytes], Path]] = []
         self.keystone_url = ""
         self.neutron_url = ""
+        self.placement_url = ""
+        self.nova_url = ""
         self.timings: dict[str, float] = {}
 
     # ----------------------------------------------------------- set-up
@@ -259,6 +263,7 @@ enforce_new_defaults = true
             users = {
                 "nova": (SERVICE_PASSWORD, "service", ("service", "admin")),
                 "neutron": (SERVICE_PASSWORD, "service", ("service",)),
+                "placement": (SERVICE_PASSWORD, "service", ("service",)),
                 "binder": (SERVICE_PASSWORD, "service", ("service",)),
                 "demo": (PASSWORD, "demo", ("member",)),
             }
@@ -365,6 +370,188 @@ wire_delay = {WIRE_DELAY}
                 )
         finally:
             conn.close()
+
+    def _endpoints(self, name: str, kind: str, url: str) -> None:
+        conn = self.connect(ADMIN)
+        try:
+            service = conn.identity.create_service(name=name, type=kind)
+            for interface in ("public", "internal", "admin"):
+                conn.identity.create_endpoint(
+                    service_id=service.id, interface=interface, url=url, region_id=REGION
+                )
+        finally:
+            conn.close()
+
+    def _authtoken(self, user: str) -> str:
+        return f"""[keystone_authtoken]
+www_authenticate_uri = {self.auth_url}
+auth_url = {self.auth_url}
+auth_type = password
+username = {user}
+password = {SERVICE_PASSWORD}
+user_domain_name = Default
+project_name = service
+project_domain_name = Default
+"""
+
+    def _client_section(self, section: str) -> str:
+        """A [placement] / [neutron] / [glance] section of nova.conf: Nova's service user."""
+        return f"""[{section}]
+auth_type = password
+auth_url = {self.auth_url}
+username = nova
+password = {SERVICE_PASSWORD}
+user_domain_name = Default
+project_name = service
+project_domain_name = Default
+region_name = {REGION}
+valid_interfaces = public
+"""
+
+    # ------------------------------------------------------------- Nova
+
+    def start_nova(self) -> None:
+        """Placement, the image stand-in and Nova (api, conductor, scheduler, computes)."""
+        t0 = time.monotonic()
+        self._placement()
+        self.timings["placement"] = time.monotonic() - t0
+        t1 = time.monotonic()
+        image_url = self._serve(
+            "image", "standin_image:application", self._env(PYTHONPATH=str(HERE))
+        )
+        self._endpoints("glance", "image", image_url)
+        self._nova()
+        self.timings["nova"] = time.monotonic() - t1
+
+    def _placement(self) -> None:
+        d = self.dir / "placement"
+        d.mkdir()
+        (d / "placement.conf").write_text(
+            f"""[DEFAULT]
+debug = false
+[placement_database]
+connection = sqlite:///{d}/placement.db
+[api]
+auth_strategy = keystone
+[oslo_policy]
+enforce_new_defaults = true
+{self._authtoken("placement")}"""
+        )
+        env = self._env(OS_PLACEMENT_CONFIG_DIR=str(d))
+        self._run(
+            "placement-db-sync",
+            [str(VENV / "bin" / "placement-manage"), "--config-dir", str(d), "db", "sync"],
+            env,
+        )
+        self.placement_url = self._serve("placement", "placement.wsgi.api:application", env)
+        self._endpoints("placement", "placement", self.placement_url)
+
+    def _nova(self) -> None:
+        d = self.dir / "nova"
+        d.mkdir()
+        (d / "lock").mkdir()
+        (d / "instances").mkdir()
+        shutil.copy(VENV / "etc" / "nova" / "api-paste.ini", d / "api-paste.ini")
+        cell1 = f"sqlite:///{d}/nova.db"
+        conf = d / "nova.conf"
+        conf.write_text(
+            f"""[DEFAULT]
+debug = false
+host = nova-api
+my_ip = 127.0.0.1
+transport_url = fake:/
+state_path = {d}
+instances_path = {d}/instances
+compute_driver = standin_hypervisor.StandInHypervisor
+vif_plugging_is_fatal = false
+vif_plugging_timeout = 0
+report_interval = 10
+[api]
+auth_strategy = keystone
+[wsgi]
+api_paste_config = {d}/api-paste.ini
+[api_database]
+connection = sqlite:///{d}/nova_api.db
+[database]
+connection = {cell1}
+[oslo_concurrency]
+lock_path = {d}/lock
+[oslo_messaging_notifications]
+driver = noop
+[oslo_policy]
+enforce_new_defaults = true
+[compute]
+live_migration_wait_for_vif_plug = false
+[scheduler]
+discover_hosts_in_cells_interval = -1
+[conductor]
+workers = 1
+[os_vif_ovs]
+ovsdb_connection =
+{self._authtoken("nova")}
+{self._client_section("placement")}
+{self._client_section("neutron")}
+{self._client_section("glance")}"""
+        )
+        manage = [str(VENV / "bin" / "nova-manage"), "--config-file", str(conf)]
+        env = self._env(
+            OS_NOVA_CONFIG_DIR=str(d),
+            OS_NOVA_CONFIG_FILES="api-paste.ini;nova.conf",
+            PYTHONPATH=str(HERE),
+        )
+        t = time.monotonic()
+        for step, args in (
+            ("api-db-sync", ["api_db", "sync"]),
+            (
+                "map-cell0",
+                ["cell_v2", "map_cell0", "--database_connection", f"sqlite:///{d}/nova_cell0.db"],
+            ),
+            (
+                "create-cell1",
+                [
+                    "cell_v2",
+                    "create_cell",
+                    "--name",
+                    "cell1",
+                    "--database_connection",
+                    cell1,
+                    "--transport-url",
+                    "fake:/",
+                ],
+            ),
+            ("db-sync", ["db", "sync"]),
+        ):
+            self._run(f"nova-manage-{step}", [*manage, *args], env)
+        self.timings["nova-manage"] = time.monotonic() - t
+        self.nova_url = self._serve_nova(env)
+        self._endpoints("nova", "compute", f"{self.nova_url}/v2.1")
+        conn = self.connect(ADMIN)
+        try:
+            conn.compute.create_flavor(name="m1.tiny", ram=512, vcpus=1, disk=1, id="1")
+        finally:
+            conn.close()
+
+    def _serve_nova(self, env: dict[str, str]) -> str:
+        """Start nova_services.py; Nova's API URL once every service is up."""
+        port_file = self.dir / "nova.port"
+        log = self.dir / "nova.log"
+        out = log.open("ab")
+        proc = subprocess.Popen(
+            [self.python, str(HERE / "nova_services.py"), str(port_file), *NOVA_HOSTS],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env=env,
+            cwd=self.dir,
+            start_new_session=True,
+        )
+        out.close()
+        self.procs.append(("nova", proc, log))
+        deadline = time.monotonic() + 180
+        while not port_file.exists():
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise StartError(f"nova did not start:\n{_log_tail(log, 60)}")
+            time.sleep(0.1)
+        return f"http://127.0.0.1:{port_file.read_text().strip()}"
 
     # ---------------------------------------------------------- for tests
 
