@@ -79,3 +79,34 @@ def test_the_responder_can_be_turned_off(lab_conf: cfg.ConfigOpts, prefix: str) 
         vm1 = site.lab.vms["vm1"]
         assert site.hosts["h1"].rarp is None
         assert rarp_exchange(vm1.netns, vm1.mac, wait=1.0) == []
+
+
+def test_after_a_live_migration_the_new_nve_answers_and_qemu_rarps_are_harmless(
+    lab_conf: cfg.ConfigOpts, prefix: str
+) -> None:
+    """The draft's case: after the move the guest asks at its *new* NVE. QEMU's
+    self-announce RARPs (requests for the guest's own MAC) are answered too,
+    with the address the guest already has; the migration is unaffected."""
+    from vmm_lab.linux.hypervisor import QEMU_RARP_SCHEDULE_MS, LabHypervisor
+
+    with lab_site(lab_conf, prefix, orchestrated=True) as site:
+        vm1 = site.lab.vms["vm1"]
+        hyper = LabHypervisor(site.lab, site.dispatchers, qemu_rarp=True)
+        record, futures = hyper.migrate(vm1, "h2", 50)
+        reports = [f.result(timeout=30) for f in futures]
+        assert all(r.ok for r in reports), [r.error for r in reports]
+        h1, h2 = site.hosts["h1"].rarp, site.hosts["h2"].rarp
+        assert h1 is not None and h2 is not None
+        sent = len(QEMU_RARP_SCHEDULE_MS)
+        deadline = time.monotonic() + 5
+        while (record.rarp_sent, h2.answered) != (sent, sent) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert record.rarp_sent == sent and h2.answered == sent, h2.counters()
+        assert h1.answered == 0  # the old NVE only sees them over VXLAN
+        endpoint = site.client().get_endpoint(VNI, vm1.mac)
+        assert (endpoint["nve"], endpoint["seq"]) == ("h2", 1)
+        assert [m["planned"] for m in endpoint["moves"]] == [True]
+
+        replies = rarp_exchange(vm1.netns, vm1.mac)  # the diskless guest asks at h2
+        assert [r["tpa"] for r in replies] == [vm1.ipv4]
+        assert h2.answered == sent + 1 and h1.answered == 0
