@@ -44,6 +44,7 @@ setup(
         "etcd3gw>=2.7",
         "prometheus-client>=0.17",
         "matplotlib>=3.7",
+        "ovsdbapp>=2.0",
     ],
     extras_require={
         "test": ["pytest>=8", "ruff", "mypy", "types-requests"],
@@ -64,6 +65,7 @@ setup(
             "state_precopy = vmm_state.stages:StatePrecopy",
             "state_delta = vmm_state.stages:StateDelta",
             "state_cleanup = vmm_state.stages:StateCleanup",
+            "ovn_convergence = vmm_ovn.stages:OvnConvergence",
         ],
         "vmm_orchestrator.commands": [
             "lab = vmm_lab.linux.cli:LabCommand",
@@ -75,6 +77,7 @@ setup(
             "embedded = vmm_orchestrator.nva.backends:EmbeddedBackend",
             "neutron = vmm_openstack.neutron:NeutronDirectory",
             "etcd = vmm_etcd.backends:EtcdBackend",
+            "ovn = vmm_ovn.directory:OvnNbDirectory",
         ],
         "oslo.config.opts": [
             "vmm_orchestrator = vmm_orchestrator.opts:list_opts",
@@ -86,6 +89,7 @@ setup(
             "vmm_state.kinds = vmm_state.kinds:list_opts",
             "vmm_etcd = vmm_etcd.options:list_opts",
             "vmm_lab = vmm_lab.linux.options:list_opts",
+            "vmm_ovn = vmm_ovn.options:list_opts",
         ],
         "vmm_state.kinds": [
             "conntrack = vmm_state.kinds.conntrack:ConntrackKind",
@@ -94,12 +98,14 @@ setup(
             "dot1x = vmm_state.kinds.dot1x:Dot1xKind",
             "dhcp_snooping = vmm_state.kinds.dhcp_snooping:DhcpSnoopingKind",
             "macsec = vmm_state.kinds.macsec:MacsecKind",
+            "ovn_conntrack = vmm_ovn.state:OvnConntrackKind",
         ],
         "vmm_orchestrator.event_sources": [
             "libvirt = vmm_libvirt.daemon:Daemon",
         ],
         "vmm_orchestrator.host_drivers": [
             "linux = vmm_linux.host:LinuxHost.from_spec",
+            "ovn = vmm_ovn.host:factory",
         ],
         "vmm_orchestrator.state_services": [
             "state = vmm_state.provider:open_state_service",

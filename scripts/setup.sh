@@ -8,12 +8,13 @@ cd "$(dirname "$0")/.."
 # The lab's kernel tools; libvirt + QEMU and a guest kernel for the real
 # migrations (libvirt-dev, pkg-config and gcc build libvirt-python); etcd for
 # the distributed directory; shellcheck for the DevStack plugin; openssl for
-# the state service's TLS test.
+# the state service's TLS test; OVN and Open vSwitch for the OVN lab.
 APT_PACKAGES=(
   iproute2 nftables conntrack iputils-ping procps python3-venv python3-dev
   gcc pkg-config libvirt-dev libvirt-daemon-system libvirt-clients
   qemu-system-x86 qemu-utils qemu-guest-agent busybox-static tini linux-image-amd64
   etcd-server etcd-client shellcheck openssl
+  ovn-central ovn-host openvswitch-switch
 )
 
 missing=()

@@ -14,6 +14,6 @@
   state kind, moving a VM's security-group sessions between the chassis'
   conntrack zones on the userspace datapath.
 * :mod:`vmm_ovn.options`: the ``[ovn]`` group.
-* :mod:`vmm_ovn.lab`, :mod:`vmm_ovn.demo`, :mod:`vmm_ovn.state_demo`: a real
+* :mod:`vmm_lab.ovn.lab`, :mod:`vmm_lab.ovn.demo`, :mod:`vmm_lab.ovn.state_demo`: a real
   OVN lab in network namespaces (OVS userspace datapath) and the demos.
 """

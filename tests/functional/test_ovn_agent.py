@@ -22,8 +22,9 @@ from vmm_orchestrator import agent, contracts
 from vmm_orchestrator.model import Migration, MigrationEvent, Phase, Role
 from vmm_orchestrator.nva import backends as nva_backends
 
-lab_mod = pytest.importorskip("vmm_ovn.lab")
-from vmm_ovn import demo, host  # noqa: E402
+lab_mod = pytest.importorskip("vmm_lab.ovn.lab")
+from vmm_lab.ovn import demo  # noqa: E402
+from vmm_ovn import host  # noqa: E402
 from vmm_ovn.directory import OvnNbDirectory  # noqa: E402
 
 pytestmark = pytest.mark.skipif(

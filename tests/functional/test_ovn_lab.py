@@ -21,8 +21,8 @@ from vmm_orchestrator.model import Migration, Phase, Role, Vif, Workload
 from vmm_orchestrator.nva import errors as nva_errors
 from vmm_orchestrator.stage import HostContext, StageContext
 
-lab_mod = pytest.importorskip("vmm_ovn.lab")
-from vmm_ovn import demo  # noqa: E402
+lab_mod = pytest.importorskip("vmm_lab.ovn.lab")
+from vmm_lab.ovn import demo  # noqa: E402
 from vmm_ovn.announce import OvnAnnouncer  # noqa: E402
 from vmm_ovn.chassis import OvnChassis  # noqa: E402
 from vmm_ovn.directory import OvnNbDirectory  # noqa: E402

@@ -1,6 +1,6 @@
 """State on OVN: a TCP session through a stateful ACL survives a migration only
 if the VM's conntrack entries move from the source chassis' zone to the
-destination's (:mod:`vmm_ovn.state_demo`, through the ``ovn_conntrack`` kind).
+destination's (:mod:`vmm_lab.ovn.state_demo`, through the ``ovn_conntrack`` kind).
 """
 
 from __future__ import annotations
@@ -12,8 +12,8 @@ from oslo_config import cfg
 
 from vmm_orchestrator.model import Vif
 
-lab_mod = pytest.importorskip("vmm_ovn.lab")
-from vmm_ovn import demo, state_demo  # noqa: E402
+lab_mod = pytest.importorskip("vmm_lab.ovn.lab")
+from vmm_lab.ovn import demo, state_demo  # noqa: E402
 from vmm_state.kind import KindContext, PoisonedEntry  # noqa: E402
 
 pytestmark = pytest.mark.skipif(

@@ -155,6 +155,14 @@ class LabCommand(Command):
             "in the temporary directory, whose path is printed)",
         )
         demo.add_argument(
+            "--backend",
+            choices=["linux", "ovn"],
+            default="linux",
+            help="the lab's data plane: linux (bridge + VXLAN NVEs, default) or ovn (a real "
+            "OVN lab: OVS userspace datapath; modes ovn,ovn-garp-guest,orchestrated,"
+            "orchestrated-garp-guest,orchestrated-no-switch)",
+        )
+        demo.add_argument(
             "--libvirt",
             action="store_true",
             help="migrate a real libvirt guest (a libvirtd on h1 and h2, a tiny TCG guest) "
@@ -173,6 +181,13 @@ class LabCommand(Command):
             "and print the four proofs side by side",
         )
         state.add_argument("--downtime-ms", type=float, help="override [lab] downtime_ms")
+        state.add_argument(
+            "--backend",
+            choices=["linux", "ovn"],
+            default="linux",
+            help="linux: the four proofs on the model firewall; ovn: a TCP session through "
+            "OVN's stateful ACLs with and without the ovn_conntrack state kind",
+        )
         state.add_argument(
             "--vm",
             metavar="NAME",
@@ -213,6 +228,20 @@ class LabCommand(Command):
         return 0
 
     def demo(self, conf: cfg.ConfigOpts, args: argparse.Namespace) -> int:
+        if getattr(args, "backend", "linux") == "ovn":
+            if args.libvirt:
+                raise VmmError("--backend ovn and --libvirt do not go together", hint="pick one")
+            check_json_out(args.json)
+            need_root_and_ip()
+            from vmm_lab.ovn.demo import run_demo as run_ovn_demo
+
+            return run_ovn_demo(
+                conf,
+                json_out=args.json,
+                modes=args.modes,
+                rate=args.rate,
+                downtime_ms=args.downtime_ms,
+            )
         if args.libvirt:
             return self.libvirt_demo(conf, args)
         check_vm(args.vm)
@@ -261,6 +290,12 @@ class LabCommand(Command):
     def state_demo(self, conf: cfg.ConfigOpts, args: argparse.Namespace) -> int:
         """`vmm lab state-demo`: the state proofs with and without state migration."""
         from vmm_linux import opts as linux_opts
+
+        if getattr(args, "backend", "linux") == "ovn":
+            need_root_and_ip()
+            from vmm_lab.ovn.state_demo import run_state_demo as run_ovn_state_demo
+
+            return run_ovn_state_demo(conf)
 
         check_vm(args.vm)
         if args.downtime_ms is not None:

@@ -273,7 +273,10 @@ def lab_site(
 
         server = NvaProcess(workdir, token)
     else:
-        server = NvaServer(NvaStore(":memory:"), token, "127.0.0.1", 0)
+        from vmm_orchestrator.nva import options as nva_options
+
+        nva_options.register_opts(conf)  # the lab's directory follows [nva] (move-flap, log)
+        server = NvaServer(NvaStore.from_conf(conf, ":memory:"), token, "127.0.0.1", 0)
     assembly: root.Assembly | None = None
     firewalls: dict[str, HostFirewall] = {}
     try:

@@ -48,13 +48,13 @@ from typing import Any
 from oslo_config import cfg
 
 from vmm_lab.linux import probe
+from vmm_lab.ovn import lab as lab_mod
 from vmm_linux import frames
 from vmm_orchestrator import engine
 from vmm_orchestrator.contracts import HostSpec
 from vmm_orchestrator.errors import VmmError
 from vmm_orchestrator.journal import Journal
 from vmm_orchestrator.model import Migration, MigrationEvent, Phase, Role, Vif, Workload
-from vmm_ovn import lab as lab_mod
 from vmm_ovn import options as ovn_opts
 from vmm_ovn.directory import OvnNbDirectory
 from vmm_ovn.host import OvnHost
