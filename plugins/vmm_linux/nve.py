@@ -255,6 +255,11 @@ class _Hold:
         }
 
 
+def _log_failure(done: concurrent.futures.Future[Any]) -> None:
+    if (exc := done.exception()) is not None:
+        LOG.warning("releasing a hold failed: %r", exc)
+
+
 def _poker(netns: str | None, dev: str) -> socket.socket:
     sock = socket_in(netns, socket.AF_PACKET, socket.SOCK_RAW, 0)
     sock.bind((dev, 0))
@@ -567,9 +572,11 @@ class LinuxNve(NveDriver):
                     f" net.ipv6.conf.{hold.recv}.disable_ipv6=1",
                     # a token bucket that refills 100 bytes a second: a stall
                     f"tc qdisc add dev {hold.stall} root handle 1: tbf rate 800bit"
-                    f" burst {self.mtu + 64} limit {limit * (self.mtu + 18)}",
+                    f" burst {self.mtu + 54} limit {limit * (self.mtu + 18)}",
                     f"tc qdisc add dev {hold.stall} parent 1:1 handle 10: pfifo limit {limit}",
                     f"ip link set {hold.recv} up",
+                    f"ethtool -K {hold.recv} gro off 2>/dev/null || true",
+                    f"ethtool -K {hold.stall} gro off 2>/dev/null || true",
                     f"ip link set {hold.stall} up",
                     f"tc qdisc add dev {hold.recv} clsact",
                     f"tc qdisc add dev {vx} clsact 2>/dev/null || true",
@@ -582,9 +589,10 @@ class LinuxNve(NveDriver):
             hold.stall_idx = self._index(hold.stall, refresh=True)
             hold.recv_idx = self._index(hold.recv, refresh=True)
             hold.poker = _poker(self.netns, hold.stall)
-            # Use up the bucket's first tokens (one frame's worth) on a frame
-            # nobody receives (the receiving end has no redirect yet).
-            hold.poker.send(_poke_frame(self.mtu))
+            # Use up the bucket's first tokens on a frame nobody receives (the
+            # receiving end has no redirect yet): 40 bytes are left, less than
+            # any frame.
+            hold.poker.send(_poke_frame(self.mtu + 14))
             hold.armed_at = time.monotonic()
             self._holds[key] = hold
             self._ensure_watcher()
@@ -755,7 +763,9 @@ class LinuxNve(NveDriver):
                         with self._lock:
                             keys = [k for k, h in self._holds.items() if h.port == name]
                         for vni, mac in keys:
-                            self._worker.submit(self._release, vni, mac)
+                            LOG.debug("port %s joined the bridge: releasing %s", name, mac)
+                            done = self._worker.submit(self._release, vni, mac)
+                            done.add_done_callback(_log_failure)
                 self._expire_holds()
         finally:
             sock.close()

@@ -41,12 +41,18 @@ class NvePrepare(Stage):
 
     def run(self, ctx: StageContext) -> dict[str, Any]:
         nve = ctx.host.service("nve")
+        holds: dict[str, Any] = {}
         for vif in ctx.migration.workload.vifs:
             if not vif.port:
                 raise StageFailed(f"NIC {vif.mac} of {ctx.migration.workload.name} names no port")
             nve.ensure_vn(vif.vni)
             place = nve.plug if self.pin else nve.expect
             place(vif.vni, vif.mac, vif.port, vif.ipv4 + vif.ipv6)
+            report = getattr(nve, "hold_report", None)
+            if self.pin and report is not None and (held := report(vif.vni, vif.mac)):
+                holds[vif.mac] = held
+        if holds:
+            ctx.note(holds=holds)
         key = "plugged" if self.pin else "expecting"
         return {key: [[v.vni, v.mac, v.port] for v in ctx.migration.workload.vifs]}
 

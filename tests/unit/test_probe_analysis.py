@@ -401,3 +401,21 @@ def test_cli_sigterm_writes_logs(tmp_path: Path) -> None:
     assert sent.first_send_ns is not None and sent.first_send_ns >= int(start * 1e9)
     rep = analyze(sent, probe.load_recv_log(str(tmp_path / "r.json")), 0, 0)
     assert (rep.received, rep.lost) == (sent.sent, 0)
+
+
+def test_held_packets_report_the_latency_they_gained() -> None:
+    """Packets sent while paused and delivered at the resume: counted as held, and
+    their extra latency over the path's own is the wait until the resume."""
+    log = send_log()
+    got = []
+    for seq, t in enumerate(log.send_ns):
+        if P_START <= t < P_END:
+            got.append(probe.Recv("s", seq, t, P_END + 1 * MS))  # released at the resume
+        else:
+            got.append(probe.Recv("s", seq, t, t + 1 * MS))
+    rep = analyze(log, got, P_START, P_END)
+    assert rep.lost == 0 and rep.reordered == 0
+    assert rep.held == 100
+    assert rep.base_latency_ms == 1.0
+    assert rep.held_extra_ms_max == 100.0  # the first packet of the pause waited all of it
+    assert rep.held_extra_ms_median is not None and 40.0 <= rep.held_extra_ms_median <= 60.0

@@ -90,14 +90,39 @@ class ModeResult:
     #: This mode's column of the demo's picture (vmm_lab.plot_modes).
     picture: Any = dataclasses.field(default=None, repr=False, compare=False)
 
+    #: What the destination NVE held per NIC (the nve_plug stage's notes).
+    holds: dict[str, Any] = dataclasses.field(default_factory=dict)
+
     @property
     def lost_after_resume(self) -> int:
         return sum(s.lost_after_resume for s in self.streams)
+
+    @property
+    def lost_total(self) -> int:
+        """Every packet that never arrived: before, during and after the pause."""
+        return sum(s.lost for s in self.streams)
+
+    @property
+    def duplicates(self) -> int:
+        return sum(s.duplicates for s in self.streams)
+
+    @property
+    def reordered(self) -> int:
+        return sum(s.reordered for s in self.streams)
+
+    @property
+    def held_extra_ms_max(self) -> float | None:
+        values = [s.held_extra_ms_max for s in self.streams if s.held_extra_ms_max is not None]
+        return max(values) if values else None
 
     def to_dict(self) -> dict[str, Any]:
         out = dataclasses.asdict(dataclasses.replace(self, picture=None))
         out.pop("picture")
         out["lost_after_resume"] = self.lost_after_resume
+        out["lost_total"] = self.lost_total
+        out["duplicates"] = self.duplicates
+        out["reordered"] = self.reordered
+        out["held_extra_ms_max"] = self.held_extra_ms_max
         return out
 
 
@@ -470,6 +495,15 @@ def _critical_path(reports: list[engine.PhaseReport], resumed_at: float) -> floa
     return None
 
 
+def _holds(reports: list[engine.PhaseReport]) -> dict[str, Any]:
+    """What the destination NVE held per NIC (the nve_plug stage's notes)."""
+    found: dict[str, Any] = {}
+    for rep in reports:
+        for t in rep.timeline:
+            found.update(t.notes.get("holds") or {})
+    return found
+
+
 def _ack_convergence(reports: list[engine.PhaseReport]) -> dict[str, float]:
     for rep in reports:
         for t in rep.timeline:
@@ -564,7 +598,13 @@ def render(results: list[ModeResult]) -> str:
                     "sent": s.sent,
                     "lost_while_paused": s.lost_while_paused,
                     "lost_after_resume": s.lost_after_resume,
+                    "lost": s.lost,
                     "duplicates": s.duplicates,
+                    "reordered": s.reordered,
+                    "held": s.held,
+                    "held_extra": "-"
+                    if s.held_extra_ms_max is None
+                    else f"{s.held_extra_ms_median:.1f} / {s.held_extra_ms_max:.1f}",
                     "black_hole_ms": f"{s.black_hole_ms:.1f}" + ("" if s.converged else " (never)"),
                 }
             )
@@ -577,7 +617,11 @@ def render(results: list[ModeResult]) -> str:
                 ("sent", "sent"),
                 ("lost_while_paused", "lost while paused"),
                 ("lost_after_resume", "lost after resume"),
+                ("lost", "lost in total"),
                 ("duplicates", "dup"),
+                ("reordered", "reord"),
+                ("held", "held"),
+                ("held_extra", "held +ms med/max"),
                 ("black_hole_ms", "black-hole ms"),
             ],
         )
@@ -603,6 +647,12 @@ def render(results: list[ModeResult]) -> str:
                 "mode": r.mode,
                 "paused_ms": f"{r.downtime_ms:.1f}",
                 "lost_after_resume": r.lost_after_resume,
+                "lost_total": r.lost_total,
+                "dup": r.duplicates,
+                "reord": r.reordered,
+                "held_extra": _fmt_ms(r.held_extra_ms_max)
+                if r.held_extra_ms_max is not None
+                else "-",
                 "max_black_hole_ms": f"{max(bh):.1f}" if bh else "-",
                 "all_converged": "yes" if all(s.converged for s in r.streams) else "NO",
                 "gw_fdb": "h2" if r.gateway_fdb_vtep == r.destination_vtep else "stale",
@@ -618,6 +668,10 @@ def render(results: list[ModeResult]) -> str:
                 ("mode", "mode"),
                 ("paused_ms", "paused ms"),
                 ("lost_after_resume", "lost after resume"),
+                ("lost_total", "lost in total"),
+                ("dup", "dup"),
+                ("reord", "reord"),
+                ("held_extra", "held +ms max"),
                 ("max_black_hole_ms", "max black-hole ms"),
                 ("all_converged", "all converged"),
                 ("gw_fdb", "gateway NVE -> VM"),
@@ -642,6 +696,8 @@ def render(results: list[ModeResult]) -> str:
                     ],
                 )
             )
+            for mac, held in sorted(r.holds.items()):
+                lines.append(f"destination hold of {mac}: {held}")
             if r.ack_convergence_ms:
                 acks = ", ".join(f"{k} {v:.1f}" for k, v in sorted(r.ack_convergence_ms.items()))
                 lines.append(f"directory commit -> NVE acknowledgement ms: {acks}")

@@ -173,6 +173,14 @@ class StreamReport:
     black_hole_ms: float
     converged: bool
     last_loss_ms: float | None
+    # Latency figures (not part of equality: derived from the times, not the counts).
+    #: Packets sent while paused that arrived (held somewhere, then delivered).
+    held: int = dataclasses.field(default=0, compare=False)
+    #: Median one-way latency of the packets sent before the pause (the path's own).
+    base_latency_ms: float | None = dataclasses.field(default=None, compare=False)
+    #: Latency added to the held packets, over base_latency_ms: the largest and the median.
+    held_extra_ms_max: float | None = dataclasses.field(default=None, compare=False)
+    held_extra_ms_median: float | None = dataclasses.field(default=None, compare=False)
 
 
 # Columns of StreamReport for format_table, in a sensible reading order.
@@ -285,7 +293,12 @@ def analyze(
         last = max(sent.send_ns)
         black_hole_ms, converged = _ms(max(0, last - pause_end_ns)), False
 
+    held, base, extra_max, extra_median = _latencies(sent, received, pause_start_ns, pause_end_ns)
     return StreamReport(
+        held=held,
+        base_latency_ms=base,
+        held_extra_ms_max=extra_max,
+        held_extra_ms_median=extra_median,
         stream=sent.stream,
         sent=sent.sent,
         received=len(got),
@@ -300,6 +313,28 @@ def analyze(
         converged=converged,
         last_loss_ms=None if last_lost_after is None else _ms(last_lost_after - pause_end_ns),
     )
+
+
+def _latencies(
+    sent: SendLog, received: Sequence[Recv], pause_start_ns: int, pause_end_ns: int
+) -> tuple[int, float | None, float | None, float | None]:
+    """(held, base ms, extra ms max, extra ms median): first copies only.
+
+    The base is the median latency of packets sent before the pause; a held
+    packet's extra latency is its latency minus that base.
+    """
+    first: dict[int, Recv] = {}
+    for r in sorted((r for r in received if r.stream == sent.stream), key=lambda r: r.recv_ns):
+        first.setdefault(r.seq, r)
+    before = sorted(r.recv_ns - r.send_ns for r in first.values() if r.send_ns < pause_start_ns)
+    held = [
+        r.recv_ns - r.send_ns for r in first.values() if pause_start_ns <= r.send_ns < pause_end_ns
+    ]
+    base = before[len(before) // 2] if before else 0
+    if not held:
+        return 0, _ms(base) if before else None, None, None
+    extra = sorted(max(0, lat - base) for lat in held)
+    return len(held), _ms(base) if before else None, _ms(extra[-1]), _ms(extra[len(extra) // 2])
 
 
 # --------------------------------------------------------------------------
