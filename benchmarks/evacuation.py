@@ -54,6 +54,7 @@ from vmm_etcd import options as etcd_options
 from vmm_etcd.client import EtcdNvaClient
 from vmm_etcd.cluster import LocalEtcdCluster
 from vmm_etcd.kv import EtcdKV
+from vmm_kernel.netns import socket_in
 from vmm_lab.linux import probe
 from vmm_lab.linux.demo import configure_hosts
 from vmm_lab.linux.hypervisor import LabHypervisor, LabMigration
@@ -62,7 +63,6 @@ from vmm_linux import announce as announce_mod
 from vmm_linux.agent import GROUP as AGENT_GROUP
 from vmm_linux.agent import register_opts as register_agent_opts
 from vmm_linux.host import LinuxHost
-from vmm_linux.netns import socket_in
 from vmm_linux.stages import HoldTimer
 from vmm_orchestrator import agent as root
 from vmm_orchestrator import engine

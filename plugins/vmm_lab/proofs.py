@@ -50,10 +50,10 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from vmm_kernel.netns import socket_in
 from vmm_lab.firewall import FW_TABLE
 from vmm_lab.linux.demo import LabSite, PortProfile
 from vmm_lab.linux.topology import LabVm, in_ns
-from vmm_linux.netns import socket_in
 
 #: The TCP service the VM offers (its security group opens it).
 SERVICE = 5001

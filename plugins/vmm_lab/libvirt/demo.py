@@ -64,12 +64,12 @@ from pyroute2.netlink import NETLINK_ROUTE
 from pyroute2.netlink.rtnl import RTMGRP_NEIGH
 from pyroute2.netlink.rtnl.marshal import MarshalRtnl
 
+from vmm_kernel.netns import socket_in
 from vmm_lab.libvirt import guest as guest_mod
 from vmm_lab.libvirt.migrate import MigrationRecord, RarpWatch, migrate
 from vmm_lab.libvirt.site import LibvirtSite, lab_conf, libvirt_site
 from vmm_lab.linux import probe
 from vmm_lab.linux.topology import in_ns, new_prefix
-from vmm_linux.netns import socket_in
 from vmm_orchestrator.engine import PhaseReport
 from vmm_orchestrator.errors import VmmError
 from vmm_orchestrator.model import Phase

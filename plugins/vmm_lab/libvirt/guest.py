@@ -62,9 +62,9 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 
+from vmm_kernel.netns import socket_in
 from vmm_lab.libvirt import LibvirtLabError
 from vmm_lab.linux import probe
-from vmm_linux.netns import socket_in
 
 #: Load order of the guest's kernel modules (dependencies first).
 MODULES = (

@@ -44,10 +44,10 @@ from typing import Any
 
 import libvirt
 
+from vmm_kernel.netns import socket_in
 from vmm_lab.libvirt import LibvirtLabError
 from vmm_lab.libvirt.hosts import LibvirtHost
 from vmm_libvirt.events import start_event_loop
-from vmm_linux.netns import socket_in
 
 FLAGS = (
     libvirt.VIR_MIGRATE_LIVE

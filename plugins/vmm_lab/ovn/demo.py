@@ -47,6 +47,7 @@ from typing import Any
 
 from oslo_config import cfg
 
+from vmm_kernel.netns import socket_in
 from vmm_lab.linux import probe
 from vmm_lab.ovn import lab as lab_mod
 from vmm_linux import frames
@@ -58,7 +59,6 @@ from vmm_orchestrator.model import Migration, MigrationEvent, Phase, Role, Vif, 
 from vmm_ovn import options as ovn_opts
 from vmm_ovn.directory import OvnNbDirectory
 from vmm_ovn.host import OvnHost
-from vmm_ovn.netns import socket_in
 
 LOG = logging.getLogger(__name__)
 

@@ -39,8 +39,8 @@ from collections.abc import Iterator, Sequence
 
 from pyroute2 import IPRoute
 
+from vmm_kernel.netns import entered, socket_in
 from vmm_orchestrator.errors import VmmError
-from vmm_ovn.netns import entered, socket_in
 
 LOG = logging.getLogger(__name__)
 

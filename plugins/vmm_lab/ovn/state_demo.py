@@ -25,12 +25,12 @@ from typing import Any
 
 from oslo_config import cfg
 
+from vmm_kernel.netns import socket_in
 from vmm_lab.ovn import demo
 from vmm_lab.ovn import lab as lab_mod
 from vmm_orchestrator.model import Migration, Phase, Role, Vif, Workload
 from vmm_ovn import conntrack
 from vmm_ovn.chassis import OvnChassis
-from vmm_ovn.netns import socket_in
 from vmm_ovn.state import OvnConntrackKind
 from vmm_state.kind import KindContext
 

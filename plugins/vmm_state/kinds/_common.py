@@ -10,7 +10,6 @@ import errno
 import gc
 import ipaddress
 import re
-import subprocess
 import threading
 from collections.abc import Iterator
 from typing import Any, ClassVar
@@ -31,52 +30,6 @@ def max_entries_opt(default: int, what: str) -> cfg.Opt:
         "is answered FAIL/resource_limit and nothing of it is installed, so that one VM "
         "cannot fill a table other VMs on this host need.",
     )
-
-
-class CommandFailed(OSError):
-    """A tool answered non-zero; ``errno`` is our best reading of its message."""
-
-    def __init__(self, argv: list[str], stderr: str) -> None:
-        super().__init__(errno_of(stderr), f"`{' '.join(argv)}`: {stderr.strip()}")
-        self.stderr = stderr
-
-
-def run(netns: str | None, *args: str, input_: str | None = None, check: bool = True) -> str:
-    """Run a tool inside ``netns`` (None: here); stdout, or CommandFailed."""
-    argv = ["ip", "netns", "exec", netns, *args] if netns else list(args)
-    proc = subprocess.run(argv, capture_output=True, text=True, input=input_)
-    if check and proc.returncode != 0:
-        raise CommandFailed(list(args), proc.stderr or f"exit status {proc.returncode}")
-    return proc.stdout
-
-
-#: How iproute2 and nft word the errno they got from the kernel.
-_MESSAGES = {
-    "no such file or directory": errno.ENOENT,
-    "no such device": errno.ENODEV,
-    "file exists": errno.EEXIST,
-    "operation not supported": errno.EOPNOTSUPP,
-    "not supported": errno.EOPNOTSUPP,
-    "unknown device type": errno.EOPNOTSUPP,
-    "invalid argument": errno.EINVAL,
-    "cannot allocate memory": errno.ENOMEM,
-    "no space left on device": errno.ENOSPC,
-    "too many open files in system": errno.ENFILE,
-    "no buffer space available": errno.ENOBUFS,
-    "argument list too long": errno.E2BIG,
-    "operation not permitted": errno.EPERM,
-    "permission denied": errno.EACCES,
-    "device or resource busy": errno.EBUSY,
-    "numerical result out of range": errno.ERANGE,
-}
-
-
-def errno_of(message: str) -> int:
-    low = message.lower()
-    for text, code in _MESSAGES.items():
-        if text in low:
-            return code
-    return errno.EINVAL
 
 
 def reason_for(code: int) -> Reason:

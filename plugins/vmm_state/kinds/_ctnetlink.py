@@ -42,7 +42,7 @@ import struct
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from vmm_linux.netns import socket_in
+from vmm_kernel.netns import socket_in
 
 NETLINK_NETFILTER = 12
 NFNL_SUBSYS_CTNETLINK = 1

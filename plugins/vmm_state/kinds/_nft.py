@@ -4,7 +4,7 @@ back in one transaction.
 Reading uses nft's JSON listing (expiry in whole seconds, rounded down).
 Writing uses nft's text syntax in one run, which the kernel applies as one
 transaction: all elements or none. Both go through libnftables in-process
-(:class:`LibNft`; the ``nft`` command only where the library is missing). Not JSON, because nft
+(:mod:`vmm_kernel.nft`, the project's one nft path). Not JSON, because nft
 1.0.6's JSON parser silently drops an element's ``limit`` statement (measured)
 - and a flood-meter element without its limit matches on the first packet,
 which would blacklist an innocent source. Every value written is checked
@@ -20,19 +20,15 @@ duplicates); a failing element aborts the whole transaction.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import dataclasses
 import ipaddress
 import json
-import os
 import re
-import threading
 from collections.abc import Iterable
-from typing import Any, ClassVar
+from typing import Any
 
-from vmm_linux.netns import entered
+from vmm_kernel.nft import nft
 from vmm_orchestrator.model import normalize_mac
-from vmm_state.kinds._common import CommandFailed, run
 
 _ADDRESS_TYPES = {"ipv4_addr": 4, "ipv6_addr": 6}
 _STRING_TYPES = {"ifname"}
@@ -62,87 +58,9 @@ def _as_list(val: Any) -> list[Any]:
     return [val]
 
 
-class LibNft:
-    """libnftables in-process, through ctypes: one context per namespace and use.
-
-    A ``nft`` process costs 6-20 ms to start; the library answers a small
-    request in about a tenth of a millisecond and parses and applies a
-    transaction of thousands of elements in one call. Contexts are created
-    with the calling thread inside the host's namespace (their netlink socket
-    stays there) and used under a lock. Without the library, ``nft`` runs.
-    """
-
-    OUTPUT_JSON = 1 << 4
-
-    _lib: Any = None
-    _loaded = False
-    _lock = threading.Lock()
-    _contexts: ClassVar[dict[tuple[str | None, int, bool], tuple[int, threading.Lock]]] = {}
-
-    @classmethod
-    def library(cls) -> Any:
-        with cls._lock:
-            if not cls._loaded:
-                cls._loaded = True
-                try:
-                    lib = ctypes.CDLL("libnftables.so.1")
-                except OSError:
-                    return None
-                lib.nft_ctx_new.restype = ctypes.c_void_p
-                lib.nft_ctx_new.argtypes = [ctypes.c_uint32]
-                lib.nft_ctx_buffer_output.argtypes = [ctypes.c_void_p]
-                lib.nft_ctx_buffer_error.argtypes = [ctypes.c_void_p]
-                lib.nft_ctx_get_output_buffer.argtypes = [ctypes.c_void_p]
-                lib.nft_ctx_get_output_buffer.restype = ctypes.c_char_p
-                lib.nft_ctx_get_error_buffer.argtypes = [ctypes.c_void_p]
-                lib.nft_ctx_get_error_buffer.restype = ctypes.c_char_p
-                lib.nft_ctx_output_set_flags.argtypes = [ctypes.c_void_p, ctypes.c_uint]
-                lib.nft_run_cmd_from_buffer.argtypes = [ctypes.c_void_p, ctypes.c_char_p]
-                lib.nft_run_cmd_from_buffer.restype = ctypes.c_int
-                cls._lib = lib
-            return cls._lib
-
-    @classmethod
-    def run(cls, netns: str | None, text: str, json_output: bool = False) -> str | None:
-        """Run ``text`` (nft syntax; one transaction); its output, or None
-        without the library. CommandFailed if nft refused it (nothing applied)."""
-        lib = cls.library()
-        if lib is None:
-            return None
-        # by inode too: a namespace deleted and made again under its name is another
-        try:
-            inode = os.stat(f"/run/netns/{netns}").st_ino if netns else 0
-        except OSError:
-            inode = -1
-        key = (netns, inode, json_output)
-        with cls._lock:
-            found = cls._contexts.get(key)
-            if found is None:
-                with entered(netns):
-                    ctx = lib.nft_ctx_new(0)
-                if not ctx:
-                    return None
-                lib.nft_ctx_buffer_output(ctx)
-                lib.nft_ctx_buffer_error(ctx)
-                if json_output:
-                    lib.nft_ctx_output_set_flags(ctx, cls.OUTPUT_JSON)
-                found = cls._contexts[key] = (ctx, threading.Lock())
-        ctx, lock = found
-        with lock, entered(netns):
-            rc = lib.nft_run_cmd_from_buffer(ctx, text.encode())
-            out = (lib.nft_ctx_get_output_buffer(ctx) or b"").decode()
-            err = (lib.nft_ctx_get_error_buffer(ctx) or b"").decode()
-        if rc != 0:
-            raise CommandFailed(["nft", "-f", "-"], err or f"libnftables answered {rc}")
-        return out
-
-
 def nft_json(netns: str | None, *args: str) -> str:
-    """``nft -j ARGS`` output: in-process when libnftables is there."""
-    out = LibNft.run(netns, " ".join(args), json_output=True)
-    if out is None:
-        out = run(netns, "nft", "-j", *args)
-    return out
+    """``nft -j ARGS`` output, in-process through libnftables (vmm_kernel.nft)."""
+    return nft(netns, " ".join(args), json_output=True)
 
 
 def list_set(
@@ -337,10 +255,10 @@ def delete_line(info: SetInfo, key: list[Any]) -> str:
 
 def transaction(netns: str | None, lines: Iterable[str]) -> None:
     """Apply ``lines`` as one nft transaction (CommandFailed: nothing applied),
-    in-process through libnftables when it is there."""
+    in-process through libnftables (vmm_kernel.nft)."""
     text = "\n".join(lines)
-    if text and LibNft.run(netns, text + "\n") is None:
-        run(netns, "nft", "-f", "-", input_=text + "\n")
+    if text:
+        nft(netns, text + "\n")
 
 
 def delete_present(netns: str | None, info: SetInfo, keys: list[list[Any]]) -> int:

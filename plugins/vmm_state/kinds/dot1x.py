@@ -38,17 +38,16 @@ from typing import Any, ClassVar
 
 from oslo_config import cfg
 
+from vmm_kernel.netns import CommandFailed, run
 from vmm_orchestrator.model import Vif, normalize_mac
 from vmm_state.kind import ImportResult, KindContext, PoisonedEntry, Reason
 from vmm_state.kinds import _nft
 from vmm_state.kinds._common import (
-    CommandFailed,
     ip_text,
     max_entries_opt,
     own_ip,
     own_mac,
     require,
-    run,
     seconds,
     vif_for_port,
 )

@@ -55,14 +55,13 @@ from typing import Any, ClassVar
 
 from oslo_config import cfg
 
+from vmm_kernel.netns import CommandFailed, run
 from vmm_orchestrator.model import normalize_mac
 from vmm_state.kind import ImportResult, KindContext, PoisonedEntry, Reason
 from vmm_state.kinds._common import (
     BaseKind,
-    CommandFailed,
     max_entries_opt,
     require,
-    run,
     vif_for_port,
 )
 
