@@ -104,7 +104,13 @@ def snapshot(site: Any, prefix: str) -> dict[str, int]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--migrations", type=int, default=1000)
-    parser.add_argument("--warmup", type=int, default=20)
+    parser.add_argument(
+        "--warmup",
+        type=int,
+        default=500,
+        help="migrations before the first count: caches (SQLite pages, the directory's "
+        "change-log window, allocator pools) fill up within about 400",
+    )
     parser.add_argument("--downtime-ms", type=float, default=20.0)
     parser.add_argument("--hold", type=float, default=0.05, help="[stage_hold_timer] hold_time")
     args = parser.parse_args(argv)
@@ -134,7 +140,8 @@ def main(argv: list[str] | None = None) -> int:
         for i in range(args.migrations):
             move(i)
             if (i + 1) % 100 == 0:
-                print(f"{i + 1} migrations, {time.monotonic() - started:.0f} s", flush=True)
+                took = time.monotonic() - started
+                print(f"{i + 1} migrations, {took:.0f} s, RSS {rss_kib()} KiB", flush=True)
         if vm1.host != "h1":
             move(-1)  # end where it started, so the tables compare
         time.sleep(1.5)  # the last hold timer and the agents' acknowledgements
