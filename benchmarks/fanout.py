@@ -161,7 +161,9 @@ def _say(message: dict[str, Any]) -> None:
 
 def worker_main() -> int:
     """A process hosting some of the peer agents, driven over stdin/stdout (JSON lines)."""
-    logging.basicConfig(level=logging.ERROR)  # stopping agents logs lost watches
+    logging.basicConfig(
+        level=os.environ.get("FANOUT_LOG", "ERROR")
+    )  # stopping agents log lost watches
     threading.stack_size(512 * 1024)
     spec = json.loads(sys.stdin.readline())
     if spec["directory"] == "embedded":
@@ -192,13 +194,21 @@ def worker_main() -> int:
     started = time.monotonic()
     with concurrent.futures.ThreadPoolExecutor(4) as pool:
         list(pool.map(_start, agents))
+    # Each agent's watch thread opens its stream after start(): ready means streaming.
+    deadline = time.monotonic() + 60
+    while getattr(client, "streaming", False) and time.monotonic() < deadline:
+        if client.open_streams >= len(agents):
+            break
+        time.sleep(0.05)
     _say({"ready": time.monotonic() - started})
     ids = {a.id for a in agents}
     for line in sys.stdin:
         command = json.loads(line)
         if command["op"] == "arm":
             tracker.arm(command["vtep"], ids)
-            _say({"armed": True})
+            _say({"armed": True, "cpu": time.process_time()})
+        elif command["op"] == "cpu":
+            _say({"cpu": time.process_time()})
         elif command["op"] == "wait":
             tracker.wait(command["timeout"])
             times = list(tracker.times.values())
@@ -295,32 +305,70 @@ class Directory(Protocol):
 
     def admin(self) -> Any: ...
 
+    def cpu(self) -> float: ...
+
     def spec(self) -> dict[str, Any]: ...
 
     def close(self) -> None: ...
 
 
 class EmbeddedDirectory:
-    """``vmm nva serve`` over SQLite in memory, alone in this process."""
+    """``vmm nva serve`` over SQLite in memory, in a process of its own (as deployed), so
+    that its CPU time is its alone."""
 
     name = "embedded"
 
     def __init__(self) -> None:
-        self.token = secrets.token_urlsafe(16)
-        self.server = NvaServer(NvaStore(":memory:"), self.token, "127.0.0.1", 0)
-        self.server.start()
-        self._admin = NvaClient(self.server.url, self.token, timeout=10.0)
+        self.proc = subprocess.Popen(
+            [sys.executable, os.path.abspath(__file__), "--serve"],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        assert self.proc.stdout is not None
+        started = json.loads(self.proc.stdout.readline())
+        self.url, self.token = started["url"], started["token"]
+        self._admin = NvaClient(self.url, self.token, timeout=10.0)
 
     def admin(self) -> NvaClient:
         return self._admin
 
     def spec(self) -> dict[str, Any]:
-        return {"directory": self.name, "url": self.server.url, "token": self.token}
+        return {"directory": self.name, "url": self.url, "token": self.token}
+
+    def cpu(self) -> float:
+        """CPU seconds the directory's process has used (every thread, ns resolution)."""
+        assert self.proc.stdin is not None and self.proc.stdout is not None
+        self.proc.stdin.write("cpu\n")
+        self.proc.stdin.flush()
+        return float(json.loads(self.proc.stdout.readline())["cpu"])
 
     def close(self) -> None:
         self._admin.close()
-        self.server.stop()
-        self.server.store.close()
+        with contextlib.suppress(Exception):
+            assert self.proc.stdin is not None
+            self.proc.stdin.close()
+        try:
+            self.proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+
+def serve_main() -> int:
+    """The embedded directory's process: serve until stdin closes; answer "cpu" lines."""
+    logging.basicConfig(level=logging.ERROR)
+    threading.stack_size(512 * 1024)  # a thread per connection
+    token = secrets.token_urlsafe(16)
+    server = NvaServer(NvaStore(":memory:"), token, "127.0.0.1", 0)
+    server.start()
+    _say({"url": server.url, "token": token})
+    for line in sys.stdin:
+        if line.strip() == "cpu":
+            _say({"cpu": time.process_time()})
+    server.stop()
+    server.store.close()
+    return 0
 
 
 class EtcdDirectory:
@@ -330,6 +378,7 @@ class EtcdDirectory:
 
     def __init__(self, cluster: LocalEtcdCluster) -> None:
         self.endpoints = cluster.endpoints
+        self.pids = [m.process.pid for m in cluster.members if m.process is not None]
         self.prefix = f"/fanout-{secrets.token_hex(4)}/"
         self._admin = EtcdNvaClient(EtcdKV(self.endpoints, timeout=10.0), self.prefix)
 
@@ -339,8 +388,22 @@ class EtcdDirectory:
     def spec(self) -> dict[str, Any]:
         return {"directory": self.name, "endpoints": self.endpoints, "prefix": self.prefix}
 
+    def cpu(self) -> float:
+        """CPU seconds etcd's threads have used (schedstat: ns resolution)."""
+        return sum(_task_cpu(pid) for pid in self.pids)
+
     def close(self) -> None:
         self._admin.close()
+
+
+def _task_cpu(pid: int) -> float:
+    """On-CPU seconds of every live thread of ``pid`` (/proc/PID/task/*/schedstat)."""
+    total = 0
+    base = f"/proc/{pid}/task"
+    for task in os.listdir(base):
+        with contextlib.suppress(OSError), open(f"{base}/{task}/schedstat") as f:
+            total += int(f.read().split()[0])
+    return total / 1e9
 
 
 class RealHosts:
@@ -382,6 +445,8 @@ def run_size(
     pool = [Worker({**directory.spec(), "peers": peers[w::count]}) for w in range(count)]
     applied_ms: list[float] = []
     acked_ms: list[float] = []
+    dir_us: list[float] = []
+    agents_us: list[float] = []
     missed = 0
     try:
         for worker in pool:
@@ -392,9 +457,11 @@ def run_size(
             target = "dst" if here == "src" else "src"
             mid = f"fanout-{n}-{run}"
             admin.prestage(VNI, MAC, target, mid)
+            agents_before = 0.0
             for worker in pool:
                 worker.send({"op": "arm", "vtep": MOVERS[target]})
-                worker.receive()
+                agents_before += worker.receive()["cpu"]
+            dir_before = directory.cpu()
             t0, t0_wall = time.monotonic(), time.time()
             result = admin.commit(VNI, MAC, mid)
             for worker in pool:
@@ -404,6 +471,13 @@ def run_size(
             last = max((a["last"] for a in answers if a["last"] is not None), default=t0)
             applied_ms.append((last - t0) * 1000)
             acked_ms.append(_acked_ms(admin, result, [p[0] for p in peers], t0_wall))
+            # Commit -> every ack held: the directory's CPU, and the agents' (apply + ack).
+            dir_us.append((directory.cpu() - dir_before) * 1e6 / n)
+            agents_after = 0.0
+            for worker in pool:
+                worker.send({"op": "cpu"})
+                agents_after += worker.receive()["cpu"]
+            agents_us.append((agents_after - agents_before) * 1e6 / n)
             here = target
             time.sleep(0.2)
     finally:
@@ -419,6 +493,8 @@ def run_size(
         "setup_s": setup_s,
         "applied": applied_ms,
         "acked": acked_ms,
+        "dir_us": dir_us,
+        "agents_us": agents_us,
         "missed": missed,
     }
 
@@ -480,6 +556,8 @@ def render(results: list[dict[str, Any]], runs: int) -> str:
             r = cell.get((d, n))
             row[f"{d}_applied"] = _fmt(r["applied"]) if r else "-"
             row[f"{d}_acked"] = _fmt(r["acked"]) if r else "-"
+            row[f"{d}_dir"] = _fmt(r["dir_us"]) if r else "-"
+            row[f"{d}_agents"] = _fmt(r["agents_us"]) if r else "-"
             row[f"{d}_k"] = growth.get((d, n), "")
             if r and r["missed"]:
                 row[f"{d}_applied"] += f" MISSED {r['missed']}"
@@ -495,6 +573,8 @@ def render(results: list[dict[str, Any]], runs: int) -> str:
             (f"{d}_applied", f"{d} applied ms"),
             (f"{d}_k", "k"),
             (f"{d}_acked", f"{d} acked ms"),
+            (f"{d}_dir", "directory us/peer"),
+            (f"{d}_agents", "agents us/peer"),
         ]
     setups = ", ".join(f"{r['directory']} N={r['n']}: {r['setup_s']:.1f}" for r in results)
     return "\n".join(
@@ -503,6 +583,10 @@ def render(results: list[dict[str, Any]], runs: int) -> str:
             "before the commit.",
             "applied = last peer NVE programmed the new location; acked = the directory holds "
             "the last peer's ack; k = growth exponent (time ~ N^k) from the previous N.",
+            "directory us/peer = CPU of the directory's process (embedded: `vmm nva serve`; "
+            "etcd: the etcd server) from the commit until it held every ack, / N; agents "
+            "us/peer = CPU of the agent processes over the same span (apply + ack), / N. "
+            "Both share this machine's CPUs, so the applied time includes waiting for them.",
             format_table(rows, columns),
             "",
             f"Set-up (all agents registered and synced), s: {setups}",
@@ -518,16 +602,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workers", type=int, default=16, help="agent processes")
     parser.add_argument("--directories", default="embedded,etcd")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
         return worker_main()
+    if args.serve:
+        return serve_main()
     logging.basicConfig(level=logging.ERROR)
     sizes = [int(x) for x in args.peers.split(",") if x]
     wanted = [d for d in args.directories.split(",") if d]
     if args.real > MAX_REAL:
         print(f"--real {args.real}: the lab's underlay holds {MAX_REAL}; using that")
     real_count = max(0, min(args.real, MAX_REAL, max(sizes)))
-    threading.stack_size(512 * 1024)  # the embedded server's thread per connection
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, min(hard, 65536)), hard))
 

@@ -333,6 +333,12 @@ class NvaClient:
             return stream.position, []
         return answer
 
+    @property
+    def open_streams(self) -> int:
+        """NVE streams open now (one per NVE this client follows the directory for)."""
+        with self._streams_lock:
+            return sum(1 for s in self._streams.values() if s.broken is None)
+
     def close_stream(self, nve_id: str) -> None:
         """Close ``nve_id``'s stream (its agent stopped following); the next watch opens one."""
         with self._streams_lock:

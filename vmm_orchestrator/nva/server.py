@@ -392,9 +392,10 @@ class Api:
 class _HttpServer(JsonHttpServer):
     """The shared JSON server, knowing its API and body limit."""
 
-    #: Many NVE agents connect at once when a site starts; the default of 5
-    #: pending connections makes the kernel reset the rest.
-    request_queue_size = 128
+    #: Many NVE agents connect at once when a site starts (each opens its stream);
+    #: the default of 5 pending connections makes the kernel reset the rest, and
+    #: 128 made a thousand agents wait for SYN retransmissions (1 s, 3 s, ...).
+    request_queue_size = 4096
 
     def __init__(
         self,

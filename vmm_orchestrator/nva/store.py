@@ -1426,15 +1426,30 @@ class NvaStore(StoreFront):
                 self._acks_cond.wait(remaining)
 
     def _ack_state(self, vni: int, wanted: list[str] | None) -> dict[str, dict[str, Any]]:
+        """One query per look, however many NVEs: a waiter looks again after every ack
+        batch, and a query per NVE made that quadratic in the VN's size."""
         if wanted is None:
-            rows = [
-                r
-                for r in self._db.execute("SELECT * FROM nves ORDER BY id").fetchall()
-                if _serves(r, vni)
-            ]
+            rows = self._db.execute(
+                "SELECT id, acked_revision, acked_at FROM nves WHERE EXISTS"
+                " (SELECT 1 FROM json_each(nves.vnis) j WHERE j.value = ?) ORDER BY id",
+                (vni,),
+            ).fetchall()
+            found = {r["id"]: r for r in rows}
+            order = list(found)
         else:
-            rows = [self._nve_row(self._db, nve_id) for nve_id in wanted]
+            found = {}
+            for start in range(0, len(wanted), 500):
+                chunk = wanted[start : start + 500]
+                marks = ",".join("?" * len(chunk))
+                for r in self._db.execute(
+                    f"SELECT id, acked_revision, acked_at FROM nves WHERE id IN ({marks})", chunk
+                ):
+                    found[r["id"]] = r
+            for nve_id in wanted:
+                if nve_id not in found:
+                    self._nve_row(self._db, nve_id)  # NotFound, as before
+            order = wanted
         return {
-            r["id"]: {"acked_revision": r["acked_revision"], "acked_at": r["acked_at"]}
-            for r in rows
+            n: {"acked_revision": found[n]["acked_revision"], "acked_at": found[n]["acked_at"]}
+            for n in order
         }

@@ -171,11 +171,19 @@ class StreamHub:
                 LOG.exception("NVA stream hub iteration failed")
 
     def _drain_wake(self) -> None:
-        with self._lock:
-            self._woken = False
+        """Empty the wake-up socket, then let the next publish wake us again.
+
+        In this order: a publish in between finds ``_woken`` still set and
+        sends nothing, but its batch is taken by this same loop iteration.
+        (Cleared first, a wake-up byte could be drained with ``_woken`` left
+        set and nothing pending: every later batch then waited for the select
+        timeout, 0.5 s on average, as the first measurements showed.)
+        """
         with contextlib.suppress(OSError):
             while self._wake_r.recv(4096):
                 pass
+        with self._lock:
+            self._woken = False
 
     def _read(self, sub: Subscriber, acks: dict[str, int]) -> None:
         try:
