@@ -9,8 +9,6 @@ the stages answer as FAIL/transfer_failed, subject to the policy).
 
 from __future__ import annotations
 
-import re
-import threading
 import time
 from collections.abc import Iterable, Iterator
 from typing import Any
@@ -19,6 +17,7 @@ from urllib.parse import quote
 import requests
 
 from vmm_orchestrator.errors import ConfigError
+from vmm_orchestrator.httpclient import HttpClient, connection_reason, error_parts
 from vmm_orchestrator.model import Migration
 from vmm_state.bundle import BundleError, BundleReader
 from vmm_state.importer import ImportReport
@@ -43,9 +42,9 @@ def _seg(value: str) -> str:
 class StateClient:
     """Client of one peer's state service; safe to share between threads.
 
-    Each thread gets its own requests Session (requests does not promise a
-    Session is thread-safe). Every call takes the stage's deadline (a
-    time.monotonic() value) and never waits past it.
+    Each call borrows a pooled Session for itself (vmm_orchestrator.httpclient).
+    Every call takes the stage's deadline (a time.monotonic() value) and
+    never waits past it.
     """
 
     def __init__(
@@ -67,34 +66,18 @@ class StateClient:
         self.connect_timeout = connect_timeout
         self.read_timeout = read_timeout
         self.tls = tls
-        self._token = token.encode("utf-8")
-        self._local = threading.local()
-        self._sessions: list[requests.Session] = []
-        self._sessions_lock = threading.Lock()
-
-    @property
-    def _session(self) -> requests.Session:
-        session: requests.Session | None = getattr(self._local, "session", None)
-        if session is None:
-            session = requests.Session()
-            # Peers are reached directly on the management network: no proxy from
-            # the environment, and no REQUESTS_CA_BUNDLE overriding [state] ca_file.
-            session.trust_env = False
-            session.headers[TOKEN_HEADER] = self._token
-            if self.tls is not None:
-                session.verify = self.tls.ca
-                session.cert = (self.tls.cert, self.tls.key)
-            self._local.session = session
-            with self._sessions_lock:
-                self._sessions.append(session)
-        return session
+        # Peers are reached directly on the management network: no proxy from the
+        # environment, and no REQUESTS_CA_BUNDLE overriding [state] ca_file.
+        self._http = HttpClient(
+            self.url,
+            {TOKEN_HEADER: token.encode("utf-8")},
+            trust_env=False,
+            verify=tls.ca if tls is not None else True,
+            cert=(tls.cert, tls.key) if tls is not None else None,
+        )
 
     def close(self) -> None:
-        with self._sessions_lock:
-            sessions, self._sessions = self._sessions, []
-        for session in sessions:
-            session.close()
-        self._local = threading.local()
+        self._http.close()
 
     def _timeout(self, deadline: float, what: str) -> tuple[float, float]:
         left = deadline - time.monotonic()
@@ -109,17 +92,20 @@ class StateClient:
         migration: Migration,
         deadline: float,
         what: str,
+        session: requests.Session | None = None,
         **kw: Any,
     ) -> requests.Response:
+        """One request; with ``session`` (a streamed answer) on it, else on a
+        pooled one for this call alone."""
         headers = {MIGRATION_HEADER: encode_migration(migration), **kw.pop("headers", {})}
+        timeout = self._timeout(deadline, what)
         try:
-            resp = self._session.request(
-                method,
-                self.url + path,
-                headers=headers,
-                timeout=self._timeout(deadline, what),
-                **kw,
-            )
+            if session is not None:
+                resp = session.request(
+                    method, self.url + path, headers=headers, timeout=timeout, **kw
+                )
+            else:
+                resp = self._http.request(method, path, headers=headers, timeout=timeout, **kw)
         except requests.RequestException as err:
             raise TransferFailed(f"cannot {what} at {self.url}: {_short(err)}") from err
         except BundleError:
@@ -133,15 +119,7 @@ class StateClient:
         return resp
 
     def _error(self, resp: requests.Response, what: str) -> ServiceError:
-        try:
-            payload = resp.json()
-        except ValueError:
-            payload = None
-        error = payload.get("error") if isinstance(payload, dict) else None
-        if isinstance(error, dict) and isinstance(error.get("message"), str):
-            message, hint = error["message"], error.get("hint")
-        else:
-            message, hint = f"HTTP {resp.status_code} {resp.reason}", None
+        message, hint, _code = error_parts(resp)
         cls = BY_STATUS.get(resp.status_code, TransferFailed)
         if cls is Unauthorized and hint is None:
             hint = "check that [state] token is the same on both hosts"
@@ -171,7 +149,15 @@ class StateClient:
             params["since"] = repr(since)
         what = f"export the state of {migration.id}"
         path = f"/v1/state/{_seg(migration.id)}"
-        resp = self._send("GET", path, migration, deadline, what, params=params, stream=True)
+        with self._http.session() as session:
+            resp = self._send(
+                "GET", path, migration, deadline, what, session, params=params, stream=True
+            )
+            self._read_export(resp, migration, reader, deadline)
+
+    def _read_export(
+        self, resp: requests.Response, migration: Migration, reader: BundleReader, deadline: float
+    ) -> None:
         try:
             for piece in resp.iter_content(PIECE):
                 reader.feed(piece)
@@ -239,8 +225,8 @@ class StateClient:
 
     def health(self, deadline: float) -> dict[str, Any]:
         try:
-            resp = self._session.get(
-                self.url + "/v1/health", timeout=self._timeout(deadline, "answer a health check")
+            resp = self._http.request(
+                "GET", "/v1/health", timeout=self._timeout(deadline, "answer a health check")
             )
         except requests.RequestException as err:
             raise TransferFailed(f"cannot reach {self.url}: {_short(err)}") from err
@@ -250,14 +236,11 @@ class StateClient:
         return result
 
 
-_ERRNO_RE = re.compile(r"\[Errno -?\d+\] ([^'\")]+)")
-
-
 def _short(err: Exception) -> str:
     """The useful part of requests' long error texts ('Connection refused', 'timed out')."""
-    found = _ERRNO_RE.search(str(err))
-    if found:
-        return found.group(1).strip()
+    reason = connection_reason(err)
+    if reason != type(err).__name__:
+        return reason
     if isinstance(err, requests.Timeout):
         return "timed out"
     return f"{type(err).__name__}: {err}"
