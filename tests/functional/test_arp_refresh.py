@@ -34,6 +34,7 @@ VNI = 100
 ETH_P_ALL = 0x0003
 RTR_MAC = "02:5e:00:00:00:fa"
 RTR_IP = "198.19.100.250"
+RTR_IP6 = "fd00:100::fa"
 
 
 def arps_from(vm: LabVm, sender_mac: str, seconds: float) -> int:
@@ -88,13 +89,15 @@ def test_the_old_host_revalidates_its_neighbour_entries_of_a_departed_vm(
         in_ns(h1.netns, "ip", "link", "add", "rtr", "type", "veth", "peer", "name", "rtr-p")
         in_ns(h1.netns, "ip", "link", "set", "rtr", "address", RTR_MAC, "mtu", "1450", "up")
         in_ns(h1.netns, "ip", "addr", "add", f"{RTR_IP}/24", "dev", "rtr")
+        in_ns(h1.netns, "ip", "addr", "add", f"{RTR_IP6}/64", "dev", "rtr", "nodad")
         in_ns(h1.netns, "ip", "link", "set", "rtr-p", "master", f"br-{VNI}", "mtu", "1450")
         in_ns(h1.netns, "ip", "link", "set", "rtr-p", "up")
-        site.client().add_endpoint(VNI, RTR_MAC, [RTR_IP], [], "h1")
-        site.hosts["h1"].nve.plug(VNI, RTR_MAC, "rtr-p", (RTR_IP,))
+        site.client().add_endpoint(VNI, RTR_MAC, [RTR_IP], [RTR_IP6], "h1")
+        site.hosts["h1"].nve.plug(VNI, RTR_MAC, "rtr-p", (RTR_IP, RTR_IP6))
         for vm in (vm1, vm3):
-            in_ns(h1.netns, "ping", "-c", "2", "-i", "0.2", "-W", "1", "-I", "rtr", vm.ipv4)
-            assert neigh(h1.netns, vm.ipv4).get("state") == ["REACHABLE"], vm.name
+            for ip in (vm.ipv4, vm.ipv6):
+                in_ns(h1.netns, "ping", "-c", "2", "-i", "0.2", "-W", "1", "-I", "rtr", ip)
+                assert neigh(h1.netns, ip).get("state") == ["REACHABLE"], (vm.name, ip)
         vm3_before = neigh(h1.netns, vm3.ipv4)
 
         hyper = LabHypervisor(lab, site.dispatchers, qemu_rarp=True)
@@ -118,11 +121,15 @@ def test_the_old_host_revalidates_its_neighbour_entries_of_a_departed_vm(
             result = ArpRefresh(lab_conf).run(ctx)
         finally:
             capture.join()
-        assert len(result["probed"]) == 1 and result["deleted"] == [], result
-        assert RTR_IP != vm1.ipv4 and result["probed"][0].startswith(f"{vm1.ipv4} dev ")
+        assert result["deleted"] == [], result
+        assert sorted(p.split()[0] for p in result["probed"]) == sorted([vm1.ipv4, vm1.ipv6])
         assert seen and seen[0] >= 1, "the probe must reach vm1 at its new host"
-        entry = neigh(h1.netns, vm1.ipv4)
-        assert entry.get("lladdr") == vm1.mac and entry.get("state") == ["REACHABLE"], entry
+        for ip in (vm1.ipv4, vm1.ipv6):
+            deadline = time.monotonic() + 3
+            while neigh(h1.netns, ip).get("state") != ["REACHABLE"]:
+                assert time.monotonic() < deadline, neigh(h1.netns, ip)
+                time.sleep(0.05)
+            assert neigh(h1.netns, ip).get("lladdr") == vm1.mac
         after = neigh(h1.netns, vm3.ipv4)  # another VM's entry is left as it was
         assert after.get("state") == vm3_before.get("state") == ["REACHABLE"]
         with contextlib.suppress(Exception):
