@@ -240,6 +240,7 @@ class _Hold:
     dropped: int = 0
     expired: int = 0
     outcome: str = "holding"
+    lock: threading.Lock = dataclasses.field(default_factory=threading.Lock, repr=False)
 
     def report(self) -> dict[str, Any]:
         return {
@@ -252,12 +253,9 @@ class _Hold:
             "released_after_arm_ms": None
             if self.released_at is None
             else round((self.released_at - self.armed_at) * 1000.0, 2),
+            #: CLOCK_MONOTONIC seconds of the release (comparable with the resume).
+            "released_monotonic": self.released_at,
         }
-
-
-def _log_failure(done: concurrent.futures.Future[Any]) -> None:
-    if (exc := done.exception()) is not None:
-        LOG.warning("releasing a hold failed: %r", exc)
 
 
 def _poker(netns: str | None, dev: str) -> socket.socket:
@@ -403,6 +401,7 @@ class LinuxNve(NveDriver):
                     self._nft(self._expectation(vni, mac, entry.local_port, add=True))
             self._flood.setdefault(vni, set())
             self._ready.add(vni)
+            self._ensure_watcher()
 
     @_on_netlink_thread
     def remove_vn(self, vni: int) -> None:
@@ -576,6 +575,9 @@ class LinuxNve(NveDriver):
                     f"tc qdisc add dev {hold.stall} parent 1:1 handle 10: pfifo limit {limit}",
                     f"ip link set {hold.recv} up",
                     f"ethtool -K {hold.recv} gro off 2>/dev/null || true",
+                    # one CPU takes what leaves the queue: two would reorder it
+                    f"for q in /sys/class/net/{hold.recv}/queues/rx-*; do"
+                    " echo 1 > $q/rps_cpus 2>/dev/null || true; done",
                     f"ethtool -K {hold.stall} gro off 2>/dev/null || true",
                     f"ip link set {hold.stall} up",
                     f"tc qdisc add dev {hold.recv} clsact",
@@ -604,26 +606,29 @@ class LinuxNve(NveDriver):
         (RESUMED) at the latest; idempotent. Returns the hold's report (None:
         nothing was held for ``mac``).
         """
-        self._release(vni, mac)
+        with self._lock:
+            hold = self._holds.get((vni, mac))
+        if hold is not None:
+            self._on_worker(self._release, self._ipr, hold)
         with self._lock:
             hold = self._holds.get((vni, mac))
             report = self._hold_reports.get((vni, mac))
         return hold.report() if hold is not None else report
 
-    @_on_netlink_thread
-    def _release(self, vni: int, mac: str) -> bool:
-        with self._lock:
-            hold = self._holds.get((vni, mac))
-            if hold is None or hold.released_at is not None:
-                return hold is not None
-            port = self._lookup(hold.port)
-            if port is None:
+    def _release(self, ipr: Any, hold: _Hold) -> bool:
+        """Open ``hold`` into its port through ``ipr`` (the worker's or the watcher's)."""
+        with hold.lock:
+            if hold.released_at is not None or hold.outcome != "holding":
+                return True
+            found = ipr.link_lookup(ifname=hold.port)
+            if not found:
                 return False
-            stats = self._qdisc_stats(hold.stall_idx, 0x100000)
+            port = int(found[0])
+            stats = self._qdisc_stats(hold.stall_idx, 0x100000, ipr)
             hold.held, hold.dropped = stats.get("qlen", 0), stats.get("drops", 0)
             # The receiving end delivers into the port, then the stall opens:
             # what waited leaves first, what arrives now queues behind it.
-            self._ipr.tc(
+            ipr.tc(
                 "add-filter",
                 "u32",
                 index=hold.recv_idx,
@@ -638,7 +643,7 @@ class LinuxNve(NveDriver):
                     "ifindex": port,
                 },
             )
-            self._ipr.tc(
+            ipr.tc(
                 "change",
                 "tbf",
                 index=hold.stall_idx,
@@ -651,7 +656,7 @@ class LinuxNve(NveDriver):
                 hold.poker.send(_poke_frame(64))
             hold.released_at = time.monotonic()
         threading.Thread(
-            target=self._finish_hold, args=(hold,), name=f"nve-hold-{mac}", daemon=True
+            target=self._finish_hold, args=(hold,), name=f"nve-hold-{hold.mac}", daemon=True
         ).start()
         return True
 
@@ -684,7 +689,7 @@ class LinuxNve(NveDriver):
     def _retire(self, hold: _Hold, why: str) -> None:
         """Remove the hold's filter and devices; keep its report."""
         key = (hold.vni, hold.mac)
-        with self._lock:
+        with hold.lock, self._lock:
             if self._holds.get(key) is not hold:
                 return
             del self._holds[key]
@@ -717,9 +722,9 @@ class LinuxNve(NveDriver):
             return fn(*args)
         return self._worker.submit(fn, *args).result()
 
-    def _qdisc_stats(self, index: int, handle: int) -> dict[str, int]:
+    def _qdisc_stats(self, index: int, handle: int, ipr: Any = None) -> dict[str, int]:
         """qlen and drops of the qdisc ``handle`` on ``index`` (the hold's fifo)."""
-        for msg in self._ipr.get_qdiscs(index=index):
+        for msg in (ipr or self._ipr).get_qdiscs(index=index):
             if msg.get("handle") != handle:
                 continue
             q = msg.get_attr("TCA_STATS2")
@@ -744,6 +749,9 @@ class LinuxNve(NveDriver):
         is held).
         """
         sock = socket_in(self.netns, socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_ROUTE)
+        # A handle of its own: a release must not queue behind the worker's jobs.
+        with entered(self.netns):
+            ipr = _local_iproute()
         sock.bind((0, RTMGRP_LINK))
         sock.settimeout(HOLD_POLL_S)
         marshal = MarshalRtnl()
@@ -757,18 +765,55 @@ class LinuxNve(NveDriver):
                     data = b""
                 if data:
                     for msg in marshal.parse(data):
+                        if msg.get("event") == "RTM_DELLINK":
+                            self._port_gone(str(msg.get_attr("IFLA_IFNAME")))
+                            continue
                         if msg.get("event") != "RTM_NEWLINK" or not msg.get_attr("IFLA_MASTER"):
                             continue
                         name = msg.get_attr("IFLA_IFNAME")
                         with self._lock:
-                            keys = [k for k, h in self._holds.items() if h.port == name]
-                        for vni, mac in keys:
-                            LOG.debug("port %s joined the bridge: releasing %s", name, mac)
-                            done = self._worker.submit(self._release, vni, mac)
-                            done.add_done_callback(_log_failure)
+                            holds = [h for h in self._holds.values() if h.port == name]
+                        for hold in holds:
+                            LOG.debug("port %s joined the bridge: releasing %s", name, hold.mac)
+                            try:
+                                self._release(ipr, hold)
+                            except (NetlinkError, OSError) as exc:
+                                LOG.warning("releasing the hold of %s failed: %r", hold.mac, exc)
                 self._expire_holds()
         finally:
             sock.close()
+            ipr.close()
+
+    def _port_gone(self, name: str) -> None:
+        """A local port went away (a VM that left, a lab port moved at the pause)
+        while MACs are still pinned to it: send their frames on over the in-flight
+        port, like a port without carrier (see ``_set_backup_port``), until the
+        in-flight tunnel or the directory says where they are."""
+        with self._lock:
+            gone = [
+                (vni, mac)
+                for (vni, mac), e in self._entries.items()
+                if e.local_port == name and not e.expected and not e.inflight_vtep
+            ]
+        for vni, mac in gone:
+            self._worker.submit(self._divert, vni, mac, name)
+
+    def _divert(self, vni: int, mac: str, port: str) -> None:
+        with self._lock:
+            entry = self._entries.get((vni, mac))
+            if entry is None or entry.local_port != port or entry.inflight_vtep:
+                return
+            self._ifindex.pop(port, None)
+            if self._lookup(port) is not None:  # back already
+                return
+            self._fdb(
+                "replace",
+                ifindex=self._index(inflight_name(vni)),
+                lladdr=mac,
+                master=self._index(bridge_name(vni)),
+                flags=NTF_MASTER,
+                state=NUD_NOARP,
+            )
 
     def _expire_holds(self) -> None:
         """Drop a hold whose oldest frame waited longer than hold_ms."""

@@ -92,6 +92,8 @@ class ModeResult:
 
     #: What the destination NVE held per NIC (the nve_plug stage's notes).
     holds: dict[str, Any] = dataclasses.field(default_factory=dict)
+    #: CLOCK_MONOTONIC seconds of the VM's resume (for the hold's release delay).
+    resumed_monotonic: float = 0.0
 
     @property
     def lost_after_resume(self) -> int:
@@ -577,6 +579,8 @@ def run_mode(
             gateway_neigh_mac=neigh_mac,
             errors=errors,
             picture=picture,
+            holds=_holds(reports),
+            resumed_monotonic=record.resumed_at,
         )
 
 
@@ -698,6 +702,9 @@ def render(results: list[ModeResult]) -> str:
             )
             for mac, held in sorted(r.holds.items()):
                 lines.append(f"destination hold of {mac}: {held}")
+                if held.get("released_monotonic") is not None:
+                    after = (held["released_monotonic"] - r.resumed_monotonic) * 1000.0
+                    lines.append(f"  released {after:.1f} ms after the VM resumed")
             if r.ack_convergence_ms:
                 acks = ", ".join(f"{k} {v:.1f}" for k, v in sorted(r.ack_convergence_ms.items()))
                 lines.append(f"directory commit -> NVE acknowledgement ms: {acks}")

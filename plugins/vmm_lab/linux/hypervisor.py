@@ -61,6 +61,8 @@ from vmm_orchestrator.model import Migration, MigrationEvent, Phase, Role
 LOG = logging.getLogger(__name__)
 
 QEMU_RARP_SCHEDULE_MS = (0, 50, 200, 450, 800)
+#: How long before the resume the lab moves a paused VM's port (see ``_move``).
+PORT_MOVE_LEAD_S = 0.05
 #: libvirt reports the source's STOPPED about 0.23 s after the destination's RESUMED.
 COMPLETED_DELAY_S = 0.23
 #: Bridge port states (``bridge link set dev X state N``).
@@ -291,6 +293,17 @@ class LabHypervisor:
     def _move(self, vm: LabVm, destination: str, resume_at: float) -> float:
         source = vm.host
         if not self.libvirt_ports:
+            # QEMU's source tap lives through the whole pause (the source QEMU
+            # exits after the resume); the lab's port leaves the source only
+            # PORT_MOVE_LEAD_S before the resume, time enough to move it and
+            # bring it up on an idle machine (a loaded one stretches the
+            # pause: the record says by how much). Until then the source's
+            # bridge keeps its entry for the port, and with it the backup
+            # port that sends frames for a port without carrier on to the
+            # destination (the lab's pause takes the port's carrier away).
+            early = resume_at - PORT_MOVE_LEAD_S - time.monotonic()
+            if early > 0:
+                time.sleep(early)
             resumed = self.lab.move(vm, destination, resume_at=resume_at)
             if self.on_port is not None:  # the lab's port appears only now
                 self.on_port(vm, destination, True)
