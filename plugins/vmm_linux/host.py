@@ -95,9 +95,10 @@ class LinuxHost(HostDriver):
             "announcers": self.announcers,
             "agent": self.agent,
         }
-        #: Answers diskless guests' RARP requests from the directory ([rarp] responder).
+        #: Answers diskless guests' RARP requests from the directory ([rarp] responder;
+        #: only with a directory that can look an endpoint up by MAC).
         self.rarp: rarp_mod.RarpResponder | None = None
-        if conf[rarp_mod.GROUP].responder:
+        if conf[rarp_mod.GROUP].responder and callable(getattr(nva, "find", None)):
             self.rarp = rarp_mod.RarpResponder(name, netns, nva, vnis)
             self.services["rarp"] = self.rarp
 
