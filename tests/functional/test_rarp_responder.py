@@ -29,6 +29,7 @@ def rarp_exchange(netns: str, mac: str, wait: float = 1.5) -> list[dict]:
     try:
         sock.bind(("eth0", frames.ETH_P_RARP))
         sock.settimeout(0.1)
+        sent_at = time.monotonic()
         sock.send(frames.rarp(mac))
         replies = []
         end = time.monotonic() + wait
@@ -39,6 +40,7 @@ def rarp_exchange(netns: str, mac: str, wait: float = 1.5) -> list[dict]:
                 continue
             arp = frames.parse_arp(data)
             if arp["op"] == frames.ARPOP_RREPLY:
+                arp["ms"] = (time.monotonic() - sent_at) * 1000
                 replies.append(arp)
         return replies
     finally:
@@ -61,6 +63,7 @@ def test_a_diskless_guest_gets_its_address_by_rarp_and_an_unknown_mac_none(
         link = json.loads(in_ns(site.lab.hosts["h1"].netns, "ip", "-j", "link", "show", "br-100"))
         assert reply["src"] == reply["sha"] == link[0]["address"]  # from the VN bridge
         assert h1.rarp.answered == 1
+        print(f"\nRARP request -> reply (directory lookup included): {reply['ms']:.1f} ms")
         for name in ("h2", "h3"):  # the request was flooded to them; they stay silent
             responder = site.hosts[name].rarp
             assert responder is not None and responder.answered == 0, name
