@@ -343,6 +343,11 @@ class Result:
     def lost_after_resume(self) -> int:
         return sum(v["lost_after_resume"] for v in self.vms)
 
+    @property
+    def lost_total(self) -> int:
+        """Everything that never arrived: before, during and after the pauses."""
+        return sum(v["lost"] for v in self.vms)
+
 
 class SwitchoverGate:
     """Hands events to a host's dispatcher; for SWITCHOVER, returns only once it was handled.
@@ -426,6 +431,13 @@ def evacuate(
                 "black_hole_ms": max(x.black_hole_ms for x in s),
                 "converged": all(x.converged for x in s),
                 "duplicates": sum(x.duplicates for x in s),
+                "lost": sum(x.lost for x in s),
+                "reordered": sum(x.reordered for x in s),
+                "held": sum(x.held for x in s),
+                "held_extra_ms_max": max(
+                    (x.held_extra_ms_max for x in s if x.held_extra_ms_max is not None),
+                    default=None,
+                ),
             }
         )
     failed = [
@@ -504,7 +516,11 @@ def render(results: list[Result], vms: int, downtime_ms: float, rate: int) -> st
                     ("sent", "sent"),
                     ("lost_while_paused", "lost while paused"),
                     ("lost_after_resume", "lost after resume"),
+                    ("lost", "lost in total"),
                     ("duplicates", "dup"),
+                    ("reordered", "reord"),
+                    ("held", "held"),
+                    ("held_extra_ms_max", "held +ms max"),
                     ("black_hole_ms", "black-hole ms"),
                     ("converged", "converged"),
                 ],
@@ -520,6 +536,9 @@ def render(results: list[Result], vms: int, downtime_ms: float, rate: int) -> st
             "converged": "all" if all(v["converged"] for v in r.vms) else "NOT ALL",
             "lost_while_paused": sum(v["lost_while_paused"] for v in r.vms),
             "lost_after_resume": r.lost_after_resume,
+            "lost_total": r.lost_total,
+            "dup": sum(v["duplicates"] for v in r.vms),
+            "reord": sum(v["reordered"] for v in r.vms),
             "max_black_hole_ms": f"{max(v['black_hole_ms'] for v in r.vms):.1f}",
             "late_tunnel_loss": (
                 f"{sum(v['lost_after_resume'] for v in r.vms if not v['tunnel_first'])}"
@@ -544,6 +563,9 @@ def render(results: list[Result], vms: int, downtime_ms: float, rate: int) -> st
                 ("converged", "converged"),
                 ("lost_while_paused", "lost while paused"),
                 ("lost_after_resume", "lost after resume"),
+                ("lost_total", "lost in total"),
+                ("dup", "dup"),
+                ("reord", "reord"),
                 ("max_black_hole_ms", "max black-hole ms"),
                 ("late_tunnel_loss", "lost after resume / VMs, tunnel late"),
                 ("checks", "journal/directory/NVE checks"),

@@ -109,3 +109,52 @@ def test_an_existing_port_holds_by_itself_and_nothing_is_set_up() -> None:
         _sh(ns, "ip link add tap-x type veth peer name vm-x")
         nve.expect(100, MAC, "tap-x")
         assert not nve.holding(100, MAC) and nve.hold_report(100, MAC) is None
+        # ... but its queue (a tap's, while QEMU does not read it) is made as deep as a hold
+        out = subprocess.run(
+            ["ip", "netns", "exec", ns, "cat", "/sys/class/net/tap-x/tx_queue_len"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+        assert int(out) == nve.hold_limits.queue_frames(nve.mtu) == 4096
+
+
+def test_a_tap_nobody_reads_queues_in_order_up_to_its_txqueuelen() -> None:
+    """What libvirt's destination tap does while the incoming guest is paused
+    (QEMU does not read it): it keeps up to txqueuelen frames, in order, and
+    counts the rest in tx_dropped. The NVE relies on it and deepens it."""
+    import fcntl
+    import struct
+
+    from vmm_linux.netns import entered
+
+    tunsetiff, iff_tap, iff_no_pi, iff_vnet_hdr = 0x400454CA, 0x0002, 0x1000, 0x4000
+    with _host() as (ns, _nve):
+        with entered(ns):
+            fd = os.open("/dev/net/tun", os.O_RDWR)
+        try:
+            flags = iff_tap | iff_no_pi | iff_vnet_hdr  # as QEMU opens it
+            fcntl.ioctl(fd, tunsetiff, struct.pack("16sH", b"tap-x", flags))
+            _sh(ns, "ip link set tap-x master br-100 up; ip link set tap-x txqueuelen 100")
+            _sh(ns, f"bridge fdb replace {MAC} dev tap-x master static")
+            _sh(ns, "ip link add s1 type veth peer name s2; ip link set s2 up")
+            _sh(ns, "ip link set s1 master br-100 up")
+            _fill(ns, "s2", 150)
+            time.sleep(0.2)
+            seqs = []
+            os.set_blocking(fd, False)
+            with contextlib.suppress(BlockingIOError):
+                while True:
+                    frame = os.read(fd, 4096)[10:]  # after the virtio-net header
+                    if frame[12:14] == b"\x88\xb5":
+                        seqs.append(int.from_bytes(frame[14:18], "big"))
+            assert seqs == list(range(len(seqs))) and 90 <= len(seqs) <= 100
+            dropped = subprocess.run(
+                ["ip", "netns", "exec", ns, "cat", "/sys/class/net/tap-x/statistics/tx_dropped"],
+                capture_output=True,
+                text=True,
+                check=True,
+            ).stdout
+            assert int(dropped) >= 50
+        finally:
+            os.close(fd)
