@@ -82,6 +82,7 @@ NFT_TIMEOUT_S = 10.0
 TC_H_CLSACT_INGRESS = 0xFFFFFFF2
 ETH_P_ALL = 0x0003
 NETLINK_ROUTE = 0
+SO_RCVBUFFORCE = 33
 RTMGRP_LINK = 0x1
 #: How often the hold watcher looks at queues it has heard nothing about.
 HOLD_POLL_S = 0.02
@@ -775,6 +776,8 @@ class LinuxNve(NveDriver):
         # A handle of its own: a release must not queue behind the worker's jobs.
         with entered(self.netns):
             ipr = _local_iproute()
+        with contextlib.suppress(OSError):  # many ports at once (an evacuation): no ENOBUFS
+            sock.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, 4 * 1024 * 1024)
         sock.bind((0, RTMGRP_LINK))
         sock.settimeout(HOLD_POLL_S)
         marshal = MarshalRtnl()
@@ -802,7 +805,7 @@ class LinuxNve(NveDriver):
                                 self._release(ipr, hold)
                             except (NetlinkError, OSError) as exc:
                                 LOG.warning("releasing the hold of %s failed: %r", hold.mac, exc)
-                self._expire_holds()
+                self._poll_holds(ipr)
         finally:
             sock.close()
             ipr.close()
@@ -838,12 +841,20 @@ class LinuxNve(NveDriver):
                 state=NUD_NOARP,
             )
 
-    def _expire_holds(self) -> None:
-        """Drop a hold whose oldest frame waited longer than hold_ms."""
+    def _poll_holds(self, ipr: Any) -> None:
+        """Release a hold whose port is on the bridge (a missed notification);
+        drop one whose oldest frame waited longer than hold_ms."""
         now = time.monotonic()
         with self._lock:
             waiting = [h for h in self._holds.values() if h.released_at is None]
         for hold in waiting:
+            try:
+                found = ipr.link_lookup(ifname=hold.port)
+                if found and ipr.get_links(found[0])[0].get_attr("IFLA_MASTER"):
+                    self._release(ipr, hold)
+                    continue
+            except (NetlinkError, OSError, IndexError) as exc:
+                LOG.debug("hold of %s: port %s not readable: %s", hold.mac, hold.port, exc)
             if hold.first_frame_at is None:
                 try:
                     qlen = self._on_worker(self._qdisc_stats, hold.stall_idx, 0x100000).get("qlen")

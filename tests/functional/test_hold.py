@@ -68,7 +68,7 @@ def _plug_and_receive(ns: str) -> list[int]:
     with recv:
         recv.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, 16 * 1024 * 1024)
         recv.bind(("vm-x", 0))
-        recv.settimeout(0.5)
+        recv.settimeout(2.0)  # a loaded machine may take a while to release
         _sh(ns, "ip link set tap-x master br-100")
         seqs = []
         with contextlib.suppress(TimeoutError):
