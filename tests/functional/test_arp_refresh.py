@@ -26,9 +26,10 @@ from vmm_lab.linux.hypervisor import LabHypervisor
 from vmm_lab.linux.topology import LabVm, in_ns
 from vmm_linux import frames
 from vmm_linux.netns import socket_in
-from vmm_linux.refresh import ArpRefresh, stale_candidates
-from vmm_orchestrator.model import Migration, Phase, Role
-from vmm_orchestrator.stage import StageContext
+from vmm_linux.refresh import ArpRefresh, revalidate, stale_candidates
+from vmm_orchestrator.engine import Pipeline
+from vmm_orchestrator.journal import Journal
+from vmm_orchestrator.model import Migration, MigrationEvent, Phase, Role
 
 VNI = 100
 ETH_P_ALL = 0x0003
@@ -110,17 +111,26 @@ def test_the_old_host_revalidates_its_neighbour_entries_of_a_departed_vm(
         assert arps_from(vm1, RTR_MAC, 1.0) == 0
         assert neigh(h1.netns, vm1.ipv4).get("state") == ["REACHABLE"]
 
+        # The source's COMPLETED with the stage, through the engine as [pipeline] stages
+        # would run it (the entry point arp_refresh is not installed in this tree yet).
         host = next(h for h in site.assembly.hosts if h.name == "h1")
         mig = Migration("refresh-test", vm1.workload, "h1", "h2")
-        ctx = StageContext(mig, Phase.COMPLETED, Role.SOURCE, host.context, time.monotonic() + 10)
+        journal = Journal(":memory:")
+        pipeline = Pipeline(lab_conf, host.context, journal, [ArpRefresh(lab_conf)])
         seen: list[int] = []
         capture = threading.Thread(target=lambda: seen.append(arps_from(vm1, RTR_MAC, 1.5)))
         capture.start()
         time.sleep(0.2)
         try:
-            result = ArpRefresh(lab_conf).run(ctx)
+            event = MigrationEvent(mig, Phase.COMPLETED, Role.SOURCE, time.monotonic())
+            report = pipeline.handle(event)
         finally:
             capture.join()
+            journal.close()
+        assert report.ok, report.error
+        assert [(t.stage, t.outcome) for t in report.timeline] == [("arp_refresh", "ok")]
+        assert report.timeline[0].notes == {"probed": 2, "deleted": 0}
+        result = revalidate(h1.netns, [vm1.mac], [vm1.ipv4, vm1.ipv6])  # probing again is fine
         assert result["deleted"] == [], result
         assert sorted(p.split()[0] for p in result["probed"]) == sorted([vm1.ipv4, vm1.ipv6])
         assert seen and seen[0] >= 1, "the probe must reach vm1 at its new host"
