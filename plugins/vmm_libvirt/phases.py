@@ -569,7 +569,7 @@ def cold_verdict(
     if endpoint.get("frozen"):
         return Cold.REFUSED, (
             f"{mac}: frozen at {at} ({endpoint.get('frozen_reason')}); "
-            "release it with vmm nva release"
+            "release it with vmm nva endpoint release"
         )
     return Cold.MOVE, f"{mac}: at {at} in the directory, started at {host}: a cold move"
 

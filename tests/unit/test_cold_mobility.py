@@ -81,7 +81,7 @@ def test_cold_verdicts() -> None:
     assert cold_verdict(pending, "h2", now)[0] is Cold.IN_FLIGHT
     assert cold_verdict(endpoint(sticky=True), "h2", now)[0] is Cold.REFUSED
     verdict, reason = cold_verdict(endpoint(frozen=True, frozen_reason="6 moves"), "h2", now)
-    assert verdict is Cold.REFUSED and "vmm nva release" in reason
+    assert verdict is Cold.REFUSED and "vmm nva endpoint release" in reason
     learned = {"at": now - 2, "from": "h1", "to": "h2", "planned": False}
     assert cold_verdict(endpoint(nve="h2", moves=[learned]), "h2", now)[0] is Cold.LEARNED
     old = dict(learned, at=now - 3600)
