@@ -45,6 +45,14 @@ FIGURES: list[tuple[str, Callable[[demo.MigrationResult], float | None]]] = [
     ("libvirt downtime ms", lambda r: r.libvirt_downtime_ms),
     ("SUSPENDED -> 1st RARP ms", lambda r: (r.took_over_at - r.suspended_at) * 1000.0),
     ("lost while paused (6 streams)", lambda r: sum(s.lost_while_paused for s in r.streams)),
+    ("lost in total (6 streams)", lambda r: sum(s.lost for s in r.streams)),
+    ("duplicates", lambda r: sum(s.duplicates for s in r.streams)),
+    ("reordered", lambda r: sum(s.reordered for s in r.streams)),
+    ("held (delivered, sent while paused)", lambda r: sum(s.held for s in r.streams)),
+    (
+        "held +ms max (over the path's own)",
+        lambda r: max((s.held_extra_ms_max or 0.0 for s in r.streams), default=None),
+    ),
     ("migration wall ms", lambda r: r.wall_ms),
     ("destination tap drops", lambda r: r.tap_dropped),
 ]
@@ -139,11 +147,49 @@ def render(by_mode: dict[str, list[demo.MigrationResult]]) -> str:
         }
     )
     lines.append(format_table(summary, [("figure", "figure")] + [(m, LABELS[m]) for m in modes]))
+    lines += _wall_time(by_mode)
     for mode, results in by_mode.items():
         for i, r in enumerate(results, 1):
             for err in r.errors:
                 lines.append(f"ERROR ({LABELS[mode]} run {i}): {err}")
     return "\n".join(lines)
+
+
+def _wall_time(by_mode: dict[str, list[demo.MigrationResult]]) -> list[str]:
+    """The wall time the orchestrator adds (median against median) and where its
+    PREPARE (synchronous, behind libvirt's hook) spends it, stage by stage."""
+    walls = {m: statistics.median(r.wall_ms for r in rs) for m, rs in by_mode.items() if rs}
+    if "rarp" not in walls or "orchestrated" not in walls:
+        return []
+    lines = [
+        "",
+        f"== Added migration wall time: {walls['orchestrated'] - walls['rarp']:+.1f} ms "
+        f"(median orchestrated {walls['orchestrated']:.1f} - median QEMU alone "
+        f"{walls['rarp']:.1f}) ==",
+    ]
+    per_stage: dict[tuple[str, str], list[float]] = {}
+    for r in by_mode["orchestrated"]:
+        for row in r.timeline:
+            if row["phase"] in ("PREPARE", "SWITCHOVER"):
+                key = (row["phase"], row["stage"])
+                end = float(row["start_ms"]) + float(row["duration_ms"])
+                per_stage.setdefault(key, []).append(end)
+    rows = [
+        {"phase": phase, "stage": stage, "end": _cell(ends)}
+        for (phase, stage), ends in sorted(per_stage.items())
+    ]
+    if rows:
+        lines.append(
+            format_table(
+                rows,
+                [
+                    ("phase", "phase"),
+                    ("stage", "stage"),
+                    ("end", "ends ms after the phase's event: median [min - max]"),
+                ],
+            )
+        )
+    return lines
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -29,7 +29,9 @@ class NvePrepare(Stage):
     Sending their frames to the port too would queue stale copies in the
     tap, which the guest then works through after the resume while the tap
     drops fresh frames. Nothing waits on RESUMED. Reverting restores
-    forwarding to the VM's current host.
+    forwarding to the VM's current host. What arrives before the port exists
+    is held and released into it in order (``LinuxNve``, "Holding, not
+    dropping"); ``nve_plug`` notes what the hold did (``holds``).
     """
 
     name = "nve_prepare"
