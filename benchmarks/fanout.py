@@ -207,6 +207,13 @@ def worker_main() -> int:
         if command["op"] == "arm":
             tracker.arm(command["vtep"], ids)
             _say({"armed": True, "cpu": time.process_time()})
+        elif command["op"] == "sync":  # every agent has applied up to this revision
+            deadline = time.monotonic() + WAIT_S
+            while time.monotonic() < deadline:
+                if all(a.revision >= command["revision"] for a in agents):
+                    break
+                time.sleep(0.05)
+            _say({"synced": min(a.revision for a in agents)})
         elif command["op"] == "cpu":
             _say({"cpu": time.process_time()})
         elif command["op"] == "wait":
@@ -451,6 +458,12 @@ def run_size(
     try:
         for worker in pool:
             worker.receive()  # ready
+        # Ready means caught up too: the agents have applied every registration.
+        revision = int(admin.health()["revision"])
+        for worker in pool:
+            worker.send({"op": "sync", "revision": revision})
+        for worker in pool:
+            worker.receive()
         setup_s = time.monotonic() - started
         here = "src"
         for run in range(runs):

@@ -253,12 +253,10 @@ def check_nve_ids(values: Any, field: str = "nves") -> list[str]:
     """A list of NVE ids without duplicates, order kept."""
     if isinstance(values, str) or not isinstance(values, (list, tuple)):
         raise BadRequest(f"{field} must be a list of NVE ids, got {values!r}")
-    out: list[str] = []
+    seen: dict[str, None] = {}  # a list scan per id made 1,000 ids cost ~0.5 M compares
     for value in values:
-        nve = check_nve_id(value, field)
-        if nve not in out:
-            out.append(nve)
-    return out
+        seen.setdefault(check_nve_id(value, field))
+    return list(seen)
 
 
 def check_migration_id(value: Any) -> str:
@@ -1370,41 +1368,53 @@ class NvaStore(StoreFront):
             )
 
     def _do_ack_many(self, acks: dict[str, int]) -> dict[str, Any]:
-        """Every ack of the batch in one transaction (a few µs per NVE, measured by
-        benchmarks/fanout.py), and one wake-up of the ack waiters."""
-        acked: dict[str, Any] = {}
+        errors = self.record_acks(acks)
+        with self._read() as db:
+            acked = {
+                n: _nve_dict(r) for n in acks if n not in errors for r in [self._nve_row(db, n)]
+            }
+        return {"acked": acked, "errors": errors}
+
+    def record_acks(self, acks: dict[str, int]) -> dict[str, str]:
+        """Write a batch of checked acks in one transaction; {nve: why refused}.
+
+        What the stream hub calls for every select round of acks: one query
+        for the batch's current acks, one ``executemany``, one wake-up of the
+        ack waiters, and no per-NVE dict (py-spy had building those as the
+        hub's largest cost after reading the sockets).
+        """
         errors: dict[str, str] = {}
         if not acks:
-            return {"acked": acked, "errors": errors}
+            return errors
         with self._tx() as db:
             now = time.time()
-            marks = ",".join("?" * len(acks))
-            rows = {
-                r["id"]: r
-                for r in db.execute(f"SELECT * FROM nves WHERE id IN ({marks})", list(acks))
-            }
+            current: dict[str, int] = {}
+            ids = list(acks)
+            for start in range(0, len(ids), 500):
+                chunk = ids[start : start + 500]
+                marks = ",".join("?" * len(chunk))
+                current.update(
+                    db.execute(
+                        f"SELECT id, acked_revision FROM nves WHERE id IN ({marks})", chunk
+                    ).fetchall()
+                )
             updates = []
             for nve_id, revision in acks.items():
-                row = rows.get(nve_id)
-                if row is None:
+                if nve_id not in current:
                     errors[nve_id] = f"no NVE '{nve_id}' is registered"
-                    continue
-                try:
-                    self._check_ack(nve_id, revision)
-                except NvaError as err:
-                    errors[nve_id] = err.message
-                    continue
-                nve = _nve_dict(row)
-                if revision > row["acked_revision"]:
+                elif revision > self._revision:
+                    errors[nve_id] = (
+                        f"NVE '{nve_id}' acked revision {revision}, but the directory is at "
+                        f"{self._revision}"
+                    )
+                elif revision > current[nve_id]:
                     updates.append((revision, now, nve_id))
-                    nve.update(acked_revision=revision, acked_at=now)
-                acked[nve_id] = nve
             if updates:
                 db.executemany(
                     "UPDATE nves SET acked_revision = ?, acked_at = ? WHERE id = ?", updates
                 )
                 self._acks_cond.notify_all()
-        return {"acked": acked, "errors": errors}
+        return errors
 
     def _do_acks(
         self, vni: int, min_revision: int, wanted: list[str] | None, deadline: float

@@ -65,6 +65,19 @@ class Subscriber:
         self.writing = False
 
 
+def _ack_revision(line: bytes) -> int | None:
+    """R of an ``{"ack": R}`` line (the form clients send, read without a JSON parse), or None."""
+    if line.startswith(b'{"ack": ') and line.endswith(b"}") and line[8:-1].isdigit():
+        return int(line[8:-1])
+    try:
+        revision = json.loads(line)["ack"]
+    except (ValueError, KeyError, TypeError):
+        return None
+    if isinstance(revision, bool) or not isinstance(revision, int) or revision < 0:
+        return None
+    return revision
+
+
 def _encoded(change: dict[str, Any]) -> bytes:
     return json.dumps(change).encode("utf-8")
 
@@ -207,12 +220,8 @@ class StreamHub:
             del sub.inbuf[: end + 1]
             if not line.strip():
                 continue
-            try:
-                message = json.loads(line)
-                revision = message["ack"]
-                if isinstance(revision, bool) or not isinstance(revision, int) or revision < 0:
-                    raise ValueError(revision)
-            except (ValueError, KeyError, TypeError):
+            revision = _ack_revision(line)
+            if revision is None:
                 self._drop(sub, f"not an ack: {line[:80]!r}")
                 return
             if revision > acks.get(sub.nve_id, -1):
@@ -220,11 +229,11 @@ class StreamHub:
 
     def _ack(self, acks: dict[str, int]) -> None:
         try:
-            result = self.store.ack_many(acks)
+            errors = self.store.record_acks(acks)
         except NvaError as err:
             LOG.warning("NVA stream: %d acks not recorded: %s", len(acks), err)
             return
-        for nve_id, message in result["errors"].items():
+        for nve_id, message in errors.items():
             LOG.info("NVA stream: ack of %s refused: %s", nve_id, message)
 
     def _admit(self) -> None:
