@@ -127,6 +127,8 @@ SO_RCVBUFFORCE = 33
 RTMGRP_LINK = 0x1
 #: How often the hold watcher looks at queues it has heard nothing about.
 HOLD_POLL_S = 0.02
+#: Longest a released hold's queue may take to drain before the hold goes anyway.
+HOLD_DRAIN_S = 0.5
 #: Poke frames: a locally administered address no VM has, an experimental EtherType.
 POKE_MAC = bytes.fromhex("020000000000")
 POKE_ETHERTYPE = b"\x88\xb5"
@@ -283,6 +285,7 @@ class _Hold:
     expired: int = 0
     outcome: str = "holding"
     lock: threading.Lock = dataclasses.field(default_factory=threading.Lock, repr=False)
+    retiring: bool = False
 
     def report(self) -> dict[str, Any]:
         return {
@@ -702,9 +705,6 @@ class LinuxNve(NveDriver):
                 hold.poker.send(_poke_frame(64))
             hold.released_at = time.monotonic()
             self._deepen(ipr, port)
-        threading.Thread(
-            target=self._finish_hold, args=(hold,), name=f"nve-hold-{hold.mac}", daemon=True
-        ).start()
         return True
 
     def _deepen(self, ipr: Any, port: int) -> None:
@@ -725,26 +725,16 @@ class LinuxNve(NveDriver):
         except (NetlinkError, IndexError) as exc:
             LOG.debug("could not deepen the queue of ifindex %d: %s", port, exc)
 
-    def _finish_hold(self, hold: _Hold) -> None:
-        """Once the queue is empty, let new frames take the bridge; then remove it all."""
-        deadline = time.monotonic() + 0.5
-        while time.monotonic() < deadline and not self._closing.is_set():
-            try:
-                if self._on_worker(self._qdisc_stats, hold.stall_idx, 0x100000).get("qlen"):
-                    time.sleep(0.001)
-                    continue
-            except Exception:  # the device went away: nothing left to wait for
-                pass
-            break
-        self._retire(hold, "released")
-
-    def _drop_hold(self, vni: int, mac: str, why: str) -> None:
+    def _drop_hold(self, vni: int, mac: str, why: str, ipr: Any = None) -> None:
         with self._lock:
             hold = self._holds.get((vni, mac))
         if hold is not None:
             if hold.released_at is None:
                 try:
-                    stats = self._on_worker(self._qdisc_stats, hold.stall_idx, 0x100000)
+                    if ipr is not None:
+                        stats = self._qdisc_stats(hold.stall_idx, 0x100000, ipr)
+                    else:
+                        stats = self._on_worker(self._qdisc_stats, hold.stall_idx, 0x100000)
                     hold.expired = stats.get("qlen", 0)
                     hold.dropped = stats.get("drops", 0)
                 except Exception:  # counted as nothing
@@ -822,6 +812,7 @@ class LinuxNve(NveDriver):
         sock.bind((0, RTMGRP_LINK))
         sock.settimeout(HOLD_POLL_S)
         marshal = MarshalRtnl()
+        polled = 0.0
         try:
             while not self._closing.is_set():
                 try:
@@ -846,7 +837,9 @@ class LinuxNve(NveDriver):
                                 self._release(ipr, hold)
                             except (NetlinkError, OSError) as exc:
                                 LOG.warning("releasing the hold of %s failed: %r", hold.mac, exc)
-                self._poll_holds(ipr)
+                if time.monotonic() - polled >= HOLD_POLL_S:
+                    polled = time.monotonic()
+                    self._poll_holds(ipr)
         finally:
             sock.close()
             ipr.close()
@@ -884,11 +877,35 @@ class LinuxNve(NveDriver):
 
     def _poll_holds(self, ipr: Any) -> None:
         """Release a hold whose port is on the bridge (a missed notification);
-        drop one whose oldest frame waited longer than hold_ms."""
+        drop one whose oldest frame waited longer than hold_ms; once a released
+        hold's queue is empty, let new frames take the bridge and remove it.
+
+        Only this thread's own netlink handle: the worker may be busy for a
+        while (an evacuation arms many holds at once), and a release must not
+        wait for it.
+        """
         now = time.monotonic()
         with self._lock:
-            waiting = [h for h in self._holds.values() if h.released_at is None]
-        for hold in waiting:
+            holds = list(self._holds.values())
+        for hold in holds:
+            if hold.released_at is None or hold.retiring:
+                continue
+            try:
+                qlen = self._qdisc_stats(hold.stall_idx, 0x100000, ipr).get("qlen")
+            except (NetlinkError, OSError) as exc:
+                LOG.debug("hold of %s: queue not readable: %s", hold.mac, exc)
+                qlen = None
+            if not qlen or now - hold.released_at > HOLD_DRAIN_S:
+                hold.retiring = True
+                threading.Thread(
+                    target=self._retire,
+                    args=(hold, "released"),
+                    name=f"nve-hold-{hold.mac}",
+                    daemon=True,
+                ).start()
+        for hold in holds:
+            if hold.released_at is not None:
+                continue
             try:
                 found = ipr.link_lookup(ifname=hold.port)
                 if found and ipr.get_links(found[0])[0].get_attr("IFLA_MASTER"):
@@ -898,13 +915,13 @@ class LinuxNve(NveDriver):
                 LOG.debug("hold of %s: port %s not readable: %s", hold.mac, hold.port, exc)
             if hold.first_frame_at is None:
                 try:
-                    qlen = self._on_worker(self._qdisc_stats, hold.stall_idx, 0x100000).get("qlen")
-                except Exception:  # retired meanwhile
+                    qlen = self._qdisc_stats(hold.stall_idx, 0x100000, ipr).get("qlen")
+                except (NetlinkError, OSError):  # retired meanwhile
                     continue
                 if qlen:
                     hold.first_frame_at = now
             elif (now - hold.first_frame_at) * 1000.0 > self.hold_limits.ms:
-                self._drop_hold(hold.vni, hold.mac, "expired")
+                self._drop_hold(hold.vni, hold.mac, "expired", ipr)
 
     def _sh(self, script: str) -> None:
         cmd = ["sh", "-ec", script]
