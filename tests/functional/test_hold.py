@@ -139,6 +139,7 @@ def test_a_tap_nobody_reads_queues_in_order_up_to_its_txqueuelen() -> None:
             _sh(ns, f"bridge fdb replace {MAC} dev tap-x master static")
             _sh(ns, "ip link add s1 type veth peer name s2; ip link set s2 up")
             _sh(ns, "ip link set s1 master br-100 up")
+            time.sleep(0.3)  # both ports forwarding (carrier comes up asynchronously)
             _fill(ns, "s2", 150)
             time.sleep(0.2)
             seqs = []
