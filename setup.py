@@ -61,6 +61,7 @@ setup(
             "inflight_tunnel = vmm_linux.stages:InflightTunnel",
             "announce = vmm_linux.stages:Announce",
             "hold_timer = vmm_linux.stages:HoldTimer",
+            "arp_refresh = vmm_linux.refresh:ArpRefresh",
             "libvirt_announce = vmm_libvirt.announcers:LibvirtAnnounce",
             "state_precopy = vmm_state.stages:StatePrecopy",
             "state_delta = vmm_state.stages:StateDelta",

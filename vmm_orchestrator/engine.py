@@ -63,6 +63,7 @@ DEFAULT_STAGES = [
     "nve_plug",
     "peer_update",
     "inflight_tunnel",
+    "arp_refresh",
     "hold_timer",
 ]
 

@@ -324,6 +324,7 @@ def libvirt_site(
                 conn.close()
             agents: dict[str, HostAgent] = {}
             if orchestrated and not external:  # while the guest boots
+                lv_options.register_opts(conf)  # the hosts' libvirt part ([host:<name>] uri)
                 for name in LIBVIRT_HOSTS:
                     group = lv_options.host_group(name)
                     conf.set_override("uri", hosts[name].uri, group=group)

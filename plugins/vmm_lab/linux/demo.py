@@ -268,6 +268,7 @@ def lab_site(
     move_state: bool = True,
     external: tuple[str, ...] = (),
     nva_process: bool = False,
+    firewall: Any = None,
 ) -> Iterator[LabSite]:
     """Build the demo topology (PLACEMENT); tear everything down however the body ends.
 
@@ -277,6 +278,7 @@ def lab_site(
     left to ``vmm agent`` processes the caller starts (their VMs are not
     created here). ``nva_process`` serves the directory as the operator's
     ``vmm nva serve`` process (vmm_lab.nva_process) instead of in-process.
+    ``firewall`` (vmm_lab.firewall.FirewallSettings) tunes the model firewall.
 
     ``state`` adds what state migration needs: the firewall of
     :mod:`vmm_lab.firewall` on every host (IGMP snooping on the VN bridge,
@@ -354,7 +356,7 @@ def lab_site(
         )
         assembly.start()
         if state:  # after the agents set the VXLAN flood lists: the querier's first
-            _install_firewalls(site)  # query must reach every host's bridge
+            _install_firewalls(site, firewall)  # query must reach every host's bridge
         yield site
     finally:
         if assembly is not None:
@@ -365,15 +367,15 @@ def lab_site(
         shutil.rmtree(workdir, ignore_errors=True)
 
 
-def _install_firewalls(site: LabSite) -> None:
-    """The model firewall on every host, IGMP snooping on the VN's bridges, and every
-    VM's port profile where it runs."""
+def _install_firewalls(site: LabSite, settings: Any = None) -> None:
+    """The model firewall on every host (``settings``: its FirewallSettings), IGMP
+    snooping on the VN's bridges, and every VM's port profile where it runs."""
     from vmm_lab.firewall import HostFirewall
 
     lab = site.lab
     gw = lab.vms[lab_opts.GATEWAY]
     for name, h in lab.hosts.items():
-        fw = HostFirewall(h.netns)
+        fw = HostFirewall(h.netns, settings)
         fw.install()
         fw.snooping(f"br-{lab.vni}", querier=name == gw.host)
         site.firewalls[name] = fw
