@@ -590,21 +590,22 @@ class LinuxNve(NveDriver):
 
     # -- the hold: frames for an incoming VM whose port does not exist yet ----
 
-    @_on_netlink_thread
     def _arm_hold(self, vni: int, mac: str, port: str) -> None:
         """Queue, from now on, what arrives over VXLAN for ``mac`` (see ``_Hold``).
 
         Nothing to do if ``port`` exists already: a tap queues frames itself
         while the incoming guest is paused (libvirt creates it before the
-        pause), and the expectation filter already sends them there.
+        pause), and the expectation filter already sends them there. The
+        set-up commands run in the caller's thread, under no lock: many holds
+        armed at once (an evacuation) must not stall the netlink worker.
         """
         key = (vni, mac)
+        existing = self._on_worker(self._lookup, port)
+        if existing is not None:
+            self._on_worker(self._deepen, self._ipr, existing)
+            return
         with self._lock:
             if key in self._holds:
-                return
-            existing = self._lookup(port)
-            if existing is not None:
-                self._deepen(self._ipr, existing)
                 return
             self._hold_seq += 1
             hold = _Hold(vni, mac, port, f"vmh{self._hold_seq}s", f"vmh{self._hold_seq}r")
@@ -636,17 +637,18 @@ class LinuxNve(NveDriver):
                     f" match ether dst {mac} action mirred egress redirect dev {hold.stall}",
                 ]
             )
-            self._sh(script)
-            hold.stall_idx = self._index(hold.stall, refresh=True)
-            hold.recv_idx = self._index(hold.recv, refresh=True)
-            hold.poker = _poker(self.netns, hold.stall)
-            # Use up the bucket's first tokens on a frame nobody receives (the
-            # receiving end has no redirect yet): 40 bytes are left, less than
-            # any frame.
-            hold.poker.send(_poke_frame(self.mtu + 14))
-            hold.armed_at = time.monotonic()
+        self._sh(script)
+        hold.stall_idx = self._on_worker(self._index, hold.stall, True)
+        hold.recv_idx = self._on_worker(self._index, hold.recv, True)
+        hold.poker = _poker(self.netns, hold.stall)
+        # Use up the bucket's first tokens on a frame nobody receives (the
+        # receiving end has no redirect yet): 40 bytes are left, less than
+        # any frame.
+        hold.poker.send(_poke_frame(self.mtu + 14))
+        hold.armed_at = time.monotonic()
+        with self._lock:
             self._holds[key] = hold
-            self._ensure_watcher()
+        self._ensure_watcher()
 
     def release_hold(self, vni: int, mac: str) -> dict[str, Any] | None:
         """Release ``mac``'s held frames into its port, in order, before new frames.
