@@ -59,6 +59,22 @@ def _isolated_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
 
 
 @pytest.fixture(scope="session")
+def real_nova(real_cloud: RealCloud) -> RealCloud:
+    """The same cloud with real Nova and Placement started in it (once per session, on demand:
+    the Keystone + Neutron tests do not pay for it)."""
+    if not real_cloud.nova_url:
+        t0 = time.monotonic()
+        real_cloud.start_nova()
+        real_cloud.timings["nova fixture"] = time.monotonic() - t0
+        sys.stderr.write(
+            f"\nreal Nova up: {real_cloud.timings['nova fixture']:.1f} s "
+            f"(placement {real_cloud.timings['placement']:.1f} s, nova-manage "
+            f"{real_cloud.timings['nova-manage']:.1f} s)\n"
+        )
+    return real_cloud
+
+
+@pytest.fixture(scope="session")
 def admin(real_cloud: RealCloud) -> Iterator[Any]:
     """DevStack's admin (admin role, no service role): sets the scene."""
     conn = real_cloud.connect(ADMIN)

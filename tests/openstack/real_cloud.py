@@ -452,7 +452,7 @@ enforce_new_defaults = true
         (d / "lock").mkdir()
         (d / "instances").mkdir()
         shutil.copy(VENV / "etc" / "nova" / "api-paste.ini", d / "api-paste.ini")
-        cell1 = f"sqlite:///{d}/nova.db"
+        cell1 = f"sqlite:///{d}/nova.db?timeout=60"
         conf = d / "nova.conf"
         conf.write_text(
             f"""[DEFAULT]
@@ -471,7 +471,7 @@ auth_strategy = keystone
 [wsgi]
 api_paste_config = {d}/api-paste.ini
 [api_database]
-connection = sqlite:///{d}/nova_api.db
+connection = sqlite:///{d}/nova_api.db?timeout=60
 [database]
 connection = {cell1}
 [oslo_concurrency]
@@ -504,7 +504,12 @@ ovsdb_connection =
             ("api-db-sync", ["api_db", "sync"]),
             (
                 "map-cell0",
-                ["cell_v2", "map_cell0", "--database_connection", f"sqlite:///{d}/nova_cell0.db"],
+                [
+                    "cell_v2",
+                    "map_cell0",
+                    "--database_connection",
+                    f"sqlite:///{d}/nova_cell0.db?timeout=60",
+                ],
             ),
             (
                 "create-cell1",

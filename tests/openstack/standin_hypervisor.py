@@ -46,10 +46,11 @@ class StandInHypervisor(fake.FakeLiveMigrateDriver):
         self._abort_migration = False
         self._migrating = True
         migration = getattr(migrate_data, "migration", None) if migrate_data else None
-        start = time.monotonic()
+        start = saved = time.monotonic()
         while self._migrating and time.monotonic() - start < seconds:
             done = min(1.0, (time.monotonic() - start) / seconds)
-            if migration is not None:
+            if migration is not None and time.monotonic() - saved >= 0.5:
+                saved = time.monotonic()
                 migration.memory_total = MEMORY
                 migration.memory_processed = int(MEMORY * done)
                 migration.memory_remaining = MEMORY - int(MEMORY * done)

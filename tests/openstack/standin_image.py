@@ -37,8 +37,14 @@ IMAGE = {
     "self": f"/v2/images/{IMAGE_ID}",
     "schema": "/v2/schemas/image",
 }
-# glanceclient builds its image model from this schema (warlock): any property.
-SCHEMA = {"name": "image", "properties": {}, "additionalProperties": True, "links": []}
+# glanceclient builds its image model from this schema (warlock), and Nova
+# tells an image's base attributes from its custom properties by it.
+SCHEMA = {
+    "name": "image",
+    "properties": {name: {} for name in (*IMAGE, "locations", "direct_url")},
+    "additionalProperties": {"type": "string"},
+    "links": [],
+}
 
 
 def _versions(host: str) -> dict[str, Any]:
