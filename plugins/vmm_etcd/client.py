@@ -5,6 +5,13 @@ It offers the method set of :class:`vmm_orchestrator.nva.client.NvaClient`
 move, prestage, commit, abort, expire, acks, health, ...) but talks to etcd
 itself: no directory process sits between the agents and the data.
 
+Acks are batched: ``ack_async`` (what the NVE agent calls) hands the ack
+to one writer thread per client, which writes every ack that arrived while
+its previous transaction was in flight in one transaction (group commit,
+:meth:`EtcdNvaStore.record_acks`), so an agent process serving many NVEs
+does not pay one etcd round trip per NVE per move, and the first ack waits
+for nothing.
+
 ``watch`` is where it differs in substance. Instead of a long-poll per
 call, each NVE gets one etcd watch over its VNs' change-log prefixes: after
 a catch-up read, etcd pushes every change to every NVE as it commits, and
@@ -67,6 +74,9 @@ class EtcdNvaClient(EtcdNvaStore):
         )
         self._subs: dict[str, _Subscription] = {}
         self._subs_lock = threading.Lock()
+        self._acks: dict[str, int] = {}
+        self._acks_cond = threading.Condition()
+        self._acker: threading.Thread | None = None
 
     def __enter__(self) -> Self:
         return self
@@ -75,12 +85,56 @@ class EtcdNvaClient(EtcdNvaStore):
         self.close()
 
     def close(self) -> None:
-        """Stop every NVE's watch and close the connection."""
+        """Write the acks still queued, stop every NVE's watch and close the connection."""
+        with self._acks_cond:
+            acker, self._acker = self._acker, None
+            self._acks_cond.notify_all()
+        if acker is not None:
+            acker.join(timeout=5)
         with self._subs_lock:
             subs, self._subs = list(self._subs.values()), {}
         for sub in subs:
             sub.stream.close()
         super().close()
+
+    def close_stream(self, nve: str) -> None:
+        """Stop ``nve``'s watch (its agent stopped following); the next watch starts one."""
+        with self._subs_lock:
+            sub = self._subs.pop(nve, None)
+        if sub is not None:
+            sub.stream.close()
+
+    def ack_async(self, nve_id: str, revision: int) -> None:
+        """Queue an ack for the writer thread (see the module doc); never waits for etcd."""
+        nve_id = check_nve_id(nve_id)
+        revision = check_revision(revision)
+        self._check_open()
+        with self._acks_cond:
+            if revision > self._acks.get(nve_id, -1):
+                self._acks[nve_id] = revision
+            if self._acker is None:
+                self._acker = threading.Thread(
+                    target=self._write_acks, name="etcd-nva-acks", daemon=True
+                )
+                self._acker.start()
+            self._acks_cond.notify()
+
+    def _write_acks(self) -> None:
+        me = threading.current_thread()
+        while True:
+            with self._acks_cond:
+                while not self._acks and self._acker is me:
+                    self._acks_cond.wait()
+                batch, self._acks = self._acks, {}
+                stopping = self._acker is not me
+            if batch:
+                try:
+                    for nve_id, why in self.record_acks(batch).items():
+                        LOG.info("ack of NVE %s refused: %s", nve_id, why)
+                except NvaError as err:  # etcd unreachable: the agent's next ack retries
+                    LOG.warning("%d NVE acks not written: %s", len(batch), err)
+            if stopping:
+                return
 
     def health(self) -> dict[str, Any]:
         """{"revision": R, "etcd": endpoints} when etcd answers."""

@@ -791,6 +791,49 @@ class EtcdNvaStore(StoreFront):
 
         return self._run(f"record the ack of NVE {nve_id}", decide, changes=False)
 
+    def _do_ack_many(self, acks: dict[str, int]) -> dict[str, Any]:
+        errors = self.record_acks(acks)
+        acked = {n: self._do_get_nve(n) for n in acks if n not in errors}
+        return {"acked": acked, "errors": errors}
+
+    def record_acks(self, acks: dict[str, int]) -> dict[str, str]:
+        """Write a batch of acks in as few etcd transactions as its size allows: {nve: why
+        refused}.
+
+        One transaction per ``(max_txn_ops - 1) // 2`` NVEs: each NVE must
+        exist and its stored ack be lower (so an ack never goes backwards),
+        and the directory must have reached the batch's highest revision.
+        If any compare fails the chunk is written ack by ack (:meth:`ack`),
+        which tells which one was refused and why.
+        """
+        self._check_open()
+        errors: dict[str, str] = {}
+        items = sorted(acks.items())
+        size = max(1, (self.max_txn_ops - 1) // 2)
+        for start in range(0, len(items), size):
+            chunk = items[start : start + size]
+            now = time.time()
+            highest = max(r for _, r in chunk)
+            compare = (
+                []
+                if highest <= 0
+                else [kvmod.cmp_value(self.keys.revision, "GREATER", pad(highest - 1))]
+            )
+            puts = []
+            for nve_id, revision in chunk:
+                compare.append(kvmod.cmp_exists(self.keys.nve(nve_id)))
+                compare.append(kvmod.cmp_value(self.keys.ack(nve_id), "LESS", pad(revision)))
+                puts.append(kvmod.put(self.keys.ack(nve_id), ack_value(revision, now)))
+            answer = self.kv.txn(compare, puts, what=f"record {len(chunk)} NVE acks")
+            if answer.succeeded:
+                continue
+            for nve_id, revision in chunk:  # the slow path names the culprit
+                try:
+                    self._do_ack(nve_id, revision)
+                except NvaError as err:
+                    errors[nve_id] = err.message
+        return errors
+
     def _do_acks(
         self, vni: int, min_revision: int, wanted: list[str] | None, deadline: float
     ) -> dict[str, dict[str, Any]]:
