@@ -54,7 +54,7 @@ when it appears. Two cases, chosen by what exists at ``expect``:
   the driver only deepens the port's queue to the hold's bound;
 * the port does not exist yet (the namespace lab moves the VM's port at the
   resume): a per-VM hold, a veth pair whose sending end has a stalled token
-  bucket (tbf refilling 100 bytes a second over a pfifo bounded in frames),
+  bucket (tbf refilling a byte a second over a pfifo bounded in frames),
   fed by a tc redirect on the VXLAN port's ingress for the MAC. When the port
   joins the bridge (a link notification, or a poll every 20 ms, or ``plug``
   at the latest) the receiving end gets a redirect into the port, the bucket
@@ -262,7 +262,7 @@ class HoldLimits:
 class _Hold:
     """One incoming VM's hold: a veth pair whose sending end is stalled.
 
-    ``stall`` (root qdisc: a token bucket that refills 100 bytes a second,
+    ``stall`` (root qdisc: a token bucket that refills a byte a second,
     over a fifo bounded in frames) receives, by a tc redirect on the VXLAN
     port's ingress, every frame that arrives for ``mac``; ``recv`` gets them
     once the bucket is opened, and redirects them into the VM's port.
@@ -619,9 +619,9 @@ class LinuxNve(NveDriver):
                     f" mtu {self.mtu}",
                     f"sysctl -qw net.ipv6.conf.{hold.stall}.disable_ipv6=1"
                     f" net.ipv6.conf.{hold.recv}.disable_ipv6=1",
-                    # a token bucket that refills 100 bytes a second: a stall
-                    f"tc qdisc add dev {hold.stall} root handle 1: tbf rate 800bit"
-                    f" burst {self.mtu + 54} limit {limit * (self.mtu + 18)}",
+                    # a token bucket that refills a byte a second: a stall
+                    f"tc qdisc add dev {hold.stall} root handle 1: tbf rate 8bit"
+                    f" burst {self.mtu + 18} limit {limit * (self.mtu + 18)}",
                     f"tc qdisc add dev {hold.stall} parent 1:1 handle 10: pfifo limit {limit}",
                     f"ip link set {hold.recv} up",
                     f"ethtool -K {hold.recv} gro off 2>/dev/null || true",
@@ -642,8 +642,8 @@ class LinuxNve(NveDriver):
         hold.recv_idx = self._on_worker(self._index, hold.recv, True)
         hold.poker = _poker(self.netns, hold.stall)
         # Use up the bucket's first tokens on a frame nobody receives (the
-        # receiving end has no redirect yet): 40 bytes are left, less than
-        # any frame.
+        # receiving end has no redirect yet): 4 bytes are left, and at a byte
+        # a second the smallest frame (60) could pass only after a minute.
         hold.poker.send(_poke_frame(self.mtu + 14))
         hold.armed_at = time.monotonic()
         with self._lock:
@@ -701,10 +701,12 @@ class LinuxNve(NveDriver):
                 handle=0x10000,
                 rate="10gbit",
                 burst=1 << 20,
-                limit=self.hold_limits.queue_frames(self.mtu) * (self.mtu + 18),
+                # a tbf change also sets its child fifo's limit: in frames here
+                limit=self.hold_limits.queue_frames(self.mtu),
             )
             if hold.poker is not None:  # a dequeue now, not at the old rate's next tick
-                hold.poker.send(_poke_frame(64))
+                with contextlib.suppress(OSError):  # ENOBUFS: a full queue dequeues anyway
+                    hold.poker.send(_poke_frame(64))
             hold.released_at = time.monotonic()
             self._deepen(ipr, port)
         return True
