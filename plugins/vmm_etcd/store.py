@@ -12,7 +12,11 @@ run against both (tests/functional/test_etcd_store.py):
 * duplicate-address detection on create and again at pre-stage;
 * pre-stage / commit / abort, idempotent on repeat;
 * a change log NVEs read after a revision (paged), long-polls that wake on
-  a change, acks that never go backwards and a wait for every NVE's ack.
+  a change, acks that never go backwards and a wait for every NVE's ack;
+* acks written in batches (:meth:`EtcdNvaStore.record_acks`: one
+  transaction per ~60 NVEs instead of one per NVE), which the client's
+  ``ack_async`` feeds (issue 16: at 1,000 peers a move cost etcd a
+  thousand ack transactions).
 
 Every mutation is one etcd transaction that compares the mod revisions of
 what it read (see :mod:`vmm_etcd.txn`), so several processes can share one
