@@ -42,6 +42,29 @@ from serve_wsgi import QuietHandler, ThreadingWSGIServer, _exit_with_parent  # n
 sys.modules["nova.virt.standin_hypervisor"] = standin_hypervisor
 
 
+def _immediate_sqlite_transactions() -> None:
+    """Make every SQLite transaction of Nova's ``BEGIN IMMEDIATE`` instead of ``BEGIN``.
+
+    oslo.db begins SQLite transactions itself with a plain (deferred) ``BEGIN``. A
+    deferred transaction that reads and then writes cannot wait for another writer:
+    SQLite fails it at once ("database is locked") to avoid a deadlock. MySQL, as
+    in a cloud, would make it wait. Nova's services share the database from many
+    threads, so the read-then-write transactions (service heartbeats, instance
+    actions, migrations) collide. Taking the write lock at ``BEGIN`` makes them
+    queue behind each other (the busy ``timeout`` of the connection URLs) as they
+    would on MySQL. This listener runs before oslo.db's, which then sees the
+    transaction begun.
+    """
+    import sqlalchemy
+    from sqlalchemy.engine import Engine
+
+    @sqlalchemy.event.listens_for(Engine, "begin")
+    def _begin_immediate(conn: Any) -> None:
+        if conn.engine.dialect.name == "sqlite" and "in_transaction" not in conn.info:
+            conn.exec_driver_sql("BEGIN IMMEDIATE")
+            conn.info["in_transaction"] = True
+
+
 def main() -> None:
     port_file, hosts = sys.argv[1], sys.argv[2:]
     # oslo.config parses sys.argv: give it none of ours.
@@ -55,6 +78,7 @@ def main() -> None:
     from oslo_config import cfg
 
     conf = cfg.CONF
+    _immediate_sqlite_transactions()
     app = wsgi_app.init_application("osapi_compute", "nova-api-os-compute")
     bus = rpc.TRANSPORT
 
