@@ -12,6 +12,8 @@ instances.
 
 from __future__ import annotations
 
+from typing import TypeVar
+
 from oslo_config import cfg
 
 from vmm_etcd import options
@@ -25,6 +27,8 @@ from vmm_orchestrator.contracts import HostSpec
 from vmm_orchestrator.nva import options as nva_options
 from vmm_orchestrator.nva.store import MobilityPolicy
 from vmm_orchestrator.stage import HostContext, Stage
+
+S = TypeVar("S", bound=EtcdNvaStore)
 
 
 class EtcdBackend:
@@ -48,11 +52,11 @@ class EtcdBackend:
         )
 
     @classmethod
-    def from_conf(cls, conf: cfg.ConfigOpts) -> EtcdNvaClient:
-        """The directory client for NVE agents and stages (what the namespace promises)."""
+    def _directory(cls, conf: cfg.ConfigOpts, kind: type[S]) -> S:
+        """``kind`` (the store or its client) on ``[nva_etcd]`` with ``[nva]``'s rules."""
         kv = cls.kv_from_conf(conf)
         g = conf[options.GROUP]
-        return EtcdNvaClient(
+        return kind(
             kv,
             g.prefix,
             max_txn_ops=g.max_txn_ops,
@@ -61,17 +65,14 @@ class EtcdBackend:
         )
 
     @classmethod
+    def from_conf(cls, conf: cfg.ConfigOpts) -> EtcdNvaClient:
+        """The directory client for NVE agents and stages (what the namespace promises)."""
+        return cls._directory(conf, EtcdNvaClient)
+
+    @classmethod
     def store_from_conf(cls, conf: cfg.ConfigOpts) -> EtcdNvaStore:
         """The directory for ``vmm nva serve`` (or in-process use)."""
-        kv = cls.kv_from_conf(conf)
-        g = conf[options.GROUP]
-        return EtcdNvaStore(
-            kv,
-            g.prefix,
-            max_txn_ops=g.max_txn_ops,
-            mobility=MobilityPolicy.from_conf(conf),
-            keep_changes=conf.nva.change_log_keep,
-        )
+        return cls._directory(conf, EtcdNvaStore)
 
     @classmethod
     def locks_from_conf(cls, conf: cfg.ConfigOpts, host: str) -> MigrationLocks:

@@ -34,9 +34,7 @@ import pytest
 libvirt = pytest.importorskip("libvirt", reason="libvirt-python is not installed")
 import libvirt_qemu  # noqa: E402
 
-from vmm_lab.libvirt import LibvirtLabError  # noqa: E402
 from vmm_lab.libvirt import demo as lv_demo  # noqa: E402
-from vmm_lab.libvirt import guest as guest_mod  # noqa: E402
 from vmm_lab.libvirt import site as lv_site  # noqa: E402
 from vmm_lab.libvirt.migrate import RarpWatch, migrate  # noqa: E402
 from vmm_lab.linux import probe  # noqa: E402
@@ -45,7 +43,6 @@ from vmm_linux.netns import socket_in  # noqa: E402
 from vmm_linux.nve import vxlan_name  # noqa: E402
 from vmm_linux.stages import HoldTimer  # noqa: E402
 from vmm_orchestrator import journal as jr  # noqa: E402
-from vmm_orchestrator.errors import VmmError  # noqa: E402
 from vmm_orchestrator.model import Phase, Vif  # noqa: E402
 from vmm_orchestrator.stage import register_stage_opts  # noqa: E402
 
@@ -58,18 +55,9 @@ RATE = 100
 SETTLE_S = 25.0
 
 
-def _platform_problem() -> str | None:
-    try:
-        lv_demo.check_prerequisites()
-        guest_mod.default_kernel_version()
-    except (VmmError, LibvirtLabError) as exc:
-        return f"{exc}" + (f" ({exc.hint})" if getattr(exc, "hint", None) else "")
-    return None
-
-
 @pytest.fixture(scope="module")
 def ls() -> Iterator[lv_site.LibvirtSite]:
-    problem = _platform_problem()
+    problem = lv_site.platform_problem()
     if problem:
         pytest.skip(problem)
     conf = lv_site.lab_conf(orchestrated=True)

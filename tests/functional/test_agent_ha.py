@@ -28,14 +28,10 @@ libvirt = pytest.importorskip("libvirt", reason="libvirt-python is not installed
 from vmm_etcd.cluster import EtcdNotAvailable, local_etcd  # noqa: E402
 from vmm_etcd.journal import EtcdJournal  # noqa: E402
 from vmm_etcd.kv import EtcdKV  # noqa: E402
-from vmm_lab.libvirt import LibvirtLabError  # noqa: E402
-from vmm_lab.libvirt import demo as lv_demo  # noqa: E402
-from vmm_lab.libvirt import guest as guest_mod  # noqa: E402
 from vmm_lab.libvirt import site as lv_site  # noqa: E402
 from vmm_lab.libvirt.migrate import migrate  # noqa: E402
 from vmm_lab.linux.topology import new_prefix  # noqa: E402
 from vmm_linux.stages import HoldTimer  # noqa: E402
-from vmm_orchestrator.errors import VmmError  # noqa: E402
 from vmm_orchestrator.stage import register_stage_opts  # noqa: E402
 
 pytestmark = pytest.mark.functional
@@ -45,11 +41,9 @@ SETTLE_S = 40.0
 
 @pytest.fixture(scope="module")
 def ha() -> Iterator[tuple[lv_site.LibvirtSite, dict[str, Any]]]:
-    try:
-        lv_demo.check_prerequisites()
-        guest_mod.default_kernel_version()
-    except (VmmError, LibvirtLabError) as exc:
-        pytest.skip(f"{exc}")
+    problem = lv_site.platform_problem()
+    if problem:
+        pytest.skip(problem)
     conf = lv_site.lab_conf(orchestrated=True)
     register_stage_opts(conf, HoldTimer)
     conf.set_override("hold_time", 1.0, group="stage_hold_timer")

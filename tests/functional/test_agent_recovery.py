@@ -30,9 +30,6 @@ import pytest
 
 libvirt = pytest.importorskip("libvirt", reason="libvirt-python is not installed")
 
-from vmm_lab.libvirt import LibvirtLabError  # noqa: E402
-from vmm_lab.libvirt import demo as lv_demo  # noqa: E402
-from vmm_lab.libvirt import guest as guest_mod  # noqa: E402
 from vmm_lab.libvirt import site as lv_site  # noqa: E402
 from vmm_lab.libvirt.agents import AgentProcess  # noqa: E402
 from vmm_lab.libvirt.migrate import migrate  # noqa: E402
@@ -40,7 +37,6 @@ from vmm_lab.linux.topology import in_ns, lab_namespaces, new_prefix  # noqa: E4
 from vmm_linux.nve import inflight_name, vxlan_name  # noqa: E402
 from vmm_linux.stages import HoldTimer  # noqa: E402
 from vmm_orchestrator import journal as jr  # noqa: E402
-from vmm_orchestrator.errors import VmmError  # noqa: E402
 from vmm_orchestrator.model import Phase  # noqa: E402
 from vmm_orchestrator.stage import register_stage_opts  # noqa: E402
 
@@ -53,11 +49,9 @@ BANDWIDTH_MIB_S = 16
 
 @pytest.fixture(scope="module")
 def ls() -> Iterator[lv_site.LibvirtSite]:
-    try:
-        lv_demo.check_prerequisites()
-        guest_mod.default_kernel_version()
-    except (VmmError, LibvirtLabError) as exc:
-        pytest.skip(f"{exc}")
+    problem = lv_site.platform_problem()
+    if problem:
+        pytest.skip(problem)
     conf = lv_site.lab_conf(orchestrated=True)
     register_stage_opts(conf, HoldTimer)
     conf.set_override("hold_time", HOLD_TIME_S, group="stage_hold_timer")

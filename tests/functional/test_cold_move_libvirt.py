@@ -21,31 +21,18 @@ import pytest
 
 libvirt = pytest.importorskip("libvirt", reason="libvirt-python is not installed")
 
-from vmm_lab.libvirt import LibvirtLabError  # noqa: E402
-from vmm_lab.libvirt import demo as lv_demo  # noqa: E402
-from vmm_lab.libvirt import guest as guest_mod  # noqa: E402
 from vmm_lab.libvirt import site as lv_site  # noqa: E402
 from vmm_lab.libvirt.migrate import domain_state  # noqa: E402
 from vmm_lab.linux.topology import lab_namespaces, new_prefix  # noqa: E402
 from vmm_libvirt import options as lv_options  # noqa: E402
 from vmm_linux.nve import vxlan_name  # noqa: E402
-from vmm_orchestrator.errors import VmmError  # noqa: E402
 
 pytestmark = pytest.mark.functional
 
 
-def _platform_problem() -> str | None:
-    try:
-        lv_demo.check_prerequisites()
-        guest_mod.default_kernel_version()
-    except (VmmError, LibvirtLabError) as exc:
-        return f"{exc}" + (f" ({exc.hint})" if getattr(exc, "hint", None) else "")
-    return None
-
-
 @pytest.fixture
 def ls() -> Iterator[lv_site.LibvirtSite]:
-    problem = _platform_problem()
+    problem = lv_site.platform_problem()
     if problem:
         pytest.skip(problem)
     conf = lv_site.lab_conf(orchestrated=True)

@@ -33,9 +33,7 @@ import pytest
 
 libvirt = pytest.importorskip("libvirt", reason="libvirt-python is not installed")
 
-from vmm_lab.libvirt import LibvirtLabError  # noqa: E402
 from vmm_lab.libvirt import demo as lv_demo  # noqa: E402
-from vmm_lab.libvirt import guest as guest_mod  # noqa: E402
 from vmm_lab.libvirt import site as lv_site  # noqa: E402
 from vmm_lab.libvirt.hosts import LibvirtHost  # noqa: E402
 from vmm_lab.libvirt.migrate import (  # noqa: E402
@@ -50,7 +48,6 @@ from vmm_lab.libvirt.migrate import (  # noqa: E402
 from vmm_lab.linux.topology import lab_namespaces, new_prefix  # noqa: E402
 from vmm_linux.nve import vxlan_name  # noqa: E402
 from vmm_linux.stages import HoldTimer  # noqa: E402
-from vmm_orchestrator.errors import VmmError  # noqa: E402
 from vmm_orchestrator.model import Phase  # noqa: E402
 from vmm_orchestrator.stage import register_stage_opts  # noqa: E402
 
@@ -65,19 +62,9 @@ HOLD_SLACK_S = 0.05
 NVES = ("h1", "h2", "h3")
 
 
-def _platform_problem() -> str | None:
-    """Why this machine cannot run the real-libvirt lab, or None."""
-    try:
-        lv_demo.check_prerequisites()
-        guest_mod.default_kernel_version()
-    except (VmmError, LibvirtLabError) as exc:
-        return f"{exc}" + (f" ({exc.hint})" if getattr(exc, "hint", None) else "")
-    return None
-
-
 @pytest.fixture(scope="module")
 def ls() -> Iterator[lv_site.LibvirtSite]:
-    problem = _platform_problem()
+    problem = lv_site.platform_problem()
     if problem:
         print(f"\nskipping the libvirt integration tests: {problem}")
         pytest.skip(problem)

@@ -493,3 +493,17 @@ def start_agent_processes(
             process.kill()
         raise
     return processes
+
+
+def platform_problem() -> str | None:
+    """Why this machine cannot run the real-libvirt lab (a missing package, no
+    guest kernel), or None: what a test that needs the lab skips with."""
+    from vmm_lab.libvirt import demo as lv_demo
+    from vmm_orchestrator.errors import VmmError
+
+    try:
+        lv_demo.check_prerequisites()
+        guest_mod.default_kernel_version()
+    except (VmmError, LibvirtLabError) as exc:
+        return f"{exc}" + (f" ({exc.hint})" if getattr(exc, "hint", None) else "")
+    return None
