@@ -2,8 +2,9 @@
 
 The real services are tested in tests/openstack/ (real Keystone and Neutron
 from PyPI, under Neutron's default policy). This stand-in stays for what
-they cannot do on demand: a Nova live migration (no Nova runs here) that
-ends in error, never finishes or leaks bindings on rollback, a Neutron
+they cannot do on demand: a Nova live migration (real Nova runs in
+tests/openstack/test_migrate_real_nova.py, with a steerable fake hypervisor)
+that ends in a conductor error, never finishes or leaks bindings on rollback, a Neutron
 without ``binding-extended``, refused credentials, an unreachable service.
 Its Neutron copies every behaviour the real one showed where it differed
 from this stand-in's first version (each is a test in
@@ -764,7 +765,10 @@ class FakeCloud:
     def _switch_over(self, server: dict[str, Any], migration: dict[str, Any]) -> None:
         source, dest = migration["source_compute"], migration["dest_compute"]
         with self.lock:
-            migration.update(status="post-migrating", updated_at=_now_iso())
+            # Real Nova (tests/openstack/test_migrate_real_nova.py): a live migration stays
+            # ``running`` while the source compute activates the destination's bindings
+            # (``post-migrating`` belongs to cold migration and resize), then ``completed``.
+            migration.update(updated_at=_now_iso())
             server["OS-EXT-SRV-ATTR:host"] = dest
             server["OS-EXT-SRV-ATTR:hypervisor_hostname"] = dest
             for port in self._server_ports(server["id"]):
