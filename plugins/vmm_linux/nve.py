@@ -286,6 +286,8 @@ class _Hold:
     outcome: str = "holding"
     lock: threading.Lock = dataclasses.field(default_factory=threading.Lock, repr=False)
     retiring: bool = False
+    #: Size of the frame that spends a full bucket (the largest the port takes).
+    poke_size: int = 1464
 
     def report(self) -> dict[str, Any]:
         return {
@@ -363,6 +365,9 @@ class LinuxNve(NveDriver):
         self.hold_enabled = hold
         self.hold_limits = HoldLimits(hold_frames, hold_bytes, hold_ms)
         self._holds: dict[tuple[int, str], _Hold] = {}
+        #: A hold's devices, built ahead for the next incoming VM of each VN.
+        self._spares: dict[int, _Hold] = {}
+        self._builders: list[threading.Thread] = []
         self._hold_reports: dict[tuple[int, str], dict[str, Any]] = {}
         self._watcher: threading.Thread | None = None
         self._closing = threading.Event()
@@ -447,6 +452,8 @@ class LinuxNve(NveDriver):
             self._flood.setdefault(vni, set())
             self._ready.add(vni)
             self._ensure_watcher()
+            if self.hold_enabled:
+                self._spare_later(vni)
 
     @_on_netlink_thread
     def remove_vn(self, vni: int) -> None:
@@ -454,6 +461,9 @@ class LinuxNve(NveDriver):
         filter; the nftables table goes with the driver's last VN."""
         with self._lock:
             self._ready.discard(vni)
+            spare = self._spares.pop(vni, None)
+            if spare is not None:
+                self._discard(spare)
             self._nft(self._vn_filter_removal(vni, last=not self._ready))
             for name in (inflight_name(vni), vxlan_name(vni), bridge_name(vni)):
                 idx = self._lookup(name)
@@ -596,8 +606,12 @@ class LinuxNve(NveDriver):
         Nothing to do if ``port`` exists already: a tap queues frames itself
         while the incoming guest is paused (libvirt creates it before the
         pause), and the expectation filter already sends them there. The
-        set-up commands run in the caller's thread, under no lock: many holds
-        armed at once (an evacuation) must not stall the netlink worker.
+        devices come from a spare set built in the background (a dozen
+        commands, too slow for PREPARE, which libvirt's hook waits for): here
+        the bucket is only refilled and spent again, and the VXLAN port's
+        redirect for ``mac`` added. Commands run in the caller's thread under
+        no lock: many holds armed at once (an evacuation) must not stall the
+        netlink worker.
         """
         key = (vni, mac)
         existing = self._on_worker(self._lookup, port)
@@ -607,12 +621,66 @@ class LinuxNve(NveDriver):
         with self._lock:
             if key in self._holds:
                 return
+            spare = self._spares.pop(vni, None)
+        hold = spare if spare is not None else self._build_hold(vni)
+        hold.mac, hold.port = mac, port
+        vx = vxlan_name(vni)
+        limit = self.hold_limits.queue_frames(self.mtu)
+        if spare is not None:
+            # Its bucket refilled while it waited: a change refills it to the
+            # burst (and sets the child fifo's limit, in frames), a poke spends it.
+            self._sh(
+                f"tc qdisc change dev {hold.stall} root handle 1: tbf rate 8bit"
+                f" burst {self.mtu + 18} limit {limit}"
+            )
+            self._spend(hold)
+        self._sh(
+            f"tc filter del dev {vx} ingress prio {hold.prio} 2>/dev/null || true\n"
+            f"tc filter add dev {vx} ingress prio {hold.prio} protocol all u32"
+            f" match ether dst {mac} action mirred egress redirect dev {hold.stall}"
+        )
+        hold.armed_at = time.monotonic()
+        with self._lock:
+            self._holds[key] = hold
+        self._ensure_watcher()
+        self._spare_later(vni)
+
+    def _spare_later(self, vni: int) -> None:
+        """Build the next spare hold of ``vni`` in the background."""
+
+        def build() -> None:
+            if self._closing.is_set():
+                return
+            try:
+                hold = self._build_hold(vni)
+            except (NftError, OSError, LookupError, RuntimeError) as exc:
+                LOG.info("no spare hold for VNI %d: %s", vni, exc)
+                return
+            with self._lock:
+                keep = vni in self._ready and vni not in self._spares
+                keep = keep and not self._closing.is_set()
+                if keep:
+                    self._spares[vni] = hold
+            if not keep:
+                self._discard(hold)
+
+        thread = threading.Thread(target=build, name=f"nve-spare-{vni}", daemon=True)
+        with self._lock:
+            self._builders = [t for t in self._builders if t.is_alive()] + [thread]
+        thread.start()
+
+    def _build_hold(self, vni: int) -> _Hold:
+        """The devices of one hold, stalled, waiting for a MAC."""
+        with self._lock:
             self._hold_seq += 1
-            hold = _Hold(vni, mac, port, f"vmh{self._hold_seq}s", f"vmh{self._hold_seq}r")
-            hold.prio = 100 + self._hold_seq % 60000
-            limit = self.hold_limits.queue_frames(self.mtu)
-            vx = vxlan_name(vni)
-            script = "\n".join(
+            seq = self._hold_seq
+        hold = _Hold(vni, "", "", f"vmh{seq}s", f"vmh{seq}r")
+        hold.prio = 100 + seq % 60000
+        hold.poke_size = self.mtu + 14
+        limit = self.hold_limits.queue_frames(self.mtu)
+        vx = vxlan_name(vni)
+        self._sh(
+            "\n".join(
                 [
                     f"ip link del {hold.stall} 2>/dev/null || true",
                     f"ip link add {hold.stall} mtu {self.mtu} type veth peer name {hold.recv}"
@@ -632,23 +700,30 @@ class LinuxNve(NveDriver):
                     f"ip link set {hold.stall} up",
                     f"tc qdisc add dev {hold.recv} clsact",
                     f"tc qdisc add dev {vx} clsact 2>/dev/null || true",
-                    f"tc filter del dev {vx} ingress prio {hold.prio} 2>/dev/null || true",
-                    f"tc filter add dev {vx} ingress prio {hold.prio} protocol all u32"
-                    f" match ether dst {mac} action mirred egress redirect dev {hold.stall}",
                 ]
             )
-        self._sh(script)
+        )
         hold.stall_idx = self._on_worker(self._index, hold.stall, True)
         hold.recv_idx = self._on_worker(self._index, hold.recv, True)
         hold.poker = _poker(self.netns, hold.stall)
-        # Use up the bucket's first tokens on a frame nobody receives (the
-        # receiving end has no redirect yet): 4 bytes are left, and at a byte
-        # a second the smallest frame (60) could pass only after a minute.
-        hold.poker.send(_poke_frame(self.mtu + 14))
-        hold.armed_at = time.monotonic()
-        with self._lock:
-            self._holds[key] = hold
-        self._ensure_watcher()
+        self._spend(hold)
+        return hold
+
+    @staticmethod
+    def _spend(hold: _Hold) -> None:
+        """Spend a full bucket on a frame nobody receives (the receiving end has
+        no redirect yet): 4 bytes are left, and at a byte a second the smallest
+        frame (60) could pass only after a minute."""
+        if hold.poker is not None:
+            with contextlib.suppress(OSError):
+                hold.poker.send(_poke_frame(hold.poke_size))
+
+    def _discard(self, hold: _Hold) -> None:
+        """Remove an unused spare's devices."""
+        if hold.poker is not None:
+            hold.poker.close()
+        with contextlib.suppress(NftError):
+            self._sh(f"ip link del {hold.stall} 2>/dev/null || true")
 
     def release_hold(self, vni: int, mac: str) -> dict[str, Any] | None:
         """Release ``mac``'s held frames into its port, in order, before new frames.
@@ -986,6 +1061,15 @@ class LinuxNve(NveDriver):
             holds = list(self._holds.values())
         for hold in holds:
             self._retire(hold, "closed")
+        with self._lock:
+            builders = list(self._builders)
+        for thread in builders:  # a spare finished after this would stay behind
+            thread.join(timeout=NFT_TIMEOUT_S)
+        with self._lock:
+            spares = list(self._spares.values())
+            self._spares.clear()
+        for spare in spares:
+            self._discard(spare)
         if self._watcher is not None:
             self._watcher.join(timeout=2 * HOLD_POLL_S + 1)
         with self._lock:

@@ -79,8 +79,19 @@ def _plug_and_receive(ns: str) -> list[int]:
     return seqs
 
 
-def test_held_frames_reach_the_port_in_order_when_it_joins_the_bridge() -> None:
+@pytest.mark.parametrize("spare", [False, True], ids=["built-at-prepare", "spare"])
+def test_held_frames_reach_the_port_in_order_when_it_joins_the_bridge(spare: bool) -> None:
+    """With the devices built at PREPARE or ahead of it (a spare, whose bucket
+    had time to refill: it must be spent again, or a frame slips by)."""
     with _host() as (ns, nve):
+        if spare:
+            deadline = time.monotonic() + 20
+            while 100 not in nve._spares and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert 100 in nve._spares
+            time.sleep(1.5)  # the bucket refills 1 B/s meanwhile
+        else:
+            nve._spares.clear()  # (a spare not built yet: PREPARE builds the devices)
         nve.expect(100, MAC, "tap-x")
         assert nve.holding(100, MAC)
         stall = nve._holds[(100, MAC)].stall
