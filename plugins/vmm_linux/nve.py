@@ -75,8 +75,9 @@ The source side of the same goal: a pinned local port gets the in-flight
 port as its bridge *backup port*, and the in-flight port replicates to the
 VN's VTEPs like the VXLAN port, so a frame for a port that lost its carrier
 (the lab's pause) goes on to the destination, which holds it, with no
-userspace step; a port that goes away while MACs are pinned to it has their
-frames diverted the same way. QEMU's tap keeps its carrier while the guest is
+userspace step. (A port that goes away is not diverted: its MAC's frames
+would be replicated to every VTEP until the directory moved it, and a
+baseline without an orchestrator would never lose.) QEMU's tap keeps its carrier while the guest is
 paused, so under libvirt frames queued in the source tap between the pause
 and the in-flight tunnel are still lost: the early switchover keeps that
 window short.
@@ -902,9 +903,6 @@ class LinuxNve(NveDriver):
                     data = b""
                 if data:
                     for msg in marshal.parse(data):
-                        if msg.get("event") == "RTM_DELLINK":
-                            self._port_gone(str(msg.get_attr("IFLA_IFNAME")))
-                            continue
                         if msg.get("event") != "RTM_NEWLINK" or not msg.get_attr("IFLA_MASTER"):
                             continue
                         name = msg.get_attr("IFLA_IFNAME")
@@ -922,37 +920,6 @@ class LinuxNve(NveDriver):
         finally:
             sock.close()
             ipr.close()
-
-    def _port_gone(self, name: str) -> None:
-        """A local port went away (a VM that left, a lab port moved at the pause)
-        while MACs are still pinned to it: send their frames on over the in-flight
-        port, like a port without carrier (see ``_set_backup_port``), until the
-        in-flight tunnel or the directory says where they are."""
-        with self._lock:
-            gone = [
-                (vni, mac)
-                for (vni, mac), e in self._entries.items()
-                if e.local_port == name and not e.expected and not e.inflight_vtep
-            ]
-        for vni, mac in gone:
-            self._worker.submit(self._divert, vni, mac, name)
-
-    def _divert(self, vni: int, mac: str, port: str) -> None:
-        with self._lock:
-            entry = self._entries.get((vni, mac))
-            if entry is None or entry.local_port != port or entry.inflight_vtep:
-                return
-            self._ifindex.pop(port, None)
-            if self._lookup(port) is not None:  # back already
-                return
-            self._fdb(
-                "replace",
-                ifindex=self._index(inflight_name(vni)),
-                lladdr=mac,
-                master=self._index(bridge_name(vni)),
-                flags=NTF_MASTER,
-                state=NUD_NOARP,
-            )
 
     def _poll_holds(self, ipr: Any) -> None:
         """Release a hold whose port is on the bridge (a missed notification);
