@@ -48,6 +48,15 @@ migration_timeout = 60
 """
 
 
+@pytest.fixture(scope="session")
+def cloud(real_nova: RealCloud) -> Iterator[Any]:
+    """DevStack's admin, connected once Nova is in the catalog (the session's ``admin``
+    may have been connected before, by the Neutron tests, with a catalog without it)."""
+    conn = real_nova.connect(ADMIN)
+    yield conn
+    conn.close()
+
+
 @pytest.fixture
 def operator(real_nova: RealCloud, monkeypatch: pytest.MonkeyPatch) -> None:
     for key, value in real_nova.env(ADMIN).items():
@@ -62,9 +71,9 @@ def conf(real_nova: RealCloud, tmp_path: Path) -> str:
 
 
 @pytest.fixture
-def boot(real_nova: RealCloud, scene: Scene) -> Iterator[Callable[..., Any]]:
+def boot(real_nova: RealCloud, scene: Scene, cloud: Any) -> Iterator[Callable[..., Any]]:
     """Boot a server on the scene's network on a host; all deleted afterwards (before the scene)."""
-    admin = scene.admin
+    admin = cloud
     made: list[str] = []
 
     def make(host: str = "cmp1", **metadata: str) -> Any:
@@ -111,8 +120,9 @@ def migrations(admin: Any, server: Any) -> list[Any]:
     return list(admin.compute.migrations(instance_uuid=server.id))
 
 
-def test_nova_runs_for_real(real_nova: RealCloud, admin: Any) -> None:
+def test_nova_runs_for_real(real_nova: RealCloud, cloud: Any) -> None:
     """The tier's Nova: its services report up, both computes are in Placement."""
+    admin = cloud
     services = {(s.binary, s.host): s.state for s in admin.compute.services()}
     assert services[("nova-compute", "cmp1")] == "up"
     assert services[("nova-compute", "cmp2")] == "up"
@@ -123,10 +133,10 @@ def test_nova_runs_for_real(real_nova: RealCloud, admin: Any) -> None:
 
 
 def test_a_normal_move_through_nova(
-    real_nova: RealCloud, scene: Scene, boot: Any, operator: None, conf: str, capsys
+    real_nova: RealCloud, scene: Scene, cloud: Any, boot: Any, operator: None, conf: str, capsys
 ) -> None:
     server = boot("cmp1")
-    port = port_of(scene.admin, server)
+    port = port_of(cloud, server)
     assert (port.binding_host_id, port.status) == ("cmp1", "ACTIVE")
 
     status = migrate(conf, server, "cmp2")
@@ -134,15 +144,15 @@ def test_a_normal_move_through_nova(
     out, err = capsys.readouterr()
     assert (status, err) == (0, ""), out + err
     assert "runs on cmp2 and its network has converged" in out
-    moved = scene.admin.compute.get_server(server.id)
+    moved = cloud.compute.get_server(server.id)
     assert (moved.compute_host, moved.status) == ("cmp2", "ACTIVE")
-    after = scene.admin.network.get_port(port.id)
+    after = cloud.network.get_port(port.id)
     assert (after.binding_host_id, after.status) == ("cmp2", "ACTIVE")
     wait_for(
         "only the destination's binding",
-        lambda: bindings(scene.admin, port.id) == {"cmp2": "ACTIVE"},
+        lambda: bindings(cloud, port.id) == {"cmp2": "ACTIVE"},
     )
-    done = migrations(scene.admin, server)
+    done = migrations(cloud, server)
     assert [m.status for m in done] == ["completed"]
     # Followed through Nova's migration status API: the memory copy's progress.
     assert "running" in out and "MiB of 1.0 GiB" in out
@@ -150,7 +160,7 @@ def test_a_normal_move_through_nova(
 
 
 def test_nova_conductor_binds_and_nova_activates(
-    real_nova: RealCloud, scene: Scene, boot: Any, operator: None, conf: str, capsys
+    real_nova: RealCloud, scene: Scene, cloud: Any, boot: Any, operator: None, conf: str, capsys
 ) -> None:
     """Divergence from the stand-in Nova: a live migration never shows ``post-migrating``
     (that status is cold migration's and resize's); it goes from ``running`` to
@@ -159,7 +169,7 @@ def test_nova_conductor_binds_and_nova_activates(
     The command's prestage hands the destination to Nova's conductor (which creates the
     inactive binding), and its commit finds the binding Nova made already active."""
     server = boot("cmp1", **{"standin:seconds": "3"})
-    port = port_of(scene.admin, server)
+    port = port_of(cloud, server)
     seen: dict[str, set[str]] = {"bindings": set(), "statuses": set()}
 
     import threading
@@ -168,9 +178,9 @@ def test_nova_conductor_binds_and_nova_activates(
 
     def watch() -> None:
         while not stop.is_set():
-            for host, status in bindings(scene.admin, port.id).items():
+            for host, status in bindings(cloud, port.id).items():
                 seen["bindings"].add(f"{host}:{status}")
-            for m in migrations(scene.admin, server):
+            for m in migrations(cloud, server):
                 seen["statuses"].add(str(m.status))
             stop.wait(0.1)
 
@@ -188,16 +198,22 @@ def test_nova_conductor_binds_and_nova_activates(
     assert "cmp2:INACTIVE" in seen["bindings"], seen
     assert "post-migrating" not in seen["statuses"], seen
     assert "binding on cmp2 already active, Nova activated it" in out
-    assert bindings(scene.admin, port.id) == {"cmp2": "ACTIVE"}
+    assert bindings(cloud, port.id) == {"cmp2": "ACTIVE"}
 
 
 def test_abort_through_nova(
-    real_nova: RealCloud, scene: Scene, boot: Any, operator: None, tmp_path: Path, capsys
+    real_nova: RealCloud,
+    scene: Scene,
+    cloud: Any,
+    boot: Any,
+    operator: None,
+    tmp_path: Path,
+    capsys,
 ) -> None:
     """A migration past ``migration_timeout`` is aborted with Nova's abort API; Nova cancels
     it and rolls back (its conductor's binding on the destination deleted); the server stays."""
     server = boot("cmp1", **{"standin:seconds": "120"})
-    port = port_of(scene.admin, server)
+    port = port_of(cloud, server)
     conf = tmp_path / "abort.conf"
     conf.write_text(
         FAST.replace("migration_timeout = 60", "migration_timeout = 4")
@@ -212,25 +228,23 @@ def test_abort_through_nova(
     assert "phase migrate failed" in line and "did not finish within 4 s" in line, line
     assert "it was aborted (cancelled)" in line, line
     assert "asked Nova to abort" in out
-    assert [m.status for m in migrations(scene.admin, server)] == ["cancelled"]
+    assert [m.status for m in migrations(cloud, server)] == ["cancelled"]
     wait_for(
         "the server ACTIVE on cmp1",
         lambda: (
             (lambda s: (s.status, s.compute_host, s.task_state))(
-                scene.admin.compute.get_server(server.id)
+                cloud.compute.get_server(server.id)
             )
             == ("ACTIVE", "cmp1", None)
         ),
         timeout=30,
     )
-    wait_for(
-        "only the source's binding", lambda: bindings(scene.admin, port.id) == {"cmp1": "ACTIVE"}
-    )
-    assert scene.admin.network.get_port(port.id).status == "ACTIVE"
+    wait_for("only the source's binding", lambda: bindings(cloud, port.id) == {"cmp1": "ACTIVE"})
+    assert cloud.network.get_port(port.id).status == "ACTIVE"
 
 
 def test_a_failed_migration_through_nova(
-    real_nova: RealCloud, scene: Scene, boot: Any, operator: None, conf: str, capsys
+    real_nova: RealCloud, scene: Scene, cloud: Any, boot: Any, operator: None, conf: str, capsys
 ) -> None:
     """The hypervisor fails the copy half way (the stand-in driver calls Nova's recovery,
     as the libvirt driver does when QEMU's migration fails).
@@ -243,7 +257,7 @@ def test_a_failed_migration_through_nova(
     ``recover_method`` path raises nothing), so the command's line carries no reason
     from Nova. Nothing is left: the server and its port on cmp1, no binding on cmp2."""
     server = boot("cmp1", **{"standin:fail": "1", "standin:seconds": "2"})
-    port = port_of(scene.admin, server)
+    port = port_of(cloud, server)
 
     status = migrate(conf, server, "cmp2")
 
@@ -253,19 +267,17 @@ def test_a_failed_migration_through_nova(
     assert "phase migrate failed: Nova migration" in line and "ended in failed;" in line, line
     assert f"reverted: no binding of port {port.id[:8]} left on cmp2" in line, line
     assert "still runs on cmp1" in line, line
-    assert [m.status for m in migrations(scene.admin, server)] == ["failed"]
+    assert [m.status for m in migrations(cloud, server)] == ["failed"]
     wait_for(
         "the server ACTIVE on cmp1",
         lambda: (
             (lambda s: (s.status, s.compute_host, s.task_state))(
-                scene.admin.compute.get_server(server.id)
+                cloud.compute.get_server(server.id)
             )
             == ("ACTIVE", "cmp1", None)
         ),
         timeout=30,
     )
-    wait_for(
-        "only the source's binding", lambda: bindings(scene.admin, port.id) == {"cmp1": "ACTIVE"}
-    )
-    after = scene.admin.network.get_port(port.id)
+    wait_for("only the source's binding", lambda: bindings(cloud, port.id) == {"cmp1": "ACTIVE"})
+    after = cloud.network.get_port(port.id)
     assert (after.binding_host_id, after.status) == ("cmp1", "ACTIVE")
