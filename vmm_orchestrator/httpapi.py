@@ -23,7 +23,7 @@ import threading
 from typing import Any, ClassVar, Generic, TypeVar, cast
 from urllib.parse import unquote
 
-from vmm_orchestrator.errors import VmmError
+from vmm_orchestrator.errors import TransientError, VmmError
 
 LOG = logging.getLogger(__name__)
 
@@ -44,6 +44,75 @@ class ApiError(VmmError):
 
     http_status: ClassVar[int] = 500
     code: ClassVar[str] = "internal_error"
+
+
+# The one family of the project's API errors: each status once, here. A
+# service derives its own classes from these and from its own base (the
+# directory's NvaError, the state service's ServiceError), so a caller may
+# catch "any directory error" or "any 404" alike.
+
+
+class BadRequest(ApiError):
+    """The request is malformed: bad JSON, a wrong field type, a value refused."""
+
+    http_status = 400
+    code = "bad_request"
+
+
+class Unauthorized(ApiError):
+    """The X-Auth-Token header is missing or does not match the server's token."""
+
+    http_status = 401
+    code = "unauthorized"
+
+
+class Forbidden(ApiError):
+    """The caller may not do this (to this record)."""
+
+    http_status = 403
+    code = "forbidden"
+
+
+class NotFound(ApiError):
+    """No such record or route."""
+
+    http_status = 404
+    code = "not_found"
+
+
+class MethodNotAllowed(ApiError):
+    """The route exists but not for this HTTP method."""
+
+    http_status = 405
+    code = "method_not_allowed"
+
+
+class Conflict(ApiError):
+    """The request contradicts the service's state."""
+
+    http_status = 409
+    code = "conflict"
+
+
+class Gone(Conflict):
+    """What was asked for is no longer kept (a pruned change log): start over."""
+
+    http_status = 410
+    code = "gone"
+
+
+class PayloadTooLarge(ApiError):
+    """The request body is larger than the service accepts."""
+
+    http_status = 413
+    code = "payload_too_large"
+
+
+class Unavailable(ApiError, TransientError):
+    """The service cannot answer now: worth retrying."""
+
+    http_status = 503
+    code = "unavailable"
 
 
 def error_body(err: ApiError) -> dict[str, Any]:

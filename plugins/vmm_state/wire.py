@@ -11,6 +11,7 @@ import dataclasses
 import json
 import re
 
+from vmm_orchestrator import httpapi as api
 from vmm_orchestrator.errors import TransientError
 from vmm_orchestrator.httpapi import TOKEN_HEADER as TOKEN_HEADER  # re-exported for the client
 from vmm_orchestrator.httpapi import ApiError
@@ -46,53 +47,32 @@ class ServiceError(ApiError):
     """An error answer of a state service; ``http_status`` and ``code`` go on the wire."""
 
 
-class BadRequest(ServiceError):
+class BadRequest(ServiceError, api.BadRequest):
     """The request is malformed (bad query, bad migration description)."""
 
-    http_status = 400
-    code = "bad_request"
 
-
-class Unauthorized(ServiceError):
+class Unauthorized(ServiceError, api.Unauthorized):
     """The X-Auth-Token header is missing or wrong."""
 
-    http_status = 401
-    code = "unauthorized"
 
-
-class Forbidden(ServiceError):
+class Forbidden(ServiceError, api.Forbidden):
     """The migration is not one this host may export or import for."""
 
-    http_status = 403
-    code = "forbidden"
 
-
-class NotFound(ServiceError):
+class NotFound(ServiceError, api.NotFound):
     """No such route, or a migration this host does not know and was not described."""
 
-    http_status = 404
-    code = "not_found"
 
-
-class MethodNotAllowed(ServiceError):
+class MethodNotAllowed(ServiceError, api.MethodNotAllowed):
     """The route exists but not for this method."""
 
-    http_status = 405
-    code = "method_not_allowed"
 
-
-class Conflict(ServiceError):
+class Conflict(ServiceError, api.Conflict):
     """The migration description contradicts the one this host already has."""
 
-    http_status = 409
-    code = "conflict"
 
-
-class Unavailable(ServiceError, TransientError):
+class Unavailable(ServiceError, api.Unavailable):
     """The service cannot answer now (its directory is unreachable, ...)."""
-
-    http_status = 503
-    code = "unavailable"
 
 
 class TransferFailed(ServiceError, TransientError):

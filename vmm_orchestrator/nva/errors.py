@@ -8,7 +8,7 @@ exceptions.
 
 from __future__ import annotations
 
-from vmm_orchestrator.errors import TransientError
+from vmm_orchestrator import httpapi as api
 from vmm_orchestrator.httpapi import ApiError
 
 
@@ -16,67 +16,43 @@ class NvaError(ApiError):
     """Base of every directory error; ``http_status`` and ``code`` go on the wire."""
 
 
-class BadRequest(NvaError):
+class BadRequest(NvaError, api.BadRequest):
     """The request is malformed: bad JSON, a wrong field type, an invalid MAC/IP/VNI."""
-
-    http_status = 400
-    code = "bad_request"
 
 
 #: The name the contracts use for a refused value (an invalid MAC, address, VNI...): 400.
 Invalid = BadRequest
 
 
-class Unauthorized(NvaError):
+class Unauthorized(NvaError, api.Unauthorized):
     """The X-Auth-Token header is missing or does not match the server's token."""
 
-    http_status = 401
-    code = "unauthorized"
 
-
-class NotFound(NvaError):
+class NotFound(NvaError, api.NotFound):
     """No such NVE, endpoint, pending migration or route."""
 
-    http_status = 404
-    code = "not_found"
 
-
-class MethodNotAllowed(NvaError):
+class MethodNotAllowed(NvaError, api.MethodNotAllowed):
     """The route exists but not for this HTTP method."""
 
-    http_status = 405
-    code = "method_not_allowed"
 
-
-class Conflict(NvaError):
+class Conflict(NvaError, api.Conflict):
     """The request contradicts the directory's state (duplicate address, stale seq, ...)."""
 
-    http_status = 409
-    code = "conflict"
 
-
-class Gone(Conflict):
+class Gone(Conflict, api.Gone):
     """The changes a watcher asked for were pruned from the change log: it must re-sync.
 
     A Conflict, so that an agent that re-syncs on a Conflict also re-syncs on this.
     """
 
-    http_status = 410
-    code = "gone"
 
-
-class PayloadTooLarge(NvaError):
+class PayloadTooLarge(NvaError, api.PayloadTooLarge):
     """The request body is larger than ``[nva] max_body_bytes``."""
 
-    http_status = 413
-    code = "payload_too_large"
 
-
-class Unavailable(NvaError, TransientError):
+class Unavailable(NvaError, api.Unavailable):
     """The directory cannot be reached or did not answer in time: worth retrying."""
-
-    http_status = 503
-    code = "unavailable"
 
 
 #: Status -> exception class, for the client to raise what the server meant.
