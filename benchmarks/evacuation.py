@@ -60,6 +60,7 @@ from vmm_lab.linux.demo import configure_hosts
 from vmm_lab.linux.hypervisor import LabHypervisor, LabMigration
 from vmm_lab.linux.topology import Lab, LabVm, new_prefix
 from vmm_linux import announce as announce_mod
+from vmm_linux import nve as nve_opts
 from vmm_linux.agent import GROUP as AGENT_GROUP
 from vmm_linux.agent import register_opts as register_agent_opts
 from vmm_linux.host import LinuxHost
@@ -95,7 +96,7 @@ class Site:
     workdir: str
 
 
-def make_conf(hold_s: float, workers: int) -> cfg.ConfigOpts:
+def make_conf(hold_s: float, workers: int, frames_hold_ms: int = 1000) -> cfg.ConfigOpts:
     conf = cfg.ConfigOpts()
     conf([], default_config_files=[])
     engine.register_opts(conf)
@@ -104,6 +105,11 @@ def make_conf(hold_s: float, workers: int) -> cfg.ConfigOpts:
     conf.set_override("workers", workers, group="pipeline")
     conf.set_override("watch_timeout", 1.0, group=AGENT_GROUP)
     conf.set_override("hold_time", hold_s, group="stage_hold_timer")
+    # The NVEs' frame hold: with --switchover-gate the pauses of 20 VMs leaving
+    # at once reach seconds (the source handles SWITCHOVER after SWITCHOVER),
+    # longer than the 1 s a default hold keeps a frame.
+    nve_opts.register_opts(conf)
+    conf.set_override("hold_ms", frames_hold_ms, group=nve_opts.GROUP)
     return conf
 
 
@@ -593,6 +599,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--observe", type=float, default=2.0)
     parser.add_argument("--hold", type=float, default=3.0, help="[stage_hold_timer] hold_time")
     parser.add_argument(
+        "--frames-hold-ms",
+        type=int,
+        default=1000,
+        help="[linux_nve] hold_ms: longest a destination NVE holds a frame for a VM",
+    )
+    parser.add_argument(
         "--switchover-gate",
         type=float,
         default=0.0,
@@ -615,7 +627,7 @@ def main(argv: list[str] | None = None) -> int:
     with etcd if etcd is not None else contextlib.nullcontext():
         for directory in directories:
             print(f"-- {directory}: building the lab with {args.vms} VMs ...", flush=True)
-            conf = make_conf(args.hold, workers=args.vms + 4)
+            conf = make_conf(args.hold, workers=args.vms + 4, frames_hold_ms=args.frames_hold_ms)
             with evacuation_site(conf, directory, args.vms, etcd) as site:
                 print(f"-- {directory}: evacuating {SOURCE} ...", flush=True)
                 results.append(
