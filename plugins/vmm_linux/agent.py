@@ -49,7 +49,6 @@ from __future__ import annotations
 import ipaddress
 import logging
 import socket
-import subprocess
 import threading
 import time
 from typing import Any
@@ -60,8 +59,9 @@ from pyroute2.netlink.rtnl import RTM_GETLINK, RTM_NEWLINK, RTMGRP_NEIGH
 from pyroute2.netlink.rtnl.ifinfmsg import ifinfmsg
 from pyroute2.netlink.rtnl.marshal import MarshalRtnl
 
+from vmm_kernel.nft import NftError, nft
 from vmm_linux.netns import socket_in
-from vmm_linux.nve import LinuxNve, _LibNft
+from vmm_linux.nve import LinuxNve
 from vmm_orchestrator.errors import TransientError, VmmError
 from vmm_orchestrator.model import normalize_mac
 from vmm_orchestrator.nva import errors as nva_errors
@@ -119,7 +119,7 @@ class AddressGuard:
     frame passes if any VN binds its (address, MAC) pair, so overlapping
     tenant ranges stay usable. Frames from the VXLAN ports are the remote
     NVE's business and pass. Updates are incremental set-element changes,
-    one nft transaction each, through libnftables when it is there.
+    one nft transaction each, through libnftables in-process (vmm_kernel.nft).
     """
 
     def __init__(self, netns: str | None) -> None:
@@ -127,8 +127,6 @@ class AddressGuard:
         self._bindings: dict[tuple[int, str], tuple[str, ...]] = {}
         self._pairs: dict[tuple[str, str], int] = {}
         self._known: dict[str, int] = {}
-        self._lib: Any = None
-        self._lib_tried = False
         self.failures = 0
 
     @staticmethod
@@ -140,18 +138,11 @@ class AddressGuard:
         return "6", "0x" + addr.packed.hex()
 
     def _run(self, script: str) -> None:
-        if not self._lib_tried:
-            self._lib_tried = True
-            self._lib = _LibNft.load(self.netns)
-        if self._lib is not None:
-            self._lib.run(script, self.netns)
-            return
-        cmd = ["nft", "-f", "-"]
-        if self.netns:
-            cmd = ["ip", "netns", "exec", self.netns, *cmd]
-        proc = subprocess.run(cmd, input=script, capture_output=True, text=True, timeout=10)
-        if proc.returncode != 0:
-            raise VmmError(f"nft failed: {proc.stderr.strip()}", hint="is nftables installed?")
+        """One nft transaction in the host's namespace (vmm_kernel.nft)."""
+        try:
+            nft(self.netns, script)
+        except NftError as exc:
+            raise VmmError(f"nft failed: {exc.stderr.strip()}", hint="see the rule above") from None
 
     def start(self) -> None:
         """Create (or reset to empty) the table; bindings are added as entries apply."""
