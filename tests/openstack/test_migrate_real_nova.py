@@ -240,7 +240,7 @@ def test_abort_through_nova(
         timeout=30,
     )
     wait_for("only the source's binding", lambda: bindings(cloud, port.id) == {"cmp1": "ACTIVE"})
-    # Nova's rollback updates the port at the source (its binding profile), which
+    # Nova's rollback clears ``migrating_to`` from the port's binding profile, which
     # Neutron answers with a rebind: the port is DOWN until the source's agent has
     # wired it again (seen under load), then ACTIVE. The stand-in Nova never does this.
     wait_for("the port ACTIVE on cmp1 again", lambda: scene.status(port.id) == "ACTIVE")
