@@ -126,8 +126,8 @@ def test_peer_update_expires_the_entry_of_a_peer_that_did_not_acknowledge(nva):
         for t in threads:
             t.join()
     assert ctx.notes["laggards"] == ["c"]
-    _, changes = client.watch("c", 0, 0)
+    _, changes = client.poll("c", 0, 0)  # the change log as it is (a watch streams)
     expires = [ch for ch in changes if ch["kind"] == "expire"]
     assert expires and expires[-1]["mac"] == MAC
-    _, changes_a = client.watch("a", 0, 0)
+    _, changes_a = client.poll("a", 0, 0)
     assert not [ch for ch in changes_a if ch["kind"] == "expire"]
