@@ -94,6 +94,7 @@ import functools
 import ipaddress
 import json
 import logging
+import secrets
 import socket
 import subprocess
 import threading
@@ -373,6 +374,9 @@ class LinuxNve(NveDriver):
         self._watcher: threading.Thread | None = None
         self._closing = threading.Event()
         self._hold_seq = 0
+        #: Tells this driver's hold devices from another driver's in the same
+        #: namespace (two agents of an HA pair serve one kernel).
+        self._hold_tag = secrets.token_hex(2)
         self._worker = concurrent.futures.ThreadPoolExecutor(
             max_workers=1, thread_name_prefix=f"nve-netlink-{netns or 'host'}"
         )
@@ -675,7 +679,8 @@ class LinuxNve(NveDriver):
         with self._lock:
             self._hold_seq += 1
             seq = self._hold_seq
-        hold = _Hold(vni, "", "", f"vmh{seq}s", f"vmh{seq}r")
+        name = f"vmh{self._hold_tag}{seq % 100000}"  # at most 13 characters
+        hold = _Hold(vni, "", "", f"{name}s", f"{name}r")
         hold.prio = 100 + seq % 60000
         hold.poke_size = self.mtu + 14
         limit = self.hold_limits.queue_frames(self.mtu)
