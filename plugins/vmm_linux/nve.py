@@ -91,6 +91,7 @@ import ctypes
 import dataclasses
 import errno
 import functools
+import hashlib
 import ipaddress
 import json
 import logging
@@ -219,6 +220,13 @@ def _on_netlink_thread(method: Callable[..., T]) -> Callable[..., T]:
         return self._worker.submit(method, self, *args, **kwargs).result()
 
     return call
+
+
+def hold_tag_of(conf: cfg.ConfigOpts, netns: str | None) -> str:
+    """The hold devices' tag of the agent a configuration describes: the same
+    after a restart, another for the second agent of an HA pair (its own file)."""
+    files = "|".join(getattr(conf, "config_file", None) or [])
+    return hashlib.sha1(f"{files}|{netns or ''}".encode()).hexdigest()[:4]
 
 
 def bridge_name(vni: int) -> str:
@@ -352,6 +360,7 @@ class LinuxNve(NveDriver):
         hold_frames: int = 4096,
         hold_bytes: int = 8 * 1024 * 1024,
         hold_ms: int = 1000,
+        hold_tag: str | None = None,
     ) -> None:
         if vxlan_port == inflight_port:
             raise ConfigError(
@@ -375,8 +384,9 @@ class LinuxNve(NveDriver):
         self._closing = threading.Event()
         self._hold_seq = 0
         #: Tells this driver's hold devices from another driver's in the same
-        #: namespace (two agents of an HA pair serve one kernel).
-        self._hold_tag = secrets.token_hex(2)
+        #: namespace (two agents of an HA pair serve one kernel), and is the
+        #: same for a restarted agent, which removes what a killed one left.
+        self._hold_tag = hold_tag or secrets.token_hex(2)
         self._worker = concurrent.futures.ThreadPoolExecutor(
             max_workers=1, thread_name_prefix=f"nve-netlink-{netns or 'host'}"
         )
@@ -407,6 +417,7 @@ class LinuxNve(NveDriver):
             hold_frames=opts.hold_frames,
             hold_bytes=opts.hold_bytes,
             hold_ms=opts.hold_ms,
+            hold_tag=hold_tag_of(conf, netns),
         )
 
     # -- devices -----------------------------------------------------------
@@ -455,6 +466,7 @@ class LinuxNve(NveDriver):
                 if v == vni and entry.expected and entry.local_port:
                     self._nft(self._expectation(vni, mac, entry.local_port, add=True))
             self._flood.setdefault(vni, set())
+            self._forget_stale_holds(vni)
             self._ready.add(vni)
             self._ensure_watcher()
             if self.hold_enabled:
@@ -973,6 +985,19 @@ class LinuxNve(NveDriver):
                     hold.first_frame_at = now
             elif (now - hold.first_frame_at) * 1000.0 > self.hold_limits.ms:
                 self._drop_hold(hold.vni, hold.mac, "expired", ipr)
+
+    def _forget_stale_holds(self, vni: int) -> None:
+        """What a killed predecessor of this agent left: its hold devices and the
+        redirects into them on the VN's VXLAN port, which would swallow a MAC's
+        frames for good. Done once per VN when this driver takes the VN over (an
+        HA peer's redirects go too: its holds then let frames through unheld)."""
+        if not self.hold_enabled:
+            return
+        self._sh(
+            f"tc filter del dev {vxlan_name(vni)} ingress 2>/dev/null || true\n"
+            f"for d in $(ls /sys/class/net | grep '^vmh{self._hold_tag}'); do"
+            " ip link del $d 2>/dev/null || true; done"
+        )
 
     def _sh(self, script: str) -> None:
         cmd = ["sh", "-ec", script]
