@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import json
 import socket
+import subprocess
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -36,6 +37,7 @@ import libvirt_qemu  # noqa: E402
 
 from vmm_lab.libvirt import demo as lv_demo  # noqa: E402
 from vmm_lab.libvirt import site as lv_site  # noqa: E402
+from vmm_lab.libvirt.agents import vmm_command  # noqa: E402
 from vmm_lab.libvirt.migrate import RarpWatch, migrate  # noqa: E402
 from vmm_lab.linux import probe  # noqa: E402
 from vmm_lab.linux.topology import in_ns, lab_namespaces, new_prefix  # noqa: E402
@@ -170,6 +172,20 @@ class TcpSession:
         self.sock.close()
 
 
+def migration_show(ls: lv_site.LibvirtSite, host: str, mid: str) -> list[dict[str, Any]]:
+    """`vmm --config-file HOST.conf migration show MID -f json`, as an operator runs it."""
+    config = ls.processes[host].config
+    done = subprocess.run(
+        [*vmm_command(), "--config-file", config, "migration", "show", mid, "-f", "json"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+    views: list[dict[str, Any]] = json.loads(done.stdout)["migration"]
+    return views
+
+
 def journal_phases(ls: lv_site.LibvirtSite, migration_id: str) -> dict[str, Any]:
     out = {}
     for name, process in ls.processes.items():
@@ -271,6 +287,22 @@ def _migrate_and_check(ls: lv_site.LibvirtSite, tcp: TcpSession, dst: str) -> No
             assert fdb.get("port") == ls.guest.tap, (name, fdb)
         else:
             assert fdb.get("vxlan_dst") == dst_vtep, (name, fdb)
+    # What an operator reads: `vmm migration show` on each agent's config file.
+    views = [v for name in (src, dst) for v in migration_show(ls, name, mid)]
+    stages = {(v["host"], st["stage"]): st for v in views for st in v["stages"]}
+    moved = {
+        stage: {k: f.get("entries") for k, f in st["figures"].get("kinds", {}).items()}
+        for (_host, stage), st in stages.items()
+        if stage in ("state_precopy", "state_delta")
+    }
+    delta = stages[(src, "state_delta")]
+    wall = time.time() - time.monotonic()
+    import_done_ms = (delta["ended"] - (record.paused_at + wall)) * 1000.0
+    print(
+        f"state entries moved {moved}; source SUSPENDED -> destination's delta import done "
+        f"{import_done_ms:.0f} ms; libvirt's downtime {record.downtime_ms} ms"
+    )
+    assert moved["state_precopy"].get("conntrack", 0) >= 1, moved
     # The TCP session survived and its conntrack entry moved.
     assert tcp.echo(f"after {src}->{dst}"), "the TCP session through the firewall broke"
     src_ns, dst_ns = ls.lab_site.lab.hosts[src].netns, ls.lab_site.lab.hosts[dst].netns
