@@ -755,7 +755,9 @@ class FakeCloud:
             self._set(migration, memory_processed_bytes=done, memory_remaining_bytes=total - done)
             if b.migration_error and done * 2 >= total:
                 migration["fault"] = "Live migration failed: guest memory copy was interrupted"
-                return self._rollback(server, migration, "error", created)
+                # Real Nova ends a failure in the hypervisor 'failed' ('error' is for
+                # failures in its conductor, as the binding conflict above).
+                return self._rollback(server, migration, "failed", created)
             if abort.wait(b.tick):
                 return self._rollback(server, migration, "cancelled", created)
             if done >= total:

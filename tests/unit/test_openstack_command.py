@@ -286,7 +286,7 @@ def test_a_migration_that_ends_in_error_is_reverted(
 
         out, err = capsys.readouterr()
         line = one_error_line(err)
-        assert "phase migrate failed: Nova migration 1 ended in error" in line
+        assert "phase migrate failed: Nova migration 1 ended in failed" in line  # as real Nova
         assert "(Live migration failed: guest memory copy was interrupted)" in line  # Nova's why
         assert f"reverted: deleted the inactive binding of port {site.port_id[:8]} on cmp2" in line
         assert "web-1 still runs on cmp1" in line
