@@ -43,10 +43,8 @@ from vmm_lab.linux import probe  # noqa: E402
 from vmm_lab.linux.topology import in_ns, lab_namespaces, new_prefix  # noqa: E402
 from vmm_linux.netns import socket_in  # noqa: E402
 from vmm_linux.nve import vxlan_name  # noqa: E402
-from vmm_linux.stages import HoldTimer  # noqa: E402
 from vmm_orchestrator import journal as jr  # noqa: E402
 from vmm_orchestrator.model import Phase, Vif  # noqa: E402
-from vmm_orchestrator.stage import register_stage_opts  # noqa: E402
 
 pytestmark = pytest.mark.functional
 
@@ -62,24 +60,15 @@ def ls() -> Iterator[lv_site.LibvirtSite]:
     problem = lv_site.platform_problem()
     if problem:
         pytest.skip(problem)
-    conf = lv_site.lab_conf(orchestrated=True)
-    register_stage_opts(conf, HoldTimer)
-    conf.set_override("hold_time", HOLD_TIME_S, group="stage_hold_timer")
     prefix = new_prefix()
     workdir = ""
-    with lv_site.libvirt_site(
-        conf, prefix, orchestrated=True, agent_processes=True, state=True
-    ) as site:
+    with lv_site.agent_site(prefix, HOLD_TIME_S, state=True) as site:
         workdir = site.workdir
         lab = site.lab_site
         vm5 = lab.lab.add_vm("vm5", "h3")  # a second peer on h3
         lab.client().add_endpoint(site.vni, vm5.mac, [vm5.ipv4], [vm5.ipv6], "h3")
         lab.hosts["h3"].nve.plug(site.vni, vm5.mac, vm5.port, (vm5.ipv4, vm5.ipv6))
-        try:
-            yield site
-        finally:
-            for name, process in site.processes.items():
-                print(f"\n--- agent {name} log (tail) ---\n{process.log_tail(4000)}")
+        yield site
     left = [f"namespace {ns}" for ns in lab_namespaces(prefix)]
     import os
 

@@ -31,8 +31,6 @@ from vmm_etcd.kv import EtcdKV  # noqa: E402
 from vmm_lab.libvirt import site as lv_site  # noqa: E402
 from vmm_lab.libvirt.migrate import migrate  # noqa: E402
 from vmm_lab.linux.topology import new_prefix  # noqa: E402
-from vmm_linux.stages import HoldTimer  # noqa: E402
-from vmm_orchestrator.stage import register_stage_opts  # noqa: E402
 
 pytestmark = pytest.mark.functional
 
@@ -44,9 +42,6 @@ def ha() -> Iterator[tuple[lv_site.LibvirtSite, dict[str, Any]]]:
     problem = lv_site.platform_problem()
     if problem:
         pytest.skip(problem)
-    conf = lv_site.lab_conf(orchestrated=True)
-    register_stage_opts(conf, HoldTimer)
-    conf.set_override("hold_time", 1.0, group="stage_hold_timer")
     try:
         cluster_cm = local_etcd(1)
         cluster = cluster_cm.__enter__()
@@ -54,14 +49,8 @@ def ha() -> Iterator[tuple[lv_site.LibvirtSite, dict[str, Any]]]:
         pytest.skip(f"{exc}")
     etcd = {"endpoints": cluster.endpoints, "prefix": f"/{new_prefix()}/"}
     try:
-        with lv_site.libvirt_site(
-            conf, new_prefix(), orchestrated=True, agent_processes=True, ha_etcd=etcd
-        ) as site:
-            try:
-                yield site, etcd
-            finally:
-                for name, process in site.processes.items():
-                    print(f"\n--- agent {name} log (tail) ---\n{process.log_tail(3000)}")
+        with lv_site.agent_site(new_prefix(), 1.0, ha_etcd=etcd) as site:
+            yield site, etcd
     finally:
         cluster_cm.__exit__(None, None, None)
 

@@ -35,10 +35,8 @@ from vmm_lab.libvirt.agents import AgentProcess  # noqa: E402
 from vmm_lab.libvirt.migrate import migrate  # noqa: E402
 from vmm_lab.linux.topology import in_ns, lab_namespaces, new_prefix  # noqa: E402
 from vmm_linux.nve import inflight_name, vxlan_name  # noqa: E402
-from vmm_linux.stages import HoldTimer  # noqa: E402
 from vmm_orchestrator import journal as jr  # noqa: E402
 from vmm_orchestrator.model import Phase  # noqa: E402
-from vmm_orchestrator.stage import register_stage_opts  # noqa: E402
 
 pytestmark = pytest.mark.functional
 
@@ -52,16 +50,9 @@ def ls() -> Iterator[lv_site.LibvirtSite]:
     problem = lv_site.platform_problem()
     if problem:
         pytest.skip(problem)
-    conf = lv_site.lab_conf(orchestrated=True)
-    register_stage_opts(conf, HoldTimer)
-    conf.set_override("hold_time", HOLD_TIME_S, group="stage_hold_timer")
     prefix = new_prefix()
-    with lv_site.libvirt_site(conf, prefix, orchestrated=True, agent_processes=True) as site:
-        try:
-            yield site
-        finally:
-            for name, process in site.processes.items():
-                print(f"\n--- agent {name} log (tail) ---\n{process.log_tail(2500)}")
+    with lv_site.agent_site(prefix, HOLD_TIME_S) as site:
+        yield site
     assert not lab_namespaces(prefix)
 
 

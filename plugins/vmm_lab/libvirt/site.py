@@ -507,3 +507,24 @@ def platform_problem() -> str | None:
     except (VmmError, LibvirtLabError) as exc:
         return f"{exc}" + (f" ({exc.hint})" if getattr(exc, "hint", None) else "")
     return None
+
+
+def agent_conf(hold_time_s: float) -> cfg.ConfigOpts:
+    """The libvirt lab's configuration with ``[stage_hold_timer] hold_time``."""
+    conf = lab_conf(orchestrated=True)
+    register_stage_opts(conf, HoldTimer)
+    conf.set_override("hold_time", hold_time_s, group="stage_hold_timer")
+    return conf
+
+
+@contextlib.contextmanager
+def agent_site(prefix: str, hold_time_s: float, **kwargs: Any) -> Iterator[LibvirtSite]:
+    """The libvirt lab served by ``vmm agent`` processes (see libvirt_site); each
+    agent's log tail is printed when the body ends, for the failure's story."""
+    conf = agent_conf(hold_time_s)
+    with libvirt_site(conf, prefix, orchestrated=True, agent_processes=True, **kwargs) as site:
+        try:
+            yield site
+        finally:
+            for name, process in site.processes.items():
+                print(f"\n--- agent {name} log (tail) ---\n{process.log_tail(3000)}")
