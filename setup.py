@@ -31,8 +31,8 @@ setup(
     version="0.1.0",
     description="Make the network follow a live-migrating VM (libvirt/OpenStack plugin)",
     python_requires=">=3.11",
-    packages=["vmm_orchestrator", "vmm_orchestrator.nva", *PLUGIN_PACKAGES],
-    package_dir={"vmm_orchestrator": "vmm_orchestrator", **PLUGIN_DIRS},
+    packages=["vmm_orchestrator", "vmm_orchestrator.nva", "vmm_kernel", *PLUGIN_PACKAGES],
+    package_dir={"vmm_orchestrator": "vmm_orchestrator", "vmm_kernel": "vmm_kernel", **PLUGIN_DIRS},
     install_requires=[
         "oslo.config>=9.0",
         "stevedore>=5.0",

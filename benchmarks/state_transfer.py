@@ -56,8 +56,8 @@ from vmm_lab.linux.probe import format_table
 from vmm_orchestrator.errors import ConfigError
 from vmm_orchestrator.model import Migration, Phase, Role, Vif, Workload
 from vmm_orchestrator.stage import HostContext, StageContext
+from vmm_orchestrator.statekind import KindContext, StateKind
 from vmm_state import options, registry
-from vmm_state.kind import KindContext, StateKind
 from vmm_state.kinds import _ctnetlink as ctnl
 from vmm_state.kinds import _nft
 from vmm_state.kinds._common import no_gc

@@ -36,9 +36,8 @@ from typing import Any, Self
 
 from oslo_config import cfg, types
 
-from vmm_linux import frames
 from vmm_linux.netns import socket_in
-from vmm_orchestrator import metrics
+from vmm_orchestrator import frames, metrics
 from vmm_orchestrator.model import Vif, normalize_mac
 
 LOG = logging.getLogger(__name__)

@@ -36,8 +36,8 @@ from typing import Any
 
 from oslo_config import cfg
 
-from vmm_linux import frames
 from vmm_linux.netns import entered, socket_in
+from vmm_orchestrator import frames
 from vmm_orchestrator.nva import errors as nva_errors
 
 LOG = logging.getLogger(__name__)

@@ -29,7 +29,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from vmm_linux import frames  # pure frame builders, shared with the Linux announcer
+from vmm_orchestrator import frames  # pure frame builders, shared with the Linux announcer
 from vmm_orchestrator.model import Vif
 from vmm_ovn.chassis import BarrierResult, OvnChassis
 

@@ -30,10 +30,10 @@ from typing import Any, ClassVar
 
 from oslo_config import cfg
 
+from vmm_orchestrator.statekind import ImportResult, KindContext, PoisonedEntry, Reason, StateKind
 from vmm_ovn import conntrack
 from vmm_ovn import options as ovn_opts
 from vmm_ovn.chassis import OvnChassis
-from vmm_state.kind import ImportResult, KindContext, PoisonedEntry, Reason, StateKind
 
 LOG = logging.getLogger(__name__)
 

@@ -42,7 +42,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any, ClassVar
 
-from vmm_state.kind import Reason
+from vmm_orchestrator.statekind import Reason
 
 MAGIC = b"VMMSTATE"
 VERSION = 1

@@ -25,6 +25,7 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 from vmm_orchestrator.model import Migration
+from vmm_orchestrator.statekind import ImportResult, KindContext, PoisonedEntry, Reason, StateKind
 from vmm_state.bundle import (
     BundleError,
     MalformedBundle,
@@ -32,7 +33,6 @@ from vmm_state.bundle import (
     VerifiedBundle,
     WrongBundle,
 )
-from vmm_state.kind import ImportResult, KindContext, PoisonedEntry, Reason, StateKind
 from vmm_state.kinds._common import no_gc
 
 LOG = logging.getLogger(__name__)

@@ -20,8 +20,8 @@ from collections.abc import Callable, Mapping, Sequence
 from oslo_config import cfg
 
 from vmm_orchestrator.errors import ConfigError
+from vmm_orchestrator.statekind import Reason
 from vmm_state.importer import KindAnswer
-from vmm_state.kind import Reason
 
 GROUP = "state"
 

@@ -14,7 +14,7 @@ from oslo_config import cfg
 
 from vmm_orchestrator.errors import ConfigError
 from vmm_orchestrator.plugin_loader import load_named
-from vmm_state.kind import StateKind
+from vmm_orchestrator.statekind import StateKind
 
 #: The stevedore namespace kinds are registered in (see setup.py).
 NAMESPACE = "vmm_state.kinds"

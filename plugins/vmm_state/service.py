@@ -36,6 +36,7 @@ from oslo_config import cfg
 
 from vmm_orchestrator.errors import ConfigError, TransientError, VmmError
 from vmm_orchestrator.model import Migration, Role
+from vmm_orchestrator.statekind import KindContext, StateKind
 from vmm_state import options
 from vmm_state.bundle import (
     BundleError,
@@ -46,7 +47,6 @@ from vmm_state.bundle import (
 )
 from vmm_state.client import StateClient
 from vmm_state.importer import Importer, ImportReport, Ledger, LedgerEntry, kind_context
-from vmm_state.kind import KindContext, StateKind
 from vmm_state.kinds._common import freeze_heap, no_gc, thaw_heap
 from vmm_state.server import StateServer
 from vmm_state.wire import (

@@ -39,9 +39,9 @@ from oslo_config import cfg
 from vmm_orchestrator.errors import StageFailed
 from vmm_orchestrator.model import Migration, Phase, Role, normalize_mac
 from vmm_orchestrator.stage import Stage, StageContext
+from vmm_orchestrator.statekind import KindContext
 from vmm_state import policy
 from vmm_state.importer import KindAnswer, LedgerEntry
-from vmm_state.kind import KindContext
 from vmm_state.policy import Policy, Verdict
 from vmm_state.service import StateHost, Transfer
 

@@ -16,8 +16,8 @@ from vmm_orchestrator.errors import TransientError
 from vmm_orchestrator.httpapi import TOKEN_HEADER as TOKEN_HEADER  # re-exported for the client
 from vmm_orchestrator.httpapi import ApiError
 from vmm_orchestrator.model import Migration
+from vmm_orchestrator.statekind import Reason
 from vmm_state.bundle import KIND_RE
-from vmm_state.kind import Reason
 
 MIGRATION_HEADER = "X-Vmm-Migration"
 BUNDLE_TYPE = "application/vnd.vmm-state-bundle"

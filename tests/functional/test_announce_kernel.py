@@ -31,9 +31,9 @@ from typing import Any, Self
 
 import pytest
 
-from vmm_linux import frames
 from vmm_linux.announce import Announcer
 from vmm_linux.netns import socket_in
+from vmm_orchestrator import frames
 from vmm_orchestrator.model import Vif
 
 pytestmark = [

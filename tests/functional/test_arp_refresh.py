@@ -24,9 +24,9 @@ from oslo_config import cfg
 from vmm_lab.linux.demo import lab_site
 from vmm_lab.linux.hypervisor import LabHypervisor
 from vmm_lab.linux.topology import LabVm, in_ns
-from vmm_linux import frames
 from vmm_linux.netns import socket_in
 from vmm_linux.refresh import ArpRefresh, revalidate, stale_candidates
+from vmm_orchestrator import frames
 from vmm_orchestrator.engine import Pipeline
 from vmm_orchestrator.journal import Journal
 from vmm_orchestrator.model import Migration, MigrationEvent, Phase, Role

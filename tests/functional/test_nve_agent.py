@@ -10,10 +10,10 @@ from collections.abc import Iterator
 
 import pytest
 
-from vmm_linux import frames
 from vmm_linux.agent import NveAgent
 from vmm_linux.netns import socket_in
 from vmm_linux.nve import LinuxNve
+from vmm_orchestrator import frames
 from vmm_orchestrator.nva.client import NvaClient
 from vmm_orchestrator.nva.server import NvaServer
 from vmm_orchestrator.nva.store import NvaStore

@@ -22,8 +22,8 @@ from typing import Any
 
 import pytest
 
-from vmm_linux import frames
 from vmm_linux.agent import NveAgent
+from vmm_orchestrator import frames
 
 try:  # the lab is moving out of the product plugins (issue 9)
     from vmm_lab.linux.topology import Lab, LabVm, in_ns

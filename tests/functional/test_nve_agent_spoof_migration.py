@@ -19,8 +19,8 @@ import time
 
 from oslo_config import cfg
 
-from vmm_linux import frames
 from vmm_linux.netns import socket_in
+from vmm_orchestrator import frames
 
 try:  # the lab is moving out of the product plugins (issue 9)
     from vmm_lab.linux.demo import lab_site

@@ -14,7 +14,7 @@ from vmm_orchestrator.model import Vif
 
 lab_mod = pytest.importorskip("vmm_lab.ovn.lab")
 from vmm_lab.ovn import demo, state_demo  # noqa: E402
-from vmm_state.kind import KindContext, PoisonedEntry  # noqa: E402
+from vmm_orchestrator.statekind import KindContext, PoisonedEntry  # noqa: E402
 
 pytestmark = pytest.mark.skipif(
     bool(lab_mod.missing_binaries()),

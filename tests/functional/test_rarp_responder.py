@@ -16,8 +16,8 @@ from oslo_config import cfg
 
 from vmm_lab.linux.demo import lab_site
 from vmm_lab.linux.topology import in_ns
-from vmm_linux import frames
 from vmm_linux.netns import socket_in
+from vmm_orchestrator import frames
 
 VNI = 100
 UNKNOWN_MAC = "02:5e:00:00:00:99"

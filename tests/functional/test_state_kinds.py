@@ -25,7 +25,7 @@ from oslo_config import cfg
 from vmm_lab.firewall import PORT_TABLE, HostFirewall
 from vmm_lab.linux.topology import remove_namespaces, sh
 from vmm_orchestrator.model import Vif
-from vmm_state.kind import KindContext, PoisonedEntry, Reason
+from vmm_orchestrator.statekind import KindContext, PoisonedEntry, Reason
 from vmm_state.kinds import _ctnetlink as ctnl
 from vmm_state.kinds import _nft
 from vmm_state.kinds.conntrack import ConntrackKind

@@ -62,7 +62,7 @@ from vmm_lab.proofs import (
 from vmm_lab.proofs import receive as receive_all
 from vmm_linux.netns import socket_in
 from vmm_orchestrator.model import Phase
-from vmm_state.kind import ImportResult, KindContext, StateKind
+from vmm_orchestrator.statekind import ImportResult, KindContext, StateKind
 from vmm_state.kinds.conntrack import ConntrackKind
 from vmm_state.kinds.dhcp_snooping import DhcpSnoopingKind
 from vmm_state.kinds.mdb import MdbKind

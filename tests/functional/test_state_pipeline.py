@@ -38,7 +38,7 @@ from vmm_lab.linux.topology import Lab, LabVm, lab_namespaces, new_prefix
 from vmm_linux.netns import socket_in
 from vmm_orchestrator.engine import PhaseReport
 from vmm_orchestrator.model import Phase, Role
-from vmm_state.kind import KindContext
+from vmm_orchestrator.statekind import KindContext
 
 STATE_STAGES = {"state_precopy", "state_delta", "state_cleanup"}
 #: Entry fields that change on their own (lifetimes, counters): not part of an entry's identity.

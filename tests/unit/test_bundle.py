@@ -17,8 +17,8 @@ from typing import Any
 
 import pytest
 
+from vmm_orchestrator.statekind import Reason
 from vmm_state import bundle as b
-from vmm_state.kind import Reason
 
 KEY = b"0123456789abcdef0123456789abcdef"
 KEYS = {"k1": KEY}

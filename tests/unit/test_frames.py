@@ -11,7 +11,7 @@ import struct
 
 import pytest
 
-from vmm_linux import frames
+from vmm_orchestrator import frames
 
 VM_MAC = "52:54:00:12:34:56"
 VM_MAC_B = bytes.fromhex("525400123456")

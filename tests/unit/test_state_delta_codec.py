@@ -13,9 +13,9 @@ import pytest
 from oslo_config import cfg
 
 from vmm_orchestrator.model import Migration, Vif, Workload
+from vmm_orchestrator.statekind import PoisonedEntry, Reason
 from vmm_state.bundle import BundleHeader, SectionSource, read_bundle, write_bundle
 from vmm_state.importer import Importer, Ledger, kind_context
-from vmm_state.kind import PoisonedEntry, Reason
 from vmm_state.kinds import _common
 from vmm_state.kinds import _ctnetlink as ctnl
 from vmm_state.kinds._common import freeze_heap, no_gc, thaw_heap

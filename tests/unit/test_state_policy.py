@@ -9,9 +9,9 @@ import pytest
 from oslo_config import cfg
 
 from vmm_orchestrator.errors import ConfigError
+from vmm_orchestrator.statekind import Reason
 from vmm_state import options, policy
 from vmm_state.importer import KindAnswer
-from vmm_state.kind import Reason
 from vmm_state.policy import Action, Policy, Rule, Verdict
 
 

@@ -27,9 +27,9 @@ from vmm_orchestrator.errors import ConfigError, StageFailed, VmmError
 from vmm_orchestrator.journal import Journal
 from vmm_orchestrator.model import Migration, MigrationEvent, Phase, Role, Vif, Workload
 from vmm_orchestrator.stage import HostContext, StageContext
+from vmm_orchestrator.statekind import ImportResult, KindContext, PoisonedEntry, Reason, StateKind
 from vmm_state import options, registry
 from vmm_state.bundle import MAC_SIZE
-from vmm_state.kind import ImportResult, KindContext, PoisonedEntry, Reason, StateKind
 from vmm_state.service import StateHost, StateSettings, nva_voucher
 from vmm_state.stages import StateCleanup, StateDelta, StatePrecopy
 from vmm_state.wire import TlsFiles

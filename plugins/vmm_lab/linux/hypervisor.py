@@ -54,7 +54,7 @@ from typing import Any
 
 from vmm_kernel.netns import socket_in
 from vmm_lab.linux.topology import Lab, LabError, LabVm, in_ns
-from vmm_linux import frames
+from vmm_orchestrator import frames
 from vmm_orchestrator.errors import VmmError
 from vmm_orchestrator.model import Migration, MigrationEvent, Phase, Role
 

@@ -50,8 +50,7 @@ from oslo_config import cfg
 from vmm_kernel.netns import socket_in
 from vmm_lab.linux import probe
 from vmm_lab.ovn import lab as lab_mod
-from vmm_linux import frames
-from vmm_orchestrator import engine
+from vmm_orchestrator import engine, frames
 from vmm_orchestrator.contracts import HostSpec
 from vmm_orchestrator.errors import VmmError
 from vmm_orchestrator.journal import Journal

@@ -29,10 +29,10 @@ from vmm_kernel.netns import socket_in
 from vmm_lab.ovn import demo
 from vmm_lab.ovn import lab as lab_mod
 from vmm_orchestrator.model import Migration, Phase, Role, Vif, Workload
+from vmm_orchestrator.statekind import KindContext
 from vmm_ovn import conntrack
 from vmm_ovn.chassis import OvnChassis
 from vmm_ovn.state import OvnConntrackKind
-from vmm_state.kind import KindContext
 
 PLACEMENT = [("vm1", "ch1"), ("vm2", "ch1"), ("vm3", "ch3"), ("vm4", "ch1")]
 PORT = 5001

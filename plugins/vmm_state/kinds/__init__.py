@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from oslo_config import cfg
 
-from vmm_state.kind import StateKind
+from vmm_orchestrator.statekind import StateKind
 
 #: Entry point name -> "module:Class", as setup.py registers them.
 KINDS = {

@@ -17,7 +17,7 @@ from typing import Any, ClassVar
 from oslo_config import cfg
 
 from vmm_orchestrator.model import Vif, normalize_mac
-from vmm_state.kind import ImportResult, KindContext, PoisonedEntry, Reason, StateKind
+from vmm_orchestrator.statekind import ImportResult, KindContext, PoisonedEntry, Reason, StateKind
 
 
 def max_entries_opt(default: int, what: str) -> cfg.Opt:

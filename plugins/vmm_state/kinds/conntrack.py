@@ -68,7 +68,7 @@ from typing import Any, ClassVar
 from oslo_config import cfg
 
 from vmm_kernel.netns import entered
-from vmm_state.kind import ImportResult, KindContext, PoisonedEntry, Reason
+from vmm_orchestrator.statekind import ImportResult, KindContext, PoisonedEntry, Reason
 from vmm_state.kinds import _ctnetlink as ctnl
 from vmm_state.kinds._common import BaseKind, max_entries_opt, no_gc, reason_for, remaining
 from vmm_state.kinds._cttrack import Tracker, key_of

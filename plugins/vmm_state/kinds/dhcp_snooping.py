@@ -34,7 +34,7 @@ from typing import Any, ClassVar
 from oslo_config import cfg
 
 from vmm_orchestrator.model import normalize_mac
-from vmm_state.kind import ImportResult, KindContext, Reason
+from vmm_orchestrator.statekind import ImportResult, KindContext, Reason
 from vmm_state.kinds import _nft
 from vmm_state.kinds._common import (
     ip_text,

@@ -57,7 +57,7 @@ from oslo_config import cfg
 
 from vmm_kernel.netns import CommandFailed, run
 from vmm_orchestrator.model import normalize_mac
-from vmm_state.kind import ImportResult, KindContext, PoisonedEntry, Reason
+from vmm_orchestrator.statekind import ImportResult, KindContext, PoisonedEntry, Reason
 from vmm_state.kinds._common import (
     BaseKind,
     max_entries_opt,

@@ -38,7 +38,7 @@ from oslo_config import cfg
 
 from vmm_kernel.netns import CommandFailed
 from vmm_orchestrator.errors import ConfigError
-from vmm_state.kind import ImportResult, KindContext, PoisonedEntry, Reason
+from vmm_orchestrator.statekind import ImportResult, KindContext, PoisonedEntry, Reason
 from vmm_state.kinds import _nft
 from vmm_state.kinds._common import (
     BaseKind,
