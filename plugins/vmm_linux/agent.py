@@ -22,7 +22,9 @@ But one frame with a forged source MAC must not move another VM's traffic
   cannot change), the MAC of a veth port's peer, or a MAC given to
   :meth:`NveAgent.configure_port`; or
 * the directory has a migration of that MAC pending to this NVE (pre-staged
-  here, not yet committed).
+  here, not yet committed) and the port is not some other VM's (a tap or
+  veth configured for another MAC): a VM at the destination could otherwise
+  take the migrating VM's traffic between the pre-stage and the plug.
 
 Anything else is refused, counted (``refused_moves``), logged, and the
 bridge entry is pointed back at the VXLAN port. Spoofed GARP/NA/RARP frames
@@ -284,6 +286,26 @@ class PortInspector:
             peer = self.link(port["link"], port["netnsid"])
             if peer is not None and (peer["address"] or "").lower() == mac:
                 return f"the MAC of veth {port['name']}'s peer"
+        return None
+
+    def configured_for_another(self, ifindex: int, mac: str) -> str | None:
+        """Which other MAC port ``ifindex`` is configured for, or None if unknown or ``mac``.
+
+        A libvirt tap (``fe:`` + its guest MAC's last five octets) or a veth
+        whose peer has a MAC is some VM's port: a frame there with another
+        MAC is forged, whatever migration is pending.
+        """
+        port = self.link(ifindex)
+        if port is None:
+            return None
+        own = (port["address"] or "").lower()
+        if own.startswith("fe:") and not mac.startswith("fe:"):
+            return None if own[2:] == mac[2:] else f"tap {port['name']} (guest MAC *{own[2:]})"
+        if port["kind"] == "veth" and port["link"]:
+            peer = self.link(port["link"], port["netnsid"])
+            address = None if peer is None else (peer["address"] or "").lower()
+            if address and address != mac:
+                return f"veth {port['name']} (peer MAC {address})"
         return None
 
 
@@ -767,9 +789,16 @@ class NveAgent:
         except VmmError as exc:
             LOG.warning("%s: cannot ask the directory about %s: %s", self.id, mac, exc)
             return None  # fail closed: nothing moves on an unverified frame
-        if endpoint.get("state") == "pending" and endpoint.get("pending_nve") == self.id:
-            return f"migration {endpoint.get('migration_id')} is pending to this NVE"
-        return None
+        if endpoint.get("state") != "pending" or endpoint.get("pending_nve") != self.id:
+            return None
+        try:
+            other = self.ports.configured_for_another(ifindex, mac)
+        except OSError as exc:
+            LOG.warning("%s: cannot inspect port %d: %s", self.id, ifindex, exc)
+            return None
+        if other is not None:  # another VM's port: a forged frame, even mid-migration
+            return None
+        return f"migration {endpoint.get('migration_id')} is pending to this NVE"
 
     def _refuse(self, vni: int, mac: str, ifindex: int, where: str) -> None:
         """Count and log a refused move; point the bridge back at where the MAC is."""

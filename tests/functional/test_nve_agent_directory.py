@@ -306,14 +306,22 @@ def test_learning_still_moves_a_vm_onto_a_port_configured_for_its_mac(site: Site
 
 
 def test_learning_moves_a_mac_whose_migration_is_pending_to_this_nve(site: Site) -> None:
-    """Pre-staged at h2 (a migration in progress): the MAC's first frame there is
-    the migration's, and counts as the planned move the commit then finds done."""
+    """Pre-staged at h2 (a migration in progress): the MAC's first frame on its own
+    port there is the migration's, and counts as the planned move the commit then
+    finds done. The same MAC from another VM's port at h2 meanwhile moves nothing."""
     for host in ("h1", "h2"):
         site.start(host)
     vm = site.add_vm("vm", "h1")
     other = site.add_vm("other", "h2")
     site.admin.prestage(VNI, vm.mac, "h2", "mig-1")
-    send_from(other, frames.rarp(vm.mac))  # not its configured MAC, but pending here
+    send_from(other, frames.rarp(vm.mac))  # pending here, but from another VM's port
+    assert wait_for(lambda: site.agents["h2"].refused_moves > 0)
+    assert site.admin.get_endpoint(VNI, vm.mac)["nve"] == "h1"
+    assert site.agents["h2"].reported_moves == 0
+    site.lab.pause(vm)
+    site.lab.move(vm, "h2")
+    time.sleep(0.3)  # past the refusal hold-down of the spoofed frame
+    send_from(vm, frames.rarp(vm.mac))  # its own port at the destination
     assert wait_for(lambda: site.admin.get_endpoint(VNI, vm.mac)["nve"] == "h2")
     committed = site.admin.commit(VNI, vm.mac, "mig-1")["endpoint"]
     assert committed["nve"] == "h2" and committed["seq"] == 2
