@@ -121,11 +121,37 @@ NVA_OPTS: list[cfg.Opt] = [
 ]
 
 
+#: Server only: who may act as which NVE (issue 13). Kept apart from NVA_OPTS,
+#: whose names clients and the CLI's overrides rely on.
+CREDENTIAL_OPTS: list[cfg.Opt] = [
+    cfg.DictOpt(
+        "nve_tokens",
+        default={},
+        secret=True,
+        help="Server only: per-NVE tokens, as nve-id:token pairs. A request carrying one of "
+        "them may act only as that NVE (register its own VTEP and VNs, watch and ack as "
+        "itself, report moves to itself, pre-stage/commit/abort only endpoints at or moving "
+        "to it; see vmm_orchestrator.nva.server for the whole scope table); [nva] token stays "
+        "the admin token that may do everything. Several NVE ids may share one token (an "
+        "agent serving several hosts). On each host set [nva] token to that host's own token.",
+    ),
+    cfg.StrOpt(
+        "nve_tokens_file",
+        default=None,
+        help="Server only: a file of per-NVE tokens, one '<nve-id> <token>' pair a line "
+        "('#' starts a comment), read at start and again when it changes (checked at most "
+        "once a second), so hosts can be added or tokens rotated without a restart. Keep it "
+        "readable by the server only. Merged with [nva] nve_tokens.",
+    ),
+]
+
+
 def register_opts(conf: cfg.ConfigOpts) -> None:
     """Register the ``[nva]`` options on ``conf``; safe to call more than once."""
     conf.register_opts(NVA_OPTS, group=GROUP)
+    conf.register_opts(CREDENTIAL_OPTS, group=GROUP)
 
 
 def list_opts() -> list[tuple[str, list[cfg.Opt]]]:
     """The options of this module, in the shape oslo-config-generator expects."""
-    return [(GROUP, list(NVA_OPTS))]
+    return [(GROUP, list(NVA_OPTS) + list(CREDENTIAL_OPTS))]

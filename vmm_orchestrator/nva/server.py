@@ -6,8 +6,39 @@ ThreadingHTTPServer gives one thread per connection, which long-poll
 watches need (each holds its thread while it waits) and which is plenty
 for a directory that sees a handful of requests per migration.
 
-Every request must carry the shared token: the directory decides where
-traffic goes, so an unauthenticated write could hijack a VM's traffic.
+Every request must carry a token: the directory decides where traffic
+goes, so an unauthenticated write could hijack a VM's traffic. The admin
+token (``[nva] token``) may do everything. Per-NVE tokens (``[nva]
+nve_tokens`` / ``nve_tokens_file``, issue 13) are scoped to their NVE's own
+records, so a host holding its token cannot re-register another NVE's VTEP
+or push another NVE's endpoint to a third NVE. Every known token is compared
+in constant time on every request. What an NVE token may do (anything else
+is 403 and changes nothing; S is the set of NVE ids the token names)::
+
+    GET  /v1/nves, /v1/nves/<id>, /v1/endpoints (list, find),
+         /v1/endpoints/<vni>/<mac>, /v1/acks, /v1/health     yes (reads)
+    POST /v1/nves                       only {"id"} in S (its own VTEP and VNs)
+    POST /v1/nves/<id>/ack              only <id> in S
+    POST /v1/acks                       only acks of NVEs in S
+    GET  /v1/watch, /v1/stream          only ?nve= in S
+    POST .../move                       only {"nve"} in S (a MAC learned here)
+    POST .../prestage                   {"nve"} in S (the destination, or a cold
+                                        start here), or the endpoint is at an NVE
+                                        in S (the source)
+    POST .../commit, .../abort          the endpoint is at, or pending to, an NVE
+                                        in S (source or destination of the move)
+    POST .../expire                     the endpoint is at, or pending to, an NVE
+                                        in S (a destination flushing laggards)
+    POST /v1/endpoints, DELETE /v1/endpoints/..., DELETE /v1/nves/<id>,
+    POST .../release                    admin only
+
+These are the calls an NVE agent host makes for itself: the NVE agent
+(register, snapshot, watch/stream, ack, learned moves), the pipeline's
+directory stages run by the same agent (nva_prestage at the destination,
+peer_update's commit, acks and expire), the libvirt daemon's cold start
+(prestage, commit, abort to itself) and the state service's voucher (reads).
+Scoped checks that read the endpoint and the write that follows run under
+one lock, so two NVE-scoped requests cannot slip between check and write.
 
 NVE agents that follow the directory at scale open one stream each
 (``GET /v1/stream`` with ``Upgrade: vmm-nva-stream/1``, served by
@@ -21,11 +52,14 @@ server answers 404 on ``/v1/stream``, and the client long-polls).
 from __future__ import annotations
 
 import dataclasses
+import hmac
 import json
 import logging
+import os
 import re
 import threading
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Mapping
 from typing import Any, Self, cast
 from urllib.parse import parse_qs, urlsplit
 
@@ -34,6 +68,7 @@ from oslo_config import cfg
 from vmm_orchestrator.errors import ConfigError
 from vmm_orchestrator.httpapi import (
     DRAIN_LIMIT,
+    TOKEN_HEADER,
     JsonHttpServer,
     JsonRequestHandler,
     Routes,
@@ -43,6 +78,7 @@ from vmm_orchestrator.httpapi import (
     url_host,
 )
 from vmm_orchestrator.nva import options
+from vmm_orchestrator.nva.client import Forbidden
 from vmm_orchestrator.nva.errors import (
     BadRequest,
     MethodNotAllowed,
@@ -59,13 +95,152 @@ LOG = logging.getLogger(__name__)
 _INT_RE = re.compile(r"^[0-9]{1,15}$")
 
 
+# ---------------------------------------------------------------- credentials
+
+
+@dataclasses.dataclass(frozen=True)
+class Principal:
+    """Who a request acts as: the admin, or the NVEs one scoped token names."""
+
+    admin: bool
+    nves: frozenset[str] = frozenset()
+
+    def name(self) -> str:
+        return "admin" if self.admin else "NVE " + ", ".join(sorted(self.nves))
+
+
+ADMIN = Principal(admin=True)
+
+
+def parse_token_file(text: str, path: str) -> dict[str, str]:
+    """``<nve-id> <token>`` lines ('#' comments, blank lines ignored) -> {nve: token}."""
+    out: dict[str, str] = {}
+    for number, raw in enumerate(text.splitlines(), 1):
+        line = raw.split("#", 1)[0].strip()
+        if not line:
+            continue
+        parts = line.split()
+        if len(parts) != 2:
+            raise ConfigError(
+                f"{path} line {number}: expected '<nve-id> <token>', got {len(parts)} field(s)",
+                hint="one NVE a line; tokens may not contain spaces or '#'",
+            )
+        nve, token = parts
+        check_nve_id(nve, "nve id")
+        if nve in out:
+            raise ConfigError(f"{path} line {number}: NVE {nve} is listed twice")
+        out[nve] = token
+    return out
+
+
+class Credentials:
+    """The admin token and the per-NVE tokens, matched in constant time.
+
+    ``identify`` compares the given token with every known one (no early
+    exit), so the time taken does not tell which token nearly matched. The
+    tokens file is read again when its modification time changes (looked
+    at most once a second); a file that became unreadable or invalid keeps
+    the tokens in force and is logged.
+    """
+
+    RECHECK = 1.0
+
+    def __init__(
+        self,
+        admin: str,
+        nve_tokens: Mapping[str, str] | None = None,
+        path: str | None = None,
+    ) -> None:
+        if not admin:
+            raise ConfigError(
+                "the NVA server needs a token", hint="set [nva] token to a shared secret"
+            )
+        self._admin = admin.encode("utf-8")
+        self._static = dict(nve_tokens or {})
+        self._path = path
+        self._lock = threading.Lock()
+        self._stamp: tuple[int, int] | None = None
+        self._checked = 0.0
+        from_file = self._read_file() if path else {}
+        self._table = self._build({**self._static, **from_file})
+
+    @property
+    def admin_token(self) -> str:
+        return self._admin.decode("utf-8")
+
+    def _read_file(self) -> dict[str, str]:
+        assert self._path is not None
+        try:
+            st = os.stat(self._path)
+            with open(self._path, encoding="utf-8") as fh:
+                text = fh.read()
+        except OSError as err:
+            raise ConfigError(
+                f"cannot read [nva] nve_tokens_file {self._path}: {err}",
+                hint="create it with one '<nve-id> <token>' line per host",
+            ) from err
+        if st.st_mode & 0o004:
+            LOG.warning("%s is world-readable: any local user can act as its NVEs", self._path)
+        self._stamp = (st.st_mtime_ns, st.st_size)
+        return parse_token_file(text, self._path)
+
+    def _build(self, tokens: Mapping[str, str]) -> list[tuple[bytes, frozenset[str]]]:
+        by_token: dict[bytes, set[str]] = {}
+        for nve, token in tokens.items():
+            check_nve_id(nve, "nve id")
+            if not token:
+                raise ConfigError(f"the token of NVE {nve} is empty", hint="give it a secret")
+            raw = token.encode("utf-8")
+            if hmac.compare_digest(raw, self._admin):
+                raise ConfigError(
+                    f"the token of NVE {nve} is the admin token ([nva] token)",
+                    hint="give each host a token of its own",
+                )
+            by_token.setdefault(raw, set()).add(nve)
+        return [(raw, frozenset(nves)) for raw, nves in by_token.items()]
+
+    def _refresh(self) -> None:
+        now = time.monotonic()
+        if self._path is None or now - self._checked < self.RECHECK:
+            return
+        with self._lock:
+            if now - self._checked < self.RECHECK:
+                return
+            self._checked = now
+            try:
+                st = os.stat(self._path)
+                if (st.st_mtime_ns, st.st_size) == self._stamp:
+                    return
+                table = self._build({**self._static, **self._read_file()})
+            except (OSError, ConfigError) as err:
+                LOG.error("keeping the NVE tokens in force: %s", err)
+                return
+            self._table = table
+            LOG.info("NVE tokens reloaded from %s (%d tokens)", self._path, len(table))
+
+    def identify(self, given: bytes) -> Principal | None:
+        """The principal ``given`` authenticates, or None."""
+        self._refresh()
+        found: Principal | None = None
+        if hmac.compare_digest(given, self._admin):
+            found = ADMIN
+        for raw, nves in self._table:
+            if hmac.compare_digest(given, raw) and found is None:
+                found = Principal(admin=False, nves=nves)
+        return found
+
+
+# ----------------------------------------------------------------- requests
+
+
 @dataclasses.dataclass
 class Request:
-    """What a route handler gets: path captures, query string and JSON body."""
+    """What a route handler gets: path captures, query string, JSON body and caller."""
 
     args: tuple[str, ...]
     query: dict[str, list[str]]
     body: dict[str, Any]
+    principal: Principal = ADMIN
 
 
 Response = tuple[int, Any]
@@ -227,9 +402,103 @@ class Api:
             MethodNotAllowed,
         )
 
+        #: What an NVE-scoped token may call: handler name -> (check, under the lock).
+        #: A handler missing here is admin only. See the module docstring's table.
+        self.scopes: dict[str, tuple[Callable[[Request], None], bool]] = {
+            "list_nves": (_anyone, False),
+            "get_nve": (_anyone, False),
+            "list_endpoints": (_anyone, False),
+            "get_endpoint": (_anyone, False),
+            "acks": (_anyone, False),
+            "health": (_anyone, False),
+            "stream_without_upgrade": (_anyone, False),
+            "watch": (self._scope_watch, False),
+            "register_nve": (self._scope_register, False),
+            "ack": (self._scope_ack, False),
+            "ack_many": (self._scope_ack_many, False),
+            "move": (self._scope_move, False),
+            "prestage": (self._scope_prestage, True),
+            "commit": (self._scope_endpoint, True),
+            "abort": (self._scope_endpoint, True),
+            "expire": (self._scope_endpoint, True),
+        }
+        self._scoped = threading.Lock()
+
     def match(self, method: str, path: str) -> tuple[Handler, tuple[str, ...]]:
         """The handler and decoded path captures, or 404 / 405."""
         return self.routes.match(method, path)
+
+    def call(self, handler: Handler, req: Request) -> Response:
+        """Run ``handler`` if the request's principal may (403 otherwise, nothing changed)."""
+        if req.principal.admin:
+            return handler(req)
+        name = getattr(handler, "__name__", "")
+        scope = self.scopes.get(name)
+        if scope is None:
+            raise _forbidden(req.principal, f"call {name.replace('_', ' ')}", admin_only=True)
+        check, locked = scope
+        if not locked:
+            check(req)
+            return handler(req)
+        with self._scoped:  # the endpoint read by the check is the one the write sees
+            check(req)
+            return handler(req)
+
+    # scopes of NVE tokens (the principal is never the admin here)
+
+    def _scope_watch(self, req: Request) -> None:
+        for nve in req.query.get("nve", []):
+            _own(req.principal, nve, "watch the changes of NVE")
+
+    def check_stream(self, principal: Principal, nve: str) -> None:
+        """A stream is a watch: an NVE token streams only as its own NVE."""
+        if not principal.admin:
+            _own(principal, nve, "stream the changes of NVE")
+
+    def _scope_register(self, req: Request) -> None:
+        _fields(req.body, {"id", "vtep"}, {"vnis"})
+        _own(req.principal, req.body["id"], "register NVE")
+
+    def _scope_ack(self, req: Request) -> None:
+        _own(req.principal, req.args[0], "ack for NVE")
+
+    def _scope_ack_many(self, req: Request) -> None:
+        _fields(req.body, {"acks"})
+        acks = req.body["acks"]
+        if not isinstance(acks, dict):
+            raise BadRequest("acks must be an object {nve: revision}")
+        for nve in acks:
+            _own(req.principal, nve, "ack for NVE")
+
+    def _scope_move(self, req: Request) -> None:
+        _fields(req.body, {"nve"}, {"seq"})
+        _own(req.principal, req.body["nve"], "report a MAC learned at NVE")
+
+    def _endpoint_of(self, req: Request) -> dict[str, Any]:
+        return self.store.get_endpoint(_path_vni(req.args[0]), req.args[1])
+
+    def _scope_prestage(self, req: Request) -> None:
+        _fields(req.body, {"nve", "migration_id"})
+        if req.body["nve"] in req.principal.nves:
+            return  # moving it here: this host is the destination (or a cold start here)
+        ep = self._endpoint_of(req)
+        if ep.get("nve") not in req.principal.nves:
+            raise _forbidden(
+                req.principal,
+                f"pre-stage {req.args[1]} (at {ep.get('nve')}) to {req.body['nve']}: "
+                "it is neither the source nor the destination of that move",
+            )
+
+    def _scope_endpoint(self, req: Request) -> None:
+        ep = self._endpoint_of(req)
+        ends = {ep.get("nve"), ep.get("pending_nve")} - {None}
+        if not ends & req.principal.nves:
+            what = req.args[1]
+            raise _forbidden(
+                req.principal,
+                f"change the move of {what} (at {ep.get('nve')}, pending to "
+                f"{ep.get('pending_nve')}): it is neither its source nor its destination",
+            )
 
     def allowed(self, path: str) -> list[str]:
         """Methods a path accepts, for the Allow header of a 405."""
@@ -386,6 +655,24 @@ class Api:
         return 200, {"revision": self.store.revision}
 
 
+def _anyone(req: Request) -> None:
+    """Reads: any authenticated caller (the directory's contents are not secret to NVEs)."""
+
+
+def _forbidden(principal: Principal, what: str, admin_only: bool = False) -> Forbidden:
+    hint = (
+        "this needs the admin token ([nva] token of `vmm nva serve`)"
+        if admin_only
+        else "an NVE token acts only on its own NVE's records; use the admin token"
+    )
+    return Forbidden(f"the token of {principal.name()} may not {what}", hint=hint)
+
+
+def _own(principal: Principal, nve: Any, what: str) -> None:
+    if not isinstance(nve, str) or nve not in principal.nves:
+        raise _forbidden(principal, f"{what} {nve}")
+
+
 # ------------------------------------------------------------- HTTP plumbing
 
 
@@ -401,14 +688,16 @@ class _HttpServer(JsonHttpServer):
         self,
         address: tuple[str, int],
         api: Api,
-        token: str,
+        credentials: Credentials,
         max_body: int,
         max_json_depth: int = MAX_JSON_DEPTH,
     ) -> None:
         self.api = api
+        self.credentials = credentials
         self.max_body_bytes = max_body
         self.max_json_depth = max_json_depth
-        super().__init__(address, _RequestHandler, token)
+        # The shared base keeps the admin token; _RequestHandler checks them all.
+        super().__init__(address, _RequestHandler, credentials.admin_token)
 
 
 class _RequestHandler(JsonRequestHandler):
@@ -423,8 +712,26 @@ class _RequestHandler(JsonRequestHandler):
     def _srv(self) -> _HttpServer:
         return cast(_HttpServer, self.server)
 
+    #: Set by _authenticate for each request; no rights until then.
+    principal: Principal = Principal(admin=False)
+
     def do_OPTIONS(self) -> None:
         self._dispatch("OPTIONS")
+
+    def _authenticate(self) -> None:
+        """The admin token or an NVE's token (constant time over every known token)."""
+        self.principal = Principal(admin=False)
+        given = self.headers.get(TOKEN_HEADER)
+        # A client without a token gets its answer and no kept-alive connection.
+        if given is None:
+            self.close_connection = True
+            raise Unauthorized(f"missing {TOKEN_HEADER} header")
+        # Headers arrive decoded as latin-1: re-encode to get the bytes sent.
+        found = self._srv.credentials.identify(given.encode("latin-1", "replace"))
+        if found is None:
+            self.close_connection = True
+            raise Unauthorized(f"invalid {TOKEN_HEADER}")
+        self.principal = found
 
     def _dispatch(self, method: str) -> None:
         headers: dict[str, str] = {}
@@ -459,6 +766,7 @@ class _RequestHandler(JsonRequestHandler):
         self._authenticate()
         url = urlsplit(self.path)
         nve, since = api.stream_args(Request((), parse_qs(url.query, keep_blank_values=True), {}))
+        api.check_stream(self.principal, nve)
         hub = api.hub
         if hub is None:  # stopped meanwhile
             raise NotFound("the directory is stopping")
@@ -487,7 +795,7 @@ class _RequestHandler(JsonRequestHandler):
             raise
         body = self._read_body(length) if method == "POST" else self._discard(length)
         query = parse_qs(url.query, keep_blank_values=True)
-        return handler(Request(args, query, body))
+        return self._srv.api.call(handler, Request(args, query, body, self.principal))
 
     def _content_length(self) -> int:
         if self.headers.get("Transfer-Encoding"):
@@ -543,6 +851,8 @@ class NvaServer:
         max_body_bytes: int = 1024 * 1024,
         watch_max_timeout: float = 30.0,
         max_json_depth: int = MAX_JSON_DEPTH,
+        nve_tokens: Mapping[str, str] | None = None,
+        nve_tokens_file: str | None = None,
     ) -> None:
         if not token:
             # An empty token would let an empty header through compare_digest.
@@ -553,7 +863,7 @@ class NvaServer:
         self.store = store
         self.host = host
         self.port = port
-        self._token = token
+        self._credentials = Credentials(token, nve_tokens, nve_tokens_file)
         self._max_body_bytes = max_body_bytes
         self._max_json_depth = max_json_depth
         self._api = Api(store, watch_max_timeout)
@@ -578,6 +888,8 @@ class NvaServer:
             max_body_bytes=group.max_body_bytes,
             watch_max_timeout=group.watch_max_timeout,
             max_json_depth=group.max_json_depth,
+            nve_tokens=group.nve_tokens,
+            nve_tokens_file=group.nve_tokens_file,
         )
 
     @property
@@ -594,7 +906,7 @@ class NvaServer:
                 self._httpd = _HttpServer(
                     (self.host, self.port),
                     self._api,
-                    self._token,
+                    self._credentials,
                     self._max_body_bytes,
                     self._max_json_depth,
                 )
