@@ -20,11 +20,16 @@ not hold in that VN, or holds without an IPv4 address, gets no answer and
 is counted (``unknown``). QEMU's self-announce after a live migration is
 also a RARP request for the guest's own MAC: it gets an answer too, which is
 harmless (it carries the address the guest already has; Linux guests have
-no RARP client and drop it).
+no RARP client and drop it). Because of that twin, every answer waits
+``[rarp] answer_delay`` (50 ms): at a resume the host's CPU belongs to the
+announcements and the directory commit, and with immediate answers the
+responder's look-ups (netlink, directory) pushed RESUMED -> first GARP
+from about 2 ms to a median of 19 ms (``benchmarks/critical_path.py``).
 """
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import ctypes
 import logging
@@ -32,6 +37,7 @@ import re
 import socket
 import struct
 import threading
+import time
 from typing import Any
 
 from oslo_config import cfg
@@ -51,6 +57,17 @@ RARP_OPTS: list[cfg.Opt] = [
         "address the directory binds to their MAC in their VN (diskless guests, "
         "draft-ietf-nvo3-vmm section 4.2). Unknown MACs get no answer.",
     ),
+    cfg.FloatOpt(
+        "answer_delay",
+        default=0.05,
+        min=0.0,
+        max=1.0,
+        help="Seconds a RARP request waits before it is answered. QEMU's self-announce "
+        "at a live migration's resume is a RARP request for the guest's own MAC, "
+        "indistinguishable from a diskless guest's; answering it at once would take "
+        "CPU from the resume's critical path (announcements, directory commit). A "
+        "booting guest does not notice 50 ms.",
+    ),
 ]
 
 
@@ -63,6 +80,8 @@ def list_opts() -> list[tuple[str, list[cfg.Opt]]]:
 
 
 PACKET_OUTGOING = 4
+#: Seconds the responder's thread blocks in recv with nothing due (how soon it sees stop()).
+IDLE_WAIT = 0.25
 ETH_P_ALL = 0x0003
 SO_ATTACH_FILTER = 26
 #: Classic BPF: accept a frame whose EtherType is RARP, drop the rest.
@@ -111,8 +130,18 @@ class RarpResponder:
     served here), ``errors`` (directory unavailable, send failed).
     """
 
-    def __init__(self, name: str, netns: str | None, nva: Any, vnis: list[int]) -> None:
+    def __init__(
+        self,
+        name: str,
+        netns: str | None,
+        nva: Any,
+        vnis: list[int],
+        answer_delay: float = 0.05,
+    ) -> None:
         self.name = name
+        self.answer_delay = answer_delay
+        #: Requests received and not yet answered: (due monotonic, frame, address).
+        self._due: collections.deque[tuple[float, bytes, tuple[Any, ...]]] = collections.deque()
         self.netns = netns
         self.nva = nva
         self.vnis = set(vnis)
@@ -133,7 +162,7 @@ class RarpResponder:
         if self._thread is not None:
             return
         self._sock = open_rarp_socket(self.netns)
-        self._sock.settimeout(0.25)
+        self._sock.settimeout(IDLE_WAIT)
         self._stop.clear()
         self._thread = threading.Thread(target=self._serve, name=f"rarp-{self.name}", daemon=True)
         self._thread.start()
@@ -174,6 +203,11 @@ class RarpResponder:
                 sock = self._sock
                 if sock is None:
                     return
+                now = time.monotonic()
+                while self._due and self._due[0][0] <= now:
+                    _, data, addr = self._due.popleft()
+                    self._answer(data, addr, links)
+                sock.settimeout(self._due[0][0] - now if self._due else IDLE_WAIT)
                 try:
                     data, addr = sock.recvfrom(2048)
                 except TimeoutError:
@@ -182,13 +216,19 @@ class RarpResponder:
                     if self._stop.is_set():
                         return
                     raise
-                try:
-                    self.handle(data, addr, links)
-                except Exception:  # one bad frame must not stop the responder
-                    self.errors += 1
-                    LOG.exception("%s: RARP request not handled", self.name)
+                if self.answer_delay > 0:
+                    self._due.append((time.monotonic() + self.answer_delay, data, addr))
+                else:
+                    self._answer(data, addr, links)
         finally:
             links.close()
+
+    def _answer(self, data: bytes, addr: tuple[Any, ...], links: Any) -> None:
+        try:
+            self.handle(data, addr, links)
+        except Exception:  # one bad frame must not stop the responder
+            self.errors += 1
+            LOG.exception("%s: RARP request not handled", self.name)
 
     def handle(self, data: bytes, addr: tuple[Any, ...], links: Any) -> bytes | None:
         """Answer one frame received as ``addr`` (AF_PACKET address); the reply sent, if any."""
