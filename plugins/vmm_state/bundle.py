@@ -6,7 +6,7 @@ Wire format (all integers big-endian)::
     preamble   b"VMMSTATE" + u16 version
     frames     type (1 byte) + u32 length + payload
       H  header   JSON: alg, key_id, migration, workload, source, label,
-                  since, exported_at
+                  seq, since, exported_at
       S  section  JSON: kind, and "unavailable" when the source cannot
                   export that kind
       C  chunk    entries of the open section, one compact JSON object per
@@ -20,6 +20,13 @@ Wire format (all integers big-endian)::
 The MAC covers the exact bytes, header included, so the key id, the
 migration the bundle belongs to and every entry are authenticated. Nothing
 comes after M.
+
+``seq`` makes each bundle of a migration unique and ordered: the source
+numbers every export it writes with a number above any it wrote before
+(from its clock, so a restarted source goes on counting upwards), and the
+destination installs a bundle of a migration only if its seq is above every
+seq it took for that migration, and never once the migration is closed
+there (committed, aborted): a captured bundle applies once (issue 13).
 
 The writer is a generator: entries are pulled from each kind's export
 iterator and written chunk by chunk, so an exporting host holds one chunk
@@ -138,6 +145,13 @@ class WrongBundle(BundleError):
     reason = Reason.POLICY_CONFLICT
 
 
+class ReplayedBundle(WrongBundle):
+    """A valid bundle of this migration that was applied (or superseded) already,
+    or that arrives after the migration closed here: a replay, refused whole."""
+
+    code = "replayed"
+
+
 class PoisonedBundle(BundleError):
     """A signed bundle holding an entry of another VM (``kind.check`` refused it).
 
@@ -160,6 +174,8 @@ class BundleHeader:
     "delta"); the destination records and reverts imports by label.
     ``since`` is the source-clock time the delta starts from (None: full
     export); ``exported_at`` the source-clock time the export began.
+    ``seq`` orders the bundles of one migration (0: a source from before
+    sequence numbers; such a bundle applies once per label).
     """
 
     migration: str
@@ -168,6 +184,7 @@ class BundleHeader:
     label: str
     since: float | None = None
     exported_at: float = 0.0
+    seq: int = 0
 
     def to_dict(self, key_id: str) -> dict[str, Any]:
         return {
@@ -177,6 +194,7 @@ class BundleHeader:
             "workload": self.workload,
             "source": self.source,
             "label": self.label,
+            "seq": self.seq,
             "since": self.since,
             "exported_at": self.exported_at,
         }
@@ -192,9 +210,16 @@ class BundleHeader:
                 label=_text(data["label"], "label"),
                 since=None if since is None else float(since),
                 exported_at=float(data.get("exported_at", 0.0)),
+                seq=_seq(data.get("seq", 0)),
             )
         except (KeyError, TypeError, ValueError) as err:
             raise MalformedBundle(f"bundle header is invalid: {err!r}") from None
+
+
+def _seq(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < 2**63:
+        raise ValueError(f"seq must be an integer >= 0, got {value!r}")
+    return value
 
 
 def _text(value: Any, name: str) -> str:

@@ -2,6 +2,16 @@
 bundle, install kind by kind, answer per kind, and remember what was
 installed so an aborted migration can be reverted.
 
+A bundle applies once (issue 13): the importer takes a migration's
+bundles only in increasing ``seq`` (the source numbers each export), and
+none once the migration is closed here (committed: ``forget``; aborted:
+a revert of every label). A replayed bundle is refused whole before any
+check or install, so it can neither reset the lifetimes of installed
+entries nor re-create sessions that closed meanwhile. Closed migrations
+are remembered (the newest ``CLOSED_KEPT``) in memory; after a restart the
+directory's voucher (``vmm_state.service.nva_voucher``) refuses imports
+of migrations that are no longer pending to this host.
+
 Order matters for safety. Every entry of every kind is checked with
 ``kind.check`` before anything is installed: a single poisoned entry (one
 that involves addresses other than the migrating VM's) refuses the whole
@@ -21,6 +31,7 @@ import os
 import tempfile
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -30,6 +41,7 @@ from vmm_state.bundle import (
     BundleError,
     MalformedBundle,
     PoisonedBundle,
+    ReplayedBundle,
     VerifiedBundle,
     WrongBundle,
 )
@@ -39,6 +51,8 @@ LOG = logging.getLogger(__name__)
 
 #: How much of a refused entry an answer quotes (enough to find it, no more).
 QUOTE_CHARS = 200
+#: Closed migrations remembered to refuse their replayed bundles (newest kept).
+CLOSED_KEPT = 65536
 
 
 # ----------------------------------------------------------------- answers
@@ -392,6 +406,57 @@ class Importer:
         self._lock = threading.Lock()
         # migration -> label -> kind -> source-clock time of the export imported.
         self._synced: dict[str, dict[str, dict[str, float]]] = {}
+        # Replay guard: the highest seq taken per migration, the labels of the
+        # unnumbered bundles taken, and the migrations closed here (id -> when).
+        self._last_seq: dict[str, int] = {}
+        self._unnumbered: dict[str, set[str]] = {}
+        self._closed: OrderedDict[str, float] = OrderedDict()
+
+    def close(self, migration_id: str) -> None:
+        """The migration is over here: no bundle of it is taken any more."""
+        with self._lock:
+            self._close(migration_id)
+
+    def _close(self, migration_id: str) -> None:
+        self._last_seq.pop(migration_id, None)
+        self._unnumbered.pop(migration_id, None)
+        self._closed[migration_id] = time.time()
+        self._closed.move_to_end(migration_id)
+        while len(self._closed) > CLOSED_KEPT:
+            self._closed.popitem(last=False)
+
+    def is_closed(self, migration_id: str) -> bool:
+        """Whether the migration closed here (its bundles are refused as replays)."""
+        with self._lock:
+            return migration_id in self._closed
+
+    def _claim(self, migration: Migration, bundle: VerifiedBundle) -> None:
+        """Take the bundle's seq for its migration, or ReplayedBundle. Under the lock."""
+        h = bundle.header
+        closed = self._closed.get(migration.id)
+        if closed is not None:
+            raise ReplayedBundle(
+                f"migration {migration.id} closed on host {self.host} "
+                f"{max(0.0, time.time() - closed):.0f} s ago (committed or aborted); its "
+                f"{h.label} bundle (seq {h.seq}) is a replay and was refused, nothing installed"
+            )
+        if h.seq == 0:
+            seen = self._unnumbered.setdefault(migration.id, set())
+            if h.label in seen:
+                raise ReplayedBundle(
+                    f"an unnumbered {h.label} bundle of migration {migration.id} was taken "
+                    "already; refusing a replay (upgrade the source to number its bundles)"
+                )
+            seen.add(h.label)
+            return
+        last = self._last_seq.get(migration.id, 0)
+        if h.seq <= last:
+            raise ReplayedBundle(
+                f"{h.label} bundle seq {h.seq} of migration {migration.id} is not newer than "
+                f"seq {last}, taken already on host {self.host}: a replayed (or overtaken) "
+                "bundle is refused, nothing installed"
+            )
+        self._last_seq[migration.id] = h.seq
 
     def synced(self, migration_id: str) -> dict[str, float]:
         """Per kind, the source-clock time of the newest export imported for the migration.
@@ -413,6 +478,7 @@ class Importer:
         """
         with self._lock:
             self._synced.pop(migration_id, None)
+            self._close(migration_id)
             dropped = len(self.ledger.take(migration_id))
         for kind in self.kinds.values():
             try:
@@ -449,6 +515,13 @@ class Importer:
             )
         ctx = kind_context(self.netns, migration)
         with self._lock, no_gc():
+            try:
+                self._claim(migration, bundle)
+            except ReplayedBundle as err:
+                LOG.warning("host %s: %s", self.host, err)
+                return ImportReport.refused(
+                    migration.id, header.label, bundle.sections, err, bundle.size
+                )
             started = time.perf_counter()
             candidates = self._screen(ctx, bundle, report)
             parsed: dict[str, list[dict[str, Any]]] = {}
@@ -668,6 +741,7 @@ class Importer:
             synced = self._synced.get(migration.id, {})
             if label is None:
                 synced.clear()
+                self._close(migration.id)  # aborted: nothing of it may come in again
             else:
                 synced.pop(label, None)
             if not synced:

@@ -164,6 +164,27 @@ STATE_OPTS: list[cfg.Opt] = [
         "Unset: the record is kept in memory only (the pre-copy's own record is still "
         "journalled by the engine).",
     ),
+    cfg.DictOpt(
+        "peer_token_digests",
+        default={},
+        help="Per-host credentials: the SHA-256 hex digest of each peer host's own "
+        "[state] token, as host:digest pairs (print one with `printf %s TOKEN | "
+        "sha256sum`). Each host then sets [state] token to a secret of its own and knows "
+        "only its peers' digests, so no host can act as another: a request with a peer's "
+        "token is served only when that peer is the other end of the migration it names "
+        "(the destination pulls the export; the source pushes, reverts and commits). "
+        "Unset: [state] token is one secret every host shares, as before.",
+    ),
+    cfg.IntOpt(
+        "max_concurrent_imports",
+        default=2,
+        min=1,
+        help="Imports (uploaded bundles) a host serves at once. A bundle is held in "
+        "memory until its signature verifies (up to max_bundle_bytes), so this bounds the "
+        "memory uploads take to about this many times max_bundle_bytes; further uploads "
+        "are answered 503 with Retry-After before their body is read, and the sender's "
+        "policy retries them.",
+    ),
 ]
 
 
@@ -224,3 +245,18 @@ def entry_limits(conf: cfg.ConfigOpts) -> tuple[int, dict[str, int]]:
             )
         overrides[kind] = count
     return int(group.max_entries), overrides
+
+
+def peer_digests(conf: cfg.ConfigOpts) -> dict[str, str]:
+    """``[state] peer_token_digests``, each a SHA-256 hex digest (lower case)."""
+    register_opts(conf)
+    out: dict[str, str] = {}
+    for host, digest in (conf[GROUP].peer_token_digests or {}).items():
+        text = str(digest).strip().lower()
+        if len(text) != 64 or any(c not in "0123456789abcdef" for c in text):
+            raise ConfigError(
+                f"[state] peer_token_digests: the digest of {host} is not a SHA-256 hex digest",
+                hint="write host:<64 hex digits>, from `printf %s TOKEN | sha256sum`",
+            )
+        out[host] = text
+    return out

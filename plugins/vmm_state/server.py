@@ -7,6 +7,16 @@ their entries; imports are read piece by piece into the bundle reader
 (Content-Length or chunked uploads), which enforces the limits as it
 goes. What a route does is the StateHost's business; this module only
 speaks HTTP.
+
+Memory (issue 13): the reader keeps a bundle's raw chunks until its
+signature (at the end) verifies, so one import holds up to ``[state]
+max_bundle_bytes``; at most ``[state] max_concurrent_imports`` imports are
+served at once, and further uploads are answered 503 with Retry-After
+before their body is read. Replays: an upload for a migration closed here
+is answered 409 before its body is read; a bundle that was applied already
+(its seq taken) is answered 409 with the refusal report, nothing installed.
+Peers: a request with a peer's own token ([state] peer_token_digests) is
+served only for a migration whose other end that peer is (StateHost.resolve).
 """
 
 from __future__ import annotations
@@ -32,18 +42,21 @@ from vmm_orchestrator.httpapi import (
     url_host,
 )
 from vmm_orchestrator.model import Migration, Role
-from vmm_state.bundle import KIND_RE, MalformedBundle
+from vmm_state.bundle import KIND_RE, MalformedBundle, ReplayedBundle
 from vmm_state.wire import (
     BUNDLE_TYPE,
     LABEL_RE,
     MIGRATION_HEADER,
     PIECE,
+    TOKEN_HEADER,
     BadRequest,
+    Conflict,
     MethodNotAllowed,
     NotFound,
     ServiceError,
     TlsFiles,
     Unauthorized,
+    Unavailable,
 )
 
 if TYPE_CHECKING:
@@ -66,6 +79,9 @@ def _label(query: dict[str, str], default: str | None) -> str | None:
 
 class _HttpServer(JsonHttpServer):
     """The shared JSON server, knowing its host."""
+
+    #: Seconds a client is told to wait when every import slot is busy.
+    RETRY_AFTER = 1
 
     def __init__(self, address: tuple[str, int], host: StateHost) -> None:
         self.host = host
@@ -180,6 +196,23 @@ class _Handler(JsonRequestHandler):
             self.connection.settimeout(self.timeout)
             self.connection.do_handshake()
 
+    #: The peer whose own token the request carries (None: this host's / the shared one).
+    _peer: str | None = None
+
+    def _authenticate(self) -> None:
+        """This host's token (or the shared one), or a peer's own token by its digest."""
+        self._peer = None
+        given = self.headers.get(TOKEN_HEADER)
+        if given is None:
+            self.close_connection = True
+            raise Unauthorized(f"missing {TOKEN_HEADER} header")
+        # Headers arrive decoded as latin-1: re-encode to get the bytes sent.
+        ok, peer = self._host.settings.identify(given.encode("latin-1", "replace"))
+        if not ok:
+            self.close_connection = True
+            raise Unauthorized(f"invalid {TOKEN_HEADER}")
+        self._peer = peer
+
     def _dispatch(self, method: str) -> None:
         self._streaming = False
         self._body: _Body | None = None
@@ -188,19 +221,29 @@ class _Handler(JsonRequestHandler):
             self._authenticate()
             action, args = self._route(method)
             getattr(self, action)(*args)
+        except Unavailable as err:  # busy: answer now, do not read (drain) a large upload
+            self.close_connection = True
+            retry = {"Retry-After": str(self._srv.RETRY_AFTER)}
+            self._answer_error(err.http_status, error_body(err), retry, drain=False)
         except ServiceError as err:
             self._answer_error(err.http_status, error_body(err))
         except Exception:
             LOG.exception("state request %s %s failed", method, self.path)
             self._answer_error(500, internal_error_body())
 
-    def _answer_error(self, status: int, body: dict[str, Any]) -> None:
+    def _answer_error(
+        self,
+        status: int,
+        body: dict[str, Any],
+        headers: dict[str, str] | None = None,
+        drain: bool = True,
+    ) -> None:
         if self._streaming:  # the answer has begun: all we can do is cut it short
             self.close_connection = True
             return
-        if self._body is None or not self._body.drain():
+        if not drain or self._body is None or not self._body.drain():
             self.close_connection = True
-        self._send_json(status, body)
+        self._send_json(status, body, headers)
 
     def _route(self, method: str) -> tuple[str, tuple[str, ...]]:
         return self.ROUTES.match(method, urlsplit(self.path).path)
@@ -209,7 +252,8 @@ class _Handler(JsonRequestHandler):
         return _query(urlsplit(self.path).query, allowed)
 
     def _migration(self, migration_id: str, role: Role | None) -> Migration:
-        return self._host.resolve(migration_id, self.headers.get(MIGRATION_HEADER), role)
+        description = self.headers.get(MIGRATION_HEADER)
+        return self._host.resolve(migration_id, description, role, self._peer)
 
     # -- routes -----------------------------------------------------------------
 
@@ -263,11 +307,35 @@ class _Handler(JsonRequestHandler):
         label = _label(query, None)
         if label is None:
             raise BadRequest("query parameter label is required (e.g. label=delta)")
+        if self._host.importer.is_closed(migration_id):
+            raise Conflict(
+                f"migration {migration_id} is closed on host {self._host.name} (committed or "
+                "aborted); a bundle for it is a replay and is refused unread"
+            )
         migration = self._migration(migration_id, Role.DESTINATION)
         assert self._body is not None
-        report = self._host.import_pieces(migration, self._body.pieces(), label)
+        slots = self._host.import_slots
+        if not slots.acquire(blocking=False):
+            raise Unavailable(
+                f"host {self._host.name} is importing "
+                f"{self._host.settings.max_concurrent_imports} bundles already "
+                "([state] max_concurrent_imports); retry shortly",
+                hint=f"retry after {self._srv.RETRY_AFTER} s",
+            )
+        try:
+            report = self._host.import_pieces(migration, self._body.pieces(), label)
+        finally:
+            slots.release()
         if not self._body.drain():
             self.close_connection = True
+        if report.error is not None and report.error.startswith(f"{ReplayedBundle.code}:"):
+            message = report.error.split(": ", 1)[-1]
+            self._send_json(
+                409,
+                {"error": {"code": ReplayedBundle.code, "message": message}}
+                | {"report": report.to_dict()},
+            )
+            return
         self._send_json(200, report.to_dict())
 
     def revert(self, migration_id: str) -> None:

@@ -14,8 +14,19 @@ carry its description in X-Vmm-Migration, base64url JSON)::
 A host exports only the entries of the VM a migration names, and only for a
 migration it knows (``StateHost.expect``, called by the stages) or that the
 directory vouches for (the NICs' MAC/addresses are the VM's registered
-ones, and for an export the VM is registered at this host): a token holder
-cannot make a host export another VM's sessions by describing a fake VM.
+ones; for an export the VM is registered at this host and pending to the
+migration's destination, for an import pending to this host, for that
+migration): a token holder cannot make a host export another VM's
+sessions by describing a fake VM.
+
+Per-host credentials (issue 13): with ``[state] peer_token_digests`` each
+host sends its own ``[state] token`` and a host knows only the SHA-256
+digests of its peers' tokens (so no host can act as another). A request
+with a peer's token acts as that peer, which may only be the other end of
+the migration it names: the destination pulls the export from the source;
+the source pushes, asks what was imported, reverts and commits at the
+destination. A request with this host's own token (or the one token every
+host shares, when no digests are configured) is not bound to a peer.
 
 ``StateHost`` is what stages find under ``ctx.host.service("state")``: the
 host's kinds, keys and limits, its server (:mod:`vmm_state.server`), its
@@ -26,6 +37,8 @@ importer (:mod:`vmm_state.importer`) and clients for its peers
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import hmac
 import logging
 import threading
 import time
@@ -36,7 +49,7 @@ from oslo_config import cfg
 
 from vmm_orchestrator.errors import ConfigError, TransientError, VmmError
 from vmm_orchestrator.model import Migration, Role
-from vmm_orchestrator.statekind import KindContext, StateKind
+from vmm_orchestrator.statekind import KindContext, Reason, StateKind
 from vmm_state import options
 from vmm_state.bundle import (
     BundleError,
@@ -90,6 +103,10 @@ class StateSettings:
     ledger_dir: str | None = None
     #: longest a source tracks a migration's changes (a missed end is not a leak)
     track_seconds: float = 3600.0
+    #: peer host -> SHA-256 hex digest of its token (per-host credentials)
+    peer_token_digests: Mapping[str, str] = dataclasses.field(default_factory=dict)
+    #: imports (uploads) served at once; more are answered 503 + Retry-After
+    max_concurrent_imports: int = 2
 
     def __post_init__(self) -> None:
         if not self.key or self.key_id not in self.verify_keys:
@@ -102,6 +119,19 @@ class StateSettings:
                 "[state] token is not set: the state service would be open to anyone",
                 hint="set [state] token to the same secret on every host",
             )
+
+    def identify(self, given: bytes) -> tuple[bool, str | None]:
+        """(authenticated, peer): the peer whose token ``given`` is, None for this host's
+        own token. Every digest is compared, in constant time."""
+        own = hmac.compare_digest(given, self.token.encode("utf-8"))
+        digest = hashlib.sha256(given).hexdigest().encode("ascii")
+        peer = None
+        for name, expected in self.peer_token_digests.items():
+            if hmac.compare_digest(digest, expected.lower().encode("ascii")) and peer is None:
+                peer = name
+        if own:
+            return True, None
+        return peer is not None, peer
 
     @classmethod
     def from_conf(cls, conf: cfg.ConfigOpts) -> StateSettings:
@@ -132,6 +162,8 @@ class StateSettings:
             retry_delay=group.retry_delay,
             tls=TlsFiles(*files) if all(files) else None,
             ledger_dir=group.ledger_dir,
+            peer_token_digests=options.peer_digests(conf),
+            max_concurrent_imports=group.max_concurrent_imports,
         )
 
     def limit(self, kind: str) -> int:
@@ -151,9 +183,12 @@ def nva_voucher(nva: Any, host: str) -> Voucher:
     """A voucher that asks the directory (an NvaClient) about each NIC.
 
     The MAC must be registered in its VNI with exactly the NIC's addresses
-    (only the registered binding may move, DESIGN problem 3). For an export
-    the endpoint must be located at this host; for an import at this host
-    or pending to it, or still at the migration's source.
+    (only the registered binding may move, DESIGN problem 3), and a pending
+    move must be this migration's. For an export the endpoint must be
+    located at this host and pending to the migration's destination; for an
+    import pending to this host. A committed or aborted migration is pending
+    nowhere, so a bundle replayed after it (by a destination restarted since,
+    which forgot the migrations it closed) is refused here.
     """
 
     def vouch(migration: Migration, role: Role | None) -> None:
@@ -175,15 +210,30 @@ def nva_voucher(nva: Any, host: str) -> Voucher:
                     f"{described}, the directory registers {registered}"
                 )
             at, pending = ep.get("nve"), ep.get("pending_nve")
+            # The directory names the pending migration (a stand-in may not say).
+            moving = ep.get("migration_id")
+            if moving is not None and moving != migration.id:
+                raise Forbidden(
+                    f"NIC {vif.mac} of {migration.workload.name} is pending for migration "
+                    f"{moving}, not {migration.id}"
+                )
             if role is Role.SOURCE and at != host:
                 raise Forbidden(
                     f"NIC {vif.mac} of {migration.workload.name} is registered at {at}, not at "
                     f"{host}: this host will not export its state"
                 )
-            if role is Role.DESTINATION and host not in (at, pending) and at != migration.source:
+            if role is Role.SOURCE and pending != migration.destination:
+                raise Forbidden(
+                    f"NIC {vif.mac} of {migration.workload.name} is not pending to "
+                    f"{migration.destination} (pending: {pending}): this host will not export "
+                    "its state for a move the directory does not know",
+                    hint="the destination pre-stages the move (nva_prestage) before it pulls",
+                )
+            if role is Role.DESTINATION and pending != host:
                 raise Forbidden(
                     f"NIC {vif.mac} of {migration.workload.name} is registered at {at} "
-                    f"(pending: {pending}); it is not moving to {host}"
+                    f"(pending: {pending}); it is not moving to {host} in migration "
+                    f"{migration.id}"
                 )
 
     return vouch
@@ -257,6 +307,11 @@ class StateHost:
         self._available: set[tuple[str, str]] = set()
         #: migrations for which this host froze the heap (``freeze_heap``)
         self._frozen: set[str] = set()
+        #: the seq of the last bundle this host exported (BundleHeader.seq)
+        self._seq = 0
+        #: bundles being received at once (uploads and pulls): each is held in memory
+        #: until its signature verifies ([state] max_concurrent_imports)
+        self.import_slots = threading.BoundedSemaphore(settings.max_concurrent_imports)
 
     @classmethod
     def from_conf(
@@ -344,6 +399,7 @@ class StateHost:
             self._frozen.discard(migration_id)
         thaw_heap(migration_id)
         self._untrack(migration_id)
+        self.importer.close(migration_id)
         for name, kind in self.kinds.items():
             try:
                 kind.forget(migration_id)
@@ -401,8 +457,19 @@ class StateHost:
         )
         self.forget(migration_id)
 
-    def resolve(self, migration_id: str, description: str | None, role: Role | None) -> Migration:
-        """The migration a request is about, or the ServiceError that refuses it."""
+    def resolve(
+        self,
+        migration_id: str,
+        description: str | None,
+        role: Role | None,
+        peer: str | None = None,
+    ) -> Migration:
+        """The migration a request is about, or the ServiceError that refuses it.
+
+        ``peer`` is the host whose own token the request carries (None: not
+        bound to a peer); it must be the migration's other end: its
+        destination for an export (``role`` SOURCE), its source otherwise.
+        """
         if not MID_RE.match(migration_id):
             raise BadRequest(f"migration id {migration_id!r} is not valid")
         described = decode_migration(description) if description else None
@@ -428,9 +495,25 @@ class StateHost:
         else:
             migration = described
         self._check_role(migration, role)
+        if peer is not None:
+            self._check_peer(migration, role, peer)
         if known is None:
             self._vouch(migration, role)
         return migration
+
+    def _check_peer(self, migration: Migration, role: Role | None, peer: str) -> None:
+        end, other = (
+            ("destination", migration.destination)
+            if role is Role.SOURCE
+            else ("source", migration.source)
+        )
+        if peer != other:
+            raise Forbidden(
+                f"host {peer} is not the {end} of migration {migration.id} "
+                f"({migration.source} -> {migration.destination}); host {self.name} serves "
+                "this request only to that host",
+                hint="each host's [state] token is its own ([state] peer_token_digests)",
+            )
 
     def _check_role(self, migration: Migration, role: Role | None) -> None:
         if role is Role.SOURCE and migration.source != self.name:
@@ -493,12 +576,19 @@ class StateHost:
             label=label,
             since=min(starts) if starts else None,
             exported_at=time.time(),
+            seq=self._next_seq(),
         )
         box = stats if stats is not None else {}
         sections = (self._section(ctx, name, per_kind.get(name), box) for name in names)
         s = self.settings
         pieces = write_bundle(header, s.key_id, s.key, sections, s.chunk_entries)
         return self._without_gc(pieces, migration.id if full else None)
+
+    def _next_seq(self) -> int:
+        """Above every seq this host wrote, also before a restart (the clock counts up)."""
+        with self._lock:
+            self._seq = max(self._seq + 1, time.time_ns())
+            return self._seq
 
     def _without_gc(self, pieces: Iterator[bytes], freeze: str | None) -> Iterator[bytes]:
         """The bundle, written with the collector paused (see ``no_gc``); after a
@@ -657,8 +747,29 @@ class StateHost:
 
     def _pull(self, migration: Migration, label: str, kinds: list[str], until: float) -> Transfer:
         started = time.perf_counter()
-        received_at = time.monotonic()
         client = self.peer(migration.source)
+        if not self.import_slots.acquire(timeout=max(0.0, until - time.monotonic())):
+            busy = (
+                f"host {self.name} was receiving {self.settings.max_concurrent_imports} "
+                "bundles until the stage deadline ([state] max_concurrent_imports)"
+            )
+            report = ImportReport.failed(migration.id, label, kinds, Reason.TRANSFER_FAILED, busy)
+            return Transfer(report, {}, (time.perf_counter() - started) * 1000.0)
+        try:
+            return self._pull_one(client, migration, label, kinds, until, started)
+        finally:
+            self.import_slots.release()
+
+    def _pull_one(
+        self,
+        client: StateClient,
+        migration: Migration,
+        label: str,
+        kinds: list[str],
+        until: float,
+        started: float,
+    ) -> Transfer:
+        received_at = time.monotonic()
         reader = self.new_reader()
         try:
             client.pull(migration, reader, label=label, kinds=kinds, deadline=until)
