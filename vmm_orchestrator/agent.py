@@ -35,7 +35,7 @@ from typing import Any
 from oslo_config import cfg, types
 from stevedore import driver, extension
 
-from vmm_orchestrator import contracts, engine
+from vmm_orchestrator import contracts, engine, options
 from vmm_orchestrator.contracts import HostSpec
 from vmm_orchestrator.engine import Dispatcher, Pipeline
 from vmm_orchestrator.errors import ConfigError
@@ -46,7 +46,7 @@ LOG = logging.getLogger(__name__)
 
 GROUP = "agent"
 #: Prefix of the per-host groups: ``[host:compute1]``.
-HOST_GROUP_PREFIX = "host:"
+HOST_GROUP_PREFIX = options.HOST_GROUP_PREFIX
 #: ``[agent] migration_lock`` value for a single agent per host.
 NO_LOCK = "none"
 
@@ -125,7 +125,9 @@ def host_group(name: str) -> str:
 
 
 def register_opts(conf: cfg.ConfigOpts) -> None:
-    """Register [agent], [pipeline], [nva] and a [host:<name>] group per [agent] hosts."""
+    """Register [agent], [pipeline] and a [host:<name>] group per [agent] hosts (the
+    core's part only; :func:`vmm_orchestrator.options.register_all` registers every
+    plugin's, which is what a configuration needs)."""
     for opt in AGENT_OPTS:
         with contextlib.suppress(cfg.DuplicateOptError):
             conf.register_opt(opt, group=GROUP)
@@ -150,7 +152,10 @@ def default_journal(pipeline_journal: str, name: str, several: bool) -> str:
 
 def host_specs(conf: cfg.ConfigOpts) -> list[HostSpec]:
     """Every configured host, checked; ConfigError says what to fix."""
-    register_opts(conf)
+    options.require(conf, GROUP, "the composition root", "hosts")
+    # The [host:<name>] groups follow [agent] hosts, which may have been set after
+    # register_all (an override): register each plugin's per-host options for them.
+    options.register_hosts(conf)
     names = list(conf[GROUP].hosts)
     if not names:
         raise ConfigError(

@@ -23,7 +23,7 @@ from typing import Any
 
 from oslo_config import cfg
 
-from vmm_orchestrator import agent, engine, history, metrics
+from vmm_orchestrator import agent, engine, history, metrics, options
 from vmm_orchestrator.cli import check_options
 from vmm_orchestrator.commands import Command
 from vmm_orchestrator.errors import VmmError
@@ -39,13 +39,12 @@ def load_event_source(conf: cfg.ConfigOpts) -> Any:
     """The class named by ``[agent] event_source``: ``check_options(conf)`` and
     ``for_assembly(conf, assembly)`` giving an object with start, stop,
     drain, wait_reconciled, wait_idle, locate and on_report."""
-    agent.register_opts(conf)
+    options.require(conf, agent.GROUP, "vmm agent", "event_source")
     return agent.load_plugin(EVENT_SOURCES, conf.agent.event_source, "[agent] event_source")
 
 
 def check_agent_options(conf: cfg.ConfigOpts) -> list[Any]:
     """Read every option the agent uses now, so a bad value fails before anything starts."""
-    agent.register_opts(conf)
     # The event source first: it registers its own options of [agent] and [host:<name>].
     specs: list[Any] = load_event_source(conf).check_options(conf)
     groups = [(agent.GROUP, agent.AGENT_OPTS)]

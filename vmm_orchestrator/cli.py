@@ -29,7 +29,7 @@ from typing import Any, NoReturn
 from oslo_config import cfg, types
 from stevedore import ExtensionManager
 
-from vmm_orchestrator import __version__, logs, metrics
+from vmm_orchestrator import __version__, logs, metrics, options
 from vmm_orchestrator.commands import Command
 from vmm_orchestrator.errors import ConfigError, VmmError
 from vmm_orchestrator.nva import options as nva_options
@@ -215,6 +215,10 @@ def load_config(files: Sequence[str]) -> cfg.ConfigOpts:
         ) from None
     except cfg.Error as exc:
         raise ConfigError(f"bad configuration: {exc}", hint="check --config-file") from None
+    # Every installed plugin's options, once (vmm_orchestrator.options). After parsing:
+    # the [host:<name>] groups follow the files' [agent] hosts, and an unused plugin's
+    # required options (keystoneauth's [neutron] auth-url) must not fail every command.
+    options.register_all(conf)
     return conf
 
 

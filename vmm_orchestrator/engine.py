@@ -45,6 +45,7 @@ from vmm_orchestrator.model import (
     Phase,
     Role,
 )
+from vmm_orchestrator.options import require
 from vmm_orchestrator.plugin_loader import load_named
 from vmm_orchestrator.stage import HostContext, Stage, StageContext
 
@@ -340,7 +341,7 @@ class Pipeline:
         stages: list[Stage] | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        register_opts(conf)
+        require(conf, GROUP, "the pipeline")
         self.conf = conf
         self.host = host
         self.journal = journal

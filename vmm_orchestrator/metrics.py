@@ -47,6 +47,7 @@ from prometheus_client.registry import Collector
 from vmm_orchestrator import journal as jr
 from vmm_orchestrator.errors import ConfigError
 from vmm_orchestrator.model import Phase
+from vmm_orchestrator.options import require
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
@@ -475,7 +476,7 @@ class MetricsExporter:
     @classmethod
     def from_conf(cls, conf: cfg.ConfigOpts, directory: bool = False) -> MetricsExporter:
         """The agent's exporter, or with ``directory`` the embedded directory's."""
-        register_opts(conf)
+        require(conf, GROUP, "the metrics exporter")
         g = conf[GROUP]
         return cls(g.bind_host, g.directory_port if directory else g.port, g.token)
 
@@ -542,7 +543,7 @@ def start_from_conf(conf: cfg.ConfigOpts, directory: Any = None) -> MetricsExpor
     on ``[metrics] directory_port``. Returns the exporter to stop, or None."""
     from vmm_orchestrator import engine
 
-    register_opts(conf)
+    require(conf, GROUP, "the metrics exporter")
     engine.add_observer(observe)
     if not conf[GROUP].enabled:
         return None

@@ -5,13 +5,16 @@ A plugin silently missing from a configured list would leave the network
 ConfigError that names the culprit: a name listed twice, a name with no
 entry point (listing the installed ones), a plugin that cannot be loaded,
 or one that is not of the expected base class.
+
+A plugin's options are registered when it is loaded (its ``register_opts``
+classmethod, if it has one), never lazily by its constructor.
 """
 
 from __future__ import annotations
 
 import importlib.metadata
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NoReturn
 
 import stevedore
 from oslo_config import cfg
@@ -52,7 +55,7 @@ def load_named(
 
     def on_load_failure(
         _manager: Any, entry_point: importlib.metadata.EntryPoint, err: BaseException
-    ) -> None:
+    ) -> NoReturn:
         raise ConfigError(
             f"{noun} {entry_point.name} ({entry_point.value}) could not be loaded: {err}",
             hint="check that the package providing it is installed and its options are valid",
@@ -61,8 +64,7 @@ def load_named(
     manager: stevedore.NamedExtensionManager[Any] = stevedore.NamedExtensionManager(
         namespace,
         names=names,
-        invoke_on_load=True,
-        invoke_args=(conf,),
+        invoke_on_load=False,
         name_order=True,
         on_missing_entrypoints_callback=on_missing,
         on_load_failure_callback=on_load_failure,
@@ -75,10 +77,19 @@ def load_named(
         )
     loaded: list[tuple[str, Any]] = []
     for ext in manager.extensions:
-        if not isinstance(ext.obj, base):
+        if not (isinstance(ext.plugin, type) and issubclass(ext.plugin, base)):
             raise ConfigError(
                 f"plugin {ext.name} ({ext.entry_point.value}) is not a {base.__name__}",
                 hint=not_base_hint,
             )
-        loaded.append((ext.name, ext.obj))
+        factory: Any = ext.plugin
+        try:
+            # Its options are registered as it is loaded (a no-op after register_all).
+            register = getattr(factory, "register_opts", None)
+            if register is not None:
+                register(conf)
+            obj = factory(conf)
+        except Exception as err:
+            on_load_failure(manager, ext.entry_point, err)
+        loaded.append((ext.name, obj))
     return loaded

@@ -18,6 +18,7 @@ from typing import Any, ClassVar
 from oslo_config import cfg
 
 from vmm_orchestrator.model import Migration, Phase, Role
+from vmm_orchestrator.options import REGISTER_HINT, require
 
 
 def common_stage_opts(deadline: float = 5.0, attempts: int = 3) -> list[cfg.Opt]:
@@ -125,11 +126,23 @@ class Stage(abc.ABC):
     def __init__(self, conf: cfg.ConfigOpts) -> None:
         self.conf = conf
         self.group = group_name(self.name)
-        register_stage_opts(conf, type(self))
+
+    @classmethod
+    def register_opts(cls, conf: cfg.ConfigOpts) -> None:
+        """Register this stage's group; the strict loader calls it when it loads the
+        stage (register_all has done so already for every installed stage)."""
+        register_stage_opts(conf, cls)
 
     @property
     def options(self) -> Any:
-        """This stage's own config group."""
+        """This stage's own config group (ConfigError naming the fix if unregistered)."""
+        require(
+            self.conf,
+            self.group,
+            f"stage {self.name}",
+            hint=f"{REGISTER_HINT}; a stage that is no installed entry point: "
+            f"{type(self).__name__}.register_opts(conf)",
+        )
         return self.conf[self.group]
 
     @abc.abstractmethod

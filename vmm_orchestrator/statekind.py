@@ -103,11 +103,12 @@ class StateKind(abc.ABC):
     def __init__(self, conf: cfg.ConfigOpts) -> None:
         self.conf = conf
         self.group = f"state_{self.name}"
-        for opt in self.opts:
-            try:
-                conf.register_opt(opt, group=self.group)
-            except cfg.DuplicateOptError:
-                pass
+
+    @classmethod
+    def register_opts(cls, conf: cfg.ConfigOpts) -> None:
+        """Register [state_<name>]; the strict loader calls it when it loads the kind
+        (register_all has done so already for every installed kind)."""
+        conf.register_opts(list(cls.opts), group=f"state_{cls.name}")
 
     def unavailable(self, ctx: KindContext) -> str | None:
         """None if this host can hold this kind, else why not (e.g. a missing

@@ -26,6 +26,7 @@ from vmm_etcd.store import EtcdNvaStore
 from vmm_orchestrator.contracts import HostSpec
 from vmm_orchestrator.nva import options as nva_options
 from vmm_orchestrator.nva.store import MobilityPolicy
+from vmm_orchestrator.options import require
 from vmm_orchestrator.stage import HostContext, Stage
 
 S = TypeVar("S", bound=EtcdNvaStore)
@@ -39,8 +40,8 @@ class EtcdBackend:
     @staticmethod
     def kv_from_conf(conf: cfg.ConfigOpts) -> EtcdKV:
         """A connection to the cluster (ConfigError when the endpoints are malformed)."""
-        options.register_opts(conf)
-        nva_options.register_opts(conf)  # [nva]: the move-flap policy, the change-log window
+        require(conf, options.GROUP, "the etcd backend")
+        require(conf, nva_options.GROUP, "the etcd backend")  # move-flap policy, log window
         g = conf[options.GROUP]
         return EtcdKV(
             g.endpoints,
@@ -86,7 +87,7 @@ class EtcdBackend:
         cls, conf: cfg.ConfigOpts, host: str, locks: MigrationLocks | None = None
     ) -> EtcdJournal:
         """``host``'s journal, shared by every instance; fenced by ``locks`` when given."""
-        options.register_opts(conf)
+        require(conf, options.GROUP, "the etcd journal")
         prefix = conf[options.GROUP].prefix
         if locks is not None:
             return EtcdJournal(locks.kv, host, prefix, owner=locks)
@@ -129,6 +130,6 @@ class EtcdMigrationLock:
         lock: MigrationLocks,
         stages: list[Stage],
     ) -> HaPipeline:
-        options.register_opts(conf)
+        require(conf, options.GROUP, "the etcd migration lock")
         claim_timeout = conf[options.GROUP].claim_timeout
         return HaPipeline(conf, host, journal, lock, stages, claim_timeout=claim_timeout)

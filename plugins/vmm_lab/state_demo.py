@@ -30,6 +30,7 @@ from vmm_lab.linux.demo import lab_site
 from vmm_lab.linux.hypervisor import LabHypervisor, MigrationVetoed
 from vmm_lab.linux.probe import format_table
 from vmm_lab.linux.topology import new_prefix
+from vmm_orchestrator.options import require
 from vmm_state.stages import DELTA, PRECOPY
 
 #: Seconds to wait for each phase's report.
@@ -211,7 +212,7 @@ def render_state(runs: list[StateRun]) -> str:
 
 def run_state_demo(conf: cfg.ConfigOpts, vm: str = "vm1") -> int:
     """Both runs, the table; 0 only if every proof held with state."""
-    lab_opts.register_opts(conf)
+    require(conf, lab_opts.GROUP, "the state demo")
     runs = []
     for with_state in (True, False):
         prefix = new_prefix()

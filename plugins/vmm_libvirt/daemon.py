@@ -50,6 +50,7 @@ from vmm_orchestrator.errors import ConfigError
 from vmm_orchestrator.journal import Journal
 from vmm_orchestrator.model import Migration, MigrationEvent, Phase, Role, Workload
 from vmm_orchestrator.nva import errors as nva_errors
+from vmm_orchestrator.options import require
 from vmm_orchestrator.stage import HostContext, Stage
 
 LOG = logging.getLogger(__name__)
@@ -78,7 +79,7 @@ class HostSpec:
 
 def host_specs(conf: cfg.ConfigOpts) -> list[HostSpec]:
     """Every configured host, checked; ConfigError says what to fix."""
-    options.register_opts(conf)
+    require(conf, options.GROUP, "the libvirt event source")
     specs = [
         HostSpec(
             name=core.name,
@@ -141,7 +142,7 @@ class HostAgent:
         source_factory: Callable[..., Any] | None = None,
         dispatcher: Dispatcher | None = None,
     ) -> None:
-        options.register_opts(conf)
+        require(conf, options.GROUP, "the libvirt host agent")
         self.conf = conf
         self.spec = spec
         self.name = spec.name
@@ -834,7 +835,7 @@ class Daemon:
         """Read every option of this plugin now, so a bad value fails before anything starts."""
         from vmm_orchestrator.cli import check_options
 
-        options.register_opts(conf)
+        require(conf, options.GROUP, "the libvirt event source")
         groups = [(options.GROUP, options.LIBVIRT_OPTS), (options.AGENT_GROUP, options.AGENT_OPTS)]
         groups += [(options.host_group(n), options.HOST_OPTS) for n in conf.agent.hosts]
         check_options(conf, groups)

@@ -39,6 +39,7 @@ from oslo_config import cfg, types
 from vmm_linux.netns import socket_in
 from vmm_orchestrator import frames, metrics
 from vmm_orchestrator.model import Vif, normalize_mac
+from vmm_orchestrator.options import require
 
 LOG = logging.getLogger(__name__)
 
@@ -305,7 +306,7 @@ class Announcer:
     @classmethod
     def from_conf(cls, conf: cfg.ConfigOpts, netns: str | None, device: str) -> Announcer:
         """An announcer configured from the ``[announce]`` group of ``conf``."""
-        register_opts(conf)
+        require(conf, GROUP, "the announcer")
         group = conf[GROUP]
         return cls(
             netns,

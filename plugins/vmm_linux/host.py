@@ -17,6 +17,7 @@ from vmm_linux import announce as announce_mod
 from vmm_linux import rarp as rarp_mod
 from vmm_linux.nve import LinuxNve, bridge_name
 from vmm_orchestrator.contracts import HostDriver, HostSpec
+from vmm_orchestrator.options import require
 
 
 class AnnouncerPool:
@@ -67,9 +68,8 @@ class LinuxHost(HostDriver):
         vnis: list[int],
         nva: Any,
     ) -> None:
-        agent_mod.register_opts(conf)
-        announce_mod.register_opts(conf)
-        rarp_mod.register_opts(conf)
+        for group in (agent_mod.GROUP, announce_mod.GROUP, rarp_mod.GROUP):
+            require(conf, group, "the Linux host driver")
         self.name = name
         self.nve = LinuxNve.from_conf(conf, netns, vtep)
         opts = conf[agent_mod.GROUP]
@@ -99,7 +99,9 @@ class LinuxHost(HostDriver):
         #: only with a directory that can look an endpoint up by MAC).
         self.rarp: rarp_mod.RarpResponder | None = None
         if conf[rarp_mod.GROUP].responder and callable(getattr(nva, "find", None)):
-            self.rarp = rarp_mod.RarpResponder(name, netns, nva, vnis)
+            self.rarp = rarp_mod.RarpResponder(
+                name, netns, nva, vnis, answer_delay=conf[rarp_mod.GROUP].answer_delay
+            )
             self.services["rarp"] = self.rarp
 
     @classmethod

@@ -110,6 +110,7 @@ from pyroute2.netlink.rtnl.marshal import MarshalRtnl
 from vmm_linux.netns import entered, socket_in
 from vmm_orchestrator.contracts import NveDriver
 from vmm_orchestrator.errors import ConfigError, VmmError
+from vmm_orchestrator.options import require
 
 LOG = logging.getLogger(__name__)
 
@@ -404,7 +405,7 @@ class LinuxNve(NveDriver):
 
     @classmethod
     def from_conf(cls, conf: cfg.ConfigOpts, netns: str | None, local_vtep: str) -> LinuxNve:
-        register_opts(conf)
+        require(conf, GROUP, "the Linux NVE driver")
         opts = conf[GROUP]
         return cls(
             netns,

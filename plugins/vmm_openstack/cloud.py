@@ -19,6 +19,7 @@ import os
 from typing import TYPE_CHECKING, Any
 
 from vmm_orchestrator.errors import ConfigError, TransientError, VmmError
+from vmm_orchestrator.options import require
 
 if TYPE_CHECKING:
     from openstack.connection import Connection
@@ -153,7 +154,7 @@ def connect_service_user(conf: cfg.ConfigOpts, api_timeout: float = 30.0) -> Con
 
     from vmm_openstack import options
 
-    options.register_opts(conf)
+    require(conf, options.NEUTRON_GROUP, "the OpenStack connection")
     name = options.NEUTRON_GROUP
     group = conf[name]
     if not group.auth_type:

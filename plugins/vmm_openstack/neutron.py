@@ -92,6 +92,7 @@ from vmm_openstack import cloud
 from vmm_openstack.directory import Nic
 from vmm_orchestrator.model import normalize_mac
 from vmm_orchestrator.nva import errors as nva_errors
+from vmm_orchestrator.options import require
 
 if TYPE_CHECKING:
     from openstack.connection import Connection
@@ -208,7 +209,7 @@ class NeutronDirectory:
         ``vmm_orchestrator.nva_backends``): the cloud of ``[openstack]``."""
         from vmm_openstack import options
 
-        options.register_opts(conf)
+        require(conf, options.GROUP, "the Neutron directory")
         group = conf[options.GROUP]
         conn = cloud.connect_service_user(conf, group.api_timeout) or cloud.connect(
             group.cloud, group.region_name, group.api_timeout

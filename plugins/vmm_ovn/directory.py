@@ -61,6 +61,7 @@ from oslo_config import cfg
 
 from vmm_orchestrator.model import normalize_mac
 from vmm_orchestrator.nva import errors as nva_errors
+from vmm_orchestrator.options import require
 from vmm_ovn import options as ovn_opts
 from vmm_ovn import ovsdb
 
@@ -153,7 +154,7 @@ class OvnNbDirectory:
     @classmethod
     def from_conf(cls, conf: cfg.ConfigOpts) -> OvnNbDirectory:
         """The ``vmm_orchestrator.nva_backends`` entry point (``[nva] backend = ovn``)."""
-        ovn_opts.register_opts(conf)
+        require(conf, ovn_opts.GROUP, "the OVN directory")
         g = conf[ovn_opts.GROUP]
         return cls(
             g.ovn_nb_connection,

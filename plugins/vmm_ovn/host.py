@@ -15,6 +15,7 @@ from typing import Any
 from oslo_config import cfg
 
 from vmm_orchestrator.contracts import HostDriver, HostSpec
+from vmm_orchestrator.options import require
 from vmm_orchestrator.stage import HostContext
 from vmm_ovn import options as ovn_opts
 from vmm_ovn.announce import OvnAnnouncerPool, parse_gateways
@@ -26,7 +27,7 @@ class OvnHost(HostDriver):
     """Chassis view + NVE driver + announcers of one OVN hypervisor."""
 
     def __init__(self, conf: cfg.ConfigOpts, spec: HostSpec, directory: Any) -> None:
-        ovn_opts.register_opts(conf)
+        require(conf, ovn_opts.GROUP, "the OVN host driver")
         g = conf[ovn_opts.GROUP]
         extra = spec.extra or {}
         self.name = spec.name

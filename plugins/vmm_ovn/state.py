@@ -30,6 +30,7 @@ from typing import Any, ClassVar
 
 from oslo_config import cfg
 
+from vmm_orchestrator.options import require
 from vmm_orchestrator.statekind import ImportResult, KindContext, PoisonedEntry, Reason, StateKind
 from vmm_ovn import conntrack
 from vmm_ovn import options as ovn_opts
@@ -68,7 +69,7 @@ class OvnConntrackKind(StateKind):
 
     def __init__(self, conf: cfg.ConfigOpts) -> None:
         super().__init__(conf)
-        ovn_opts.register_opts(conf)
+        require(conf, ovn_opts.GROUP, "the OVN conntrack state kind")
         self._chassis: OvnChassis | None = None
         self._lock = threading.Lock()
 

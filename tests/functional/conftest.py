@@ -9,8 +9,8 @@ import os
 import pytest
 from oslo_config import cfg
 
-from vmm_lab.linux import options as lab_options
 from vmm_lab.linux.topology import lab_namespaces, new_prefix
+from vmm_orchestrator import options
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -34,18 +34,10 @@ def prefix() -> str:
 @pytest.fixture
 def lab_conf() -> cfg.ConfigOpts:
     """Defaults, with short timers so the tests stay quick."""
-    conf = cfg.ConfigOpts()
-    conf(args=[], default_config_files=[])
-    lab_options.register_opts(conf)
+    conf = options.new_conf()  # every plugin's options, as `vmm` registers them
     conf.set_override("probe_rate", 500, group="lab")
     conf.set_override("warmup_s", 0.5, group="lab")
     conf.set_override("observe_s", 1.0, group="lab")
-    from vmm_linux import agent
-    from vmm_linux.stages import HoldTimer
-    from vmm_orchestrator.stage import register_stage_opts
-
-    agent.register_opts(conf)
     conf.set_override("watch_timeout", 1.0, group="nve_agent")
-    register_stage_opts(conf, HoldTimer)
     conf.set_override("hold_time", 1.0, group="stage_hold_timer")
     return conf

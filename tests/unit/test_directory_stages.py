@@ -14,6 +14,7 @@ from collections.abc import Iterator
 import pytest
 from oslo_config import cfg
 
+from vmm_orchestrator import options
 from vmm_orchestrator.errors import StageFailed, TransientError
 from vmm_orchestrator.model import Migration, Phase, Role, Vif, Workload
 from vmm_orchestrator.nva.client import NvaClient
@@ -48,9 +49,7 @@ def context(client: NvaClient, phase: Phase, deadline: float = 5.0) -> StageCont
 
 
 def conf() -> cfg.ConfigOpts:
-    c = cfg.ConfigOpts()
-    c(args=[], default_config_files=[])
-    return c
+    return options.new_conf()
 
 
 def ack_loop(client: NvaClient, nve: str, stop: threading.Event) -> None:

@@ -101,6 +101,8 @@ def log() -> list[str]:
 
 
 def pipeline(conf: cfg.ConfigOpts, journal: Journal, classes: list[type[Stage]]) -> Pipeline:
+    for cls in classes:
+        cls.register_opts(conf)  # the test's own stages are no entry points
     stages = [cls(conf) for cls in classes]
     return Pipeline(conf, HostContext("hv1", nva=None), journal, stages=stages)
 

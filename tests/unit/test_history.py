@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 from oslo_config import cfg
 
-from vmm_orchestrator import engine, history, logs, plot
+from vmm_orchestrator import engine, history, logs, options, plot
 from vmm_orchestrator.cli import build_parser, load_config
 from vmm_orchestrator.engine import Pipeline
 from vmm_orchestrator.errors import StageFailed, VmmError
@@ -21,12 +21,18 @@ from vmm_orchestrator.model import Migration, MigrationEvent, Phase, Role, Vif, 
 from vmm_orchestrator.stage import HostContext, Stage, StageContext
 
 
-def stage(name: str, phase: Phase, role: Role, run: Any = None) -> type[Stage]:
+def stage(
+    name: str, phase: Phase, role: Role, run: Any = None, *, conf: cfg.ConfigOpts
+) -> type[Stage]:
+    """A stage class, its options registered on ``conf`` (it is no entry point)."""
+
     def do_run(self: Stage, ctx: StageContext) -> Any:
         return run(ctx) if run else {"by": name}
 
     attrs = {"name": name, "phase": phase, "role": role, "run": do_run, "default_attempts": 1}
-    return type(f"H_{name}", (Stage,), attrs)
+    cls: type[Stage] = type(f"H_{name}", (Stage,), attrs)
+    cls.register_opts(conf)
+    return cls
 
 
 def migration(mid: str) -> Migration:
@@ -47,14 +53,15 @@ def refuse(ctx: StageContext) -> None:
 def site(tmp_path):
     """A destination host's pipeline journalling to a file, recorded, and its agent.conf."""
     path = tmp_path / "journal-hv2.sqlite"
-    conf = cfg.ConfigOpts()
-    engine.register_opts(conf)
+    conf = options.new_conf()
     stages = [
         cls(conf)
         for cls in (
-            stage("h_prestage", Phase.PREPARE, Role.DESTINATION),
-            stage("h_peers", Phase.RESUMED, Role.DESTINATION, peers),
-            stage("h_guard", Phase.RESUMED, Role.DESTINATION, lambda ctx: ctx.note(ok=1)),
+            stage("h_prestage", Phase.PREPARE, Role.DESTINATION, conf=conf),
+            stage("h_peers", Phase.RESUMED, Role.DESTINATION, peers, conf=conf),
+            stage(
+                "h_guard", Phase.RESUMED, Role.DESTINATION, lambda ctx: ctx.note(ok=1), conf=conf
+            ),
         )
     ]
     journal = Journal(str(path))
@@ -83,7 +90,9 @@ def test_history_of_a_done_and_a_failed_migration(site, capsys, tmp_path) -> Non
     assert pipe.handle(MigrationEvent(good, Phase.PREPARE, Role.DESTINATION, start)).ok
     assert pipe.handle(MigrationEvent(good, Phase.RESUMED, Role.DESTINATION, time.monotonic())).ok
     bad = migration("m-bad")
-    pipe.stages.append(stage("h_refuse", Phase.PREPARE, Role.DESTINATION, refuse)(pipe.conf))
+    pipe.stages.append(
+        stage("h_refuse", Phase.PREPARE, Role.DESTINATION, refuse, conf=pipe.conf)(pipe.conf)
+    )
     pipe._by_name["h_refuse"] = pipe.stages[-1]
     pipe._groups[(Phase.PREPARE, Role.DESTINATION)].append(pipe.stages[-1])
     report = pipe.handle(MigrationEvent(bad, Phase.PREPARE, Role.DESTINATION, time.monotonic()))
@@ -140,13 +149,12 @@ def test_timeline_needs_a_recorded_report() -> None:
 
 
 def test_json_log_lines_carry_the_migration_id(tmp_path, caplog) -> None:
-    conf = cfg.ConfigOpts()
-    engine.register_opts(conf)
+    conf = options.new_conf()
     pipe = Pipeline(
         conf,
         HostContext("hv2", nva=None),
         Journal(":memory:"),
-        stages=[stage("j_one", Phase.PREPARE, Role.DESTINATION)(conf)],
+        stages=[stage("j_one", Phase.PREPARE, Role.DESTINATION, conf=conf)(conf)],
     )
     formatter = logs.JsonFormatter()
     with caplog.at_level(logging.INFO, logger="vmm_orchestrator.engine"):

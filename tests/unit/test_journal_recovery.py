@@ -23,9 +23,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from oslo_config import cfg
 
-from vmm_orchestrator import engine
+from vmm_orchestrator import options
 from vmm_orchestrator.engine import IN_FLIGHT, Pipeline
 from vmm_orchestrator.errors import ConfigError
 from vmm_orchestrator.journal import Journal
@@ -223,8 +222,9 @@ STAGES: list[type[Stage]] = [Alpha, Beta, Gamma, Blocker, Hold]
 def build_pipeline(journal_path: str, log_path: str, marker_path: str = "") -> Pipeline:
     _LoggingStage.log_path = log_path
     Blocker.marker_path = marker_path
-    conf = cfg.ConfigOpts()
-    engine.register_opts(conf)
+    conf = options.new_conf()
+    for cls in STAGES:
+        cls.register_opts(conf)  # the test's own stages are no entry points
     stages = [cls(conf) for cls in STAGES]
     return Pipeline(conf, HostContext(SOURCE, nva=None), Journal(journal_path), stages=stages)
 

@@ -10,9 +10,8 @@ from typing import Any
 
 import pytest
 import requests
-from oslo_config import cfg
 
-from vmm_orchestrator import engine, metrics
+from vmm_orchestrator import engine, metrics, options
 from vmm_orchestrator.engine import Pipeline
 from vmm_orchestrator.errors import ConfigError, StageFailed
 from vmm_orchestrator.journal import Journal
@@ -49,8 +48,9 @@ def observed() -> Iterator[None]:
 
 
 def make_pipeline(host: str, classes: list[type[Stage]]) -> Pipeline:
-    conf = cfg.ConfigOpts()
-    engine.register_opts(conf)
+    conf = options.new_conf()
+    for cls in classes:
+        cls.register_opts(conf)  # the test's own stages are no entry points
     stages = [cls(conf) for cls in classes]
     return Pipeline(conf, HostContext(host, nva=None), Journal(":memory:"), stages=stages)
 
@@ -197,8 +197,7 @@ def test_the_exporter_checks_its_token_and_refuses_a_public_address_without_one(
 
 
 def test_start_from_conf_is_off_by_default_and_serves_when_enabled() -> None:
-    conf = cfg.ConfigOpts()
-    conf(args=[], default_config_files=[])
+    conf = options.new_conf()
     try:
         assert metrics.start_from_conf(conf) is None
         assert conf.metrics.bind_host == "127.0.0.1" and not conf.metrics.enabled
@@ -215,9 +214,7 @@ def test_start_from_conf_is_off_by_default_and_serves_when_enabled() -> None:
 
 
 def test_the_directory_serves_its_lag_on_its_own_port() -> None:
-    conf = cfg.ConfigOpts()
-    conf(args=[], default_config_files=[])
-    metrics.register_opts(conf)
+    conf = options.new_conf()
     conf.set_override("enabled", True, group="metrics")
     conf.set_override("directory_port", 0, group="metrics")
     store = NvaStore(":memory:")

@@ -19,10 +19,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from oslo_config import cfg
 
 from vmm_openstack import cloud as os_cloud
 from vmm_openstack.neutron import NeutronDirectory
+from vmm_orchestrator import options
 from vmm_orchestrator.nva import errors as nva_errors
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "fakes"))
@@ -65,8 +65,7 @@ def service_conn(cloud: FakeCloud, username: str = "nova") -> Any:
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "vmm.conf"
         path.write_text(cloud.neutron_section(username))
-        conf = cfg.ConfigOpts()
-        conf(["--config-file", str(path)], project="vmm-test", default_config_files=[])
+        conf = options.new_conf([str(path)])
         conn = os_cloud.connect_service_user(conf, api_timeout=5)
     assert conn is not None
     return conn

@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 from oslo_config import cfg
 
+from vmm_orchestrator import options
 from vmm_orchestrator.model import Migration, Vif, Workload
 from vmm_orchestrator.statekind import PoisonedEntry, Reason
 from vmm_state.bundle import BundleHeader, SectionSource, read_bundle, write_bundle
@@ -29,9 +30,7 @@ MIGRATION = Migration("mig-1", Workload("vm1", (VIF,)), "src", "dst")
 
 @pytest.fixture
 def conf() -> cfg.ConfigOpts:
-    value = cfg.ConfigOpts()
-    value(args=[], default_config_files=[])
-    return value
+    return options.new_conf()
 
 
 def conn(family: int, proto: int, src: str, dst: str, **extra: Any) -> ctnl.Conn:

@@ -26,9 +26,10 @@ from vmm_orchestrator.engine import Pipeline
 from vmm_orchestrator.errors import ConfigError, StageFailed, VmmError
 from vmm_orchestrator.journal import Journal
 from vmm_orchestrator.model import Migration, MigrationEvent, Phase, Role, Vif, Workload
+from vmm_orchestrator.options import new_conf
 from vmm_orchestrator.stage import HostContext, StageContext
 from vmm_orchestrator.statekind import ImportResult, KindContext, PoisonedEntry, Reason, StateKind
-from vmm_state import options, registry
+from vmm_state import registry
 from vmm_state.bundle import MAC_SIZE
 from vmm_state.service import StateHost, StateSettings, nva_voucher
 from vmm_state.stages import StateCleanup, StateDelta, StatePrecopy
@@ -149,9 +150,7 @@ VOUCH_H1 = nva_voucher(directory(), "h1")
 
 
 def make_conf(**overrides: Any) -> cfg.ConfigOpts:
-    conf = cfg.ConfigOpts()
-    conf(args=[], default_config_files=[])
-    options.register_opts(conf)
+    conf = new_conf()
     for name, value in overrides.items():
         conf.set_override(name, value, group="state")
     return conf

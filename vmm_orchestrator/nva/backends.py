@@ -17,6 +17,7 @@ from vmm_orchestrator.errors import ConfigError
 from vmm_orchestrator.nva import options
 from vmm_orchestrator.nva.client import NvaClient
 from vmm_orchestrator.nva.store import NvaStore
+from vmm_orchestrator.options import require
 
 NAMESPACE = "vmm_orchestrator.nva_backends"
 
@@ -37,7 +38,7 @@ class EmbeddedBackend:
 
 def load_backend(conf: cfg.ConfigOpts) -> Any:
     """The backend class named by ``[nva] backend``; ConfigError when not installed."""
-    options.register_opts(conf)
+    require(conf, options.GROUP, "the directory backend loader", "backend")
     name = conf[options.GROUP].backend
     try:
         return driver.DriverManager(NAMESPACE, name, invoke_on_load=False).driver

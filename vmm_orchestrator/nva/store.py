@@ -48,6 +48,7 @@ from vmm_orchestrator.errors import ConfigError
 from vmm_orchestrator.model import normalize_mac
 from vmm_orchestrator.nva import options
 from vmm_orchestrator.nva.errors import BadRequest, Conflict, Gone, NotFound, NvaError
+from vmm_orchestrator.options import require
 
 LOG = logging.getLogger(__name__)
 
@@ -886,7 +887,7 @@ class NvaStore(StoreFront):
     @classmethod
     def from_conf(cls, conf: Any, path: str | None = None) -> NvaStore:
         """The store ``[nva]`` describes (database, move-flap policy, change log window)."""
-        options.register_opts(conf)
+        require(conf, options.GROUP, "the directory's store")
         group = conf[options.GROUP]
         return cls(
             group.database if path is None else path,

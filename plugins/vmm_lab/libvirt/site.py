@@ -73,11 +73,10 @@ from vmm_libvirt.announcers import LibvirtAnnounce
 from vmm_libvirt.daemon import Daemon, HostAgent
 from vmm_libvirt.events import start_event_loop
 from vmm_linux import agent as nve_agent
-from vmm_linux.stages import HoldTimer
 from vmm_orchestrator import agent as root
-from vmm_orchestrator import engine
+from vmm_orchestrator import engine, options
 from vmm_orchestrator.nva.client import NvaClient
-from vmm_orchestrator.stage import group_name, register_stage_opts
+from vmm_orchestrator.stage import group_name
 
 #: The two lab hosts that run libvirtd; the guest boots on the first.
 LIBVIRT_HOSTS = ("h1", "h2")
@@ -116,22 +115,20 @@ def lab_conf(orchestrated: bool = True) -> cfg.ConfigOpts:
     The NVE agents' long-poll is shortened (as the functional tests' conf
     does) so that stopping them does not wait out a 5 s watch.
     """
-    conf = cfg.ConfigOpts()
-    conf(args=[], default_config_files=[])
+    conf = options.new_conf()
     prepare_conf(conf, orchestrated)
     return conf
 
 
 def prepare_conf(conf: cfg.ConfigOpts, orchestrated: bool) -> None:
-    """Register what the site reads, and set the lab's orchestrator settings.
+    """Set the lab's orchestrator settings on ``conf`` (its options registered once,
+    vmm_orchestrator.options.register_all).
 
     Only the settings the libvirt lab depends on are overridden (see the
     module docstring); every other option keeps what the caller configured.
     """
-    lab_options.register_opts(conf)
-    nve_agent.register_opts(conf)
-    engine.register_opts(conf)
-    lv_options.register_opts(conf)
+    for group in (lab_options.GROUP, nve_agent.GROUP, engine.GROUP, lv_options.GROUP):
+        options.require(conf, group, "the libvirt lab")
     conf.set_override("watch_timeout", 1.0, group=nve_agent.GROUP)
     if orchestrated:
         stages = list(conf.pipeline.stages)
@@ -139,7 +136,6 @@ def prepare_conf(conf: cfg.ConfigOpts, orchestrated: bool) -> None:
             stages.append("libvirt_announce")
         conf.set_override("stages", stages, group=engine.GROUP)
         conf.set_override("hook_timeout", LAB_HOOK_TIMEOUT_S, group=lv_options.AGENT_GROUP)
-        register_stage_opts(conf, LibvirtAnnounce)
         conf.set_override(
             "deadline", LAB_ANNOUNCE_DEADLINE_S, group=group_name(LibvirtAnnounce.name)
         )
@@ -324,8 +320,7 @@ def libvirt_site(
                 conn.close()
             agents: dict[str, HostAgent] = {}
             if orchestrated and not external:  # while the guest boots
-                lv_options.register_opts(conf)  # the hosts' libvirt part ([host:<name>] uri)
-                for name in LIBVIRT_HOSTS:
+                for name in LIBVIRT_HOSTS:  # their [host:<name>] groups follow [agent] hosts
                     group = lv_options.host_group(name)
                     conf.set_override("uri", hosts[name].uri, group=group)
                     conf.set_override("hook_socket", _hook_socket(workdir, name), group=group)
@@ -460,7 +455,6 @@ def start_agent_processes(
     and leases on etcd. The hook relays talk to "a"; "b" learns of
     migrations from libvirt's events alone.
     """
-    register_stage_opts(conf, HoldTimer)
     secrets_ = (
         {
             "key": secrets.token_urlsafe(32),
@@ -512,7 +506,6 @@ def platform_problem() -> str | None:
 def agent_conf(hold_time_s: float) -> cfg.ConfigOpts:
     """The libvirt lab's configuration with ``[stage_hold_timer] hold_time``."""
     conf = lab_conf(orchestrated=True)
-    register_stage_opts(conf, HoldTimer)
     conf.set_override("hold_time", hold_time_s, group="stage_hold_timer")
     return conf
 

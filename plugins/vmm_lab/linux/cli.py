@@ -19,6 +19,7 @@ from vmm_lab.linux.topology import remove_namespaces
 from vmm_orchestrator.cli import check_options, override_option
 from vmm_orchestrator.commands import Command
 from vmm_orchestrator.errors import ConfigError, VmmError
+from vmm_orchestrator.options import require
 
 PLACEMENT = lab_opts.PLACEMENT
 GATEWAY = lab_opts.GATEWAY
@@ -203,7 +204,7 @@ class LabCommand(Command):
         )
 
     def run(self, conf: cfg.ConfigOpts, args: argparse.Namespace) -> int:
-        lab_opts.register_opts(conf)
+        require(conf, lab_opts.GROUP, "vmm lab")
         if args.lab_command == "cleanup":
             return self.cleanup(args.prefix)
         if args.lab_command == "state-demo":

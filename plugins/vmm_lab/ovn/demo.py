@@ -50,11 +50,12 @@ from oslo_config import cfg
 from vmm_kernel.netns import socket_in
 from vmm_lab.linux import probe
 from vmm_lab.ovn import lab as lab_mod
-from vmm_orchestrator import engine, frames
+from vmm_orchestrator import engine, frames, options
 from vmm_orchestrator.contracts import HostSpec
 from vmm_orchestrator.errors import VmmError
 from vmm_orchestrator.journal import Journal
 from vmm_orchestrator.model import Migration, MigrationEvent, Phase, Role, Vif, Workload
+from vmm_orchestrator.options import require
 from vmm_ovn import options as ovn_opts
 from vmm_ovn.directory import OvnNbDirectory
 from vmm_ovn.host import OvnHost
@@ -255,7 +256,7 @@ class Orchestrators:
     """The ``ovn`` host driver and a pipeline per chassis, the NB directory shared."""
 
     def __init__(self, conf: cfg.ConfigOpts, lab: lab_mod.OvnLab) -> None:
-        ovn_opts.register_opts(conf)
+        require(conf, ovn_opts.GROUP, "the OVN lab's orchestrators")
         self.directory = OvnNbDirectory(lab.nb, lab.sb)
         self.hosts: dict[str, OvnHost] = {}
         self.dispatchers: dict[str, engine.Dispatcher] = {}
@@ -672,8 +673,7 @@ def run_demo(
     Raises VmmError (LabError) with a hint when OVN/OVS is not installed.
     """
     if conf is None:
-        conf = cfg.ConfigOpts()
-        conf([], project="vmm-orchestrator", default_config_files=[])
+        conf = options.new_conf()
     settings = dataclasses.replace(settings or Settings(), modes=parse_modes(modes))
     if rate is not None:
         settings = dataclasses.replace(settings, rate=int(rate))

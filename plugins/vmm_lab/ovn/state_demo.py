@@ -28,6 +28,7 @@ from oslo_config import cfg
 from vmm_kernel.netns import socket_in
 from vmm_lab.ovn import demo
 from vmm_lab.ovn import lab as lab_mod
+from vmm_orchestrator import options
 from vmm_orchestrator.model import Migration, Phase, Role, Vif, Workload
 from vmm_orchestrator.statekind import KindContext
 from vmm_ovn import conntrack
@@ -110,8 +111,7 @@ class Download:
 
 def state_kind(lab: lab_mod.OvnLab, chassis: str) -> OvnConntrackKind:
     """The state kind as the agent of ``chassis`` would configure it ([ovn])."""
-    conf = cfg.ConfigOpts()
-    conf([], project="vmm-orchestrator-test", default_config_files=[])
+    conf = options.new_conf()
     kind = OvnConntrackKind(conf)
     conf.set_override("ovsdb_connection", lab.chassis[chassis].db, group="ovn")
     conf.set_override("vswitchd_ctl", lab.chassis[chassis].vswitchd_ctl, group=kind.group)
@@ -190,8 +190,7 @@ def run_state_demo(conf: cfg.ConfigOpts | None = None) -> int:
     """Both runs on one lab and a side-by-side table; 0 only if the session survived
     with state and the baseline showed the stall it fixes."""
     if conf is None:
-        conf = cfg.ConfigOpts()
-        conf([], project="vmm-orchestrator", default_config_files=[])
+        conf = options.new_conf()
     with lab_mod.ovn_lab(vms=PLACEMENT, vni=demo.VNI) as lab:
         secure(lab, ["vm1", "vm4"])
         orch = demo.Orchestrators(conf, lab)
