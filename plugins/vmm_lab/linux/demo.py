@@ -41,7 +41,7 @@ from vmm_lab.linux import probe
 from vmm_lab.linux.hypervisor import LabHypervisor, LabMigration
 from vmm_lab.linux.topology import Lab, LabVm, in_ns, new_prefix
 from vmm_linux.host import LinuxHost
-from vmm_orchestrator import engine
+from vmm_orchestrator import engine, options
 from vmm_orchestrator.nva.client import NvaClient
 from vmm_orchestrator.nva.server import NvaServer
 from vmm_orchestrator.nva.store import NvaStore
@@ -195,8 +195,8 @@ def _state_conf(conf: cfg.ConfigOpts) -> None:
     (the orchestrators run in this namespace), the lab's kinds unless set."""
     from vmm_state import options as state_opts
 
-    state_opts.register_opts(conf)
     group = state_opts.GROUP
+    options.require(conf, group, "the lab's state settings")
     if not conf[group].key:
         conf.set_override("key", secrets.token_urlsafe(32), group=group)
     if not conf[group].token:
@@ -230,11 +230,10 @@ def configure_hosts(
 
     vni = conf.lab.vni if vni is None else vni
     sections: dict[str, dict[str, Any]] = {"agent": {"hosts": ",".join(served)}}
-    root.register_opts(conf)
+    options.require(conf, root.GROUP, "the lab", "hosts")
     conf.set_override("hosts", served, group=root.GROUP)
-    root.register_opts(conf)  # now the [host:<name>] groups
+    options.register_hosts(conf)  # the [host:<name>] groups follow [agent] hosts
     if nva_url is not None:
-        nva_options.register_opts(conf)
         sections["nva"] = {"backend": "embedded", "url": nva_url, "token": nva_token}
         for key, value in sections["nva"].items():
             conf.set_override(key, value, group=nva_options.GROUP)
@@ -292,7 +291,7 @@ def lab_site(
     """
     from vmm_orchestrator import agent as root
 
-    lab_opts.register_opts(conf)
+    options.require(conf, lab_opts.GROUP, "the lab")
     lab = Lab(prefix, conf.lab.vni)
     workdir = tempfile.mkdtemp(prefix=f"{prefix}-")
     token = secrets.token_urlsafe(24)
@@ -301,10 +300,7 @@ def lab_site(
         from vmm_lab.nva_process import NvaProcess
 
         server = NvaProcess(workdir, token)
-    else:
-        from vmm_orchestrator.nva import options as nva_options
-
-        nva_options.register_opts(conf)  # the lab's directory follows [nva] (move-flap, log)
+    else:  # the lab's directory follows [nva] (move-flap, log)
         server = NvaServer(NvaStore.from_conf(conf, ":memory:"), token, "127.0.0.1", 0)
     assembly: root.Assembly | None = None
     firewalls: dict[str, HostFirewall] = {}
@@ -722,7 +718,7 @@ def run_demo(
     picture_out: str | None = None,
 ) -> int:
     """Run every configured mode; 0 only if the orchestrated run lost nothing after resume."""
-    lab_opts.register_opts(conf)
+    options.require(conf, lab_opts.GROUP, "the lab demo")
     lab_opts.check(conf)
     prefix = new_prefix()
     results = []
