@@ -7,22 +7,35 @@ server that tracks its connections so stop() can cut idle keep-alives, and a
 request handler that checks the shared token in constant time, answers JSON
 (http.server's own errors too) and logs quietly.
 
+The server cannot be starved by slow or idle clients (issue 13): a
+connection limit that evicts the longest-waiting connection without a
+complete request head instead of refusing a newcomer, total deadlines for a
+request's head and body, and an accept loop that never spins; see
+:mod:`vmm_orchestrator.connlimit` for the rules and why no library.
+
 What a service does with a request body (read it whole, stream it, drain it)
 stays with that service; this module knows no service.
 """
 
 from __future__ import annotations
 
+import errno
+import functools
 import hmac
 import http.server
+import io
 import json
 import logging
 import re
+import resource
 import socket
-import threading
+import ssl
+import time
+from collections.abc import Callable
 from typing import Any, ClassVar, Generic, TypeVar, cast
 from urllib.parse import unquote
 
+from vmm_orchestrator.connlimit import Conn, ConnectionTable, DeadlineReader
 from vmm_orchestrator.errors import TransientError, VmmError
 
 LOG = logging.getLogger(__name__)
@@ -35,6 +48,17 @@ IDLE_TIMEOUT = 60.0
 #: client sees our answer instead of a connection reset; larger ones make us
 #: close the connection instead.
 DRAIN_LIMIT = 16 * 1024 * 1024
+#: Connections a server keeps open at most (each is a thread): an NVE agent
+#: holds one stream, so this is well above the 1,000 agents benchmarked.
+MAX_CONNECTIONS = 4096
+#: Seconds a request head may take, from the accept or from its first byte.
+REQUEST_DEADLINE = 5.0
+#: A body earns one more second of reading per this many bytes.
+BODY_MIN_RATE = 64 * 1024
+#: Descriptors kept free for the service itself (database, logs, clients).
+_FD_RESERVE = 64
+#: Errors of accept() that mean "no descriptor or memory now", not "bad client".
+_ACCEPT_EXHAUSTED = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}
 
 T = TypeVar("T")
 
@@ -190,47 +214,139 @@ def url_host(host: str) -> str:
 
 
 class JsonHttpServer(http.server.ThreadingHTTPServer):
-    """ThreadingHTTPServer that knows its token and its open connections.
+    """ThreadingHTTPServer that knows its token and bounds its open connections.
 
     Tracking connections lets stop() cut idle keep-alive connections, whose
-    threads would otherwise go on serving requests after the server stopped.
-    An IPv6 address gets an IPv6 socket.
+    threads would otherwise go on serving requests after the server stopped,
+    and keeps slow clients from starving the server (``connections``, a
+    :class:`~vmm_orchestrator.connlimit.ConnectionTable`). An IPv6 address
+    gets an IPv6 socket.
     """
 
     daemon_threads = True
     block_on_close = False
+    #: Defaults of the starvation guards; the constructor's arguments override them.
+    max_connections: ClassVar[int] = MAX_CONNECTIONS
+    request_deadline: ClassVar[float] = REQUEST_DEADLINE
+    body_min_rate: ClassVar[float] = BODY_MIN_RATE
 
     def __init__(
         self,
         address: tuple[str, int],
         handler: type[JsonRequestHandler],
         token: str,
+        *,
+        max_connections: int | None = None,
+        request_deadline: float | None = None,
+        body_min_rate: float | None = None,
     ) -> None:
         self.token = token.encode("utf-8")
-        self._conns: set[socket.socket] = set()
-        self._conns_lock = threading.Lock()
+        self.connections = ConnectionTable(
+            _fit_descriptors(max_connections or self.max_connections),
+            head_timeout=request_deadline or self.request_deadline,
+            idle_timeout=handler.timeout or IDLE_TIMEOUT,
+            body_min_rate=body_min_rate or self.body_min_rate,
+        )
+        self._exhausted_logged = 0.0
         if ":" in address[0]:
             self.address_family = socket.AF_INET6
         super().__init__(address, handler)
 
+    def get_request(self) -> tuple[Any, Any]:
+        try:
+            return super().get_request()
+        except OSError as err:
+            if err.errno in _ACCEPT_EXHAUSTED:
+                self._accept_exhausted(err)
+            raise
+
+    def _accept_exhausted(self, err: OSError) -> None:
+        """accept() found no descriptor: free one and pause, instead of spinning on it."""
+        evicted = self.connections.evict_one()
+        now = time.monotonic()
+        if now - self._exhausted_logged > 10:
+            self._exhausted_logged = now
+            LOG.warning(
+                "cannot accept connections on %s: %s (%d open; evicted a waiting one: %s); "
+                "raise LimitNOFILE or lower the connection limit",
+                self.server_address,
+                err,
+                len(self.connections.sockets()),
+                "yes" if evicted else "no",
+            )
+        time.sleep(0.05)
+
     def process_request(self, request: Any, client_address: Any) -> None:
-        with self._conns_lock:
-            self._conns.add(request)
+        if self.connections.admit(request) is None:
+            _refuse_busy(request)
+            self.shutdown_request(request)
+            return
         super().process_request(request, client_address)
 
+    def service_actions(self) -> None:
+        """Run by the accept loop between polls: cut connections past their deadline."""
+        super().service_actions()
+        self.connections.reap()
+
     def shutdown_request(self, request: Any) -> None:
-        with self._conns_lock:
-            self._conns.discard(request)
+        self.connections.release(request)
         super().shutdown_request(request)
 
     def close_connections(self) -> None:
-        with self._conns_lock:
-            conns = list(self._conns)
-        for conn in conns:
+        for conn in self.connections.sockets():
             try:
                 conn.shutdown(socket.SHUT_RDWR)
             except OSError:
                 pass
+
+
+def _fit_descriptors(limit: int) -> int:
+    """The connection limit, lowered to what the descriptor limit allows."""
+    soft, _hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY or limit <= soft - _FD_RESERVE:
+        return limit
+    fitted = max(1, soft - _FD_RESERVE)
+    LOG.warning(
+        "connection limit %d lowered to %d: the process may open only %d descriptors "
+        "(raise LimitNOFILE in the service's unit)",
+        limit,
+        fitted,
+        soft,
+    )
+    return fitted
+
+
+_BUSY_BODY = json.dumps(
+    {
+        "error": {
+            "code": Unavailable.code,
+            "message": "too many connections, all of them busy",
+            "hint": "retry after the Retry-After seconds",
+        }
+    }
+).encode("utf-8")
+_BUSY_ANSWER = (
+    b"HTTP/1.1 503 Service Unavailable\r\n"
+    b"Content-Type: application/json\r\n"
+    b"Retry-After: 1\r\n"
+    b"Connection: close\r\n"
+    b"Content-Length: " + str(len(_BUSY_BODY)).encode() + b"\r\n\r\n" + _BUSY_BODY
+)
+
+
+def _refuse_busy(request: Any) -> None:
+    """Answer 503 from the accept loop: never blocks, never waits for the request."""
+    if isinstance(request, ssl.SSLSocket):
+        return  # no handshake yet: closing is all we can do without waiting
+    try:
+        request.setblocking(False)
+        try:
+            request.recv(65536)  # what already came: closing over unread data resets
+        except OSError:
+            pass
+        request.send(_BUSY_ANSWER)
+    except OSError:
+        pass
 
 
 class JsonRequestHandler(http.server.BaseHTTPRequestHandler):
@@ -244,15 +360,23 @@ class JsonRequestHandler(http.server.BaseHTTPRequestHandler):
     client_name: ClassVar[str] = "API"
     #: Raised for a missing or wrong token.
     unauthorized: ClassVar[type[ApiError]]
+    #: This connection in the server's table (None: the server does not track it).
+    _conn: Conn | None = None
 
     @property
     def _srv(self) -> JsonHttpServer:
         return cast(JsonHttpServer, self.server)
 
     def setup(self) -> None:
-        """Disable Nagle: headers and body go out in two writes, and with Nagle plus the
-        peer's delayed ACK every answer on a keep-alive connection would wait ~40 ms."""
+        """Read through the deadline reader; disable Nagle: headers and body go out in two
+        writes, and with Nagle plus the peer's delayed ACK every answer on a keep-alive
+        connection would wait ~40 ms."""
         super().setup()
+        table = self._srv.connections
+        self._conn = table.get(self.request)
+        if self._conn is not None:
+            self.rfile.close()  # a makefile() would keep the socket open after close()
+            self.rfile = io.BufferedReader(DeadlineReader(self.connection, table, self._conn))
         self.setup_connection()
         try:
             self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -261,6 +385,35 @@ class JsonRequestHandler(http.server.BaseHTTPRequestHandler):
 
     def setup_connection(self) -> None:
         """Hook run in the connection's thread before Nagle is disabled (a TLS handshake)."""
+
+    def handle(self) -> None:
+        """Requests until the connection closes, the keep-alive waits counted as idle."""
+        self.close_connection = True
+        self.handle_one_request()
+        while not self.close_connection:
+            if self._conn is not None:
+                self._srv.connections.idle(self._conn)
+            self.handle_one_request()
+
+    def parse_request(self) -> bool:
+        """The head is complete: its body's deadline starts (busy once authenticated)."""
+        if not super().parse_request():
+            return False
+        if self._conn is not None:
+            self._srv.connections.head_done(self._conn)
+        return True
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        """A service's own ``_authenticate`` marks the connection busy when it succeeds too."""
+        super().__init_subclass__(**kwargs)
+        own = cls.__dict__.get("_authenticate")
+        if own is not None and not getattr(own, "_marks_busy", False):
+            cls._authenticate = _marking_busy(own)  # type: ignore[method-assign,assignment]
+
+    def _authenticated(self) -> None:
+        """The token was accepted: the connection is busy (never evicted) until answered."""
+        if self._conn is not None:
+            self._srv.connections.busy(self._conn)
 
     def do_GET(self) -> None:
         self._dispatch("GET")
@@ -285,11 +438,15 @@ class JsonRequestHandler(http.server.BaseHTTPRequestHandler):
 
     def _authenticate(self) -> None:
         given = self.headers.get(TOKEN_HEADER)
+        # A client without the token gets its answer and no kept-alive connection.
         if given is None:
+            self.close_connection = True
             raise self.unauthorized(f"missing {TOKEN_HEADER} header")
         # Headers arrive decoded as latin-1: re-encode to get the bytes sent.
         if not hmac.compare_digest(given.encode("latin-1", "replace"), self._srv.token):
+            self.close_connection = True
             raise self.unauthorized(f"invalid {TOKEN_HEADER}")
+        self._authenticated()
 
     def _send_json(self, status: int, payload: Any, headers: dict[str, str] | None = None) -> None:
         data = json.dumps(payload).encode("utf-8")
@@ -318,3 +475,15 @@ class JsonRequestHandler(http.server.BaseHTTPRequestHandler):
 
     def log_message(self, format: str, *args: Any) -> None:
         self.log.debug("%s %s", self.address_string(), format % args)
+
+
+def _marking_busy(authenticate: Callable[[Any], None]) -> Callable[[Any], None]:
+    """``authenticate``, then the connection is busy (it raised if the token was refused)."""
+
+    @functools.wraps(authenticate)
+    def wrapper(self: JsonRequestHandler) -> None:
+        authenticate(self)
+        self._authenticated()
+
+    wrapper._marks_busy = True  # type: ignore[attr-defined]
+    return wrapper
