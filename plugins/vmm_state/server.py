@@ -42,7 +42,8 @@ from vmm_orchestrator.httpapi import (
     url_host,
 )
 from vmm_orchestrator.model import Migration, Role
-from vmm_state.bundle import KIND_RE, MalformedBundle, ReplayedBundle
+from vmm_state.bundle import KIND_RE, MalformedBundle, OversizedBundle, ReplayedBundle
+from vmm_state.importer import ImportReport
 from vmm_state.wire import (
     BUNDLE_TYPE,
     LABEL_RE,
@@ -314,6 +315,17 @@ class _Handler(JsonRequestHandler):
             )
         migration = self._migration(migration_id, Role.DESTINATION)
         assert self._body is not None
+        limit = self._host.settings.max_bundle_bytes
+        if not self._body.chunked and self._body.left > limit:
+            # Refused as the reader would refuse it, without reading (or draining) it.
+            self.close_connection = True
+            err = OversizedBundle(
+                f"bundle of {self._body.left} bytes is larger than {limit} bytes ([state] "
+                "max_bundle_bytes); it was refused before it was read"
+            )
+            report = ImportReport.refused(migration.id, label, self._host.kinds, err)
+            self._send_json(200, report.to_dict())
+            return
         slots = self._host.import_slots
         if not slots.acquire(blocking=False):
             raise Unavailable(

@@ -9,6 +9,7 @@ Real state services on 127.0.0.1; the kind's "kernel" is a dict.
 from __future__ import annotations
 
 import hashlib
+import json
 import socket
 import threading
 import time
@@ -434,3 +435,27 @@ def test_concurrent_uploads_get_their_turn_through_the_senders_retry(site: Site)
     for t in threads:
         t.join()
     assert results == [True] * 4
+
+
+def test_an_upload_declared_over_the_byte_limit_is_refused_before_it_is_read(site: Site) -> None:
+    h2 = site.host("h2", max_bundle_bytes=1024 * 1024)
+    h2.expect(MIG)
+    host, port = h2.url.removeprefix("http://").split(":")
+    head = (
+        f"POST /v1/state/{MIG.id}?label=delta HTTP/1.1\r\nHost: x\r\nX-Auth-Token: {SHARED}\r\n"
+        f"Content-Length: {10**9}\r\n\r\n"
+    ).encode()
+    started = time.monotonic()
+    with socket.create_connection((host, int(port)), timeout=5) as sock:
+        sock.sendall(head + b"VMMSTATE")  # a gigabyte announced, 8 bytes sent
+        answer = b""
+        while True:
+            got = sock.recv(65536)
+            if not got:
+                break  # the service closed the connection: it will not read the rest
+            answer += got
+    assert time.monotonic() - started < 2.0
+    assert answer.startswith(b"HTTP/1.1 200") and b"Connection: close" in answer
+    report = json.loads(answer.split(b"\r\n\r\n", 1)[1])
+    assert report["error"].startswith("oversized: bundle of 1000000000 bytes")
+    assert report["reason"] == "resource_limit"
