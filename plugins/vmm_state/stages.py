@@ -40,10 +40,11 @@ from vmm_orchestrator.errors import StageFailed
 from vmm_orchestrator.model import Migration, Phase, Role, normalize_mac
 from vmm_orchestrator.stage import Stage, StageContext
 from vmm_orchestrator.statekind import KindContext
-from vmm_state import policy
+from vmm_state import policy, warm
 from vmm_state.importer import KindAnswer, LedgerEntry
 from vmm_state.policy import Policy, Verdict
 from vmm_state.service import StateHost, Transfer
+from vmm_state.wire import ServiceError
 
 LOG = logging.getLogger(__name__)
 
@@ -145,12 +146,44 @@ class StatePrecopy(_StateStage):
             return {"label": PRECOPY, "imports": [], "at_risk": []}
         host.expect(migration)
         kinds = host.source_kinds(migration, ctx.deadline)
-        transfers, verdict = self.transfer(
-            ctx, host, kinds, lambda names: host.pull(migration, PRECOPY, names, ctx.deadline)
-        )
+        adoption = warm.adopt(host, migration)
+        target = migration if adoption is None else adoption.mirror
+        if adoption is None:
+            move: Callable[[list[str]], Transfer] = lambda names: host.pull(  # noqa: E731
+                migration, PRECOPY, names, ctx.deadline
+            )
+        else:
+            move = lambda names: warm.precopy_transfer(host, adoption, names, ctx.deadline)  # noqa: E731
+        transfers, verdict = self.transfer(ctx, host, kinds, move)
+        if adoption is not None:
+            whole = not warm.intact(host, adoption)
+            if whole:  # the relay reverted the mirror under us: start from nothing
+                LOG.warning(
+                    "host %s: the warm mirror of %s went away during its adoption; "
+                    "pulling the whole state",
+                    host.name,
+                    migration.id,
+                )
+                host.revert_imports(target, None)
+                more, verdict = self.transfer(
+                    ctx,
+                    host,
+                    kinds,
+                    lambda names: warm.pull_since(host, target, names, None, ctx.deadline),
+                )
+                transfers += more
+            ctx.note(
+                warm={
+                    "mirror": target.id,
+                    "mirrored": sorted(adoption.synced),
+                    "mirror_age_s": round(adoption.age, 3),
+                    "mirror_imports": len(adoption.base),
+                    "refetched_whole": whole,
+                }
+            )
         ctx.note(**figures(transfers, verdict))
         if verdict.abort:
-            _, errors = host.revert_imports(migration, PRECOPY)
+            _, errors = host.revert_imports(target, PRECOPY)
             text = f"state pre-copy from {migration.source} vetoes the migration: "
             text += verdict.failure_text()
             if errors:
@@ -159,25 +192,45 @@ class StatePrecopy(_StateStage):
                 text, hint="see [state] on_<reason> for what each reason does; fix the cause"
             )
         imports = [
-            e.to_dict() for e in host.importer.ledger.entries(migration.id) if e.label == PRECOPY
+            e.to_dict() for e in host.importer.ledger.entries(target.id) if e.label == PRECOPY
         ]
         if host.settings.ledger_dir:
             imports = []  # the ledger on disk has them; keep large records out of the journal
         try:
             # Refused once the engine gave up on this stage (deadline): then nobody
             # would revert what we installed, so we do it ourselves.
-            ctx.checkpoint({"label": PRECOPY, "imported": True})
+            ctx.checkpoint({"label": PRECOPY, "imported": True, "state_id": target.id})
         except StageFailed:
-            host.revert_imports(migration, PRECOPY)
+            host.revert_imports(target, PRECOPY)
             raise
-        return {"label": PRECOPY, "imports": imports, "at_risk": verdict.at_risk}
+        return {
+            "label": PRECOPY,
+            "imports": imports,
+            "at_risk": verdict.at_risk,
+            "state_id": target.id,
+        }
 
     def revert(self, ctx: StageContext, record: dict[str, Any] | None) -> None:
-        """Undo every import of the migration here (pre-copy and delta), newest first."""
+        """Undo every import of the migration here (pre-copy and delta), newest first,
+        also those under the warm mirror it adopted (the plan then goes on, its
+        mirror rebuilt from nothing: the VM stays at the source)."""
         host = state_host(ctx)
+        migration = ctx.migration
+        used = str((record or {}).get("state_id", migration.id))
         fallback = [LedgerEntry.from_dict(e) for e in (record or {}).get("imports", [])]
-        reverted, errors = host.revert_imports(ctx.migration, None, fallback)
-        host.forget(ctx.migration.id)
+        mirror = warm.abandon(host, migration)
+        if mirror is None and used != migration.id:
+            mirror = dataclasses.replace(migration, id=used)
+        reverted, errors = host.revert_imports(
+            migration, None, fallback if used == migration.id else None
+        )
+        host.forget(migration.id)
+        if mirror is not None:
+            more, more_errors = host.revert_imports(
+                mirror, None, fallback if used == mirror.id else None
+            )
+            reverted += more
+            errors += more_errors
         ctx.note(reverted=reverted)
         if errors:
             raise StageFailed(
@@ -209,35 +262,54 @@ class StateDelta(_StateStage):
             return {"label": DELTA, "destination": migration.destination}
         host.expect(migration)
         started = time.monotonic()
-        transfers, verdict = self.transfer(
-            ctx,
-            host,
-            list(host.kinds),
-            lambda names: host.push(migration, DELTA, names, ctx.deadline),
-        )
+        # The identity under which the destination imported this move's pre-copy:
+        # the migration's own, or the warm mirror it adopted (vmm_state.warm).
+        try:
+            target, synced = warm.delta_identity(host, migration, ctx.deadline)
+        except ServiceError:  # asked again (and answered FAIL) by the transfer below
+            target, synced = migration, None
+        warm.note_moved_as(migration.id, None if target is migration else target)
+        asked = [synced]
+
+        def move(names: list[str]) -> Transfer:
+            known = asked.pop() if asked else None
+            if known is None:
+                return host.push(target, DELTA, names, ctx.deadline)
+            return warm.push_since(host, target, DELTA, names, ctx.deadline, known)
+
+        transfers, verdict = self.transfer(ctx, host, list(host.kinds), move)
         ctx.note(delta_ms=round((time.monotonic() - started) * 1000.0, 3))
+        if target is not migration:
+            ctx.note(warm={"mirror": target.id})
         ctx.note(**figures(transfers, verdict))
         if verdict.abort:
             text = f"state delta to {migration.destination} failed: {verdict.failure_text()}"
             try:
-                host.peer(migration.destination).revert(migration, DELTA, ctx.deadline)
+                host.peer(migration.destination).revert(target, DELTA, ctx.deadline)
             except Exception as err:
                 text += f"; asking {migration.destination} to revert the delta failed: {err}"
             raise StageFailed(text, hint="see [state] on_<reason> for what each reason does")
         try:
-            ctx.checkpoint({"label": DELTA, "pushed": True})  # refused past the deadline
+            # refused past the deadline
+            ctx.checkpoint({"label": DELTA, "pushed": True, "state_id": target.id})
         except StageFailed:
             try:
-                host.peer(migration.destination).revert(migration, DELTA, time.monotonic() + 5.0)
+                host.peer(migration.destination).revert(target, DELTA, time.monotonic() + 5.0)
             except Exception as err:
                 LOG.error("host %s: undoing the late delta of %s failed: %s", host.name, ctx, err)
             raise
-        return {"label": DELTA, "destination": migration.destination}
+        return {"label": DELTA, "destination": migration.destination, "state_id": target.id}
 
     def revert(self, ctx: StageContext, record: dict[str, Any] | None) -> None:
         """Ask the destination to undo the delta it imported (a no-op if it already did)."""
         host = state_host(ctx)
-        answer = host.peer(ctx.migration.destination).revert(ctx.migration, DELTA, ctx.deadline)
+        target = warm.moved_as(ctx.migration.id) or ctx.migration
+        used = (record or {}).get("state_id")
+        if used and used != target.id:
+            target = dataclasses.replace(ctx.migration, id=str(used))
+        answer = host.peer(ctx.migration.destination).revert(target, DELTA, ctx.deadline)
+        warm.note_moved_as(ctx.migration.id, None)
+        warm.resumed_plan(host, ctx.migration)
         host.forget(ctx.migration.id)
         ctx.note(reverted=answer.get("reverted", 0))
         if answer.get("errors"):
@@ -336,6 +408,23 @@ class StateCleanup(Stage):
                     err,
                 )
                 committed = {"error": str(err)}
+            mirror = warm.moved_as(migration.id)
+            if mirror is not None:  # the move's state went as its adopted warm mirror
+                try:
+                    answer = host.peer(migration.destination).commit(mirror, ctx.deadline)
+                    ctx.note(mirror_commit=answer)
+                except Exception as err:  # as above: noted and logged, never fatal
+                    LOG.warning(
+                        "host %s: committing the warm mirror of %s at %s failed: %s",
+                        host.name,
+                        migration.id,
+                        migration.destination,
+                        err,
+                    )
+                    ctx.note(mirror_commit={"error": str(err)})
+                host.forget(mirror.id)
+                warm.note_moved_as(migration.id, None)
+            warm.completed(host, migration)
         host.forget(migration.id)
         ctx.note(cleaned=sorted(k for k, v in results.items() if v is None))
         # addresses of the endpoints whose entries stay here (None: unknown, all kept)
