@@ -19,11 +19,19 @@ times), and the benchmark measures, from just before the commit:
 
 The agents run in ``--workers`` processes (in a real site each runs on its
 own host; a thousand agent threads in one CPython process mostly measure
-the GIL). The first ``--real`` peers are real namespace NVEs (``LinuxNve``:
-a bridge and a VXLAN device in their own network namespace, programmed
-through netlink); the others are the same agents applying to a no-op NVE,
-and the output says how many of each. The lab's underlay is one /24, so at
-most 250 real NVEs.
+the GIL). The first ``--real`` peers are real hosts built the way ``vmm
+agent`` builds them: each worker writes a config file for its real peers
+(``[agent] hosts``, a ``[host:<name>]`` group each with the namespace's
+VTEP, ``[nva]``/``[nva_etcd]`` naming the directory under test) and gets the
+hosts from the composition root (:func:`vmm_orchestrator.agent.assemble`):
+the Linux data plane (a bridge and a VXLAN device in their own network
+namespace, programmed through netlink) and its NVE agent, with only the
+NVE wrapped to time-stamp when the kernel was programmed. The other peers
+stand for the many remote agents the directory fans out to and stay
+simulated on purpose: the same ``NveAgent`` applying to a no-op NVE (they
+are what the directory is measured against, and a thousand real hosts do
+not fit on one machine); the output says how many of each. The lab's
+underlay is one /24, so at most 250 real NVEs.
 
 What the measurements led to (issue 16): py-spy of the embedded server at
 1,000 peers showed its threads queueing on the store's lock (each ack woke
@@ -47,22 +55,25 @@ import math
 import os
 import resource
 import secrets
+import shutil
 import statistics
 import subprocess
 import sys
+import tempfile
 import threading
 import time
+from collections.abc import Callable
 from typing import Any, Protocol
-
-from oslo_config import cfg
 
 from vmm_etcd.client import EtcdNvaClient
 from vmm_etcd.cluster import LocalEtcdCluster
 from vmm_etcd.kv import EtcdKV
+from vmm_lab.libvirt.agents import write_config
 from vmm_lab.linux.probe import format_table
 from vmm_lab.linux.topology import Lab
 from vmm_linux.agent import NveAgent
-from vmm_linux.nve import LinuxNve
+from vmm_orchestrator import agent as root
+from vmm_orchestrator import options
 from vmm_orchestrator.errors import VmmError
 from vmm_orchestrator.nva.client import NvaClient
 from vmm_orchestrator.nva.server import NvaServer
@@ -146,9 +157,10 @@ class NoopNve:
 
 
 class TrackedNve:
-    """A real LinuxNve that reports to the tracker once the kernel is programmed."""
+    """A root-built host's real NVE that reports to the tracker once the kernel is
+    programmed."""
 
-    def __init__(self, name: str, nve: LinuxNve, tracker: Tracker) -> None:
+    def __init__(self, name: str, nve: Any, tracker: Tracker) -> None:
         self.name = name
         self.nve = nve
         self.tracker = tracker
@@ -170,8 +182,51 @@ def _say(message: dict[str, Any]) -> None:
     print(json.dumps(message), flush=True)
 
 
+def real_peers_config(spec: dict[str, Any], peers: list[Any], workdir: str) -> str:
+    """The config file of a worker's real peers, as an operator writes one for ``vmm
+    agent`` (one agent serving several hosts); returns its path."""
+    if spec["directory"] == "embedded":
+        directory: dict[str, dict[str, Any]] = {
+            "nva": {"backend": "embedded", "url": spec["url"], "token": spec["token"]}
+        }
+    else:
+        directory = {
+            "nva": {"backend": "etcd"},
+            "nva_etcd": {
+                "endpoints": spec["endpoints"],
+                "prefix": spec["prefix"],
+                "request_timeout": 10.0,
+            },
+        }
+    directory["nva"]["request_timeout"] = 10.0
+    sections: dict[str, dict[str, Any]] = {
+        "agent": {"hosts": [name for name, _, _ in peers], "host_driver": "linux"},
+        **directory,
+        "nve_agent": {
+            "watch_timeout": WATCH_TIMEOUT,
+            "retry_interval": 0.2,
+            "local_learning": False,
+        },
+        "rarp": {"responder": False},  # the agents alone, as for the simulated peers
+    }
+    for name, vtep, netns in peers:
+        sections[root.host_group(name)] = {
+            "vtep": vtep,
+            "vnis": [VNI],
+            "netns": netns,
+            "journal": os.path.join(workdir, f"journal-{name}.sqlite"),
+        }
+    path = os.path.join(workdir, "agent.conf")
+    write_config(path, sections)
+    return path
+
+
 def worker_main() -> int:
-    """A process hosting some of the peer agents, driven over stdin/stdout (JSON lines)."""
+    """A process hosting some of the peer agents, driven over stdin/stdout (JSON lines).
+
+    The real peers come from the composition root (one config file, ``assemble``);
+    the simulated ones are ``NveAgent``s on a no-op NVE sharing one directory client.
+    """
     logging.basicConfig(
         level=os.environ.get("FANOUT_LOG", "ERROR")
     )  # stopping agents log lost watches
@@ -181,34 +236,49 @@ def worker_main() -> int:
         client: Any = NvaClient(spec["url"], spec["token"], timeout=10.0)
     else:
         client = EtcdNvaClient(EtcdKV(spec["endpoints"], timeout=10.0), spec["prefix"])
-    conf = cfg.ConfigOpts()
-    conf([], default_config_files=[])
     tracker = Tracker()
-    agents = []
-    for name, vtep, netns in spec["peers"]:
-        nve: Any
-        if netns:
-            nve = TrackedNve(name, LinuxNve.from_conf(conf, netns, vtep), tracker)
-        else:
-            nve = NoopNve(name, vtep, tracker)
-        agents.append(
-            NveAgent(
-                name,
-                nve,
-                client,
-                [VNI],
-                watch_timeout=WATCH_TIMEOUT,
-                retry_interval=0.2,
-                local_learning=False,
-            )
+    workdir = tempfile.mkdtemp(prefix="vmm-fanout-")
+    real = [p for p in spec["peers"] if p[2]]
+    assembly = (
+        root.assemble(options.new_conf([real_peers_config(spec, real, workdir)]))
+        if real
+        else root.Assembly([])
+    )
+    agents: list[NveAgent] = []
+    starts: list[Callable[[], None]] = []
+    stops: list[Callable[[], None]] = []
+    streams: list[tuple[Any, int]] = []  # (directory client, streams it must open)
+    for host in assembly.hosts:
+        agent = host.driver.services["agent"]
+        agent.nve = TrackedNve(host.name, agent.nve, tracker)
+        agents.append(agent)
+        starts.append(host.start)
+        stops.append(host.close)
+        streams.append((host.directory, 1))
+    simulated = [p for p in spec["peers"] if not p[2]]
+    for name, vtep, _ in simulated:
+        noop: Any = NoopNve(name, vtep, tracker)
+        sim = NveAgent(
+            name,
+            noop,
+            client,
+            [VNI],
+            watch_timeout=WATCH_TIMEOUT,
+            retry_interval=0.2,
+            local_learning=False,
         )
+        agents.append(sim)
+        starts.append(sim.start)
+        stops.append(sim.stop)
+    if simulated:
+        streams.append((client, len(simulated)))
     started = time.monotonic()
     with concurrent.futures.ThreadPoolExecutor(4) as pool:
-        list(pool.map(_start, agents))
+        list(pool.map(_start, starts))
     # Each agent's watch thread opens its stream after start(): ready means streaming.
     deadline = time.monotonic() + 60
-    while getattr(client, "streaming", False) and time.monotonic() < deadline:
-        if client.open_streams >= len(agents):
+    while time.monotonic() < deadline:
+        if all(not getattr(c, "streaming", False) or c.open_streams >= n for c, n in streams):
             break
         time.sleep(0.05)
     _say({"ready": time.monotonic() - started})
@@ -233,9 +303,10 @@ def worker_main() -> int:
             _say({"last": max(times, default=None), "missing": tracker.missing})
         else:
             break
-    # Stop every agent at once; the main process then makes a change in the VN so that
-    # every long-poll returns and each agent sees its stop flag.
-    stoppers = [threading.Thread(target=a.stop, daemon=True) for a in agents]
+    # Stop every agent at once (a root-built host closes every part of it); the main
+    # process then makes a change in the VN so that every long-poll returns and each
+    # agent sees its stop flag.
+    stoppers = [threading.Thread(target=stop, daemon=True) for stop in stops]
     for thread in stoppers:
         thread.start()
     time.sleep(0.1)
@@ -243,26 +314,25 @@ def worker_main() -> int:
     for thread in stoppers:
         thread.join(timeout=WATCH_TIMEOUT + 5)
     client.close()
-    for agent in agents:
-        with contextlib.suppress(Exception):
-            agent.nve.close()
+    shutil.rmtree(workdir, ignore_errors=True)
     _say({"stopped": True})
     return 0
 
 
-def _start(agent: NveAgent) -> None:
-    """Start an agent, retrying as a restarted agent would when the directory is busy.
+def _start(start: Callable[[], None]) -> None:
+    """Start a host or an agent, retrying as a restarted agent would when the directory
+    is busy.
 
     (The embedded server listens with socketserver's default backlog of 5, so many
     agents connecting at once get connection resets.)
     """
     for attempt in range(20):
         try:
-            agent.start()
+            start()
             return
         except (VmmError, OSError):
             time.sleep(0.05 * (attempt + 1))
-    agent.start()
+    start()
 
 
 class Worker:
@@ -663,10 +733,12 @@ def main(argv: list[str] | None = None) -> int:
     print()
     print(render(results, args.runs))
     print(
-        f"\nReal NVEs: the first {real_count} peers (at most) are LinuxNve in their own network "
-        "namespace (FDB programmed through netlink); the other peers are the same NveAgent "
-        f"applying to a no-op NVE. Everything shares this machine ({len(os.sched_getaffinity(0))}"
-        " CPUs): the directory, etcd and the agent processes. Load average (1/5/15 min): "
+        f"\nReal NVEs: the first {real_count} peers (at most) are hosts from the composition "
+        "root (a config file -> assemble: LinuxNve in their own network namespace, FDB "
+        "programmed through netlink, and their NveAgent); the other peers stand for remote "
+        "agents: the same NveAgent applying to a no-op NVE. Everything shares this machine "
+        f"({len(os.sched_getaffinity(0))} CPUs): the directory, etcd and the agent processes. "
+        "Load average (1/5/15 min): "
         f"{started_load} before, {' / '.join(f'{x:.1f}' for x in os.getloadavg())} after."
     )
     return 1 if any(r["missed"] for r in results) else 0
