@@ -22,6 +22,12 @@
   destination (pre-copy and delta), ``state_delta`` asks the destination to
   revert the delta (harmless when already done).
 
+Warm mobility (:mod:`vmm_state.warm`): for a planned move whose mirror the
+destination already holds, ``state_precopy`` adopts the mirror and pulls
+only what changed since it, and the move's state stays under the mirror's
+identity (``state_id`` in the stages' records): ``state_delta`` asks the
+destination which identity holds the imports, revert and commit follow it.
+
 Each stage notes per-kind counts and timings in the timeline (``ctx.note``).
 The host's StateHost is found under ``ctx.host.service("state")``.
 """

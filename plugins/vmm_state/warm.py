@@ -17,12 +17,16 @@ unchanged).
 * **Refresh** (source, ``WarmService``): push the VM's export under that
   identity, each kind whole the first time (which makes the source track
   the VM's changes, ``StateKind.track``) and then as a delta since the
-  destination's newest import. The tracker's changes accumulate from the
-  whole export on, so a refresh carries what changed since that base;
-  ``[state_warm] rebase`` bounds the base's age (the mirror is removed and
-  rebuilt), which also keeps it below ``[state_conntrack] refresh_below``
-  (packets refresh timeouts without raising events: an entry mirrored long
-  ago could otherwise run out at the destination unseen).
+  destination's newest import. A source's tracker (conntrack) keeps every
+  change from the whole export on, so a refresh, the PREPARE remainder and
+  the SWITCHOVER delta each carry what changed since that *base* (not since
+  the previous transfer: measured in the lab, 100 changed sessions went at
+  PREPARE and again at SWITCHOVER). ``[state_warm] rebase`` bounds the
+  base's age (the mirror is removed and rebuilt whole), and so the delta
+  inside the pause to the churn of that many seconds; it also keeps the
+  base below ``[state_conntrack] refresh_below`` (packets refresh timeouts
+  without raising events: an entry mirrored long ago could otherwise run
+  out at the destination unseen).
 * **Adoption** (destination, ``state_precopy``): when the destination holds
   the mirror of the migration's plan (same VM name, hosts and NICs), it
   pulls only the delta since the mirror's newest import, and the kinds the
@@ -88,12 +92,14 @@ WARM_OPTS: list[cfg.Opt] = [
     ),
     cfg.FloatOpt(
         "rebase",
-        default=240.0,
+        default=120.0,
         min=1.0,
         help="Seconds after which a mirror is rebuilt from a whole export (removed at "
-        "the destination, then pushed whole). Keep it below [state_conntrack] "
-        "refresh_below: timeouts that packets refresh raise no events, so an older base "
-        "could let mirrored entries run out at the destination.",
+        "the destination, then pushed whole). A source tracks changes from its whole "
+        "export on, so the changes since the base are sent again at each refresh, at "
+        "PREPARE and in the SWITCHOVER delta: this bounds them. Keep it below "
+        "[state_conntrack] refresh_below: timeouts that packets refresh raise no events, "
+        "so an older base could let mirrored entries run out at the destination.",
     ),
     cfg.FloatOpt(
         "lifetime",
@@ -150,29 +156,53 @@ def _nics(workload: Workload) -> set[tuple[str, int]]:
     return {(normalize_mac(v.mac), v.vni) for v in workload.vifs}
 
 
-def parse_plan(text: str, nva: Any) -> tuple[Workload, str, str]:
-    """``VM SOURCE DESTINATION VNI:MAC[,...]`` -> (workload, source, destination);
-    the NICs' addresses from the directory."""
-    parts = text.split()
-    if len(parts) != 4:
-        raise ConfigError(
-            f"[state_warm] plan {text!r} is not 'VM SOURCE DESTINATION VNI:MAC[,VNI:MAC]'"
-        )
-    name, source, destination, nics = parts
-    vifs = []
-    for nic in nics.split(","):
-        vni, sep, mac = nic.partition(":")
-        try:
-            if not sep:
-                raise ValueError(nic)
-            vni_n, mac_n = int(vni), normalize_mac(mac)
-        except ValueError:
-            raise ConfigError(f"[state_warm] plan {text!r}: {nic!r} is not VNI:MAC") from None
+@dataclasses.dataclass(frozen=True)
+class PlanSpec:
+    """One ``[state_warm] plan`` line: the VM's name, the hosts, its NICs (VNI, MAC)."""
+
+    name: str
+    source: str
+    destination: str
+    nics: tuple[tuple[int, str], ...]
+
+    @classmethod
+    def parse(cls, text: str) -> PlanSpec:
+        """``VM SOURCE DESTINATION VNI:MAC[,VNI:MAC...]``; ConfigError if it is not."""
+        parts = text.split()
+        if len(parts) != 4:
+            raise ConfigError(
+                f"[state_warm] plan {text!r} is not 'VM SOURCE DESTINATION VNI:MAC[,VNI:MAC]'",
+                hint="e.g. plan = web1 host-a host-b 100:52:54:00:00:64:0a",
+            )
+        name, source, destination, nics = parts
+        found = []
+        for nic in nics.split(","):
+            vni, sep, mac = nic.partition(":")
+            try:
+                if not sep:
+                    raise ValueError(nic)
+                found.append((int(vni), normalize_mac(mac)))
+            except ValueError:
+                raise ConfigError(
+                    f"[state_warm] plan {text!r}: {nic!r} is not VNI:MAC",
+                    hint="e.g. 100:52:54:00:00:64:0a",
+                ) from None
+        if source == destination:
+            raise ConfigError(f"[state_warm] plan {text!r} moves the VM to its own host")
+        return cls(name, source, destination, tuple(found))
+
+    def workload(self, nva: Any) -> Workload:
+        """The VM's NICs with the addresses the directory registers for them."""
         if nva is None:
-            raise ConfigError("[state_warm] plan needs the directory for the NICs' addresses")
-        ep = nva.get_endpoint(vni_n, mac_n)
-        vifs.append(Vif(mac_n, vni_n, tuple(ep.get("ipv4") or ()), tuple(ep.get("ipv6") or ())))
-    return Workload(name, tuple(vifs)), source, destination
+            raise ConfigError(
+                "[state_warm] plan needs the directory for the NICs' addresses",
+                hint="run the plan on an agent with a directory ([nva] url)",
+            )
+        vifs = []
+        for vni, mac in self.nics:
+            ep = nva.get_endpoint(vni, mac)
+            vifs.append(Vif(mac, vni, tuple(ep.get("ipv4") or ()), tuple(ep.get("ipv6") or ())))
+        return Workload(self.name, tuple(vifs))
 
 
 # ------------------------------------------------------------ transfers
@@ -307,7 +337,7 @@ class WarmService:
         host: StateHost,
         kinds: Iterable[str] = ("conntrack",),
         interval: float = 10.0,
-        rebase: float = 240.0,
+        rebase: float = 120.0,
         lifetime: float = 3600.0,
         nva: Any = None,
     ) -> None:
@@ -316,6 +346,8 @@ class WarmService:
         self.interval, self.rebase, self.lifetime = interval, rebase, lifetime
         self.nva = nva
         self.plans: dict[str, Plan] = {}
+        #: configured plans waiting for the directory (``from_conf``)
+        self.pending: list[PlanSpec] = []
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._wake = threading.Event()
@@ -323,14 +355,31 @@ class WarmService:
 
     @classmethod
     def from_conf(cls, conf: cfg.ConfigOpts, host: StateHost, nva: Any = None) -> WarmService:
+        """The plans of ``[state_warm] plan`` that involve ``host``; a plan whose NICs
+        the directory cannot tell yet starts once it can (tried every interval)."""
         register_opts(conf)
         group = conf[GROUP]
         service = cls(host, group.kinds, group.interval, group.rebase, group.lifetime, nva)
-        for text in group.plan:
-            workload, source, destination = parse_plan(text, nva)
-            if host.name in (source, destination):
-                service.plan(workload, source, destination)
+        specs = [PlanSpec.parse(text) for text in group.plan]
+        service.pending = [s for s in specs if host.name in (s.source, s.destination)]
+        if service.pending:
+            service._resolve()
+            service._start()
         return service
+
+    def _resolve(self) -> None:
+        """Start the configured plans whose NICs the directory now tells."""
+        for spec in list(self.pending):
+            try:
+                workload = spec.workload(self.nva)
+            except ConfigError:
+                raise
+            except Exception as err:
+                LOG.warning("warm plan of %s: the directory cannot tell its NICs yet: %s",
+                            spec.name, err)  # fmt: skip
+                continue
+            self.pending.remove(spec)
+            self.plan(workload, spec.source, spec.destination)
 
     # -- plans ---------------------------------------------------------------
 
@@ -446,6 +495,12 @@ class WarmService:
     def _run(self) -> None:
         while not self._stop.is_set():
             self._wake.clear()
+            if self.pending:
+                try:
+                    self._resolve()
+                except ConfigError as err:
+                    LOG.error("warm plans: %s", err)
+                    self.pending.clear()
             with self._lock:
                 plans = list(self.plans.values())
             for plan in plans:
@@ -650,3 +705,20 @@ def resumed_plan(host: StateHost, migration: Migration) -> None:
     plan = service.find(migration) if service is not None else None
     if plan is not None and service is not None and plan.handed_over == migration.id:
         service.give_back(plan)
+
+
+# ------------------------------------------------------ composition root
+
+
+def open_state_service(
+    conf: cfg.ConfigOpts, spec: Any, directory: Any, peers: dict[str, str]
+) -> StateHost:
+    """Entry point of ``vmm_orchestrator.state_services``: the host's state service
+    (``vmm_state.provider``) with its warm plans attached (``[state_warm] plan``)."""
+    from vmm_state import provider
+
+    host = provider.open_state_service(conf, spec, directory, peers)
+    register_opts(conf)
+    if conf[GROUP].plan:
+        attach(host, WarmService.from_conf(conf, host, nva=directory))
+    return host
