@@ -36,6 +36,7 @@ from vmm_orchestrator.nva import errors as nva_errors
 from vmm_orchestrator.nva.client import NvaClient
 from vmm_orchestrator.nva.server import NvaServer
 from vmm_orchestrator.nva.store import NvaStore
+from vmm_orchestrator.options import new_conf
 
 pytestmark = pytest.mark.functional
 
@@ -54,8 +55,7 @@ def etcd() -> Iterator[LocalEtcdCluster]:
 
 
 def etcd_conf(cluster: LocalEtcdCluster) -> cfg.ConfigOpts:
-    conf = cfg.ConfigOpts()
-    conf(args=[], default_config_files=[])
+    conf = new_conf()
     EtcdBackend.kv_from_conf(conf)  # registers [nva_etcd]
     conf.set_override("endpoints", cluster.endpoints, group="nva_etcd")
     conf.set_override("prefix", f"/c{secrets.token_hex(4)}/", group="nva_etcd")
@@ -261,8 +261,7 @@ def test_host_driver_offers_an_idempotent_nve(
 ) -> None:
     """Each NveDriver call twice in a row, and the undo calls on nothing, never fail."""
     directory.register_nve("nve-a", "192.0.2.1", [VNI])
-    conf = cfg.ConfigOpts()
-    conf(args=[], default_config_files=[])
+    conf = new_conf()
     subprocess.run(
         ["ip", "-n", netns, "link", "add", "p-vm", "type", "veth", "peer", "name", "p-peer"],
         check=True,

@@ -36,6 +36,7 @@ from vmm_etcd.locks import InstanceLease, MigrationLocks
 from vmm_orchestrator import journal as jr
 from vmm_orchestrator.engine import Dispatcher, PhaseReport
 from vmm_orchestrator.model import Migration, MigrationEvent, Phase, Role, Vif, Workload
+from vmm_orchestrator.options import new_conf
 from vmm_orchestrator.stage import HostContext, Stage, StageContext
 from vmm_orchestrator.stages import NvaPrestage, PeerUpdate
 
@@ -123,13 +124,13 @@ class Instance:
     def __init__(
         self, endpoints: list[str], prefix: str, name: str, hang_on: str | None = None
     ) -> None:
-        conf = cfg.ConfigOpts()
-        conf([], default_config_files=[])
+        conf = new_conf()
         self.nva = EtcdNvaClient(EtcdKV(endpoints), prefix)
         self.kv = EtcdKV(endpoints)
         self.lease = InstanceLease(self.kv, LEASE_TTL, instance=name)
         self.locks = MigrationLocks(self.kv, HOST, self.lease, prefix)
         self.journal = EtcdJournal(self.kv, HOST, prefix)
+        Gate.register_opts(conf)  # the test's own stage is no entry point
         stages = [CountedPrestage(conf), Gate(conf), CountedPeerUpdate(conf)]
         conf.set_override("ack_timeout", 0.05, group="stage_peer_update")
         services = {"instance": name, "hang_on": hang_on}

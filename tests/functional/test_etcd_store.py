@@ -19,7 +19,6 @@ from types import ModuleType
 from typing import Any
 
 import pytest
-from oslo_config import cfg
 from stevedore import driver
 
 from vmm_etcd import kv as kvmod
@@ -28,7 +27,6 @@ from vmm_etcd.client import EtcdNvaClient
 from vmm_etcd.cluster import LocalEtcdCluster, free_port
 from vmm_etcd.journal import EtcdJournal
 from vmm_etcd.kv import EtcdKV
-from vmm_etcd.options import register_opts
 from vmm_etcd.store import EtcdNvaStore
 from vmm_orchestrator.errors import ConfigError, TransientError
 from vmm_orchestrator.journal import Journal
@@ -36,6 +34,7 @@ from vmm_orchestrator.nva.client import NvaClient
 from vmm_orchestrator.nva.errors import Conflict, Gone, NotFound, NvaError, Unavailable
 from vmm_orchestrator.nva.server import NvaServer
 from vmm_orchestrator.nva.store import NvaStore
+from vmm_orchestrator.options import new_conf
 
 UNIT = Path(__file__).resolve().parents[1] / "unit"
 
@@ -353,9 +352,7 @@ def test_client_watch_errors_match_the_store(pair: tuple[EtcdNvaStore, EtcdNvaCl
 
 
 def test_backend_builds_clients_from_the_config(etcd: LocalEtcdCluster) -> None:
-    conf = cfg.ConfigOpts()
-    conf([], default_config_files=[])
-    register_opts(conf)
+    conf = new_conf()
     conf.set_override("endpoints", etcd.endpoints, group="nva_etcd")
     conf.set_override("prefix", new_prefix(), group="nva_etcd")
     # Found the way the core finds every directory backend: by entry point.

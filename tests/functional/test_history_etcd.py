@@ -7,8 +7,6 @@ import secrets
 import time
 from typing import Any
 
-from oslo_config import cfg
-
 from vmm_etcd.backends import open_journal
 from vmm_etcd.cluster import LocalEtcdCluster
 from vmm_orchestrator import agent, engine, history
@@ -17,6 +15,7 @@ from vmm_orchestrator.engine import Pipeline
 from vmm_orchestrator.errors import StageFailed
 from vmm_orchestrator.migration_cmd import MigrationCommand
 from vmm_orchestrator.model import Migration, MigrationEvent, Phase, Role, Vif, Workload
+from vmm_orchestrator.options import new_conf
 from vmm_orchestrator.stage import HostContext, Stage, StageContext
 
 
@@ -55,12 +54,14 @@ def test_history_from_the_etcd_journal(tmp_path, capsys):
         conf = load_config([str(conf_file)])
         (spec,) = agent.host_specs(conf)
         journal = open_journal(conf, spec, None)
-        pconf = cfg.ConfigOpts()
-        engine.register_opts(pconf)
-        stages = [
-            stage("e_tunnel", Phase.SWITCHOVER, tunnel)(pconf),
-            stage("e_hold", Phase.COMPLETED, hold)(pconf),
+        pconf = new_conf()
+        classes = [
+            stage("e_tunnel", Phase.SWITCHOVER, tunnel),
+            stage("e_hold", Phase.COMPLETED, hold),
         ]
+        for cls in classes:
+            cls.register_opts(pconf)  # the test's own stages are no entry points
+        stages = [cls(pconf) for cls in classes]
         pipe = Pipeline(pconf, HostContext("hv1", nva=None), journal, stages=stages)
         vif = Vif(mac="52:54:00:00:00:01", vni=100, ipv4=("10.0.0.5",))
         mig = Migration("m-etcd", Workload("web-2", (vif,)), "hv1", "hv2")

@@ -38,9 +38,11 @@ from typing import Any
 import pytest
 from oslo_config import cfg
 
+from vmm_orchestrator.options import new_conf
+
 libvirt = pytest.importorskip("libvirt", reason="libvirt-python is not installed")
 
-from vmm_libvirt import events, options, phases  # noqa: E402
+from vmm_libvirt import events, phases  # noqa: E402
 from vmm_libvirt.announcers import LibvirtAnnounce  # noqa: E402
 from vmm_libvirt.daemon import HostAgent, HostSpec, LibvirtDomains  # noqa: E402
 from vmm_orchestrator import journal as jr  # noqa: E402
@@ -368,9 +370,7 @@ class Decisions:
     """The handler of one host's source: a Tracker with the defaults, and what it decided."""
 
     def __init__(self, host: str) -> None:
-        conf = cfg.ConfigOpts()
-        conf(args=[], default_config_files=[])
-        options.register_opts(conf)
+        conf = new_conf()
         self.host = host
         self.tracker = phases.Tracker(conf.libvirt.early_switchover)
         self.items: list[events.DomainSignal] = []
@@ -671,8 +671,7 @@ def test_keepalive_notices_a_hung_libvirtd(libvirtd: PrivateLibvirtd, source_fac
 
 
 def stage_conf(**overrides: Any) -> cfg.ConfigOpts:
-    conf = cfg.ConfigOpts()
-    conf(args=[], default_config_files=[])
+    conf = new_conf()
     LibvirtAnnounce(conf)  # registers [stage_libvirt_announce]
     for key, value in overrides.items():
         conf.set_override(key, value, group="stage_libvirt_announce")
@@ -735,11 +734,7 @@ MAC = "52:54:00:aa:00:01"
 
 
 def agent_conf(tmp: Path) -> cfg.ConfigOpts:
-    conf = cfg.ConfigOpts()
-    conf(args=[], default_config_files=[])
-    from vmm_libvirt import options
-
-    options.register_opts(conf)
+    conf = new_conf()
     conf.set_override("hook_timeout", 1.5, group="agent")
     conf.set_override("reconnect_initial_delay", 0.1, group="libvirt")
     conf.set_override("bridge_vnis", {"virbr-lab": "100"}, group="libvirt")
@@ -908,6 +903,7 @@ def test_a_prepare_slower_than_the_hook_vetoes_and_is_reverted(
             release.wait(ctx.remaining())
 
     conf = agent_conf(agent_site["tmp"])
+    Slow.register_opts(conf)  # the test's own stage is no entry point
     agent = agent_site["make"]("b", stages=[NvaPrestage(conf), Slow(conf)])
     agent.hook_timeout = 0.3
     agent.start()

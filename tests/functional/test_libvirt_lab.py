@@ -47,10 +47,10 @@ from vmm_lab.libvirt.migrate import (
     qemu_pid,
     wait_job_running,
 )
-from vmm_lab.linux import options as lab_options
 from vmm_lab.linux import probe
 from vmm_lab.linux.demo import LabSite, lab_site
 from vmm_lab.linux.topology import in_ns, lab_namespaces, new_prefix
+from vmm_orchestrator.options import new_conf
 
 pytestmark = pytest.mark.functional
 
@@ -86,12 +86,8 @@ class GuestLab:
 
 def _conf() -> cfg.ConfigOpts:
     """The lab defaults with short timers (as conftest's lab_conf, module-scoped)."""
-    from vmm_linux import agent
 
-    conf = cfg.ConfigOpts()
-    conf(args=[], default_config_files=[])
-    lab_options.register_opts(conf)
-    agent.register_opts(conf)
+    conf = new_conf()
     conf.set_override("watch_timeout", 1.0, group="nve_agent")
     return conf
 

@@ -21,6 +21,7 @@ from oslo_config import cfg
 from vmm_orchestrator import agent, contracts
 from vmm_orchestrator.model import Migration, MigrationEvent, Phase, Role
 from vmm_orchestrator.nva import backends as nva_backends
+from vmm_orchestrator.options import new_conf
 
 lab_mod = pytest.importorskip("vmm_lab.ovn.lab")
 from vmm_lab.ovn import demo  # noqa: E402
@@ -87,8 +88,7 @@ stages = {",".join(demo.STAGES)}
 hold_time = 0.2
 """
         )
-    conf = cfg.ConfigOpts()
-    conf(["--config-file", path], project="vmm-orchestrator-test", default_config_files=[])
+    conf = new_conf([path])
     return conf
 
 
@@ -132,8 +132,7 @@ def test_agents_assemble_ovn_hosts_and_migrate_without_loss(
         settings = demo.Settings(
             rate=200, warmup_s=0.5, downtime_ms=200.0, observe_s=1.5, neutron_delay_s=0.8
         )
-        conf = cfg.ConfigOpts()
-        conf([], project="vmm-orchestrator-test", default_config_files=[])
+        conf = new_conf()
         result = demo.run_mode(conf, lab, demo.MODE_ORCHESTRATED, "vm1", settings, site)  # type: ignore[arg-type]
     finally:
         site.close()

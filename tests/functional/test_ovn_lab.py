@@ -14,11 +14,11 @@ import time
 from collections.abc import Iterator
 
 import pytest
-from oslo_config import cfg
 
 from vmm_orchestrator.errors import TransientError
 from vmm_orchestrator.model import Migration, Phase, Role, Vif, Workload
 from vmm_orchestrator.nva import errors as nva_errors
+from vmm_orchestrator.options import new_conf
 from vmm_orchestrator.stage import HostContext, StageContext
 
 lab_mod = pytest.importorskip("vmm_lab.ovn.lab")
@@ -190,8 +190,7 @@ def test_packet_out_announcement_updates_a_peers_neighbours(lab: lab_mod.OvnLab)
 
 
 def test_orchestrated_migration_loses_nothing_after_resume(lab: lab_mod.OvnLab) -> None:
-    conf = cfg.ConfigOpts()
-    conf([], project="vmm-orchestrator-test", default_config_files=[])
+    conf = new_conf()
     settings = demo.Settings(
         rate=200, warmup_s=0.5, downtime_ms=250.0, observe_s=1.5, neutron_delay_s=0.8
     )
@@ -279,8 +278,7 @@ def test_convergence_stage_when_neutron_writes_the_nb(lab: lab_mod.OvnLab) -> No
     --wait=hv does): the stage waits for Neutron's activation, then reports
     when each chassis applied it."""
     vm = lab.vms["vm7"]
-    conf = cfg.ConfigOpts()
-    conf([], project="vmm-orchestrator-test", default_config_files=[])
+    conf = new_conf()
     stage = OvnConvergence(conf)
     reader = OvnNbDirectory(lab.nb, lab.sb, neutron_managed=True)
     vif = _vif(vm)

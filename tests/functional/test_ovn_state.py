@@ -8,9 +8,9 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import pytest
-from oslo_config import cfg
 
 from vmm_orchestrator.model import Vif
+from vmm_orchestrator.options import new_conf
 
 lab_mod = pytest.importorskip("vmm_lab.ovn.lab")
 from vmm_lab.ovn import demo, state_demo  # noqa: E402
@@ -30,8 +30,7 @@ def lab() -> Iterator[lab_mod.OvnLab]:
 
 
 def test_tcp_survives_through_stateful_acl_only_with_moved_conntrack(lab: lab_mod.OvnLab) -> None:
-    conf = cfg.ConfigOpts()
-    conf([], project="vmm-orchestrator-test", default_config_files=[])
+    conf = new_conf()
     orch = demo.Orchestrators(conf, lab)
     try:
         without = state_demo.migrate_download(lab, orch, "vm1", move_state=False)

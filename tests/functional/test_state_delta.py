@@ -24,8 +24,8 @@ from oslo_config import cfg
 from vmm_lab import firewall
 from vmm_lab.linux.topology import remove_namespaces, sh
 from vmm_orchestrator.model import Migration, Phase, Role, Vif, Workload
+from vmm_orchestrator.options import new_conf
 from vmm_orchestrator.stage import HostContext, StageContext
-from vmm_state import options
 from vmm_state.kinds import _ctnetlink as ctnl
 from vmm_state.kinds import _nft
 from vmm_state.kinds.conntrack import ConntrackKind
@@ -144,9 +144,7 @@ class Pair:
 
 @pytest.fixture
 def conf() -> cfg.ConfigOpts:
-    value = cfg.ConfigOpts()
-    value(args=[], default_config_files=[])
-    options.register_opts(value)
+    value = new_conf()
     return value
 
 

@@ -25,6 +25,7 @@ from oslo_config import cfg
 from vmm_lab.firewall import PORT_TABLE, HostFirewall
 from vmm_lab.linux.topology import remove_namespaces, sh
 from vmm_orchestrator.model import Vif
+from vmm_orchestrator.options import new_conf
 from vmm_orchestrator.statekind import KindContext, PoisonedEntry, Reason
 from vmm_state.kinds import _ctnetlink as ctnl
 from vmm_state.kinds import _nft
@@ -91,8 +92,7 @@ def hosts(prefix: str) -> Iterator[Hosts]:
 
 @pytest.fixture
 def conf() -> cfg.ConfigOpts:
-    value = cfg.ConfigOpts()
-    value(args=[], default_config_files=[])
+    value = new_conf()
     return value
 
 

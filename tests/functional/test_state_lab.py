@@ -36,7 +36,6 @@ import pytest
 from oslo_config import cfg
 
 from vmm_lab.firewall import FW_TABLE, HostFirewall
-from vmm_lab.linux import options as lab_options
 from vmm_lab.linux.demo import LabSite, lab_site
 from vmm_lab.linux.hypervisor import LabHypervisor
 from vmm_lab.linux.topology import in_ns, lab_namespaces, new_prefix
@@ -62,6 +61,7 @@ from vmm_lab.proofs import (
 from vmm_lab.proofs import receive as receive_all
 from vmm_linux.netns import socket_in
 from vmm_orchestrator.model import Phase
+from vmm_orchestrator.options import new_conf
 from vmm_orchestrator.statekind import ImportResult, KindContext, StateKind
 from vmm_state.kinds.conntrack import ConntrackKind
 from vmm_state.kinds.dhcp_snooping import DhcpSnoopingKind
@@ -173,16 +173,9 @@ class StateMover:
 
 
 def lab_conf() -> cfg.ConfigOpts:
-    conf = cfg.ConfigOpts()
-    conf(args=[], default_config_files=[])
-    lab_options.register_opts(conf)
-    from vmm_linux import agent
-    from vmm_linux.stages import HoldTimer
-    from vmm_orchestrator.stage import register_stage_opts
+    conf = new_conf()
 
-    agent.register_opts(conf)
     conf.set_override("watch_timeout", 1.0, group="nve_agent")
-    register_stage_opts(conf, HoldTimer)
     conf.set_override("hold_time", 0.5, group="stage_hold_timer")
     return conf
 

@@ -31,13 +31,13 @@ import pytest
 from oslo_config import cfg
 
 from vmm_lab import proofs
-from vmm_lab.linux import options as lab_options
 from vmm_lab.linux.demo import LabSite, lab_site
 from vmm_lab.linux.hypervisor import LabHypervisor, LabMigration, MigrationVetoed
 from vmm_lab.linux.topology import Lab, LabVm, lab_namespaces, new_prefix
 from vmm_linux.netns import socket_in
 from vmm_orchestrator.engine import PhaseReport
 from vmm_orchestrator.model import Phase, Role
+from vmm_orchestrator.options import new_conf
 from vmm_orchestrator.statekind import KindContext
 
 STATE_STAGES = {"state_precopy", "state_delta", "state_cleanup"}
@@ -48,16 +48,9 @@ VOLATILE = {"timeout", "expires", "age", "timer", "counter", "limit", "status", 
 def state_conf() -> cfg.ConfigOpts:
     """Defaults with short timers (the conftest's lab_conf is per test; the labs here
     are per module)."""
-    conf = cfg.ConfigOpts()
-    conf(args=[], default_config_files=[])
-    lab_options.register_opts(conf)
-    from vmm_linux import agent
-    from vmm_linux.stages import HoldTimer
-    from vmm_orchestrator.stage import register_stage_opts
+    conf = new_conf()
 
-    agent.register_opts(conf)
     conf.set_override("watch_timeout", 1.0, group="nve_agent")
-    register_stage_opts(conf, HoldTimer)
     conf.set_override("hold_time", 0.5, group="stage_hold_timer")
     return conf
 

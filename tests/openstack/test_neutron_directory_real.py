@@ -15,12 +15,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from oslo_config import cfg
 from real_cloud import ADMIN, RealCloud, Scene
 
 from vmm_openstack.neutron import TAG, NeutronDirectory
 from vmm_orchestrator.model import Migration, Phase, Role, Vif, Workload
 from vmm_orchestrator.nva import errors as nva_errors
+from vmm_orchestrator.options import new_conf
 from vmm_orchestrator.stage import HostContext, StageContext
 from vmm_orchestrator.stages import NvaPrestage, PeerUpdate
 
@@ -107,8 +107,7 @@ def test_the_core_directory_stages_run_on_real_neutron(
     scene: Scene, directory: NeutronDirectory
 ) -> None:
     port = scene.server_port("cmp1")
-    conf = cfg.ConfigOpts()
-    conf([], project="vmm-test", default_config_files=[])
+    conf = new_conf()
     workload = Workload("web-1", (Vif(port.mac_address, scene.vni, (), ()),))
     migration = Migration(MID, workload, "cmp1", "cmp2")
     host = HostContext("cmp2", nva=directory)
@@ -135,8 +134,7 @@ def test_the_agents_loader_reads_clouds_yaml_and_the_service_user(
     conf_file.write_text(
         "[openstack]\ncloud = lab\nnve_hosts = h2:cmp2\n" + real_cloud.neutron_section()
     )
-    conf = cfg.ConfigOpts()
-    conf(["--config-file", str(conf_file)], project="vmm-test", default_config_files=[])
+    conf = new_conf([str(conf_file)])
 
     directory = NeutronDirectory.from_conf(conf)
     try:
