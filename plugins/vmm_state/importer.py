@@ -3,14 +3,19 @@ bundle, install kind by kind, answer per kind, and remember what was
 installed so an aborted migration can be reverted.
 
 A bundle applies once (issue 13): the importer takes a migration's
-bundles only in increasing ``seq`` (the source numbers each export), and
-none once the migration is closed here (committed: ``forget``; aborted:
-a revert of every label). A replayed bundle is refused whole before any
-check or install, so it can neither reset the lifetimes of installed
-entries nor re-create sessions that closed meanwhile. Closed migrations
-are remembered (the newest ``CLOSED_KEPT``) in memory; after a restart the
-directory's voucher (``vmm_state.service.nva_voucher``) refuses imports
-of migrations that are no longer pending to this host.
+bundles only in increasing ``seq`` (the source numbers each export from its
+clock, in nanoseconds), and none exported before the migration closed here
+(``close``: committed, or ended by ``StateHost.forget`` at ABORTED). A
+replayed bundle is refused whole before any check or install, so it can
+neither reset the lifetimes of installed entries nor re-create sessions
+that closed meanwhile. A closed migration's floor is the later of its last
+seq and this host's clock at the close, so a bundle exported after it (a
+warm mirror's identity, reused by the next planned move of the same VM
+between the same hosts) opens it again; hosts' clocks are assumed to agree
+(NTP) better than the time between a close and such a reuse. Closed
+migrations are remembered (the newest ``CLOSED_KEPT``) in memory; after a
+restart the directory's voucher (``vmm_state.service.nva_voucher``)
+refuses imports of migrations that are no longer pending to this host.
 
 Order matters for safety. Every entry of every kind is checked with
 ``kind.check`` before anything is installed: a single poisoned entry (one
@@ -407,10 +412,11 @@ class Importer:
         # migration -> label -> kind -> source-clock time of the export imported.
         self._synced: dict[str, dict[str, dict[str, float]]] = {}
         # Replay guard: the highest seq taken per migration, the labels of the
-        # unnumbered bundles taken, and the migrations closed here (id -> when).
+        # unnumbered bundles taken, and the migrations closed here
+        # (id -> (floor: no seq at or below it is taken, wall time of the close)).
         self._last_seq: dict[str, int] = {}
         self._unnumbered: dict[str, set[str]] = {}
-        self._closed: OrderedDict[str, float] = OrderedDict()
+        self._closed: OrderedDict[str, tuple[int, float]] = OrderedDict()
 
     def close(self, migration_id: str) -> None:
         """The migration is over here: no bundle of it is taken any more."""
@@ -418,15 +424,15 @@ class Importer:
             self._close(migration_id)
 
     def _close(self, migration_id: str) -> None:
-        self._last_seq.pop(migration_id, None)
+        floor = max(self._last_seq.pop(migration_id, 0), time.time_ns())
         self._unnumbered.pop(migration_id, None)
-        self._closed[migration_id] = time.time()
+        self._closed[migration_id] = (floor, time.time())
         self._closed.move_to_end(migration_id)
         while len(self._closed) > CLOSED_KEPT:
             self._closed.popitem(last=False)
 
     def is_closed(self, migration_id: str) -> bool:
-        """Whether the migration closed here (its bundles are refused as replays)."""
+        """Whether the migration closed here (and no newer export opened it again)."""
         with self._lock:
             return migration_id in self._closed
 
@@ -435,11 +441,16 @@ class Importer:
         h = bundle.header
         closed = self._closed.get(migration.id)
         if closed is not None:
-            raise ReplayedBundle(
-                f"migration {migration.id} closed on host {self.host} "
-                f"{max(0.0, time.time() - closed):.0f} s ago (committed or aborted); its "
-                f"{h.label} bundle (seq {h.seq}) is a replay and was refused, nothing installed"
-            )
+            floor, at = closed
+            if h.seq <= floor:
+                raise ReplayedBundle(
+                    f"migration {migration.id} closed on host {self.host} "
+                    f"{max(0.0, time.time() - at):.0f} s ago (committed or aborted); its "
+                    f"{h.label} bundle (seq {h.seq}) was exported before that: a replay, "
+                    "refused, nothing installed"
+                )
+            del self._closed[migration.id]  # exported since: a new move under this id
+            LOG.info("host %s: migration %s opens again (a newer export)", self.host, migration.id)
         if h.seq == 0:
             seen = self._unnumbered.setdefault(migration.id, set())
             if h.label in seen:
@@ -741,7 +752,6 @@ class Importer:
             synced = self._synced.get(migration.id, {})
             if label is None:
                 synced.clear()
-                self._close(migration.id)  # aborted: nothing of it may come in again
             else:
                 synced.pop(label, None)
             if not synced:

@@ -12,9 +12,9 @@ Memory (issue 13): the reader keeps a bundle's raw chunks until its
 signature (at the end) verifies, so one import holds up to ``[state]
 max_bundle_bytes``; at most ``[state] max_concurrent_imports`` imports are
 served at once, and further uploads are answered 503 with Retry-After
-before their body is read. Replays: an upload for a migration closed here
-is answered 409 before its body is read; a bundle that was applied already
-(its seq taken) is answered 409 with the refusal report, nothing installed.
+before their body is read. Replays: a bundle that was applied already (its
+seq taken), or exported before its migration closed here, is answered 409
+with the refusal report, nothing installed.
 Peers: a request with a peer's own token ([state] peer_token_digests) is
 served only for a migration whose other end that peer is (StateHost.resolve).
 """
@@ -51,7 +51,6 @@ from vmm_state.wire import (
     PIECE,
     TOKEN_HEADER,
     BadRequest,
-    Conflict,
     MethodNotAllowed,
     NotFound,
     ServiceError,
@@ -308,11 +307,6 @@ class _Handler(JsonRequestHandler):
         label = _label(query, None)
         if label is None:
             raise BadRequest("query parameter label is required (e.g. label=delta)")
-        if self._host.importer.is_closed(migration_id):
-            raise Conflict(
-                f"migration {migration_id} is closed on host {self._host.name} (committed or "
-                "aborted); a bundle for it is a replay and is refused unread"
-            )
         migration = self._migration(migration_id, Role.DESTINATION)
         assert self._body is not None
         limit = self._host.settings.max_bundle_bytes

@@ -487,6 +487,13 @@ class StateHost:
                     f"{self.name} has (workload, NICs, source or destination)"
                 )
             migration = known
+        elif role is Role.DESTINATION and self.importer.is_closed(migration_id):
+            # Over here and not announced again: whatever comes for it is a replay.
+            raise Conflict(
+                f"migration {migration_id} is closed on host {self.name} (committed or "
+                "aborted); a bundle for it is a replay and is refused unread",
+                hint="a new move under this id must be announced again (StateHost.expect)",
+            )
         elif described is None:
             raise NotFound(
                 f"migration {migration_id} is unknown on host {self.name}",

@@ -205,6 +205,44 @@ def test_a_bundle_replayed_after_commit_is_refused_unread(site: Site) -> None:
         assert answer.status_code == 409
         assert "is closed on host h2" in answer.json()["error"]["message"]
     assert site.table("h2") == {}
+    # announced again (a new move under this id), the old bundles are still replays
+    h2.expect(MIG)
+    for data in (delta, unused):
+        answer = post(h2, data, "delta")
+        assert answer.status_code == 409
+        message = answer.json()["error"]["message"]
+        assert "closed on host h2" in message and "was exported before that" in message
+    assert site.table("h2") == {}
+
+
+def test_an_export_made_after_the_close_opens_the_id_again(site: Site) -> None:
+    """A warm mirror's id is the same for the next planned move of the VM between the
+    same hosts (vmm_state.warm.mirror_id): a bundle exported after the close is new."""
+    h1, h2 = site.host("h1"), site.host("h2")
+    h1.expect(MIG)
+    h2.expect(MIG)
+    site.seed(1)
+    old = capture(h1, "delta")
+    assert post(h2, old, "delta").status_code == 200
+    h1.peer("h2").commit(MIG, deadline())
+    h2.expect(MIG)
+    assert post(h2, capture(h1, "delta"), "delta").status_code == 200
+    assert post(h2, old, "delta").status_code == 409
+
+
+def test_a_revert_of_every_label_by_the_source_keeps_the_seq_guard(site: Site) -> None:
+    """The warm mirror's rebase: the source reverts the mirror, then pushes it whole."""
+    h1, h2 = site.host("h1"), site.host("h2")
+    h1.expect(MIG)
+    h2.expect(MIG)
+    site.seed(1)
+    first = capture(h1, "precopy")
+    assert post(h2, first, "precopy").status_code == 200
+    h1.peer("h2").revert(MIG, None, deadline())
+    assert site.table("h2") == {}
+    assert post(h2, first, "precopy").status_code == 409  # the old one: still a replay
+    assert post(h2, capture(h1, "precopy"), "precopy").status_code == 200  # rebuilt
+    assert set(site.table("h2")) == {1}
 
 
 def test_a_bundle_replayed_after_abort_is_refused(site: Site) -> None:
@@ -214,7 +252,8 @@ def test_a_bundle_replayed_after_abort_is_refused(site: Site) -> None:
     site.seed(1)
     precopy, later = capture(h1, "precopy"), capture(h1, "precopy")
     assert post(h2, precopy, "precopy").status_code == 200
-    assert h2.revert_imports(MIG) == (1, [])  # ABORTED: every import undone
+    assert h2.revert_imports(MIG) == (1, [])  # ABORTED: every import undone,
+    h2.forget(MIG.id)  # and the migration ends here (as StatePrecopy.revert does)
     assert post(h2, later, "precopy").status_code == 409
     assert site.table("h2") == {}
 
