@@ -30,6 +30,7 @@ from vmm_lab.linux.hypervisor import LabHypervisor
 from vmm_lab.linux.topology import lab_namespaces, new_prefix
 from vmm_linux.netns import socket_in
 from vmm_orchestrator.engine import PhaseReport
+from vmm_orchestrator.model import Phase
 from vmm_state import warm
 from vmm_state.kinds import _ctnetlink as ctnl
 
@@ -254,3 +255,67 @@ def test_sessions_survive_and_the_precopy_moves_only_the_remainder(run: Run) -> 
         assert run.mirrored == 0
         assert f["warm_note"] is None
         assert f["precopy_entries"] >= SESSIONS + CREATED - DESTROYED, f
+
+
+@pytest.mark.parametrize("abort_after", [Phase.PREPARE, Phase.SWITCHOVER])
+def test_an_aborted_move_gives_the_plan_back_and_the_next_one_adopts_again(
+    abort_after: Phase,
+) -> None:
+    """ABORTED reverts everything of the move at h2, mirror included; the plan goes
+    on (a whole mirror again) and the next attempt of the move adopts it."""
+    prefix = new_prefix()
+    try:
+        with lab_site(state_conf(), prefix, orchestrated=True, state=True) as site:
+            vm1 = site.lab.vms["vm1"]
+            h1, h2 = site.lab.hosts["h1"].netns, site.lab.hosts["h2"].netns
+            apply(h1, [("create", session(vm1.ipv4, i)) for i in range(SESSIONS)])
+            directories = {name: site.client() for name in ("h1", "h2")}
+            services = {
+                name: warm.attach(
+                    site.states[name],
+                    warm.WarmService(site.states[name], ["conntrack"], interval=0.5, nva=nva),
+                )
+                for name, nva in directories.items()
+            }
+            try:
+                plan = services["h1"].plan(vm1.workload, "h1", "h2")
+                services["h2"].plan(vm1.workload, "h1", "h2")
+                wait_for(lambda: len(plan.refreshes) >= 2, 30, "two mirror refreshes")
+                hv = LabHypervisor(
+                    site.lab,
+                    site.dispatchers,
+                    qemu_rarp=True,
+                    hold_switchover=True,
+                    libvirt_ports=True,
+                    on_port=site.port_event,
+                )
+                record, futures = hv.migrate(vm1, "h2", 50, abort_after=abort_after)
+                aborted = [f.result(timeout=60) for f in futures]
+                assert record.aborted is not None and vm1.host == "h1"
+                assert stage_notes(aborted, "state_precopy")["warm"]["mirror"] == plan.migration.id
+                seen = len(plan.refreshes)
+                wait_for(
+                    lambda: any(r.modes == {"conntrack": "full"} for r in plan.refreshes[seen:]),
+                    30,
+                    "the mirror rebuilt whole",
+                )
+                wait_for(
+                    lambda: len(far_sessions(h2, vm1.ipv4)) == SESSIONS, 30, "the mirror again"
+                )
+                record, futures = hv.migrate(vm1, "h2", 50)
+                reports = [f.result(timeout=60) for f in futures]
+                assert record.aborted is None and all(r.ok for r in reports)
+                pre = stage_notes(reports, "state_precopy")
+                print(f"\nafter an abort at {abort_after.name}: {pre['kinds']['conntrack']}")
+                assert pre["warm"]["mirror"] == plan.migration.id
+                assert pre["kinds"]["conntrack"]["entries"] < SESSIONS // 10
+                assert far_sessions(h2, vm1.ipv4) == {
+                    session(vm1.ipv4, i).orig.key() for i in range(SESSIONS)
+                }
+            finally:
+                for service in services.values():
+                    service.close()
+                for nva in directories.values():
+                    nva.close()
+    finally:
+        assert not lab_namespaces(prefix), "namespaces left behind"
