@@ -1,11 +1,20 @@
 """How long moving a VM's firewall state takes, and how much of it falls
 inside the VM's pause - with sessions changing during the migration.
 
-Two host namespaces (source, destination) with the real kinds and the real
-framework: each host runs its state service (HTTP on loopback, as the
-orchestrators do in the lab), the source's kernel holds N sessions
-(conntrack) or N set elements (nftables blacklist) of one VM, and the
-pipeline's own stages move them:
+Two host namespaces (source, destination), each host built the way ``vmm
+agent`` builds it: a config file per host (``[agent] hosts``, its
+``[host:<name>]`` group, ``[pipeline] stages`` with the state stages,
+``[state]`` with the kinds, key and token, ``[nva]`` naming the directory)
+given to the composition root (:func:`vmm_orchestrator.agent.assemble`),
+which loads the kinds, the state service and the stages from their entry
+points. Only each host's state service is started (HTTP on loopback, as
+the orchestrators do in the lab): the data plane is not what this measures.
+The directory is the embedded one (what ``vmm nva serve`` runs) in the
+benchmark's process, holding the VM's endpoint at the source, pending to
+the destination for each migration, so every export and import is vouched
+for by it, as deployed. The source's kernel holds N sessions (conntrack)
+or N set elements (nftables blacklist) of one VM, and the root's own
+stages move them:
 
 * pre-copy: ``state_precopy`` at PREPARE (VM still running): the source
   subscribes to the VM's change events, then the destination pulls a signed
@@ -30,7 +39,9 @@ export of the whole table (dump, decode, JSON-able entries); ``import/s``
 the destination's check and install of the pre-copy (entries per second of
 ``kind.check`` + ``kind.import_``). The baseline lines give the pause of
 the same SWITCHOVER stage without state: with no state kinds at all, and
-with the kinds enabled for a VM that has no entries (one round trip).
+with the kinds enabled for a VM that has no entries (one round trip). The
+closing line of rates is the conntrack kind's own (loaded through its entry
+point, no host, no transport).
 
 Run as root:  .venv/bin/python benchmarks/state_transfer.py
    (``--sessions 1000,10000,100000 --churn 0,1,10 --elements 1000``)
@@ -40,41 +51,42 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import importlib
 import ipaddress
 import os
 import secrets
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
 from oslo_config import cfg
 
+from vmm_lab.libvirt.agents import write_config
 from vmm_lab.linux.probe import format_table
-from vmm_orchestrator.errors import ConfigError
+from vmm_orchestrator import agent as root
+from vmm_orchestrator import options
 from vmm_orchestrator.model import Migration, Phase, Role, Vif, Workload
-from vmm_orchestrator.stage import HostContext, StageContext
+from vmm_orchestrator.nva.client import NvaClient
+from vmm_orchestrator.nva.server import NvaServer
+from vmm_orchestrator.nva.store import NvaStore
+from vmm_orchestrator.stage import Stage, StageContext
 from vmm_orchestrator.statekind import KindContext, StateKind
-from vmm_state import options, registry
+from vmm_state import registry
 from vmm_state.kinds import _ctnetlink as ctnl
 from vmm_state.kinds import _nft
 from vmm_state.kinds._common import no_gc
-from vmm_state.service import StateHost, StateSettings
-from vmm_state.stages import StateDelta, StatePrecopy
-
-#: Where each kind lives if its entry point is not installed yet.
-FALLBACK = {
-    "conntrack": "vmm_state.kinds.conntrack:ConntrackKind",
-    "nft_sets": "vmm_state.kinds.nftsets:NftSetsKind",
-}
 
 VM_V4 = "10.77.0.10"
 VIF = Vif("52:54:00:77:00:10", 100, (VM_V4,), ("fd77::10",), "tap-bench")
 VM = Workload("bench-vm", (VIF,))
 DEADLINE_S = 900.0
 BLACKLIST = ("inet", "vmm_fw", "blacklist_v4")
+#: The two hosts' underlay addresses (in the directory; no data plane is started).
+VTEPS = {"src": "192.0.2.1", "dst": "192.0.2.2"}
+STAGES = ["state_precopy", "state_delta"]
 
 
 def sh(*args: str, input_: str | None = None) -> str:
@@ -115,16 +127,118 @@ def load_firewall(ns: str) -> None:
     )
 
 
-def load_kind(conf: cfg.ConfigOpts, name: str) -> StateKind:
+class Directory:
+    """The embedded directory (``vmm nva serve``'s) in this process: both NVEs and the
+    VM's endpoint at the source; each migration pending to the destination while it
+    runs, so the hosts' state services vouch for it as deployed."""
+
+    def __init__(self) -> None:
+        self.token = secrets.token_urlsafe(16)
+        self.server = NvaServer(NvaStore(":memory:"), self.token, "127.0.0.1", 0)
+        self.server.start()
+        self.admin = NvaClient(self.server.url, self.token)
+        for name, vtep in VTEPS.items():
+            self.admin.register_nve(name, vtep, [VIF.vni])
+        self.admin.add_endpoint(VIF.vni, VIF.mac, list(VIF.ipv4), list(VIF.ipv6), "src")
+
+    def migrating(self, migration: Migration) -> None:
+        self.admin.prestage(VIF.vni, VIF.mac, migration.destination, migration.id)
+
+    def done(self, migration: Migration) -> None:
+        """The VM stays at the source for the next case."""
+        with contextlib.suppress(Exception):
+            self.admin.abort(VIF.vni, VIF.mac, migration.id)
+
+    def close(self) -> None:
+        self.admin.close()
+        self.server.stop()
+        self.server.store.close()
+
+
+@contextlib.contextmanager
+def host_configs(
+    directory: Directory, netns: dict[str, str], kinds: list[str]
+) -> Iterator[dict[str, str]]:
+    """A config file per host, as an operator writes one for each host's ``vmm agent``:
+    {host name: path}; removed afterwards."""
+    workdir = tempfile.mkdtemp(prefix="vmm-state-bench-")
+    state = {
+        "kinds": kinds,
+        "key": secrets.token_urlsafe(32),
+        "key_id": "bench",
+        "token": secrets.token_urlsafe(16),
+        "bind_host": "127.0.0.1",
+        "bind_port": 0,
+        "max_entries": 1_000_000,
+        "read_timeout": DEADLINE_S,
+    }
     try:
-        return registry.load_kinds(conf, [name])[name]
-    except ConfigError as err:
-        if name not in FALLBACK:
+        paths = {}
+        for name, ns in netns.items():
+            path = os.path.join(workdir, f"{name}.conf")
+            write_config(
+                path,
+                {
+                    "agent": {"hosts": name},
+                    "pipeline": {"stages": STAGES},
+                    "nva": {
+                        "backend": "embedded",
+                        "url": directory.server.url,
+                        "token": directory.token,
+                    },
+                    "state": state,
+                    "rarp": {"responder": False},
+                    root.host_group(name): {
+                        "vtep": VTEPS[name],
+                        "vnis": [VIF.vni],
+                        "netns": ns,
+                        "journal": os.path.join(workdir, f"journal-{name}.sqlite"),
+                    },
+                },
+            )
+            paths[name] = path
+        yield paths
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+class Host:
+    """One host from the composition root, only its state service started."""
+
+    def __init__(self, config_file: str) -> None:
+        self.conf = options.new_conf([config_file])
+        self.assembly = root.assemble(self.conf)
+        (self.host,) = self.assembly.hosts
+        self.stages: dict[str, Stage] = {s.name: s for s in self.host.pipeline.stages}
+        try:
+            if self.host.state is None:
+                raise RuntimeError("the root built no state service (no state stage listed)")
+            self.state: Any = self.host.state
+            self.state.start()
+        except BaseException:
+            self.assembly.close()
             raise
-        module, cls = FALLBACK[name].split(":")
-        print(f"({name}: {err.message}; using {FALLBACK[name]} directly)", file=sys.stderr)
-        kind: StateKind = getattr(importlib.import_module(module), cls)(conf)
-        return kind
+
+    @property
+    def url(self) -> str:
+        return str(self.state.url)
+
+    @property
+    def kind(self) -> StateKind:
+        return next(iter(self.state.kinds.values()))
+
+    def context(self, migration: Migration, phase: Phase, role: Role) -> StageContext:
+        return StageContext(
+            migration, phase, role, self.host.context, time.monotonic() + DEADLINE_S
+        )
+
+    def run(self, stage: str, migration: Migration, phase: Phase, role: Role) -> StageContext:
+        ctx = self.context(migration, phase, role)
+        self.stages[stage].run(ctx)
+        return ctx
+
+    def close(self) -> None:
+        self.assembly.close()
 
 
 def peer(i: int) -> str:
@@ -203,28 +317,6 @@ def vm_state(ns: str, kind_name: str) -> set[Any]:
     return {tuple(e["key"]) for e in elements if e["key"][1] == VM_V4}
 
 
-def settings(token: str, key: bytes) -> StateSettings:
-    return StateSettings(
-        key_id="bench",
-        key=key,
-        verify_keys={"bench": key},
-        token=token,
-        bind_port=0,
-        max_entries=1_000_000,
-        read_timeout=DEADLINE_S,
-    )
-
-
-def context(host: StateHost, migration: Migration, phase: Phase, role: Role) -> StageContext:
-    return StageContext(
-        migration,
-        phase,
-        role,
-        HostContext(host.name, None, {"state": host}),
-        time.monotonic() + DEADLINE_S,
-    )
-
-
 SEED: dict[str, Callable[[str, int], None]] = {
     "conntrack": seed_sessions,
     "nft_sets": seed_elements,
@@ -253,32 +345,37 @@ def settle(kind: StateKind, migration_id: str, changed: int) -> None:
 
 
 class Source:
-    """The source host's state service in its own process, as on a real source
-    host (its own orchestrator): driven over a pipe by the benchmark, which
-    plays the destination. With ``separate=False`` it runs in this process."""
+    """The source host in its own process, as on a real source host (its own
+    orchestrator): built there by the composition root from its config file and
+    driven over a pipe by the benchmark, which holds the destination. With
+    ``separate=False`` it runs in this process."""
 
-    def __init__(self, separate: bool, build: Callable[[], StateHost]) -> None:
+    def __init__(self, separate: bool, config_file: str) -> None:
         self.separate = separate
         if not separate:
-            self.host = build()
-            self.host.start()
+            self.host = Host(config_file)
             self.url = self.host.url
             return
         import multiprocessing
 
         ctx = multiprocessing.get_context("fork")
         self.pipe, child = ctx.Pipe()
-        self.proc = ctx.Process(target=self._serve, args=(child, build), daemon=True)
+        self.proc = ctx.Process(target=self._serve, args=(child, config_file), daemon=True)
         self.proc.start()
-        self.url = self.call("url")
+        status, value = self.pipe.recv()
+        if status != "ok":
+            self.proc.join(timeout=30)
+            raise RuntimeError(f"source process: building the host failed: {value}")
+        self.url = value
 
     @staticmethod
-    def _serve(pipe: Any, build: Callable[[], StateHost]) -> None:
-        host = build()
-        host.start()
-        conf = cfg.ConfigOpts()
-        conf(args=[], default_config_files=[])
-        options.register_opts(conf)
+    def _serve(pipe: Any, config_file: str) -> None:
+        try:
+            host = Host(config_file)
+        except Exception as err:
+            pipe.send(("error", repr(err)))
+            return
+        pipe.send(("ok", host.url))
         try:
             while True:
                 op, args = pipe.recv()
@@ -286,46 +383,44 @@ class Source:
                     pipe.send(None)
                     return
                 try:
-                    pipe.send(("ok", Source.do(host, conf, op, *args)))
+                    pipe.send(("ok", Source.do(host, op, *args)))
                 except Exception as err:
                     pipe.send(("error", repr(err)))
         finally:
-            host.stop()
+            host.close()
 
     @staticmethod
-    def do(host: StateHost, conf: cfg.ConfigOpts, op: str, *args: Any) -> Any:
-        kind = next(iter(host.kinds.values()))
-        if op == "url":
-            return host.url
+    def do(host: Host, op: str, *args: Any) -> Any:
         if op == "cpu":
             return time.process_time()
         if op == "expect":
-            host.expect(args[0])
+            host.state.expect(args[0])
             return None
         if op == "peers":
-            host.peers = dict(args[0])
+            host.assembly.state_peers.update(args[0])
             return None
         if op == "probe":
             started = time.perf_counter()
-            count = sum(1 for _ in kind.export(KindContext(host.netns, VM.vifs, "probe")))
+            count = sum(
+                1 for _ in host.kind.export(KindContext(host.state.netns, VM.vifs, "probe"))
+            )
             return count, time.perf_counter() - started
         if op == "settle":
-            settle(kind, args[0], args[1])
+            settle(host.kind, args[0], args[1])
             return None
         if op == "delta":
-            ctx = context(host, args[0], Phase.SWITCHOVER, Role.SOURCE)
             started, cpu = time.perf_counter(), time.process_time()
-            StateDelta(conf).run(ctx)
+            ctx = host.run("state_delta", args[0], Phase.SWITCHOVER, Role.SOURCE)
             wall = (time.perf_counter() - started) * 1000.0
             return wall, (time.process_time() - cpu) * 1000.0, ctx.notes
         if op == "forget":
-            host.forget(args[0])
+            host.state.forget(args[0])
             return None
         raise ValueError(op)
 
     def call(self, op: str, *args: Any) -> Any:
         if not self.separate:
-            return self.do(self.host, _CONF, op, *args)
+            return self.do(self.host, op, *args)
         self.pipe.send((op, args))
         status, value = self.pipe.recv()
         if status != "ok":
@@ -334,45 +429,37 @@ class Source:
 
     def stop(self) -> None:
         if not self.separate:
-            self.host.stop()
+            self.host.close()
             return
         self.pipe.send(("stop", ()))
         self.pipe.recv()
         self.proc.join(timeout=30)
 
 
-_CONF = cfg.ConfigOpts()
-
-
 def run_case(
-    conf: cfg.ConfigOpts, kind_name: str, n: int, churn: float, separate: bool = True
+    directory: Directory, kind_name: str, n: int, churn: float, separate: bool = True
 ) -> dict[str, Any]:
-    """Seed the source, pre-copy, churn, delta through the real stages; check the result."""
+    """Seed the source, pre-copy, churn, delta through the root's stages; check the result."""
     prefix = f"vmmst{os.getpid() % 10000:04d}{secrets.token_hex(2)}"
     migration = Migration(f"bench-{prefix}", VM, "src", "dst")
-    token, key = secrets.token_urlsafe(16), secrets.token_bytes(32)
-    with namespaces(prefix) as (src_ns, dst_ns):
-        table: dict[str, str] = {}
-
-        def build() -> StateHost:
-            return StateHost(
-                "src", src_ns, {kind_name: load_kind(conf, kind_name)}, settings(token, key), table
-            )
-
-        source = Source(separate, build)  # started before the seeding, as a host's service is
-        dst_kind = load_kind(conf, kind_name)
-        dst = StateHost("dst", dst_ns, {kind_name: dst_kind}, settings(token, key), table)
+    with (
+        namespaces(prefix) as (src_ns, dst_ns),
+        host_configs(directory, {"src": src_ns, "dst": dst_ns}, [kind_name]) as files,
+    ):
+        source = Source(separate, files["src"])  # started before the seeding, as a host's is
         try:
-            with dst:
-                table.update(src=source.url, dst=dst.url)
+            dst = Host(files["dst"])
+            try:
+                table = {"src": source.url, "dst": dst.url}
+                dst.assembly.state_peers.update(table)
                 source.call("peers", table)
                 SEED[kind_name](src_ns, n)
                 exported, export_s = source.call("probe")
+                directory.migrating(migration)
                 source.call("expect", migration)
-                pre = context(dst, migration, Phase.PREPARE, Role.DESTINATION)
                 started, cpu = time.perf_counter(), time.process_time()
                 src_cpu = source.call("cpu") if separate else 0.0
-                StatePrecopy(conf).run(pre)
+                pre = dst.run("state_precopy", migration, Phase.PREPARE, Role.DESTINATION)
                 precopy_ms = (time.perf_counter() - started) * 1000.0
                 precopy_cpu = (time.process_time() - cpu) * 1000.0
                 if separate:
@@ -385,10 +472,13 @@ def run_case(
                     pause_cpu += (time.process_time() - cpu) * 1000.0
                 exact = vm_state(src_ns, kind_name) == vm_state(dst_ns, kind_name)
                 source.call("forget", migration.id)
-                dst.revert_imports(migration)
-                dst.forget(migration.id)
+                dst.state.revert_imports(migration)
+                dst.state.forget(migration.id)
+            finally:
+                dst.close()
         finally:
             source.stop()
+            directory.done(migration)
     answer = pre.notes["kinds"][kind_name]
     check_s = float(pre.notes["check_ms"]) / 1000.0
     install_s = float(answer["import_ms"]) / 1000.0
@@ -412,29 +502,33 @@ def run_case(
     }
 
 
-def baseline(conf: cfg.ConfigOpts) -> dict[str, float]:
+def baseline(directory: Directory) -> dict[str, float]:
     """The pause of the SWITCHOVER stage without state: no kinds; kinds, no entries."""
     prefix = f"vmmst{os.getpid() % 10000:04d}{secrets.token_hex(2)}"
-    migration = Migration(f"bench-{prefix}", VM, "src", "dst")
-    token, key = secrets.token_urlsafe(16), secrets.token_bytes(32)
     out = {}
     with namespaces(prefix) as (src_ns, dst_ns):
-        for label, names in (("no state kinds", []), ("idle VM", ["conntrack", "nft_sets"])):
-            table: dict[str, str] = {}
-            kinds = {n: load_kind(conf, n) for n in names}
-            src = StateHost("src", src_ns, kinds, settings(token, key), table)
-            dst = StateHost(
-                "dst", dst_ns, {n: load_kind(conf, n) for n in names}, settings(token, key), table
-            )
-            with src, dst:
-                table.update(src=src.url, dst=dst.url)
-                src.expect(migration)
-                StatePrecopy(conf).run(context(dst, migration, Phase.PREPARE, Role.DESTINATION))
-                started = time.perf_counter()
-                StateDelta(conf).run(context(src, migration, Phase.SWITCHOVER, Role.SOURCE))
-                out[label] = (time.perf_counter() - started) * 1000.0
-                src.forget(migration.id)
-                dst.revert_imports(migration)
+        for i, (label, names) in enumerate(
+            (("no state kinds", []), ("idle VM", ["conntrack", "nft_sets"]))
+        ):
+            migration = Migration(f"bench-{prefix}-{i}", VM, "src", "dst")
+            with host_configs(directory, {"src": src_ns, "dst": dst_ns}, names) as files:
+                src, dst = Host(files["src"]), Host(files["dst"])
+                try:
+                    table = {"src": src.url, "dst": dst.url}
+                    src.assembly.state_peers.update(table)
+                    dst.assembly.state_peers.update(table)
+                    directory.migrating(migration)
+                    src.state.expect(migration)
+                    dst.run("state_precopy", migration, Phase.PREPARE, Role.DESTINATION)
+                    started = time.perf_counter()
+                    src.run("state_delta", migration, Phase.SWITCHOVER, Role.SOURCE)
+                    out[label] = (time.perf_counter() - started) * 1000.0
+                    src.state.forget(migration.id)
+                    dst.state.revert_imports(migration)
+                finally:
+                    src.close()
+                    dst.close()
+                    directory.done(migration)
     return out
 
 
@@ -454,7 +548,7 @@ def rates(conf: cfg.ConfigOpts, n: int) -> dict[str, tuple[float, float]]:
         return result
 
     with namespaces(prefix) as (src_ns, dst_ns):
-        kind = load_kind(conf, "conntrack")
+        kind = registry.load_kinds(conf, ["conntrack"])["conntrack"]
         seed_sessions(src_ns, n)
         src = KindContext(src_ns, VM.vifs, "rates")
         dst = KindContext(dst_ns, VM.vifs, "rates")
@@ -489,22 +583,22 @@ def main(argv: list[str] | None = None) -> int:
     if os.geteuid() != 0:
         print("run as root: the benchmark builds network namespaces", file=sys.stderr)
         return 2
-    conf = cfg.ConfigOpts()
-    conf(args=[], default_config_files=[])
-    options.register_opts(conf)
-    _CONF(args=[], default_config_files=[])
-    options.register_opts(_CONF)
+    conf = options.new_conf()  # for the kind's own rates only
+    directory = Directory()
     separate = not args.one_process
     churns = [float(c) for c in args.churn.split(",") if c]
     cases = [("conntrack", int(n), c) for n in args.sessions.split(",") if n for c in churns]
     cases += [("nft_sets", int(n), c) for n in args.elements.split(",") if n for c in churns]
-    run_case(conf, "conntrack", 100, 1, separate)  # warm-up: imports, libnftables, sockets
-    load = os.getloadavg()[0]
-    rows = []
-    for kind_name, n, churn in cases:
-        print(f"-- {kind_name}: {n} entries, {churn:g}% churn ...", flush=True)
-        rows.append(run_case(conf, kind_name, n, churn, separate))
-    base = baseline(conf)
+    try:
+        run_case(directory, "conntrack", 100, 1, separate)  # warm-up: imports, libnftables
+        load = os.getloadavg()[0]
+        rows = []
+        for kind_name, n, churn in cases:
+            print(f"-- {kind_name}: {n} entries, {churn:g}% churn ...", flush=True)
+            rows.append(run_case(directory, kind_name, n, churn, separate))
+        base = baseline(directory)
+    finally:
+        directory.close()
     top = max((n for kind_name, n, _c in cases if kind_name == "conntrack"), default=0)
     measured = rates(conf, top) if top else {}
     print()
