@@ -4,8 +4,8 @@ A live migration's pre-copy (``state_precopy``) moves every entry of the VM
 at PREPARE. For a move planned ahead (``[state_warm] plan``, the same on
 both hosts), the source's agent keeps a *mirror* of that pre-copy at the
 destination instead, refreshed every ``[state_warm] interval`` seconds, so
-that PREPARE moves only what changed since (the SWITCHOVER delta is
-unchanged).
+that PREPARE moves only what changed since (the SWITCHOVER delta runs as
+before; see Refresh for what it carries).
 
 * **Identity.** The hypervisor's migration id is not known ahead, so the
   mirror has one of its own, derived from the VM's name and the planned
@@ -26,7 +26,8 @@ unchanged).
   inside the pause to the churn of that many seconds; it also keeps the
   base below ``[state_conntrack] refresh_below`` (packets refresh timeouts
   without raising events: an entry mirrored long ago could otherwise run
-  out at the destination unseen).
+  out at the destination unseen). The source refreshes only while the
+  directory places the VM at it with no move pending.
 * **Adoption** (destination, ``state_precopy``): when the destination holds
   the mirror of the migration's plan (same VM name, hosts and NICs), it
   pulls only the delta since the mirror's newest import, and the kinds the
@@ -527,25 +528,28 @@ class WarmService:
         with plan.lock:
             if plan.ended or plan.handed_over:
                 return None
-            if self.moving(plan):
-                return None  # a migration is under way: leave the mirror as it is
+            if not self.here(plan):
+                return None  # a move under way, or the VM is elsewhere: leave the mirror
             if plan.based_at is not None and time.monotonic() - plan.based_at > self.rebase:
                 m = plan.migration
                 self.host.peer(m.destination).revert(m, None, time.monotonic() + 10.0)
                 plan.based_at = None
             return self._refresh(plan)
 
-    def moving(self, plan: Plan) -> bool:
-        """Whether the directory has a move of the VM pending (unknown: no)."""
+    def here(self, plan: Plan) -> bool:
+        """Whether the directory places the VM at this host with no move pending
+        (no directory: assumed)."""
         if self.nva is None:
-            return False
+            return True
         try:
             for vif in plan.migration.workload.vifs:
-                if self.nva.get_endpoint(vif.vni, vif.mac).get("pending_nve"):
-                    return True
+                ep = self.nva.get_endpoint(vif.vni, vif.mac)
+                if ep.get("pending_nve") or ep.get("nve") != self.host.name:
+                    return False
         except Exception as err:
             LOG.info("warm plan %s: cannot ask the directory: %s", plan.migration.id, err)
-        return False
+            return False
+        return True
 
     def _refresh(self, plan: Plan) -> Refresh:
         m, host = plan.migration, self.host

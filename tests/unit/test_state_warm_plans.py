@@ -31,15 +31,23 @@ def host(name: str) -> StateHost:
 class Directory:
     """An NvaClient stand-in: unreachable for the first ``down`` calls."""
 
-    def __init__(self, down: int = 0) -> None:
+    def __init__(self, down: int = 0, at: str = "h1", pending: str | None = None) -> None:
         self.down = down
         self.calls = 0
+        self.at, self.pending = at, pending
 
     def get_endpoint(self, vni: int, mac: str) -> dict[str, Any]:
         self.calls += 1
         if self.calls <= self.down:
             raise TransientError("the directory is not reachable")
-        return {"vni": vni, "mac": mac, "ipv4": list(VIF.ipv4), "ipv6": list(VIF.ipv6)}
+        return {
+            "vni": vni,
+            "mac": mac,
+            "ipv4": list(VIF.ipv4),
+            "ipv6": list(VIF.ipv6),
+            "nve": self.at,
+            "pending_nve": self.pending,
+        }
 
 
 def test_plan_lines_parse_and_bad_ones_say_why() -> None:
@@ -129,4 +137,22 @@ def test_the_state_service_entry_point_attaches_the_configured_plans() -> None:
         assert service.find(Migration("mig-1", VM, "h1", "h2")) is not None
     finally:
         assert service is not None
+        service.close()
+
+
+@pytest.mark.parametrize(
+    ("at", "pending"), [("h2", None), ("h1", "h2")], ids=["vm-elsewhere", "move-pending"]
+)
+def test_the_source_leaves_the_mirror_alone_unless_the_vm_is_here_and_staying(
+    at: str, pending: str | None
+) -> None:
+    src = host("h1")
+    service = warm.WarmService(src, interval=60, nva=Directory(at=at, pending=pending))
+    try:
+        plan = service.plan(VM, "h1", "h2")
+        assert not service.here(plan)
+        assert service.tick(plan) is None and plan.refreshes == []
+        service.nva = Directory()
+        assert service.here(plan)
+    finally:
         service.close()
