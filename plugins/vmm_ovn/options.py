@@ -144,8 +144,11 @@ def register_opts(conf: cfg.ConfigOpts) -> None:
 
 
 def list_opts() -> list[tuple[str, list[cfg.Opt]]]:
-    """For oslo-config-generator (entry point ``oslo.config.opts``)."""
-    return [(GROUP, OVN_OPTS)]
+    """For oslo-config-generator and vmm_orchestrator.options.register_all (entry point
+    ``oslo.config.opts``): [ovn] and the OVN conntrack state kind's group."""
+    from vmm_ovn.state import OvnConntrackKind  # it imports this module
+
+    return [(GROUP, OVN_OPTS), (f"state_{OvnConntrackKind.name}", list(OvnConntrackKind.opts))]
 
 
 def pairs(values: list[str], what: str) -> dict[str, str]:

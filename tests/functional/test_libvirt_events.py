@@ -1000,15 +1000,21 @@ def test_recovery_locates_the_vm_through_libvirt(agent_site: dict[str, Any]) -> 
     assert gone_record is not None and gone_record.status == jr.REVERTED
 
 
-def recording_stage(phase: Phase, role: Role, log: list[tuple[str, str, str, str]]) -> type:
-    """A stage that records (host, phase, migration id, the other end) when it runs."""
+def recording_stage(
+    phase: Phase, role: Role, log: list[tuple[str, str, str, str]], conf: cfg.ConfigOpts
+) -> Stage:
+    """A stage that records (host, phase, migration id, the other end) when it runs
+    (its options registered on ``conf``: it is no entry point)."""
 
     def run(self: Stage, ctx: StageContext) -> None:
         other = ctx.migration.source if role is Role.DESTINATION else ctx.migration.destination
         log.append((ctx.host.name, phase.value, ctx.migration.id, other))
 
     name = f"record_{phase.value.lower()}_{role.value}"
-    return type(name, (Stage,), {"name": name, "phase": phase, "role": role, "run": run})
+    attrs = {"name": name, "phase": phase, "role": role, "run": run}
+    cls: type[Stage] = type(name, (Stage,), attrs)
+    cls.register_opts(conf)
+    return cls(conf)
 
 
 def test_both_ends_agree_on_the_migration_through_the_directory(
@@ -1022,7 +1028,7 @@ def test_both_ends_agree_on_the_migration_through_the_directory(
     conf.set_override("ack_timeout", 0.1, group="stage_peer_update")
     log: list[tuple[str, str, str, str]] = []
     record = {
-        (p, r): recording_stage(p, r, log)(conf)
+        (p, r): recording_stage(p, r, log, conf)
         for p, r in (
             (Phase.PREPARE, Role.DESTINATION),
             (Phase.RESUMED, Role.DESTINATION),
