@@ -175,6 +175,14 @@ STATE_OPTS: list[cfg.Opt] = [
         "(the destination pulls the export; the source pushes, reverts and commits). "
         "Unset: [state] token is one secret every host shares, as before.",
     ),
+    cfg.BoolOpt(
+        "tls_peer_identity",
+        default=False,
+        help="With mutual TLS (cert_file, key_file, ca_file): a peer is the host its "
+        "client certificate names in its subject CN (its NVE id), and is served only for "
+        "migrations whose other end it is, as with peer_token_digests. Issue each host a "
+        "certificate with CN=<its NVE id> from the site's CA.",
+    ),
     cfg.IntOpt(
         "max_concurrent_imports",
         default=2,

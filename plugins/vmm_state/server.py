@@ -15,8 +15,9 @@ served at once, and further uploads are answered 503 with Retry-After
 before their body is read. Replays: a bundle that was applied already (its
 seq taken), or exported before its migration closed here, is answered 409
 with the refusal report, nothing installed.
-Peers: a request with a peer's own token ([state] peer_token_digests) is
-served only for a migration whose other end that peer is (StateHost.resolve).
+Peers: a request with a peer's own token ([state] peer_token_digests), or
+over a client certificate naming it ([state] tls_peer_identity), is served
+only for a migration whose other end that peer is (StateHost.resolve).
 """
 
 from __future__ import annotations
@@ -207,10 +208,21 @@ class _Handler(JsonRequestHandler):
             self.close_connection = True
             raise Unauthorized(f"missing {TOKEN_HEADER} header")
         # Headers arrive decoded as latin-1: re-encode to get the bytes sent.
-        ok, peer = self._host.settings.identify(given.encode("latin-1", "replace"))
+        settings = self._host.settings
+        ok, peer = settings.identify(given.encode("latin-1", "replace"))
         if not ok:
             self.close_connection = True
             raise Unauthorized(f"invalid {TOKEN_HEADER}")
+        if settings.tls_peer_identity and isinstance(self.connection, ssl.SSLSocket):
+            named = _common_name(self.connection.getpeercert())
+            if named is None or (peer is not None and peer != named):
+                self.close_connection = True
+                raise Unauthorized(
+                    f"the client certificate names {named or 'no host (no CN)'}"
+                    + (f", the token is {peer}'s" if peer else ""),
+                    hint="issue each host a certificate with CN=<its NVE id>",
+                )
+            peer = None if named == self._host.name else named
         self._peer = peer
 
     def _dispatch(self, method: str) -> None:
@@ -442,6 +454,15 @@ class StateServer:
             self._thread = None
         httpd.server_close()
         httpd.close_connections()
+
+
+def _common_name(cert: Any) -> str | None:
+    """The subject CN of a peer certificate (getpeercert's form), or None."""
+    for rdn in (cert or {}).get("subject", ()):
+        for name, value in rdn:
+            if name == "commonName":
+                return str(value)
+    return None
 
 
 def _server_tls(tls: TlsFiles) -> ssl.SSLContext:

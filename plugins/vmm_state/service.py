@@ -21,7 +21,9 @@ sessions by describing a fake VM.
 
 Per-host credentials (issue 13): with ``[state] peer_token_digests`` each
 host sends its own ``[state] token`` and a host knows only the SHA-256
-digests of its peers' tokens (so no host can act as another). A request
+digests of its peers' tokens (so no host can act as another); with mutual
+TLS and ``[state] tls_peer_identity`` the peer is the host its client
+certificate names (its CN, signed by the site's CA). A request
 with a peer's token acts as that peer, which may only be the other end of
 the migration it names: the destination pulls the export from the source;
 the source pushes, asks what was imported, reverts and commits at the
@@ -107,6 +109,8 @@ class StateSettings:
     peer_token_digests: Mapping[str, str] = dataclasses.field(default_factory=dict)
     #: imports (uploads) served at once; more are answered 503 + Retry-After
     max_concurrent_imports: int = 2
+    #: with mutual TLS: the peer is the host its client certificate names (CN)
+    tls_peer_identity: bool = False
 
     def __post_init__(self) -> None:
         if not self.key or self.key_id not in self.verify_keys:
@@ -118,6 +122,11 @@ class StateSettings:
             raise ConfigError(
                 "[state] token is not set: the state service would be open to anyone",
                 hint="set [state] token to the same secret on every host",
+            )
+        if self.tls_peer_identity and self.tls is None:
+            raise ConfigError(
+                "[state] tls_peer_identity needs mutual TLS",
+                hint="set [state] cert_file, key_file and ca_file",
             )
 
     def identify(self, given: bytes) -> tuple[bool, str | None]:
@@ -164,6 +173,7 @@ class StateSettings:
             ledger_dir=group.ledger_dir,
             peer_token_digests=options.peer_digests(conf),
             max_concurrent_imports=group.max_concurrent_imports,
+            tls_peer_identity=group.tls_peer_identity,
         )
 
     def limit(self, kind: str) -> int:

@@ -10,10 +10,13 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 import socket
+import subprocess
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -26,7 +29,7 @@ from vmm_orchestrator.statekind import ImportResult, KindContext, PoisonedEntry,
 from vmm_state import options
 from vmm_state.bundle import BundleHeader, SectionSource, read_bundle, write_bundle
 from vmm_state.service import StateHost, StateSettings, nva_voucher
-from vmm_state.wire import Conflict, Forbidden, encode_migration
+from vmm_state.wire import Conflict, Forbidden, TlsFiles, Unauthorized, encode_migration
 
 KEY = b"replay-key-0123456789abcdef"
 SHARED = "shared-token"
@@ -498,3 +501,59 @@ def test_an_upload_declared_over_the_byte_limit_is_refused_before_it_is_read(sit
     report = json.loads(answer.split(b"\r\n\r\n", 1)[1])
     assert report["error"].startswith("oversized: bundle of 1000000000 bytes")
     assert report["reason"] == "resource_limit"
+
+
+# ------------------------------------------------- identity by client certificate
+
+
+def openssl(*args: str, cwd: Path) -> None:
+    subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True, timeout=30)
+
+
+@pytest.fixture
+def pki(tmp_path: Path) -> Callable[[str], TlsFiles]:
+    """A CA and, on request, a certificate with CN=<name> for 127.0.0.1 signed by it."""
+    if shutil.which("openssl") is None:
+        pytest.skip("the openssl command is needed to make test certificates")
+    ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"]
+    openssl("req", "-x509", *ec, "-keyout", "ca.key", "-out", "ca.pem", "-days", "1",
+            "-subj", "/CN=test-ca", cwd=tmp_path)  # fmt: skip
+
+    def issue(name: str) -> TlsFiles:
+        openssl("req", *ec, "-keyout", f"{name}.key", "-out", f"{name}.csr",
+                "-subj", f"/CN={name}", cwd=tmp_path)  # fmt: skip
+        (tmp_path / f"{name}.ext").write_text("subjectAltName=IP:127.0.0.1\n")
+        openssl("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.pem", "-CAkey", "ca.key",
+                "-CAcreateserial", "-out", f"{name}.pem", "-days", "1",
+                "-extfile", f"{name}.ext", cwd=tmp_path)  # fmt: skip
+        return TlsFiles(
+            str(tmp_path / f"{name}.pem"), str(tmp_path / f"{name}.key"), str(tmp_path / "ca.pem")
+        )
+
+    return issue
+
+
+def test_with_tls_peer_identity_the_certificate_names_the_peer(
+    site: Site, pki: Callable[[str], TlsFiles]
+) -> None:
+    h1 = site.host("h1", tls=pki("h1"), tls_peer_identity=True)
+    h2 = site.host("h2", tls=pki("h2"), tls_peer_identity=True)
+    h3 = site.host("h3", tls=pki("h3"), tls_peer_identity=True)
+    h1.expect(MIG)
+    h2.expect(MIG)
+    site.seed(1)
+    assert h2.pull(MIG, "precopy", ["fake"], deadline()).report.ok  # h2's certificate: the end
+    with pytest.raises(Forbidden, match="host h3 is not the destination of migration mig-1"):
+        h3.peer("h1").pull(MIG, h3.new_reader(), label="precopy", deadline=deadline())
+    with pytest.raises(Forbidden, match="host h3 is not the source"):
+        h3.peer("h2").commit(MIG, deadline())
+    assert h1.peer("h2").commit(MIG, deadline())["committed"] == 1
+    # a peer's token over another host's certificate is refused
+    digests = {"h1": digest("t-h1"), "h2": digest("t-h2")}
+    site.host("h4", tls=pki("h4"), tls_peer_identity=True, peer_token_digests=digests)
+    liar = site.host("h5", tls=pki("h5"), token="t-h2")
+    with pytest.raises(Unauthorized, match="the client certificate names h5, the token is h2's"):
+        liar.peer("h4").synced(MIG, deadline())
+    with pytest.raises(ConfigError, match="tls_peer_identity needs mutual TLS"):
+        StateSettings(key_id="k1", key=KEY, verify_keys={"k1": KEY}, token="t",
+                      tls_peer_identity=True)  # fmt: skip
