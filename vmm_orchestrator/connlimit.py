@@ -125,7 +125,6 @@ class ConnectionTable:
         None when every connection is busy: the caller refuses this one.
         """
         now = time.monotonic()
-        victim = None
         with self._lock:
             if self._live >= self.limit:
                 victim = self._take_oldest_waiting("evicted")
@@ -133,24 +132,22 @@ class ConnectionTable:
                     self.refused += 1
                     return None
                 self.evicted += 1
+                _cut(victim.sock)
             conn = Conn(sock, now, now + self.head_timeout)
             self._conns[sock] = conn
             self._waiting[conn] = None
             self._live += 1
-        if victim is not None:
-            _cut(victim.sock)
         return conn
 
     def evict_one(self) -> bool:
         """Cut the longest-waiting connection (accept ran out of descriptors)."""
         with self._lock:
             victim = self._take_oldest_waiting("evicted")
-            if victim is not None:
-                self.evicted += 1
-        if victim is None:
-            return False
-        _cut(victim.sock)
-        return True
+            if victim is None:
+                return False
+            self.evicted += 1
+            _cut(victim.sock)
+            return True
 
     def reap(self, now: float | None = None) -> int:
         """Cut connections waiting past their deadline; cheap when called often."""
@@ -162,9 +159,8 @@ class ConnectionTable:
             late = [c for c in self._waiting if c.phase is not Phase.REQUEST and c.deadline <= now]
             for conn in late:
                 self._close_locked(conn, "deadline")
+                _cut(conn.sock)
             self.expired += len(late)
-        for conn in late:
-            _cut(conn.sock)
         return len(late)
 
     def release(self, sock: Any) -> None:
@@ -267,9 +263,19 @@ class ConnectionTable:
 
 
 def _cut(sock: Any) -> None:
-    """Wake the connection's thread (its recv returns EOF); the thread closes the socket."""
+    """Wake the connection's thread (its recv returns EOF); the thread closes the socket.
+
+    Called under the table's lock: the thread releases the connection (under
+    that lock) before it closes the socket, so its descriptor cannot have been
+    reused for another connection by then.
+    """
     try:
-        sock.shutdown(socket.SHUT_RDWR)
+        if isinstance(sock, socket.socket):
+            # The plain socket's shutdown: an SSLSocket's own would drop its TLS
+            # state under the thread that is using it.
+            socket.socket.shutdown(sock, socket.SHUT_RDWR)
+        else:
+            sock.shutdown(socket.SHUT_RDWR)
     except OSError:
         pass
 
