@@ -52,6 +52,7 @@ before; see Refresh for what it carries).
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import hashlib
 import logging
@@ -63,12 +64,13 @@ from typing import Any
 
 from oslo_config import cfg
 
+from vmm_orchestrator.commands import Command
 from vmm_orchestrator.errors import ConfigError, VmmError
 from vmm_orchestrator.model import Migration, Vif, Workload, normalize_mac
 from vmm_state.bundle import BundleError
 from vmm_state.importer import ImportReport, KindAnswer, LedgerEntry
 from vmm_state.kinds._common import no_gc
-from vmm_state.service import ExportStat, StateHost, Transfer
+from vmm_state.service import ExportStat, StateHost, StateSettings, Transfer
 from vmm_state.wire import ServiceError, reason_for
 
 LOG = logging.getLogger(__name__)
@@ -726,3 +728,74 @@ def open_state_service(
     if conf[GROUP].plan:
         attach(host, WarmService.from_conf(conf, host, nva=directory))
     return host
+
+
+# ------------------------------------------------------------ the command
+
+
+def mirror_status(mirror: Migration, client: Any, deadline: float) -> dict[str, float]:
+    """Per mirrored kind, seconds since the mirror's newest import at the
+    destination (``client``: a StateClient of the destination); {} if none."""
+    synced = client.synced(mirror, deadline)
+    now = time.time()
+    return {kind: round(max(0.0, now - at), 1) for kind, at in sorted(synced.items())}
+
+
+class StateCommand(Command):
+    """``vmm state warm status``: the configured warm plans and their mirrors.
+
+    The plans themselves are agent options (``[state_warm] plan`` on the
+    source and the destination): an agent mirrors what its configuration
+    plans. This command shows, from the same configuration, whether each
+    destination holds its mirror and how fresh it is.
+    """
+
+    name = "state"
+    help = "state moved with VMs: warm plans and their mirrors"
+
+    def add_arguments(self, parser: argparse.ArgumentParser) -> None:
+        sub = parser.add_subparsers(dest="state_command", required=True)
+        warm_parser = sub.add_parser("warm", help="warm mobility: planned moves mirrored ahead")
+        warm_sub = warm_parser.add_subparsers(dest="warm_command", required=True)
+        warm_sub.add_parser(
+            "status",
+            help="per [state_warm] plan: its mirror id and, per kind, the age of the "
+            "mirror at the destination",
+        )
+
+    def run(self, conf: cfg.ConfigOpts, args: argparse.Namespace) -> int:
+        from vmm_orchestrator.cli import format_table
+        from vmm_orchestrator.nva.client import NvaClient
+        from vmm_state import options
+        from vmm_state.client import StateClient
+
+        register_opts(conf)
+        options.register_opts(conf)
+        specs = [PlanSpec.parse(text) for text in conf[GROUP].plan]
+        if not specs:
+            print("no warm plan is configured ([state_warm] plan)")
+            return 0
+        s = StateSettings.from_conf(conf)
+        peers = dict(conf[options.GROUP].peers or {})
+        rows = []
+        with NvaClient.from_conf(conf) as nva:
+            for spec in specs:
+                mirror = mirror_migration(spec.workload(nva), spec.source, spec.destination)
+                url = peers.get(spec.destination)
+                if not url:
+                    state = f"no URL for {spec.destination} in [state] peers"
+                else:
+                    client = StateClient(url, s.token, s.connect_timeout, s.read_timeout, s.tls)
+                    try:
+                        ages = mirror_status(mirror, client, time.monotonic() + s.read_timeout)
+                        state = (
+                            ", ".join(f"{k} {age} s old" for k, age in ages.items())
+                            or "no mirror yet"
+                        )
+                    except (ServiceError, VmmError) as err:
+                        state = f"unknown: {err}"
+                    finally:
+                        client.close()
+                rows.append([spec.name, spec.source, spec.destination, mirror.id, state])
+        print(format_table(["VM", "SOURCE", "DESTINATION", "MIRROR", "AT THE DESTINATION"], rows))
+        return 0

@@ -14,7 +14,11 @@ Run with ``-s`` to see the figures.
 
 from __future__ import annotations
 
+import argparse
+import contextlib
 import dataclasses
+import io
+import secrets
 import socket
 import time
 from collections.abc import Iterator
@@ -113,6 +117,8 @@ class Run:
     refreshes: list[warm.Refresh]
     relay_outcome: str | None
     echoed: bool
+    #: what `vmm state warm status` printed while the mirror was up (warm run)
+    status: str = ""
 
 
 def wait_for(check: Any, timeout: float, what: str) -> None:
@@ -145,6 +151,7 @@ def move(site: LabSite, use_warm: bool) -> Run:
             plan = services["h1"].plan(vm1.workload, "h1", "h2")
             services["h2"].plan(vm1.workload, "h1", "h2")
             wait_for(lambda: len(plan.refreshes) >= 2, 30, "two mirror refreshes")
+            status = warm_status(site)
         else:
             expired = expiry(site, services)
         mirrored = len(far_sessions(h2, vm1.ipv4))
@@ -170,7 +177,17 @@ def move(site: LabSite, use_warm: bool) -> Run:
             refreshes, outcome = list(plan.refreshes), plan.ended
         else:
             refreshes, outcome = expired, None
-        return Run(use_warm, reports, mirrored, expected, arrived, refreshes, outcome, echoed)
+        return Run(
+            use_warm,
+            reports,
+            mirrored,
+            expected,
+            arrived,
+            refreshes,
+            outcome,
+            echoed,
+            status if use_warm else "",
+        )
     finally:
         for service in services.values():
             service.close()
@@ -178,6 +195,34 @@ def move(site: LabSite, use_warm: bool) -> Run:
             nva.close()
         client.close()
         server.close()
+
+
+def warm_status(site: LabSite) -> str:
+    """`vmm state warm status` on the lab's configuration (the command's run, called
+    directly: its entry point is the lead's to add)."""
+    from vmm_orchestrator.nva import options as nva_options
+    from vmm_state import options as state_options
+
+    conf = cfg.ConfigOpts()
+    conf(args=[], default_config_files=[])
+    nva_options.register_opts(conf)
+    state_options.register_opts(conf)
+    warm.register_opts(conf)
+    conf.set_override("url", site.server.url, "nva")
+    conf.set_override("token", site.token, "nva")
+    conf.set_override("key", secrets.token_hex(16), "state")
+    conf.set_override("token", site.states["h2"].settings.token, "state")
+    conf.set_override("peers", {n: s.url for n, s in site.states.items()}, "state")
+    vm1 = site.lab.vms["vm1"]
+    plan = f"vm1 h1 h2 {vm1.vni}:{vm1.mac}"
+    conf.set_override("plan", [plan], "state_warm")
+    command = warm.StateCommand()
+    parser = argparse.ArgumentParser()
+    command.add_arguments(parser)
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        assert command.run(conf, parser.parse_args(["warm", "status"])) == 0
+    return out.getvalue()
 
 
 def expiry(site: LabSite, services: dict[str, warm.WarmService]) -> list[warm.Refresh]:
@@ -250,6 +295,10 @@ def test_sessions_survive_and_the_precopy_moves_only_the_remainder(run: Run) -> 
         assert f["precopy_entries"] >= CREATED, f
         assert stage_notes(run.reports, "state_delta")["warm"]["mirror"] == f["warm_note"]["mirror"]
         assert run.relay_outcome == "the VM moved"
+        print(run.status)
+        line = run.status.splitlines()[1]
+        assert line.startswith("vm1") and warm.mirror_id("vm1", "h1", "h2") in line, run.status
+        assert "conntrack" in line and "s old" in line, run.status
     else:  # the expired mirror left nothing behind; the control moved everything at PREPARE
         assert run.refreshes and run.refreshes[0].entries["conntrack"] >= SESSIONS
         assert run.mirrored == 0
