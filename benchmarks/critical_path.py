@@ -18,15 +18,11 @@ import subprocess
 import sys
 import time
 
-from oslo_config import cfg
-
-from vmm_lab.linux import options as lab_options
 from vmm_lab.linux.demo import lab_site
 from vmm_lab.linux.hypervisor import LabHypervisor
 from vmm_lab.linux.probe import format_table
 from vmm_lab.linux.topology import new_prefix
-from vmm_linux.stages import HoldTimer
-from vmm_orchestrator.stage import register_stage_opts
+from vmm_orchestrator import options
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -85,10 +81,7 @@ def main() -> int:
     parser.add_argument("--downtime-ms", type=float, default=50.0)
     parser.add_argument("--traffic", action="store_true", help="add the demo's probe load")
     args = parser.parse_args()
-    conf = cfg.ConfigOpts()
-    conf(args=[], default_config_files=[])
-    lab_options.register_opts(conf)
-    register_stage_opts(conf, HoldTimer)
+    conf = options.new_conf()  # every plugin's options, as `vmm` registers them
     conf.set_override("hold_time", 0.2, group="stage_hold_timer")
     figures: dict[str, list[float]] = {}
     with lab_site(conf, new_prefix(), orchestrated=True) as site:

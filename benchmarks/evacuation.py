@@ -62,17 +62,14 @@ from vmm_lab.linux.topology import Lab, LabVm, new_prefix
 from vmm_linux import announce as announce_mod
 from vmm_linux import nve as nve_opts
 from vmm_linux.agent import GROUP as AGENT_GROUP
-from vmm_linux.agent import register_opts as register_agent_opts
 from vmm_linux.host import LinuxHost
-from vmm_linux.stages import HoldTimer
 from vmm_orchestrator import agent as root
-from vmm_orchestrator import engine
+from vmm_orchestrator import engine, options
 from vmm_orchestrator import journal as jr
 from vmm_orchestrator.nva import options as nva_options
 from vmm_orchestrator.nva.client import NvaClient
 from vmm_orchestrator.nva.server import NvaServer
 from vmm_orchestrator.nva.store import NvaStore
-from vmm_orchestrator.stage import register_stage_opts
 
 LOG = logging.getLogger(__name__)
 
@@ -97,18 +94,13 @@ class Site:
 
 
 def make_conf(hold_s: float, workers: int, frames_hold_ms: int = 1000) -> cfg.ConfigOpts:
-    conf = cfg.ConfigOpts()
-    conf([], default_config_files=[])
-    engine.register_opts(conf)
-    register_agent_opts(conf)
-    register_stage_opts(conf, HoldTimer)
+    conf = options.new_conf()  # every plugin's options, as `vmm` registers them
     conf.set_override("workers", workers, group="pipeline")
     conf.set_override("watch_timeout", 1.0, group=AGENT_GROUP)
     conf.set_override("hold_time", hold_s, group="stage_hold_timer")
     # The NVEs' frame hold: with --switchover-gate the pauses of 20 VMs leaving
     # at once reach seconds (the source handles SWITCHOVER after SWITCHOVER),
     # longer than the 1 s a default hold keeps a frame.
-    nve_opts.register_opts(conf)
     conf.set_override("hold_ms", frames_hold_ms, group=nve_opts.GROUP)
     return conf
 
@@ -155,8 +147,6 @@ def evacuation_site(
         if directory == "embedded":
             configure_hosts(conf, lab, url, token, workdir, names, vni=VNI)
         else:
-            etcd_options.register_opts(conf)
-            nva_options.register_opts(conf)
             conf.set_override("backend", "etcd", group=nva_options.GROUP)
             conf.set_override("endpoints", endpoints, group=etcd_options.GROUP)
             conf.set_override("prefix", key_prefix, group=etcd_options.GROUP)

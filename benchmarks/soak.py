@@ -35,31 +35,21 @@ from typing import Any
 
 from oslo_config import cfg
 
-from vmm_lab.linux import options as lab_opts
 from vmm_lab.linux.demo import lab_site
 from vmm_lab.linux.hypervisor import LabHypervisor, MigrationVetoed
 from vmm_lab.linux.topology import in_ns, lab_namespaces, new_prefix
-from vmm_linux.agent import register_opts as register_agent_opts
-from vmm_linux.stages import HoldTimer
-from vmm_orchestrator import engine
+from vmm_orchestrator import options
 from vmm_orchestrator.nva import options as nva_options
-from vmm_orchestrator.stage import register_stage_opts
 
 HOSTS = ("h1", "h2", "h3")
 
 
 def make_conf(hold_s: float) -> cfg.ConfigOpts:
-    conf = cfg.ConfigOpts()
-    conf([], default_config_files=[])
-    lab_opts.register_opts(conf)
-    engine.register_opts(conf)
-    register_agent_opts(conf)
-    register_stage_opts(conf, HoldTimer)
+    conf = options.new_conf()  # every plugin's options, as `vmm` registers them
     conf.set_override("hold_time", hold_s, group="stage_hold_timer")
     conf.set_override("watch_timeout", 1.0, group="nve_agent")
     # The directory keeps a window of its change log (by default 100,000
     # changes); a soak of 1,000 migrations must see the window in force.
-    nva_options.register_opts(conf)
     conf.set_override("change_log_keep", 500, group=nva_options.GROUP)
     return conf
 

@@ -31,27 +31,18 @@ from typing import Any
 from oslo_config import cfg
 
 from vmm_lab.firewall import FirewallSettings
-from vmm_lab.linux import options as lab_opts
 from vmm_lab.linux.demo import PortProfile, lab_site
 from vmm_lab.linux.hypervisor import LabHypervisor
 from vmm_lab.linux.probe import format_table
 from vmm_lab.linux.topology import new_prefix
 from vmm_lab.state_demo import transfer_rows
-from vmm_linux.agent import register_opts as register_agent_opts
-from vmm_linux.stages import HoldTimer
-from vmm_orchestrator import engine
-from vmm_orchestrator.stage import register_stage_opts
+from vmm_orchestrator import options
 
 PORT = 7100
 
 
 def make_conf() -> cfg.ConfigOpts:
-    conf = cfg.ConfigOpts()
-    conf([], default_config_files=[])
-    lab_opts.register_opts(conf)
-    engine.register_opts(conf)
-    register_agent_opts(conf)
-    register_stage_opts(conf, HoldTimer)
+    conf = options.new_conf()  # every plugin's options, as `vmm` registers them
     conf.set_override("hold_time", 1.0, group="stage_hold_timer")
     conf.set_override("watch_timeout", 1.0, group="nve_agent")
     return conf
