@@ -24,6 +24,12 @@ thread per connection, and add three rules kept here:
   ``body_min_rate`` bytes it brings (time a service spends between reads is
   not counted against the client). This is Apache's ``mod_reqtimeout``
   rule; a slow-drip client is cut at its deadline.
+* **No thread before the first byte.** A fresh connection waits in a
+  :class:`WaitingRoom` (one thread, a selector) until it sends something;
+  only then does it get its handler thread. Silent and half-open
+  connections cost a descriptor, not a thread, and when thousands of them
+  close at once that one thread closes them: no storm of thread wake-ups
+  for a request to queue behind.
 * **A backstop.** The accept loop shuts down every connection still waiting
   for its head past the deadline (also one stuck in a TLS handshake, which
   does not read through the deadline reader), and evicts one when
@@ -42,12 +48,15 @@ above are what those servers would have added, in about 200 lines.
 from __future__ import annotations
 
 import collections
+import contextlib
 import enum
 import io
 import logging
+import selectors
 import socket
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 LOG = logging.getLogger(__name__)
@@ -323,3 +332,127 @@ class DeadlineReader(io.RawIOBase):
             f"connection {conn.closing or 'deadline'}: no complete request head within "
             f"{self._table.head_timeout:g} s"
         )
+
+
+class WaitingRoom:
+    """Fresh connections, without a thread, until their first byte (or their end) arrives.
+
+    ``start(sock, address)`` hands a connection that has sent something to
+    its handler thread; ``close(sock)`` releases and closes one that ended,
+    was evicted or missed its deadline (the table's cut makes it readable).
+    """
+
+    def __init__(
+        self,
+        table: ConnectionTable,
+        start: Callable[[Any, Any], None],
+        close: Callable[[Any], None],
+    ) -> None:
+        self._table = table
+        self._start = start
+        self._close = close
+        self._lock = threading.Lock()
+        self._pending: list[tuple[Any, Any]] = []
+        self._stopping = False
+        self._thread: threading.Thread | None = None
+        self._sel = selectors.DefaultSelector()
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._wake_r.setblocking(False)
+        self._wake_w.setblocking(False)
+        self._sel.register(self._wake_r, selectors.EVENT_READ)
+
+    def add(self, sock: Any, address: Any) -> None:
+        """Wait for this admitted connection's first byte."""
+        with self._lock:
+            if self._stopping:
+                refused = True
+            else:
+                refused = False
+                self._pending.append((sock, address))
+                if self._thread is None:
+                    self._thread = threading.Thread(
+                        target=self._run, name="http-waiting-room", daemon=True
+                    )
+                    self._thread.start()
+        if refused:
+            self._close(sock)
+            return
+        with contextlib.suppress(OSError):  # a full pipe: a wake-up is pending anyway
+            self._wake_w.send(b"\0")
+
+    def waiting(self) -> int:
+        """Connections waiting here now (for tests and logs)."""
+        return len(self._sel.get_map()) - 1
+
+    def stop(self) -> None:
+        """Close every waiting connection and end the thread. Idempotent."""
+        with self._lock:
+            if self._stopping:
+                return
+            self._stopping = True
+            thread = self._thread
+        with contextlib.suppress(OSError):
+            self._wake_w.send(b"\0")
+        if thread is not None:
+            thread.join(timeout=5)
+        else:
+            self._drain_all()
+
+    def _run(self) -> None:
+        try:
+            while True:
+                with self._lock:
+                    pending, self._pending = self._pending, []
+                    stopping = self._stopping
+                if stopping:
+                    break
+                for sock, address in pending:
+                    try:
+                        self._sel.register(sock, selectors.EVENT_READ, address)
+                    except (ValueError, OSError):  # closed meanwhile (server stopping)
+                        self._close(sock)
+                for key, _mask in self._sel.select(timeout=1.0):
+                    if key.fileobj is self._wake_r:
+                        with contextlib.suppress(OSError):
+                            while self._wake_r.recv(4096):
+                                pass
+                        continue
+                    self._sel.unregister(key.fileobj)
+                    self._ready(key.fileobj, key.data)
+        except Exception:  # a bug: log it, close what waits rather than hold it forever
+            LOG.exception("the HTTP waiting room failed")
+        finally:
+            self._drain_all()
+
+    def _ready(self, sock: Any, address: Any) -> None:
+        conn = self._table.get(sock)
+        if conn is None or conn.closing:
+            self._close(sock)
+            return
+        try:
+            # The plain socket's recv: before a TLS handshake these are raw bytes.
+            first = socket.socket.recv(sock, 1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+        except BlockingIOError:
+            self._sel.register(sock, selectors.EVENT_READ, address)
+            return
+        except OSError:  # reset by the client
+            self._close(sock)
+            return
+        if not first:  # the client closed before sending anything
+            self._close(sock)
+            return
+        self._start(sock, address)
+
+    def _drain_all(self) -> None:
+        with self._lock:
+            pending, self._pending = self._pending, []
+        socks = [s for s, _ in pending]
+        for key in list(self._sel.get_map().values()):
+            if key.fileobj is not self._wake_r:
+                self._sel.unregister(key.fileobj)
+                socks.append(key.fileobj)
+        for sock in socks:
+            self._close(sock)
+        self._sel.close()
+        self._wake_r.close()
+        self._wake_w.close()

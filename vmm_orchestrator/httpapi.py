@@ -35,7 +35,7 @@ from collections.abc import Callable
 from typing import Any, ClassVar, Generic, TypeVar, cast
 from urllib.parse import unquote
 
-from vmm_orchestrator.connlimit import Conn, ConnectionTable, DeadlineReader
+from vmm_orchestrator.connlimit import Conn, ConnectionTable, DeadlineReader, WaitingRoom
 from vmm_orchestrator.errors import TransientError, VmmError
 
 LOG = logging.getLogger(__name__)
@@ -247,6 +247,9 @@ class JsonHttpServer(http.server.ThreadingHTTPServer):
             idle_timeout=handler.timeout or IDLE_TIMEOUT,
             body_min_rate=body_min_rate or self.body_min_rate,
         )
+        self.waiting_room = WaitingRoom(
+            self.connections, self._start_handler, self.shutdown_request
+        )
         self._exhausted_logged = 0.0
         if ":" in address[0]:
             self.address_family = socket.AF_INET6
@@ -277,11 +280,24 @@ class JsonHttpServer(http.server.ThreadingHTTPServer):
         time.sleep(0.05)
 
     def process_request(self, request: Any, client_address: Any) -> None:
+        """Admit (or refuse) the connection; it gets a thread once it sends something."""
         if self.connections.admit(request) is None:
             _refuse_busy(request)
             self.shutdown_request(request)
             return
-        super().process_request(request, client_address)
+        self.waiting_room.add(request, client_address)
+
+    def _start_handler(self, request: Any, client_address: Any) -> None:
+        """The connection's first bytes arrived: serve it in a thread of its own."""
+        try:
+            super().process_request(request, client_address)
+        except Exception:  # no thread to be had: this connection is lost, not the server
+            self.handle_error(request, client_address)
+            self.shutdown_request(request)
+
+    def server_close(self) -> None:
+        super().server_close()
+        self.waiting_room.stop()
 
     def service_actions(self) -> None:
         """Run by the accept loop between polls: cut connections past their deadline."""
