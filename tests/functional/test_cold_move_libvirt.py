@@ -26,6 +26,7 @@ from vmm_lab.libvirt.migrate import domain_state  # noqa: E402
 from vmm_lab.linux.topology import lab_namespaces, new_prefix  # noqa: E402
 from vmm_libvirt import options as lv_options  # noqa: E402
 from vmm_linux.nve import vxlan_name  # noqa: E402
+from vmm_orchestrator import options  # noqa: E402
 
 pytestmark = pytest.mark.functional
 
@@ -36,10 +37,10 @@ def ls() -> Iterator[lv_site.LibvirtSite]:
     if problem:
         pytest.skip(problem)
     conf = lv_site.lab_conf(orchestrated=True)
-    # The site sets [host:<name>] uri before anything registered the libvirt
-    # plugin's per-host options: register them for the lab's hosts first.
+    # The site sets [host:<name>] uri before the root reads [agent] hosts: the
+    # per-host groups (every plugin's) follow the hosts set here.
     conf.set_override("hosts", ["h1", "h2", "h3"], group=lv_options.AGENT_GROUP)
-    lv_options.register_opts(conf)
+    options.register_hosts(conf)
     prefix = new_prefix()
     workdir = ""
     with lv_site.libvirt_site(conf, prefix, orchestrated=True) as site:

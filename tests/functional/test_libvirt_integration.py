@@ -47,9 +47,7 @@ from vmm_lab.libvirt.migrate import (  # noqa: E402
 )
 from vmm_lab.linux.topology import lab_namespaces, new_prefix  # noqa: E402
 from vmm_linux.nve import vxlan_name  # noqa: E402
-from vmm_linux.stages import HoldTimer  # noqa: E402
 from vmm_orchestrator.model import Phase  # noqa: E402
-from vmm_orchestrator.stage import register_stage_opts  # noqa: E402
 
 pytestmark = pytest.mark.functional
 
@@ -69,7 +67,6 @@ def ls() -> Iterator[lv_site.LibvirtSite]:
         print(f"\nskipping the libvirt integration tests: {problem}")
         pytest.skip(problem)
     conf = lv_site.lab_conf(orchestrated=True)
-    register_stage_opts(conf, HoldTimer)
     conf.set_override("hold_time", HOLD_TIME_S, group="stage_hold_timer")
     prefix = new_prefix()
     started = time.monotonic()
