@@ -45,7 +45,7 @@ def load_event_source(conf: cfg.ConfigOpts) -> Any:
 
 def check_agent_options(conf: cfg.ConfigOpts) -> list[Any]:
     """Read every option the agent uses now, so a bad value fails before anything starts."""
-    # The event source first: it registers its own options of [agent] and [host:<name>].
+    # The event source first: it checks its own options of [agent] and [host:<name>].
     specs: list[Any] = load_event_source(conf).check_options(conf)
     groups = [(agent.GROUP, agent.AGENT_OPTS)]
     groups += [(agent.host_group(n), agent.HOST_OPTS) for n in conf.agent.hosts]
