@@ -182,6 +182,11 @@ class ConnectionTable:
             if not conn.closing:
                 self._live -= 1
 
+    def closing(self) -> int:
+        """Connections cut but not yet closed by their thread or the waiting room."""
+        with self._lock:
+            return len(self._conns) - self._live
+
     def sockets(self) -> list[Any]:
         with self._lock:
             return list(self._conns)

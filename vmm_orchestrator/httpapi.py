@@ -281,11 +281,20 @@ class JsonHttpServer(http.server.ThreadingHTTPServer):
 
     def process_request(self, request: Any, client_address: Any) -> None:
         """Admit (or refuse) the connection; it gets a thread once it sends something."""
+        self._let_cut_connections_close()
         if self.connections.admit(request) is None:
             _refuse_busy(request)
             self.shutdown_request(request)
             return
         self.waiting_room.add(request, client_address)
+
+    def _let_cut_connections_close(self) -> None:
+        """Under a flood of evictions, wait (up to 50 ms) for the cut connections to be
+        closed before taking more: their descriptors count too. Newcomers wait in the
+        kernel's backlog meanwhile."""
+        end = time.monotonic() + 0.05
+        while self.connections.closing() > _FD_RESERVE // 2 and time.monotonic() < end:
+            time.sleep(0.001)
 
     def _start_handler(self, request: Any, client_address: Any) -> None:
         """The connection's first bytes arrived: serve it in a thread of its own."""
