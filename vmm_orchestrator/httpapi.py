@@ -225,6 +225,9 @@ class JsonHttpServer(http.server.ThreadingHTTPServer):
 
     daemon_threads = True
     block_on_close = False
+    #: Connections the kernel queues before accept (the stdlib's 5 drops the rest
+    #: for a SYN retransmission, 1 s, while the accept loop is busy evicting).
+    request_queue_size = 1024
     #: Defaults of the starvation guards; the constructor's arguments override them.
     max_connections: ClassVar[int] = MAX_CONNECTIONS
     request_deadline: ClassVar[float] = REQUEST_DEADLINE
