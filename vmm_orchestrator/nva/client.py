@@ -24,7 +24,6 @@ from urllib.parse import quote
 import requests
 from oslo_config import cfg
 
-from vmm_orchestrator import httpapi
 from vmm_orchestrator.errors import ConfigError
 from vmm_orchestrator.httpclient import HttpClient, connection_reason, error_parts
 from vmm_orchestrator.nva import options
@@ -40,16 +39,6 @@ from vmm_orchestrator.options import require
 
 LOG = logging.getLogger(__name__)
 
-
-class Forbidden(NvaError, httpapi.Forbidden):
-    """403: the token is an NVE's, scoped to its own records (issue 13); nothing changed.
-
-    Defined here until nva/errors.py lists it in BY_STATUS (that module has another owner).
-    """
-
-
-#: BY_STATUS plus the 403 of a scoped token.
-_BY_STATUS: dict[int, type[NvaError]] = {**BY_STATUS, Forbidden.http_status: Forbidden}
 
 TOKEN_HEADER = "X-Auth-Token"
 
@@ -147,7 +136,7 @@ class NvaClient:
                     hint="check that [nva] url points at `vmm nva serve`",
                 ) from None
         message, hint, _code = error_parts(resp)
-        cls = _BY_STATUS.get(resp.status_code)
+        cls = BY_STATUS.get(resp.status_code)
         if cls is None:
             cls = Unavailable if resp.status_code in (502, 504) else NvaError
             message = f"{method} {path} at {self.url} failed: {message}"

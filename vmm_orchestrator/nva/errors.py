@@ -28,6 +28,10 @@ class Unauthorized(NvaError, api.Unauthorized):
     """The X-Auth-Token header is missing or does not match the server's token."""
 
 
+class Forbidden(NvaError, api.Forbidden):
+    """403: the token is an NVE's, scoped to its own records (issue 13); nothing changed."""
+
+
 class NotFound(NvaError, api.NotFound):
     """No such NVE, endpoint, pending migration or route."""
 
@@ -61,6 +65,7 @@ BY_STATUS: dict[int, type[NvaError]] = {
     for cls in (
         BadRequest,
         Unauthorized,
+        Forbidden,
         NotFound,
         MethodNotAllowed,
         Conflict,

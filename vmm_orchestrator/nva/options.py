@@ -143,6 +143,24 @@ CREDENTIAL_OPTS: list[cfg.Opt] = [
         "once a second), so hosts can be added or tokens rotated without a restart. Keep it "
         "readable by the server only. Merged with [nva] nve_tokens.",
     ),
+    cfg.IntOpt(
+        "max_connections",
+        default=4096,
+        min=16,
+        help="Server only: connections the directory keeps open at most (an NVE agent "
+        "holds one stream). At the limit a new connection evicts the one waiting longest "
+        "without an authenticated request; when every one is busy it gets 503 with "
+        "Retry-After. Lowered to fit the process's descriptor limit.",
+    ),
+    cfg.FloatOpt(
+        "request_deadline",
+        default=5.0,
+        min=0.5,
+        help="Server only: seconds a client has to send a whole request head (from "
+        "connect, or from the first byte of a later request on a kept-alive connection); "
+        "a body gets as long before authentication, 60 s after, each plus 1 s per 64 KiB "
+        "received. A client trickling bytes cannot hold a connection past it.",
+    ),
 ]
 
 

@@ -78,9 +78,9 @@ from vmm_orchestrator.httpapi import (
     url_host,
 )
 from vmm_orchestrator.nva import options
-from vmm_orchestrator.nva.client import Forbidden
 from vmm_orchestrator.nva.errors import (
     BadRequest,
+    Forbidden,
     MethodNotAllowed,
     NotFound,
     NvaError,
@@ -89,6 +89,7 @@ from vmm_orchestrator.nva.errors import (
 )
 from vmm_orchestrator.nva.store import NvaStore, check_nve_id, check_revision, check_timeout
 from vmm_orchestrator.nva.stream import PROTOCOL, StreamHub
+from vmm_orchestrator.options import require
 
 LOG = logging.getLogger(__name__)
 
@@ -691,13 +692,21 @@ class _HttpServer(JsonHttpServer):
         credentials: Credentials,
         max_body: int,
         max_json_depth: int = MAX_JSON_DEPTH,
+        max_connections: int | None = None,
+        request_deadline: float | None = None,
     ) -> None:
         self.api = api
         self.credentials = credentials
         self.max_body_bytes = max_body
         self.max_json_depth = max_json_depth
         # The shared base keeps the admin token; _RequestHandler checks them all.
-        super().__init__(address, _RequestHandler, credentials.admin_token)
+        super().__init__(
+            address,
+            _RequestHandler,
+            credentials.admin_token,
+            max_connections=max_connections,
+            request_deadline=request_deadline,
+        )
 
 
 class _RequestHandler(JsonRequestHandler):
@@ -853,6 +862,8 @@ class NvaServer:
         max_json_depth: int = MAX_JSON_DEPTH,
         nve_tokens: Mapping[str, str] | None = None,
         nve_tokens_file: str | None = None,
+        max_connections: int | None = None,
+        request_deadline: float | None = None,
     ) -> None:
         if not token:
             # An empty token would let an empty header through compare_digest.
@@ -866,6 +877,8 @@ class NvaServer:
         self._credentials = Credentials(token, nve_tokens, nve_tokens_file)
         self._max_body_bytes = max_body_bytes
         self._max_json_depth = max_json_depth
+        self._max_connections = max_connections
+        self._request_deadline = request_deadline
         self._api = Api(store, watch_max_timeout)
         self._httpd: _HttpServer | None = None
         self._thread: threading.Thread | None = None
@@ -874,7 +887,7 @@ class NvaServer:
     @classmethod
     def from_conf(cls, conf: cfg.ConfigOpts, store: NvaStore | None = None) -> NvaServer:
         """A server as ``[nva]`` describes it, opening ``[nva] database`` unless given a store."""
-        options.register_opts(conf)
+        require(conf, options.GROUP, "the directory server")
         group = conf[options.GROUP]
         if not group.token:  # before opening the database: fail on config first
             raise ConfigError(
@@ -890,6 +903,8 @@ class NvaServer:
             max_json_depth=group.max_json_depth,
             nve_tokens=group.nve_tokens,
             nve_tokens_file=group.nve_tokens_file,
+            max_connections=group.max_connections,
+            request_deadline=group.request_deadline,
         )
 
     @property
@@ -909,6 +924,8 @@ class NvaServer:
                     self._credentials,
                     self._max_body_bytes,
                     self._max_json_depth,
+                    max_connections=self._max_connections,
+                    request_deadline=self._request_deadline,
                 )
             except OSError as err:
                 raise ConfigError(
