@@ -73,6 +73,7 @@ setup(
             "agent = vmm_orchestrator.agent_cmd:AgentCommand",
             "migration = vmm_orchestrator.migration_cmd:MigrationCommand",
             "migrate-with-network = vmm_openstack.command:MigrateWithNetworkCommand",
+            "state = vmm_state.warm:StateCommand",
         ],
         "vmm_orchestrator.nva_backends": [
             "embedded = vmm_orchestrator.nva.backends:EmbeddedBackend",
@@ -88,6 +89,7 @@ setup(
             "vmm_state = vmm_state.options:list_opts",
             "vmm_libvirt = vmm_libvirt.options:list_opts",
             "vmm_state.kinds = vmm_state.kinds:list_opts",
+            "vmm_state.warm = vmm_state.warm:list_opts",
             "vmm_etcd = vmm_etcd.options:list_opts",
             "vmm_lab = vmm_lab.linux.options:list_opts",
             "vmm_ovn = vmm_ovn.options:list_opts",
@@ -109,7 +111,7 @@ setup(
             "ovn = vmm_ovn.host:factory",
         ],
         "vmm_orchestrator.state_services": [
-            "state = vmm_state.provider:open_state_service",
+            "state = vmm_state.warm:open_state_service",
         ],
         "vmm_orchestrator.journals": [
             "sqlite = vmm_orchestrator.journal:open_sqlite",
