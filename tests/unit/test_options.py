@@ -63,12 +63,15 @@ def test_a_fresh_configuration_has_every_group_and_option_of_the_sample() -> Non
         assert not missing, f"[{group}] misses {sorted(missing)}"
 
 
-def test_the_registered_groups_are_the_entry_points_lists() -> None:
+def test_the_registered_groups_are_the_entry_points_lists(
+    registered_conf: cfg.ConfigOpts,
+) -> None:
+    """The shared fixture (tests/conftest.py) is a configuration as `vmm` makes one."""
     listed: set[str] = set()
     for ep in importlib.metadata.entry_points(group=options.NAMESPACE):
         if ep.name.startswith(options.PREFIX):
             listed.update(group for group, _opts in ep.load()())
-    conf = options.new_conf()
+    conf = registered_conf
     ours = groups(conf)
     # The per-host template is registered per configured host, never as "example".
     assert ours == listed - {options.HOST_TEMPLATE}
@@ -76,8 +79,8 @@ def test_the_registered_groups_are_the_entry_points_lists() -> None:
     assert "lab" in ours and "nva" in ours and "stage_nva_prestage" in ours
 
 
-def test_registering_again_is_harmless() -> None:
-    conf = options.new_conf()
+def test_registering_again_is_harmless(registered_conf: cfg.ConfigOpts) -> None:
+    conf = registered_conf
     before = {name: registered(conf, name) for name in groups(conf)}
     options.register_all(conf)
     assert {name: registered(conf, name) for name in groups(conf)} == before
