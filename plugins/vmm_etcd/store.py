@@ -36,6 +36,7 @@ from typing import Any, TypeVar
 
 from vmm_etcd import kv as kvmod
 from vmm_etcd import txn
+from vmm_etcd.feed import ChangeFeed, GapListener, Listener
 from vmm_etcd.keys import Keys, pad
 from vmm_etcd.kv import EtcdKV, KeyValue
 from vmm_etcd.txn import Tx
@@ -159,6 +160,8 @@ class EtcdNvaStore(StoreFront):
         self._streams_lock = threading.Lock()
         self._closed = False
         self._last_revision = 0
+        self._feed: ChangeFeed | None = None
+        self._feed_lock = threading.Lock()
 
     @property
     def path(self) -> str:
@@ -180,12 +183,69 @@ class EtcdNvaStore(StoreFront):
         if self._closed:
             return
         self._closed = True
+        with self._feed_lock:
+            feed, self._feed = self._feed, None
+        if feed is not None:
+            feed.close()
         with self._streams_lock:
             streams = list(self._streams)
         for stream in streams:
             stream.close()
         if self._owns_kv:
             self.kv.close()
+
+    # ------------------------------------------------------- commit feed
+
+    def add_listener(self, listener: Listener) -> None:
+        """Call ``listener(revision, changes)`` after each commit that recorded changes.
+
+        The embedded store's commit-listener seam, fed here by one etcd watch
+        over the change log (:class:`vmm_etcd.feed.ChangeFeed`, started with
+        the first listener): `vmm nva serve` over etcd then streams changes
+        to NVE agents like the embedded directory. Commits by other
+        processes sharing the etcd reach the listener too, in revision order.
+        """
+        self._listen(lambda feed: feed.add_listener(listener))
+
+    def remove_listener(self, listener: Listener) -> None:
+        self._drop_feed_listener(lambda feed: feed.remove_listener(listener))
+
+    def add_gap_listener(self, listener: GapListener) -> None:
+        """Call ``listener(why)`` when the feed may have missed commits (etcd compacted the
+        history it had to watch again from); readers must catch up from the change log."""
+        self._listen(lambda feed: feed.add_gap_listener(listener))
+
+    def remove_gap_listener(self, listener: GapListener) -> None:
+        self._drop_feed_listener(lambda feed: feed.remove_gap_listener(listener))
+
+    @property
+    def feed(self) -> ChangeFeed | None:
+        """The running commit feed, if anyone listens."""
+        return self._feed
+
+    def _listen(self, add: Callable[[ChangeFeed], None]) -> None:
+        """Add a listener to the feed, starting the feed (after the add: no commit in
+        between is missed) when it is the first."""
+        self._check_open()
+        with self._feed_lock:
+            if self._feed is not None:
+                add(self._feed)
+                return
+            feed = ChangeFeed(self.kv, self.keys)
+            add(feed)
+            feed.start()
+            self._feed = feed
+
+    def _drop_feed_listener(self, drop: Callable[[ChangeFeed], None]) -> None:
+        with self._feed_lock:
+            feed = self._feed
+            if feed is None:
+                return
+            drop(feed)
+            if not feed.idle:
+                return
+            self._feed = None
+        feed.close()
 
     def _check_open(self) -> None:
         if self._closed:

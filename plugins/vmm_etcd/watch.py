@@ -66,6 +66,9 @@ class WatchStream:
         if end is not None:
             create["range_end"] = b64(end)
         self.key = key
+        #: Set when etcd cancelled the watch because history from its revision was
+        #: compacted away: the reader missed changes and must read the state anew.
+        self.compacted_revision: int | None = None
         self._queue: queue.Queue[list[WatchEvent] | _Broken] = queue.Queue()
         self._closed = threading.Event()
         self._session, self._resp, self.member = kv.open_stream(
@@ -160,6 +163,7 @@ class WatchStream:
             why = result.get("cancel_reason") or "cancelled"
             compacted = result.get("compact_revision")
             if compacted:
+                self.compacted_revision = int(compacted)
                 why = f"history before revision {compacted} was compacted"
             raise _Cancelled(why)
         events = [

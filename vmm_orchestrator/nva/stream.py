@@ -23,6 +23,19 @@ one transaction (:meth:`NvaStore.ack_many`). Per peer that leaves a
 filter, a ``send`` and a ``recv``: the directory cost per peer that
 ``benchmarks/fanout.py`` prints.
 
+Acks are written by a thread of their own (:class:`AckWriter`, group
+commit): while one batch is being written the next accumulates, and the
+hub thread never waits for a transaction (with etcd behind the server a
+batch of 1,000 acks is about 16 etcd transactions).
+
+The store may be anything with ``add_listener`` / ``remove_listener``,
+``changes_since``, ``get_nve``, ``revision`` and ``record_acks``: the
+embedded SQLite store, or the etcd store, whose listeners are fed by one
+etcd watch over the change log (:mod:`vmm_etcd.feed`). A store that can
+miss commits (an etcd watch whose history was compacted) also offers
+``add_gap_listener``: the hub then ends every stream with an Unavailable
+line, and each agent reconnects from its own revision.
+
 A stream whose reader falls too far behind (``MAX_BACKLOG`` bytes unsent)
 is closed; the agent reconnects from the revision it reached.
 """
@@ -39,7 +52,7 @@ import threading
 from collections.abc import Sequence
 from typing import Any
 
-from vmm_orchestrator.nva.errors import NvaError
+from vmm_orchestrator.nva.errors import NvaError, Unavailable
 
 LOG = logging.getLogger(__name__)
 
@@ -82,6 +95,60 @@ def _encoded(change: dict[str, Any]) -> bytes:
     return json.dumps(change).encode("utf-8")
 
 
+class AckWriter:
+    """Writes acks handed over by the hub, merged while the previous write runs."""
+
+    def __init__(self, store: Any) -> None:
+        self.store = store
+        self._cond = threading.Condition()
+        self._pending: dict[str, int] = {}
+        self._stopping = False
+        #: Batches written (for tests: fewer than the acks handed over).
+        self.batches = 0
+        self._thread = threading.Thread(target=self._run, name="nva-stream-acks", daemon=True)
+        self._thread.start()
+
+    def add(self, acks: dict[str, int]) -> None:
+        with self._cond:
+            pending = self._pending
+            for nve_id, revision in acks.items():
+                if revision > pending.get(nve_id, -1):
+                    pending[nve_id] = revision
+            self._cond.notify()
+
+    def close(self) -> None:
+        """Write what is pending, then stop."""
+        with self._cond:
+            self._stopping = True
+            self._cond.notify()
+        self._thread.join(timeout=10)
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while not self._pending and not self._stopping:
+                    self._cond.wait()
+                batch, self._pending = self._pending, {}
+                stopping = self._stopping
+            if batch:
+                self._write(batch)
+            if stopping:
+                return
+
+    def _write(self, acks: dict[str, int]) -> None:
+        self.batches += 1
+        try:
+            errors = self.store.record_acks(acks)
+        except NvaError as err:
+            LOG.warning("NVA stream: %d acks not recorded: %s", len(acks), err)
+            return
+        except Exception:  # the writer must not die: every later ack depends on it
+            LOG.exception("NVA stream: writing %d acks failed", len(acks))
+            return
+        for nve_id, message in errors.items():
+            LOG.info("NVA stream: ack of %s refused: %s", nve_id, message)
+
+
 class StreamHub:
     """Every NVE stream of one directory server, served by one thread."""
 
@@ -101,7 +168,12 @@ class StreamHub:
         self._by_nve: dict[str, set[Subscriber]] = {}
         self._closed = False
         self._woken = False
+        self._gap: str | None = None
+        self.acks = AckWriter(store)
         store.add_listener(self.publish)
+        self._gap_feed = getattr(store, "add_gap_listener", None) is not None
+        if self._gap_feed:
+            store.add_gap_listener(self.restart)
         self._thread = threading.Thread(target=self._loop, name="nva-stream-hub", daemon=True)
         self._thread.start()
 
@@ -119,6 +191,15 @@ class StreamHub:
             if self._closed:
                 return
             self._batches.append((revision, list(changes)))
+        self._wake()
+
+    def restart(self, why: str) -> None:
+        """Commits may have been missed (a gap listener): end every stream so that each
+        NVE reconnects from its own revision and catches up from the change log."""
+        with self._lock:
+            if self._closed:
+                return
+            self._gap = why
         self._wake()
 
     def attach(self, sock: socket.socket, nve_id: str, since: int) -> Subscriber:
@@ -139,8 +220,11 @@ class StreamHub:
                 return
             self._closed = True
         self.store.remove_listener(self.publish)
+        if self._gap_feed:
+            self.store.remove_gap_listener(self.restart)
         self._wake()
         self._thread.join(timeout=5)
+        self.acks.close()
         for sub in list(self._subs) + self._joining:
             self._drop(sub, "the directory is stopping")
         with contextlib.suppress(Exception):
@@ -177,7 +261,8 @@ class StreamHub:
                     if mask & selectors.EVENT_WRITE and sub in self._subs:
                         self._flush(sub)
                 if acks:
-                    self._ack(acks)
+                    self.acks.add(acks)
+                self._restart_if_gap()
                 self._admit()
                 self._deliver()
             except Exception:  # the hub must not die silently: every stream depends on it
@@ -227,14 +312,26 @@ class StreamHub:
             if revision > acks.get(sub.nve_id, -1):
                 acks[sub.nve_id] = revision
 
-    def _ack(self, acks: dict[str, int]) -> None:
-        try:
-            errors = self.store.record_acks(acks)
-        except NvaError as err:
-            LOG.warning("NVA stream: %d acks not recorded: %s", len(acks), err)
-            return
-        for nve_id, message in errors.items():
-            LOG.info("NVA stream: ack of %s refused: %s", nve_id, message)
+    def _restart_if_gap(self) -> None:
+        with self._lock:
+            why, self._gap = self._gap, None
+            if why is None:
+                return
+            batches, self._batches = list(self._batches), collections.deque()
+        LOG.warning("NVA stream: ending %d streams: %s", len(self._subs), why)
+        del batches  # the reconnecting NVEs read them from the change log
+        line = json.dumps(
+            {
+                "error": {
+                    "code": Unavailable.code,
+                    "message": f"the directory restarts its streams: {why}",
+                    "hint": "reconnect from the revision reached",
+                }
+            }
+        ).encode("utf-8")
+        for sub in list(self._subs):
+            self._send(sub, line + b"\n")
+            self._drop(sub, why)
 
     def _admit(self) -> None:
         """New streams: their catch-up page, read under the store's lock."""
