@@ -32,7 +32,7 @@ def test_fanout_benchmark_runs_with_both_directories() -> None:
     out = result.stdout
     assert "embedded applied ms" in out and "etcd applied ms" in out
     assert "MISSED" not in out
-    assert "the first 1 peers (at most) are LinuxNve" in out
+    assert "the first 1 peers (at most) are hosts from the composition root" in out
 
 
 def test_evacuation_benchmark_runs_and_checks_itself() -> None:
