@@ -9,8 +9,11 @@ the orchestrator's full pipeline) is built with its own topology:
 
 Every VM receives two probe streams (peer -> its IPv4 address, gw -> its
 IPv6 address) while all N migrations run concurrently, each with its own
-pause. Per directory (embedded, or etcd with the HA pipeline: etcd journal
-and per-migration leases) it prints per-VM loss and a summary, and checks
+pause. Per directory (embedded; etcd with the HA pipeline: etcd journal
+and per-migration leases, the NVE agents watching etcd directly; or
+etcd-served: the same etcd and HA pipeline with ``vmm nva serve`` in front
+of etcd, the agents and stages reaching the directory through it, one
+stream per NVE fed by one etcd watch) it prints per-VM loss and a summary, and checks
 that nothing was missed: every phase event handled successfully, every
 journal entry done, the directory and every NVE agent holding each VM at its
 destination with the directory's sequence number, no agent watch error.
@@ -23,7 +26,7 @@ the source handled SWITCHOVER. ``--switchover-gate S`` holds each resume until
 the source did (at most S s), as QEMU's pause-before-switchover capability
 allows, trading a longer pause for no loss after resume.
 
-Run as root:  .venv/bin/python benchmarks/evacuation.py --vms 20 --directory both
+Run as root:  .venv/bin/python benchmarks/evacuation.py --vms 20 --directory all
               [--switchover-gate 2]
 """
 
@@ -54,6 +57,7 @@ from vmm_etcd import options as etcd_options
 from vmm_etcd.client import EtcdNvaClient
 from vmm_etcd.cluster import LocalEtcdCluster
 from vmm_etcd.kv import EtcdKV
+from vmm_etcd.store import EtcdNvaStore
 from vmm_kernel.netns import socket_in
 from vmm_lab.linux import probe
 from vmm_lab.linux.demo import configure_hosts
@@ -78,6 +82,8 @@ SOURCE = "h1"
 DESTINATIONS = ("h2", "h3")
 PEERS_HOST = "h4"
 PROBE_PORT = 5201
+#: embedded; etcd (agents watch etcd directly); etcd-served (`vmm nva serve` in front of etcd).
+DIRECTORIES = ["embedded", "etcd", "etcd-served"]
 
 
 @dataclasses.dataclass
@@ -120,6 +126,7 @@ def evacuation_site(
     journals: dict[str, Any] = {}
     closers: list[Any] = []
     server: NvaServer | None = None
+    store: Any = None
     try:
         if directory == "embedded":
             token = secrets.token_urlsafe(16)
@@ -137,6 +144,13 @@ def evacuation_site(
             def client() -> Any:
                 return EtcdNvaClient(EtcdKV(endpoints), key_prefix)
 
+            if directory == "etcd-served":  # `vmm nva serve` in front of etcd
+                token = secrets.token_urlsafe(16)
+                store = EtcdNvaStore(EtcdKV(endpoints), key_prefix)
+                server = NvaServer(store, token, "127.0.0.1", 0)
+                server.start()
+                url = server.url
+
         admin = client()
         closers.append(admin)
         lab.build_underlay()
@@ -147,11 +161,14 @@ def evacuation_site(
         if directory == "embedded":
             configure_hosts(conf, lab, url, token, workdir, names, vni=VNI)
         else:
-            conf.set_override("backend", "etcd", group=nva_options.GROUP)
             conf.set_override("endpoints", endpoints, group=etcd_options.GROUP)
             conf.set_override("prefix", key_prefix, group=etcd_options.GROUP)
             conf.set_override("lease_ttl", 5, group=etcd_options.GROUP)
-            configure_hosts(conf, lab, None, None, workdir, names, vni=VNI)
+            if directory == "etcd-served":  # the directory through the server
+                configure_hosts(conf, lab, url, token, workdir, names, vni=VNI)
+            else:  # every agent and stage on etcd directly
+                conf.set_override("backend", "etcd", group=nva_options.GROUP)
+                configure_hosts(conf, lab, None, None, workdir, names, vni=VNI)
             conf.set_override("journal_backend", "etcd", group=root.GROUP)
             conf.set_override("migration_lock", "etcd", group=root.GROUP)
         assembly = root.assemble(conf)
@@ -182,6 +199,9 @@ def evacuation_site(
         if server is not None:
             with contextlib.suppress(Exception):
                 server.stop()
+        if store is not None:
+            with contextlib.suppress(Exception):
+                store.close()
         lab.teardown()
         shutil.rmtree(workdir, ignore_errors=True)
 
@@ -581,7 +601,12 @@ def _load() -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--vms", type=int, default=20)
-    parser.add_argument("--directory", choices=["embedded", "etcd", "both"], default="both")
+    parser.add_argument(
+        "--directory",
+        choices=[*DIRECTORIES, "both", "all"],
+        default="all",
+        help="both: embedded and etcd (agents on etcd directly); all: the three",
+    )
     parser.add_argument("--etcd-members", type=int, default=1)
     parser.add_argument("--downtime-ms", type=float, default=100.0)
     parser.add_argument("--rate", type=int, default=200, help="pps of each probe stream")
@@ -610,10 +635,12 @@ def main(argv: list[str] | None = None) -> int:
         print("the evacuation benchmark builds network namespaces: run it as root")
         return 2
     logging.basicConfig(level=logging.ERROR)
-    directories = ["embedded", "etcd"] if args.directory == "both" else [args.directory]
+    directories = {"both": ["embedded", "etcd"], "all": DIRECTORIES}.get(
+        args.directory, [args.directory]
+    )
     started_load = _load()
     results = []
-    etcd = LocalEtcdCluster(args.etcd_members) if "etcd" in directories else None
+    etcd = LocalEtcdCluster(args.etcd_members) if directories != ["embedded"] else None
     with etcd if etcd is not None else contextlib.nullcontext():
         for directory in directories:
             print(f"-- {directory}: building the lab with {args.vms} VMs ...", flush=True)

@@ -1,9 +1,18 @@
 """Fan-out: how long until every peer NVE has applied a move, embedded vs etcd directory.
 
-For each directory (embedded: ``NvaServer`` over SQLite in a process of its
-own, agents following it on one stream each, ``/v1/stream``; etcd: a real
-etcd, agents watching their VN's key prefix in it directly) and each number
-N of peer NVEs, N real ``NveAgent``s follow one VN. A VM's endpoint is
+For each directory and each number N of peer NVEs:
+
+* embedded: ``NvaServer`` over SQLite in a process of its own, agents
+  following it on one stream each (``/v1/stream``);
+* etcd (the baseline): a real etcd, agents watching their VN's key prefix
+  in it directly (one etcd watch per agent);
+* etcd-served: the same etcd with ``vmm nva serve`` in front of it (a
+  process of its own holding one etcd watch on the change log,
+  :mod:`vmm_etcd.feed`), agents following that server on one stream each as
+  for the embedded directory; the orchestrator still writes the move to
+  etcd directly.
+
+For each, N real ``NveAgent``s follow one VN. A VM's endpoint is
 pre-staged and committed back and forth between two other NVEs (``--runs``
 times), and the benchmark measures, from just before the commit:
 
@@ -11,8 +20,9 @@ times), and the benchmark measures, from just before the commit:
   NVE's set_remote returned);
 * acked: until the directory holds the last peer's acknowledgement (the
   figure the orchestrator's peer_update stage waits for);
-* directory us/peer: the CPU time of the directory's process (the embedded
-  server, or etcd) over the same span, divided by N;
+* directory us/peer: the CPU time of the directory's processes (the
+  embedded server; etcd; or the server in front of etcd plus etcd, with
+  etcd's part in its own column) over the same span, divided by N;
 * agents us/peer: the CPU time of the agent processes over that span
   (receiving, applying and acking the change), divided by N. Both share this
   machine's cores, so the applied time includes waiting for each other.
@@ -68,6 +78,7 @@ from typing import Any, Protocol
 from vmm_etcd.client import EtcdNvaClient
 from vmm_etcd.cluster import LocalEtcdCluster
 from vmm_etcd.kv import EtcdKV
+from vmm_etcd.store import EtcdNvaStore
 from vmm_lab.libvirt.agents import write_config
 from vmm_lab.linux.probe import format_table
 from vmm_lab.linux.topology import Lab
@@ -86,6 +97,9 @@ MOVERS = {"src": "198.51.100.1", "dst": "198.51.100.2"}
 MAX_REAL = 250
 WATCH_TIMEOUT = 25.0  # below the embedded server's 30 s cap: idle agents re-poll rarely
 WAIT_S = 120.0
+#: Directories whose agents follow a `vmm nva serve` on one stream each.
+SERVED = ("embedded", "etcd-served")
+DIRECTORIES = ["embedded", "etcd", "etcd-served"]
 
 
 # ---------------------------------------------------------------- NVE side
@@ -185,7 +199,9 @@ def _say(message: dict[str, Any]) -> None:
 def real_peers_config(spec: dict[str, Any], peers: list[Any], workdir: str) -> str:
     """The config file of a worker's real peers, as an operator writes one for ``vmm
     agent`` (one agent serving several hosts); returns its path."""
-    if spec["directory"] == "embedded":
+    if spec["directory"] in SERVED:
+        # etcd-served: the agents' client talks HTTP to `vmm nva serve` (backend etcd
+        # on the server's host), exactly as the embedded directory's agents do.
         directory: dict[str, dict[str, Any]] = {
             "nva": {"backend": "embedded", "url": spec["url"], "token": spec["token"]}
         }
@@ -232,7 +248,7 @@ def worker_main() -> int:
     )  # stopping agents log lost watches
     threading.stack_size(512 * 1024)
     spec = json.loads(sys.stdin.readline())
-    if spec["directory"] == "embedded":
+    if spec["directory"] in SERVED:
         client: Any = NvaClient(spec["url"], spec["token"], timeout=10.0)
     else:
         client = EtcdNvaClient(EtcdKV(spec["endpoints"], timeout=10.0), spec["prefix"])
@@ -406,9 +422,9 @@ class EmbeddedDirectory:
 
     name = "embedded"
 
-    def __init__(self) -> None:
+    def __init__(self, serve_args: list[str] | None = None) -> None:
         self.proc = subprocess.Popen(
-            [sys.executable, os.path.abspath(__file__), "--serve"],
+            [sys.executable, os.path.abspath(__file__), "--serve", *(serve_args or [])],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             text=True,
@@ -443,12 +459,20 @@ class EmbeddedDirectory:
             self.proc.wait()
 
 
-def serve_main() -> int:
-    """The embedded directory's process: serve until stdin closes; answer "cpu" lines."""
+def serve_main(endpoints: str | None = None, prefix: str | None = None) -> int:
+    """A directory server's process: serve until stdin closes; answer "cpu" lines.
+
+    Over SQLite in memory, or (``endpoints``) over etcd under ``prefix``: then
+    the server follows etcd with one watch and streams to the agents.
+    """
     logging.basicConfig(level=logging.ERROR)
     threading.stack_size(512 * 1024)  # a thread per connection
     token = secrets.token_urlsafe(16)
-    server = NvaServer(NvaStore(":memory:"), token, "127.0.0.1", 0)
+    store: Any = NvaStore(":memory:")
+    if endpoints:
+        store.close()
+        store = EtcdNvaStore(EtcdKV(endpoints.split(","), timeout=10.0), prefix or "/vmm/")
+    server = NvaServer(store, token, "127.0.0.1", 0)
     server.start()
     _say({"url": server.url, "token": token})
     for line in sys.stdin:
@@ -482,6 +506,36 @@ class EtcdDirectory:
 
     def close(self) -> None:
         self._admin.close()
+
+
+class EtcdServedDirectory(EmbeddedDirectory):
+    """``vmm nva serve`` over the real etcd (a process of its own), each run under its own
+    key prefix; the orchestrator (``admin``) writes to etcd directly."""
+
+    name = "etcd-served"
+
+    def __init__(self, cluster: LocalEtcdCluster) -> None:
+        self.etcd = EtcdDirectory(cluster)
+        endpoints = ",".join(cluster.endpoints)
+        super().__init__(["--serve-etcd", endpoints, "--prefix", self.etcd.prefix])
+        self._admin.close()
+
+    def admin(self) -> Any:
+        return self.etcd.admin()
+
+    def spec(self) -> dict[str, Any]:
+        return {"directory": self.name, "url": self.url, "token": self.token}
+
+    def cpu(self) -> float:
+        """CPU seconds of the server in front of etcd and of etcd."""
+        return super().cpu() + self.etcd.cpu()
+
+    def etcd_cpu(self) -> float:
+        return self.etcd.cpu()
+
+    def close(self) -> None:
+        super().close()
+        self.etcd.close()
 
 
 def _task_cpu(pid: int) -> float:
@@ -534,7 +588,9 @@ def run_size(
     applied_ms: list[float] = []
     acked_ms: list[float] = []
     dir_us: list[float] = []
+    etcd_us: list[float] = []
     agents_us: list[float] = []
+    etcd_cpu = getattr(directory, "etcd_cpu", None)
     missed = 0
     try:
         for worker in pool:
@@ -556,6 +612,7 @@ def run_size(
                 worker.send({"op": "arm", "vtep": MOVERS[target]})
                 agents_before += worker.receive()["cpu"]
             dir_before = directory.cpu()
+            etcd_before = etcd_cpu() if etcd_cpu is not None else 0.0
             t0, t0_wall = time.monotonic(), time.time()
             result = admin.commit(VNI, MAC, mid)
             for worker in pool:
@@ -567,6 +624,8 @@ def run_size(
             acked_ms.append(_acked_ms(admin, result, [p[0] for p in peers], t0_wall))
             # Commit -> every ack held: the directory's CPU, and the agents' (apply + ack).
             dir_us.append((directory.cpu() - dir_before) * 1e6 / n)
+            if etcd_cpu is not None:
+                etcd_us.append((etcd_cpu() - etcd_before) * 1e6 / n)
             agents_after = 0.0
             for worker in pool:
                 worker.send({"op": "cpu"})
@@ -588,6 +647,7 @@ def run_size(
         "applied": applied_ms,
         "acked": acked_ms,
         "dir_us": dir_us,
+        "etcd_us": etcd_us,
         "agents_us": agents_us,
         "missed": missed,
     }
@@ -634,7 +694,7 @@ def _growth(results: list[dict[str, Any]], key: str) -> dict[tuple[str, int], st
 
 def render(results: list[dict[str, Any]], runs: int) -> str:
     """The table: one row per N, embedded and etcd side by side."""
-    directories = sorted({r["directory"] for r in results}, key=["embedded", "etcd"].index)
+    directories = sorted({r["directory"] for r in results}, key=DIRECTORIES.index)
     cell = {(r["directory"], r["n"]): r for r in results}
     growth = _growth(results, "applied")
     rows = []
@@ -651,6 +711,7 @@ def render(results: list[dict[str, Any]], runs: int) -> str:
             row[f"{d}_applied"] = _fmt(r["applied"]) if r else "-"
             row[f"{d}_acked"] = _fmt(r["acked"]) if r else "-"
             row[f"{d}_dir"] = _fmt(r["dir_us"]) if r else "-"
+            row[f"{d}_etcd"] = _fmt(r["etcd_us"]) if r else "-"
             row[f"{d}_agents"] = _fmt(r["agents_us"]) if r else "-"
             row[f"{d}_k"] = growth.get((d, n), "")
             if r and r["missed"]:
@@ -668,6 +729,10 @@ def render(results: list[dict[str, Any]], runs: int) -> str:
             (f"{d}_k", "k"),
             (f"{d}_acked", f"{d} acked ms"),
             (f"{d}_dir", "directory us/peer"),
+        ]
+        if d == "etcd-served":
+            columns.append((f"{d}_etcd", "of which etcd"))
+        columns += [
             (f"{d}_agents", "agents us/peer"),
         ]
     setups = ", ".join(f"{r['directory']} N={r['n']}: {r['setup_s']:.1f}" for r in results)
@@ -677,8 +742,9 @@ def render(results: list[dict[str, Any]], runs: int) -> str:
             "before the commit.",
             "applied = last peer NVE programmed the new location; acked = the directory holds "
             "the last peer's ack; k = growth exponent (time ~ N^k) from the previous N.",
-            "directory us/peer = CPU of the directory's process (embedded: `vmm nva serve`; "
-            "etcd: the etcd server) from the commit until it held every ack, / N; agents "
+            "directory us/peer = CPU of the directory's processes (embedded: `vmm nva serve`; "
+            "etcd: the etcd server; etcd-served: `vmm nva serve` in front of etcd + etcd) "
+            "from the commit until it held every ack, / N; agents "
             "us/peer = CPU of the agent processes over the same span (apply + ack), / N. "
             "Both share this machine's CPUs, so the applied time includes waiting for them.",
             format_table(rows, columns),
@@ -694,14 +760,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--real", type=int, default=200, help="real namespace NVEs (max 250)")
     parser.add_argument("--runs", type=int, default=5, help="moves per (directory, N)")
     parser.add_argument("--workers", type=int, default=16, help="agent processes")
-    parser.add_argument("--directories", default="embedded,etcd")
+    parser.add_argument(
+        "--directories",
+        default=",".join(DIRECTORIES),
+        help="embedded, etcd (agents watch etcd directly: the baseline), etcd-served "
+        "(agents stream from `vmm nva serve` in front of etcd)",
+    )
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--serve-etcd", help=argparse.SUPPRESS)
+    parser.add_argument("--prefix", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
         return worker_main()
     if args.serve:
-        return serve_main()
+        return serve_main(args.serve_etcd, args.prefix)
     logging.basicConfig(level=logging.ERROR)
     sizes = [int(x) for x in args.peers.split(",") if x]
     wanted = [d for d in args.directories.split(",") if d]
@@ -716,7 +789,10 @@ def main(argv: list[str] | None = None) -> int:
     real = RealHosts(real_count)
     results = []
     try:
-        etcd = LocalEtcdCluster(1) if "etcd" in wanted else None
+        unknown = sorted(set(wanted) - set(DIRECTORIES))
+        if unknown:
+            parser.error(f"unknown directories {unknown}; choose from {DIRECTORIES}")
+        etcd = LocalEtcdCluster(1) if {"etcd", "etcd-served"} & set(wanted) else None
         with etcd if etcd is not None else contextlib.nullcontext():
             for n in sizes:
                 for name in wanted:
@@ -724,6 +800,9 @@ def main(argv: list[str] | None = None) -> int:
                     directory: Directory
                     if name == "embedded":
                         directory = EmbeddedDirectory()
+                    elif name == "etcd-served":
+                        assert etcd is not None
+                        directory = EtcdServedDirectory(etcd)
                     else:
                         assert etcd is not None
                         directory = EtcdDirectory(etcd)
