@@ -319,6 +319,11 @@ class StateHost:
         self._frozen: set[str] = set()
         #: the seq of the last bundle this host exported (BundleHeader.seq)
         self._seq = 0
+        #: migration -> exported_at of each export here -> time.monotonic() just
+        #: before its kinds began (what ``settle`` tells a tracking kind)
+        self._marks: dict[str, dict[float, float]] = {}
+        #: (migration, kind) -> exported_at of the newest export settled for it
+        self._settled: dict[tuple[str, str], float] = {}
         #: bundles being received at once (uploads and pulls): each is held in memory
         #: until its signature verifies ([state] max_concurrent_imports)
         self.import_slots = threading.BoundedSemaphore(settings.max_concurrent_imports)
@@ -407,6 +412,8 @@ class StateHost:
             self._tracked.discard(migration_id)
             self._available = {m for m in self._available if m[0] != migration_id}
             self._frozen.discard(migration_id)
+            self._marks.pop(migration_id, None)
+            self._settled = {k: v for k, v in self._settled.items() if k[0] != migration_id}
         thaw_heap(migration_id)
         self._untrack(migration_id)
         self.importer.close(migration_id)
@@ -586,6 +593,7 @@ class StateHost:
         full = [n for n in names if per_kind.get(n) is None]
         if full:  # subscribe before the dump, so that no change slips between
             self.track(ctx, full)
+        mark = time.monotonic()  # before any kind's export (they run lazily, later)
         header = BundleHeader(
             migration=migration.id,
             workload=migration.workload.name,
@@ -595,11 +603,62 @@ class StateHost:
             exported_at=time.time(),
             seq=self._next_seq(),
         )
+        with self._lock:
+            self._marks.setdefault(migration.id, {})[header.exported_at] = mark
         box = stats if stats is not None else {}
         sections = (self._section(ctx, name, per_kind.get(name), box) for name in names)
         s = self.settings
         pieces = write_bundle(header, s.key_id, s.key, sections, s.chunk_entries)
         return self._without_gc(pieces, migration.id if full else None)
+
+    def settle(self, migration: Migration, synced: Mapping[str, float]) -> dict[str, int]:
+        """Source: the destination says it holds, per kind, the export of
+        ``migration`` made here at ``synced[kind]`` (its ``synced`` answer, read
+        just before the next export). Each tracking kind forgets the changes
+        that export already carried (``settle(migration_id, upto)``), so the
+        next delta holds only what changed since the last transfer that
+        succeeded. Settling from what the destination holds *now* (not from a
+        push's answer) stays right if it reverts a later import. Returns
+        per kind the changes dropped.
+        """
+        with self._lock:
+            marks = dict(self._marks.get(migration.id, {}))
+        out: dict[str, int] = {}
+        for name, kind in self.kinds.items():
+            settle = getattr(kind, "settle", None)
+            if settle is None:
+                continue
+            at = synced.get(name)
+            with self._lock:
+                before = self._settled.get((migration.id, name))
+            try:
+                if before is not None and (at is None or at < before):
+                    # it reverted a transfer settled here: its changes must go again
+                    LOG.warning(
+                        "host %s: %s no longer holds the %s export of %s settled at %s; "
+                        "its next delta is a resync",
+                        self.name, migration.destination, name, migration.id, before,
+                    )  # fmt: skip
+                    settle(migration.id, None)
+                    with self._lock:
+                        self._settled.pop((migration.id, name), None)
+                upto = None if at is None else marks.get(at)
+                if upto is not None:
+                    out[name] = int(settle(migration.id, upto) or 0)
+                    with self._lock:
+                        self._settled[(migration.id, name)] = at  # type: ignore[assignment]
+            except Exception as err:  # the next delta is then merely larger
+                LOG.warning(
+                    "host %s: %s could not settle %s: %r", self.name, name, migration.id, err
+                )
+        if synced:
+            oldest = min(synced.values())
+            with self._lock:
+                kept = self._marks.get(migration.id)
+                if kept is not None:
+                    for at in [a for a in kept if a < oldest]:
+                        del kept[at]
+        return out
 
     def _next_seq(self) -> int:
         """Above every seq this host wrote, also before a restart (the clock counts up)."""
@@ -816,6 +875,7 @@ class StateHost:
         stats: dict[str, ExportStat] = {}
         try:
             synced = client.synced(migration, until)
+            self.settle(migration, synced)
             margin = self.settings.delta_margin
             since = {k: (synced[k] - margin if k in synced else None) for k in kinds}
             pieces = self.export(migration, label, kinds, since, stats)

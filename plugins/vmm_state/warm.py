@@ -282,6 +282,7 @@ def push_since(
     with no_gc():
         try:
             client = host.peer(migration.destination)
+            host.settle(migration, synced)  # what the destination holds needs no resend
             margin = host.settings.delta_margin
             since = {k: (synced[k] - margin if k in synced else None) for k in kinds}
             pieces = host.export(migration, label, kinds, since, stats)

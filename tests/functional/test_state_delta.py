@@ -209,6 +209,33 @@ def test_only_the_changes_cross_in_the_pause_and_the_destination_ends_equal(pair
     assert left[(*s["kept"].orig.key(), 0)].tcp_state == 2
 
 
+def test_a_delta_carries_only_what_changed_since_the_last_transfer_the_destination_holds(pair):
+    """Settle: once the destination holds a transfer, the source's tracker forgets
+    the changes it carried; a transfer the destination reverted is not settled."""
+    seed(pair)
+    pair.precopy()
+    first = [tcp(PEER4, VM_V4, 43000 + i, 443) for i in range(4)]
+    apply(pair.src_ns, [("create", c) for c in first])
+    one = pair.delta().notes["kinds"]["conntrack"]
+    assert one["result"] == "SUCCESS" and one["entries"] == 4, one
+    second = [tcp(PEER4, VM_V4, 44000 + i, 443) for i in range(2)]
+    apply(pair.src_ns, [("create", c) for c in second] + [("delete", first[0])])
+    two = pair.delta().notes["kinds"]["conntrack"]
+    # the first delta is at the destination: only the second's three changes cross
+    assert two["entries"] == 3 and two["delta"]["mode"] == "delta", two
+    same_sessions(pair.src_ns, pair.dst_ns)
+    nothing = pair.delta().notes["kinds"]["conntrack"]
+    assert nothing["entries"] == 0, nothing  # nothing changed since
+    # the destination undoes its deltas: what they carried (settled away) goes again,
+    # as a resync (never a silent gap)
+    pair.dst.revert_imports(pair.migration, "delta")
+    assert len(table(pair.dst_ns)) == 5  # back to the pre-copy
+    again = pair.delta().notes["kinds"]["conntrack"]
+    assert again["delta"]["mode"] == "resync", again
+    same_sessions(pair.src_ns, pair.dst_ns)
+    assert pair.delta().notes["kinds"]["conntrack"]["entries"] == 0  # settled again
+
+
 def test_a_lost_event_turns_the_delta_into_a_counted_resync(pair):
     s = seed(pair)
     pair.precopy()
@@ -297,13 +324,30 @@ def test_nft_set_elements_move_by_fingerprint(pair):
     assert mine(pair.dst_ns) == {}
 
 
-def test_sessions_older_than_the_event_switch_are_reread_not_trusted(pair):
+@pytest.mark.parametrize("listener_elsewhere", [False, True])
+def test_sessions_older_than_the_event_switch_are_reread_not_trusted(pair, listener_elsewhere):
     """With nf_conntrack_events = 2 a session created while nobody listened never
-    reports a change or its end. Such sessions are re-read at the switchover."""
+    reports a change or its end. Such sessions are re-read at the switchover.
+
+    "Nobody" is the whole machine on this kernel (6.18), not the namespace: a
+    ctnetlink event listener in any other namespace (another test's tracker, a
+    lab host's) gives the new sessions the event extension, and then the old
+    ones do report their changes (measured; it made this test fail with
+    ``events == 2`` when it ran beside other state tests). The code re-reads
+    them either way; the test makes the listener case deterministic with a
+    listener in the destination's namespace and, without one of its own,
+    accepts both (another process may listen). What must hold: each of the
+    VM's old sessions is re-read or reported, and the destination ends equal.
+    """
     from vmm_state.kinds.conntrack import _events_sysctl
 
     _events_sysctl(pair.src_ns, 2)
-    s = seed(pair)  # created without the kernel's event extension
+    elsewhere = ctnl.EventSocket(pair.dst_ns) if listener_elsewhere else None
+    try:
+        s = seed(pair)  # created without the kernel's event extension, unless someone listens
+    finally:
+        if elsewhere is not None:
+            elsewhere.close()
     pre = pair.precopy()  # tracking switches events on and remembers these
     assert pre.notes["kinds"]["conntrack"]["result"] == "SUCCESS"
     assert _events_sysctl(pair.src_ns) == 1
@@ -312,8 +356,10 @@ def test_sessions_older_than_the_event_switch_are_reread_not_trusted(pair):
     apply(pair.src_ns, [("update", changed), ("delete", s["destroyed"])])
     delta = pair.delta()
     figures = delta.notes["kinds"]["conntrack"]["delta"]
-    assert figures["mode"] == "delta" and figures["events"] == 0, figures
-    assert figures["reread"] == 5, figures  # the VM's five old sessions
+    assert figures["mode"] == "delta", figures
+    # the VM's five old sessions: re-read, or (with the extension) reported by an event
+    seen = (figures["events"], figures["reread"])
+    assert seen == (2, 3) if listener_elsewhere else seen in {(0, 5), (2, 3)}, figures
     same_sessions(pair.src_ns, pair.dst_ns)
 
 

@@ -294,6 +294,8 @@ def test_sessions_survive_and_the_precopy_moves_only_the_remainder(run: Run) -> 
         assert f["precopy_entries"] < SESSIONS // 10, f
         assert f["precopy_entries"] >= CREATED, f
         assert stage_notes(run.reports, "state_delta")["warm"]["mirror"] == f["warm_note"]["mirror"]
+        # the source settled what PREPARE moved: nothing changed since, nothing is sent again
+        assert f["delta_entries"] == 0, f
         assert run.relay_outcome == "the VM moved"
         print(run.status)
         line = run.status.splitlines()[1]
@@ -304,6 +306,7 @@ def test_sessions_survive_and_the_precopy_moves_only_the_remainder(run: Run) -> 
         assert run.mirrored == 0
         assert f["warm_note"] is None
         assert f["precopy_entries"] >= SESSIONS + CREATED - DESTROYED, f
+        assert f["delta_entries"] == 0, f  # the pre-copy's changes are not sent again
 
 
 @pytest.mark.parametrize("abort_after", [Phase.PREPARE, Phase.SWITCHOVER])

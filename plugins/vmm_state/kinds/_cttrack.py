@@ -23,6 +23,13 @@ or None when an event was lost (ENOBUFS: the kernel dropped events because
 the reader fell behind): the caller then sends a full resync, counted and
 reported. A gap is never silent.
 
+``settle(upto)``: the destination confirmed it holds an export that began at
+``upto`` (time.monotonic() here); every change read before then is in it
+(a full dump reads the kernel after the change, a delta sends every change
+recorded), so those changes are dropped and the next delta carries only
+what changed since that transfer. A gap (lost events) read before ``upto``
+is closed too: that export was a resync.
+
 Timeouts only change with packets and raise no event, so for the pre-copy's
 entries whose timeout was short (under ``refresh_below`` seconds) the
 tracker remembers their names and re-reads them at the switchover as well.
@@ -30,6 +37,7 @@ tracker remembers their names and re-reads them at the switchover as well.
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import logging
 import select
@@ -88,6 +96,14 @@ class Tracker:
         self.legacy: frozenset[int] = frozenset()
         self.events = 0
         self.lost = 0
+        #: losses a settled resync covers (``lost`` above it: the next delta is a resync)
+        self._covered = 0
+        #: (monotonic time, ``lost``) of the newest loss read (``settle`` may close it)
+        self._gap: tuple[float, int] | None = None
+        #: the reader died: every later delta is a resync
+        self._dead = False
+        #: monotonic time the destination was found to lack settled changes (``unsettle``)
+        self._forced: float | None = None
         self._lock = threading.Lock()
         self._stopped = threading.Event()
         self._sock = ctnl.EventSocket(netns)
@@ -116,6 +132,7 @@ class Tracker:
                     LOG.error("conntrack event reader in %s failed: %r", self.netns, err)
                     with self._lock:
                         self.lost += 1
+                        self._dead = True
                     return
 
     def pump(self) -> None:
@@ -129,6 +146,7 @@ class Tracker:
                 except OSError as err:
                     if err.errno == errno.ENOBUFS:
                         self.lost += 1
+                        self._gap = (time.monotonic(), self.lost)
                         LOG.warning(
                             "conntrack events lost in %s (socket overrun): the switchover "
                             "will send a full resync",
@@ -168,7 +186,7 @@ class Tracker:
             LOG.error("conntrack events in %s unreadable: %r", self.netns, err)
             return None
         with self._lock:
-            if self.lost:
+            if self._dead or self.lost > self._covered or self._forced is not None:
                 return None
             now = time.monotonic()
             changed: dict[Key, ctnl.Conn] = {}
@@ -182,9 +200,8 @@ class Tracker:
                 incomplete = conn.orig.proto == ctnl.IPPROTO_TCP and conn.tcp_state is None
                 if incomplete or left < self.refresh_below:
                     reread[key] = conn
-                else:
-                    conn.timeout = max(0, int(left))
-                    changed[key] = conn
+                else:  # a copy: the recorded state stays as the event left it
+                    changed[key] = dataclasses.replace(conn, timeout=max(0, int(left)))
             for key, conn in self.short.items():
                 if key not in self.changes:
                     reread[key] = conn
@@ -198,6 +215,39 @@ class Tracker:
                 else:
                     changed[key] = now_conn
         return list(changed.values()), destroyed, figures
+
+    def settle(self, upto: float) -> int:
+        """The destination holds an export that began at ``upto`` (time.monotonic()):
+        forget the changes read before then; returns how many were dropped.
+
+        A settled entry that still lives with a short remaining timeout joins
+        the entries re-read at every switchover (packets refresh timeouts
+        without events); a destroyed one leaves them.
+        """
+        try:
+            self.pump()  # what is queued was read before now, maybe before upto
+        except OSError as err:
+            LOG.warning("conntrack events in %s unreadable while settling: %r", self.netns, err)
+        with self._lock:
+            if self._gap is not None and self._gap[0] < upto:
+                self._covered = max(self._covered, self._gap[1])  # that export was a resync
+                self._gap = None
+            if self._forced is not None and self._forced < upto:
+                self._forced = None  # as was that one
+            dropped = [key for key, change in self.changes.items() if change[2] < upto]
+            for key in dropped:
+                gone, conn, at = self.changes.pop(key)
+                if gone:
+                    self.short.pop(key, None)
+                elif conn.timeout - (upto - at) < self.refresh_below:
+                    self.short[key] = conn
+            return len(dropped)
+
+    def unsettle(self) -> None:
+        """The destination no longer holds changes this tracker forgot (it reverted
+        a transfer that was settled): the next delta is a resync."""
+        with self._lock:
+            self._forced = time.monotonic()
 
     def stop(self) -> None:
         """Unsubscribe. Idempotent."""

@@ -487,6 +487,21 @@ class ConntrackKind(BaseKind):
         with self._lock:
             return dict(self._figures.get(migration_id, {}))
 
+    def settle(self, migration_id: str, upto: float | None) -> int:
+        """The destination holds an export of the migration that began at ``upto``
+        (time.monotonic() here): the tracker forgets the changes it already has,
+        so the next delta carries only what changed since (``Tracker.settle``).
+        ``upto`` None: the destination lost changes settled before (it reverted
+        a transfer): the next delta is a resync."""
+        with self._lock:
+            tracker = self._trackers.get(migration_id)
+        if tracker is None:
+            return 0
+        if upto is None:
+            tracker.unsettle()
+            return 0
+        return tracker.settle(upto)
+
     # -- export ------------------------------------------------------------
 
     def _dump_owned(self, netns: str | None, addresses: set[str]) -> list[ctnl.Conn]:
