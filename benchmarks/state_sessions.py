@@ -111,6 +111,7 @@ def run_mode(conf: cfg.ConfigOpts, with_state: bool, sessions: int, rate: float)
                 f"{t['transfer'].split(' ')[0]} {t['kind']} {t['entries']}"
                 for t in transfer_rows(reports)
             ]
+            row["delta"] = delta_breakdown(reports)
         finally:
             for proc in (client, server):
                 if proc is not None and proc.poll() is None:
@@ -119,16 +120,56 @@ def run_mode(conf: cfg.ConfigOpts, with_state: bool, sessions: int, rate: float)
     return row
 
 
+def delta_breakdown(reports: list[Any]) -> dict[str, Any] | None:
+    """The SWITCHOVER state stage (inside the pause): its wall time, the transfer's,
+    and per kind the ms spent exporting at the source and importing at the destination."""
+    for report in reports:
+        for timing in report.timeline:
+            if timing.stage != "state_delta":
+                continue
+            notes = timing.notes
+            return {
+                "stage_ms": round(timing.duration_ms, 1),
+                "transfer_ms": notes.get("transfer_ms"),
+                "transfers": notes.get("transfers"),
+                "round_trips": notes.get("round_trips"),
+                "kinds": {
+                    kind: (fig.get("export_ms"), fig.get("import_ms"))
+                    for kind, fig in (notes.get("kinds") or {}).items()
+                },
+            }
+    return None
+
+
+def _median(values: list[float]) -> float | None:
+    values = sorted(v for v in values if v is not None)
+    if not values:
+        return None
+    mid = len(values) // 2
+    return values[mid] if len(values) % 2 else (values[mid - 1] + values[mid]) / 2
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sessions", type=int, default=1000)
     parser.add_argument("--rate", type=float, default=1000.0, help="lines per second in all")
+    parser.add_argument(
+        "--repeat",
+        type=int,
+        default=1,
+        help="runs of each mode (alternating); the medians of the pauses are compared "
+        "(a shared machine's noise is tens of ms)",
+    )
     args = parser.parse_args(argv)
     if os.geteuid() != 0:
         print("state_sessions: run as root (it builds network namespaces)", file=sys.stderr)
         return 2
     conf = make_conf()
-    rows = [run_mode(conf, with_state, args.sessions, args.rate) for with_state in (True, False)]
+    rows = [
+        run_mode(conf, with_state, args.sessions, args.rate)
+        for _ in range(max(1, args.repeat))
+        for with_state in (True, False)
+    ]
     table = [
         {
             "mode": r["mode"],
@@ -151,13 +192,24 @@ def main(argv: list[str] | None = None) -> int:
         ("moved", "state moved (entries)"),
     ]
     print(format_table(table, columns))
-    with_state, without = rows
+    stated = [r for r in rows if r["mode"] == "with state"]
+    bare = [r for r in rows if r["mode"] != "with state"]
     for r in rows:
         for error in r.get("errors") or []:
             print(f"{r['mode']}: {error}", file=sys.stderr)
-    ok = with_state.get("alive") == args.sessions and (without.get("alive") or 0) < args.sessions
-    delta = (with_state.get("pause_ms") or 0) - (without.get("pause_ms") or 0)
-    print(f"\npause with state - pause without: {delta:+.1f} ms")
+    for r in stated:
+        print(f"state inside the pause (state_delta): {r.get('delta')}")
+    ok = all(r.get("alive") == args.sessions for r in stated) and all(
+        (r.get("alive") or 0) < args.sessions for r in bare
+    )
+    pause = _median([r.get("pause_ms") for r in stated]) or 0.0
+    base = _median([r.get("pause_ms") for r in bare]) or 0.0
+    wait = _median([r.get("switchover_wait_ms") for r in stated]) or 0.0
+    base_wait = _median([r.get("switchover_wait_ms") for r in bare]) or 0.0
+    print(f"\nmedian pause: with state {pause:.1f} ms, without {base:.1f} ms "
+          f"({len(stated)} run(s) each)")  # fmt: skip
+    print(f"median SWITCHOVER wait: with state {wait:.1f} ms, without {base_wait:.1f} ms")
+    print(f"pause with state - pause without: {pause - base:+.1f} ms")
     return 0 if ok else 1
 
 
