@@ -16,20 +16,34 @@ the longest black hole after resume, the slowest NVE's convergence (first
 RARP -> the NVE programmed the new host) and libvirt's own downtime. The
 summary gives median [min - max] per mode.
 
+``--hook-trace`` also times every call of libvirt's qemu hook (the relay,
+etc/libvirt/hooks/qemu.d/vmm-orchestrator) on both hosts: a wrapper around
+the relay logs each call's operation and duration, and the report says which
+calls fall inside the migration call (source or destination), how long each
+took and how much of the migration's wall time they hold. The wrapper's own
+``date`` calls cost a few ms per hook call, so take the added wall time from
+a run without it.
+
 Run as root:  .venv/bin/python benchmarks/libvirt_migration.py --runs 5
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import dataclasses
 import json
+import os
+import shutil
 import statistics
 import sys
+import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 from vmm_lab.libvirt import demo
+from vmm_lab.libvirt import site as site_mod
 from vmm_lab.libvirt.site import lab_conf, libvirt_site
 from vmm_lab.linux.probe import format_table
 from vmm_lab.linux.topology import new_prefix
@@ -58,12 +72,163 @@ FIGURES: list[tuple[str, Callable[[demo.MigrationResult], float | None]]] = [
 ]
 
 
-def run_mode(mode: str, runs: int, rate: int) -> list[demo.MigrationResult]:
+#: The tracing wrapper installed in place of the relay (``--hook-trace``). It runs the
+#: real relay with the same arguments, stdin and stdout, and appends one line per call:
+#: hostname, begin and end (ns, CLOCK_REALTIME), exit status, operation, sub-operation.
+TRACE_WRAPPER = """#!/bin/sh
+read -r host < /proc/sys/kernel/hostname
+begin=$(date +%s%N)
+{relay} "$@"
+status=$?
+end=$(date +%s%N)
+echo "$host $begin $end $status $2 $3" >> {trace}
+exit $status
+"""
+
+
+@dataclasses.dataclass
+class HookCall:
+    """One traced call of the relay."""
+
+    host: str  # lab host name (h1, h2)
+    begin_ns: int
+    end_ns: int
+    status: int
+    call: str  # "<operation> <sub-operation>"
+
+    @property
+    def ms(self) -> float:
+        return (self.end_ns - self.begin_ns) / 1e6
+
+
+@dataclasses.dataclass
+class HookTracer:
+    """Where the hook calls of each migration fell and how long they took."""
+
+    trace: str
+    hostnames: dict[str, str] = dataclasses.field(default_factory=dict)
+    #: (mode, source, destination, begin ns, end ns) of each migration call (CLOCK_REALTIME).
+    windows: list[tuple[str, str, str, int, int]] = dataclasses.field(default_factory=list)
+    mode: str = ""
+
+    def calls(self) -> list[HookCall]:
+        calls = []
+        with contextlib.suppress(FileNotFoundError), open(self.trace, encoding="utf-8") as fh:
+            for line in fh:
+                words = line.split()
+                if len(words) != 6:
+                    continue
+                host = self.hostnames.get(words[0], words[0])
+                calls.append(
+                    HookCall(host, int(words[1]), int(words[2]), int(words[3]), " ".join(words[4:]))
+                )
+        return calls
+
+    def report(self) -> list[str]:
+        """Per role and call: how many per migration, how long; the hook time per migration."""
+        calls = self.calls()
+        per_call: dict[tuple[str, str], list[float]] = {}
+        totals: list[float] = []
+        outside: dict[str, int] = {}
+        inside_ids: set[int] = set()
+        migrations = [w for w in self.windows if w[0] == "orchestrated"]
+        for _mode, src, dst, begin, end in migrations:
+            total = 0.0
+            for c in calls:
+                if begin <= c.begin_ns <= end and c.host in (src, dst):
+                    role = "source" if c.host == src else "destination"
+                    per_call.setdefault((role, c.call), []).append(c.ms)
+                    total += (min(c.end_ns, end) - c.begin_ns) / 1e6
+                    inside_ids.add(id(c))
+            totals.append(total)
+        for c in calls:
+            if id(c) not in inside_ids:
+                outside[c.call] = outside.get(c.call, 0) + 1
+        if not migrations:
+            return []
+        n = len(migrations)
+        rows = [
+            {
+                "role": role,
+                "call": call,
+                "per": f"{len(ms) / n:g}",
+                "ms": _cell(ms),
+                "sum": f"{sum(ms) / n:.1f}",
+            }
+            for (role, call), ms in sorted(per_call.items())
+        ]
+        lines = [
+            "",
+            f"== Hook calls inside the migration call ({n} orchestrated migrations; "
+            "libvirtd waits for each) ==",
+            format_table(
+                rows,
+                [
+                    ("role", "host"),
+                    ("call", "hook call"),
+                    ("per", "per migration"),
+                    ("ms", "relay ms: median [min - max]"),
+                    ("sum", "ms per migration"),
+                ],
+            ),
+            f"hook time inside the migration call, per migration: {_cell(totals)} ms",
+        ]
+        if outside:
+            text = ", ".join(f"{call} x{k}" for call, k in sorted(outside.items()))
+            lines.append(f"outside any migration call (boot, set-up, teardown): {text}")
+        return lines
+
+
+@contextlib.contextmanager
+def hook_tracing() -> Iterator[HookTracer]:
+    """Install the tracing wrapper in place of the relay and record each migration's window."""
+    workdir = tempfile.mkdtemp(prefix="vmmhooktrace")
+    tracer = HookTracer(os.path.join(workdir, "trace"))
+    wrapper = os.path.join(workdir, "vmm-orchestrator")
+    with open(wrapper, "w", encoding="utf-8") as fh:
+        fh.write(TRACE_WRAPPER.format(relay=os.path.abspath(site_mod.RELAY), trace=tracer.trace))
+    os.chmod(wrapper, 0o755)
+    real_relay, real_migrate = site_mod.RELAY, demo.migrate
+
+    def migrate(domain: str, src: Any, dst: Any, **kwargs: Any) -> Any:
+        offset = time.time_ns() - time.monotonic_ns()
+        record = None
+        try:
+            record = real_migrate(domain, src, dst, **kwargs)
+        except Exception as exc:
+            record = getattr(exc, "record", None)
+            raise
+        finally:
+            if record is not None:
+                tracer.windows.append(
+                    (
+                        tracer.mode,
+                        src.name,
+                        dst.name,
+                        int(record.started_at * 1e9) + offset,
+                        int(record.finished_at * 1e9) + offset,
+                    )
+                )
+        return record
+
+    site_mod.RELAY, demo.migrate = wrapper, migrate
+    try:
+        yield tracer
+    finally:
+        site_mod.RELAY, demo.migrate = real_relay, real_migrate
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+def run_mode(
+    mode: str, runs: int, rate: int, tracer: HookTracer | None = None
+) -> list[demo.MigrationResult]:
     """``runs`` migrations h1 <-> h2 of one real guest in a fresh lab."""
     results = []
     conf = lab_conf(orchestrated=mode == "orchestrated")
     with libvirt_site(conf, new_prefix(), orchestrated=mode == "orchestrated") as ls:
         print(f"-- {LABELS[mode]}: lab up ({ls.figures})", flush=True)
+        if tracer is not None:
+            tracer.hostnames.update({h.hostname: name for name, h in ls.hosts.items()})
         for i in range(runs):
             res = demo.measured_migration(ls, rate=rate, mode=mode)
             results.append(res)
@@ -200,6 +365,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--modes", default=",".join(demo.MODES), help="rarp,orchestrated")
     parser.add_argument("--json", metavar="FILE", help="also write every result as JSON")
+    parser.add_argument(
+        "--hook-trace",
+        action="store_true",
+        help="time every call of libvirt's qemu hook (the relay) on both hosts",
+    )
     args = parser.parse_args(argv)
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
     bad = [m for m in modes if m not in demo.MODES]
@@ -207,9 +377,17 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"modes must be among {', '.join(demo.MODES)} and --runs >= 1")
     demo.check_prerequisites()
     started = time.monotonic()
-    by_mode = {mode: run_mode(mode, args.runs, args.rate) for mode in modes}
-    print()
-    print(render(by_mode))
+    with contextlib.ExitStack() as stack:
+        tracer = stack.enter_context(hook_tracing()) if args.hook_trace else None
+        by_mode = {}
+        for mode in modes:
+            if tracer is not None:
+                tracer.mode = mode
+            by_mode[mode] = run_mode(mode, args.runs, args.rate, tracer)
+        print()
+        print(render(by_mode))
+        if tracer is not None:
+            print("\n".join(tracer.report()))
     print(
         f"\n{args.runs} migration(s) per mode at {args.rate} pps per stream, "
         f"{time.monotonic() - started:.0f} s"
