@@ -96,13 +96,16 @@ def serve(workdir: Path) -> Iterator[Callable[..., list[dict[str, Any]]]]:
         server.stop()
 
 
-def test_relay_is_executable_and_stdlib_only() -> None:
+def test_relay_is_executable_a_shell_front_and_stdlib_python() -> None:
     assert os.access(RELAY, os.X_OK), f"{RELAY} must be executable (chmod 755)"
     text = RELAY.read_text()
-    assert text.startswith("#!/usr/bin/python3\n")
+    assert text.startswith("#!/bin/sh\n")
+    assert 'exec /usr/bin/python3 -I -S "$0" "$@"' in text
     imports = {line.split()[1] for line in text.splitlines() if line.startswith("import ")}
-    assert imports <= {"configparser", "json", "math", "os", "socket", "sys", "syslog", "time"}
-    assert "libvirt" not in imports
+    # Only modules built into the interpreter at the top: the rest is imported on demand.
+    assert imports <= {"_socket", "math", "os", "sys", "syslog", "time"}
+    lines = [line.strip() for line in text.splitlines()]
+    assert {line.split()[1] for line in lines if line.startswith("from ")} == {"_json"}
 
 
 def test_allowed_migrate_passes_the_xml_through_unchanged(workdir: Path, serve: Any) -> None:
@@ -120,10 +123,12 @@ def test_allowed_migrate_passes_the_xml_through_unchanged(workdir: Path, serve: 
 def test_other_operations_print_nothing(workdir: Path, serve: Any) -> None:
     # libvirt reads stdout back only for migrate and restore; elsewhere it would be log noise.
     seen = serve(lambda r: {"allow": True})
-    result, _ = run_relay(relay_config(workdir), op="started", sub_op="begin")
+    result, _ = run_relay(relay_config(workdir), op="stopped", sub_op="end")
     assert (result.returncode, result.stdout) == (0, b"")
-    assert seen[0]["op"] == "started" and seen[0]["xml"] == XML
+    assert seen[0]["op"] == "stopped" and seen[0]["xml"] == XML
     assert "expires" not in seen[0]  # nobody waits for the answer of an unguarded call
+    result, _ = run_relay(relay_config(workdir), op="started", sub_op="begin")
+    assert (result.returncode, result.stdout, result.stderr) == (0, b"", b"")
 
 
 def test_a_veto_exits_1_with_the_reason_on_stderr(workdir: Path, serve: Any) -> None:
@@ -323,11 +328,14 @@ def test_a_bad_configuration_refuses_guarded_calls_at_once_and_lets_others_go_on
     assert "Traceback" not in stderr
     assert f"vm-é migrate begin: refused: configuration {config}: {message}" in stderr
     assert took < 1.5, took
-    result, took = run_relay(config, op="start", sub_op="begin")
+    result, took = run_relay(config, op="stopped", sub_op="end")
     stderr = result.stderr.decode()
     assert result.returncode == 0, stderr
     assert f"going on without the agent: configuration {config}: {message}" in stderr
     assert took < 1.5, took
+    # A call the relay neither guards nor notifies never reads the file: it goes on.
+    result, _ = run_relay(config, op="start", sub_op="begin")
+    assert (result.returncode, result.stdout, result.stderr) == (0, b"", b"")
     assert seen == []  # a configuration it cannot use: the relay asks nobody
 
 
@@ -384,16 +392,11 @@ def test_a_hung_agent_delays_only_guarded_operations(workdir: Path, serve: Any) 
         assert b"no answer within 2 s; going on (fail-open)" in result.stderr
     finally:
         release.set()
-    # The agent was told of every call all the same (it learns of aborts from them).
+    # The agent was told of the notified call all the same (it learns of aborts from it).
     deadline = time.monotonic() + 5
-    while len(seen) < 4 and time.monotonic() < deadline:
+    while len(seen) < 2 and time.monotonic() < deadline:
         time.sleep(0.05)
-    assert [(r["op"], r["sub_op"]) for r in seen] == [
-        ("prepare", "begin"),
-        ("start", "begin"),
-        ("release", "end"),
-        ("migrate", "begin"),
-    ]
+    assert [(r["op"], r["sub_op"]) for r in seen] == [("release", "end"), ("migrate", "begin")]
 
 
 def test_guarded_operations_are_configurable(workdir: Path, serve: Any) -> None:
@@ -403,7 +406,14 @@ def test_guarded_operations_are_configurable(workdir: Path, serve: Any) -> None:
     assert result.returncode == 1 and b"vmm-orchestrator: no" in result.stderr
     result, _ = run_relay(config, op="start", sub_op="begin")  # not guarded: never refused
     assert result.returncode == 0
+    assert [r["op"] for r in seen] == ["restore"]  # nor notified: the agent is not told
+    config = relay_config(workdir, guarded="migrate begin", notified="start begin")
+    result, _ = run_relay(config, op="start", sub_op="begin")
+    assert result.returncode == 0
+    result, _ = run_relay(config, op="stopped", sub_op="end")  # no longer notified
+    assert result.returncode == 0
     assert [r["op"] for r in seen] == ["restore", "start"]
+    assert "expires" not in seen[-1]
 
 
 # -- traces: stderr and syslog -----------------------------------------------------------
@@ -600,7 +610,7 @@ def test_the_server_refuses_a_malformed_expires(workdir: Path) -> None:
 
 
 @pytest.mark.parametrize(
-    ("op", "sub_op", "status"), [("started", "begin", 0), ("migrate", "begin", 1)]
+    ("op", "sub_op", "status"), [("stopped", "end", 0), ("migrate", "begin", 1)]
 )
 def test_a_failing_relay_never_stops_a_vm(
     workdir: Path,
@@ -611,7 +621,8 @@ def test_a_failing_relay_never_stops_a_vm(
     status: int,
 ) -> None:
     """A bug in the relay itself: an unguarded call still goes on (libvirt would stop the
-    VM on a failing "started" hook); a guarded one is refused, with the reason."""
+    VM on a failing "started" hook, or fail its shutdown); a guarded one is refused, with
+    the reason."""
     namespace: dict[str, Any] = {"__name__": "relay"}
     exec(compile(RELAY.read_text(), str(RELAY), "exec"), namespace)
 
