@@ -36,6 +36,7 @@ from typing import TYPE_CHECKING, Any
 from oslo_config import cfg
 
 from vmm_lab import plot_modes
+from vmm_lab.cleanup import run_steps
 from vmm_lab.linux import options as lab_opts
 from vmm_lab.linux import probe
 from vmm_lab.linux.hypervisor import LabHypervisor, LabMigration
@@ -293,18 +294,19 @@ def lab_site(
 
     options.require(conf, lab_opts.GROUP, "the lab")
     lab = Lab(prefix, conf.lab.vni)
-    workdir = tempfile.mkdtemp(prefix=f"{prefix}-")
+    workdir: str | None = None
     token = secrets.token_urlsafe(24)
-    server: Any
-    if nva_process:
-        from vmm_lab.nva_process import NvaProcess
-
-        server = NvaProcess(workdir, token)
-    else:  # the lab's directory follows [nva] (move-flap, log)
-        server = NvaServer(NvaStore.from_conf(conf, ":memory:"), token, "127.0.0.1", 0)
+    server: Any = None
     assembly: root.Assembly | None = None
     firewalls: dict[str, HostFirewall] = {}
     try:
+        workdir = tempfile.mkdtemp(prefix=f"{prefix}-")
+        if nva_process:
+            from vmm_lab.nva_process import NvaProcess
+
+            server = NvaProcess(workdir, token)
+        else:  # the lab's directory follows [nva] (move-flap, log)
+            server = NvaServer(NvaStore.from_conf(conf, ":memory:"), token, "127.0.0.1", 0)
         server.start()
         admin = NvaClient(server.url, token)
         vni = conf.lab.vni
@@ -355,12 +357,21 @@ def lab_site(
             _install_firewalls(site, firewall)  # query must reach every host's bridge
         yield site
     finally:
-        if assembly is not None:
-            assembly.close()
-        with contextlib.suppress(Exception):
-            server.stop()
-        lab.teardown()
-        shutil.rmtree(workdir, ignore_errors=True)
+        run_steps(
+            [
+                ("closing the hosts", assembly.close if assembly is not None else _nothing),
+                ("stopping the directory", server.stop if server is not None else _nothing),
+                ("removing the namespaces", lab.teardown),
+                (
+                    "removing the work folder",
+                    lambda: workdir and shutil.rmtree(workdir, ignore_errors=True),
+                ),
+            ]
+        )
+
+
+def _nothing() -> None:
+    """A cleanup step with nothing to do."""
 
 
 def _install_firewalls(site: LabSite, settings: Any = None) -> None:
