@@ -44,6 +44,7 @@ import selectors
 import shutil
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -354,6 +355,7 @@ class Result:
     reports: int
     failed_reports: list[str]
     problems: list[str]
+    timeline: list[dict[str, Any]] = dataclasses.field(default_factory=list)
 
     @property
     def lost_after_resume(self) -> int:
@@ -459,7 +461,35 @@ def evacuate(
     failed = [
         f"{r.phase.value} of {r.migration_id} on {r.host}: {r.error}" for r in reports if not r.ok
     ]
-    return Result(site.directory, rows, last - first, len(reports), failed, problems)
+    result = Result(site.directory, rows, last - first, len(reports), failed, problems)
+    result.timeline = stage_timeline(reports)
+    return result
+
+
+def stage_timeline(reports: list[engine.PhaseReport]) -> list[dict[str, Any]]:
+    """Per (phase, host role, stage): median and max of when it started (ms after the
+    phase's event) and of how long it took, over every migration; in timeline order."""
+    runs: dict[tuple[str, str, str], list[tuple[float, float]]] = {}
+    for r in reports:
+        for t in r.timeline:
+            key = (r.phase.value, r.role.value, t.stage)
+            runs.setdefault(key, []).append((t.started_offset_ms, t.duration_ms))
+    rows: list[dict[str, Any]] = []
+    for (phase, role, stage), values in runs.items():
+        starts, durations = [v[0] for v in values], [v[1] for v in values]
+        rows.append(
+            {
+                "phase": phase,
+                "role": role,
+                "stage": stage,
+                "runs": len(values),
+                "start": f"{statistics.median(starts):.1f} ({max(starts):.1f})",
+                "took": f"{statistics.median(durations):.1f} ({max(durations):.1f})",
+                "_order": (phase, role, statistics.median(starts)),
+            }
+        )
+    rows.sort(key=lambda row: row["_order"])
+    return rows
 
 
 def _before(tunnel_ms: float | None, paused_ms: float) -> bool:
@@ -512,7 +542,9 @@ def check(site: Site, targets: list[LabVm], destination: dict[str, str]) -> list
     return problems
 
 
-def render(results: list[Result], vms: int, downtime_ms: float, rate: int) -> str:
+def render(
+    results: list[Result], vms: int, downtime_ms: float, rate: int, timeline: bool = False
+) -> str:
     lines = []
     for r in results:
         lines.append(
@@ -589,6 +621,25 @@ def render(results: list[Result], vms: int, downtime_ms: float, rate: int) -> st
         )
     )
     for r in results:
+        if timeline and r.timeline:
+            lines.append(
+                f"\n== {r.directory}: stage timeline, ms after each phase's event: "
+                "median (max) over the migrations =="
+            )
+            lines.append(
+                probe.format_table(
+                    r.timeline,
+                    [
+                        ("phase", "phase"),
+                        ("role", "role"),
+                        ("stage", "stage"),
+                        ("runs", "runs"),
+                        ("start", "started at"),
+                        ("took", "took"),
+                    ],
+                )
+            )
+    for r in results:
         for text in r.failed_reports + r.problems:
             lines.append(f"PROBLEM ({r.directory}): {text}")
     return "\n".join(lines)
@@ -627,6 +678,11 @@ def main(argv: list[str] | None = None) -> int:
         help="resume a VM only once the source handled SWITCHOVER, waiting at most S "
         "seconds (QEMU's pause-before-switchover); 0: do not wait, as libvirt by default",
     )
+    parser.add_argument(
+        "--timeline",
+        action="store_true",
+        help="also print each stage's start and duration per phase (where the time goes)",
+    )
     parser.add_argument("--probe-hub", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.probe_hub:
@@ -658,7 +714,7 @@ def main(argv: list[str] | None = None) -> int:
                     )
                 )
     print()
-    print(render(results, args.vms, args.downtime_ms, args.rate))
+    print(render(results, args.vms, args.downtime_ms, args.rate, args.timeline))
     print(
         f"\nMachine: {len(os.sched_getaffinity(0))} CPUs; load average {started_load} before, "
         f"{_load()} after (1/5/15 min). The lab, both orchestrators' hosts, the agents, the "

@@ -25,6 +25,7 @@ from vmm_etcd.locks import InstanceLease, MigrationLocks
 from vmm_etcd.store import EtcdNvaStore
 from vmm_orchestrator.contracts import HostSpec
 from vmm_orchestrator.nva import options as nva_options
+from vmm_orchestrator.nva.client import NvaClient
 from vmm_orchestrator.nva.store import MobilityPolicy
 from vmm_orchestrator.options import require
 from vmm_orchestrator.stage import HostContext, Stage
@@ -102,6 +103,27 @@ class EtcdBackend:
         journal = cls.journal_from_conf(conf, host.name, locks)
         claim_timeout = conf[options.GROUP].claim_timeout
         return HaPipeline(conf, host, journal, locks, stages, claim_timeout=claim_timeout)
+
+
+class EtcdServedBackend(EtcdBackend):
+    """Entry point ``etcd-served`` of ``vmm_orchestrator.nva_backends``: the directory on
+    etcd, reached through `vmm nva serve` (issue 16).
+
+    The server's store is the etcd store (``[nva_etcd]``), whose commit feed
+    (one etcd watch, :mod:`vmm_etcd.feed`) drives the server's streams; NVE
+    agents and stages use the HTTP client of ``[nva] url``, one stream per
+    NVE, as with the embedded directory. Agents then cost etcd nothing per
+    NVE (one watch per server instead of one per agent) and a move fans out
+    as fast as the embedded directory's. Several servers over one etcd stay
+    consistent (they keep no state of their own); put them behind one
+    address for ``[nva] url``. The HA parts (journal, leases) stay on etcd.
+    """
+
+    name = "etcd-served"
+
+    @classmethod
+    def from_conf(cls, conf: cfg.ConfigOpts) -> NvaClient:  # type: ignore[override]
+        return NvaClient.from_conf(conf)
 
 
 def open_journal(conf: cfg.ConfigOpts, spec: HostSpec, lock: MigrationLocks | None) -> EtcdJournal:

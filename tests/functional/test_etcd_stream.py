@@ -18,6 +18,7 @@ from typing import Any
 
 import pytest
 
+from vmm_etcd.backends import EtcdServedBackend
 from vmm_etcd.client import EtcdNvaClient
 from vmm_etcd.cluster import LocalEtcdCluster
 from vmm_etcd.kv import EtcdKV
@@ -25,6 +26,7 @@ from vmm_etcd.store import EtcdNvaStore
 from vmm_linux.agent import NveAgent
 from vmm_orchestrator.nva.client import NvaClient
 from vmm_orchestrator.nva.server import NvaServer
+from vmm_orchestrator.options import new_conf
 
 VNI = 6001
 MAC = "52:54:00:60:01:01"
@@ -226,3 +228,33 @@ def test_a_compacted_feed_restarts_the_streams_and_agents_recover(
     while sum(c.open_streams for c in site["clients"]) < 4:
         assert time.monotonic() < deadline, "the agents did not stream again"
         time.sleep(0.02)
+
+
+def test_the_served_backend_gives_agents_the_http_client_and_the_server_a_feed(
+    etcd: LocalEtcdCluster,
+) -> None:
+    conf = new_conf()
+    conf.set_override("endpoints", etcd.endpoints, group="nva_etcd")
+    conf.set_override("prefix", f"/stream-{secrets.token_hex(4)}/", group="nva_etcd")
+    conf.set_override("token", TOKEN, group="nva")
+    conf.set_override("bind_port", 0, group="nva")
+    store = EtcdServedBackend.store_from_conf(conf)
+    server = NvaServer.from_conf(conf, store=store)
+    server.start()
+    try:
+        conf.set_override("url", server.url, group="nva")
+        with EtcdServedBackend.from_conf(conf) as client:
+            assert isinstance(client, NvaClient)
+            client.register_nve("peer0", "192.0.2.10", [VNI])
+            since = client.health()["revision"]
+            client.register_nve("src", "192.0.2.1", [VNI])
+            client.add_endpoint(VNI, MAC, [], [], "src")
+            revision, changes = client.watch("peer0", since, timeout=BOUND_S)
+            if not any(c["kind"] == "endpoint" for c in changes):
+                revision, more = client.watch("peer0", revision, timeout=BOUND_S)
+                changes += more
+            assert [c["endpoint"]["mac"] for c in changes if c["kind"] == "endpoint"] == [MAC]
+            assert client.open_streams == 1 and store.feed is not None  # streamed, from etcd
+    finally:
+        server.stop()
+        store.close()
