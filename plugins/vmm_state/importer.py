@@ -690,6 +690,15 @@ class Importer:
         started = time.perf_counter()
         if entries is None:
             entries = list(section.entries())
+        label = bundle.header.label
+        if not entries and any(name in k for k in self._synced.get(migration.id, {}).values()):
+            # A delta with nothing in it (inside the pause, usually): this host holds
+            # the kind's earlier import, and nothing changed since. No work, no undo
+            # record; the kind counts as synced with this export.
+            by_label = self._synced.setdefault(migration.id, {}).setdefault(label, {})
+            by_label[name] = bundle.header.exported_at
+            answer = KindAnswer.success(name, 0, 0, (time.perf_counter() - started) * 1000.0)
+            return answer
         if received_at is not None:
             _add_age(entries, time.monotonic() - received_at)
         try:
@@ -715,7 +724,6 @@ class Importer:
             )
             answer.ms = ms
             return answer
-        label = bundle.header.label
         self.ledger.add(migration.id, LedgerEntry(label, name, result.record))
         by_label = self._synced.setdefault(migration.id, {}).setdefault(label, {})
         by_label[name] = bundle.header.exported_at

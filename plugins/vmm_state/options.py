@@ -12,6 +12,7 @@ from __future__ import annotations
 from oslo_config import cfg
 
 from vmm_orchestrator.errors import ConfigError
+from vmm_orchestrator.options import require
 
 GROUP = "state"
 
@@ -193,11 +194,34 @@ STATE_OPTS: list[cfg.Opt] = [
         "are answered 503 with Retry-After before their body is read, and the sender's "
         "policy retries them.",
     ),
+    cfg.IntOpt(
+        "max_connections",
+        default=4096,
+        min=16,
+        help="Connections the state service keeps open at most (peers keep one alive per "
+        "host). At the limit a new connection evicts the one waiting longest without an "
+        "authenticated request; when every one is busy it gets 503 with Retry-After. "
+        "Lowered to fit the process's descriptor limit.",
+    ),
+    cfg.FloatOpt(
+        "request_deadline",
+        default=5.0,
+        min=0.5,
+        help="Seconds a client has to send a whole request head (from connect, or from "
+        "the first byte of a later request on a kept-alive connection); a body gets as "
+        "long before authentication, 60 s after, each plus 1 s per 64 KiB received. A "
+        "client trickling bytes cannot hold a connection past it.",
+    ),
 ]
 
 
 def register_opts(conf: cfg.ConfigOpts) -> None:
-    """Register ``[state]`` (and the policy options); safe to call more than once."""
+    """Register ``[state]`` (and the policy options); safe to call more than once.
+
+    For tools and tests that make a bare configuration: ``vmm``, the labs and
+    the benchmarks register every plugin's options at load
+    (``vmm_orchestrator.options.register_all``); the code that reads them
+    only checks they are there (``require``)."""
     from vmm_state import policy  # the policy module owns its own options
 
     conf.register_opts([*STATE_OPTS, *policy.POLICY_OPTS], group=GROUP)
@@ -217,7 +241,7 @@ def signing_keys(conf: cfg.ConfigOpts) -> tuple[str, bytes, dict[str, bytes]]:
     Raises ConfigError when no key is set or it is too short: moving state
     unsigned is exactly what the design forbids.
     """
-    register_opts(conf)
+    require(conf, GROUP, "the state service's signing keys")
     group = conf[GROUP]
     if not group.key:
         raise ConfigError(
@@ -238,7 +262,7 @@ def signing_keys(conf: cfg.ConfigOpts) -> tuple[str, bytes, dict[str, bytes]]:
 
 def entry_limits(conf: cfg.ConfigOpts) -> tuple[int, dict[str, int]]:
     """(default per-kind entry limit, overrides by kind), validated."""
-    register_opts(conf)
+    require(conf, GROUP, "the state service's entry limits")
     group = conf[GROUP]
     overrides: dict[str, int] = {}
     for kind, value in (group.max_entries_per_kind or {}).items():
@@ -257,7 +281,7 @@ def entry_limits(conf: cfg.ConfigOpts) -> tuple[int, dict[str, int]]:
 
 def peer_digests(conf: cfg.ConfigOpts) -> dict[str, str]:
     """``[state] peer_token_digests``, each a SHA-256 hex digest (lower case)."""
-    register_opts(conf)
+    require(conf, GROUP, "the state service's peer credentials")
     out: dict[str, str] = {}
     for host, digest in (conf[GROUP].peer_token_digests or {}).items():
         text = str(digest).strip().lower()

@@ -123,9 +123,9 @@ class Policy:
 
     @classmethod
     def from_conf(cls, conf: cfg.ConfigOpts) -> Policy:
-        from vmm_state import options
+        from vmm_orchestrator.options import require
 
-        options.register_opts(conf)
+        require(conf, GROUP, "the state policy")
         group = conf[GROUP]
         return cls({r: parse_rule(str(group[f"on_{r.value}"]), f"on_{r.value}") for r in Reason})
 

@@ -14,6 +14,7 @@ from typing import Any
 from oslo_config import cfg
 
 from vmm_orchestrator.contracts import HostSpec
+from vmm_orchestrator.options import require
 from vmm_state import options
 from vmm_state.service import StateHost
 
@@ -21,7 +22,7 @@ from vmm_state.service import StateHost
 def open_state_service(
     conf: cfg.ConfigOpts, spec: HostSpec, directory: Any, peers: dict[str, str]
 ) -> StateHost:
-    options.register_opts(conf)
+    require(conf, options.GROUP, "the state service")
     configured: Mapping[str, str] = dict(conf[options.GROUP].peers or {})
     for name, url in configured.items():
         peers.setdefault(name, url)

@@ -86,7 +86,14 @@ class _HttpServer(JsonHttpServer):
 
     def __init__(self, address: tuple[str, int], host: StateHost) -> None:
         self.host = host
-        super().__init__(address, _Handler, host.settings.token)
+        s = host.settings
+        super().__init__(
+            address,
+            _Handler,
+            s.token,
+            max_connections=s.max_connections,
+            request_deadline=s.request_deadline,
+        )
 
     def handle_error(self, request: Any, client_address: Any) -> None:
         """A connection that failed outside a request (TLS handshake, reset): log, no traceback."""

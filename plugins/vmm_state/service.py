@@ -45,12 +45,14 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, Self
 
 from oslo_config import cfg
 
 from vmm_orchestrator.errors import ConfigError, TransientError, VmmError
 from vmm_orchestrator.model import Migration, Role
+from vmm_orchestrator.options import require
 from vmm_orchestrator.statekind import KindContext, Reason, StateKind
 from vmm_state import options
 from vmm_state.bundle import (
@@ -111,6 +113,9 @@ class StateSettings:
     max_concurrent_imports: int = 2
     #: with mutual TLS: the peer is the host its client certificate names (CN)
     tls_peer_identity: bool = False
+    #: the service's connection limit and request-head deadline (the JSON server's)
+    max_connections: int = 4096
+    request_deadline: float = 5.0
 
     def __post_init__(self) -> None:
         if not self.key or self.key_id not in self.verify_keys:
@@ -144,7 +149,7 @@ class StateSettings:
 
     @classmethod
     def from_conf(cls, conf: cfg.ConfigOpts) -> StateSettings:
-        options.register_opts(conf)
+        require(conf, options.GROUP, "the state service")
         group = conf[options.GROUP]
         key_id, key, keys = options.signing_keys(conf)
         default_max, per_kind = options.entry_limits(conf)
@@ -174,6 +179,8 @@ class StateSettings:
             peer_token_digests=options.peer_digests(conf),
             max_concurrent_imports=group.max_concurrent_imports,
             tls_peer_identity=group.tls_peer_identity,
+            max_connections=group.max_connections,
+            request_deadline=group.request_deadline,
         )
 
     def limit(self, kind: str) -> int:
@@ -324,6 +331,10 @@ class StateHost:
         self._marks: dict[str, dict[float, float]] = {}
         #: (migration, kind) -> exported_at of the newest export settled for it
         self._settled: dict[tuple[str, str], float] = {}
+        #: (migration, kind) -> a delta export started ahead (``prefetch``)
+        self._prefetched: dict[tuple[str, str], Future[tuple[list[dict[str, Any]], ExportStat]]]
+        self._prefetched = {}
+        self._pool: ThreadPoolExecutor | None = None
         #: bundles being received at once (uploads and pulls): each is held in memory
         #: until its signature verifies ([state] max_concurrent_imports)
         self.import_slots = threading.BoundedSemaphore(settings.max_concurrent_imports)
@@ -380,8 +391,12 @@ class StateHost:
             self._untrack(migration_id)
         with self._lock:
             frozen, self._frozen = set(self._frozen), set()
+            pool, self._pool = self._pool, None
+            self._prefetched.clear()
         for migration_id in frozen:
             thaw_heap(migration_id)
+        if pool is not None:
+            pool.shutdown(wait=True)
 
     @property
     def url(self) -> str:
@@ -414,6 +429,7 @@ class StateHost:
             self._frozen.discard(migration_id)
             self._marks.pop(migration_id, None)
             self._settled = {k: v for k, v in self._settled.items() if k[0] != migration_id}
+        self.drop_prefetch(migration_id)
         thaw_heap(migration_id)
         self._untrack(migration_id)
         self.importer.close(migration_id)
@@ -660,6 +676,56 @@ class StateHost:
                         del kept[at]
         return out
 
+    def prefetch(self, migration: Migration, kinds: Iterable[str]) -> list[str]:
+        """Source, SWITCHOVER: start now, side by side, the delta exports that need
+        nothing from the destination, while the caller asks it what it holds.
+
+        Those are the kinds without change tracking to settle (bridge kinds,
+        fingerprinted sets: their delta does not depend on the destination's
+        answer) and already exported whole here for the migration (the
+        pre-copy: they are tracked and were available). Their ``since`` is
+        that first export's time less ``[state] delta_margin``, at or before
+        any the destination can name, so the delta is never smaller than the
+        one asked later. The next ``export`` of the migration with a
+        ``since`` for such a kind takes its result (once); ``drop_prefetch``
+        forgets what nobody took. Returns the kinds started.
+        """
+        with self._lock:
+            marks = self._marks.get(migration.id)
+            first = min(marks) if marks else None
+            available = {k for m, k in self._available if m == migration.id}
+        if first is None:
+            return []
+        since = first - self.settings.delta_margin
+        ctx = self.context(migration)
+        started = []
+        for name in kinds:
+            kind = self.kinds.get(name)
+            if kind is None or name not in available or getattr(kind, "settle", None):
+                continue
+            with self._lock:
+                if self._pool is None:
+                    self._pool = ThreadPoolExecutor(
+                        max_workers=max(1, len(self.kinds)), thread_name_prefix=f"state-{self.name}"
+                    )
+                future = self._pool.submit(self._export_now, kind, ctx, since)
+                self._prefetched[(migration.id, name)] = future
+            started.append(name)
+        return started
+
+    def drop_prefetch(self, migration_id: str) -> None:
+        """Forget the prefetched exports of a migration nobody took (they age)."""
+        with self._lock:
+            for key in [k for k in self._prefetched if k[0] == migration_id]:
+                del self._prefetched[key]
+
+    def _export_now(
+        self, kind: StateKind, ctx: KindContext, since: float
+    ) -> tuple[list[dict[str, Any]], ExportStat]:
+        stat = ExportStat()
+        entries = list(self._exported(kind, ctx, since, stat))
+        return entries, stat
+
     def _next_seq(self) -> int:
         """Above every seq this host wrote, also before a restart (the clock counts up)."""
         with self._lock:
@@ -705,6 +771,16 @@ class StateHost:
         if why is not None:
             stat.error = f"host {self.name} cannot hold {name}: {why}"
             return SectionSource(name, unavailable=stat.error)
+        with self._lock:
+            ahead = self._prefetched.pop(mark, None)
+        if ahead is not None and since is not None:
+            try:
+                entries, done = ahead.result()
+            except Exception as err:  # exported again below, in line
+                LOG.warning("host %s: the early %s export failed: %r", self.name, name, err)
+            else:
+                stat.entries, stat.ms, stat.figures = done.entries, done.ms, done.figures
+                return SectionSource(name, entries=entries)
         return SectionSource(name, entries=self._exported(kind, ctx, since, stat))
 
     def _exported(

@@ -268,6 +268,17 @@ class StateDelta(_StateStage):
             return {"label": DELTA, "destination": migration.destination}
         host.expect(migration)
         started = time.monotonic()
+        # The deltas that need no answer from the destination start now, side by
+        # side, while it is asked what it holds (one round trip hides them).
+        host.prefetch(migration, list(host.kinds))
+        try:
+            return self._run(ctx, host, migration, started)
+        finally:
+            host.drop_prefetch(migration.id)
+
+    def _run(
+        self, ctx: StageContext, host: StateHost, migration: Migration, started: float
+    ) -> dict[str, Any]:
         # The identity under which the destination imported this move's pre-copy:
         # the migration's own, or the warm mirror it adopted (vmm_state.warm).
         try:

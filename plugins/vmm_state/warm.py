@@ -67,6 +67,7 @@ from oslo_config import cfg
 from vmm_orchestrator.commands import Command
 from vmm_orchestrator.errors import ConfigError, VmmError
 from vmm_orchestrator.model import Migration, Vif, Workload, normalize_mac
+from vmm_orchestrator.options import require
 from vmm_state.bundle import BundleError
 from vmm_state.importer import ImportReport, KindAnswer, LedgerEntry
 from vmm_state.kinds._common import no_gc
@@ -121,6 +122,8 @@ WARM_OPTS: list[cfg.Opt] = [
 
 
 def register_opts(conf: cfg.ConfigOpts) -> None:
+    """Register ``[state_warm]`` on a bare configuration (tools, tests); ``vmm`` and
+    the labs register it at load (``vmm_orchestrator.options.register_all``)."""
     try:
         conf.register_opts(WARM_OPTS, group=GROUP)
     except cfg.DuplicateOptError:
@@ -361,7 +364,7 @@ class WarmService:
     def from_conf(cls, conf: cfg.ConfigOpts, host: StateHost, nva: Any = None) -> WarmService:
         """The plans of ``[state_warm] plan`` that involve ``host``; a plan whose NICs
         the directory cannot tell yet starts once it can (tried every interval)."""
-        register_opts(conf)
+        require(conf, GROUP, "warm mobility")
         group = conf[GROUP]
         service = cls(host, group.kinds, group.interval, group.rebase, group.lifetime, nva)
         specs = [PlanSpec.parse(text) for text in group.plan]
@@ -725,7 +728,7 @@ def open_state_service(
     from vmm_state import provider
 
     host = provider.open_state_service(conf, spec, directory, peers)
-    register_opts(conf)
+    require(conf, GROUP, "warm mobility")
     if conf[GROUP].plan:
         attach(host, WarmService.from_conf(conf, host, nva=directory))
     return host
@@ -770,8 +773,8 @@ class StateCommand(Command):
         from vmm_state import options
         from vmm_state.client import StateClient
 
-        register_opts(conf)
-        options.register_opts(conf)
+        require(conf, GROUP, "vmm state warm")
+        require(conf, options.GROUP, "vmm state warm")
         specs = [PlanSpec.parse(text) for text in conf[GROUP].plan]
         if not specs:
             print("no warm plan is configured ([state_warm] plan)")

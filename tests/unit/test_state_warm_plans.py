@@ -119,11 +119,10 @@ def test_a_plan_taken_over_is_left_to_its_migration() -> None:
 
 def test_the_state_service_entry_point_attaches_the_configured_plans() -> None:
     from vmm_orchestrator.contracts import HostSpec
+    from vmm_orchestrator.options import new_conf
     from vmm_state import options
 
-    conf = cfg.ConfigOpts()
-    conf(args=[], default_config_files=[])
-    options.register_opts(conf)
+    conf = new_conf()  # every plugin's options, registered once at load
     conf.set_override("key", secrets.token_hex(16), options.GROUP)
     conf.set_override("token", "tok", options.GROUP)
     spec = HostSpec("h2", "192.0.2.2", (100,), None, ":memory:")
