@@ -260,7 +260,7 @@ def test_nva_status_refuses_a_bad_config_file(tmp_path: Path, text: str, words: 
 @pytest.mark.parametrize(
     ("args", "words"),
     [
-        ([], ["required: {agent,lab,migrate-with-network,migration,nva}", "vmm --help"]),
+        ([], ["required: {agent,lab,migrate-with-network,migration,nva,state}", "vmm --help"]),
         (["lab", "demo", "--vm"], ["--vm", "expected one argument"]),
         (["lab", "demo", "--rate", "fast"], ["--rate", "invalid int value"]),
         (["nva", "status", "-f", "xml"], ["--format", "xml", "vmm nva status --help"]),
