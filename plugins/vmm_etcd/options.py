@@ -2,7 +2,10 @@
 
 Read by every host when ``[nva] backend = etcd``: NVE agents and
 orchestrators talk to etcd directly, and ``vmm nva serve`` (if still run,
-for HTTP clients) serves the same etcd data.
+for HTTP clients) serves the same etcd data. With ``[nva] backend =
+etcd-served`` only the hosts running ``vmm nva serve`` (and the HA parts:
+journals and leases) read them; agents and stages reach the directory
+through ``[nva] url``.
 """
 
 from __future__ import annotations

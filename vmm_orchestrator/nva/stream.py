@@ -26,7 +26,7 @@ filter, a ``send`` and a ``recv``: the directory cost per peer that
 Acks are written by a thread of their own (:class:`AckWriter`, group
 commit): while one batch is being written the next accumulates, and the
 hub thread never waits for a transaction (with etcd behind the server a
-batch of 1,000 acks is about 16 etcd transactions).
+batch of 1,000 acks is 8 etcd transactions).
 
 The store may be anything with ``add_listener`` / ``remove_listener``,
 ``changes_since``, ``get_nve``, ``revision`` and ``record_acks``: the
