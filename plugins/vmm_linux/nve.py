@@ -87,7 +87,6 @@ from __future__ import annotations
 
 import concurrent.futures
 import contextlib
-import ctypes
 import dataclasses
 import errno
 import functools
@@ -107,6 +106,7 @@ from oslo_config import cfg
 from pyroute2 import NetlinkError, NetNS
 from pyroute2.netlink.rtnl.marshal import MarshalRtnl
 
+from vmm_kernel import nft as kernel_nft
 from vmm_linux.netns import entered, socket_in
 from vmm_orchestrator.contracts import NveDriver
 from vmm_orchestrator.errors import ConfigError, VmmError
@@ -400,8 +400,8 @@ class LinuxNve(NveDriver):
         self._flood: dict[int, set[str]] = {}
         self._ifindex: dict[str, int] = {}
         self._ready: set[int] = set()
-        self._libnft: _LibNft | None = None
-        self._libnft_tried = False
+        #: libnftables in-process (vmm_kernel.nft) until it proves unusable here.
+        self._libnft = True
 
     @classmethod
     def from_conf(cls, conf: cfg.ConfigOpts, netns: str | None, local_vtep: str) -> LinuxNve:
@@ -1279,13 +1279,17 @@ class LinuxNve(NveDriver):
         tenth of a millisecond, where a ``nft -f -`` subprocess costs 6-20 ms
         on the RESUMED path), else the nft command.
         """
-        if not self._libnft_tried:
-            self._libnft_tried = True
-            self._libnft = _LibNft.load(self.netns)
-        if self._libnft is not None:
-            self._libnft.run(script, self.netns)
-        else:
-            self._nft_run(["-f", "-"], script)
+        if self._libnft:
+            try:
+                kernel_nft.nft(self.netns, script)
+                return
+            except kernel_nft.NftError as exc:
+                where = self.netns or "(host)"
+                raise NftError(f"nft failed in namespace {where}: {exc}\n{script}") from None
+            except kernel_nft.NftUnavailable as exc:
+                LOG.info("libnftables unusable (%s): the nft command instead", exc)
+                self._libnft = False
+        self._nft_run(["-f", "-"], script)
 
     @staticmethod
     def _placed(entry: _Entry) -> bool:
@@ -1369,48 +1373,6 @@ class LinuxNve(NveDriver):
     def _name_of(self, idx: int) -> str | None:
         links = self._ipr.get_links(idx)
         return links[0].get("IFLA_IFNAME") if links else None
-
-
-class _LibNft:
-    """libnftables, driven through ctypes inside the driver's namespace.
-
-    Its netlink socket is opened and used with the calling thread in the
-    host's namespace (setns around each call), and the driver calls it only
-    from its own netlink thread.
-    """
-
-    def __init__(self, lib: Any, ctx: int) -> None:
-        self._lib = lib
-        self._ctx = ctx
-
-    @classmethod
-    def load(cls, netns: str | None) -> _LibNft | None:
-        try:
-            lib = ctypes.CDLL("libnftables.so.1")
-        except OSError:
-            return None
-        lib.nft_ctx_new.restype = ctypes.c_void_p
-        lib.nft_ctx_new.argtypes = [ctypes.c_uint32]
-        lib.nft_ctx_buffer_output.argtypes = [ctypes.c_void_p]
-        lib.nft_ctx_buffer_error.argtypes = [ctypes.c_void_p]
-        lib.nft_ctx_get_error_buffer.argtypes = [ctypes.c_void_p]
-        lib.nft_ctx_get_error_buffer.restype = ctypes.c_char_p
-        lib.nft_run_cmd_from_buffer.argtypes = [ctypes.c_void_p, ctypes.c_char_p]
-        lib.nft_run_cmd_from_buffer.restype = ctypes.c_int
-        with entered(netns):
-            ctx = lib.nft_ctx_new(0)
-        if not ctx:
-            return None
-        lib.nft_ctx_buffer_output(ctx)
-        lib.nft_ctx_buffer_error(ctx)
-        return cls(lib, ctx)
-
-    def run(self, script: str, netns: str | None) -> None:
-        with entered(netns):
-            rc = self._lib.nft_run_cmd_from_buffer(self._ctx, script.encode())
-        if rc != 0:
-            error = (self._lib.nft_ctx_get_error_buffer(self._ctx) or b"").decode().strip()
-            raise NftError(f"nft failed in namespace {netns or '(host)'}: {error}\n{script}")
 
 
 def _local_iproute() -> Any:
