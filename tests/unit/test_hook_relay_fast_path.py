@@ -56,36 +56,66 @@ def relay_namespace() -> dict[str, Any]:
 
 
 class Relay:
-    """A copy of the relay whose interpreter is a wrapper recording each Python start."""
+    """A copy of the relay whose interpreter is a wrapper that logs when each Python
+    starts and ends ("start <op> <sub-op>", "end <op> <sub-op>"), optionally sleeping
+    ``delay`` seconds first for one call (a slow start on a loaded host)."""
 
     def __init__(self, workdir: Path) -> None:
         self.workdir = workdir
-        self.marker = workdir / "python-started"
-        wrapper = workdir / "python3"
-        wrapper.write_text(f'#!/bin/sh\necho "$3 $4" >> {self.marker}\nexec {PYTHON} "$@"\n')
-        wrapper.chmod(0o755)
+        self.log = workdir / "python.log"
+        self.lock = workdir / "hook.lock"
+        self.wrapper = workdir / "python3"
+        self.slow(None, 0.0)
         self.path = workdir / "vmm-orchestrator"
         text = RELAY.read_text()
-        assert f"exec {PYTHON} -I -S" in text
-        self.path.write_text(text.replace(f"exec {PYTHON} ", f"exec {wrapper} "))
+        assert f"{PYTHON} -I -S" in text
+        self.path.write_text(text.replace(f"{PYTHON} -I -S", f"{self.wrapper} -I -S"))
         self.path.chmod(0o755)
 
+    def slow(self, calls: set[str] | None, delay: float) -> None:
+        """Make Python start ``delay`` seconds late for ``calls`` ("<op> <sub-op>")."""
+        pattern = " | ".join(f'"{c}"' for c in sorted(calls or {"none"}))
+        self.wrapper.write_text(
+            "#!/bin/sh\n"  # argv: -I -S <relay> <guest> <op> <sub-op> <extra>
+            f'echo "start $5 $6" >> {self.log}\n'
+            f'case "$5 $6" in {pattern}) sleep {delay} ;; esac\n'
+            f'{PYTHON} "$@"\n'
+            "status=$?\n"
+            f'echo "end $5 $6" >> {self.log}\n'
+            "exit $status\n"
+        )
+        self.wrapper.chmod(0o755)
+
+    def pythons(self, what: str = "start") -> list[str]:
+        """The calls whose Python started (or ended), in order."""
+        if not self.log.exists():
+            return []
+        lines = self.log.read_text().splitlines()
+        return [line.split(" ", 1)[1] for line in lines if line.startswith(what + " ")]
+
     def run(
-        self, config: Path, op: str, sub_op: str, stdin: str = XML
+        self, config: Path, op: str, sub_op: str, stdin: str = XML, lock: Path | None = None
     ) -> tuple[subprocess.CompletedProcess[bytes], float, bool]:
-        """(result, seconds, whether Python started) of one call, run as libvirtd runs it."""
-        self.marker.unlink(missing_ok=True)
+        """(result, seconds, whether a Python ran to its end before it returned) of one
+        call, run as libvirtd runs it."""
+        call = f"{op} {sub_op}"
+        ended = self.pythons("end").count(call)
+        env = {
+            "PATH": "/usr/bin:/bin",
+            "VMM_HOOK_CONFIG": str(config),
+            "VMM_HOOK_LOCK": str(lock or self.lock),
+        }
         start = time.monotonic()
         result = subprocess.run(
             [str(self.path), "vm-é", op, sub_op, "-"],
             input=stdin.encode("utf-8"),
             capture_output=True,
-            env={"PATH": "/usr/bin:/bin", "VMM_HOOK_CONFIG": str(config)},
+            env=env,
             timeout=20,
             check=False,
         )
         took = time.monotonic() - start
-        return result, took, self.marker.exists()
+        return result, took, self.pythons("end").count(call) > ended
 
 
 @pytest.fixture
@@ -122,17 +152,22 @@ def agent(workdir: Path) -> Iterator[Callable[..., list[dict[str, Any]]]]:
         server.stop()
 
 
-def write_config(workdir: Path, **settings: str) -> Path:
+def write_config(workdir: Path, name: str = "relay.conf", **settings: str) -> Path:
     values = {"socket": str(workdir / "hook.sock"), "deadline": "2", **settings}
-    path = workdir / "relay.conf"
+    path = workdir / name
     path.write_text("[hook_relay]\n" + "".join(f"{k} = {v}\n" for k, v in values.items()))
     return path
 
 
-def wait_for(seen: list[dict[str, Any]], count: int) -> None:
-    deadline = time.monotonic() + 5
-    while len(seen) < count and time.monotonic() < deadline:
+def wait_until(condition: Callable[[], bool], timeout: float = 5.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while not condition() and time.monotonic() < deadline:
         time.sleep(0.02)
+    return condition()
+
+
+def wait_for(seen: list[dict[str, Any]], count: int) -> None:
+    wait_until(lambda: len(seen) >= count)
 
 
 # -- which calls start Python ----------------------------------------------------------
@@ -154,7 +189,8 @@ def test_only_guarded_and_notified_calls_start_python(
         path.write_text(SAMPLE.read_text() + f"\nsocket = {workdir / 'hook.sock'}\n")
     else:
         path = write_config(workdir)
-    relayed = []
+    relay.slow(DEFAULT_NOTIFIED, 1.0)  # a Python libvirtd waited for would show
+    waited = []
     for op in HOOK_OPS:
         for sub_op in ("begin", "end"):
             call = f"{op} {sub_op}"
@@ -163,13 +199,17 @@ def test_only_guarded_and_notified_calls_start_python(
             # migrate and restore: libvirt reads stdout back as the XML; an unchanged copy.
             assert result.stdout == (XML.encode() if op in ("migrate", "restore") else b"")
             if python:
-                relayed.append(call)
+                waited.append(call)
             else:
                 assert result.stderr == b"", (call, result.stderr)
-    assert set(relayed) == DEFAULT_GUARDED | DEFAULT_NOTIFIED
+    assert waited == ["migrate begin"]  # only the guarded call makes libvirtd wait for Python
+    # The notified calls started a Python all the same, in the background; no other did.
+    relayed = DEFAULT_GUARDED | DEFAULT_NOTIFIED
+    assert wait_until(lambda: set(relay.pythons("end")) == relayed), relay.pythons("end")
+    assert sorted(relay.pythons("start")) == sorted(relayed)
     if config != "absent":
-        wait_for(seen, len(relayed))
-        assert {f"{r['op']} {r['sub_op']}" for r in seen} == set(relayed)
+        wait_for(seen, 3)
+        assert {f"{r['op']} {r['sub_op']}" for r in seen} == DEFAULT_GUARDED | DEFAULT_NOTIFIED
 
 
 def test_the_shell_front_and_python_agree_on_the_defaults() -> None:
@@ -178,9 +218,9 @@ def test_the_shell_front_and_python_agree_on_the_defaults() -> None:
     assert calls("guarded", defaults["guarded"]) == DEFAULT_GUARDED
     assert calls("notified", defaults["notified"]) == DEFAULT_NOTIFIED
     front = RELAY.read_text().split("# fmt: on", 1)[0]
-    case = next(line for line in front.splitlines() if line.startswith('"migrate begin"'))
-    named = {part.strip().strip('"') for part in case.split(")", 1)[0].split("|")}
-    assert named == DEFAULT_GUARDED | DEFAULT_NOTIFIED
+    cases = [line.split(")", 1)[0] for line in front.splitlines() if line.startswith('"')]
+    named = [{part.strip().strip('"') for part in case.split("|")} for case in cases]
+    assert named == [DEFAULT_GUARDED, DEFAULT_NOTIFIED]
 
 
 def test_a_configuration_naming_an_operation_sends_it_to_python(
@@ -225,21 +265,89 @@ def test_the_xml_copied_back_without_python_is_byte_identical(workdir: Path, rel
     assert result.stdout == odd.encode("utf-8")
 
 
+# -- notifications in the background --------------------------------------------------
+
+
+def test_a_guarded_call_waits_for_notifications_still_under_way(
+    workdir: Path, relay: Relay, agent: Any
+) -> None:
+    """A failed incoming migration's "stopped end" (its Python 0.5 s slow to start here) is
+    handled by the agent before the next migration's "migrate begin", which waits for it
+    (up to half its 4 s deadline)."""
+    seen = agent(lambda r: {"allow": True, "reason": ""})
+    config = write_config(workdir, deadline="4")
+    relay.slow({"stopped end"}, 0.5)
+    result, _, python = relay.run(config, "stopped", "end")
+    assert (result.returncode, python) == (0, False)  # libvirtd did not wait for it
+    result, took, _ = relay.run(config, "migrate", "begin")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == XML.encode()
+    assert [(r["op"], r["sub_op"]) for r in seen] == [("stopped", "end"), ("migrate", "begin")]
+    print(f"\nmigrate begin waited for the slow notification: {took * 1000:.0f} ms")
+
+
+def test_the_wait_for_notifications_is_bounded(workdir: Path, relay: Relay, agent: Any) -> None:
+    """At most half the deadline: a stuck notification never turns into a veto."""
+    seen = agent(lambda r: {"allow": True, "reason": ""})
+    config = write_config(workdir, deadline="1.0", fail_mode="closed")
+    relay.slow({"release end"}, 4.0)
+    result, _, _ = relay.run(config, "release", "end")
+    assert result.returncode == 0
+    result, _, _ = relay.run(config, "migrate", "begin")
+    assert result.returncode == 0, result.stderr  # asked, and allowed, within the deadline
+    assert b"notifications still under way after 0.5" in result.stderr
+    assert [(r["op"], r["sub_op"]) for r in seen] == [("migrate", "begin")]
+    assert wait_until(lambda: len(seen) == 2, 10)
+    assert (seen[1]["op"], seen[1]["sub_op"]) == ("release", "end")
+
+
+def test_a_large_xml_reaches_the_agent_from_the_background(
+    workdir: Path, relay: Relay, agent: Any
+) -> None:
+    """Larger than a pipe's buffer: libvirtd's write waits for the background Python to
+    read it (no deadlock), and the agent gets all of it."""
+    seen = agent(lambda r: {"allow": True, "reason": ""})
+    big = XML + "<!--" + "x" * 300_000 + "-->"
+    result, _, _ = relay.run(write_config(workdir), "stopped", "end", stdin=big)
+    assert result.returncode == 0
+    assert wait_until(lambda: len(seen) == 1)
+    assert seen[0]["xml"] == big
+
+
+def test_without_the_lock_notifications_are_delivered_before_exiting(
+    workdir: Path, relay: Relay, agent: Any
+) -> None:
+    seen = agent(lambda r: {"allow": True, "reason": ""})
+    result, _, python = relay.run(
+        write_config(workdir), "stopped", "end", lock=workdir / "missing/dir/hook.lock"
+    )
+    assert (result.returncode, python) == (0, True)  # sent before it exited
+    assert wait_until(lambda: len(seen) == 1)  # the agent's thread may take a moment
+    assert [(r["op"], r["sub_op"]) for r in seen] == [("stopped", "end")]
+
+
 def test_time_per_call_is_printed(workdir: Path, relay: Relay, agent: Any) -> None:
     """Median wall time of one call of each kind (printed, not asserted)."""
     agent(lambda r: {"allow": True, "reason": ""})
     config = write_config(workdir)
+    cfg = {"prepare": config, "stopped": config, "migrate": config}
+    cfg["attach"] = write_config(workdir, notified="attach begin", name="attach.conf")
     figures = {}
-    for label, op, sub_op, python in (
-        ("unguarded, not notified (shell front)", "prepare", "begin", False),
-        ("notified (python -I -S, no answer awaited)", "stopped", "end", True),
-        ("guarded, allowed at once (python -I -S)", "migrate", "begin", True),
+    for label, op, sub_op in (
+        ("unguarded, not notified (shell front)", "prepare", "begin"),
+        ("notified (shell front, Python in the background)", "stopped", "end"),
+        ("notified, no lock (python -I -S)", "attach", "begin"),
+        ("guarded, allowed at once (python -I -S)", "migrate", "begin"),
     ):
+        lock = workdir / "no/lock" if op == "attach" else None
         times = []
         for _ in range(9):
-            result, took, started = relay.run(config, op, sub_op)
-            assert result.returncode == 0 and started == python, (label, result.stderr)
+            result, took, _ = relay.run(cfg[op], op, sub_op, lock=lock)
+            assert result.returncode == 0, (label, result.stderr)
             times.append(took * 1000.0)
+            # Nothing left running in the background to load the next call.
+            starts = relay.pythons("start")
+            assert wait_until(lambda starts=starts: len(relay.pythons("end")) >= len(starts))
         figures[label] = statistics.median(times)
     print()
     for label, ms in figures.items():
