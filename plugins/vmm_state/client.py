@@ -215,6 +215,18 @@ class StateClient:
         result: dict[str, Any] = self._json(resp, what)
         return result
 
+    def tell_held(
+        self, migration: Migration, held: dict[str, float], deadline: float
+    ) -> dict[str, Any]:
+        """Destination: tell the source what it now holds of ``migration`` (its
+        ``synced``): the source settles and skips asking inside the pause."""
+        what = f"take what this host holds of {migration.id}"
+        kinds = ",".join(f"{k}@{at!r}" for k, at in sorted(held.items()))
+        path = f"/v1/state/{_seg(migration.id)}/synced"
+        resp = self._send("POST", path, migration, deadline, what, params={"kinds": kinds})
+        result: dict[str, Any] = self._json(resp, what)
+        return result
+
     def commit(self, migration: Migration, deadline: float) -> dict[str, Any]:
         """Tell the peer the VM stays there: its imports are final."""
         what = f"commit its imports of {migration.id}"

@@ -182,7 +182,7 @@ class _Handler(JsonRequestHandler):
     ROUTES: ClassVar[Routes[str]] = Routes(
         [
             (re.compile(_MIG + "$"), {"GET": "export", "POST": "import_", "DELETE": "revert"}),
-            (re.compile(_MIG + "/synced$"), {"GET": "synced"}),
+            (re.compile(_MIG + "/synced$"), {"GET": "synced", "POST": "held"}),
             (re.compile(_MIG + "/commit$"), {"POST": "commit"}),
             (re.compile(r"^/v1/health$"), {"GET": "health"}),
         ],
@@ -375,6 +375,25 @@ class _Handler(JsonRequestHandler):
         migration = self._migration(migration_id, Role.DESTINATION)
         self._finish_body()
         self._send_json(200, {"kinds": self._host.importer.synced(migration.id)})
+
+    def held(self, migration_id: str) -> None:
+        """The destination tells the source (this host) what it now holds of a
+        migration it imports (``?kinds=kind@exported_at,...``), at PREPARE: the
+        source settles at once and needs not ask inside the pause."""
+        query = self._query({"kinds"})
+        held: dict[str, float] = {}
+        for item in filter(None, query.get("kinds", "").split(",")):
+            kind, sep, at = item.partition("@")
+            try:
+                if not sep or not KIND_RE.match(kind) or kind in held:
+                    raise ValueError(item)
+                held[kind] = float(at)
+            except ValueError:
+                raise BadRequest(f"kinds must be distinct kind@time pairs, got {item!r}") from None
+        migration = self._migration(migration_id, Role.SOURCE)
+        settled = self._host.held(migration, held)
+        self._finish_body()
+        self._send_json(200, {"settled": settled})
 
     def commit(self, migration_id: str) -> None:
         self._query(set())

@@ -331,6 +331,8 @@ class StateHost:
         self._marks: dict[str, dict[float, float]] = {}
         #: (migration, kind) -> exported_at of the newest export settled for it
         self._settled: dict[tuple[str, str], float] = {}
+        #: migration -> what its destination said it holds, at PREPARE (``held``)
+        self._held: dict[str, dict[str, float]] = {}
         #: (migration, kind) -> a delta export started ahead (``prefetch``)
         self._prefetched: dict[tuple[str, str], Future[tuple[list[dict[str, Any]], ExportStat]]]
         self._prefetched = {}
@@ -428,6 +430,7 @@ class StateHost:
             self._available = {m for m in self._available if m[0] != migration_id}
             self._frozen.discard(migration_id)
             self._marks.pop(migration_id, None)
+            self._held.pop(migration_id, None)
             self._settled = {k: v for k, v in self._settled.items() if k[0] != migration_id}
         self.drop_prefetch(migration_id)
         thaw_heap(migration_id)
@@ -675,6 +678,21 @@ class StateHost:
                     for at in [a for a in kept if a < oldest]:
                         del kept[at]
         return out
+
+    def held(self, migration: Migration, synced: Mapping[str, float]) -> dict[str, int]:
+        """Source: the destination told (at PREPARE, after its import) what it holds
+        of ``migration``: settle now, outside the pause, and keep it for the
+        switchover (``take_held``), which then needs no round trip to ask.
+        Only ABORTED makes the destination drop its imports before then."""
+        settled = self.settle(migration, synced)
+        with self._lock:
+            self._held[migration.id] = dict(synced)
+        return settled
+
+    def take_held(self, migration_id: str) -> dict[str, float] | None:
+        """What the destination told it holds, once (a retry asks it again)."""
+        with self._lock:
+            return self._held.pop(migration_id, None)
 
     def prefetch(self, migration: Migration, kinds: Iterable[str]) -> list[str]:
         """Source, SWITCHOVER: start now, side by side, the delta exports that need

@@ -209,6 +209,13 @@ class StatePrecopy(_StateStage):
         except StageFailed:
             host.revert_imports(target, PRECOPY)
             raise
+        held = host.importer.synced(target.id)
+        if held:  # the source settles now and needs not ask inside the pause
+            try:
+                host.peer(migration.source).tell_held(target, held, ctx.deadline)
+            except Exception as err:  # it asks at the switchover instead
+                LOG.info("host %s: telling %s what it holds failed: %s", host.name,
+                         migration.source, err)  # fmt: skip
         return {
             "label": PRECOPY,
             "imports": imports,

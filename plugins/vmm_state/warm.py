@@ -688,9 +688,14 @@ def delta_identity(
 ) -> tuple[Migration, dict[str, float]]:
     """Source, SWITCHOVER: hand the move's plan over (if any: its refreshes stop)
     and say which identity holds the destination's imports of this move (the
-    migration's own, else the mirror's), and what it imported."""
+    migration's own, else the mirror's), and what it imported. Without a plan,
+    what the destination told at PREPARE (``StateHost.held``) answers without
+    a round trip inside the pause."""
     service = service_of(host)
     plan = service.find(migration) if service is not None else None
+    held = host.take_held(migration.id)
+    if plan is None and held:
+        return migration, held
     if plan is not None and service is not None:
         service.hand_over(plan, migration)
     client = host.peer(migration.destination)

@@ -236,6 +236,35 @@ def test_a_delta_carries_only_what_changed_since_the_last_transfer_the_destinati
     assert pair.delta().notes["kinds"]["conntrack"]["entries"] == 0  # settled again
 
 
+def test_the_switchover_makes_one_round_trip_and_lists_nothing_unchanged(pair, monkeypatch):
+    """The destination told the source what it holds at PREPARE (the source settled
+    then): inside the pause the source asks nothing, pushes one bundle with every
+    kind, and a kind with nothing to send costs the destination no work."""
+    s = seed(pair)
+    pair.precopy()
+    asked: list[str] = []
+    synced = pair.dst.importer.synced
+    monkeypatch.setattr(pair.dst.importer, "synced", lambda m: asked.append(m) or synced(m))
+    imported: list[tuple[str, int]] = []
+    for name, kind in pair.dst.kinds.items():
+        real = kind.import_
+        monkeypatch.setattr(
+            kind,
+            "import_",
+            lambda ctx, e, real=real, name=name: imported.append((name, len(e))) or real(ctx, e),
+        )
+    apply(pair.src_ns, [("delete", s["destroyed"])])
+    delta = pair.delta()
+    assert asked == []  # no "what do you hold?" inside the pause
+    assert delta.notes["transfers"] == 1 and delta.notes["identity_ms"] < 5.0, delta.notes
+    kinds = delta.notes["kinds"]
+    assert kinds["conntrack"]["entries"] == 1 and kinds["nft_sets"]["entries"] == 0, kinds
+    assert imported == [("conntrack", 1)]  # the empty nft_sets delta: no work there
+    same_sessions(pair.src_ns, pair.dst_ns)
+    pair.delta()  # told once: a second switchover asks again
+    assert asked == [pair.migration.id]
+
+
 def test_a_lost_event_turns_the_delta_into_a_counted_resync(pair):
     s = seed(pair)
     pair.precopy()
