@@ -105,3 +105,52 @@ def test_a_hub_over_a_store_without_a_gap_seam_still_streams() -> None:
     finally:
         hub.close()
         store.close()
+
+
+class SlowPageStore(NvaStore):
+    """Holds the hub's catch-up read of host-b until told, as a slow etcd read would."""
+
+    def __init__(self) -> None:
+        super().__init__(":memory:")
+        self.reading = threading.Event()
+        self.release = threading.Event()
+        self.calls = 0
+
+    def changes_since(self, nve_id: str, revision: int, timeout: float = 0.0) -> Any:
+        answer = super().changes_since(nve_id, revision, timeout)
+        if nve_id == "host-b":
+            self.calls += 1
+        if nve_id == "host-b" and self.calls == 2:  # the 1st: the server checks the request
+            self.reading.set()
+            self.release.wait(5)  # the page is now older than what the hub delivers
+        return answer
+
+
+def test_a_commit_delivered_while_a_page_was_read_still_reaches_the_new_stream() -> None:
+    store = SlowPageStore()
+    for name, vtep in (("host-a", "192.0.2.1"), ("host-b", "192.0.2.2")):
+        store.register_nve(name, vtep, [VNI])
+    server = NvaServer(store, TOKEN, "127.0.0.1", 0)
+    server.start()
+    try:
+        with NvaClient(server.url, TOKEN) as watcher, NvaClient(server.url, TOKEN) as other:
+            since = store.revision
+            other.watch("host-a", since, timeout=0.05)  # a stream the hub delivers to
+            opened = threading.Thread(target=watcher.watch, args=("host-b", since, 0.05))
+            opened.start()
+            assert store.reading.wait(5)
+            store.add_endpoint(VNI, "52:54:00:00:05:02", [], [], "host-a")
+            revision = store.revision
+            deadline = time.monotonic() + 5
+            while other.watch("host-a", since, timeout=0.1)[0] < revision:  # hub delivered it
+                assert time.monotonic() < deadline
+            store.release.set()
+            opened.join(5)
+            got, changes = watcher.watch("host-b", since, timeout=2.0)
+            if not changes:
+                got, changes = watcher.watch("host-b", got, timeout=2.0)
+            assert [c["endpoint"]["mac"] for c in changes] == ["52:54:00:00:05:02"]
+            assert got == revision
+    finally:
+        server.stop()
+        store.close()

@@ -36,6 +36,13 @@ miss commits (an etcd watch whose history was compacted) also offers
 ``add_gap_listener``: the hub then ends every stream with an Unavailable
 line, and each agent reconnects from its own revision.
 
+A new stream's catch-up page is read by one of ``ADMITTERS`` threads, not
+by the hub thread: with etcd behind the server each page is a few etcd
+reads, and a thousand agents (re)connecting at once (a site starting, or
+the agents of a failed server moving to this one) kept the hub thread from
+delivering anything for two minutes. A commit the hub delivered while a
+page was being read is caught up when the stream joins.
+
 A stream whose reader falls too far behind (``MAX_BACKLOG`` bytes unsent)
 is closed; the agent reconnects from the revision it reached.
 """
@@ -46,6 +53,7 @@ import collections
 import contextlib
 import json
 import logging
+import queue
 import selectors
 import socket
 import threading
@@ -62,6 +70,8 @@ PROTOCOL = "vmm-nva-stream/1"
 MAX_BACKLOG = 8 * 1024 * 1024
 #: Longest line an NVE may send (an ack is ~20 bytes).
 MAX_LINE = 4096
+#: Threads reading new streams' catch-up pages.
+ADMITTERS = 4
 
 
 class Subscriber:
@@ -76,6 +86,10 @@ class Subscriber:
         self.inbuf = bytearray()
         self.done = threading.Event()
         self.writing = False
+        #: The catch-up page read for it: (revision, changes).
+        self.page: tuple[int, list[dict[str, Any]]] = (since, [])
+        #: The hub's generation when its page was read (a gap starts a new one).
+        self.generation = 0
 
 
 def _ack_revision(line: bytes) -> int | None:
@@ -162,6 +176,11 @@ class StreamHub:
         self._lock = threading.Lock()
         self._batches: collections.deque[tuple[int, list[dict[str, Any]]]] = collections.deque()
         self._joining: list[Subscriber] = []
+        self._reading = 0
+        self._to_read: queue.SimpleQueue[Subscriber | None] = queue.SimpleQueue()
+        #: Newest revision the hub thread delivered (hub thread only).
+        self._high = 0
+        self._generation = 0
         self._leaving: list[Subscriber] = []
         self._subs: set[Subscriber] = set()
         self._by_vni: dict[int, set[Subscriber]] = {}
@@ -176,6 +195,12 @@ class StreamHub:
             store.add_gap_listener(self.restart)
         self._thread = threading.Thread(target=self._loop, name="nva-stream-hub", daemon=True)
         self._thread.start()
+        self._admitters = [
+            threading.Thread(target=self._read_pages, name=f"nva-stream-admit-{i}", daemon=True)
+            for i in range(ADMITTERS)
+        ]
+        for thread in self._admitters:
+            thread.start()
 
     # ------------------------------------------------------------ callers
 
@@ -183,7 +208,7 @@ class StreamHub:
     def streams(self) -> int:
         """Streams open now."""
         with self._lock:
-            return len(self._subs) + len(self._joining)
+            return len(self._subs) + len(self._joining) + self._reading
 
     def publish(self, revision: int, changes: Sequence[dict[str, Any]]) -> None:
         """A commit listener: queue the batch for the hub thread (runs under the store lock)."""
@@ -200,6 +225,7 @@ class StreamHub:
             if self._closed:
                 return
             self._gap = why
+            self._generation += 1  # pages read before now may miss what the feed missed
         self._wake()
 
     def attach(self, sock: socket.socket, nve_id: str, since: int) -> Subscriber:
@@ -209,8 +235,8 @@ class StreamHub:
             if self._closed:
                 sub.done.set()
                 return sub
-            self._joining.append(sub)
-        self._wake()
+            self._reading += 1
+        self._to_read.put(sub)
         return sub
 
     def close(self) -> None:
@@ -224,7 +250,18 @@ class StreamHub:
             self.store.remove_gap_listener(self.restart)
         self._wake()
         self._thread.join(timeout=5)
+        for _ in self._admitters:
+            self._to_read.put(None)
+        for thread in self._admitters:
+            thread.join(timeout=5)
         self.acks.close()
+        while True:
+            try:
+                waiting = self._to_read.get_nowait()
+            except queue.Empty:
+                break
+            if waiting is not None:
+                self._drop(waiting, "the directory is stopping")
         for sub in list(self._subs) + self._joining:
             self._drop(sub, "the directory is stopping")
         with contextlib.suppress(Exception):
@@ -333,29 +370,71 @@ class StreamHub:
             self._send(sub, line + b"\n")
             self._drop(sub, why)
 
-    def _admit(self) -> None:
-        """New streams: their catch-up page, read under the store's lock."""
-        with self._lock:
-            joining, self._joining = self._joining, []
-        for sub in joining:
+    def _read_pages(self) -> None:
+        """An admitter: read new streams' catch-up pages, then hand them to the hub."""
+        while True:
+            sub = self._to_read.get()
+            if sub is None:
+                return
+            with self._lock:
+                sub.generation = self._generation
             try:
-                sub.sock.setblocking(False)
-                revision, changes = self.store.changes_since(sub.nve_id, sub.position, 0.0)
+                sub.page = self.store.changes_since(sub.nve_id, sub.position, 0.0)
                 sub.vnis = frozenset(self.store.get_nve(sub.nve_id)["vnis"])
             except (NvaError, OSError) as err:
+                with self._lock:
+                    self._reading -= 1
                 self._error(sub, err)
                 continue
+            except Exception as err:  # an admitter must not die: later streams need it
+                LOG.exception("NVA stream: reading the page of %s failed", sub.nve_id)
+                with self._lock:
+                    self._reading -= 1
+                self._error(sub, err)
+                continue
+            with self._lock:
+                self._reading -= 1
+                closed = self._closed
+                if not closed:
+                    self._joining.append(sub)
+            if closed:
+                self._drop(sub, "the directory is stopping")
+            else:
+                self._wake()
+
+    def _admit(self) -> None:
+        """New streams, their page read: send it, and catch up what came meanwhile."""
+        with self._lock:
+            joining, self._joining = self._joining, []
+            generation = self._generation
+        for sub in joining:
+            if sub.generation != generation:  # read before a gap: it may miss commits
+                self._error(sub, Unavailable("the directory restarts its streams"))
+                continue
+            try:
+                sub.sock.setblocking(False)
+            except OSError as err:
+                self._drop(sub, str(err))
+                continue
+            revision, changes = sub.page
             self._subs.add(sub)
             self._index(sub)
             self._sel.register(sub.sock, selectors.EVENT_READ, sub)
             sub.position = revision
             self._send(sub, self._line(revision, [_encoded(c) for c in changes]))
-            # A truncated page: the rest comes with the next commit's catch-up below.
-            if changes and revision < self.store.revision:
-                self._catch_up(sub)
+            try:
+                if revision < self._high:  # commits delivered while its page was read
+                    self._unindex(sub)
+                    sub.vnis = frozenset(self.store.get_nve(sub.nve_id)["vnis"])
+                    self._index(sub)
+                    self._catch_up(sub)
+                elif changes and revision < self.store.revision:  # a truncated page
+                    self._catch_up(sub)
+            except NvaError as err:
+                self._error(sub, err)
 
     def _catch_up(self, sub: Subscriber) -> None:
-        while sub in self._subs and sub.position < self.store.revision:
+        while sub in self._subs and sub.position < max(self._high, self.store.revision):
             revision, changes = self.store.changes_since(sub.nve_id, sub.position, 0.0)
             if revision <= sub.position:
                 return
@@ -369,6 +448,7 @@ class StreamHub:
                 if not self._batches:
                     return
                 revision, changes = self._batches.popleft()
+            self._high = max(self._high, revision)
             encoded = [(c, _encoded(c)) for c in changes]
             reached: set[Subscriber] = set()
             for change in changes:
