@@ -24,6 +24,13 @@ took and how much of the migration's wall time they hold. The wrapper's own
 ``date`` calls cost a few ms per hook call, so take the added wall time from
 a run without it.
 
+``--paired`` measures the relay's own cost where a shared machine's load
+swamps the difference between two labs: in the orchestrated lab, each
+migration with the relay is paired with its neighbour made with a no-op hook
+in its place (the agents then prepare from libvirt's events alone, nothing
+vetoes), in alternating order, and the median of the pairs' differences is
+printed.
+
 Run as root:  .venv/bin/python benchmarks/libvirt_migration.py --runs 5
 """
 
@@ -219,27 +226,76 @@ def hook_tracing() -> Iterator[HookTracer]:
         shutil.rmtree(workdir, ignore_errors=True)
 
 
+#: ``--paired``: what the hooks directory holds instead of the relay for every other
+#: migration: a hook that does nothing (libvirt keeps its XML), so the agents prepare
+#: from libvirt's events alone and nothing vetoes.
+NO_OP_HOOK = "#!/bin/sh\nexit 0\n"
+
+
+def _swap_hook(ls: Any, text: str) -> None:
+    """Replace the hook in each libvirt host's qemu.d (atomically: libvirtd may run it)."""
+    for host in ls.hosts.values():
+        path = host.path("/etc/libvirt/hooks/qemu.d/vmm-orchestrator")
+        with open(path + ".new", "w", encoding="utf-8") as fh:
+            fh.write(text)
+        os.chmod(path + ".new", 0o755)
+        os.replace(path + ".new", path)
+
+
 def run_mode(
-    mode: str, runs: int, rate: int, tracer: HookTracer | None = None
+    mode: str,
+    runs: int,
+    rate: int,
+    tracer: HookTracer | None = None,
+    paired: list[demo.MigrationResult] | None = None,
 ) -> list[demo.MigrationResult]:
-    """``runs`` migrations h1 <-> h2 of one real guest in a fresh lab."""
+    """``runs`` migrations h1 <-> h2 of one real guest in a fresh lab; with ``paired``
+    (orchestrated), each one also followed or preceded (alternately) by a migration with
+    a no-op hook instead of the relay, appended to ``paired``."""
     results = []
     conf = lab_conf(orchestrated=mode == "orchestrated")
     with libvirt_site(conf, new_prefix(), orchestrated=mode == "orchestrated") as ls:
         print(f"-- {LABELS[mode]}: lab up ({ls.figures})", flush=True)
         if tracer is not None:
             tracer.hostnames.update({h.hostname: name for name, h in ls.hosts.items()})
+        with open(site_mod.RELAY, encoding="utf-8") as fh:
+            relay = fh.read()
         for i in range(runs):
-            res = demo.measured_migration(ls, rate=rate, mode=mode)
-            results.append(res)
-            print(
-                f"   {i + 1}/{runs} {res.source}->{res.destination}: lost after resume "
-                f"{res.lost_after_resume}, black hole {res.max_black_hole_ms:.1f} ms, "
-                f"libvirt downtime {res.libvirt_downtime_ms} ms"
-                + (f", errors {res.errors}" if res.errors else ""),
-                flush=True,
-            )
+            variants = [(results, relay, "")]
+            if paired is not None and mode == "orchestrated":
+                variants.append((paired, NO_OP_HOOK, " (no-op hook)"))
+                variants = variants[:: 1 if i % 2 == 0 else -1]
+            for into, hook, label in variants:
+                if paired is not None and mode == "orchestrated":
+                    _swap_hook(ls, hook)
+                res = demo.measured_migration(ls, rate=rate, mode=mode)
+                into.append(res)
+                print(
+                    f"   {i + 1}/{runs}{label} {res.source}->{res.destination}: lost after "
+                    f"resume {res.lost_after_resume}, black hole {res.max_black_hole_ms:.1f} "
+                    f"ms, libvirt downtime {res.libvirt_downtime_ms} ms, wall {res.wall_ms} ms"
+                    + (f", errors {res.errors}" if res.errors else ""),
+                    flush=True,
+                )
     return results
+
+
+def paired_report(
+    with_relay: list[demo.MigrationResult], no_op: list[demo.MigrationResult]
+) -> list[str]:
+    """The relay's cost measured in one lab: each migration with the relay against the
+    neighbouring one with a no-op hook (same load, same guest)."""
+    diffs = [a.wall_ms - b.wall_ms for a, b in zip(with_relay, no_op, strict=False)]
+    if not diffs:
+        return []
+    return [
+        "",
+        f"== Hook relay's added wall time, paired in one lab: median "
+        f"{statistics.median(diffs):+.1f} ms [{min(diffs):+.1f} - {max(diffs):+.1f}] over "
+        f"{len(diffs)} pairs (with the relay "
+        f"{_cell([r.wall_ms for r in with_relay])} ms, with a no-op hook "
+        f"{_cell([r.wall_ms for r in no_op])} ms) ==",
+    ]
 
 
 def _cell(values: Sequence[float | None]) -> str:
@@ -366,6 +422,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--modes", default=",".join(demo.MODES), help="rarp,orchestrated")
     parser.add_argument("--json", metavar="FILE", help="also write every result as JSON")
     parser.add_argument(
+        "--relay",
+        metavar="FILE",
+        help="install this hook relay instead of the shipped one (e.g. an older version "
+        "from git show, to compare them in the same conditions)",
+    )
+    parser.add_argument(
+        "--paired",
+        action="store_true",
+        help="orchestrated: also migrate with a no-op hook in place of the relay, alternately, "
+        "and print the relay's added wall time paired in one lab",
+    )
+    parser.add_argument(
         "--hook-trace",
         action="store_true",
         help="time every call of libvirt's qemu hook (the relay) on both hosts",
@@ -375,17 +443,24 @@ def main(argv: list[str] | None = None) -> int:
     bad = [m for m in modes if m not in demo.MODES]
     if bad or args.runs < 1:
         parser.error(f"modes must be among {', '.join(demo.MODES)} and --runs >= 1")
+    if args.paired and args.hook_trace:
+        parser.error("--paired and --hook-trace measure separately: give one of them")
     demo.check_prerequisites()
+    if args.relay:
+        site_mod.RELAY = os.path.abspath(args.relay)
     started = time.monotonic()
     with contextlib.ExitStack() as stack:
         tracer = stack.enter_context(hook_tracing()) if args.hook_trace else None
         by_mode = {}
+        no_op: list[demo.MigrationResult] | None = [] if args.paired else None
         for mode in modes:
             if tracer is not None:
                 tracer.mode = mode
-            by_mode[mode] = run_mode(mode, args.runs, args.rate, tracer)
+            by_mode[mode] = run_mode(mode, args.runs, args.rate, tracer, no_op)
         print()
         print(render(by_mode))
+        if no_op is not None:
+            print("\n".join(paired_report(by_mode.get("orchestrated", []), no_op)))
         if tracer is not None:
             print("\n".join(tracer.report()))
     print(
