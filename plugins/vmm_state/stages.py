@@ -13,7 +13,12 @@
   delta holds only the entries created, changed or destroyed since; after a
   lost event it is a full resync, noted per kind (``delta``, ``resyncs``).
   Tracking ends when the migration does (``StateHost.forget``: COMPLETED,
-  ABORTED) or after ``[state_conntrack] track_seconds``.
+  ABORTED) or after ``[state_conntrack] track_seconds``. Inside the pause it
+  costs one round trip: the destination told the source what it holds right
+  after its pre-copy (the source settled then: ``StateHost.held``), the kinds
+  whose delta needs no answer start exporting at once (``prefetch``), a
+  kind with no change since lists nothing (``kinds._watch``), and one bundle
+  carries every kind's delta; an empty one costs the destination no work.
 * COMPLETED, source, ``state_cleanup``: remove the VM's entries here
   (keeping the sessions of the endpoints that stay here: their traffic with
   the VM still crosses this host's firewall) and tell the destination its

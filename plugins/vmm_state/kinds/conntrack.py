@@ -537,7 +537,8 @@ class ConntrackKind(BaseKind):
                         yield deletion(conn)
                 return
             LOG.warning(
-                "conntrack: %d event loss(es) while tracking %s; sending a full resync",
+                "conntrack: %d event loss(es) while tracking %s, or its destination lost "
+                "changes settled before; sending a full resync",
                 tracker.lost,
                 ctx.migration_id,
             )
