@@ -22,8 +22,11 @@ answered as expired and never handed to the handler: no PREPARE runs for a
 migration the relay already decided. A request whose handler allowed it but
 whose answer came too late (or found the relay gone) is handed to
 ``on_abandoned``, so the daemon can revert what the handler did. Calls the
-relay does not wait for (it never vetoes them) come without ``expires`` and
-the client closes without reading the answer.
+relay does not wait for (it never vetoes them: by default only "stopped end"
+and "release end"; the relay answers every other unguarded call itself,
+without asking) come without ``expires``; the client either closes without
+reading the answer or, delivering from the background, reads it only to
+know the call was handled before it lets a guarded call through.
 
 The same socket is the agent's local API: ``{"op": "ping"}`` answers allow
 with the host's name (a health check), ``{"op": "status"}`` adds the
