@@ -268,6 +268,21 @@ def test_the_xml_copied_back_without_python_is_byte_identical(workdir: Path, rel
 # -- notifications in the background --------------------------------------------------
 
 
+def test_check_says_how_notifications_are_delivered(workdir: Path, agent: Any) -> None:
+    agent(lambda r: {"allow": True, "reason": "host h1"})
+    config = write_config(workdir)
+    for lock, expected in (
+        (workdir / "hook.lock", b"notifications: delivered in the background"),
+        (workdir / "missing/hook.lock", b"notifications: delivered before libvirt goes on"),
+    ):
+        env = {"PATH": "/usr/bin:/bin", "VMM_HOOK_CONFIG": str(config), "VMM_HOOK_LOCK": str(lock)}
+        done = subprocess.run(
+            [str(RELAY), "--check"], capture_output=True, env=env, timeout=20, check=False
+        )
+        assert done.returncode == 0, done.stderr
+        assert expected in done.stdout, done.stdout
+
+
 def test_a_guarded_call_waits_for_notifications_still_under_way(
     workdir: Path, relay: Relay, agent: Any
 ) -> None:
