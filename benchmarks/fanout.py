@@ -49,6 +49,13 @@ every long-poll; acks were one transaction each); a stream per NVE, acks on
 that stream written in batches, and the agents' flood list programmed once
 per batch of changes took the median from 4,504 to about 200 ms at 1,000
 peers on this 2-core machine (see the report of the run for the table).
+With etcd, agents watching etcd directly cost etcd a watcher and an event
+encoding per agent (about 420-610 ms at 1,000 peers); the server in front
+of etcd (etcd-served: one etcd watch, the same streams as the embedded
+directory) brought that to about 230 ms, against 150-200 ms embedded in the
+same runs. What is left of the directory's cost per peer with etcd is the
+acks: each is a key in etcd (about 55-85 us of etcd CPU per ack through
+etcd's JSON gateway, measured alone, plus the server's encoding).
 
 Run as root:  .venv/bin/python benchmarks/fanout.py --peers 10,100,1000 --real 50 --runs 3
 """
