@@ -248,10 +248,12 @@ def run_mode(
     rate: int,
     tracer: HookTracer | None = None,
     paired: list[demo.MigrationResult] | None = None,
+    other_hook: str = NO_OP_HOOK,
 ) -> list[demo.MigrationResult]:
     """``runs`` migrations h1 <-> h2 of one real guest in a fresh lab; with ``paired``
     (orchestrated), each one also followed or preceded (alternately) by a migration with
-    a no-op hook instead of the relay, appended to ``paired``."""
+    ``other_hook`` (the text of a hook: by default a no-op) instead of the relay, appended
+    to ``paired``."""
     results = []
     conf = lab_conf(orchestrated=mode == "orchestrated")
     with libvirt_site(conf, new_prefix(), orchestrated=mode == "orchestrated") as ls:
@@ -263,7 +265,8 @@ def run_mode(
         for i in range(runs):
             variants = [(results, relay, "")]
             if paired is not None and mode == "orchestrated":
-                variants.append((paired, NO_OP_HOOK, " (no-op hook)"))
+                label = " (no-op hook)" if other_hook == NO_OP_HOOK else " (other hook)"
+                variants.append((paired, other_hook, label))
                 variants = variants[:: 1 if i % 2 == 0 else -1]
             for into, hook, label in variants:
                 if paired is not None and mode == "orchestrated":
@@ -281,19 +284,21 @@ def run_mode(
 
 
 def paired_report(
-    with_relay: list[demo.MigrationResult], no_op: list[demo.MigrationResult]
+    with_relay: list[demo.MigrationResult],
+    no_op: list[demo.MigrationResult],
+    other: str = "a no-op hook",
 ) -> list[str]:
     """The relay's cost measured in one lab: each migration with the relay against the
-    neighbouring one with a no-op hook (same load, same guest)."""
+    neighbouring one with the other hook (same load, same guest)."""
     diffs = [a.wall_ms - b.wall_ms for a, b in zip(with_relay, no_op, strict=False)]
     if not diffs:
         return []
     return [
         "",
-        f"== Hook relay's added wall time, paired in one lab: median "
+        f"== Hook relay's wall time against {other}, paired in one lab: median "
         f"{statistics.median(diffs):+.1f} ms [{min(diffs):+.1f} - {max(diffs):+.1f}] over "
         f"{len(diffs)} pairs (with the relay "
-        f"{_cell([r.wall_ms for r in with_relay])} ms, with a no-op hook "
+        f"{_cell([r.wall_ms for r in with_relay])} ms, with {other} "
         f"{_cell([r.wall_ms for r in no_op])} ms) ==",
     ]
 
@@ -435,6 +440,11 @@ def main(argv: list[str] | None = None) -> int:
         "and print the relay's added wall time paired in one lab",
     )
     parser.add_argument(
+        "--paired-with",
+        metavar="FILE",
+        help="with --paired: this hook instead of the no-op one (e.g. an older relay)",
+    )
+    parser.add_argument(
         "--hook-trace",
         action="store_true",
         help="time every call of libvirt's qemu hook (the relay) on both hosts",
@@ -444,6 +454,8 @@ def main(argv: list[str] | None = None) -> int:
     bad = [m for m in modes if m not in demo.MODES]
     if bad or args.runs < 1:
         parser.error(f"modes must be among {', '.join(demo.MODES)} and --runs >= 1")
+    if args.paired_with and not args.paired:
+        parser.error("--paired-with goes with --paired")
     if args.paired and args.hook_trace:
         parser.error("--paired and --hook-trace measure separately: give one of them")
     demo.check_prerequisites()
@@ -454,14 +466,19 @@ def main(argv: list[str] | None = None) -> int:
         tracer = stack.enter_context(hook_tracing()) if args.hook_trace else None
         by_mode = {}
         no_op: list[demo.MigrationResult] | None = [] if args.paired else None
+        other, other_hook = "a no-op hook", NO_OP_HOOK
+        if args.paired_with:
+            other = args.paired_with
+            with open(args.paired_with, encoding="utf-8") as fh:
+                other_hook = fh.read()
         for mode in modes:
             if tracer is not None:
                 tracer.mode = mode
-            by_mode[mode] = run_mode(mode, args.runs, args.rate, tracer, no_op)
+            by_mode[mode] = run_mode(mode, args.runs, args.rate, tracer, no_op, other_hook)
         print()
         print(render(by_mode))
         if no_op is not None:
-            print("\n".join(paired_report(by_mode.get("orchestrated", []), no_op)))
+            print("\n".join(paired_report(by_mode.get("orchestrated", []), no_op, other)))
         if tracer is not None:
             print("\n".join(tracer.report()))
     print(
