@@ -169,6 +169,20 @@ class StateKind(abc.ABC):
         """Destination: the migration is over; drop what the kind remembers of its imports."""
         return None
 
+    #: True when the kind implements :meth:`settle` (its tracking can forget
+    #: what the destination already holds).
+    settles: ClassVar[bool] = False
+
+    def settle(self, migration_id: str, upto: float | None) -> int:
+        """Source: forget the tracked changes the destination already holds.
+
+        ``upto`` is a time.monotonic() mark taken at the source before the
+        export the destination holds; None means the destination lost what
+        was settled (it reverted an import), so the next delta must be a
+        resync. Returns how many tracked changes were dropped.
+        """
+        return 0
+
     def delta_figures(self, migration_id: str) -> dict[str, Any]:
         """Figures of the newest export for the migration: ``mode`` ("full", "delta"
         or "resync": events were lost and everything was sent again), counts."""

@@ -644,9 +644,9 @@ class StateHost:
             marks = dict(self._marks.get(migration.id, {}))
         out: dict[str, int] = {}
         for name, kind in self.kinds.items():
-            settle = getattr(kind, "settle", None)
-            if settle is None:
+            if not kind.settles:
                 continue
+            settle = kind.settle
             at = synced.get(name)
             with self._lock:
                 before = self._settled.get((migration.id, name))
@@ -719,7 +719,7 @@ class StateHost:
         started = []
         for name in kinds:
             kind = self.kinds.get(name)
-            if kind is None or name not in available or getattr(kind, "settle", None):
+            if kind is None or name not in available or kind.settles:
                 continue
             with self._lock:
                 if self._pool is None:

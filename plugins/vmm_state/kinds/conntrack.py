@@ -353,6 +353,7 @@ class ConntrackKind(BaseKind):
     """Sessions of the host's stateful firewall (the namespace's conntrack table)."""
 
     name = "conntrack"
+    settles = True
     default_max_entries = 262144
     opts: ClassVar[list[cfg.Opt]] = [
         max_entries_opt(262144, "conntrack entries (sessions)"),

@@ -55,6 +55,7 @@ class DhcpSnoopingKind(ElementKind):
     """The VM's DHCP-snooping bindings and its port's enforcement."""
 
     name = "dhcp_snooping"
+    settles = True
     default_max_entries = 64
     opts: ClassVar[list[cfg.Opt]] = [
         max_entries_opt(64, "DHCP-snooping bindings"),

@@ -83,6 +83,7 @@ class MdbKind(BaseKind):
     """IGMP/MLD snooping membership of the VM's port."""
 
     name = "mdb"
+    settles = True
     default_max_entries = 512
     opts: ClassVar[list[cfg.Opt]] = [
         max_entries_opt(512, "multicast memberships (mdb entries)"),
