@@ -79,6 +79,7 @@ setup(
             "embedded = vmm_orchestrator.nva.backends:EmbeddedBackend",
             "neutron = vmm_openstack.neutron:NeutronDirectory",
             "etcd = vmm_etcd.backends:EtcdBackend",
+            "etcd-served = vmm_etcd.backends:EtcdServedBackend",
             "ovn = vmm_ovn.directory:OvnNbDirectory",
         ],
         "oslo.config.opts": [

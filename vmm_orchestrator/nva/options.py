@@ -18,7 +18,10 @@ NVA_OPTS: list[cfg.Opt] = [
         help="Where the directory lives. 'embedded': SQLite in the `vmm nva serve` process "
         "([nva] database); agents and stages reach it over HTTP ([nva] url). 'etcd': an etcd "
         "cluster ([nva_etcd]); agents and stages talk to etcd directly and NVE agents watch "
-        "their VNs' keys; `vmm nva serve` can still serve it over HTTP. Other names are looked "
+        "their VNs' keys; `vmm nva serve` can still serve it over HTTP. 'etcd-served': the "
+        "directory on etcd ([nva_etcd]) with `vmm nva serve` in front of it; agents and stages "
+        "reach it over HTTP ([nva] url), one stream per NVE, and each server follows etcd with "
+        "one watch. Other names are looked "
         "up in the vmm_orchestrator.nva_backends entry points (e.g. 'neutron').",
     ),
     cfg.URIOpt(

@@ -45,8 +45,8 @@ NVE agents that follow the directory at scale open one stream each
 :mod:`vmm_orchestrator.nva.stream`) instead of long-polling ``/v1/watch``,
 and ack on that stream; ``POST /v1/acks`` records many acks in one
 request and one transaction. The long-poll and the single ack stay for
-older agents and for backends without a commit feed (etcd behind this
-server answers 404 on ``/v1/stream``, and the client long-polls).
+older agents and for backends without a commit feed (the etcd store
+streams too: its commit feed is one etcd watch, vmm_etcd.feed).
 """
 
 from __future__ import annotations
