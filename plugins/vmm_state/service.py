@@ -907,15 +907,33 @@ class StateHost:
             return kinds
         return kinds + [str(k) for k in theirs if k not in self.kinds]
 
-    def pull(self, migration: Migration, label: str, kinds: list[str], deadline: float) -> Transfer:
+    def pull(
+        self,
+        migration: Migration,
+        label: str,
+        kinds: list[str],
+        deadline: float,
+        since: float | None = None,
+        freeze: bool = True,
+    ) -> Transfer:
         """Destination: pull an export of ``kinds`` from the source and import it here
-        (the collector paused; the heap frozen afterwards until the migration ends)."""
+        (the collector paused; with ``freeze`` the heap frozen afterwards until the
+        migration ends). ``since`` (the source's clock) asks for a delta from then
+        (a warm mirror's remainder); None: whatever the source tracks, else whole."""
         with no_gc():
-            done = self._pull(migration, label, kinds, deadline)
-        self._freeze(migration.id)
+            done = self._pull(migration, label, kinds, deadline, since)
+        if freeze:
+            self._freeze(migration.id)
         return done
 
-    def _pull(self, migration: Migration, label: str, kinds: list[str], until: float) -> Transfer:
+    def _pull(
+        self,
+        migration: Migration,
+        label: str,
+        kinds: list[str],
+        until: float,
+        since: float | None = None,
+    ) -> Transfer:
         started = time.perf_counter()
         client = self.peer(migration.source)
         if not self.import_slots.acquire(timeout=max(0.0, until - time.monotonic())):
@@ -926,7 +944,7 @@ class StateHost:
             report = ImportReport.failed(migration.id, label, kinds, Reason.TRANSFER_FAILED, busy)
             return Transfer(report, {}, (time.perf_counter() - started) * 1000.0)
         try:
-            return self._pull_one(client, migration, label, kinds, until, started)
+            return self._pull_one(client, migration, label, kinds, until, started, since)
         finally:
             self.import_slots.release()
 
@@ -938,11 +956,12 @@ class StateHost:
         kinds: list[str],
         until: float,
         started: float,
+        since: float | None = None,
     ) -> Transfer:
         received_at = time.monotonic()
         reader = self.new_reader()
         try:
-            client.pull(migration, reader, label=label, kinds=kinds, deadline=until)
+            client.pull(migration, reader, label=label, kinds=kinds, since=since, deadline=until)
             bundle = reader.finish()
         except BundleError as err:
             report = ImportReport.refused(migration.id, label, kinds, err, reader.size)

@@ -68,7 +68,6 @@ from vmm_orchestrator.commands import Command
 from vmm_orchestrator.errors import ConfigError, VmmError
 from vmm_orchestrator.model import Migration, Vif, Workload, normalize_mac
 from vmm_orchestrator.options import require
-from vmm_state.bundle import BundleError
 from vmm_state.importer import ImportReport, KindAnswer, LedgerEntry
 from vmm_state.kinds._common import no_gc
 from vmm_state.service import ExportStat, StateHost, StateSettings, Transfer
@@ -223,28 +222,9 @@ def pull_since(
     label: str = PRECOPY,
 ) -> Transfer:
     """Destination: pull ``kinds`` from the source, a delta from ``since``
-    (the source's clock; None: whole), and import it here. As StateHost.pull,
-    which has no ``since``."""
-    started = time.perf_counter()
-    received_at = time.monotonic()
-    reader = host.new_reader()
-    with no_gc():
-        try:
-            client = host.peer(migration.source)
-            client.pull(migration, reader, label=label, kinds=kinds, since=since, deadline=deadline)
-            bundle = reader.finish()
-        except BundleError as err:
-            report = ImportReport.refused(migration.id, label, kinds, err, reader.size)
-        except ServiceError as err:
-            report = ImportReport.failed(
-                migration.id, label, kinds, reason_for(err), f"{err.code}: {err}", reader.size
-            )
-        else:
-            read_ms = (time.perf_counter() - started) * 1000.0
-            report = host.importer.import_bundle(migration, bundle, label, received_at)
-            report.read_ms = read_ms
-            del bundle
-    return Transfer(report, {}, (time.perf_counter() - started) * 1000.0)
+    (the source's clock; None: whole), and import it here: StateHost.pull with a
+    ``since`` and without freezing the heap (a mirror's id may outlive the move)."""
+    return host.pull(migration, label, kinds, deadline, since=since, freeze=False)
 
 
 def merged(transfers: list[Transfer]) -> Transfer:
