@@ -32,7 +32,6 @@ from oslo_config import cfg
 
 from vmm_lab.firewall import FirewallSettings
 from vmm_lab.linux.demo import PortProfile, lab_site
-from vmm_lab.linux.hypervisor import LabHypervisor
 from vmm_lab.linux.probe import format_table
 from vmm_lab.linux.topology import new_prefix
 from vmm_lab.state_demo import transfer_rows
@@ -88,14 +87,7 @@ def run_mode(conf: cfg.ConfigOpts, with_state: bool, sessions: int, rate: float)
             )  # fmt: skip
             _ready(client, "the clients")
             time.sleep(1.0)  # traffic on every session before the move
-            hyper = LabHypervisor(
-                site.lab,
-                site.dispatchers,
-                qemu_rarp=True,
-                hold_switchover=True,
-                libvirt_ports=True,
-                on_port=site.port_event,
-            )
+            hyper = site.state_hypervisor()
             record, futures = hyper.migrate(vm1, "h2", conf.lab.downtime_ms)
             reports = [f.result(timeout=120) for f in futures]
             time.sleep(3.0)  # traffic after the move

@@ -27,7 +27,7 @@ from oslo_config import cfg
 from vmm_lab import proofs
 from vmm_lab.linux import options as lab_opts
 from vmm_lab.linux.demo import lab_site
-from vmm_lab.linux.hypervisor import LabHypervisor, MigrationVetoed
+from vmm_lab.linux.hypervisor import MigrationVetoed
 from vmm_lab.linux.probe import format_table
 from vmm_lab.linux.topology import new_prefix
 from vmm_orchestrator.options import require
@@ -107,14 +107,7 @@ def run_state_mode(
             if problems:
                 run.errors += [f"before the move: {p}" for p in problems]
                 return run
-            hyper = LabHypervisor(
-                site.lab,
-                site.dispatchers,
-                qemu_rarp=True,
-                hold_switchover=True,
-                libvirt_ports=True,
-                on_port=site.port_event,
-            )
+            hyper = site.state_hypervisor()
             try:
                 record, futures = hyper.migrate(site.lab.vms[vm], destination, conf.lab.downtime_ms)
             except MigrationVetoed as err:

@@ -9,7 +9,6 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from vmm_lab import proofs
 from vmm_lab.linux.demo import lab_site
-from vmm_lab.linux.hypervisor import LabHypervisor
 from vmm_orchestrator import engine, metrics
 
 
@@ -33,14 +32,7 @@ def test_state_entries_and_pause_time_per_kind(lab_conf, prefix):
         with lab_site(lab_conf, prefix, orchestrated=True, state=True) as site:
             setup = proofs.arrange(site)
             try:
-                hyper = LabHypervisor(
-                    site.lab,
-                    site.dispatchers,
-                    qemu_rarp=True,
-                    hold_switchover=True,
-                    libvirt_ports=True,
-                    on_port=site.port_event,
-                )
+                hyper = site.state_hypervisor()
                 _, futures = hyper.migrate(site.lab.vms["vm1"], "h2", 50)
                 reports = [f.result(timeout=60) for f in futures]
             finally:

@@ -56,14 +56,7 @@ def state_conf() -> cfg.ConfigOpts:
 
 
 def hypervisor(site: LabSite) -> LabHypervisor:
-    return LabHypervisor(
-        site.lab,
-        site.dispatchers,
-        qemu_rarp=True,
-        hold_switchover=True,
-        libvirt_ports=True,
-        on_port=site.port_event,
-    )
+    return site.state_hypervisor()
 
 
 def kind_figures(reports: list[PhaseReport], stage: str) -> dict[str, dict[str, Any]]:

@@ -30,7 +30,6 @@ from oslo_config import cfg
 from vmm_lab import proofs
 from vmm_lab.linux import options as lab_options
 from vmm_lab.linux.demo import LabSite, PortProfile, lab_site
-from vmm_lab.linux.hypervisor import LabHypervisor
 from vmm_lab.linux.topology import lab_namespaces, new_prefix
 from vmm_linux.netns import socket_in
 from vmm_orchestrator.engine import PhaseReport
@@ -159,14 +158,7 @@ def move(site: LabSite, use_warm: bool) -> Run:
         apply(h1, [("create", session(vm1.ipv4, SESSIONS + i)) for i in range(CREATED)])
         apply(h1, [("delete", session(vm1.ipv4, i)) for i in range(DESTROYED)])
         expected = far_sessions(h1, vm1.ipv4)
-        hv = LabHypervisor(
-            site.lab,
-            site.dispatchers,
-            qemu_rarp=True,
-            hold_switchover=True,
-            libvirt_ports=True,
-            on_port=site.port_event,
-        )
+        hv = site.state_hypervisor()
         record, futures = hv.migrate(vm1, "h2", 50)
         reports = [f.result(timeout=60) for f in futures]
         assert record.aborted is None
@@ -333,14 +325,7 @@ def test_an_aborted_move_gives_the_plan_back_and_the_next_one_adopts_again(
                 plan = services["h1"].plan(vm1.workload, "h1", "h2")
                 services["h2"].plan(vm1.workload, "h1", "h2")
                 wait_for(lambda: len(plan.refreshes) >= 2, 30, "two mirror refreshes")
-                hv = LabHypervisor(
-                    site.lab,
-                    site.dispatchers,
-                    qemu_rarp=True,
-                    hold_switchover=True,
-                    libvirt_ports=True,
-                    on_port=site.port_event,
-                )
+                hv = site.state_hypervisor()
                 record, futures = hv.migrate(vm1, "h2", 50, abort_after=abort_after)
                 aborted = [f.result(timeout=60) for f in futures]
                 assert record.aborted is not None and vm1.host == "h1"

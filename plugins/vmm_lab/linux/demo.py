@@ -176,6 +176,19 @@ class LabSite:
         self.profiles[vm_name] = profile
         self.port_event(vm, vm.host, True)
 
+    def state_hypervisor(self) -> LabHypervisor:
+        """The hypervisor of the state labs: QEMU's RARPs, a SWITCHOVER the source's
+        stages hold the pause for (as libvirt's hook does), libvirt-style ports (the
+        tap exists before the resume) and the port profile following the VM."""
+        return LabHypervisor(
+            self.lab,
+            self.dispatchers,
+            qemu_rarp=True,
+            hold_switchover=True,
+            libvirt_ports=True,
+            on_port=self.port_event,
+        )
+
     def port_event(self, vm: LabVm, host: str, plugged: bool) -> None:
         """A LabHypervisor ``on_port`` hook: write (or remove) the port's static
         profile on ``host``'s firewall, as the port plug (or unplug) does there."""
