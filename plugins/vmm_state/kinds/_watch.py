@@ -29,6 +29,7 @@ import socket
 import struct
 import threading
 import time
+from typing import Any, ClassVar
 
 from vmm_kernel.netns import socket_in
 
@@ -162,3 +163,26 @@ class Settled:
         with self._lock:
             self._seen.pop(migration_id, None)
             self._base.pop(migration_id, None)
+
+
+class SettlesWhole:
+    """StateKind.settle and delta_figures for a kind whose delta is its whole set.
+
+    Mixed in before the kind's base class; the kind keeps its ``Settled`` in
+    ``_settled`` and its per-migration figures in ``_figures`` under ``_lock``.
+    """
+
+    settles: ClassVar[bool] = True
+    _settled: Settled
+    _figures: dict[str, dict[str, Any]]
+    _lock: threading.Lock
+
+    def settle(self, migration_id: str, upto: float | None) -> int:
+        """The destination holds the export that began at ``upto`` (None: it lost
+        what was settled); see ``Settled``."""
+        self._settled.settle(migration_id, upto)
+        return 0
+
+    def delta_figures(self, migration_id: str) -> dict[str, Any]:
+        with self._lock:
+            return dict(self._figures.get(migration_id, {}))

@@ -47,15 +47,14 @@ from vmm_state.kinds._common import (
     seconds,
     vif_for_port,
 )
-from vmm_state.kinds._watch import Settled, nft_generation
+from vmm_state.kinds._watch import Settled, SettlesWhole, nft_generation
 from vmm_state.kinds.nftsets import ElementKind
 
 
-class DhcpSnoopingKind(ElementKind):
+class DhcpSnoopingKind(SettlesWhole, ElementKind):
     """The VM's DHCP-snooping bindings and its port's enforcement."""
 
     name = "dhcp_snooping"
-    settles = True
     default_max_entries = 64
     opts: ClassVar[list[cfg.Opt]] = [
         max_entries_opt(64, "DHCP-snooping bindings"),
@@ -107,16 +106,6 @@ class DhcpSnoopingKind(ElementKind):
             self._tracked.discard(migration_id)
             self._figures.pop(migration_id, None)
         self._settled.forget(migration_id)
-
-    def settle(self, migration_id: str, upto: float | None) -> int:
-        """The destination holds the export that began at ``upto`` (None: it lost
-        what was settled); see ``Settled``."""
-        self._settled.settle(migration_id, upto)
-        return 0
-
-    def delta_figures(self, migration_id: str) -> dict[str, Any]:
-        with self._lock:
-            return dict(self._figures.get(migration_id, {}))
 
     def set_names(self) -> list[tuple[str, str, str]]:
         family, table = self.table

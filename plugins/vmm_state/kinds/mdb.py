@@ -45,7 +45,7 @@ from vmm_state.kinds._common import (
     require,
     vif_for_port,
 )
-from vmm_state.kinds._watch import MdbWatch, Settled
+from vmm_state.kinds._watch import MdbWatch, Settled, SettlesWhole
 
 LOG = logging.getLogger(__name__)
 
@@ -79,11 +79,10 @@ def _ident(entry: dict[str, Any]) -> tuple[Any, ...]:
     return (entry["port"], entry["group"], entry.get("source"), entry.get("vid"))
 
 
-class MdbKind(BaseKind):
+class MdbKind(SettlesWhole, BaseKind):
     """IGMP/MLD snooping membership of the VM's port."""
 
     name = "mdb"
-    settles = True
     default_max_entries = 512
     opts: ClassVar[list[cfg.Opt]] = [
         max_entries_opt(512, "multicast memberships (mdb entries)"),
@@ -117,16 +116,6 @@ class MdbKind(BaseKind):
         self._settled.forget(migration_id)
         if watch is not None:
             watch.close()
-
-    def settle(self, migration_id: str, upto: float | None) -> int:
-        """The destination holds the export that began at ``upto`` (None: it lost
-        what was settled); see ``Settled``."""
-        self._settled.settle(migration_id, upto)
-        return 0
-
-    def delta_figures(self, migration_id: str) -> dict[str, Any]:
-        with self._lock:
-            return dict(self._figures.get(migration_id, {}))
 
     def unavailable(self, ctx: KindContext) -> str | None:
         for vni in sorted({v.vni for v in ctx.vifs}):
