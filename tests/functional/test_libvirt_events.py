@@ -824,7 +824,12 @@ def relay(site: dict[str, Any], socket: str, xml: str, op: str, sub_op: str) -> 
         [str(RELAY), "vm", op, sub_op, "-"],
         input=xml.encode(),
         capture_output=True,
-        env={"PATH": "/usr/bin:/bin", "VMM_HOOK_CONFIG": str(site["relay_conf"])},
+        env={
+            "PATH": "/usr/bin:/bin",
+            "VMM_HOOK_CONFIG": str(site["relay_conf"]),
+            # no lock directory: notifications are delivered before the relay exits
+            "VMM_HOOK_LOCK": str(site["tmp"] / "no-lock" / "hook.lock"),
+        },
         timeout=20,
         check=False,
     )
