@@ -62,6 +62,26 @@ def socket_in(netns: str | None, family: int, type_: int, proto: int = 0) -> soc
         return socket.socket(family, type_, proto)
 
 
+class RecvBuffer:
+    """One buffer a socket's loop reads every message into.
+
+    ``sock.recv(n)`` allocates n bytes per call and shrinks them to what
+    arrived: the NVE agent's netlink loop alone allocated 2.7 GB over 100
+    lab migrations that way (memray, native traces), churn the allocator
+    partly keeps as resident memory. Reading into one buffer allocates only
+    what arrived.
+    """
+
+    def __init__(self, size: int) -> None:
+        self._buf = bytearray(size)
+        self._view = memoryview(self._buf)
+
+    def recv(self, sock: socket.socket) -> bytes:
+        """The next message (b"" at end of stream); timeouts and errors as sock.recv."""
+        n = sock.recv_into(self._buf)
+        return bytes(self._view[:n])
+
+
 def namespace_inode(netns: str | None) -> int:
     """The inode of ``netns`` (0: ours; -1: gone): a namespace deleted and made
     again under its name is another namespace."""

@@ -61,6 +61,7 @@ from pyroute2.netlink.rtnl import RTM_GETLINK, RTM_NEWLINK, RTMGRP_NEIGH
 from pyroute2.netlink.rtnl.ifinfmsg import ifinfmsg
 from pyroute2.netlink.rtnl.marshal import MarshalRtnl
 
+from vmm_kernel.netns import RecvBuffer
 from vmm_kernel.nft import NftError, nft
 from vmm_linux.netns import socket_in
 from vmm_linux.nve import LinuxNve
@@ -650,9 +651,10 @@ class NveAgent:
             sock.settimeout(0.2)
             ours = self._own_ports()
             self._listening.set()
+            buffer = RecvBuffer(1 << 20)
             while not self._stop.is_set():
                 try:
-                    data = sock.recv(1 << 20)
+                    data = buffer.recv(sock)
                 except TimeoutError:
                     continue
                 for msg in marshal.parse(data):

@@ -107,6 +107,7 @@ from pyroute2 import NetlinkError, NetNS
 from pyroute2.netlink.rtnl.marshal import MarshalRtnl
 
 from vmm_kernel import nft as kernel_nft
+from vmm_kernel.netns import RecvBuffer
 from vmm_linux.netns import entered, socket_in
 from vmm_orchestrator.contracts import NveDriver
 from vmm_orchestrator.errors import ConfigError, VmmError
@@ -912,9 +913,10 @@ class LinuxNve(NveDriver):
         marshal = MarshalRtnl()
         polled = 0.0
         try:
+            buffer = RecvBuffer(65536)
             while not self._closing.is_set():
                 try:
-                    data = sock.recv(65536)
+                    data = buffer.recv(sock)
                 except TimeoutError:
                     data = b""
                 except OSError:  # ENOBUFS: missed events; the poll below still runs

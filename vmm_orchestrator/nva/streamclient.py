@@ -44,6 +44,8 @@ class ChangeStream:
         self.nve = nve
         self.position = since
         self._buf = bytearray()
+        #: Every read lands here first: recv(1 MiB) would allocate a megabyte per read.
+        self._chunk = memoryview(bytearray(1 << 20))
         self._send_lock = threading.Lock()
         self._closed = False
         self.broken: str | None = None
@@ -173,16 +175,16 @@ class ChangeStream:
                     return None
             try:
                 self._sock.settimeout(wait if wait > 0 else 0.0)
-                data = self._sock.recv(1 << 20)
+                got = self._sock.recv_into(self._chunk)
             except (TimeoutError, BlockingIOError, InterruptedError):
                 return None
             except OSError as err:
                 self._break(str(err))
                 raise Unavailable(f"the NVA stream of {self.nve} broke: {err}") from err
-            if not data:
+            if not got:
                 self._break("the NVA closed it")
                 raise Unavailable(f"the NVA closed the stream of {self.nve}")
-            self._buf += data
+            self._buf += self._chunk[:got]
 
     # ------------------------------------------------------------ writing
 
