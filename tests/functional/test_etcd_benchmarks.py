@@ -47,3 +47,33 @@ def test_evacuation_benchmark_runs_and_checks_itself() -> None:
     assert "8/8 ok" in summary  # 4 phase events x 2 VMs
     assert "all pass" in summary  # journals, directory and every NVE agent agree
     assert "PROBLEM" not in out
+
+
+# -- the etcd-served mode (`vmm nva serve` in front of etcd) ------------------------------
+
+
+def test_fanout_measures_agents_streaming_from_a_server_in_front_of_etcd() -> None:
+    result = run(
+        "fanout.py",
+        *("--peers", "3", "--real", "1", "--runs", "1", "--workers", "2"),
+        *("--directories", "etcd,etcd-served"),
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    out = result.stdout
+    assert "etcd applied ms" in out and "etcd-served applied ms" in out
+    assert "of which etcd" in out  # the directory's cost split: server + etcd
+    assert "MISSED" not in out
+
+
+def test_evacuation_through_a_server_in_front_of_etcd_checks_itself() -> None:
+    result = run(
+        "evacuation.py",
+        *("--vms", "2", "--directory", "etcd-served", "--rate", "50", "--timeline"),
+        *("--warmup", "0.3", "--observe", "0.5", "--hold", "0.2"),
+    )
+    out = result.stdout
+    assert "== Summary" in out, result.stderr[-2000:]
+    summary = out.split("== Summary")[1]
+    assert "etcd-served" in summary and "8/8 ok" in summary and "all pass" in summary
+    assert "stage timeline" in out and "inflight_tunnel" in out
+    assert "PROBLEM" not in out
