@@ -10,13 +10,10 @@ from __future__ import annotations
 
 import hashlib
 import json
-import shutil
 import socket
-import subprocess
 import threading
 import time
 from collections.abc import Callable, Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -504,33 +501,6 @@ def test_an_upload_declared_over_the_byte_limit_is_refused_before_it_is_read(sit
 
 
 # ------------------------------------------------- identity by client certificate
-
-
-def openssl(*args: str, cwd: Path) -> None:
-    subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True, timeout=30)
-
-
-@pytest.fixture
-def pki(tmp_path: Path) -> Callable[[str], TlsFiles]:
-    """A CA and, on request, a certificate with CN=<name> for 127.0.0.1 signed by it."""
-    if shutil.which("openssl") is None:
-        pytest.skip("the openssl command is needed to make test certificates")
-    ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"]
-    openssl("req", "-x509", *ec, "-keyout", "ca.key", "-out", "ca.pem", "-days", "1",
-            "-subj", "/CN=test-ca", cwd=tmp_path)  # fmt: skip
-
-    def issue(name: str) -> TlsFiles:
-        openssl("req", *ec, "-keyout", f"{name}.key", "-out", f"{name}.csr",
-                "-subj", f"/CN={name}", cwd=tmp_path)  # fmt: skip
-        (tmp_path / f"{name}.ext").write_text("subjectAltName=IP:127.0.0.1\n")
-        openssl("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.pem", "-CAkey", "ca.key",
-                "-CAcreateserial", "-out", f"{name}.pem", "-days", "1",
-                "-extfile", f"{name}.ext", cwd=tmp_path)  # fmt: skip
-        return TlsFiles(
-            str(tmp_path / f"{name}.pem"), str(tmp_path / f"{name}.key"), str(tmp_path / "ca.pem")
-        )
-
-    return issue
 
 
 def test_with_tls_peer_identity_the_certificate_names_the_peer(

@@ -12,7 +12,6 @@ was; COMPLETED removes the source's copies.
 from __future__ import annotations
 
 import socket
-import subprocess
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -630,31 +629,6 @@ def test_a_peer_without_a_url_is_a_configuration_error(site: Site) -> None:
 
 
 # -------------------------------------------------------------------- TLS
-
-
-def openssl(*args: str, cwd: Path) -> None:
-    subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True, timeout=30)
-
-
-@pytest.fixture
-def pki(tmp_path: Path) -> Callable[[str], TlsFiles]:
-    """A CA and, on request, a host certificate for 127.0.0.1 signed by it."""
-    ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"]
-    openssl("req", "-x509", *ec, "-keyout", "ca.key", "-out", "ca.pem", "-days", "1",
-            "-subj", "/CN=test-ca", cwd=tmp_path)  # fmt: skip
-
-    def issue(name: str) -> TlsFiles:
-        openssl("req", *ec, "-keyout", f"{name}.key", "-out", f"{name}.csr",
-                "-subj", f"/CN={name}", cwd=tmp_path)  # fmt: skip
-        (tmp_path / f"{name}.ext").write_text("subjectAltName=IP:127.0.0.1\n")
-        openssl("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.pem", "-CAkey", "ca.key",
-                "-CAcreateserial", "-out", f"{name}.pem", "-days", "1",
-                "-extfile", f"{name}.ext", cwd=tmp_path)  # fmt: skip
-        return TlsFiles(
-            str(tmp_path / f"{name}.pem"), str(tmp_path / f"{name}.key"), str(tmp_path / "ca.pem")
-        )
-
-    return issue
 
 
 def test_mutual_tls_between_hosts(site: Site, pki: Callable[[str], TlsFiles]) -> None:
