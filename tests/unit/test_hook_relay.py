@@ -15,10 +15,9 @@ import os
 import shutil
 import socket
 import subprocess
-import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -36,14 +35,6 @@ XML = (
     "<domain type='qemu'>\n  <name>vm-é</name>\n"
     "  <uuid>6c1f5e62-2b0c-4e43-9d7a-0a0b0c0d0e01</uuid>  \t</domain>"
 )
-
-
-@pytest.fixture
-def workdir() -> Iterator[Path]:
-    # Short: unix socket paths are limited to 107 bytes.
-    path = Path(tempfile.mkdtemp(prefix="vmmhook", dir="/tmp"))
-    yield path
-    shutil.rmtree(path, ignore_errors=True)
 
 
 def relay_config(workdir: Path, **settings: Any) -> Path:
@@ -75,28 +66,6 @@ def run_relay(
         check=False,
     )
     return result, time.monotonic() - start
-
-
-@pytest.fixture
-def serve(workdir: Path) -> Iterator[Callable[..., list[dict[str, Any]]]]:
-    """Start a HookServer on workdir/hook.sock with a handler; returns what it received."""
-    servers: list[HookServer] = []
-
-    def start(handler: Callable[[dict[str, Any]], dict[str, Any]]) -> list[dict[str, Any]]:
-        seen: list[dict[str, Any]] = []
-
-        def record(request: dict[str, Any]) -> dict[str, Any]:
-            seen.append(request)
-            return handler(request)
-
-        server = HookServer(str(workdir / "hook.sock"), record, timeout=10.0)
-        server.start()
-        servers.append(server)
-        return seen
-
-    yield start
-    for server in servers:
-        server.stop()
 
 
 def test_relay_is_executable_a_shell_front_and_stdlib_python() -> None:

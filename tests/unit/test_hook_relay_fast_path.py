@@ -14,18 +14,14 @@ from __future__ import annotations
 import configparser
 import json
 import math
-import shutil
 import statistics
 import subprocess
-import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
-
-from vmm_libvirt.hook import HookServer
 
 ROOT = Path(__file__).resolve().parents[2]
 RELAY = ROOT / "etc/libvirt/hooks/qemu.d/vmm-orchestrator"
@@ -119,37 +115,14 @@ class Relay:
 
 
 @pytest.fixture
-def workdir() -> Iterator[Path]:
-    path = Path(tempfile.mkdtemp(prefix="vmmfast", dir="/tmp"))  # short: unix socket path
-    yield path
-    shutil.rmtree(path, ignore_errors=True)
-
-
-@pytest.fixture
 def relay(workdir: Path) -> Relay:
     return Relay(workdir)
 
 
 @pytest.fixture
-def agent(workdir: Path) -> Iterator[Callable[..., list[dict[str, Any]]]]:
-    """Serve the hook socket with a handler; returns the requests it received."""
-    servers: list[HookServer] = []
-
-    def start(handler: Callable[[dict[str, Any]], dict[str, Any]]) -> list[dict[str, Any]]:
-        seen: list[dict[str, Any]] = []
-
-        def record(request: dict[str, Any]) -> dict[str, Any]:
-            seen.append(request)
-            return handler(request)
-
-        server = HookServer(str(workdir / "hook.sock"), record, timeout=10.0)
-        server.start()
-        servers.append(server)
-        return seen
-
-    yield start
-    for server in servers:
-        server.stop()
+def agent(serve: Callable[..., list[dict[str, Any]]]) -> Callable[..., list[dict[str, Any]]]:
+    """The agent's hook socket (tests/unit/conftest.py ``serve``)."""
+    return serve
 
 
 def write_config(workdir: Path, name: str = "relay.conf", **settings: str) -> Path:
