@@ -976,19 +976,35 @@ class StateHost:
             del bundle
         return Transfer(report, {}, (time.perf_counter() - started) * 1000.0)
 
-    def push(self, migration: Migration, label: str, kinds: list[str], deadline: float) -> Transfer:
+    def push(
+        self,
+        migration: Migration,
+        label: str,
+        kinds: list[str],
+        deadline: float,
+        synced: dict[str, float] | None = None,
+    ) -> Transfer:
         """Source: export ``kinds`` (each since the destination last imported it) and push,
-        with the collector paused (this is the part inside the VM's pause)."""
+        with the collector paused (this is the part inside the VM's pause). ``synced``:
+        what the destination holds, when already known (one round trip fewer); else asked."""
         with no_gc():
-            return self._push(migration, label, kinds, deadline)
+            return self._push(migration, label, kinds, deadline, synced)
 
-    def _push(self, migration: Migration, label: str, kinds: list[str], until: float) -> Transfer:
+    def _push(
+        self,
+        migration: Migration,
+        label: str,
+        kinds: list[str],
+        until: float,
+        synced: dict[str, float] | None = None,
+    ) -> Transfer:
         started = time.perf_counter()
         client = self.peer(migration.destination)
         stats: dict[str, ExportStat] = {}
         try:
-            synced = client.synced(migration, until)
-            self.settle(migration, synced)
+            if synced is None:
+                synced = client.synced(migration, until)
+            self.settle(migration, synced)  # what the destination holds needs no resend
             margin = self.settings.delta_margin
             since = {k: (synced[k] - margin if k in synced else None) for k in kinds}
             pieces = self.export(migration, label, kinds, since, stats)

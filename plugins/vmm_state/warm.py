@@ -69,9 +69,8 @@ from vmm_orchestrator.errors import ConfigError, VmmError
 from vmm_orchestrator.model import Migration, Vif, Workload, normalize_mac
 from vmm_orchestrator.options import require
 from vmm_state.importer import ImportReport, KindAnswer, LedgerEntry
-from vmm_state.kinds._common import no_gc
 from vmm_state.service import ExportStat, StateHost, StateSettings, Transfer
-from vmm_state.wire import ServiceError, reason_for
+from vmm_state.wire import ServiceError
 
 LOG = logging.getLogger(__name__)
 
@@ -260,21 +259,7 @@ def push_since(
     """Source: StateHost.push with the destination's ``synced`` already known
     (one round trip fewer inside the pause): each kind a delta from its
     newest import there, or whole."""
-    started = time.perf_counter()
-    stats: dict[str, ExportStat] = {}
-    with no_gc():
-        try:
-            client = host.peer(migration.destination)
-            host.settle(migration, synced)  # what the destination holds needs no resend
-            margin = host.settings.delta_margin
-            since = {k: (synced[k] - margin if k in synced else None) for k in kinds}
-            pieces = host.export(migration, label, kinds, since, stats)
-            report = client.push(migration, pieces, label=label, deadline=deadline)
-        except ServiceError as err:
-            report = ImportReport.failed(
-                migration.id, label, kinds, reason_for(err), f"{err.code}: {err}"
-            )
-    return Transfer(report, stats, (time.perf_counter() - started) * 1000.0)
+    return host.push(migration, label, kinds, deadline, synced=synced)
 
 
 # ------------------------------------------------------------ plans
