@@ -275,39 +275,28 @@ class PortInspector:
                 }
         return None
 
-    def configured(self, ifindex: int, mac: str) -> str | None:
-        """Why ``mac`` is the configured MAC of port ``ifindex``, or None if it is not."""
-        port = self.link(ifindex)
-        if port is None:
-            return None
-        own = (port["address"] or "").lower()
-        if own.startswith("fe:") and own[2:] == mac[2:] and not mac.startswith("fe:"):
-            return f"the MAC libvirt configured tap {port['name']} for"
-        if port["kind"] == "veth" and port["link"]:
-            peer = self.link(port["link"], port["netnsid"])
-            if peer is not None and (peer["address"] or "").lower() == mac:
-                return f"the MAC of veth {port['name']}'s peer"
-        return None
+    def configured(self, port: dict[str, Any], mac: str) -> tuple[str | None, str | None]:
+        """What ``port`` (from :meth:`link`) says about ``mac``: (why it is the port's
+        configured MAC, which other MAC the port is configured for); (None, None) when
+        the port names no MAC.
 
-    def configured_for_another(self, ifindex: int, mac: str) -> str | None:
-        """Which other MAC port ``ifindex`` is configured for, or None if unknown or ``mac``.
-
-        A libvirt tap (``fe:`` + its guest MAC's last five octets) or a veth
-        whose peer has a MAC is some VM's port: a frame there with another
-        MAC is forged, whatever migration is pending.
+        A libvirt tap (``fe:`` + its guest MAC's last five octets) or a veth whose
+        peer has a MAC is some VM's port: a frame there with another MAC is forged,
+        whatever migration is pending.
         """
-        port = self.link(ifindex)
-        if port is None:
-            return None
         own = (port["address"] or "").lower()
         if own.startswith("fe:") and not mac.startswith("fe:"):
-            return None if own[2:] == mac[2:] else f"tap {port['name']} (guest MAC *{own[2:]})"
+            if own[2:] == mac[2:]:
+                return f"the MAC libvirt configured tap {port['name']} for", None
+            return None, f"tap {port['name']} (guest MAC *{own[2:]})"
         if port["kind"] == "veth" and port["link"]:
             peer = self.link(port["link"], port["netnsid"])
             address = None if peer is None else (peer["address"] or "").lower()
-            if address and address != mac:
-                return f"veth {port['name']} (peer MAC {address})"
-        return None
+            if address == mac:
+                return f"the MAC of veth {port['name']}'s peer", None
+            if address:
+                return None, f"veth {port['name']} (peer MAC {address})"
+        return None, None
 
 
 class NveAgent:
@@ -776,27 +765,25 @@ class NveAgent:
         Only a migration in progress to this NVE, or the port's own
         configured MAC, lets learning move a binding (issue 13, no hijack).
         """
+        mine: str | None = None
+        other: str | None = None
         try:
             port = self.ports.link(ifindex)
-            if port is not None and mac in self.port_macs.get(str(port["name"]), ()):
-                return f"configured on port {port['name']}"
-            why = self.ports.configured(ifindex, mac)
+            if port is not None:
+                if mac in self.port_macs.get(str(port["name"]), ()):
+                    return f"configured on port {port['name']}"
+                mine, other = self.ports.configured(port, mac)
         except OSError as exc:
             LOG.warning("%s: cannot inspect port %d: %s", self.id, ifindex, exc)
-            why = None
-        if why is not None:
-            return why
+            other = "a port that cannot be read"  # fail closed below
+        if mine is not None:
+            return mine
         try:
             endpoint = self.nva.get_endpoint(vni, mac)
         except VmmError as exc:
             LOG.warning("%s: cannot ask the directory about %s: %s", self.id, mac, exc)
             return None  # fail closed: nothing moves on an unverified frame
         if endpoint.get("state") != "pending" or endpoint.get("pending_nve") != self.id:
-            return None
-        try:
-            other = self.ports.configured_for_another(ifindex, mac)
-        except OSError as exc:
-            LOG.warning("%s: cannot inspect port %d: %s", self.id, ifindex, exc)
             return None
         if other is not None:  # another VM's port: a forged frame, even mid-migration
             return None
