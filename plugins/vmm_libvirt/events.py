@@ -12,9 +12,13 @@ the domain stays paused that way, the dispatcher (never the callback) reads
 the outgoing migration job's statistics and hands them to the handler as a
 ``phases.JobProgress`` signal right after the event: libvirt signals an
 operator's pause during a migration exactly like the switchover pause, and
-only the job tells them apart (see vmm_libvirt.phases). The read waits for
-QEMU when it is busy with the final copy (measured: up to 250 ms, still
-before the destination resumes).
+only the job tells them apart (see vmm_libvirt.phases). QEMU answers that
+read only after the final copy (it holds its big lock for all of it: 0.2-0.3
+s on the libvirt lab, sometimes after the destination already resumed), so
+the dispatcher waits for it at most ``final_copy_wait`` and otherwise hands
+in "QEMU busy", which is the final copy's signature: an operator's pause is
+answered within a millisecond or two. The read goes on in a thread of its
+own and its late answer is dropped.
 
 A connection thread per source opens the connection, turns keepalive on,
 registers the callbacks, then reads every domain's state and job and queues
@@ -185,6 +189,28 @@ def read_domain(dom: Any) -> DomainInfo:
     return DomainInfo(dom.UUIDString(), dom.name(), observed, xml)
 
 
+class _TimedRead:
+    """Run ``call`` in a daemon thread of its own; ``done`` is set when it returned.
+
+    A libvirt call cannot be cancelled, so the caller waits on ``done`` as long as
+    it wants and leaves the thread to finish (and its answer to be dropped)."""
+
+    def __init__(self, call: Callable[[], phases.JobProgress | None]) -> None:
+        self.done = threading.Event()
+        self.result: phases.JobProgress | None = None
+        self.error: BaseException | None = None
+        self._call = call
+        threading.Thread(target=self._run, name="libvirt-job-read", daemon=True).start()
+
+    def _run(self) -> None:
+        try:
+            self.result = self._call()
+        except BaseException as exc:  # handed to the waiting dispatcher
+            self.error = exc
+        finally:
+            self.done.set()
+
+
 class LibvirtEventSource:
     """Watch one libvirt URI and hand its events to ``handler``, one at a time, in order.
 
@@ -202,6 +228,7 @@ class LibvirtEventSource:
         initial_delay: float = 0.5,
         max_delay: float = 30.0,
         name: str | None = None,
+        final_copy_wait: float = 0.01,
     ) -> None:
         self.uri = uri
         self.name = name or uri
@@ -209,6 +236,7 @@ class LibvirtEventSource:
         self.keepalive = (keepalive_interval, keepalive_count)
         self.initial_delay = initial_delay
         self.max_delay = max(max_delay, initial_delay)
+        self.final_copy_wait = final_copy_wait
         self.generation = 0
         self.attempts = 0
         self._queue: queue.SimpleQueue[Item | None] = queue.SimpleQueue()
@@ -235,6 +263,7 @@ class LibvirtEventSource:
             initial_delay=opts.reconnect_initial_delay,
             max_delay=opts.reconnect_max_delay,
             name=name,
+            final_copy_wait=opts.final_copy_wait_ms / 1000.0,
         )
 
     # -- life cycle -------------------------------------------------------------------
@@ -343,10 +372,23 @@ class LibvirtEventSource:
 
     def _job_progress(self, uuid: str) -> phases.JobProgress | None:
         try:
-            progress = read_job_progress(self.connection(), uuid)
-        except (NotConnected, libvirt.libvirtError) as exc:
+            conn = self.connection()
+        except NotConnected as exc:
             LOG.info("%s: cannot read the migration job of %s: %s", self.name, uuid, exc)
             return None
+        read = _TimedRead(lambda: read_job_progress(conn, uuid))
+        if not read.done.wait(self.final_copy_wait):
+            waited = round(self.final_copy_wait * 1000)
+            LOG.info(
+                "%s: QEMU did not answer for %s in %d ms: the final copy", self.name, uuid, waited
+            )
+            return phases.JobProgress(active=True, busy_ms=waited)
+        if isinstance(read.error, libvirt.libvirtError):
+            LOG.info("%s: cannot read the migration job of %s: %s", self.name, uuid, read.error)
+            return None
+        if read.error is not None:
+            raise read.error
+        progress = read.result
         if progress is not None and not progress.active:
             self._paused.discard(uuid)
         return progress

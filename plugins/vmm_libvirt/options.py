@@ -69,6 +69,18 @@ LIBVIRT_OPTS: list[cfg.Opt] = [
         "after the resume); the pause comes 0.06-0.3 s before it. Turn it off only for an "
         "event source that cannot read job statistics.",
     ),
+    cfg.IntOpt(
+        "final_copy_wait_ms",
+        default=10,
+        min=1,
+        help="How long the agent waits for QEMU to answer the read of a paused "
+        "migration's job statistics (see early_switchover). QEMU answers an operator's "
+        "pause within a millisecond or two but holds its lock for the whole final copy "
+        "(0.2-0.3 s measured), so no answer in this time means the final copy: SWITCHOVER "
+        "runs then, instead of after the copy, which used to be after the destination "
+        "resumed. Longer: fewer early switchovers at an operator's pause on a loaded host; "
+        "shorter: less of the pause is lost at the source.",
+    ),
     cfg.ListOpt(
         "address_sources",
         item_type=types.String(choices=ADDRESS_SOURCES),

@@ -22,11 +22,20 @@ saw of the domain, so a small per-domain ``Track`` is kept:
   and hands them in as ``JobProgress``. The migration is in its final phase
   when the job ended, or when what remains fits in the migration's allowed
   downtime at QEMU's measured bandwidth, which is QEMU's own test for
-  switching over. Measured at the real pause: 0 or 58 MiB left at 444 MB/s
-  (131 ms, under the 300 ms allowed); at an operator's pause of a 1 MiB/s
-  migration: 127 MiB left (124 s). With ``early_switchover`` (the default)
-  SWITCHOVER runs at that fact, 0.06-0.3 s before the destination resumes;
-  an operator's pause runs it only once its migration really switches over.
+  switching over, or when QEMU does not answer at all within a few
+  milliseconds: it holds its big lock for the whole final copy (stop, last
+  RAM pages, device state), so the read of a real pause returns only when
+  the copy is done, 0.2-0.3 s later on the libvirt lab, which put the
+  in-flight tunnel 29-76 ms before the destination's first RARP and once
+  1.3 ms after it (a lost frame per stream). An operator's pause is
+  answered at once. Measured at the real pause: 0 or 58 MiB left at 444
+  MB/s (131 ms, under the 300 ms allowed); at an operator's pause of a
+  1 MiB/s migration: 127 MiB left (124 s). With ``early_switchover`` (the
+  default) SWITCHOVER runs at that fact, right after the pause; an
+  operator's pause runs it only once its migration really switches over (a
+  host so loaded that an operator's pause goes unanswered switches over
+  early: frames for the paused VM then wait at the destination instead of
+  the source, and an abort reverts the tunnel).
   Whatever the facts, the job's completion (STOPPED/MIGRATED or
   JOB_COMPLETED) is a switchover, and a resume here after an early
   SWITCHOVER aborts the source's part of the migration (its later
@@ -211,12 +220,16 @@ class JobProgress:
     remaining: int | None = None
     bps: int | None = None
     max_downtime_ms: int | None = None
+    #: Set instead of the figures when QEMU did not answer within this many ms:
+    #: it holds its big lock for the whole final copy, and only then.
+    busy_ms: int | None = None
 
     @property
     def final(self) -> bool:
-        """The migration switches over now: the job ended, or what is left fits in
-        the allowed downtime (QEMU's own test, with FINAL_PHASE_SLACK)."""
-        if not self.active or self.remaining == 0:
+        """The migration switches over now: the job ended, QEMU is too busy to
+        answer (the final copy), or what is left fits in the allowed downtime
+        (QEMU's own test, with FINAL_PHASE_SLACK)."""
+        if not self.active or self.remaining == 0 or self.busy_ms is not None:
             return True
         if self.remaining is None or not self.bps or not self.max_downtime_ms:
             return False
@@ -225,6 +238,8 @@ class JobProgress:
     def __str__(self) -> str:
         if not self.active:
             return "job ended"
+        if self.busy_ms is not None:
+            return f"job: QEMU busy (no answer in {self.busy_ms} ms), the final copy"
         left = "?" if self.remaining is None else f"{self.remaining / 2**20:.1f} MiB"
         rate = "?" if self.bps is None else f"{self.bps / 1e6:.1f} MB/s"
         return f"job: {left} left at {rate}, {self.max_downtime_ms} ms allowed downtime"

@@ -480,7 +480,10 @@ def test_defaults_switch_over_at_the_real_pause_and_not_at_an_operators_pause(
     assert seen["a"].tracker.early_switchover  # the default
     sources = {}
     for name, daemon in (("a", a), ("b", b)):
-        source = events.LibvirtEventSource(daemon.uri(), seen[name], name=name)
+        # The operator's pauses below must be judged by QEMU's figures, not by how fast a
+        # loaded test machine answers: a generous wait (the "busy" answer of a real
+        # final copy is the libvirt integration test's).
+        source = events.LibvirtEventSource(daemon.uri(), seen[name], name=name, final_copy_wait=1.0)
         source.start()
         sources[name] = source
     try:
@@ -592,6 +595,41 @@ def test_which_items_the_job_statistics_follow() -> None:
     assert wants(item(phases.Iteration(7), UUID2))
     assert not wants(events.Disconnected("test:///default", "end of file", time.monotonic()))
     assert not wants(item(phases.Iteration(8), UUID2))
+
+
+def test_a_job_read_that_qemu_does_not_answer_in_time_says_busy(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The dispatcher waits final_copy_wait for the job's statistics, then says "busy"
+    (the final copy's signature) and leaves the read to finish on its own. The slow
+    read here is a stand-in (a sleeping function in place of QEMU holding its lock):
+    the real one is the libvirt integration test's in-flight tunnel before the RARP."""
+    source = events.LibvirtEventSource("test:///default", lambda item: None, final_copy_wait=0.02)
+    source._conn = object()
+    answer = phases.JobProgress(True, remaining=1, bps=1, max_downtime_ms=300)
+    finished = threading.Event()
+
+    def slow(_conn: Any, _uuid: str) -> phases.JobProgress:
+        time.sleep(0.3)
+        finished.set()
+        return answer
+
+    monkeypatch.setattr(events, "read_job_progress", slow)
+    started = time.monotonic()
+    busy = source._job_progress(UUID1)
+    waited = time.monotonic() - started
+    assert busy == phases.JobProgress(True, busy_ms=20) and busy.final, busy
+    assert waited < 0.25 and not finished.is_set(), waited  # it did not wait for QEMU
+    assert finished.wait(2)  # the read itself went on and ended
+
+    monkeypatch.setattr(events, "read_job_progress", lambda _c, _u: answer)
+    assert source._job_progress(UUID1) == answer  # answered in time: QEMU's figures
+
+    def broken(_conn: Any, _uuid: str) -> phases.JobProgress:
+        raise libvirt.libvirtError("no job")
+
+    monkeypatch.setattr(events, "read_job_progress", broken)
+    assert source._job_progress(UUID1) is None  # a libvirt error: nothing to decide on
 
 
 def test_reconnect_with_backoff_reregisters_and_reconciles(

@@ -206,6 +206,19 @@ def test_job_progress_is_final_by_qemus_own_switchover_test() -> None:
     assert not JobProgress(True).final
     # Beyond the slack: 3 x what fits in the allowed downtime is still iterating.
     assert not JobProgress(True, remaining=3 * 300 * 1000, bps=1_000_000, max_downtime_ms=300).final
+    # QEMU too busy to answer (it holds its lock for the whole final copy): final.
+    busy = JobProgress(True, busy_ms=20)
+    assert busy.final and "busy" in str(busy)
+
+
+def test_a_busy_qemu_at_the_pause_switches_over_then_and_once() -> None:
+    tracker = Tracker()
+    assert run([SUSPENDED_MIGRATED, JobProgress(True, busy_ms=20)], tracker) == [
+        (Phase.SWITCHOVER, S)
+    ]
+    assert run([REAL_PAUSE_ALL_SENT, STOPPED_MIGRATED], tracker) == [(Phase.COMPLETED, S)]
+    # Not paused by a migration (a plain pause): a busy QEMU decides nothing.
+    assert run([SUSPENDED_PAUSED, JobProgress(True, busy_ms=20)], Tracker()) == []
 
 
 def test_defaults_switch_over_at_the_pause_of_the_final_phase() -> None:
