@@ -39,7 +39,7 @@ from oslo_config import cfg
 from vmm_kernel.netns import CommandFailed
 from vmm_orchestrator.errors import ConfigError
 from vmm_orchestrator.statekind import ImportResult, KindContext, PoisonedEntry, Reason
-from vmm_state.kinds import _nft
+from vmm_state.kinds import _nft, _nftnl
 from vmm_state.kinds._common import (
     BaseKind,
     ip_text,
@@ -337,9 +337,31 @@ class NftSetsKind(ElementKind):
 
     def _export_all(self, ctx: KindContext) -> Iterator[dict[str, Any]]:
         addresses = ctx.addresses
-        for (family, table, name), field in self.specs().items():
-            # One listing per set: nft then reads only that set (measured here: four
-            # set listings 1.8 ms, the table's, with its rules, 7 ms).
+
+        def mine(text: str) -> bool:
+            try:
+                return ip_text(text) in addresses
+            except ValueError:
+                return False
+
+        specs = self.specs()
+        # Straight from the kernel, only the VM's elements decoded (_nftnl: 0.45 ms for
+        # the lab's four sets, whose libnftables listings take 1.3 ms, 4-8 ms in a pause).
+        try:
+            read = _nftnl.read_sets(ctx.netns, [(*n, f) for n, f in specs.items()], mine)
+        except OSError as exc:  # no netlink socket here: every set through libnftables
+            LOG.info("nft_sets: reading sets over netlink failed (%s); using nft", exc)
+            read = {}
+        for (family, table, name), field in specs.items():
+            raw = read.get((family, table, name))
+            if isinstance(raw, list):
+                for elem in raw:
+                    yield {"family": family, "table": table, "set": name, **elem}
+                continue
+            if isinstance(raw, LookupError):
+                LOG.warning("nft_sets: set %s %s %s is missing here", family, table, name)
+                continue
+            # A set the netlink reader does not decode: one libnftables listing of it.
             try:
                 found: tuple[_nft.SetInfo, list[dict[str, Any]]] | None = _nft.list_set(
                     ctx.netns, family, table, name
@@ -356,13 +378,9 @@ class NftSetsKind(ElementKind):
                 if field >= len(key) or not isinstance(key[field], str):
                     continue
                 value = key[field]
-                mine = verdicts.get(value)
-                if mine is None:
-                    try:
-                        mine = verdicts[value] = ip_text(value) in addresses
-                    except ValueError:
-                        mine = verdicts[value] = False
-                if mine:
+                if value not in verdicts:
+                    verdicts[value] = mine(value)
+                if verdicts[value]:
                     yield {"family": family, "table": table, "set": name, **elem}
 
     def check(self, ctx: KindContext, entry: dict[str, Any]) -> None:
