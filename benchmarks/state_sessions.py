@@ -36,6 +36,7 @@ from vmm_lab.linux.probe import format_table
 from vmm_lab.linux.topology import new_prefix
 from vmm_lab.state_demo import transfer_rows
 from vmm_orchestrator import options
+from vmm_orchestrator.model import Phase
 
 PORT = 7100
 
@@ -104,6 +105,7 @@ def run_mode(conf: cfg.ConfigOpts, with_state: bool, sessions: int, rate: float)
                 for t in transfer_rows(reports)
             ]
             row["delta"] = delta_breakdown(reports)
+            row["switchover"] = switchover_timeline(reports)
         finally:
             for proc in (client, server):
                 if proc is not None and proc.poll() is None:
@@ -132,6 +134,17 @@ def delta_breakdown(reports: list[Any]) -> dict[str, Any] | None:
                 },
             }
     return None
+
+
+def switchover_timeline(reports: list[Any]) -> str:
+    """The SWITCHOVER phase's stages (inside the pause): ``stage@start+duration`` ms,
+    the start counted from the pause (the hypervisor's signal)."""
+    for report in reports:
+        if report.phase is Phase.SWITCHOVER:
+            return " ".join(
+                f"{t.stage}@{t.started_offset_ms:.1f}+{t.duration_ms:.1f}" for t in report.timeline
+            )
+    return "-"
 
 
 def _median(values: list[float]) -> float | None:
@@ -192,6 +205,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{r['mode']}: {error}", file=sys.stderr)
     for r in stated:
         print(f"state inside the pause (state_delta): {r.get('delta')}")
+    for r in rows:
+        print(f"SWITCHOVER stages, {r['mode']} (stage@start+ms): {r.get('switchover')}")
     ok = all(r.get("alive") == args.sessions for r in stated) and all(
         (r.get("alive") or 0) < args.sessions for r in bare
     )

@@ -133,13 +133,13 @@ def test_an_element_with_a_limit_and_a_counter_keeps_both(ns):
 
 def test_an_empty_set_is_answered_without_a_dump(ns, monkeypatch):
     asked: list[int] = []
-    request = _nftnl._Reader.request
+    request = _nftnl.Reader._request
 
     def counting(self, msg_type, *args):
         asked.append(msg_type)
         return request(self, msg_type, *args)
 
-    monkeypatch.setattr(_nftnl._Reader, "request", counting)
+    monkeypatch.setattr(_nftnl.Reader, "_request", counting)
     assert read(ns, "big") == []
     assert asked == [_nftnl.NFT_MSG_GETSET]  # the element count said: empty
     asked.clear()
@@ -188,12 +188,18 @@ add element inet t ports {{ 198.19.100.10 . 22 }}
         )
         kind = NftSetsKind(conf)
         ctx = KindContext(ns, (VM,), "mig-nftnl")
-        fast = list(kind.export(ctx))
+        fast = list(kind.export(ctx))  # untracked: a socket of its own
         assert sorted((e["set"], e["key"][0]) for e in fast) == [
             ("blacklist_v4", "203.0.113.7"),
             ("ports", "198.19.100.10"),
             ("synflood_v6", "2001:db8::7"),
         ]
+        kind.track(ctx)  # the migration's socket, opened ahead, serves its reads
+        reader = kind._readers[ctx.migration_id]
+        assert by_key(list(kind.export(ctx))) == by_key(fast)
+        assert by_key(list(kind.export(ctx, since=0.0))) == {}  # nothing changed since
+        kind.untrack(ctx.migration_id)
+        assert ctx.migration_id not in kind._readers and reader._sock is None
 
         def broken(*_args: Any) -> Any:
             raise OSError("no netlink here")

@@ -42,12 +42,14 @@ from __future__ import annotations
 import errno
 import socket
 import struct
+import threading
 from collections.abc import Callable, Iterator
 from typing import Any
 
 from vmm_kernel.netns import socket_in
 
 NETLINK_NETFILTER = 12
+TIMEOUT = 5  # seconds a kernel answer may take (it takes microseconds)
 NFNL_SUBSYS_NFTABLES = 10
 NFT_MSG_NEWSET, NFT_MSG_GETSET = 9, 10
 NFT_MSG_NEWSETELEM, NFT_MSG_GETSETELEM = 12, 13
@@ -176,35 +178,163 @@ def _expression(data: bytes, start: int, end: int) -> tuple[str, dict[str, Any]]
     raise Unsupported(f"an element expression {name!r}")
 
 
-class _Reader:
-    """One netlink socket in a namespace, for a few requests in a row."""
+class Reader:
+    """A netlink socket in a namespace that reads sets, one caller at a time.
+
+    Opened ahead (``NftSetsKind.track``, outside the pause) and kept for a
+    migration, so that a read inside the pause makes no namespace switch:
+    every blocking call hands the GIL over, and in the lab's pause (many
+    threads, 2 busy cores) each such hand-over took up to milliseconds
+    (measured: opening the socket 0.9-4.6 ms there, 0.03 ms on a quiet
+    machine). For the same reason the socket blocks with a kernel timeout
+    (``SO_RCVTIMEO``) rather than Python's, which polls before every call.
+    """
 
     def __init__(self, netns: str | None) -> None:
         self.netns = netns
-        self.sock = socket_in(netns, socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_NETFILTER)
-        self.sock.settimeout(5.0)
-        self.sock.bind((0, 0))
-        self.seq = 0
-        self.buf = bytearray(1 << 16)
+        self._lock = threading.Lock()
+        self._buf = bytearray(1 << 16)
+        self._seq = 0
+        self._sock: socket.socket | None = None
+        self._open()
+
+    def _open(self) -> None:
+        sock = socket_in(self.netns, socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_NETFILTER)
+        try:
+            timeout = struct.pack("ll", int(TIMEOUT), 0)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, timeout)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, timeout)
+            sock.bind((0, 0))
+        except OSError:
+            sock.close()
+            raise
+        self._sock = sock
 
     def close(self) -> None:
-        self.sock.close()
+        with self._lock:
+            if self._sock is not None:
+                self._sock.close()
+                self._sock = None
 
-    def request(
+    def read(
+        self, sets: list[tuple[str, str, str, int]], mine: Callable[[str], bool]
+    ) -> dict[tuple[str, str, str], list[dict[str, Any]] | BaseException]:
+        """See :func:`read_sets`."""
+        out: dict[tuple[str, str, str], list[dict[str, Any]] | BaseException] = {}
+        tables: dict[tuple[str, str], list[tuple[str, int]]] = {}
+        for family, table, name, field in sets:
+            tables.setdefault((family, table), []).append((name, field))
+        with self._lock:
+            for (family, table), members in tables.items():
+                for (name, _), answer in zip(
+                    members, self._read_table(family, table, members, mine), strict=True
+                ):
+                    out[(family, table, name)] = answer
+        return {(f, t, n): out[(f, t, n)] for f, t, n, _ in sets}
+
+    def _read_table(
+        self,
+        family: str,
+        table: str,
+        members: list[tuple[str, int]],
+        mine: Callable[[str], bool],
+    ) -> list[list[dict[str, Any]] | BaseException]:
+        proto = FAMILIES.get(family)
+        if proto is None:
+            return [Unsupported(f"family {family}") for _ in members]
+        try:
+            # One dump of the table's set declarations: each set's layout and count.
+            declared: dict[str, dict[int, bytes]] = {}
+            for data, start, end in self._request(
+                NFT_MSG_GETSET, NLM_F_DUMP, proto, [(NFTA_SET_TABLE, _text(table))]
+            ):
+                found = _attr_map(data, start, end)
+                declared[found.get(NFTA_SET_NAME, b"").rstrip(b"\0").decode()] = found
+        except OSError as exc:
+            self._reset()
+            return [exc for _ in members]
+        answers: list[list[dict[str, Any]] | BaseException] = []
+        for name, field in members:
+            if name not in declared:
+                answers.append(LookupError(f"set {family} {table} {name} not found"))
+                continue
+            try:
+                answers.append(self._elements(proto, table, name, field, declared[name], mine))
+            except Unsupported as exc:
+                answers.append(exc)
+            except OSError as exc:
+                self._reset()
+                answers.append(exc)
+        return answers
+
+    def _elements(
+        self,
+        proto: int,
+        table: str,
+        name: str,
+        field: int,
+        attrs: dict[int, bytes],
+        mine: Callable[[str], bool],
+    ) -> list[dict[str, Any]]:
+        layout = SetLayout(attrs, name)
+        count = attrs.get(NFTA_SET_COUNT)
+        if field >= len(layout.fields) or (count is not None and _BE32.unpack(count)[0] == 0):
+            return []  # empty: no dump (its cost is the set's hash buckets, not its elements)
+        offset, length, address_family = layout.fields[field]
+        verdicts: dict[bytes, bool] = {}  # the field holds few distinct addresses
+        elements: list[dict[str, Any]] = []
+        refused: Unsupported | None = None
+        listing = [(NFTA_SET_ELEM_LIST_TABLE, _text(table)), (NFTA_SET_ELEM_LIST_SET, _text(name))]
+        for data, start, end in self._request(NFT_MSG_GETSETELEM, NLM_F_DUMP, proto, listing):
+            if refused is not None:
+                continue  # read the dump to its end: the socket stays usable
+            try:
+                for kind, a, b in _attrs(data, start, end):
+                    if kind != NFTA_SET_ELEM_LIST_ELEMENTS:
+                        continue
+                    for item, ea, eb in _attrs(data, a, b):
+                        if item != NFTA_LIST_ELEM:
+                            continue
+                        entry = _element(data, ea, eb, layout, offset, length, address_family,
+                                         verdicts, mine)  # fmt: skip
+                        if entry is not None:
+                            elements.append(entry)
+            except Unsupported as exc:
+                refused = exc
+        if refused is not None:
+            raise refused
+        return elements
+
+    def _reset(self) -> None:
+        """A fresh socket after a failure (an answer may be left half read, and the
+        kernel runs one dump per socket at a time); none if that fails too."""
+        if self._sock is not None:
+            self._sock.close()
+            self._sock = None
+        try:
+            self._open()
+        except OSError:
+            pass  # the next request says so
+
+    def _request(
         self, msg_type: int, flags: int, family: int, attrs: list[tuple[int, bytes]]
     ) -> Iterator[tuple[bytes, int, int]]:
         """Send one request; yield (data, payload start, end) of each answer
         message (after its nfgenmsg) until the answer is complete."""
+        if self._sock is None:
+            self._open()
+        sock = self._sock
+        assert sock is not None
         payload = b"".join(_NLA.pack(4 + len(v), k) + v + b"\0" * (-len(v) % 4) for k, v in attrs)
         body = _NFGENMSG.pack(family, 0, 0) + payload
-        self.seq += 1
-        seq = self.seq
+        self._seq += 1
+        seq = self._seq
         kind = (NFNL_SUBSYS_NFTABLES << 8) | msg_type
-        self.sock.send(_NLMSGHDR.pack(16 + len(body), kind, NLM_F_REQUEST | flags, seq, 0) + body)
+        sock.send(_NLMSGHDR.pack(16 + len(body), kind, NLM_F_REQUEST | flags, seq, 0) + body)
         dump = bool(flags & NLM_F_DUMP)
         while True:
-            n = self.sock.recv_into(self.buf)
-            data = bytes(memoryview(self.buf)[:n])
+            n = sock.recv_into(self._buf)
+            data = bytes(memoryview(self._buf)[:n])
             pos = 0
             while pos + 16 <= n:
                 length, mtype, _f, mseq, _pid = _NLMSGHDR.unpack_from(data, pos)
@@ -225,76 +355,33 @@ class _Reader:
                 pos = (end + 3) & ~3
 
 
+def _text(value: str) -> bytes:
+    return value.encode() + b"\0"
+
+
 def read_sets(
     netns: str | None,
     sets: list[tuple[str, str, str, int]],
     mine: Callable[[str], bool],
+    reader: Reader | None = None,
 ) -> dict[tuple[str, str, str], list[dict[str, Any]] | BaseException]:
     """The elements of each ``(family, table, set, field)`` whose key has, at
     position ``field``, an address ``mine(text)`` accepts, as
-    :func:`vmm_state.kinds._nft.list_set` gives them.
+    :func:`vmm_state.kinds._nft.list_set` gives them; through ``reader``, or a
+    socket opened for this call.
 
     Per set: its elements, or the exception that stopped its reading there
     (LookupError: no such set; :class:`Unsupported`: list it with libnftables;
-    OSError: the kernel refused).
-
-    An empty set is answered from its element count, without a dump.
+    OSError: the kernel refused). An empty set is answered from its element
+    count, without a dump.
     """
-    out: dict[tuple[str, str, str], list[dict[str, Any]] | BaseException] = {}
-    reader = _Reader(netns)
+    if reader is not None:
+        return reader.read(sets, mine)
+    own = Reader(netns)
     try:
-        for family, table, name, field in sets:
-            try:
-                out[(family, table, name)] = _read_set(reader, family, table, name, field, mine)
-            except (LookupError, Unsupported, OSError) as exc:
-                out[(family, table, name)] = exc
-                # A dump left half read keeps the socket busy (the kernel runs one
-                # dump per socket at a time): the next set gets a fresh one.
-                reader.close()
-                reader = _Reader(netns)
+        return own.read(sets, mine)
     finally:
-        reader.close()
-    return out
-
-
-def _read_set(
-    reader: _Reader, family: str, table: str, name: str, field: int, mine: Callable[[str], bool]
-) -> list[dict[str, Any]]:
-    proto = FAMILIES.get(family)
-    if proto is None:
-        raise Unsupported(f"family {family}")
-    names = [(NFTA_SET_TABLE, table.encode() + b"\0"), (NFTA_SET_NAME, name.encode() + b"\0")]
-    try:
-        answers = [_attr_map(*m) for m in reader.request(NFT_MSG_GETSET, 0, proto, names)]
-    except OSError as exc:
-        if exc.errno == errno.ENOENT:
-            raise LookupError(f"set {family} {table} {name} not found") from None
-        raise
-    if not answers:
-        raise OSError(errno.EPROTO, f"nftables: no answer about set {family} {table} {name}")
-    layout = SetLayout(answers[0], name)
-    count = answers[0].get(NFTA_SET_COUNT)
-    if field >= len(layout.fields) or (count is not None and _BE32.unpack(count)[0] == 0):
-        return []  # empty: no dump (its cost is the set's hash buckets, not its elements)
-    offset, length, address_family = layout.fields[field]
-    verdicts: dict[bytes, bool] = {}  # the field holds few distinct addresses
-    elements: list[dict[str, Any]] = []
-    listing = [
-        (NFTA_SET_ELEM_LIST_TABLE, table.encode() + b"\0"),
-        (NFTA_SET_ELEM_LIST_SET, name.encode() + b"\0"),
-    ]
-    for data, start, end in reader.request(NFT_MSG_GETSETELEM, NLM_F_DUMP, proto, listing):
-        for kind, a, b in _attrs(data, start, end):
-            if kind != NFTA_SET_ELEM_LIST_ELEMENTS:
-                continue
-            for item, ea, eb in _attrs(data, a, b):
-                if item != NFTA_LIST_ELEM:
-                    continue
-                entry = _element(data, ea, eb, layout, offset, length, address_family,
-                                 verdicts, mine)  # fmt: skip
-                if entry is not None:
-                    elements.append(entry)
-    return elements
+        own.close()
 
 
 def _element(
