@@ -107,7 +107,7 @@ from pyroute2 import NetlinkError, NetNS
 from pyroute2.netlink.rtnl.marshal import MarshalRtnl
 
 from vmm_kernel import nft as kernel_nft
-from vmm_kernel.netns import RecvBuffer
+from vmm_kernel.netns import RecvBuffer, drop_unclaimed
 from vmm_linux.netns import entered, socket_in
 from vmm_orchestrator.contracts import NveDriver
 from vmm_orchestrator.errors import ConfigError, VmmError
@@ -394,7 +394,7 @@ class LinuxNve(NveDriver):
         )
         self._worker_ident = self._worker.submit(threading.get_ident).result()
         self._ipr: Any = self._worker.submit(
-            lambda: NetNS(netns) if netns else _local_iproute()
+            lambda: drop_unclaimed(NetNS(netns) if netns else _local_iproute())
         ).result()
         self._lock = threading.RLock()
         self._entries: dict[tuple[int, str], _Entry] = {}
@@ -723,8 +723,9 @@ class LinuxNve(NveDriver):
                 ]
             )
         )
-        hold.stall_idx = self._on_worker(self._index, hold.stall, True)
-        hold.recv_idx = self._on_worker(self._index, hold.recv, True)
+        # not remembered: a hold's devices are named once (a cache of them grows per migration)
+        hold.stall_idx = self._on_worker(self._index, hold.stall, False)
+        hold.recv_idx = self._on_worker(self._index, hold.recv, False)
         hold.poker = _poker(self.netns, hold.stall)
         self._spend(hold)
         return hold
@@ -905,7 +906,7 @@ class LinuxNve(NveDriver):
         sock = socket_in(self.netns, socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_ROUTE)
         # A handle of its own: a release must not queue behind the worker's jobs.
         with entered(self.netns):
-            ipr = _local_iproute()
+            ipr = drop_unclaimed(_local_iproute())
         with contextlib.suppress(OSError):  # many ports at once (an evacuation): no ENOBUFS
             sock.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, 4 * 1024 * 1024)
         sock.bind((0, RTMGRP_LINK))
@@ -1355,21 +1356,25 @@ class LinuxNve(NveDriver):
             idx = self._lookup(name)
         if idx is None:
             raise RuntimeError(f"could not create {name} in namespace {self.netns}")
+        self._ifindex[name] = idx
         return idx
 
     def _lookup(self, name: str) -> int | None:
+        """The ifindex of ``name`` now (None: no such device). Not cached: guest
+        ports and hold devices come and go with migrations."""
         found = self._ipr.link_lookup(ifname=name)
-        if found:
-            self._ifindex[name] = found[0]
-            return int(found[0])
-        return None
+        return int(found[0]) if found else None
 
-    def _index(self, name: str, refresh: bool = False) -> int:
-        if not refresh and name in self._ifindex:
+    def _index(self, name: str, remember: bool = True) -> int:
+        """The ifindex of one of the NVE's own devices, cached while ``remember``
+        (the per-VN bridge, VXLAN and in-flight ports; dropped with the VN)."""
+        if remember and name in self._ifindex:
             return self._ifindex[name]
         idx = self._lookup(name)
         if idx is None:
             raise LookupError(f"no device {name} in namespace {self.netns or '(host)'}")
+        if remember:
+            self._ifindex[name] = idx
         return idx
 
     def _name_of(self, idx: int) -> str | None:
