@@ -103,7 +103,7 @@ def drop_unclaimed(ipr: Any) -> Any:
     queue = getattr(getattr(asyncore, "local", None), "msg_queue", None)
     queues = getattr(queue, "queues", None)
     put = getattr(queue, "put_nowait", None)
-    if not isinstance(queues, dict) or put is None:
+    if queue is None or not isinstance(queues, dict) or put is None:
         return ipr
 
     def put_claimed(tag: int, message: bytes) -> None:
