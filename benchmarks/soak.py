@@ -31,6 +31,8 @@ import resource
 import sys
 import threading
 import time
+import tracemalloc
+from collections import Counter
 from typing import Any
 
 from oslo_config import cfg
@@ -91,6 +93,38 @@ def snapshot(site: Any, prefix: str) -> dict[str, int]:
     return figures
 
 
+def object_census() -> Counter[str]:
+    """Live objects per type, as the collector sees them (what a per-migration leak grows)."""
+    gc.collect()
+    return Counter(type(obj).__qualname__ for obj in gc.get_objects())
+
+
+def print_growth(
+    first: tracemalloc.Snapshot | None,
+    census: Counter[str],
+    migrations: int,
+    top: int,
+) -> None:
+    """Print what grew between the two counts: allocations by traceback, then live objects."""
+    if first is not None:
+        second = tracemalloc.take_snapshot().filter_traces(
+            (tracemalloc.Filter(False, tracemalloc.__file__),)
+        )
+        stats = second.compare_to(first, "traceback")
+        grown = sum(s.size_diff for s in stats)
+        print(f"\ntracemalloc: {grown / 1024:+.0f} KiB over {migrations} migrations")
+        for stat in stats[:top]:
+            print(f"{stat.size_diff / 1024:+10.1f} KiB {stat.count_diff:+8d} blocks")
+            for line in stat.traceback.format(limit=tracemalloc.get_traceback_limit()):
+                print(f"    {line}")
+    after = object_census()
+    diffs = sorted(((after[k] - census.get(k, 0), k) for k in after), reverse=True)
+    print("\nlive objects grown (type: count)")
+    for diff, kind in diffs[:top]:
+        if diff > 0:
+            print(f"  {kind}: {diff:+d} ({after[kind]})")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--migrations", type=int, default=1000)
@@ -103,10 +137,21 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--downtime-ms", type=float, default=20.0)
     parser.add_argument("--hold", type=float, default=0.05, help="[stage_hold_timer] hold_time")
+    parser.add_argument(
+        "--trace",
+        type=int,
+        default=0,
+        metavar="FRAMES",
+        help="trace allocations (tracemalloc, FRAMES frames deep) from the start, and print "
+        "what grew between the counts by traceback, and the live objects grown per type",
+    )
+    parser.add_argument("--top", type=int, default=25, help="lines of --trace output")
     args = parser.parse_args(argv)
     if os.geteuid() != 0:
         print("soak: run as root (it builds network namespaces)", file=sys.stderr)
         return 2
+    if args.trace:
+        tracemalloc.start(args.trace)
     conf = make_conf(args.hold)
     prefix = new_prefix()
     failures = 0
@@ -131,6 +176,8 @@ def main(argv: list[str] | None = None) -> int:
         for i in range(args.warmup):
             move(i)
         before = snapshot(site, prefix)
+        first = tracemalloc.take_snapshot() if args.trace else None
+        census = object_census() if args.trace else Counter()
         started = time.monotonic()
         for i in range(args.migrations):
             move(i)
@@ -141,6 +188,9 @@ def main(argv: list[str] | None = None) -> int:
             move(-1)  # end where it started, so the tables compare
         time.sleep(1.5)  # the last hold timer and the agents' acknowledgements
         after = snapshot(site, prefix)
+        if args.trace:
+            print_growth(first, census, args.migrations, args.top)
+            first = None
         pings = in_ns(gw.netns, "ping", "-c", "3", "-i", "0.2", vm1.ipv4, check=False)
         reachable = " 0% packet loss" in pings
     left = lab_namespaces(prefix)
