@@ -100,9 +100,14 @@ class Site:
     workdir: str
 
 
-def make_conf(hold_s: float, workers: int, frames_hold_ms: int = 1000) -> cfg.ConfigOpts:
+def make_conf(
+    hold_s: float, workers: int | None = None, frames_hold_ms: int = 1000
+) -> cfg.ConfigOpts:
+    """The agents' configuration; ``workers`` None keeps the product's [pipeline]
+    workers (8 per lane: more VMs than that leave at once here)."""
     conf = options.new_conf()  # every plugin's options, as `vmm` registers them
-    conf.set_override("workers", workers, group="pipeline")
+    if workers is not None:
+        conf.set_override("workers", workers, group="pipeline")
     conf.set_override("watch_timeout", 1.0, group=AGENT_GROUP)
     conf.set_override("hold_time", hold_s, group="stage_hold_timer")
     # The NVEs' frame hold: with --switchover-gate the pauses of 20 VMs leaving
@@ -665,6 +670,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--observe", type=float, default=2.0)
     parser.add_argument("--hold", type=float, default=3.0, help="[stage_hold_timer] hold_time")
     parser.add_argument(
+        "--workers",
+        type=int,
+        default=None,
+        help="[pipeline] workers (default: the product's own, as an operator runs it)",
+    )
+    parser.add_argument(
         "--frames-hold-ms",
         type=int,
         default=1000,
@@ -700,7 +711,7 @@ def main(argv: list[str] | None = None) -> int:
     with etcd if etcd is not None else contextlib.nullcontext():
         for directory in directories:
             print(f"-- {directory}: building the lab with {args.vms} VMs ...", flush=True)
-            conf = make_conf(args.hold, workers=args.vms + 4, frames_hold_ms=args.frames_hold_ms)
+            conf = make_conf(args.hold, args.workers, frames_hold_ms=args.frames_hold_ms)
             with evacuation_site(conf, directory, args.vms, etcd) as site:
                 print(f"-- {directory}: evacuating {SOURCE} ...", flush=True)
                 results.append(

@@ -94,7 +94,8 @@ PIPELINE_OPTS: list[cfg.Opt] = [
         default=8,
         min=1,
         help="How many migrations the dispatcher handles at the same time (events of one "
-        "migration always run one after another).",
+        "migration always run one after another), in each of its two lanes: COMPLETED, "
+        "whose hold timer waits for seconds, has a lane of its own.",
     ),
 ]
 
@@ -932,20 +933,36 @@ class Pipeline:
 # -- dispatcher ---------------------------------------------------------------
 
 
+#: Phases that may take seconds (the source's hold timer keeps the in-flight
+#: tunnel for ``hold_time``): they run in a lane of their own.
+SLOW_PHASES = frozenset({Phase.COMPLETED})
+
+
 class Dispatcher:
     """Feed events to a pipeline: per migration in order, across migrations in parallel.
 
     Each migration with pending events has one queue, drained by one pool
     thread at a time, so its events run strictly in arrival order while
     other migrations proceed on other threads (``[pipeline] workers``).
+
+    Two lanes of ``workers`` threads each: COMPLETED (``SLOW_PHASES``), whose
+    hold timer keeps a thread for seconds, runs in its own, so that in an
+    evacuation the later VMs' SWITCHOVER and RESUMED never wait behind the
+    first VMs' hold timers (with one lane of 8, the 9th VM's SWITCHOVER
+    waited up to ``hold_time``). A queue moves to the other lane when its
+    next event belongs there; the order within a migration is unchanged.
     """
 
     def __init__(self, pipeline: Pipeline, workers: int | None = None) -> None:
         self.pipeline = pipeline
         size = workers if workers is not None else int(pipeline.conf.pipeline.workers)
-        self._pool = concurrent.futures.ThreadPoolExecutor(
-            max_workers=size, thread_name_prefix=f"vmm-dispatch-{pipeline.host.name}"
-        )
+        prefix = f"vmm-dispatch-{pipeline.host.name}"
+        self._pools = {
+            slow: concurrent.futures.ThreadPoolExecutor(
+                max_workers=size, thread_name_prefix=f"{prefix}-slow" if slow else prefix
+            )
+            for slow in (False, True)
+        }
         self._lock = threading.Lock()
         self._queues: dict[
             str,
@@ -965,17 +982,25 @@ class Dispatcher:
                 queue.append((event, future))
                 return future
             self._queues[mid] = collections.deque([(event, future)])
-            self._pool.submit(self._drain, mid)
+            slow = event.phase in SLOW_PHASES
+            self._pools[slow].submit(self._drain, mid, slow)
         return future
 
-    def _drain(self, mid: str) -> None:
+    def _drain(self, mid: str, slow: bool) -> None:
         while True:
             with self._lock:
                 queue = self._queues[mid]
                 if not queue:
                     del self._queues[mid]
                     return
-                event, future = queue.popleft()
+                event, future = queue[0]
+                if (event.phase in SLOW_PHASES) is not slow:
+                    try:  # the other lane takes the queue over, from this event on
+                        self._pools[not slow].submit(self._drain, mid, not slow)
+                        return
+                    except RuntimeError:  # that lane is shut down (closing): go on here
+                        pass
+                queue.popleft()
             if not future.set_running_or_notify_cancel():
                 continue
             try:
@@ -988,7 +1013,8 @@ class Dispatcher:
         """Refuse new events; with ``wait``, return once queued events are handled."""
         with self._lock:
             self._closed = True
-        self._pool.shutdown(wait=wait)
+        for slow in (False, True):  # the fast lane may still hand queues to the slow one
+            self._pools[slow].shutdown(wait=wait)
 
     def __enter__(self) -> Self:
         return self

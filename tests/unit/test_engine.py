@@ -545,6 +545,45 @@ def test_dispatcher_runs_two_migrations_at_the_same_time(
         dispatcher.submit(event(SWITCH))
 
 
+def test_a_long_completed_phase_does_not_hold_up_another_migrations_switchover(
+    conf: cfg.ConfigOpts, journal: Journal
+) -> None:
+    """One worker per lane: m1's COMPLETED (a hold timer) blocks its lane, yet m2's
+    SWITCHOVER and m1's later events still run, each migration's in order."""
+    release, holding = threading.Event(), threading.Event()
+    ran: list[str] = []
+
+    def hold(ctx: StageContext) -> Any:
+        ran.append(f"hold {ctx.migration.id}")
+        holding.set()
+        assert release.wait(5)
+        return None
+
+    def note(name: str) -> Callable[[StageContext], Any]:
+        def run(ctx: StageContext) -> Any:
+            ran.append(f"{name} {ctx.migration.id}")
+            return None
+
+        return run
+
+    log: list[str] = []
+    classes = [
+        make_stage("tunnel", SWITCH, S, log, run=note("tunnel")),
+        make_stage("timer", DONE, S, log, run=hold, deadline=10),
+    ]
+    with Dispatcher(pipeline(conf, journal, classes), workers=1) as dispatcher:
+        m1_switch = dispatcher.submit(event(SWITCH, mid="m1"))
+        m1_done = dispatcher.submit(event(DONE, mid="m1"))
+        assert m1_switch.result(timeout=5).ok
+        assert holding.wait(5)  # m1's hold timer occupies its lane's only thread
+        m2_switch = dispatcher.submit(event(SWITCH, mid="m2"))
+        assert m2_switch.result(timeout=5).ok  # while m1's hold timer still runs
+        assert not m1_done.done()
+        release.set()
+        assert m1_done.result(timeout=5).ok
+    assert ran.index("tunnel m1") < ran.index("hold m1") < ran.index("tunnel m2"), ran
+
+
 def test_dispatcher_delivers_an_engine_exception_through_the_future(
     conf: cfg.ConfigOpts, log: list[str]
 ) -> None:
