@@ -147,12 +147,12 @@ def switchover_timeline(reports: list[Any]) -> str:
     return "-"
 
 
-def _median(values: list[float]) -> float | None:
-    values = sorted(v for v in values if v is not None)
-    if not values:
+def _median(values: list[float | None]) -> float | None:
+    known = sorted(v for v in values if v is not None)
+    if not known:
         return None
-    mid = len(values) // 2
-    return values[mid] if len(values) % 2 else (values[mid - 1] + values[mid]) / 2
+    mid = len(known) // 2
+    return known[mid] if len(known) % 2 else (known[mid - 1] + known[mid]) / 2
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -218,6 +218,15 @@ def main(argv: list[str] | None = None) -> int:
           f"({len(stated)} run(s) each)")  # fmt: skip
     print(f"median SWITCHOVER wait: with state {wait:.1f} ms, without {base_wait:.1f} ms")
     print(f"pause with state - pause without: {pause - base:+.1f} ms")
+    deltas = [r["delta"] for r in stated if r.get("delta")]
+    if deltas:
+        stage = _median([d["stage_ms"] for d in deltas]) or 0.0
+        exports = {
+            kind: _median([d["kinds"].get(kind, (None, None))[0] for d in deltas])
+            for kind in deltas[0]["kinds"]
+        }
+        shown = ", ".join(f"{k} {v:.2f}" for k, v in exports.items() if v is not None)
+        print(f"median state_delta stage: {stage:.1f} ms; median export ms per kind: {shown}")
     return 0 if ok else 1
 
 

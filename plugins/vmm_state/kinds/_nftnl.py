@@ -281,6 +281,7 @@ class Reader:
         if field >= len(layout.fields) or (count is not None and _BE32.unpack(count)[0] == 0):
             return []  # empty: no dump (its cost is the set's hash buckets, not its elements)
         offset, length, address_family = layout.fields[field]
+        key_len = layout.fields[-1][0] + layout.fields[-1][1]
         verdicts: dict[bytes, bool] = {}  # the field holds few distinct addresses
         elements: list[dict[str, Any]] = []
         refused: Unsupported | None = None
@@ -294,6 +295,8 @@ class Reader:
                         continue
                     for item, ea, eb in _attrs(data, a, b):
                         if item != NFTA_LIST_ELEM:
+                            continue
+                        if not _may_be_mine(data, ea, key_len, offset, length, verdicts):
                             continue
                         entry = _element(data, ea, eb, layout, offset, length, address_family,
                                          verdicts, mine)  # fmt: skip
@@ -382,6 +385,26 @@ def read_sets(
         return own.read(sets, mine)
     finally:
         own.close()
+
+
+def _may_be_mine(
+    data: bytes, start: int, key_len: int, offset: int, length: int, verdicts: dict[bytes, bool]
+) -> bool:
+    """False only for an element whose key (the kernel's first attribute) names
+    an address already known not to be the VM's: most elements of a shared set
+    are skipped at that, without decoding. A set of 1,000 (10,000) elements, 1%
+    of them the VM's: 3.0 -> 1.7 ms (53 -> 13 ms); libnftables' listing of it
+    7.5 ms (134 ms). Minimum times, on the shared machine at load 5-7."""
+    if start + 12 > len(data):
+        return True
+    alen, atype = _NLA.unpack_from(data, start)
+    vlen, vtype = _NLA.unpack_from(data, start + 4)
+    if atype & NLA_TYPE_MASK != NFTA_SET_ELEM_KEY or vtype & NLA_TYPE_MASK != NFTA_DATA_VALUE:
+        return True
+    if vlen - 4 != key_len or alen < vlen + 4:
+        return True  # decoded in full, and refused there
+    value = data[start + 8 + offset : start + 8 + offset + length]
+    return verdicts.get(value, True)
 
 
 def _element(
