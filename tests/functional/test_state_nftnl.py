@@ -19,7 +19,7 @@ from vmm_lab.firewall import HostFirewall
 from vmm_lab.linux.topology import remove_namespaces, sh
 from vmm_orchestrator.model import Vif
 from vmm_orchestrator.options import new_conf
-from vmm_orchestrator.statekind import KindContext
+from vmm_orchestrator.statekind import KindContext, Reason
 from vmm_state.kinds import _nft, _nftnl
 from vmm_state.kinds.nftsets import NftSetsKind
 
@@ -160,6 +160,27 @@ def test_a_large_set_is_read_whole(ns):
     assert all(e["timeout"] == 60 and 0 < e["expires"] <= 60 for e in got)
 
 
+def test_lookup_gives_the_keys_nft_lists_and_the_count(ns):
+    """The destination's point lookups: the elements among the keys, as nft
+    lists them, the missing ones left out, and the set's element count."""
+    _, listed = _nft.list_set(ns, "inet", "t", "rates")
+    keys = [["1.2.3.4", "5.6.7.8"], ["1.2.3.9", "5.6.7.9"], ["9.9.9.9", "5.6.7.8"]]
+    layout, count, found = _nftnl.lookup(ns, "inet", "t", "rates", keys)
+    assert count == len(listed) == 7
+    assert (layout.types, layout.timeout_flag, layout.default_timeout, layout.size) == (
+        ["ipv4_addr", "ipv4_addr"], True, 10, 1000,
+    )  # fmt: skip
+    want = by_key(listed)
+    assert by_key(found) == {k: want[k] for k in map(json.dumps, keys[:2])}
+    assert _nftnl.lookup(ns, "inet", "t", "big", [])[1] == 0
+    with pytest.raises(LookupError):
+        _nftnl.lookup(ns, "inet", "t", "nosuchset", keys)
+    with pytest.raises(_nftnl.Unsupported):
+        _nftnl.lookup(ns, "inet", "t", "rates", [["1.2.3.4", "fd00::1"]])  # not its family
+    with pytest.raises(_nftnl.Unsupported):
+        _nftnl.lookup(ns, "inet", "t", "ports", [["1.2.3.4", 22]])
+
+
 VM = Vif(mac="52:54:00:00:64:0a", vni=100, ipv4=("198.19.100.10",), ipv6=("fd00:100::10",),
          port="tap-vm1")  # fmt: skip
 
@@ -195,11 +216,11 @@ add element inet t ports {{ 198.19.100.10 . 22 }}
             ("synflood_v6", "2001:db8::7"),
         ]
         kind.track(ctx)  # the migration's socket, opened ahead, serves its reads
-        reader = kind._readers[ctx.migration_id]
+        reader = kind._readers[(ctx.migration_id, ns)]
         assert by_key(list(kind.export(ctx))) == by_key(fast)
         assert by_key(list(kind.export(ctx, since=0.0))) == {}  # nothing changed since
         kind.untrack(ctx.migration_id)
-        assert ctx.migration_id not in kind._readers and reader._sock is None
+        assert not kind._readers and reader._sock is None
 
         def broken(*_args: Any) -> Any:
             raise OSError("no netlink here")
@@ -207,5 +228,48 @@ add element inet t ports {{ 198.19.100.10 . 22 }}
         monkeypatch.setattr(_nftnl, "read_sets", broken)
         slow = list(kind.export(ctx))
         assert by_key(slow) == by_key(fast)
+    finally:
+        remove_namespaces(prefix)
+
+
+def test_the_import_checks_room_with_the_kernels_count(prefix, monkeypatch):
+    """A set of size 3 holding 2 elements takes one more of the VM's, not two:
+    the destination's import counts them without listing the set."""
+    ns = f"{prefix}-k"
+    try:
+        sh("ip", "netns", "add", ns)
+        nft(ns, """
+table inet t {
+  set tiny { type ipv4_addr . ipv4_addr; size 3; flags dynamic,timeout; timeout 60s; }
+}
+add element inet t tiny { 10.0.0.1 . 198.19.100.11, 10.0.0.2 . 198.19.100.11 }
+""")  # fmt: skip
+        conf = new_conf()
+        conf.set_override("sets", ["inet:t:tiny:1"], group="state_nft_sets")
+        kind = NftSetsKind(conf)
+        ctx = KindContext(ns, (VM,), "mig-room")
+        entry = {"family": "inet", "table": "t", "set": "tiny", "timeout": 60, "expires": 50}
+        two = [{**entry, "key": [f"10.0.1.{i}", "198.19.100.10"]} for i in (1, 2)]
+        listings: list[Any] = []
+        list_set = _nft.list_set
+
+        def listing(*args: Any) -> Any:
+            listings.append(args)
+            return list_set(*args)
+
+        monkeypatch.setattr(_nft, "list_set", listing)
+        result = kind.import_(ctx, two)
+        assert not result.ok and result.reason is Reason.RESOURCE_LIMIT, result
+        assert "holds 2 of 3" in result.detail
+        result = kind.import_(ctx, two[:1])
+        assert result.ok, result
+        assert listings == []  # point lookups and the kernel's count, no listing
+        assert (ctx.migration_id, ns) in kind._readers  # kept for the migration's delta
+        _, listed = _nft.list_set(ns, "inet", "t", "tiny")
+        assert len(listed) == 3
+        kind.revert_import(ctx, result.record)
+        assert len(_nft.list_set(ns, "inet", "t", "tiny")[1]) == 2
+        kind.forget(ctx.migration_id)
+        assert not kind._readers
     finally:
         remove_namespaces(prefix)

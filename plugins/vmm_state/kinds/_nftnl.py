@@ -56,9 +56,11 @@ NFT_MSG_NEWSETELEM, NFT_MSG_GETSETELEM = 12, 13
 NLM_F_REQUEST, NLM_F_DUMP = 0x1, 0x300
 NLMSG_ERROR, NLMSG_DONE = 2, 3
 NLA_TYPE_MASK = 0x3FFF
+NLA_F_NESTED = 0x8000
 
 NFTA_SET_TABLE, NFTA_SET_NAME, NFTA_SET_FLAGS, NFTA_SET_KEY_TYPE, NFTA_SET_KEY_LEN = 1, 2, 3, 4, 5
-NFTA_SET_TIMEOUT, NFTA_SET_COUNT = 11, 20
+NFTA_SET_DESC, NFTA_SET_TIMEOUT, NFTA_SET_COUNT = 9, 11, 20
+NFTA_SET_DESC_SIZE = 1
 NFT_SET_INTERVAL, NFT_SET_MAP, NFT_SET_TIMEOUT, NFT_SET_OBJECT = 0x4, 0x8, 0x10, 0x40
 NFTA_SET_ELEM_LIST_TABLE, NFTA_SET_ELEM_LIST_SET, NFTA_SET_ELEM_LIST_ELEMENTS = 1, 2, 3
 NFTA_LIST_ELEM = 1
@@ -94,7 +96,7 @@ class Unsupported(Exception):
 class SetLayout:
     """What decoding a set's elements needs, from the kernel's GETSET answer."""
 
-    __slots__ = ("default_timeout", "fields", "timeout_flag", "types")
+    __slots__ = ("default_timeout", "fields", "size", "timeout_flag", "types")
 
     def __init__(self, attrs: dict[int, bytes], name: str) -> None:
         flags = _BE32.unpack(attrs[NFTA_SET_FLAGS])[0] if NFTA_SET_FLAGS in attrs else 0
@@ -121,6 +123,22 @@ class SetLayout:
         timeout = attrs.get(NFTA_SET_TIMEOUT)
         self.default_timeout = None if timeout is None else _BE64.unpack(timeout)[0] // 1000
         self.timeout_flag = bool(flags & NFT_SET_TIMEOUT) or timeout is not None
+        desc = attrs.get(NFTA_SET_DESC, b"")
+        size = _attr_map(desc, 0, len(desc)).get(NFTA_SET_DESC_SIZE)
+        self.size = None if size is None else _BE32.unpack(size)[0]
+
+    def key_bytes(self, key: list[Any]) -> bytes:
+        """An element key (text values) as the kernel holds it; Unsupported
+        unless each value is an address of its field's family."""
+        if not isinstance(key, list) or len(key) != len(self.fields):
+            raise Unsupported(f"key {key!r} does not fit the set")
+        out = b""
+        for value, (_, _, family) in zip(key, self.fields, strict=True):
+            try:
+                out += socket.inet_pton(family, value)
+            except (OSError, TypeError, ValueError):
+                raise Unsupported(f"{value!r} is not an address of the set's field") from None
+        return out
 
 
 def _attrs(data: bytes, start: int, end: int) -> Iterator[tuple[int, int, int]]:
@@ -283,6 +301,10 @@ class Reader:
         offset, length, address_family = layout.fields[field]
         key_len = layout.fields[-1][0] + layout.fields[-1][1]
         verdicts: dict[bytes, bool] = {}  # the field holds few distinct addresses
+
+        def wanted(key: bytes) -> bool:
+            return _mine(key, offset, length, address_family, verdicts, mine)
+
         elements: list[dict[str, Any]] = []
         refused: Unsupported | None = None
         listing = [(NFTA_SET_ELEM_LIST_TABLE, _text(table)), (NFTA_SET_ELEM_LIST_SET, _text(name))]
@@ -298,8 +320,7 @@ class Reader:
                             continue
                         if not _may_be_mine(data, ea, key_len, offset, length, verdicts):
                             continue
-                        entry = _element(data, ea, eb, layout, offset, length, address_family,
-                                         verdicts, mine)  # fmt: skip
+                        entry = _whole_element(data, ea, eb, layout, wanted)
                         if entry is not None:
                             elements.append(entry)
             except Unsupported as exc:
@@ -307,6 +328,100 @@ class Reader:
         if refused is not None:
             raise refused
         return elements
+
+    def lookup(
+        self, family: str, table: str, name: str, keys: list[list[Any]]
+    ) -> tuple[SetLayout, int | None, list[dict[str, Any]]]:
+        """A set's layout, element count (None: the kernel does not say) and
+        those of ``keys`` it holds, as list_set gives them: one ``GETSET`` and
+        one ``GETSETELEM`` per key, all in one send. A lookup costs the same in
+        a set of any size, where a dump walks every hash bucket and element
+        (the destination's import inside the pause needs only these).
+        LookupError: no such set; Unsupported: read it with libnftables."""
+        proto = FAMILIES.get(family)
+        if proto is None:
+            raise Unsupported(f"family {family}")
+        with self._lock:
+            try:
+                return self._lookup(proto, table, name, keys)
+            except OSError as exc:
+                self._reset()
+                if exc.errno == errno.ENOENT:
+                    raise LookupError(f"set {family} {table} {name} not found") from None
+                raise
+
+    def _lookup(
+        self, proto: int, table: str, name: str, keys: list[list[Any]]
+    ) -> tuple[SetLayout, int | None, list[dict[str, Any]]]:
+        names = [(NFTA_SET_TABLE, _text(table)), (NFTA_SET_NAME, _text(name))]
+        answers = [_attr_map(*m) for m in self._request(NFT_MSG_GETSET, 0, proto, names)]
+        if not answers:
+            raise OSError(errno.EPROTO, f"nftables: no answer about set {table} {name}")
+        layout = SetLayout(answers[0], name)
+        count = answers[0].get(NFTA_SET_COUNT)
+        wanted = [layout.key_bytes(k) for k in keys]
+        found: list[dict[str, Any]] = []
+        if not wanted:
+            return layout, None if count is None else _BE32.unpack(count)[0], found
+        requests = []
+        for raw in wanted:
+            key = _NLA.pack(4 + len(raw), NFTA_DATA_VALUE) + raw  # addresses: 4-byte aligned
+            elem = _NLA.pack(4 + len(key), NFTA_SET_ELEM_KEY | NLA_F_NESTED) + key
+            item = _NLA.pack(4 + len(elem), NFTA_LIST_ELEM | NLA_F_NESTED) + elem
+            requests.append(
+                [
+                    (NFTA_SET_ELEM_LIST_TABLE, _text(table)),
+                    (NFTA_SET_ELEM_LIST_SET, _text(name)),
+                    (NFTA_SET_ELEM_LIST_ELEMENTS | NLA_F_NESTED, item),
+                ]
+            )
+        for data, start, end in self._batch(NFT_MSG_GETSETELEM, proto, requests):
+            for kind, a, b in _attrs(data, start, end):
+                if kind != NFTA_SET_ELEM_LIST_ELEMENTS:
+                    continue
+                for item_kind, ea, eb in _attrs(data, a, b):
+                    if item_kind == NFTA_LIST_ELEM:
+                        entry = _whole_element(data, ea, eb, layout)
+                        if entry is not None:
+                            found.append(entry)
+        return layout, None if count is None else _BE32.unpack(count)[0], found
+
+    def _batch(
+        self, msg_type: int, family: int, requests: list[list[tuple[int, bytes]]]
+    ) -> Iterator[tuple[bytes, int, int]]:
+        """Send one (non-dump) request per item in one send; yield each answer
+        message found; an answer of ENOENT (no such element) is skipped."""
+        if self._sock is None:
+            self._open()
+        sock = self._sock
+        assert sock is not None
+        first = self._seq + 1
+        out = b""
+        for attrs in requests:
+            self._seq += 1
+            body = _NFGENMSG.pack(family, 0, 0) + _payload(attrs)
+            kind = (NFNL_SUBSYS_NFTABLES << 8) | msg_type
+            out += _NLMSGHDR.pack(16 + len(body), kind, NLM_F_REQUEST, self._seq, 0) + body
+        pending = set(range(first, self._seq + 1))
+        sock.send(out)
+        while pending:
+            n = sock.recv_into(self._buf)
+            data = bytes(memoryview(self._buf)[:n])
+            pos = 0
+            while pos + 16 <= n:
+                length, mtype, _f, mseq, _pid = _NLMSGHDR.unpack_from(data, pos)
+                if length < 16 or pos + length > n:
+                    raise OSError(errno.EPROTO, "nftables: a truncated netlink message")
+                end = pos + length
+                if mseq in pending:
+                    pending.discard(mseq)
+                    if mtype == NLMSG_ERROR:
+                        code = -struct.unpack_from("=i", data, pos + 16)[0]
+                        if code and code != errno.ENOENT:
+                            raise OSError(code, f"nftables: {errno.errorcode.get(code, code)}")
+                    else:
+                        yield data, pos + 16 + _NFGENMSG.size, end
+                pos = (end + 3) & ~3
 
     def _reset(self) -> None:
         """A fresh socket after a failure (an answer may be left half read, and the
@@ -328,8 +443,7 @@ class Reader:
             self._open()
         sock = self._sock
         assert sock is not None
-        payload = b"".join(_NLA.pack(4 + len(v), k) + v + b"\0" * (-len(v) % 4) for k, v in attrs)
-        body = _NFGENMSG.pack(family, 0, 0) + payload
+        body = _NFGENMSG.pack(family, 0, 0) + _payload(attrs)
         self._seq += 1
         seq = self._seq
         kind = (NFNL_SUBSYS_NFTABLES << 8) | msg_type
@@ -360,6 +474,10 @@ class Reader:
 
 def _text(value: str) -> bytes:
     return value.encode() + b"\0"
+
+
+def _payload(attrs: list[tuple[int, bytes]]) -> bytes:
+    return b"".join(_NLA.pack(4 + len(v), k) + v + b"\0" * (-len(v) % 4) for k, v in attrs)
 
 
 def read_sets(
@@ -407,17 +525,29 @@ def _may_be_mine(
     return verdicts.get(value, True)
 
 
-def _element(
-    data: bytes,
-    start: int,
-    end: int,
-    layout: SetLayout,
+def _mine(
+    key: bytes,  # the VM's address at the field? (verdicts: per distinct address)
     offset: int,
     length: int,
     address_family: int,
     verdicts: dict[bytes, bool],
     mine: Callable[[str], bool],
+) -> bool:
+    value = key[offset : offset + length]
+    verdict = verdicts.get(value)
+    if verdict is None:
+        verdict = verdicts[value] = mine(socket.inet_ntop(address_family, value))
+    return verdict
+
+
+def _whole_element(
+    data: bytes,
+    start: int,
+    end: int,
+    layout: SetLayout,
+    wanted: Callable[[bytes], bool] = lambda _key: True,
 ) -> dict[str, Any] | None:
+    """One element as list_set gives it (None if ``wanted`` refuses its key)."""
     attrs = {kind: (a, b) for kind, a, b in _attrs(data, start, end)}
     where = attrs.get(NFTA_SET_ELEM_KEY)
     if where is None:
@@ -428,11 +558,7 @@ def _element(
             key = data[a:b]
     if len(key) != layout.fields[-1][0] + layout.fields[-1][1]:
         raise Unsupported(f"an element key of {len(key)} bytes")
-    value = key[offset : offset + length]
-    verdict = verdicts.get(value)
-    if verdict is None:
-        verdict = verdicts[value] = mine(socket.inet_ntop(address_family, value))
-    if not verdict:
+    if not wanted(key):
         return None
     for odd in (NFTA_SET_ELEM_DATA, NFTA_SET_ELEM_OBJREF, NFTA_SET_ELEM_KEY_END):
         if odd in attrs:
@@ -466,3 +592,21 @@ def _element(
                 name, value_ = _expression(data, a, b)
                 entry[name] = value_
     return entry
+
+
+def lookup(
+    netns: str | None,
+    family: str,
+    table: str,
+    name: str,
+    keys: list[list[Any]],
+    reader: Reader | None = None,
+) -> tuple[SetLayout, int | None, list[dict[str, Any]]]:
+    """:meth:`Reader.lookup` through ``reader``, or a socket opened for this call."""
+    if reader is not None:
+        return reader.lookup(family, table, name, keys)
+    own = Reader(netns)
+    try:
+        return own.lookup(family, table, name, keys)
+    finally:
+        own.close()
