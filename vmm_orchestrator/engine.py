@@ -23,13 +23,13 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures
+import contextlib
 import dataclasses
 import json
 import logging
 import threading
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from typing import Any, Self, TypeVar
 
 import tenacity
@@ -144,6 +144,17 @@ def load_stages(conf: cfg.ConfigOpts, names: list[str]) -> list[Stage]:
 
 
 # -- reports ------------------------------------------------------------------
+
+
+#: Where a phase's outcome goes as soon as it is known: None (it succeeds) or the error.
+Decided = concurrent.futures.Future[str | None]
+
+
+def _settle(decided: Decided | None, outcome: str | None) -> None:
+    """Give ``decided`` its outcome, once (later outcomes are dropped)."""
+    if decided is not None and not decided.done():
+        with contextlib.suppress(concurrent.futures.InvalidStateError):
+            decided.set_result(outcome)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -377,19 +388,30 @@ class Pipeline:
 
     # -- events ---------------------------------------------------------------
 
-    def handle(self, event: MigrationEvent) -> PhaseReport:
+    def handle(self, event: MigrationEvent, decided: Decided | None = None) -> PhaseReport:
         """Run the stages of the event's phase and role; never raises for a stage.
 
         A stage failure reverts the migration's completed stages on this host
         and is reported with ``ok=False``. Journal errors (disk full) do raise:
         the engine cannot work without its journal. The report goes to the
         observers (:func:`add_observer`) before it is returned.
+
+        ``decided`` gets the phase's outcome as soon as it is known: None
+        (it succeeds) once every stage that can fail it ran, before the
+        best-effort stages after them, or the error. A hypervisor hook that
+        vetoes on the outcome (libvirt's ``migrate begin``) answers from it
+        while the rest of the phase goes on.
         """
-        report = self._handle(event)
+        try:
+            report = self._handle(event, decided)
+        except BaseException as err:
+            _settle(decided, f"the engine failed: {_describe(err)}")
+            raise
+        _settle(decided, None if report.ok else report.error or "failed")
         self._observe(report, event.monotonic)
         return report
 
-    def _handle(self, event: MigrationEvent) -> PhaseReport:
+    def _handle(self, event: MigrationEvent, decided: Decided | None = None) -> PhaseReport:
         with self._migration_lock(event.migration.id):
             self.journal.begin_migration(event.migration, event.role)
             record = self.journal.get(event.migration.id)
@@ -407,7 +429,9 @@ class Pipeline:
             )
             if event.phase is Phase.ABORTED:
                 return self._abort(event.migration, event.role, event.monotonic)
-            return self._run_phase(event.migration, event.role, event.phase, event.monotonic)
+            return self._run_phase(
+                event.migration, event.role, event.phase, event.monotonic, decided
+            )
 
     def _ignored(self, record: MigrationRecord, event: MigrationEvent) -> PhaseReport | None:
         """A report for an event that must not run anything, else None."""
@@ -442,12 +466,22 @@ class Pipeline:
         return PhaseReport(migration.id, self.host.name, phase, role, ok, **kw)
 
     def _run_phase(
-        self, migration: Migration, role: Role, phase: Phase, origin: float
+        self,
+        migration: Migration,
+        role: Role,
+        phase: Phase,
+        origin: float,
+        decided: Decided | None = None,
     ) -> PhaseReport:
         """Run the phase's stages not yet completed; on a failure revert the migration."""
         report = self._report(migration, role, phase)
         self.journal.phase_started(migration.id, phase)
-        for stage in self.stages_for(phase, role):
+        stages = self.stages_for(phase, role)
+        # After the last stage that can fail the phase, its success is known.
+        binding = max((i for i, s in enumerate(stages) if not s.best_effort), default=-1)
+        for index, stage in enumerate(stages):
+            if index > binding:
+                _settle(decided, None)
             previous = self.journal.stage_run(migration.id, phase, stage.name)
             if previous is not None and previous.state == jr.COMPLETED:
                 continue  # completed before a crash; the journal holds its record
@@ -912,7 +946,7 @@ class Pipeline:
 
     # -- locking --------------------------------------------------------------
 
-    @contextmanager
+    @contextlib.contextmanager
     def _migration_lock(self, migration_id: str) -> Iterator[None]:
         """Serialize work on one migration; the lock is dropped when unused."""
         with self._locks_guard:
@@ -966,12 +1000,17 @@ class Dispatcher:
         self._lock = threading.Lock()
         self._queues: dict[
             str,
-            collections.deque[tuple[MigrationEvent, concurrent.futures.Future[PhaseReport]]],
+            collections.deque[
+                tuple[MigrationEvent, concurrent.futures.Future[PhaseReport], Decided | None]
+            ],
         ] = {}
         self._closed = False
 
-    def submit(self, event: MigrationEvent) -> concurrent.futures.Future[PhaseReport]:
-        """Queue ``event``; the Future gets its PhaseReport (or the engine's exception)."""
+    def submit(
+        self, event: MigrationEvent, decided: Decided | None = None
+    ) -> concurrent.futures.Future[PhaseReport]:
+        """Queue ``event``; the Future gets its PhaseReport (or the engine's exception),
+        ``decided`` the phase's outcome as soon as it is known (see Pipeline.handle)."""
         future: concurrent.futures.Future[PhaseReport] = concurrent.futures.Future()
         mid = event.migration.id
         with self._lock:
@@ -979,9 +1018,9 @@ class Dispatcher:
                 raise RuntimeError("the dispatcher is closed")
             queue = self._queues.get(mid)
             if queue is not None:
-                queue.append((event, future))
+                queue.append((event, future, decided))
                 return future
-            self._queues[mid] = collections.deque([(event, future)])
+            self._queues[mid] = collections.deque([(event, future, decided)])
             slow = event.phase in SLOW_PHASES
             self._pools[slow].submit(self._drain, mid, slow)
         return future
@@ -993,7 +1032,7 @@ class Dispatcher:
                 if not queue:
                     del self._queues[mid]
                     return
-                event, future = queue[0]
+                event, future, decided = queue[0]
                 if (event.phase in SLOW_PHASES) is not slow:
                     try:  # the other lane takes the queue over, from this event on
                         self._pools[not slow].submit(self._drain, mid, not slow)
@@ -1002,9 +1041,10 @@ class Dispatcher:
                         pass
                 queue.popleft()
             if not future.set_running_or_notify_cancel():
+                _settle(decided, "cancelled")
                 continue
             try:
-                future.set_result(self.pipeline.handle(event))
+                future.set_result(self.pipeline.handle(event, decided))
             except BaseException as err:
                 LOG.exception("host %s: handling %s failed", self.pipeline.host.name, mid)
                 future.set_exception(err)

@@ -8,7 +8,11 @@ For each configured host one ``HostAgent`` ties together:
 * discovery and resolution, turning a domain into a ``Migration``;
 * the host's ``Pipeline`` and ``Dispatcher``, which run the stages;
 * the hook endpoint, where libvirt's ``migrate begin`` on the destination
-  runs PREPARE synchronously and its outcome allows or vetoes the migration;
+  runs PREPARE and its outcome allows or vetoes the migration: the answer
+  goes back as soon as every stage that can fail PREPARE ran (the
+  directory's pre-stage, a state pre-copy), while its best-effort stages
+  (the NVE's expectation, 40-90 ms of tc and nft under load on the libvirt
+  lab) finish as libvirt starts the incoming QEMU;
 * cold mobility (draft-ietf-nvo3-vmm section 7): a domain that starts here
   outside any migration while the directory places its MAC at another NVE
   was shut down there and started here. The network follows it as a
@@ -45,7 +49,7 @@ from vmm_libvirt.resolve import NothingToMove, ResolveError, Resolver
 from vmm_orchestrator import agent as root
 from vmm_orchestrator import journal as jr
 from vmm_orchestrator import metrics
-from vmm_orchestrator.engine import IN_FLIGHT, Dispatcher, PhaseReport, Pipeline
+from vmm_orchestrator.engine import IN_FLIGHT, Decided, Dispatcher, PhaseReport, Pipeline
 from vmm_orchestrator.errors import ConfigError
 from vmm_orchestrator.journal import Journal
 from vmm_orchestrator.model import Migration, MigrationEvent, Phase, Role, Workload
@@ -413,9 +417,14 @@ class HostAgent:
         return futures
 
     def _submit(
-        self, migration: Migration, phase: Phase, role: Role, monotonic: float
+        self,
+        migration: Migration,
+        phase: Phase,
+        role: Role,
+        monotonic: float,
+        decided: Decided | None = None,
     ) -> concurrent.futures.Future[PhaseReport]:
-        future = self.dispatcher.submit(MigrationEvent(migration, phase, role, monotonic))
+        future = self.dispatcher.submit(MigrationEvent(migration, phase, role, monotonic), decided)
         with self._lock:
             self._pending.add(future)
         future.add_done_callback(self._done)
@@ -758,10 +767,14 @@ class HostAgent:
             migration.source,
             transition.why,
         )
-        future = self._submit(migration, Phase.PREPARE, Role.DESTINATION, start)
+        # The answer comes once every stage that can fail PREPARE ran (the directory's
+        # pre-stage: the veto); best-effort ones after it (the NVE's expectation) go on
+        # while libvirt starts the incoming QEMU, and RESUMED queues behind them.
+        decided: Decided = concurrent.futures.Future()
+        self._submit(migration, Phase.PREPARE, Role.DESTINATION, start, decided)
         left = self.hook_timeout - (time.monotonic() - start)
         try:
-            report = future.result(timeout=max(left, 0.0))
+            error = decided.result(timeout=max(left, 0.0))
         except concurrent.futures.TimeoutError:
             # Vetoed: undo whatever PREPARE does once it ends (same migration: runs after it).
             self._submit(migration, Phase.ABORTED, Role.DESTINATION, time.monotonic())
@@ -771,10 +784,10 @@ class HostAgent:
                 "reason": f"PREPARE of migration {migration.id} did not finish within "
                 f"{self.hook_timeout:g} s",
             }
-        if report.ok:
+        if error is None:
             return {"allow": True, "reason": f"migration {migration.id} prepared"}
         self._vetoed(uuid)
-        return {"allow": False, "reason": f"{guest}: {report.error}"}
+        return {"allow": False, "reason": f"{guest}: {error}"}
 
     def _hook_abandoned(self, request: dict[str, Any], answer: dict[str, Any]) -> None:
         """An allow that reached the relay after it stopped waiting: the relay

@@ -38,6 +38,9 @@ class NvePrepare(Stage):
     phase = Phase.PREPARE
     role = Role.DESTINATION
     default_attempts = 1
+    #: Its failure costs the hold, not the migration: RESUMED's ``nve_plug`` pins the
+    #: port anyway. So it is no veto, and libvirt's hook need not wait for it.
+    best_effort = True
     #: Pin (the VM runs here) rather than only expect.
     pin = False
 
@@ -76,6 +79,7 @@ class NvePlug(NvePrepare):
     phase = Phase.RESUMED
     role = Role.DESTINATION
     pin = True
+    best_effort = False  # the VM runs here: without its port pinned the move fails
 
 
 class Announce(Stage):

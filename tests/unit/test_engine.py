@@ -7,6 +7,7 @@ the exact order of what happened.
 
 from __future__ import annotations
 
+import concurrent.futures
 import importlib.metadata
 import itertools
 import threading
@@ -614,3 +615,56 @@ def test_a_best_effort_stage_failure_neither_stops_nor_reverts(
     record = journal.get("m1")
     assert record is not None and record.status == "done"
     assert not any(line.startswith("revert") for line in log), log
+
+
+def test_the_outcome_is_decided_once_every_stage_that_can_fail_the_phase_ran(
+    conf: cfg.ConfigOpts, journal: Journal, log: list[str]
+) -> None:
+    """libvirt's hook answers from ``decided``: after the binding stages, while a
+    best-effort stage (the NVE's preparation) still runs."""
+    release = threading.Event()
+
+    def slow(ctx: StageContext) -> Any:
+        assert release.wait(5)
+        return None
+
+    tail = make_stage("expect", PREP, D, log, run=slow, deadline=10)
+    tail.best_effort = True
+    classes = [make_stage("prestage", PREP, D, log), tail]
+    decided: concurrent.futures.Future[str | None] = concurrent.futures.Future()
+    with Dispatcher(pipeline(conf, journal, classes)) as dispatcher:
+        report = dispatcher.submit(event(PREP, D), decided)
+        assert decided.result(timeout=5) is None  # allowed, while "expect" still runs
+        assert log[0] == "run prestage" and not report.done()
+        release.set()
+        assert report.result(timeout=5).ok
+
+
+def test_a_binding_stage_failure_is_the_decided_outcome(
+    conf: cfg.ConfigOpts, journal: Journal, log: list[str]
+) -> None:
+    tail = make_stage("expect", PREP, D, log)
+    tail.best_effort = True
+    classes = [make_stage("prestage", PREP, D, log, run=fail), tail]
+    decided: concurrent.futures.Future[str | None] = concurrent.futures.Future()
+    report = pipeline(conf, journal, classes).handle(event(PREP, D), decided)
+    assert not report.ok
+    outcome = decided.result(timeout=0)
+    assert outcome is not None and "NVE refused the port" in outcome, outcome
+    assert "run expect" not in log  # nothing after the failed stage ran
+
+
+def test_a_phase_of_best_effort_stages_only_is_decided_before_they_run(
+    conf: cfg.ConfigOpts, journal: Journal, log: list[str]
+) -> None:
+    seen: list[bool] = []
+    decided: concurrent.futures.Future[str | None] = concurrent.futures.Future()
+
+    def look(ctx: StageContext) -> Any:
+        seen.append(decided.done())
+        return None
+
+    only = make_stage("expect", PREP, D, log, run=look)
+    only.best_effort = True
+    assert pipeline(conf, journal, [only]).handle(event(PREP, D), decided).ok
+    assert seen == [True] and decided.result(timeout=0) is None
