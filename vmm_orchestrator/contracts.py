@@ -224,6 +224,12 @@ class NveDriver(abc.ABC):
     @abc.abstractmethod
     def stop_inflight(self, vni: int, mac: str) -> None: ...
 
+    def watch_departure(self, vni: int, mac: str, port: str) -> None:
+        """The VM behind local ``port`` is paused for a migration's final copy (or
+        by an operator): once it shows up elsewhere, send its frames on to it
+        without waiting for SWITCHOVER. Optional; stop_inflight and unplug end it."""
+        return None
+
     @abc.abstractmethod
     def close(self) -> None: ...
 

@@ -59,6 +59,9 @@ from vmm_orchestrator.stage import HostContext, Stage
 
 LOG = logging.getLogger(__name__)
 
+#: The source's pause for a migration's final copy (or an operator's, during one).
+PAUSED_FOR_MIGRATION = phases.Lifecycle(phases.Event.SUSPENDED, phases.SUSPENDED_MIGRATED)
+
 #: (state, reason) of a VM that does not run here (yet): paused for a migration
 #: (incoming, or the source's switchover) or still starting up.
 _NOT_RUNNING_YET = {
@@ -302,11 +305,30 @@ class HostAgent:
             LOG.debug("%s: %s %s -> %s", self.name, item.name, item.signal, decision)
             if decision.note:
                 LOG.info("%s: %s: %s", self.name, item.name, decision.note)
+            if item.signal == PAUSED_FOR_MIGRATION and decision.track.paused:
+                self._watch_departure(item.uuid)
             self._run(item.uuid, item.name, decision.transitions, item.monotonic)
             if decision.started:
                 self._cold_start_later(item.uuid, item.name, decision.started)
         elif isinstance(item, events.Disconnected):
             LOG.info("%s: libvirt connection closed (%s)", self.name, item.reason)
+
+    def _watch_departure(self, uuid: str) -> None:
+        """The source paused the VM (the final copy, or an operator): let the NVE
+        follow it in the kernel as soon as it shows up elsewhere, ahead of the
+        job read and of SWITCHOVER (see the NVE's ``watch_departure``)."""
+        nve = self.context.services.get("nve")
+        with self._lock:
+            workload = self._workloads.get(uuid)
+        if nve is None or workload is None:
+            return
+        for vif in workload.vifs:
+            if not vif.port:
+                continue
+            try:
+                nve.watch_departure(vif.vni, vif.mac, vif.port)
+            except Exception as exc:  # SWITCHOVER's in-flight tunnel still follows
+                LOG.warning("%s: cannot watch %s leave: %s", self.name, vif.mac, exc)
 
     def _reconcile(self, item: events.Reconciled) -> None:
         observed = {}

@@ -107,7 +107,8 @@ from pyroute2 import NetlinkError, NetNS
 from pyroute2.netlink.rtnl.marshal import MarshalRtnl
 
 from vmm_kernel import nft as kernel_nft
-from vmm_kernel.netns import RecvBuffer, drop_unclaimed
+from vmm_kernel.netns import RecvBuffer, lean_iproute
+from vmm_linux.departure import Departures
 from vmm_linux.netns import entered, socket_in
 from vmm_orchestrator.contracts import NveDriver
 from vmm_orchestrator.errors import ConfigError, VmmError
@@ -377,6 +378,8 @@ class LinuxNve(NveDriver):
         self.mtu = mtu
         self.hold_enabled = hold
         self.hold_limits = HoldLimits(hold_frames, hold_bytes, hold_ms)
+        #: MACs of VMs paused here for a migration's final copy (see vmm_linux.departure).
+        self._departures = Departures(self._nft)
         self._holds: dict[tuple[int, str], _Hold] = {}
         #: A hold's devices, built ahead for the next incoming VM of each VN.
         self._spares: dict[int, _Hold] = {}
@@ -394,7 +397,7 @@ class LinuxNve(NveDriver):
         )
         self._worker_ident = self._worker.submit(threading.get_ident).result()
         self._ipr: Any = self._worker.submit(
-            lambda: drop_unclaimed(NetNS(netns) if netns else _local_iproute())
+            lambda: lean_iproute(NetNS(netns) if netns else _local_iproute())
         ).result()
         self._lock = threading.RLock()
         self._entries: dict[tuple[int, str], _Entry] = {}
@@ -558,6 +561,7 @@ class LinuxNve(NveDriver):
 
     def unplug(self, vni: int, mac: str) -> None:
         """Neither expected nor pinned here any more (also reverts ``expect``)."""
+        self._departures.disarm(vni, mac)
         self._drop_hold(vni, mac, "unplugged")
         self._update(vni, mac, local_port=None, expected=False)
 
@@ -575,7 +579,19 @@ class LinuxNve(NveDriver):
         """Re-tunnel every frame for ``mac`` that reaches this host to ``vtep``."""
         self._update(vni, mac, inflight_vtep=str(ipaddress.ip_address(vtep)))
 
+    def watch_departure(self, vni: int, mac: str, port: str) -> None:
+        """From ``mac``'s first frame that arrives from elsewhere, divert what the
+        bridge sends to ``port`` to the in-flight port, in the kernel (see
+        vmm_linux.departure). Called at the pause, before any stage runs."""
+        self.ensure_vn(vni)
+        self._departures.arm(vni, mac, port, vxlan_name(vni), inflight_name(vni))
+
+    def departure_watched(self, vni: int, mac: str) -> str | None:
+        """The port ``mac``'s departure is watched on, or None."""
+        return self._departures.armed(vni, mac)
+
     def stop_inflight(self, vni: int, mac: str) -> None:
+        self._departures.disarm(vni, mac)
         with self._lock:
             entry = self._entries.get((vni, mac))
             known = bool(entry and entry.inflight_vtep)
@@ -906,7 +922,7 @@ class LinuxNve(NveDriver):
         sock = socket_in(self.netns, socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_ROUTE)
         # A handle of its own: a release must not queue behind the worker's jobs.
         with entered(self.netns):
-            ipr = drop_unclaimed(_local_iproute())
+            ipr = lean_iproute(_local_iproute())
         with contextlib.suppress(OSError):  # many ports at once (an evacuation): no ENOBUFS
             sock.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, 4 * 1024 * 1024)
         sock.bind((0, RTMGRP_LINK))
@@ -1058,6 +1074,7 @@ class LinuxNve(NveDriver):
 
     def close(self) -> None:
         self._closing.set()
+        self._departures.forget_all()
         with self._lock:
             holds = list(self._holds.values())
         for hold in holds:

@@ -238,3 +238,35 @@ def test_remove_vn_removes_the_filter_and_the_last_vn_the_table(site: Site) -> N
     hb.remove_vn(VNI)
     assert "vmm_nve" not in listed()
     assert os.path.exists(f"/run/netns/{ns}")
+
+
+def test_a_departing_vm_is_followed_in_the_kernel_from_its_first_frame_elsewhere(
+    site: Site,
+) -> None:
+    """The source watches the paused VM's departure (at the pause, before SWITCHOVER):
+    until the VM shows up elsewhere its frames still go to its old port; from its
+    first frame at the destination (QEMU's RARP) the source's kernel sends them on."""
+    ha, hb = site.nves["ha"], site.nves["hb"]
+    mac, old_port = site.vm_mac, site.lab.vms["vmold"].port
+    hb.expect(VNI, mac, "tap-vm")
+    site.add_new_port()
+    ha.watch_departure(VNI, mac, old_port)
+    ha.watch_departure(VNI, mac, old_port)  # idempotent (the pause seen twice)
+    assert ha.departure_watched(VNI, mac) == old_port
+    got = site.deliveries("far", expect_at="vmold")  # paused, still here: nothing moves
+    assert got == {name: 0 for name in site.rx} | {"vmold": FRAMES}, got
+
+    # The guest resumes on hb; no SWITCHOVER has run on ha (no in-flight entry).
+    send(f"{site.lab.prefix}-vmnew", "ff:ff:ff:ff:ff:ff", b"rarp".ljust(16, b"."), src=mac)
+    assert wait_for(lambda: site.expectations() == set())
+    assert ha.inflight(VNI, mac) is None
+    got = site.deliveries("far", expect_at="vmnew")  # ha's local peer, bridged to the old port
+    assert got == {name: 0 for name in site.rx} | {"vmnew": FRAMES}, got
+
+    ha.start_inflight(VNI, mac, site.lab.hosts["hb"].vtep)  # SWITCHOVER, late
+    ha.stop_inflight(VNI, mac)  # the hold timer's end: the watch goes with the tunnel
+    assert ha.departure_watched(VNI, mac) is None
+    table = in_ns(site.lab.hosts["ha"].netns, "nft", "list", "table", "netdev", "vmm_depart")
+    assert mac not in table and "out_" not in table, table
+    got = site.deliveries("far", expect_at="vmold")  # no diversion left behind
+    assert got == {name: 0 for name in site.rx} | {"vmold": FRAMES}, got
