@@ -34,7 +34,7 @@ from vmm_etcd.journal import EtcdJournal
 from vmm_etcd.locks import Claim, MigrationBusy, MigrationLocks
 from vmm_etcd.watch import WatchStream
 from vmm_orchestrator import journal as jr
-from vmm_orchestrator.engine import PhaseReport, Pipeline
+from vmm_orchestrator.engine import Decided, PhaseReport, Pipeline
 from vmm_orchestrator.journal import Journal
 from vmm_orchestrator.model import Migration, MigrationEvent
 from vmm_orchestrator.nva.errors import NvaError
@@ -72,14 +72,15 @@ class HaPipeline(Pipeline):
 
     # -- events -----------------------------------------------------------------
 
-    def handle(self, event: MigrationEvent) -> PhaseReport:
+    def handle(self, event: MigrationEvent, decided: Decided | None = None) -> PhaseReport:
         """Run the event if this instance owns (or can claim) its migration.
 
         When another live instance keeps it past ``claim_timeout`` the
-        report says so (ok=False) and nothing ran here.
+        report says so (ok=False) and nothing ran here (``decided`` gets
+        that error too).
         """
         try:
-            return super().handle(event)
+            return super().handle(event, decided)
         except MigrationBusy as err:
             LOG.info("instance %s: %s", self.instance, err)
             return PhaseReport(
