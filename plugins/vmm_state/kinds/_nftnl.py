@@ -43,6 +43,7 @@ import errno
 import socket
 import struct
 import threading
+import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -50,6 +51,7 @@ from vmm_kernel.netns import socket_in
 
 NETLINK_NETFILTER = 12
 TIMEOUT = 5  # seconds a kernel answer may take (it takes microseconds)
+DUMP_ATTEMPTS = 5  # dumps of a set whose hash table is being resized (see Reader._elements)
 NFNL_SUBSYS_NFTABLES = 10
 NFT_MSG_NEWSET, NFT_MSG_GETSET = 9, 10
 NFT_MSG_NEWSETELEM, NFT_MSG_GETSETELEM = 12, 13
@@ -305,29 +307,44 @@ class Reader:
         def wanted(key: bytes) -> bool:
             return _mine(key, offset, length, address_family, verdicts, mine)
 
-        elements: list[dict[str, Any]] = []
-        refused: Unsupported | None = None
         listing = [(NFTA_SET_ELEM_LIST_TABLE, _text(table)), (NFTA_SET_ELEM_LIST_SET, _text(name))]
-        for data, start, end in self._request(NFT_MSG_GETSETELEM, NLM_F_DUMP, proto, listing):
+        for attempt in range(DUMP_ATTEMPTS):
+            elements: list[dict[str, Any]] = []
+            refused: Unsupported | None = None
+            seen: set[bytes] = set()
+            doubled = 0
+            for data, start, end in self._request(NFT_MSG_GETSETELEM, NLM_F_DUMP, proto, listing):
+                if refused is not None:
+                    continue  # read the dump to its end: the socket stays usable
+                try:
+                    for kind, a, b in _attrs(data, start, end):
+                        if kind != NFTA_SET_ELEM_LIST_ELEMENTS:
+                            continue
+                        for item, ea, eb in _attrs(data, a, b):
+                            if item != NFTA_LIST_ELEM:
+                                continue
+                            key = _identity(data, ea, eb, key_len)
+                            if key in seen:
+                                doubled += 1
+                                continue
+                            seen.add(key)
+                            if not _may_be_mine(data, ea, key_len, offset, length, verdicts):
+                                continue
+                            entry = _whole_element(data, ea, eb, layout, wanted)
+                            if entry is not None:
+                                elements.append(entry)
+                except Unsupported as exc:
+                    refused = exc
             if refused is not None:
-                continue  # read the dump to its end: the socket stays usable
-            try:
-                for kind, a, b in _attrs(data, start, end):
-                    if kind != NFTA_SET_ELEM_LIST_ELEMENTS:
-                        continue
-                    for item, ea, eb in _attrs(data, a, b):
-                        if item != NFTA_LIST_ELEM:
-                            continue
-                        if not _may_be_mine(data, ea, key_len, offset, length, verdicts):
-                            continue
-                        entry = _whole_element(data, ea, eb, layout, wanted)
-                        if entry is not None:
-                            elements.append(entry)
-            except Unsupported as exc:
-                refused = exc
-        if refused is not None:
-            raise refused
-        return elements
+                raise refused
+            if not doubled:
+                return elements
+            # The table was rehashed (grown or shrunk) between two parts of the dump:
+            # the kernel resumes a dump by skipping as many elements as it sent, in
+            # the new order, so as many were missed as came twice (measured: 1,301
+            # of 10,000 right after 33 deletions). Read it again.
+            time.sleep(0.001 * (attempt + 1))
+        raise Unsupported(f"set {table} {name} changed its hash table in {DUMP_ATTEMPTS} dumps")
 
     def lookup(
         self, family: str, table: str, name: str, keys: list[list[Any]]
@@ -503,6 +520,21 @@ def read_sets(
         return own.read(sets, mine)
     finally:
         own.close()
+
+
+def _identity(data: bytes, start: int, end: int, key_len: int) -> bytes:
+    """What tells an element from another in a dump: its key (the kernel's first
+    attribute), else all of it."""
+    if start + 8 + key_len <= end:
+        _, atype = _NLA.unpack_from(data, start)
+        vlen, vtype = _NLA.unpack_from(data, start + 4)
+        if (
+            atype & NLA_TYPE_MASK == NFTA_SET_ELEM_KEY
+            and vtype & NLA_TYPE_MASK == NFTA_DATA_VALUE
+            and vlen - 4 == key_len
+        ):
+            return data[start + 8 : start + 8 + key_len]
+    return data[start:end]
 
 
 def _may_be_mine(
