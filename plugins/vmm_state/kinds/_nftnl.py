@@ -39,7 +39,9 @@ lists that set through libnftables instead: never a guess.
 
 from __future__ import annotations
 
+import ctypes
 import errno
+import os
 import socket
 import struct
 import threading
@@ -420,9 +422,9 @@ class Reader:
             kind = (NFNL_SUBSYS_NFTABLES << 8) | msg_type
             out += _NLMSGHDR.pack(16 + len(body), kind, NLM_F_REQUEST, self._seq, 0) + body
         pending = set(range(first, self._seq + 1))
-        sock.send(out)
+        _send(sock, out)
         while pending:
-            n = sock.recv_into(self._buf)
+            n = _recv_into(sock, self._buf)
             data = bytes(memoryview(self._buf)[:n])
             pos = 0
             while pos + 16 <= n:
@@ -464,10 +466,10 @@ class Reader:
         self._seq += 1
         seq = self._seq
         kind = (NFNL_SUBSYS_NFTABLES << 8) | msg_type
-        sock.send(_NLMSGHDR.pack(16 + len(body), kind, NLM_F_REQUEST | flags, seq, 0) + body)
+        _send(sock, _NLMSGHDR.pack(16 + len(body), kind, NLM_F_REQUEST | flags, seq, 0) + body)
         dump = bool(flags & NLM_F_DUMP)
         while True:
-            n = sock.recv_into(self._buf)
+            n = _recv_into(sock, self._buf)
             data = bytes(memoryview(self._buf)[:n])
             pos = 0
             while pos + 16 <= n:
@@ -487,6 +489,47 @@ class Reader:
                     if not dump:
                         return
                 pos = (end + 3) & ~3
+
+
+# The kernel answers a netlink request within the send (and the next part of a
+# dump within the receive): these calls never wait for anything. Made through
+# libc with the GIL held (ctypes.PyDLL), a read inside the pause runs to its
+# end once its thread has the GIL, instead of queueing for it again after
+# every call behind the stage's own thread (in the lab's pause the four
+# sets' read took 2.2-3.6 ms so, 0.4 ms alone). MSG_DONTWAIT: should an
+# answer not be there yet, the usual call (which releases the GIL) waits.
+try:
+    _LIBC: Any = ctypes.PyDLL(None, use_errno=True)
+    _LIBC.send.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_size_t, ctypes.c_int]
+    _LIBC.send.restype = ctypes.c_ssize_t
+    _LIBC.recv.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    _LIBC.recv.restype = ctypes.c_ssize_t
+except (OSError, AttributeError):  # no libc symbols: Python's calls
+    _LIBC = None
+MSG_DONTWAIT = 0x40
+
+
+def _send(sock: socket.socket, data: bytes) -> None:
+    if _LIBC is not None:
+        n = _LIBC.send(sock.fileno(), data, len(data), MSG_DONTWAIT)
+        if n == len(data):
+            return
+        code = ctypes.get_errno()
+        if n >= 0 or code not in (errno.EAGAIN, errno.EINTR):
+            raise OSError(code or errno.EIO, f"nftables: send: {os.strerror(code)}")
+    sock.send(data)
+
+
+def _recv_into(sock: socket.socket, buf: bytearray) -> int:
+    if _LIBC is not None:
+        view = (ctypes.c_char * len(buf)).from_buffer(buf)
+        n = int(_LIBC.recv(sock.fileno(), view, len(buf), MSG_DONTWAIT))
+        if n >= 0:
+            return n
+        code = ctypes.get_errno()
+        if code not in (errno.EAGAIN, errno.EINTR):
+            raise OSError(code, f"nftables: recv: {os.strerror(code)}")
+    return sock.recv_into(buf)
 
 
 def _text(value: str) -> bytes:
