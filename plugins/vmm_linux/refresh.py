@@ -39,6 +39,7 @@ import socket
 from collections.abc import Iterable
 from typing import Any
 
+from vmm_kernel.netns import lean_iproute
 from vmm_linux.netns import entered
 from vmm_orchestrator.model import Phase, Role
 from vmm_orchestrator.stage import Stage, StageContext
@@ -63,9 +64,9 @@ def _iproute(netns: str | None) -> Any:
     from pyroute2 import IPRoute, NetNS
 
     if netns:
-        return NetNS(netns)
+        return lean_iproute(NetNS(netns))  # see vmm_kernel.netns: 64 KiB reads
     with entered(None):
-        return IPRoute()
+        return lean_iproute(IPRoute())
 
 
 def stale_candidates(

@@ -1,4 +1,5 @@
-"""vmm_kernel.netns.drop_unclaimed: a pyroute2 handle's lookups leave nothing behind.
+"""vmm_kernel.netns.drop_unclaimed / lean_iproute: a pyroute2 handle's lookups
+leave nothing behind, and it reads 64 KiB at a time instead of 256 KiB.
 
 pyroute2 0.9 files the kernel's ACK of each ``get`` request with the
 multicast events, a queue our handles never read: the soak's RSS grew by
@@ -12,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from vmm_kernel.netns import drop_unclaimed
+from vmm_kernel.netns import NETLINK_READ, drop_unclaimed, lean_iproute
 
 pyroute2 = pytest.importorskip("pyroute2")
 
@@ -51,3 +52,14 @@ def test_other_handles_are_returned_unchanged() -> None:
 
     other = Other()
     assert drop_unclaimed(other) is other
+
+
+def test_lean_handle_reads_64_kib_at_a_time_and_answers_dumps() -> None:
+    with pyroute2.IPRoute() as ipr:
+        assert ipr.asyncore.local.transport.max_size == 256 * 1024  # asyncio's default
+        assert lean_iproute(ipr) is ipr
+        assert ipr.asyncore.local.transport.max_size == NETLINK_READ == 64 * 1024
+        names = [link.get_attr("IFLA_IFNAME") for link in ipr.get_links()]  # a dump
+        assert "lo" in names
+        _lookups(ipr, 10)
+        assert _unread(ipr) == 0
