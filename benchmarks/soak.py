@@ -24,6 +24,8 @@ Run as root: ``.venv/bin/python benchmarks/soak.py --migrations 1000``.
 from __future__ import annotations
 
 import argparse
+import ctypes
+import ctypes.util
 import gc
 import json
 import os
@@ -62,6 +64,46 @@ def rss_kib() -> int:
             if line.startswith("VmRSS:"):
                 return int(line.split()[1])
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+
+
+class _Mallinfo2(ctypes.Structure):
+    _fields_ = [
+        (name, ctypes.c_size_t)
+        for name in (
+            "arena",
+            "ordblks",
+            "smblks",
+            "hblks",
+            "hblkhd",
+            "usmblks",
+            "fsmblks",
+            "uordblks",
+            "fordblks",
+            "keepcost",
+        )
+    ]
+
+
+def native_memory() -> dict[str, int]:
+    """Where RSS goes outside Python objects (shown, not judged): glibc's heap
+    in use and free-but-kept over all arenas (mallinfo2), SQLite's own
+    allocations (its page caches among them). A heap that grows "free" while
+    "used" stays is the allocator keeping churn, not a leak."""
+    figures: dict[str, int] = {}
+    try:
+        libc = ctypes.CDLL(None)
+        libc.mallinfo2.restype = _Mallinfo2
+        info = libc.mallinfo2()
+        figures["heap_used_kib"] = (info.uordblks + info.hblkhd) // 1024
+        figures["heap_free_kib"] = info.fordblks // 1024
+    except (OSError, AttributeError):  # not glibc, or older than 2.33
+        pass
+    name = ctypes.util.find_library("sqlite3")
+    if name:
+        sqlite = ctypes.CDLL(name)
+        sqlite.sqlite3_memory_used.restype = ctypes.c_int64
+        figures["sqlite_kib"] = sqlite.sqlite3_memory_used() // 1024
+    return figures
 
 
 def nft_objects(netns: str) -> int:
@@ -176,6 +218,7 @@ def main(argv: list[str] | None = None) -> int:
         for i in range(args.warmup):
             move(i)
         before = snapshot(site, prefix)
+        native_before = native_memory()
         first = tracemalloc.take_snapshot() if args.trace else None
         census = object_census() if args.trace else Counter()
         started = time.monotonic()
@@ -183,11 +226,15 @@ def main(argv: list[str] | None = None) -> int:
             move(i)
             if (i + 1) % 100 == 0:
                 took = time.monotonic() - started
-                print(f"{i + 1} migrations, {took:.0f} s, RSS {rss_kib()} KiB", flush=True)
+                native = ", ".join(f"{k} {v}" for k, v in native_memory().items())
+                print(
+                    f"{i + 1} migrations, {took:.0f} s, RSS {rss_kib()} KiB; {native}", flush=True
+                )
         if vm1.host != "h1":
             move(-1)  # end where it started, so the tables compare
         time.sleep(1.5)  # the last hold timer and the agents' acknowledgements
         after = snapshot(site, prefix)
+        native_after = native_memory()
         if args.trace:
             print_growth(first, census, args.migrations, args.top)
             first = None
@@ -211,6 +258,8 @@ def main(argv: list[str] | None = None) -> int:
             ok = now == value
         bad |= not ok
         print(f"{key:<14} {value:>10} {now:>10}  {'yes' if ok else 'NO'}")
+    for key, value in native_before.items():  # where RSS went: shown, not judged
+        print(f"{key:<14} {value:>10} {native_after.get(key, -1):>10}  -")
     return 1 if bad else 0
 
 
