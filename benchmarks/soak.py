@@ -90,11 +90,16 @@ class _Mallinfo2(ctypes.Structure):
 
 
 def native_memory() -> dict[str, int]:
-    """Where RSS goes outside Python objects (shown, not judged): glibc's heap
-    in use and free-but-kept over all arenas (mallinfo2), SQLite's own
-    allocations (its page caches among them). A heap that grows "free" while
-    "used" stays is the allocator keeping churn, not a leak."""
+    """Where RSS goes (shown, not judged): anonymous and file-backed RSS (the
+    latter is library code paged in, not memory in use), glibc's heap in use
+    and free-but-kept over all arenas (mallinfo2), SQLite's own allocations
+    (its page caches among them). A heap that grows "free" while "used"
+    stays is the allocator keeping churn, not a leak."""
     figures: dict[str, int] = {}
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            if line.startswith(("RssAnon:", "RssFile:")):
+                figures[f"rss_{line[3:7].lower()}_kib"] = int(line.split()[1])
     try:
         libc = ctypes.CDLL(None)
         libc.mallinfo2.restype = _Mallinfo2

@@ -42,11 +42,12 @@ def test_every_other_count_must_be_equal(soak: ModuleType) -> None:
         assert not soak.returned(key, 34, 33) and not soak.returned(key, 34, 35)
 
 
-def test_native_memory_reports_the_heap_and_sqlite(soak: ModuleType) -> None:
+def test_native_memory_reports_rss_kinds_the_heap_and_sqlite(soak: ModuleType) -> None:
     import sqlite3
 
     figures = soak.native_memory()
     assert figures["heap_used_kib"] > 0 and figures["heap_free_kib"] >= 0  # glibc >= 2.33
+    assert figures["rss_anon_kib"] > 0 and figures["rss_file_kib"] > 0
     conn = sqlite3.connect(":memory:")
     try:
         conn.execute("CREATE TABLE t (x TEXT)")
