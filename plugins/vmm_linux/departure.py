@@ -26,9 +26,12 @@ frame for the VM is diverted. An operator's pause arms it too; it then
 stays idle (the VM sends nothing from elsewhere) unless another host sends
 frames with the paused VM's MAC, which would divert that VM's frames for as
 long as it stays paused and armed, never a running VM's. ``disarm`` (the
-hold timer's end, a revert, or the port leaving) removes the port's chain
-and the MAC's elements; a port that disappears takes its chain with it (the
-kernel removes a netdev chain whose device goes away).
+hold timer's end, a revert, the MAC expected or plugged here again) removes
+the port's chain and the MAC's elements. This kernel (6.18) keeps a netdev
+chain whose device went away and binds it to the next device of that name:
+a VM that comes back gets a tap of the same name, so a chain a killed agent
+left would divert its frames. A driver therefore drops the whole table when
+it takes over its first VN (``forget_all``), as it does with stale holds.
 
 Measured with a veth pair standing in for the tap: after one RARP seen at
 the ingress hook, the next frame for the MAC left through the in-flight

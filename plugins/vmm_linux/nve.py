@@ -436,6 +436,11 @@ class LinuxNve(NveDriver):
         with self._lock:
             if vni in self._ready:
                 return
+            if not self._ready:
+                # What a killed predecessor armed: its netdev chains outlive the
+                # old tap and bind to the next device of that name (a VM that
+                # comes back), which would divert its frames away.
+                self._departures.forget_all()
             br = self._ensure_link(bridge_name(vni), kind="bridge", br_stp_state=0)
             vx = self._ensure_link(
                 vxlan_name(vni),
@@ -544,6 +549,7 @@ class LinuxNve(NveDriver):
         location stays recorded and comes back into force on ``unplug`` (an
         aborted migration).
         """
+        self._departures.disarm(vni, mac)  # it comes (back) here: nothing to divert
         self._update(vni, mac, local_port=port, expected=True, **self._ips(ips))
         if self.hold_enabled:
             self._arm_hold(vni, mac, port)
@@ -557,6 +563,7 @@ class LinuxNve(NveDriver):
         ``mac`` to the local ports until it does.
         """
         self.release_hold(vni, mac)
+        self._departures.disarm(vni, mac)
         self._update(vni, mac, local_port=port, expected=False, **self._ips(ips))
 
     def unplug(self, vni: int, mac: str) -> None:

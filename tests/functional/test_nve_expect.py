@@ -270,3 +270,23 @@ def test_a_departing_vm_is_followed_in_the_kernel_from_its_first_frame_elsewhere
     assert mac not in table and "out_" not in table, table
     got = site.deliveries("far", expect_at="vmold")  # no diversion left behind
     assert got == {name: 0 for name in site.rx} | {"vmold": FRAMES}, got
+
+
+def test_a_restarted_nve_drops_the_departure_watch_a_killed_one_left(site: Site) -> None:
+    """This kernel keeps a netdev chain whose device went away and binds it to the next
+    device of that name (the tap of a VM that comes back): an agent killed while
+    watching a departure must not leave it to its successor."""
+    ha, mac, old_port = site.nves["ha"], site.vm_mac, site.lab.vms["vmold"].port
+    ns = site.lab.hosts["ha"].netns
+    ha.watch_departure(VNI, mac, old_port)
+    assert f"out_{old_port.replace('-', '_')}" in in_ns(
+        ns, "nft", "list", "table", "netdev", "vmm_depart"
+    )
+    successor = LinuxNve(ns, site.lab.hosts["ha"].vtep)  # ha's agent, killed and restarted
+    try:
+        successor.ensure_vn(VNI)
+        assert "vmm_depart" not in in_ns(ns, "nft", "list", "tables")
+    finally:
+        successor.close()
+    got = site.deliveries("far", expect_at="vmold")
+    assert got == {name: 0 for name in site.rx} | {"vmold": FRAMES}, got
