@@ -3,7 +3,9 @@ leave nothing behind, and it reads 64 KiB at a time instead of 256 KiB.
 
 pyroute2 0.9 files the kernel's ACK of each ``get`` request with the
 multicast events, a queue our handles never read: the soak's RSS grew by
-what those messages pinned (benchmarks/soak.py). Loopback lookups in the
+what those messages pinned (benchmarks/soak.py; 0.9.7 kept one per lookup).
+No test asserts that library behaviour: setup.py takes any pyroute2 >= 0.9,
+and a release that fixes it must not fail the suite. Loopback lookups in the
 test's own namespace need no privileges.
 """
 
@@ -28,13 +30,6 @@ def _lookups(ipr: Any, n: int) -> list[int]:
         found += ipr.link_lookup(ifname="lo")
         found += [link["index"] for link in ipr.get_links(1)]
     return found
-
-
-def test_plain_handle_keeps_an_ack_per_lookup() -> None:
-    """The library behaviour the helper exists for (if this fails, pyroute2 fixed it)."""
-    with pyroute2.IPRoute() as ipr:
-        _lookups(ipr, 20)
-        assert _unread(ipr) >= 20
 
 
 def test_dropping_handle_keeps_nothing_and_still_answers() -> None:
