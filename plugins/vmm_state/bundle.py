@@ -32,9 +32,11 @@ The writer is a generator: entries are pulled from each kind's export
 iterator and written chunk by chunk, so an exporting host holds one chunk
 of a large table at a time. The reader is incremental: ``feed`` bytes as
 they arrive; it enforces the byte limit and the per-kind entry limits while
-reading, keeps the raw chunks (compact: no parsed objects) and hands out
-entries only after ``finish`` has verified the MAC. Entries are parsed
-lazily, chunk by chunk, from the verified bytes.
+reading, keeps the raw chunks and hands out entries only after ``finish``
+has verified the MAC. Entries are parsed lazily, chunk by chunk, from the
+verified bytes; or, with ``parse_early`` (the state service's readers), as
+each chunk arrives, so the parse overlaps the transfer (still nothing is
+handed out before the MAC verifies).
 """
 
 from __future__ import annotations
@@ -339,29 +341,75 @@ class Section:
     unavailable: str | None = None
     error: str | None = None
     refusal: BundleError | None = None
+    #: Chunks parsed while the bundle was still arriving (``parse_early``), by
+    #: chunk number: the entries, or the MalformedBundle their parse raised.
+    early: dict[int, list[dict[str, Any]] | MalformedBundle] = dataclasses.field(
+        default_factory=dict
+    )
+    #: Chunks (by number) whose every entry the reader's ``check_early`` accepted
+    #: while the bundle arrived: the importer does not check them again.
+    checked: set[int] = dataclasses.field(default_factory=set)
+
+    def batches(self) -> Iterator[tuple[list[dict[str, Any]], bool]]:
+        """The entries chunk by chunk, each with whether it was checked early."""
+        for number, chunk in enumerate(self.chunks):
+            done = self.early.pop(number, None)
+            if isinstance(done, MalformedBundle):
+                raise done
+            if done is None:
+                yield _parse_chunk(self.kind, number, chunk), False
+            else:
+                yield done, number in self.checked
 
     def entries(self) -> Iterator[dict[str, Any]]:
         """The entries, parsed chunk by chunk from verified bytes.
 
         Raises MalformedBundle for a line that is not a JSON object: the
-        signer wrote something no exporter of this format writes.
+        signer wrote something no exporter of this format writes. A chunk
+        parsed early is handed out once (a second call parses it again, so
+        each call yields fresh objects, as before).
         """
-        for number, chunk in enumerate(self.chunks):
-            lines = chunk.count(b"\n")
-            try:
-                parsed = json.loads(
-                    b"[" + chunk[:-1].replace(b"\n", b",") + b"]",
-                    parse_constant=_reject_constant,
-                )
-            except (UnicodeDecodeError, ValueError) as err:
-                raise MalformedBundle(
-                    f"chunk {number} of kind {self.kind} is not JSON lines: {err}"
-                ) from None
-            if len(parsed) != lines or not all(isinstance(e, dict) for e in parsed):
-                raise MalformedBundle(
-                    f"chunk {number} of kind {self.kind} does not hold one JSON object per line"
-                )
-            yield from parsed
+        for batch, _checked in self.batches():
+            yield from batch
+
+    def parse_early(
+        self, number: int, check: Callable[[dict[str, Any]], None] | None = None
+    ) -> None:
+        """Parse chunk ``number`` now (before the signature is checked), and
+        run ``check`` on its entries: both overlap the transfer, nothing of
+        them is used before ``finish`` verifies the bundle, a parse failure is
+        kept for ``entries`` to raise, and a chunk ``check`` refuses is left
+        unmarked for the importer to check again (and answer as it does)."""
+        try:
+            parsed = _parse_chunk(self.kind, number, self.chunks[number])
+        except MalformedBundle as err:
+            self.early[number] = err
+            return
+        self.early[number] = parsed
+        if check is None:
+            return
+        try:
+            for entry in parsed:
+                check(entry)
+        except Exception:  # the importer checks this chunk again, and answers
+            return
+        self.checked.add(number)
+
+
+def _parse_chunk(kind: str, number: int, chunk: bytes) -> list[dict[str, Any]]:
+    lines = chunk.count(b"\n")
+    try:
+        parsed = json.loads(
+            b"[" + chunk[:-1].replace(b"\n", b",") + b"]",
+            parse_constant=_reject_constant,
+        )
+    except (UnicodeDecodeError, ValueError) as err:
+        raise MalformedBundle(f"chunk {number} of kind {kind} is not JSON lines: {err}") from None
+    if len(parsed) != lines or not all(isinstance(e, dict) for e in parsed):
+        raise MalformedBundle(
+            f"chunk {number} of kind {kind} does not hold one JSON object per line"
+        )
+    return parsed
 
 
 def _reject_constant(name: str) -> Any:
@@ -389,7 +437,13 @@ class BundleReader:
     bundle; ``max_entries(kind)`` bounds each kind (a kind over its limit
     gets a TooManyEntries refusal in its Section and its chunks are dropped,
     so the other kinds still get their answers). Every other problem raises
-    a BundleError at once, and the reader is then dead.
+    a BundleError at once, and the reader is then dead. With ``parse_early``
+    each chunk's JSON is parsed as it arrives, overlapping the transfer (a
+    hundred thousand conntrack entries take about 0.4 s to parse), and with
+    ``check_early(kind)`` (a per-entry check, or None) checked too; the
+    entries are still handed out only after ``finish`` verified the MAC,
+    and the importer still refuses the whole bundle for a poisoned entry
+    before it installs anything (it checks again every chunk not passed).
     """
 
     def __init__(
@@ -397,12 +451,17 @@ class BundleReader:
         keys: Mapping[str, bytes],
         max_bytes: int,
         max_entries: Callable[[str], int],
+        parse_early: bool = False,
+        check_early: Callable[[str], Callable[[dict[str, Any]], None] | None] | None = None,
     ) -> None:
         if not keys:
             raise ValueError("a bundle reader needs at least one verification key")
         self._keys = dict(keys)
         self._max_bytes = max_bytes
         self._max_entries = max_entries
+        self._parse_early = parse_early or check_early is not None
+        self._check_early = check_early
+        self._checks: dict[str, Callable[[dict[str, Any]], None] | None] = {}
         self._buf = bytearray()
         self._size = 0
         self._mac: Any = None
@@ -589,8 +648,17 @@ class BundleReader:
                 f"([state] max_entries / max_entries_per_kind)"
             )
             section.chunks = []
+            section.early = {}
+            section.checked = set()
             return
         section.chunks.append(payload)
+        if self._parse_early:
+            check = None
+            if self._check_early is not None:
+                if section.kind not in self._checks:
+                    self._checks[section.kind] = self._check_early(section.kind)
+                check = self._checks[section.kind]
+            section.parse_early(len(section.chunks) - 1, check)
 
     def _close_section(self, data: dict[str, Any]) -> None:
         section = self._open
@@ -606,6 +674,8 @@ class BundleReader:
         if error is not None:
             section.error = str(error)
             section.chunks = []
+            section.early = {}
+            section.checked = set()
         self._open = None
 
     def _finish_frame(self, data: dict[str, Any]) -> None:

@@ -37,7 +37,7 @@ import tempfile
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 from vmm_orchestrator.model import Migration
@@ -562,6 +562,26 @@ class Importer:
         report.answers = {k: report.answers[k] for k in bundle.sections}
         return report
 
+    def early_check(
+        self, migration: Migration
+    ) -> Callable[[str], Callable[[dict[str, Any]], None] | None]:
+        """For a reader of ``migration``'s bundle: per kind, its entry check to run
+        while the bundle arrives (kinds whose check is pure, ``CHECK_EARLY``), or
+        None. A chunk that passes is not checked again by ``import_bundle``; one
+        that fails is, so the answer (poison refuses the whole bundle, a malformed
+        entry its kind) is the same as without early checks. Nothing is installed
+        before the bundle is verified and every chunk passed."""
+        ctx = kind_context(self.netns, migration)
+
+        def for_kind(name: str) -> Callable[[dict[str, Any]], None] | None:
+            kind = self.kinds.get(name)
+            if kind is None or not getattr(kind, "CHECK_EARLY", False):
+                return None
+            check = kind.check
+            return lambda entry: check(ctx, entry)
+
+        return for_kind
+
     @staticmethod
     def _check_binding(migration: Migration, bundle: VerifiedBundle, label: str | None) -> None:
         """The signed header must name this migration, its VM and its source (no replays)."""
@@ -652,10 +672,15 @@ class Importer:
             kept: list[dict[str, Any]] = []
             try:
                 check = kind.check
-                for entry in bundle.sections[name].entries():
-                    index += 1
-                    check(ctx, entry)
-                    kept.append(entry)
+                for batch, checked in bundle.sections[name].batches():
+                    if checked:  # passed the same check while arriving (see early_check)
+                        kept += batch
+                        index += len(batch)
+                        continue
+                    for entry in batch:
+                        index += 1
+                        check(ctx, entry)
+                        kept.append(entry)
                 parsed[name] = kept
             except PoisonedEntry as err:
                 return PoisonedBundle(

@@ -832,9 +832,15 @@ class StateHost:
 
     # -- destination side ----------------------------------------------------
 
-    def new_reader(self) -> BundleReader:
+    def new_reader(self, migration: Migration | None = None) -> BundleReader:
+        """A reader that parses each chunk as it arrives and, for ``migration``'s
+        bundle, checks the entries of kinds with a pure check as well (see
+        ``Importer.early_check``): that work overlaps the transfer."""
         s = self.settings
-        return BundleReader(s.verify_keys, s.max_bundle_bytes, s.limit)
+        check = self.importer.early_check(migration) if migration is not None else None
+        return BundleReader(
+            s.verify_keys, s.max_bundle_bytes, s.limit, parse_early=True, check_early=check
+        )
 
     def import_pieces(
         self, migration: Migration, pieces: Iterable[bytes], label: str
@@ -846,7 +852,7 @@ class StateHost:
     def _import_pieces(
         self, migration: Migration, pieces: Iterable[bytes], label: str
     ) -> ImportReport:
-        reader = self.new_reader()
+        reader = self.new_reader(migration)
         started = time.perf_counter()
         received_at = time.monotonic()
         try:
@@ -959,7 +965,7 @@ class StateHost:
         since: float | None = None,
     ) -> Transfer:
         received_at = time.monotonic()
-        reader = self.new_reader()
+        reader = self.new_reader(migration)
         try:
             client.pull(migration, reader, label=label, kinds=kinds, since=since, deadline=until)
             bundle = reader.finish()

@@ -285,6 +285,74 @@ def test_a_signed_line_that_is_not_an_object_is_malformed_when_released() -> Non
         list(got.sections["conntrack"].entries())
 
 
+def early_reader(
+    refuse: int | None = None, keys: dict[str, bytes] | None = None
+) -> tuple[b.BundleReader, list[int]]:
+    """A reader that parses and checks each chunk as it arrives; the check
+    refuses entry ``n == refuse`` and records every ``n`` it saw."""
+    seen: list[int] = []
+
+    def check(entry: dict[str, Any]) -> None:
+        seen.append(entry["n"])
+        if entry["n"] == refuse:
+            raise ValueError("refused")
+
+    def for_kind(kind: str) -> Any:
+        return check if kind == "conntrack" else None
+
+    reader = b.BundleReader(keys or KEYS, UNLIMITED, lambda _k: 1 << 30, check_early=for_kind)
+    return reader, seen
+
+
+def test_chunks_checked_early_are_marked_and_read_as_lazily() -> None:
+    data = encode(
+        b.SectionSource("conntrack", entries(7)),
+        b.SectionSource("mdb", entries(2)),
+        chunk_entries=3,
+    )
+    reader, seen = early_reader(refuse=4)
+    for i in range(0, len(data), 5):
+        reader.feed(data[i : i + 5])
+    # checked before the signature was read; a chunk's check stops at its refused entry
+    assert seen == [0, 1, 2, 3, 4, 6]
+    got = reader.finish()
+    batches = list(got.sections["conntrack"].batches())
+    # chunk 1 (n 3..5) holds the refused entry: left for the importer to check again
+    assert [(len(batch), checked) for batch, checked in batches] == [
+        (3, True),
+        (3, False),
+        (1, True),
+    ]
+    assert [e["n"] for batch, _ in batches for e in batch] == list(range(7))
+    assert [checked for _, checked in got.sections["mdb"].batches()] == [False]  # no check
+    # handed out once; a second read parses the verified bytes again, fresh objects
+    assert list(got.sections["conntrack"].entries()) == entries(7)
+    assert list(read(data).sections["mdb"].entries()) == list(got.sections["mdb"].entries())
+
+
+def test_a_tampered_bundle_is_refused_although_its_chunks_were_checked_early() -> None:
+    data = bytearray(encode(b.SectionSource("conntrack", entries(4))))
+    data[data.index(b'"n":1') + 4] = ord("7")
+    reader, seen = early_reader()
+    reader.feed(bytes(data))
+    assert 7 in seen  # parsed and checked before the signature ...
+    with pytest.raises(b.BadSignature):
+        reader.finish()  # ... but nothing is handed out
+
+
+def test_a_malformed_chunk_parsed_early_raises_only_when_released() -> None:
+    def edit(parts: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
+        return [parts[0], parts[1], (b"C", b'{"a":1}\n[2]\n'), *parts[3:]]
+
+    data = resigned(encode(b.SectionSource("conntrack", entries(2)), chunk_entries=2), edit)
+    reader, seen = early_reader()
+    reader.feed(data)
+    got = reader.finish()
+    assert seen == []
+    with pytest.raises(b.MalformedBundle, match="one JSON object per line"):
+        list(got.sections["conntrack"].entries())
+
+
 def test_the_writer_refuses_names_that_are_not_kinds() -> None:
     with pytest.raises(ValueError, match="not valid in a bundle"):
         encode(b.SectionSource("../etc", entries(1)))

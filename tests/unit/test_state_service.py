@@ -350,6 +350,45 @@ def test_a_poisoned_entry_refuses_the_whole_bundle(site: Site) -> None:
     assert site.table("h2") == {} and site.table("h2", "fake2") == {}
 
 
+def checking_early(host: StateHost) -> dict[str, int]:
+    """Mark ``host``'s kinds as having a pure check (run while the bundle arrives);
+    count the checks per kind."""
+    calls: dict[str, int] = {}
+    for kind in host.kinds.values():
+        check = kind.check
+
+        def counted(ctx: KindContext, entry: dict[str, Any], check: Any = check) -> None:
+            calls[entry["mac"]] = calls.get(entry["mac"], 0) + 1
+            check(ctx, entry)
+
+        kind.CHECK_EARLY = True  # type: ignore[attr-defined]
+        kind.check = counted  # type: ignore[method-assign]
+    return calls
+
+
+def test_a_poisoned_entry_checked_early_still_refuses_the_whole_bundle(site: Site) -> None:
+    """The early check (while the bundle arrives) finds the leak; the importer
+    checks that chunk again and refuses everything, installing nothing."""
+    leak = {"mac": OTHER.mac, "ip": OTHER.ipv4[0], "peer": "192.0.2.9", "n": 5, "t": 0.0}
+    site.host("h1", kinds={"fake": {}, "fake2": {"leak": leak}}, vouch=VOUCH_H1)
+    h2 = site.host("h2")
+    calls = checking_early(h2)
+    site.kernel.add("ns-h1", "fake", VIF, 1)
+    with pytest.raises(StageFailed) as caught:
+        precopy(site, h2)
+    assert "does not belong to VM vm1" in str(caught.value) and OTHER.mac in str(caught.value)
+    assert site.table("h2") == {} and site.table("h2", "fake2") == {}
+    assert calls[OTHER.mac] == 2  # early, then again by the importer (which answers)
+
+
+def test_entries_checked_early_are_installed_without_a_second_check(site: Site) -> None:
+    _, h2 = seeded(site)
+    calls = checking_early(h2)
+    precopy(site, h2)
+    assert vm_entries(site, "h2") == [0, 1, 2] and vm_entries(site, "h2", "fake2") == [0, 1]
+    assert calls == {VIF.mac: 5}  # each entry once, while it arrived
+
+
 def test_a_replayed_bundle_of_another_migration_is_refused(site: Site) -> None:
     h1, h2 = seeded(site)
     other = Migration("mig-2", VM, "h1", "h2")

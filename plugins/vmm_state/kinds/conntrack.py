@@ -543,17 +543,24 @@ class ConntrackKind(BaseKind):
                 tracker.lost,
                 ctx.migration_id,
             )
+        lost = tracker.lost if tracker is not None else 0
+        if since is not None:
+            yield {"op": "resync"}
+        # Streamed as the dump is read, not collected first: the bundle's bytes
+        # reach the destination (which parses them as they come) while this
+        # host still dumps; the tracker is told once the dump is complete.
+        noted: list[ctnl.Conn] = []
+        count = 0
         with no_gc():
-            entries, conns = self._export_all(ctx.netns, _canonical(ctx.addresses))
+            for entry in self._iter_all(ctx.netns, _canonical(ctx.addresses), noted):
+                count += 1
+                yield entry
         if since is None:
             if tracker is not None:
-                tracker.note_export(conns)
-            self._note(ctx.migration_id, mode="full", entries=len(entries))
+                tracker.note_export(noted)
+            self._note(ctx.migration_id, mode="full", entries=count)
         else:
-            lost = tracker.lost if tracker is not None else 0
-            self._note(ctx.migration_id, mode="resync", entries=len(entries), lost_events=lost)
-            yield {"op": "resync"}
-        yield from entries
+            self._note(ctx.migration_id, mode="resync", entries=count, lost_events=lost)
 
     #: Dumped TCP entries decode straight into their JSON form (False: through Conn).
     FAST_EXPORT = True
@@ -562,8 +569,18 @@ class ConntrackKind(BaseKind):
         self, netns: str | None, addresses: set[str]
     ) -> tuple[list[dict[str, Any]], list[ctnl.Conn]]:
         """The VM's entries in JSON form, and (as Conn) those a tracker must
-        look at: short timeouts, sessions older than the event switch (see
-        ``Tracker.note_export``); every session when decoded the general way.
+        look at (see ``_iter_all``)."""
+        noted: list[ctnl.Conn] = []
+        entries = list(self._iter_all(netns, addresses, noted))
+        return entries, noted
+
+    def _iter_all(
+        self, netns: str | None, addresses: set[str], noted: list[ctnl.Conn]
+    ) -> Iterator[dict[str, Any]]:
+        """The VM's entries in JSON form as the dump is read; appends to
+        ``noted`` (as Conn) those a tracker must look at: short timeouts,
+        sessions older than the event switch (see ``Tracker.note_export``);
+        every session when decoded the general way.
 
         The usual TCP entry goes from the kernel's bytes to its JSON form with
         one struct call and no intermediate objects (``_ctnetlink.unpack_tcp``):
@@ -575,8 +592,6 @@ class ConntrackKind(BaseKind):
         refresh = self.conf[self.group].refresh_below
         with self._lock:
             legacy = self._legacy.get(netns, frozenset())
-        entries: list[dict[str, Any]] = []
-        noted: list[ctnl.Conn] = []
         keep = lambda o, r: owned(o, r, addresses)  # noqa: E731
         ntop = socket.inet_ntop
         with ctnl.ctnetlink(netns) as nl:
@@ -614,11 +629,11 @@ class ConntrackKind(BaseKind):
                     }
                     if f[12]:
                         entry["mark"] = f[12]
-                    entries.append(entry)
                     if f[10] < refresh or (legacy and f[13] in legacy):
                         conn = ctnl.parse_conn(data, start, end)
                         if conn is not None:
                             noted.append(conn)
+                    yield entry
                     continue
                 conn = ctnl.parse_conn(data, start, end, raw, keep)
                 if conn is None:
@@ -632,14 +647,18 @@ class ConntrackKind(BaseKind):
                         conn.orig,
                     )
                     continue
-                entries.append(to_entry(conn))
-        return entries, noted
+                yield to_entry(conn)
 
     def _note(self, migration_id: str, **figures: Any) -> None:
         with self._lock:
             self._figures[migration_id] = figures
 
     # -- check -------------------------------------------------------------
+
+    #: ``check`` reads nothing but the entry and the VM's addresses: the
+    #: destination may run it while the bundle still arrives (see
+    #: ``Importer.early_check``).
+    CHECK_EARLY = True
 
     def check(self, ctx: KindContext, entry: dict[str, Any]) -> None:
         op = entry.get("op", "set") if entry.__class__ is dict else "set"
