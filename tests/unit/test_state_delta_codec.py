@@ -241,3 +241,45 @@ def test_a_ledger_file_of_the_former_form_is_read_and_converted(tmp_path: Any) -
     ledger = Ledger(str(tmp_path))
     assert [e.label for e in ledger.entries("m")] == ["precopy", "delta"]
     assert len(list(tmp_path.iterdir())) == 2 and not (tmp_path / ("0" * 32 + ".json")).exists()
+
+
+# ------------------------------------------------- pre-encoded export lines
+
+
+@pytest.mark.parametrize("family", [socket.AF_INET, socket.AF_INET6])
+@pytest.mark.parametrize("mark", [0, 7, 0xFFFFFFFF])
+@pytest.mark.parametrize("status", [0, ctnl.IPS_SEEN_REPLY | ctnl.IPS_ASSURED, 0xFFFF])
+@pytest.mark.parametrize("state", [0, 3, len(ctnl.TCP_STATES) - 1, len(ctnl.TCP_STATES) + 2])
+def test_an_encoded_export_line_is_what_the_writer_makes_of_the_entry(
+    family: int, mark: int, status: int, state: int
+) -> None:
+    """The conntrack kind's pre-encoded line (one format call) is byte for
+    byte the bundle writer's encoding of the same entry as a dict, and reads
+    back as that dict."""
+    from vmm_state.bundle import Line
+    from vmm_state.kinds.conntrack import fast_entry, fast_line
+
+    peer, vm = ("198.18.0.1", VM4) if family == socket.AF_INET else ("2001:db8::1", VM6)
+    raw = socket.inet_pton(family, peer)
+    f = (family, raw, raw, 40000, 443, 6, raw, raw, 443, 40000, 3599, status, mark, 1, state)
+    f += (7, 0, 0x23, 0xFF)
+    entry = fast_entry(f, peer, vm, vm, peer)
+    line = fast_line(f, peer, vm, vm, peer)
+    assert line.__class__ is Line
+    header = BundleHeader("mig-1", "vm1", "src", "precopy")
+    as_dict = b"".join(write_bundle(header, "k", b"k" * 32, [SectionSource("conntrack", [entry])]))
+    as_line = b"".join(write_bundle(header, "k", b"k" * 32, [SectionSource("conntrack", [line])]))
+    assert as_line == as_dict  # same bytes, same signature
+    got = read_bundle([as_line], {"k": b"k" * 32}, 1 << 20, lambda _k: 10)
+    assert list(got.sections["conntrack"].entries()) == [entry]
+
+
+def test_an_encoded_line_that_is_not_one_json_line_breaks_off_its_section() -> None:
+    from vmm_state.bundle import Line
+
+    header = BundleHeader("mig-1", "vm1", "src", "precopy")
+    bad = [Line(b'{"a":1}\n{"b":2}\n')]
+    data = b"".join(write_bundle(header, "k", b"k" * 32, [SectionSource("conntrack", bad)]))
+    got = read_bundle([data], {"k": b"k" * 32}, 1 << 20, lambda _k: 10)
+    section = got.sections["conntrack"]
+    assert section.count == 0 and "is not one JSON line" in (section.error or "")

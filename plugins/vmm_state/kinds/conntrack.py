@@ -57,6 +57,7 @@ import contextlib
 import errno
 import functools
 import ipaddress
+import json
 import logging
 import os
 import socket
@@ -69,6 +70,7 @@ from oslo_config import cfg
 
 from vmm_kernel.netns import entered
 from vmm_orchestrator.statekind import ImportResult, KindContext, PoisonedEntry, Reason
+from vmm_state.bundle import Line
 from vmm_state.kinds import _ctnetlink as ctnl
 from vmm_state.kinds._common import BaseKind, max_entries_opt, no_gc, reason_for, remaining
 from vmm_state.kinds._cttrack import Tracker, key_of
@@ -138,6 +140,72 @@ def to_entry(conn: ctnl.Conn) -> dict[str, Any]:
     if conn.helper:
         entry["helper"] = conn.helper
     return entry
+
+
+def fast_entry(f: tuple[Any, ...], osrc: str, odst: str, rsrc: str, rdst: str) -> dict[str, Any]:
+    """The JSON form of a plain TCP entry from ``_ctnetlink.unpack_tcp``'s
+    fields ``f`` and its addresses as text."""
+    state = f[14]
+    entry: dict[str, Any] = {
+        "family": FAMILY_NAMES[f[0]],
+        "proto": "tcp",
+        "orig": {"src": osrc, "dst": odst, "sport": f[3], "dport": f[4]},
+        "reply": {"src": rsrc, "dst": rdst, "sport": f[8], "dport": f[9]},
+        "timeout": f[10],
+        "status": list(_STATUS_LISTS[f[11] & ctnl.SETTABLE_STATUS]),
+        "tcp": {
+            "state": ctnl.TCP_STATES[state] if state < len(ctnl.TCP_STATES) else str(state),
+            "wscale_orig": f[15],
+            "wscale_reply": f[16],
+            "flags_orig": f[17],
+            "flags_reply": f[18],
+        },
+    }
+    if f[12]:
+        entry["mark"] = f[12]
+    return entry
+
+
+_LINE = (
+    '{"family":"%s","proto":"tcp","orig":{"src":"%s","dst":"%s","sport":%d,"dport":%d},'
+    '"reply":{"src":"%s","dst":"%s","sport":%d,"dport":%d},"timeout":%d,"status":%s,'
+    '"tcp":{"state":%s,"wscale_orig":%d,"wscale_reply":%d,"flags_orig":%d,"flags_reply":%d}'
+)
+_STATUS_JSON = {
+    bits: json.dumps(list(names), separators=(",", ":")) for bits, names in _STATUS_LISTS.items()
+}
+_STATE_JSON = [json.dumps(name) for name in ctnl.TCP_STATES]
+
+
+def fast_line(f: tuple[Any, ...], osrc: str, odst: str, rsrc: str, rdst: str) -> Line:
+    """``fast_entry`` already encoded, byte for byte what the bundle writer
+    makes of it: one format call instead of a dict tree and its encoding
+    (a third of the pre-copy's export time at 100,000 sessions). Every text
+    in it is an address from inet_ntop or a fixed name: nothing to escape."""
+    state = f[14]
+    text = _LINE % (
+        FAMILY_NAMES[f[0]],
+        osrc,
+        odst,
+        f[3],
+        f[4],
+        rsrc,
+        rdst,
+        f[8],
+        f[9],
+        f[10],
+        _STATUS_JSON[f[11] & ctnl.SETTABLE_STATUS],
+        _STATE_JSON[state] if state < len(_STATE_JSON) else json.dumps(str(state)),
+        f[15],
+        f[16],
+        f[17],
+        f[18],
+    )
+    if f[12]:
+        text += f',"mark":{f[12]:d}}}\n'
+    else:
+        text += "}\n"
+    return Line(text.encode("ascii"))
 
 
 def _int(value: Any, top: int, what: str) -> int:
@@ -510,6 +578,18 @@ class ConntrackKind(BaseKind):
             return nl.dump(lambda o, r: owned(o, r, addresses), addresses=addresses)
 
     def export(self, ctx: KindContext, since: float | None = None) -> Iterator[dict[str, Any]]:
+        return self._export(ctx, since, encoded=False)  # type: ignore[return-value]
+
+    def export_encoded(
+        self, ctx: KindContext, since: float | None = None
+    ) -> Iterator[dict[str, Any] | Line]:
+        """``export`` for the bundle writer: the plain TCP sessions of a full
+        export come already encoded (:func:`fast_line`), the others as dicts."""
+        return self._export(ctx, since, encoded=True)
+
+    def _export(
+        self, ctx: KindContext, since: float | None, encoded: bool
+    ) -> Iterator[dict[str, Any] | Line]:
         """Every session of the VM with its remaining timeout; or, for a delta
         (``since``) of a tracked migration, only the sessions created, changed
         or destroyed since the pre-copy (see :mod:`._cttrack`).
@@ -552,7 +632,7 @@ class ConntrackKind(BaseKind):
         noted: list[ctnl.Conn] = []
         count = 0
         with no_gc():
-            for entry in self._iter_all(ctx.netns, _canonical(ctx.addresses), noted):
+            for entry in self._iter_all(ctx.netns, _canonical(ctx.addresses), noted, encoded):
                 count += 1
                 yield entry
         if since is None:
@@ -572,11 +652,15 @@ class ConntrackKind(BaseKind):
         look at (see ``_iter_all``)."""
         noted: list[ctnl.Conn] = []
         entries = list(self._iter_all(netns, addresses, noted))
-        return entries, noted
+        return entries, noted  # type: ignore[return-value]
 
     def _iter_all(
-        self, netns: str | None, addresses: set[str], noted: list[ctnl.Conn]
-    ) -> Iterator[dict[str, Any]]:
+        self,
+        netns: str | None,
+        addresses: set[str],
+        noted: list[ctnl.Conn],
+        encoded: bool = False,
+    ) -> Iterator[dict[str, Any] | Line]:
         """The VM's entries in JSON form as the dump is read; appends to
         ``noted`` (as Conn) those a tracker must look at: short timeouts,
         sessions older than the event switch (see ``Tracker.note_export``);
@@ -594,6 +678,7 @@ class ConntrackKind(BaseKind):
             legacy = self._legacy.get(netns, frozenset())
         keep = lambda o, r: owned(o, r, addresses)  # noqa: E731
         ntop = socket.inet_ntop
+        make = fast_line if encoded else fast_entry
         with ctnl.ctnetlink(netns) as nl:
             for data, start, end in nl.iter_raw():
                 fast = ctnl.unpack_tcp(data, start, end) if self.FAST_EXPORT else None
@@ -609,26 +694,7 @@ class ConntrackKind(BaseKind):
                     osrc, odst = ntop(fam, f[1]), ntop(fam, f[2])
                     rsrc = odst if f[6] == f[2] else ntop(fam, f[6])
                     rdst = osrc if f[7] == f[1] else ntop(fam, f[7])
-                    state = f[14]
-                    entry: dict[str, Any] = {
-                        "family": FAMILY_NAMES[fam],
-                        "proto": "tcp",
-                        "orig": {"src": osrc, "dst": odst, "sport": f[3], "dport": f[4]},
-                        "reply": {"src": rsrc, "dst": rdst, "sport": f[8], "dport": f[9]},
-                        "timeout": f[10],
-                        "status": list(_STATUS_LISTS[f[11] & ctnl.SETTABLE_STATUS]),
-                        "tcp": {
-                            "state": ctnl.TCP_STATES[state]
-                            if state < len(ctnl.TCP_STATES)
-                            else str(state),
-                            "wscale_orig": f[15],
-                            "wscale_reply": f[16],
-                            "flags_orig": f[17],
-                            "flags_reply": f[18],
-                        },
-                    }
-                    if f[12]:
-                        entry["mark"] = f[12]
+                    entry = make(f, osrc, odst, rsrc, rdst)
                     if f[10] < refresh or (legacy and f[13] in legacy):
                         conn = ctnl.parse_conn(data, start, end)
                         if conn is not None:
