@@ -283,3 +283,18 @@ def test_an_encoded_line_that_is_not_one_json_line_breaks_off_its_section() -> N
     got = read_bundle([data], {"k": b"k" * 32}, 1 << 20, lambda _k: 10)
     section = got.sections["conntrack"]
     assert section.count == 0 and "is not one JSON line" in (section.error or "")
+
+
+def test_canonical_addresses_are_remembered_per_family_and_only_when_valid() -> None:
+    for _ in range(2):  # the second round answers from the cache
+        assert ctnl.canonical_ip(socket.AF_INET6, "FD00:0100::0010") == "fd00:100::10"
+        assert ctnl.canonical_ip(socket.AF_INET, "198.19.100.10") == "198.19.100.10"
+        with pytest.raises(ValueError, match="not an IPv4 address"):
+            ctnl.canonical_ip(socket.AF_INET, "FD00:0100::0010")  # known, but as IPv6
+        with pytest.raises(ValueError, match="not an IPv6 address"):
+            ctnl.canonical_ip(socket.AF_INET6, "198.19.100.10")
+        with pytest.raises(ValueError, match="not an IPv4 address"):
+            ctnl.canonical_ip(socket.AF_INET, "198.19.100.300")
+        with pytest.raises(ValueError, match="not an IP address"):
+            ctnl.canonical_ip(socket.AF_INET, 42)
+    assert "198.19.100.300" not in ctnl._CANONICAL[socket.AF_INET]
