@@ -36,8 +36,10 @@ in the pause; ``mode`` says delta, or resync if events were lost;
 ``exact`` whether the destination ended with exactly the source's final
 set; ``move ms`` is pre-copy plus pause. ``export/s`` is the kind's own
 export of the whole table (dump, decode, JSON-able entries); ``import/s``
-the destination's check and install of the pre-copy (entries per second of
-``kind.check`` + ``kind.import_``). The baseline lines give the pause of
+the destination's check and install of the pre-copy once it has arrived
+(entries per second of ``kind.check`` + ``kind.import_``; the conntrack
+kind's entries are parsed and checked while the bundle arrives, so what is
+left after the signature verifies is mostly the install). The baseline lines give the pause of
 the same SWITCHOVER stage without state: with no state kinds at all, and
 with the kinds enabled for a VM that has no entries (one round trip). The
 closing line of rates is the conntrack kind's own (loaded through its entry
