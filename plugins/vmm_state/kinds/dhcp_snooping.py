@@ -27,6 +27,7 @@ A binding belongs to the VM only if port, MAC and IP are all the VM's own
 
 from __future__ import annotations
 
+import contextlib
 import json
 import threading
 import time
@@ -47,7 +48,7 @@ from vmm_state.kinds._common import (
     seconds,
     vif_for_port,
 )
-from vmm_state.kinds._watch import Settled, SettlesWhole, nft_generation
+from vmm_state.kinds._watch import GenerationReader, Settled, SettlesWhole
 from vmm_state.kinds.nftsets import ElementKind
 
 
@@ -81,7 +82,7 @@ class DhcpSnoopingKind(SettlesWhole, ElementKind):
         super().__init__(conf)
         self._lock = threading.Lock()
         #: source: migrations tracked, what their destination holds (by ruleset generation)
-        self._tracked: set[str] = set()
+        self._tracked: dict[str, GenerationReader] = {}
         self._settled = Settled()
         self._figures: dict[str, dict[str, Any]] = {}
 
@@ -98,13 +99,21 @@ class DhcpSnoopingKind(SettlesWhole, ElementKind):
     # costs one netlink round trip instead of the listings (:mod:`._watch`).
 
     def track(self, ctx: KindContext) -> None:
+        reader = GenerationReader(ctx.netns)
+        with contextlib.suppress(OSError):  # opened now, outside the pause (else at the read)
+            reader.read()
         with self._lock:
-            self._tracked.add(ctx.migration_id)
+            old = self._tracked.pop(ctx.migration_id, None)
+            self._tracked[ctx.migration_id] = reader
+        if old is not None:
+            old.close()
 
     def untrack(self, migration_id: str) -> None:
         with self._lock:
-            self._tracked.discard(migration_id)
+            reader = self._tracked.pop(migration_id, None)
             self._figures.pop(migration_id, None)
+        if reader is not None:
+            reader.close()
         self._settled.forget(migration_id)
 
     def set_names(self) -> list[tuple[str, str, str]]:
@@ -123,11 +132,11 @@ class DhcpSnoopingKind(SettlesWhole, ElementKind):
         destination holds."""
         mid = ctx.migration_id
         with self._lock:
-            tracked = mid in self._tracked
-        if tracked:
+            reader = self._tracked.get(mid)
+        if reader is not None:
             at = time.monotonic()
             try:
-                generation: int | None = nft_generation(ctx.netns)
+                generation: int | None = reader.read()
             except OSError:
                 generation = None
             if generation is not None:
