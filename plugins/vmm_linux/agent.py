@@ -580,6 +580,12 @@ class NveAgent:
                 exc,
             )
 
+    def vtep_of(self, nve_id: str) -> str:
+        """The VTEP of NVE ``nve_id`` as this agent knows it from the directory (its
+        VNs' members, kept current by the directory's changes): no round trip for a
+        peer of a VN it serves."""
+        return self._vtep_of(nve_id)
+
     def _vtep_of(self, nve_id: str) -> str:
         if nve_id not in self._vteps:
             self._vteps[nve_id] = self.nva.get_nve(nve_id)["vtep"]
