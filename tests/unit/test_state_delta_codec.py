@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import gc
 import socket
+import threading
 from typing import Any
 
 import pytest
@@ -298,3 +299,40 @@ def test_canonical_addresses_are_remembered_per_family_and_only_when_valid() -> 
         with pytest.raises(ValueError, match="not an IP address"):
             ctnl.canonical_ip(socket.AF_INET, 42)
     assert "198.19.100.300" not in ctnl._CANONICAL[socket.AF_INET]
+
+
+class _Batches(ctnl.Ctnetlink):
+    """A Ctnetlink without a socket: records the batches it is asked to send."""
+
+    BATCH = 3
+
+    def __init__(self, fail_at: int | None = None) -> None:  # no socket
+        self.sent: list[list[bytes]] = []
+        self.fail_at = fail_at
+
+    @staticmethod
+    def _request(op: str, conn: Any, seq: int) -> bytes:
+        return f"{op}:{conn}".encode()
+
+    def send_batched(self, wire: list[bytes]) -> list[int]:
+        if len(self.sent) == self.fail_at:
+            raise OSError(105, "No buffer space available")
+        self.sent.append(list(wire))
+        return [int(w.split(b":")[1]) % 7 for w in wire]
+
+
+def test_many_requests_are_encoded_while_the_previous_batch_is_sent_in_order() -> None:
+    nl = _Batches()
+    requests = [("create", i) for i in range(20)]
+    assert nl.apply(requests) == [i % 7 for i in range(20)]  # one code per request, in order
+    assert [len(b) for b in nl.sent] == [3, 3, 3, 3, 3, 3, 2]
+    assert [w for b in nl.sent for w in b] == [f"create:{i}".encode() for i in range(20)]
+    assert nl.apply(requests[:6]) == [i % 7 for i in range(6)]  # few: in line, one batch each
+
+
+def test_a_send_that_fails_midway_stops_the_batches_and_raises_in_the_caller() -> None:
+    nl = _Batches(fail_at=2)
+    with pytest.raises(OSError, match="No buffer space"):
+        nl.apply([("create", i) for i in range(30)])
+    assert len(nl.sent) == 2  # nothing sent after the failure
+    assert not [t for t in threading.enumerate() if t.name == "ctnetlink-send"]
