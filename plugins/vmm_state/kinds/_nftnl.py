@@ -435,12 +435,7 @@ class Reader:
         while pending:
             n = _recv_into(sock, self._buf)
             data = bytes(memoryview(self._buf)[:n])
-            pos = 0
-            while pos + 16 <= n:
-                length, mtype, _f, mseq, _pid = _NLMSGHDR.unpack_from(data, pos)
-                if length < 16 or pos + length > n:
-                    raise OSError(errno.EPROTO, "nftables: a truncated netlink message")
-                end = pos + length
+            for pos, end, mtype, mseq in _messages(data, n):
                 if mseq in pending:
                     pending.discard(mseq)
                     if mtype == NLMSG_ERROR:
@@ -449,7 +444,6 @@ class Reader:
                             raise OSError(code, f"nftables: {errno.errorcode.get(code, code)}")
                     else:
                         yield data, pos + 16 + _NFGENMSG.size, end
-                pos = (end + 3) & ~3
 
     def _reset(self) -> None:
         """A fresh socket after a failure (an answer may be left half read, and the
@@ -480,12 +474,7 @@ class Reader:
         while True:
             n = _recv_into(sock, self._buf)
             data = bytes(memoryview(self._buf)[:n])
-            pos = 0
-            while pos + 16 <= n:
-                length, mtype, _f, mseq, _pid = _NLMSGHDR.unpack_from(data, pos)
-                if length < 16 or pos + length > n:
-                    raise OSError(errno.EPROTO, "nftables: a truncated netlink message")
-                end = pos + length
+            for pos, end, mtype, mseq in _messages(data, n):
                 if mseq == seq:
                     if mtype == NLMSG_ERROR:
                         code = -struct.unpack_from("=i", data, pos + 16)[0]
@@ -497,7 +486,17 @@ class Reader:
                     yield data, pos + 16 + _NFGENMSG.size, end
                     if not dump:
                         return
-                pos = (end + 3) & ~3
+
+
+def _messages(data: bytes, n: int) -> Iterator[tuple[int, int, int, int]]:
+    """(start, end, type, sequence) of each netlink message in ``data[:n]``."""
+    pos = 0
+    while pos + 16 <= n:
+        length, mtype, _flags, mseq, _pid = _NLMSGHDR.unpack_from(data, pos)
+        if length < 16 or pos + length > n:
+            raise OSError(errno.EPROTO, "nftables: a truncated netlink message")
+        yield pos, pos + length, mtype, mseq
+        pos = (pos + length + 3) & ~3
 
 
 # The kernel answers a netlink request within the send (and the next part of a
