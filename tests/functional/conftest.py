@@ -5,6 +5,9 @@ the test ends)."""
 from __future__ import annotations
 
 import os
+import secrets
+import subprocess
+from collections.abc import Iterator
 
 import pytest
 from oslo_config import cfg
@@ -29,6 +32,17 @@ def prefix() -> str:
     yield value
     left = lab_namespaces(value)
     assert not left, f"namespaces left behind: {left}"
+
+
+@pytest.fixture
+def netns() -> Iterator[str]:
+    """One empty network namespace of the test's own, deleted afterwards."""
+    name = f"vmmt{secrets.token_hex(3)}"
+    subprocess.run(["ip", "netns", "add", name], check=True)
+    try:
+        yield name
+    finally:
+        subprocess.run(["ip", "netns", "delete", name], check=False)
 
 
 @pytest.fixture

@@ -245,16 +245,6 @@ def host_drivers() -> list[str]:
     return sorted(ExtensionManager(contracts.HOST_DRIVERS).names())
 
 
-@pytest.fixture
-def netns() -> Iterator[str]:
-    name = f"vmmc{secrets.token_hex(3)}"
-    subprocess.run(["ip", "netns", "add", name], check=True)
-    try:
-        yield name
-    finally:
-        subprocess.run(["ip", "netns", "delete", name], check=False)
-
-
 @pytest.mark.parametrize("name", [n for n in host_drivers() if n == "linux"])
 def test_host_driver_offers_an_idempotent_nve(
     name: str, netns: str, directory: Any, tmp_path: Any

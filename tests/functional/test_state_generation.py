@@ -5,25 +5,13 @@ dhcp_snooping kind's "did anything change?" check inside the pause)."""
 from __future__ import annotations
 
 import os
-import secrets
 import subprocess
-from collections.abc import Iterator
 
 import pytest
 
 from vmm_state.kinds._watch import GenerationReader
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root (namespaces)")
-
-
-@pytest.fixture
-def netns() -> Iterator[str]:
-    name = f"vmmgen{os.getpid() % 10000}{secrets.token_hex(2)}"
-    subprocess.run(["ip", "netns", "add", name], check=True)
-    try:
-        yield name
-    finally:
-        subprocess.run(["ip", "netns", "del", name], check=False)
 
 
 def nft(netns: str, *args: str) -> None:
