@@ -88,6 +88,10 @@ def boot(real_nova: RealCloud, scene: Scene, cloud: Any) -> Iterator[Callable[..
         made.append(server.id)
         server = admin.compute.wait_for_server(server, status="ACTIVE", wait=60, interval=0.2)
         assert server.compute_host == host
+        # Nova reports the server ACTIVE before the host's agent has reported its port up
+        # (the stand-in agent does it wire_delay later, as a real one does): wait for that.
+        port = port_of(admin, server)
+        wait_for("the server's port ACTIVE", lambda: scene.status(port.id) == "ACTIVE")
         return server
 
     yield make
