@@ -248,11 +248,19 @@ class AnnouncerPool(Protocol):
     def close(self) -> None: ...
 
 
+class TapLeftovers(Protocol):
+    """Optional host service ``leftovers``: frames a paused VM's tap queued go on
+    with it at SWITCHOVER. A hypervisor plugin says which ports to look at ahead."""
+
+    def locate(self, port: str) -> None: ...
+
+
 class HostDriver(abc.ABC):
     """What a data-plane plugin builds for one host.
 
     ``services`` is what its stages find in the host's context: at least
-    ``nve`` (:class:`NveDriver`) and ``announcers`` (:class:`AnnouncerPool`).
+    ``nve`` (:class:`NveDriver`) and ``announcers`` (:class:`AnnouncerPool`),
+    optionally ``leftovers`` (:class:`TapLeftovers`).
     ``start`` registers the host with the directory and starts following it;
     ``stop`` undoes ``start`` and releases what the driver holds.
     """

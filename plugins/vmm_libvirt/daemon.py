@@ -380,6 +380,17 @@ class HostAgent:
             if workload is not None:
                 with self._lock:
                     self._workloads[item.uuid] = workload
+                self._locate_taps(workload)
+
+    def _locate_taps(self, workload: Any) -> None:
+        """Have the host find who reads the domain's taps now, ahead of any pause:
+        at SWITCHOVER what they queued goes on with the VM (``leftovers``)."""
+        leftovers = self.context.services.get("leftovers")
+        if leftovers is None:
+            return
+        for vif in workload.vifs:
+            if vif.port:
+                leftovers.locate(vif.port)
 
     def _cached_name(self, uuid: str) -> str:
         with self._lock:

@@ -14,6 +14,7 @@ from oslo_config import cfg
 
 from vmm_linux import agent as agent_mod
 from vmm_linux import announce as announce_mod
+from vmm_linux import leftovers as leftovers_mod
 from vmm_linux import rarp as rarp_mod
 from vmm_linux.nve import LinuxNve, bridge_name
 from vmm_orchestrator.contracts import HostDriver, HostSpec
@@ -90,10 +91,13 @@ class LinuxHost(HostDriver):
             [int(x) for x in ann.schedule_ms],
             announce_mod.parse_gateways(ann.gateways),
         )
+        #: The frames a departing VM's paused tap holds go with it at SWITCHOVER.
+        self.leftovers = leftovers_mod.Leftovers(netns)
         self.services: dict[str, Any] = {
             "nve": self.nve,
             "announcers": self.announcers,
             "agent": self.agent,
+            "leftovers": self.leftovers,
         }
         #: Answers diskless guests' RARP requests from the directory ([rarp] responder;
         #: only with a directory that can look an endpoint up by MAC).
@@ -119,4 +123,5 @@ class LinuxHost(HostDriver):
             self.rarp.stop()
         self.agent.stop()
         self.announcers.close()
+        self.leftovers.close()
         self.nve.close()

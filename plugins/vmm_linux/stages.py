@@ -10,6 +10,7 @@ from typing import Any, ClassVar
 
 from oslo_config import cfg
 
+from vmm_linux.nve import inflight_name
 from vmm_orchestrator.errors import StageFailed
 from vmm_orchestrator.model import Phase, Role
 from vmm_orchestrator.stage import Stage, StageContext
@@ -114,7 +115,9 @@ class InflightTunnel(Stage):
     """SWITCHOVER, source: send frames for the departing MAC to the new VTEP.
 
     Peers keep sending to this host until they apply the move; without this
-    those frames are dropped here (there is no ARP "leave"). Reverted on
+    those frames are dropped here (there is no ARP "leave"). What the VM's
+    old tap queued since the pause goes first, in order (the host's
+    ``leftovers`` service, :mod:`vmm_linux.leftovers`). Reverted on
     ABORTED: the VM stays here, so its local port takes over again.
     """
 
@@ -130,9 +133,21 @@ class InflightTunnel(Stage):
             vtep = agent.vtep_of(ctx.migration.destination)
         else:
             vtep = ctx.host.nva.get_nve(ctx.migration.destination)["vtep"]
+        leftovers = ctx.host.services.get("leftovers")
+        taken: dict[str, Any] = {}
         for vif in ctx.migration.workload.vifs:
             nve.ensure_vn(vif.vni)
-            nve.start_inflight(vif.vni, vif.mac, vtep)
+            port = nve.local_port(vif.vni, vif.mac) or vif.port
+            if leftovers is None or not port:
+                nve.start_inflight(vif.vni, vif.mac, vtep)
+                continue
+            forwarding = leftovers.forwarding(vif.mac, port, inflight_name(vif.vni))
+            with forwarding as report:
+                nve.start_inflight(vif.vni, vif.mac, vtep)
+            if report.found:
+                taken[vif.mac] = report.note()
+        if taken:
+            ctx.note(leftovers=taken)
         return {
             "vtep": vtep,
             "macs": [[v.vni, v.mac] for v in ctx.migration.workload.vifs],

@@ -1,0 +1,163 @@
+"""What a paused reader's tap queued goes on, in order, through the in-flight port.
+
+Real kernel parts: a tap in a namespace of the test's own (its reader is
+this test process, standing in for a paused QEMU: it simply does not read),
+a veth pair whose one end stands for the VN's in-flight port and whose other
+end the test captures on. ``vmm_linux.leftovers`` borrows the tap's
+descriptor with pidfd_getfd(2), as it does QEMU's on the libvirt lab.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import socket
+import struct
+import subprocess
+import time
+from collections.abc import Iterator
+
+import pytest
+
+from vmm_kernel import netns as netns_mod
+from vmm_kernel import tapqueue
+from vmm_linux.leftovers import Leftovers
+
+TUNSETIFF = 0x400454CA
+TUNSETVNETHDRSZ = 0x400454D8
+IFF_TAP, IFF_NO_PI, IFF_VNET_HDR = 0x0002, 0x1000, 0x4000
+#: As QEMU opens a virtio NIC's tap under libvirt: a 12-byte virtio-net header (mergeable buffers).
+HDR = 12
+MAC = "02:00:00:aa:00:01"
+PEER = "02:00:00:aa:00:02"
+
+
+def _ip(netns: str, *args: str) -> None:
+    subprocess.run(["ip", "-n", netns, *args], check=True)
+
+
+def _frame(dst: str, seq: int) -> bytes:
+    payload = b"VMMLEFT" + seq.to_bytes(4, "big")
+    return (
+        bytes.fromhex(dst.replace(":", ""))
+        + bytes.fromhex(PEER.replace(":", ""))
+        + (b"\x88\xb5" + payload.ljust(46, b"\0"))
+    )
+
+
+@pytest.fixture
+def lab(netns: str) -> Iterator[dict[str, object]]:
+    """A tap ``tapl0`` read (not) by this process, and ``vil0``/``vcap0`` veths."""
+    # no IPv6 on them: the kernel's own MLD reports would queue in the tap too
+    subprocess.run(
+        ["ip", "netns", "exec", netns, "sysctl", "-qw", "net.ipv6.conf.default.disable_ipv6=1"],
+        check=True,
+    )
+    with netns_mod.entered(netns):
+        tap_fd = os.open("/dev/net/tun", os.O_RDWR | os.O_CLOEXEC)
+        flags = IFF_TAP | IFF_NO_PI | IFF_VNET_HDR
+        fcntl.ioctl(tap_fd, TUNSETIFF, struct.pack("16sH", b"tapl0", flags))
+        fcntl.ioctl(tap_fd, TUNSETVNETHDRSZ, struct.pack("i", HDR))
+    _ip(netns, "link", "add", "vil0", "type", "veth", "peer", "name", "vcap0")
+    for dev in ("tapl0", "vil0", "vcap0"):
+        _ip(netns, "link", "set", dev, "up")
+    send = netns_mod.socket_in(netns, socket.AF_PACKET, socket.SOCK_RAW)
+    send.bind(("tapl0", 0))
+    cap = netns_mod.socket_in(netns, socket.AF_PACKET, socket.SOCK_RAW, socket.htons(0x88B5))
+    cap.bind(("vcap0", 0))
+    cap.settimeout(0.5)
+    service = Leftovers(netns)
+    try:
+        yield {"tap": tap_fd, "send": send, "cap": cap, "service": service}
+    finally:
+        service.close()
+        send.close()
+        cap.close()
+        os.close(tap_fd)
+
+
+def _captured(cap: socket.socket) -> list[int]:
+    seqs = []
+    while True:
+        try:
+            data = cap.recv(2048)
+        except TimeoutError:
+            return seqs
+        if data[14:21] == b"VMMLEFT":
+            seqs.append(int.from_bytes(data[21:25], "big"))
+
+
+def _located(service: Leftovers, port: str) -> None:
+    service.locate(port)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        lookup = service._readers[port]
+        if lookup.done():
+            assert lookup.result(), f"no reader of {port} found"
+            return
+        time.sleep(0.01)
+    raise AssertionError("the lookup did not finish")
+
+
+def test_queued_frames_go_on_in_order_and_arrivals_during_the_switch_too(lab) -> None:
+    send, cap, service = lab["send"], lab["cap"], lab["service"]
+    _located(service, "tapl0")
+    for seq in range(20):  # queued while the reader is "paused"
+        send.send(_frame(MAC, seq))
+    send.send(_frame("ff:ff:ff:ff:ff:ff", 999))  # flooded everywhere already: stays out
+    with service.forwarding(MAC, "tapl0", "vil0") as report:
+        time.sleep(0.05)
+        for seq in range(20, 30):  # still reach the tap until the bridge entry moves
+            send.send(_frame(MAC, seq))
+        time.sleep(0.05)
+    assert report.found
+    assert report.forwarded == 30
+    assert report.skipped == 1
+    assert _captured(cap) == list(range(30))
+    # the tap's queue is empty: nothing is left for the old reader
+    os.set_blocking(lab["tap"], False)
+    with pytest.raises(BlockingIOError):
+        os.read(lab["tap"], 2048)
+
+
+def test_a_port_nobody_located_keeps_its_queue(lab) -> None:
+    send, cap, service = lab["send"], lab["cap"], lab["service"]
+    for seq in range(3):
+        send.send(_frame(MAC, seq))
+    with service.forwarding(MAC, "tapl0", "vil0") as report:
+        pass
+    assert not report.found
+    assert _captured(cap) == []
+    os.set_blocking(lab["tap"], False)
+    assert len(os.read(lab["tap"], 2048)) == HDR + 60  # still queued for its reader
+
+
+def test_a_tap_of_the_same_name_in_another_namespace_is_not_borrowed(lab, prefix) -> None:
+    other = f"{prefix}x"
+    subprocess.run(["ip", "netns", "add", other], check=True)
+    try:
+        service = Leftovers(other)  # the NVE's namespace is another one
+        try:
+            _located(service, "tapl0")  # the name is found, in the wrong namespace
+            lab["send"].send(_frame(MAC, 1))
+            with service.forwarding(MAC, "tapl0", "vil0") as report:
+                pass
+            assert not report.found
+        finally:
+            service.close()
+    finally:
+        subprocess.run(["ip", "netns", "delete", other], check=False)
+    os.set_blocking(lab["tap"], False)
+    assert len(os.read(lab["tap"], 2048)) == HDR + 60
+
+
+def test_borrowing_takes_the_taps_virtio_net_header_size(lab) -> None:
+    pid, fd = os.getpid(), lab["tap"]
+    ino = tapqueue.netns_inode(os.path.join(netns_mod.NETNS_RUN_DIR, lab["service"].netns))
+    tap = tapqueue.BorrowedTap.borrow(pid, fd, "tapl0", ino)
+    try:
+        assert tap.vnet_hdr == HDR
+        assert tapqueue.still_reads(pid, fd, "tapl0")
+        assert not tapqueue.still_reads(pid, fd, "tapl1")
+    finally:
+        tap.close()
