@@ -5,7 +5,9 @@ and the leases agree on it, and an operator can read it with etcdctl::
 
     <prefix>rev                         directory revision (20 digits)
     <prefix>nves/<nve>                  {"id", "vtep", "vnis"}
-    <prefix>acks/<nve>                  "<acked revision, 20 digits>|<acked_at>"
+    <prefix>acks/<nve>                  "<acked revision, 20 digits>|<acked_at>" (single acks)
+    <prefix>acklog/<writer>/<seq>       a batch of NVE acks (JSON, see vmm_etcd.acklog)
+    <prefix>nvegen                      rewritten whenever an NVE record is created
     <prefix>eps/<vni, 8 digits>/<mac>   an endpoint (JSON)
     <prefix>ips/<vni, 8 digits>/<ip>    the MAC holding that address in the VN
     <prefix>chg/<vni, 8 digits>/<rev>   one change NVEs apply (JSON)
@@ -61,6 +63,19 @@ class Keys:
 
     def ack(self, nve_id: str) -> str:
         return f"{self.acks}{nve_id}"
+
+    @property
+    def ack_log(self) -> str:
+        return f"{self.prefix}acklog/"
+
+    @property
+    def any_ack(self) -> str:
+        """The prefix of both ``acks/`` and ``acklog/`` (one watch follows every ack)."""
+        return f"{self.prefix}ack"
+
+    @property
+    def nve_generation(self) -> str:
+        return f"{self.prefix}nvegen"
 
     @property
     def endpoints(self) -> str:

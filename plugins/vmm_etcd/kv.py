@@ -150,9 +150,19 @@ def get(key: str, revision: int = 0) -> dict[str, Any]:
 
 
 def get_prefix(
-    prefix: str, start: str | None = None, limit: int = 0, revision: int = 0
+    prefix: str,
+    start: str | None = None,
+    limit: int = 0,
+    revision: int = 0,
+    *,
+    keys_only: bool = False,
+    min_create_revision: int = 0,
 ) -> dict[str, Any]:
-    """Keys under ``prefix`` from ``start`` (a key under it) on, in key order."""
+    """Keys under ``prefix`` from ``start`` (a key under it) on, in key order.
+
+    ``keys_only``: without values (revisions only); ``min_create_revision``:
+    only keys created at or after that etcd revision.
+    """
     request: dict[str, Any] = {
         "key": b64(start if start is not None else prefix),
         "range_end": base64.b64encode(prefix_end(prefix)).decode("ascii"),
@@ -161,6 +171,10 @@ def get_prefix(
         request["limit"] = limit
     if revision:
         request["revision"] = revision
+    if keys_only:
+        request["keys_only"] = True
+    if min_create_revision:
+        request["min_create_revision"] = min_create_revision
     return {"request_range": request}
 
 

@@ -13,10 +13,10 @@ run against both (tests/functional/test_etcd_store.py):
 * pre-stage / commit / abort, idempotent on repeat;
 * a change log NVEs read after a revision (paged), long-polls that wake on
   a change, acks that never go backwards and a wait for every NVE's ack;
-* acks written in batches (:meth:`EtcdNvaStore.record_acks`: one
-  transaction per ~127 NVEs instead of one per NVE), which the client's
-  ``ack_async`` feeds (issue 16: at 1,000 peers a move cost etcd a
-  thousand ack transactions).
+* acks written in batches (:meth:`EtcdNvaStore.record_acks`), which the
+  server's streams and the client's ``ack_async`` feed: one etcd key per
+  batch of acks (:mod:`vmm_etcd.acklog`), not a put per NVE (issue 16: at
+  1,000 peers the per-NVE puts were most of etcd's CPU per move).
 
 Every mutation is one etcd transaction that compares the mod revisions of
 what it read (see :mod:`vmm_etcd.txn`), so several processes can share one
@@ -29,6 +29,7 @@ from __future__ import annotations
 import contextlib
 import ipaddress
 import json
+import logging
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -36,6 +37,7 @@ from typing import Any, TypeVar
 
 from vmm_etcd import kv as kvmod
 from vmm_etcd import txn
+from vmm_etcd.acklog import Ack, AckLogWriter, better, epochs_of, fold
 from vmm_etcd.feed import ChangeFeed, GapListener, Listener
 from vmm_etcd.keys import Keys, pad
 from vmm_etcd.kv import EtcdKV, KeyValue
@@ -58,6 +60,8 @@ from vmm_orchestrator.nva.store import (
 )
 
 T = TypeVar("T")
+
+LOG = logging.getLogger(__name__)
 
 #: Fields of an endpoint that callers see (the store also keeps commit facts).
 PUBLIC_FIELDS = (
@@ -112,12 +116,17 @@ def parse_ack(value: str | None) -> dict[str, Any]:
     return {"acked_revision": int(revision), "acked_at": float(at) if at else None}
 
 
-def nve_dict(record: dict[str, Any], ack: str | None) -> dict[str, Any]:
+def nve_dict(record: dict[str, Any], ack: str | None, logged: Ack | None = None) -> dict[str, Any]:
+    """An NVE as the API shows it; its ack the higher of its own key and the ack log."""
+    own = parse_ack(ack)
+    best = better((own["acked_revision"], own["acked_at"]), logged)
+    assert best is not None
     return {
         "id": record["id"],
         "vtep": record["vtep"],
         "vnis": list(record["vnis"]),
-        **parse_ack(ack),
+        "acked_revision": best[0],
+        "acked_at": best[1],
     }
 
 
@@ -162,6 +171,7 @@ class EtcdNvaStore(StoreFront):
         self._last_revision = 0
         self._feed: ChangeFeed | None = None
         self._feed_lock = threading.Lock()
+        self._ack_log = AckLogWriter(kv, self.keys, max_txn_ops)
 
     @property
     def path(self) -> str:
@@ -399,16 +409,17 @@ class EtcdNvaStore(StoreFront):
             old, ack = tx.get(self.keys.nve(nve_id), self.keys.ack(nve_id))
             record = {"id": nve_id, "vtep": vtep_ip, "vnis": vni_list}
             before = json.loads(old.value) if old is not None else None
-            if before == record and ack is not None:
-                return nve_dict(record, ack.value)  # a restarting agent: nothing changes
+            logged = self._logged_ack(tx, old) if old is not None else None
+            if before == record:  # a restarting agent: nothing changes
+                return nve_dict(record, ack.value if ack is not None else None, logged)
             tx.put_json(self.keys.nve(nve_id), record)
-            if ack is None:
-                tx.put(self.keys.ack(nve_id), ack_value(0, None))
+            if old is None:  # a new epoch: ack log writers must learn it (vmm_etcd.acklog)
+                tx.put(self.keys.nve_generation, nve_id)
             for vni, payload in membership_changes(before, record):
                 self._record(tx, vni, "nve", payload, tx.next_revision())
             if before is not None and before["vtep"] != vtep_ip:
                 self._announce_vtep_change(tx, nve_id, vtep_ip)
-            return nve_dict(record, ack.value if ack is not None else None)
+            return nve_dict(record, ack.value if ack is not None else None, logged)
 
         return self._run(f"register NVE {nve_id}", decide, changes=True)
 
@@ -424,12 +435,13 @@ class EtcdNvaStore(StoreFront):
                     busy.append((endpoint["vni"], endpoint["mac"]))
             if busy:
                 raise nve_busy(nve_id, busy)
-            ack = tx.get(self.keys.ack(nve_id))[0]
+            ack, stored = tx.get(self.keys.ack(nve_id), self.keys.nve(nve_id))
             tx.delete(self.keys.nve(nve_id))
             tx.delete(self.keys.ack(nve_id))
             for vni, payload in membership_changes(record, None):
                 self._record(tx, vni, "nve", payload, tx.next_revision())
-            return nve_dict(record, ack.value if ack is not None else None)
+            logged = self._logged_ack(tx, stored) if stored is not None else None
+            return nve_dict(record, ack.value if ack is not None else None, logged)
 
         return self._run(f"delete NVE {nve_id}", decide, changes=True)
 
@@ -444,27 +456,41 @@ class EtcdNvaStore(StoreFront):
             stored = self._put_endpoint(tx, endpoint, vtep=vtep, revision=revision)
             self._record(tx, stored["vni"], "endpoint", {"endpoint": public(stored)}, revision)
 
+    def _logged_ack(self, tx: Tx, record: KeyValue) -> Ack | None:
+        """The ack log's highest ack of the NVE stored as ``record`` (not compared)."""
+        nve_id = record.key[len(self.keys.nves) :]
+        return fold(tx.scan(self.keys.ack_log), {nve_id: record.create_revision}).get(nve_id)
+
     def _do_get_nve(self, nve_id: str) -> dict[str, Any]:
         self._check_open()
         answer = self.kv.read(
-            kvmod.get(self.keys.nve(nve_id)), kvmod.get(self.keys.ack(nve_id)), what="read an NVE"
+            kvmod.get(self.keys.nve(nve_id)),
+            kvmod.get(self.keys.ack(nve_id)),
+            kvmod.get_prefix(self.keys.ack_log),
+            what="read an NVE",
         )
         record, ack = answer.one(0), answer.one(1)
         if record is None:
             raise _not_registered(nve_id)
-        return nve_dict(json.loads(record.value), ack.value if ack is not None else None)
+        logged = fold(answer.kvs(2), {nve_id: record.create_revision}).get(nve_id)
+        return nve_dict(json.loads(record.value), ack.value if ack is not None else None, logged)
 
     def _do_list_nves(self, vni: int | None) -> list[dict[str, Any]]:
         self._check_open()
         answer = self.kv.read(
-            kvmod.get_prefix(self.keys.nves), kvmod.get_prefix(self.keys.acks), what="list NVEs"
+            kvmod.get_prefix(self.keys.nves),
+            kvmod.get_prefix(self.keys.acks),
+            kvmod.get_prefix(self.keys.ack_log),
+            what="list NVEs",
         )
         acks = {a.key[len(self.keys.acks) :]: a.value for a in answer.kvs(1)}
+        records = answer.kvs(0)
+        logged = fold(answer.kvs(2), epochs_of(self.keys, records))
         out = []
-        for item in answer.kvs(0):
+        for item in records:
             record = json.loads(item.value)
             if vni is None or vni in record["vnis"]:
-                out.append(nve_dict(record, acks.get(record["id"])))
+                out.append(nve_dict(record, acks.get(record["id"]), logged.get(record["id"])))
         return out
 
     # ----------------------------------------------------------- endpoints
@@ -824,82 +850,92 @@ class EtcdNvaStore(StoreFront):
         compare = [kvmod.cmp_exists(nve_key), kvmod.cmp_value(ack_key, "LESS", pad(revision))]
         if revision > 0:
             compare.append(kvmod.cmp_value(self.keys.revision, "GREATER", pad(revision - 1)))
-        reads = [kvmod.get(nve_key), kvmod.get(self.keys.revision), kvmod.get(ack_key)]
+        log = kvmod.get_prefix(self.keys.ack_log)
+        reads = [kvmod.get(nve_key), kvmod.get(self.keys.revision), kvmod.get(ack_key), log]
         answer = self.kv.txn(
             compare,
-            [kvmod.put(ack_key, ack_value(revision, now)), kvmod.get(nve_key)],
+            [kvmod.put(ack_key, ack_value(revision, now)), kvmod.get(nve_key), log],
             reads,
             what=f"record the ack of NVE {nve_id}",
         )
         if answer.succeeded:
             record = answer.one(1)
             assert record is not None
-            return nve_dict(json.loads(record.value), ack_value(revision, now))
+            logged = fold(answer.kvs(2), {nve_id: record.create_revision}).get(nve_id)
+            return nve_dict(json.loads(record.value), ack_value(revision, now), logged)
         record, counter, ack = answer.one(0), answer.one(1), answer.one(2)
         if record is None:
             raise _not_registered(nve_id)
+        logged = fold(answer.kvs(3), {nve_id: record.create_revision}).get(nve_id)
         current = int(counter.value) if counter is not None else 0
         if revision > current:
             raise Conflict(
                 f"NVE '{nve_id}' acked revision {revision}, but the directory is at {current}",
                 hint="the directory was reset: resynchronize from a full endpoint list",
             )
-        if ack is not None:
-            return nve_dict(json.loads(record.value), ack.value)  # already acked as far
+        if ack is not None:  # already acked as far
+            return nve_dict(json.loads(record.value), ack.value, logged)
 
-        def decide(tx: Tx) -> dict[str, Any]:  # an NVE registered before acks had keys
+        def decide(tx: Tx) -> dict[str, Any]:  # the NVE's first single ack: no key yet
             found = self._nve(tx, nve_id)
             tx.get(ack_key)
             tx.put(ack_key, ack_value(revision, now))
-            return nve_dict(found, ack_value(revision, now))
+            return nve_dict(found, ack_value(revision, now), logged)
 
         return self._run(f"record the ack of NVE {nve_id}", decide, changes=False)
 
     def _do_ack_many(self, acks: dict[str, int]) -> dict[str, Any]:
         errors = self.record_acks(acks)
-        acked = {n: self._do_get_nve(n) for n in acks if n not in errors}
+        listed = {n["id"]: n for n in self._do_list_nves(None)}  # one read, not one per NVE
+        acked = {n: listed[n] for n in acks if n not in errors and n in listed}
         return {"acked": acked, "errors": errors}
 
     def record_acks(self, acks: dict[str, int]) -> dict[str, str]:
-        """Write a batch of acks in as few etcd transactions as its size allows: {nve: why
-        refused}.
+        """Write a batch of acks as one key of the ack log (:mod:`vmm_etcd.acklog`):
+        {nve: why refused}.
 
-        One transaction per ``max_txn_ops - 1`` NVEs (etcd bounds compares
-        and puts separately): each NVE's stored ack must be lower (so an ack
-        never goes backwards; the compare fails when the ack key is absent,
-        and it exists exactly while the NVE is registered: register_nve
-        creates it, delete_nve removes it in the same transaction as the NVE),
-        and the directory must have reached the batch's highest revision. One
-        compare per NVE, not two, halved the transactions per 1,000 acks (issue
-        16: acks were most of etcd's CPU per move). If any compare fails the
-        chunk is written ack by ack (:meth:`ack`), which tells which one was
-        refused and why.
+        The batch is written if the directory has reached its highest
+        revision and every NVE in it is registered (known with its epoch);
+        there is no compare per NVE: readers take the highest ack, so an
+        ack lower than one already held changes nothing. The NVEs the writer
+        does not know, and the acks ahead of the directory, go ack by ack
+        (:meth:`ack`), which tells which one was refused and why.
         """
         self._check_open()
-        errors: dict[str, str] = {}
-        items = sorted(acks.items())
-        size = max(1, self.max_txn_ops - 1)
-        for start in range(0, len(items), size):
-            chunk = items[start : start + size]
-            now = time.time()
-            highest = max(r for _, r in chunk)
-            compare = (
-                []
-                if highest <= 0
-                else [kvmod.cmp_value(self.keys.revision, "GREATER", pad(highest - 1))]
-            )
-            puts = []
-            for nve_id, revision in chunk:
-                compare.append(kvmod.cmp_value(self.keys.ack(nve_id), "LESS", pad(revision)))
-                puts.append(kvmod.put(self.keys.ack(nve_id), ack_value(revision, now)))
-            answer = self.kv.txn(compare, puts, what=f"record {len(chunk)} NVE acks")
-            if answer.succeeded:
-                continue
-            for nve_id, revision in chunk:  # the slow path names the culprit
+        if not acks:
+            return {}
+        log = self._ack_log
+        slow: dict[str, int] = {}
+        with log.lock:
+            if any(n not in log.epochs for n in acks):
+                log.refresh()  # the first batch, or NVEs registered since the last
+            fast = {n: r for n, r in acks.items() if n in log.epochs}
+            slow = {n: r for n, r in acks.items() if n not in log.epochs}
+            for _ in range(3):
+                if not fast:
+                    break
+                written, current = log.write(fast, time.time())
+                if written:
+                    fast = {}
+                    break
+                ahead = {n: r for n, r in fast.items() if r > current}
+                slow.update(ahead)
+                fast = {n: r for n, r in fast.items() if n not in ahead}
+                log.refresh()  # an NVE record created meanwhile: learn its epoch
+                slow.update({n: r for n, r in fast.items() if n not in log.epochs})
+                fast = {n: r for n, r in fast.items() if n in log.epochs}
+            slow.update(fast)
+            if log.due():
                 try:
-                    self._do_ack(nve_id, revision)
-                except NvaError as err:
-                    errors[nve_id] = err.message
+                    log.compact()
+                except NvaError as err:  # the next batch tries again
+                    LOG.warning("folding the ack log failed: %s", err)
+        errors: dict[str, str] = {}
+        for nve_id, revision in sorted(slow.items()):  # the slow path names the culprit
+            try:
+                self._do_ack(nve_id, revision)
+            except NvaError as err:
+                errors[nve_id] = err.message
         return errors
 
     def _do_acks(
@@ -913,6 +949,7 @@ class EtcdNvaStore(StoreFront):
             kvmod.get(self.keys.revision),
             kvmod.get_prefix(self.keys.nves),
             kvmod.get_prefix(self.keys.acks),
+            kvmod.get_prefix(self.keys.ack_log),
             what="read the acks",
         )
         counter = answer.one(0)
@@ -922,7 +959,9 @@ class EtcdNvaStore(StoreFront):
                 f"min_revision {min_revision} is ahead of the directory's revision {current}"
             )
         records = {json.loads(i.value)["id"]: json.loads(i.value) for i in answer.kvs(1)}
+        epochs = epochs_of(self.keys, answer.kvs(1))
         acked = {i.key[len(self.keys.acks) :]: i.value for i in answer.kvs(2)}
+        logged = fold(answer.kvs(3), epochs)
         if wanted is None:
             ids = [n for n in sorted(records) if vni in records[n]["vnis"]]
         else:
@@ -930,14 +969,14 @@ class EtcdNvaStore(StoreFront):
                 if nve_id not in records:
                     raise _not_registered(nve_id)
             ids = wanted
-        state = {n: parse_ack(acked.get(n)) for n in ids}
+        state = {n: _merged(acked.get(n), logged.get(n)) for n in ids}
 
         def complete() -> bool:
             return all(a["acked_revision"] >= min_revision for a in state.values())
 
         if complete() or deadline - time.monotonic() <= 0:
             return {n: dict(a) for n, a in state.items()}
-        with self._watch(self.keys.acks, answer.revision + 1, prefix=True) as stream:
+        with self._watch(self.keys.any_ack, answer.revision + 1, prefix=True) as stream:
             while not complete():
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
@@ -951,10 +990,33 @@ class EtcdNvaStore(StoreFront):
                         raise NvaError("the NVA store is closed") from None
                     raise
                 for event in events or ():
+                    if event.kind != "PUT":
+                        continue
+                    if event.kv.key.startswith(self.keys.ack_log):
+                        for nve_id, ack in fold([event.kv], epochs).items():
+                            if nve_id in state:
+                                state[nve_id] = _merged(None, ack, state[nve_id])
+                        continue
                     nve_id = event.kv.key[len(self.keys.acks) :]
-                    if nve_id in state and event.kind == "PUT":
-                        state[nve_id] = parse_ack(event.kv.value)
+                    if nve_id in state and event.kv.key.startswith(self.keys.acks):
+                        state[nve_id] = _merged(event.kv.value, None, state[nve_id])
         return {n: dict(a) for n, a in state.items()}
+
+
+def _merged(
+    own: str | None, logged: Ack | None, held: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """{"acked_revision", "acked_at"}: the highest of an NVE's own key, a logged ack and
+    what was held."""
+    parsed = parse_ack(own) if own is not None else None
+    best = better(
+        (parsed["acked_revision"], parsed["acked_at"]) if parsed is not None else None, logged
+    )
+    if held is not None:
+        best = better(best, (held["acked_revision"], held["acked_at"]))
+    if best is None:
+        return {"acked_revision": 0, "acked_at": None}
+    return {"acked_revision": best[0], "acked_at": best[1]}
 
 
 class ChangesPage:

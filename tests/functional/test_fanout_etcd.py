@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import secrets
+import threading
 import time
 from collections.abc import Iterator
 
 import pytest
 
+from vmm_etcd import kv as kvmod
+from vmm_etcd.acklog import COMPACT_EVERY
 from vmm_etcd.client import EtcdNvaClient
 from vmm_etcd.cluster import LocalEtcdCluster
 from vmm_etcd.kv import EtcdKV
@@ -62,3 +65,101 @@ def test_a_batch_with_a_refused_ack_still_writes_the_others(client: EtcdNvaClien
     assert client.get_nve("nve01")["acked_revision"] == revision
     result = client.ack_many({"nve03": revision})
     assert result["acked"]["nve03"]["acked_revision"] == revision and not result["errors"]
+
+
+# ------------------------------------------------------------- the ack log
+
+
+def _log_keys(client: EtcdNvaClient) -> list[str]:
+    answer = client.kv.read(kvmod.get_prefix(client.keys.ack_log), what="test")
+    return [item.key for item in answer.kvs(0)]
+
+
+def _own_key(client: EtcdNvaClient, nve: str) -> int | None:
+    """The revision in the NVE's own ack key (None: no such key)."""
+    found = client.kv.read(kvmod.get(client.keys.ack(nve)), what="test").one(0)
+    return None if found is None else int(found.value.partition("|")[0])
+
+
+def test_a_batch_of_acks_is_one_key_and_every_reader_sees_it(client: EtcdNvaClient) -> None:
+    revision = client.revision
+    nves = [f"nve{i:02d}" for i in range(70)]
+    assert client.record_acks(dict.fromkeys(nves, revision)) == {}
+    assert len(_log_keys(client)) == 1  # not 70 puts
+    assert _own_key(client, "nve05") is None  # neither registration nor the batch wrote one
+    assert client.get_nve("nve05")["acked_revision"] == revision
+    listed = {n["id"]: n for n in client.list_nves(VNI)}
+    assert all(listed[n]["acked_revision"] == revision for n in nves)
+    acks = client.acks(VNI, revision, nves=nves)
+    assert all(a["acked_revision"] == revision and a["acked_at"] for a in acks.values())
+
+
+def test_the_own_key_of_an_nve_still_counts_beside_the_log(client: EtcdNvaClient) -> None:
+    """Older agents ack one by one (acks/<nve>): readers take the higher of both."""
+    first = client.revision
+    client.add_endpoint(VNI, "52:54:00:00:00:02", [], [], "nve00")
+    second = client.revision
+    client.record_acks({"nve01": first, "nve02": second})
+    client.ack("nve01", second)  # the single ack: its own key, above the log
+    assert _own_key(client, "nve01") == second
+    assert client.get_nve("nve01")["acked_revision"] == second
+    assert client.ack("nve02", first)["acked_revision"] == second  # the log's, not lower
+    assert client.acks(VNI, second, nves=["nve01", "nve02"]) == {
+        "nve01": client.acks(VNI, second, nves=["nve01"])["nve01"],
+        "nve02": client.acks(VNI, second, nves=["nve02"])["nve02"],
+    }
+    assert all(
+        a["acked_revision"] == second
+        for a in client.acks(VNI, second, nves=["nve01", "nve02"]).values()
+    )
+
+
+def test_a_registered_again_nve_does_not_inherit_logged_acks(
+    client: EtcdNvaClient, etcd: LocalEtcdCluster
+) -> None:
+    revision = client.revision
+    client.record_acks({"nve03": revision, "nve04": revision})
+    other = EtcdNvaClient(EtcdKV(etcd.endpoints), client.keys.prefix)
+    try:  # another process deletes and registers nve03 again behind the writer's back
+        other.delete_nve("nve03")
+        other.register_nve("nve03", "192.0.2.4", [VNI])
+        assert client.get_nve("nve03")["acked_revision"] == 0
+        assert client.get_nve("nve04")["acked_revision"] == revision
+        # The writer's epochs are stale; the batch is still written, with the new epoch.
+        later = client.revision
+        assert client.record_acks({"nve03": later}) == {}
+        assert other.get_nve("nve03")["acked_revision"] == later
+    finally:
+        other.close()
+
+
+def test_waiting_for_acks_wakes_on_a_logged_batch(client: EtcdNvaClient) -> None:
+    revision = client.revision
+    nves = ["nve10", "nve11"]
+    timer = threading.Timer(0.2, client.record_acks, args=(dict.fromkeys(nves, revision),))
+    timer.start()
+    started = time.monotonic()
+    try:
+        acks = client.acks(VNI, revision, nves=nves, timeout=5.0)
+    finally:
+        timer.join()
+    assert all(a["acked_revision"] == revision for a in acks.values())
+    assert time.monotonic() - started < 4.0  # woken by the watch, not the timeout
+
+
+def test_the_log_is_folded_and_keeps_every_current_ack(client: EtcdNvaClient) -> None:
+    revision = client.revision
+    client.record_acks({"nve69": revision})  # then deleted: its entry must go
+    client.delete_nve("nve69")
+    acked = [f"nve{i:02d}" for i in range(COMPACT_EVERY - 2)]
+    for nve in acked:  # batches of one NVE each: many keys
+        client.record_acks({nve: revision})
+    assert len(_log_keys(client)) == COMPACT_EVERY - 1
+    client.record_acks({"nve60": revision})  # the batch that makes it fold
+    keys = _log_keys(client)
+    assert len(keys) == 1, keys
+    value = client.kv.read(kvmod.get(keys[0]), what="test").one(0)
+    assert value is not None and "nve69" not in value.value and "nve60" in value.value
+    listed = {n["id"]: n["acked_revision"] for n in client.list_nves(VNI)}
+    assert all(listed[n] == revision for n in [*acked, "nve60"])
+    assert listed["nve61"] == 0
