@@ -55,12 +55,14 @@ when it appears. Two cases, chosen by what exists at ``expect``:
 * the port does not exist yet (the namespace lab moves the VM's port at the
   resume): a per-VM hold, a veth pair whose sending end has a stalled token
   bucket (tbf refilling a byte a second over a pfifo bounded in frames),
-  fed by a tc redirect on the VXLAN port's ingress for the MAC. When the port
-  joins the bridge (a link notification, or a poll every 20 ms, or ``plug``
-  at the latest) the receiving end gets a redirect into the port, the bucket
-  opens (10 Gbit/s) and a poke frame makes it dequeue now: the queue drains
-  into the port first, later frames queue behind it; once it is empty the
-  VXLAN redirect goes and the bridge takes over. Receive packet steering
+  fed by an nftables ``fwd`` on the VXLAN port's ingress (table ``netdev
+  vmm_hold``: per VN one chain and a map MAC -> hold device, so arming is
+  one map element; ``fwd`` transmits through the device's qdisc). When the
+  port joins the bridge (a link notification, or a poll every 20 ms, or
+  ``plug`` at the latest) the receiving end gets a redirect into the port,
+  the bucket opens (10 Gbit/s) and a poke frame makes it dequeue now: the
+  queue drains into the port first, later frames queue behind it; once it
+  is empty the MAC's map element goes and the bridge takes over. Receive packet steering
   pins the receiving end to one CPU, because two CPUs draining the same
   queue reordered it (36 of 82 held frames per stream in the lab before).
   Chosen over the alternatives measured or checked here: this kernel has no
@@ -87,6 +89,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import contextlib
+import ctypes
 import dataclasses
 import errno
 import functools
@@ -94,9 +97,12 @@ import hashlib
 import ipaddress
 import json
 import logging
+import os
 import secrets
 import socket
+import struct
 import subprocess
+import tempfile
 import threading
 import time
 from collections.abc import Callable
@@ -104,12 +110,13 @@ from typing import Any, TypeVar
 
 from oslo_config import cfg
 from pyroute2 import NetlinkError, NetNS
-from pyroute2.netlink.rtnl.marshal import MarshalRtnl
 
 from vmm_kernel import nft as kernel_nft
 from vmm_kernel.netns import RecvBuffer, lean_iproute
+from vmm_linux import rawlink
 from vmm_linux.departure import Departures
 from vmm_linux.netns import entered, socket_in
+from vmm_linux.rawlink import RTM_NEWLINK, RawLink
 from vmm_orchestrator.contracts import NveDriver
 from vmm_orchestrator.errors import ConfigError, VmmError
 from vmm_orchestrator.options import require
@@ -138,6 +145,23 @@ HOLD_DRAIN_S = 0.5
 #: Poke frames: a locally administered address no VM has, an experimental EtherType.
 POKE_MAC = bytes.fromhex("020000000000")
 POKE_ETHERTYPE = b"\x88\xb5"
+#: The nftables netdev table of the holds (one per namespace, beside vmm_depart's):
+#: per VN a chain on the VXLAN port's ingress and a map MAC -> hold device.
+HOLD_TABLE = "netdev vmm_hold"
+#: After vmm_depart's chains on the same device (priority 0): they watch source
+#: MACs, and ``fwd`` ends a frame's walk through the hooks.
+HOLD_PRIORITY = 10
+#: The stalled bucket: a byte a second (the smallest frame passes after a minute).
+STALL_RATE = 1
+#: The hold devices get no IPv6 link-local address (IN6_ADDR_GEN_MODE_NONE), so
+#: no DAD, router solicitation or MLD frame of their own enters the queue.
+NO_IPV6_LINK_LOCAL = {"attrs": [["AF_INET6", {"attrs": [["IFLA_INET6_ADDR_GEN_MODE", 1]]}]]}
+#: The hold's fifo: handle 10: under the tbf's class 1:1.
+HOLD_FIFO, HOLD_FIFO_PARENT = 0x100000, 0x10001
+#: The opened bucket: 10 Gbit/s (bytes a second), a MiB of burst.
+OPEN_RATE, OPEN_BURST = 10**10 // 8, 1 << 20
+MS_NOSUID, MS_NODEV, MS_NOEXEC, MNT_DETACH = 2, 4, 8, 2
+_libc = ctypes.CDLL(None, use_errno=True)
 
 GROUP = "linux_nve"
 NVE_OPTS: list[cfg.Opt] = [
@@ -276,8 +300,8 @@ class _Hold:
     """One incoming VM's hold: a veth pair whose sending end is stalled.
 
     ``stall`` (root qdisc: a token bucket that refills a byte a second,
-    over a fifo bounded in frames) receives, by a tc redirect on the VXLAN
-    port's ingress, every frame that arrives for ``mac``; ``recv`` gets them
+    over a fifo bounded in frames) receives, by the VN's nftables hold map on
+    the VXLAN port's ingress, every frame that arrives for ``mac``; ``recv`` gets them
     once the bucket is opened, and redirects them into the VM's port.
     """
 
@@ -286,7 +310,6 @@ class _Hold:
     port: str
     stall: str
     recv: str
-    prio: int = 0
     stall_idx: int = 0
     recv_idx: int = 0
     poker: socket.socket | None = None
@@ -323,6 +346,52 @@ def _poker(netns: str | None, dev: str) -> socket.socket:
     sock.bind((dev, 0))
     sock.setblocking(False)
     return sock
+
+
+def _sysfs_net(netns: str | None) -> int:
+    """A directory descriptor of ``/sys/class/net`` as seen from ``netns``.
+
+    sysfs shows the devices of the namespace its mount was made in, and ours
+    is the host's: this thread enters ``netns``, mounts a sysfs of its own on
+    a temporary directory, opens it and detaches the mount at once. The
+    descriptor keeps it readable (new devices included) until closed, and no
+    mount stays behind in any table.
+    """
+    if not netns:
+        return os.open("/sys/class/net", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    where = tempfile.mkdtemp(prefix="vmm-nve-sysfs-")
+    try:
+        with entered(netns):
+            flags = ctypes.c_ulong(MS_NOSUID | MS_NODEV | MS_NOEXEC)
+            if _libc.mount(b"sysfs", where.encode(), b"sysfs", flags, None) != 0:
+                err = ctypes.get_errno()
+                raise OSError(err, f"mount sysfs: {os.strerror(err)}")
+        try:
+            return os.open(
+                os.path.join(where, "class", "net"), os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
+            )
+        finally:
+            _libc.umount2(where.encode(), MNT_DETACH)
+    finally:
+        os.rmdir(where)
+
+
+def _joined_ports(data: bytes) -> list[str]:
+    """Names of the devices that RTM_NEWLINK notifications in ``data`` show with
+    a master (a port that joined a bridge), parsed without pyroute2."""
+    names = []
+    offset = 0
+    while offset + 16 <= len(data):
+        length, kind = struct.unpack_from("=IH", data, offset)
+        if length < 16:
+            break
+        if kind == RTM_NEWLINK:
+            found = rawlink.attrs(data[offset + 32 : offset + length])
+            name = found.get(rawlink.IFLA_IFNAME)
+            if name is not None and rawlink.IFLA_MASTER in found:
+                names.append(bytes(name).rstrip(b"\0").decode(errors="replace"))
+        offset += (length + 3) & ~3
+    return names
 
 
 def _poke_frame(size: int) -> bytes:
@@ -384,6 +453,7 @@ class LinuxNve(NveDriver):
         #: A hold's devices, built ahead for the next incoming VM of each VN.
         self._spares: dict[int, _Hold] = {}
         self._builders: list[threading.Thread] = []
+        self._spare_building: set[int] = set()
         self._hold_reports: dict[tuple[int, str], dict[str, Any]] = {}
         self._watcher: threading.Thread | None = None
         self._closing = threading.Event()
@@ -406,6 +476,10 @@ class LinuxNve(NveDriver):
         self._ready: set[int] = set()
         #: libnftables in-process (vmm_kernel.nft) until it proves unusable here.
         self._libnft = True
+        #: The worker's raw rtnetlink requests (vmm_linux.rawlink), made when first needed.
+        self._rtnl: RawLink | None = None
+        #: /sys/class/net of the namespace (a descriptor; -1: not reachable here).
+        self._sysfs: int | None = None
 
     @classmethod
     def from_conf(cls, conf: cfg.ConfigOpts, netns: str | None, local_vtep: str) -> LinuxNve:
@@ -436,7 +510,8 @@ class LinuxNve(NveDriver):
         with self._lock:
             if vni in self._ready:
                 return
-            if not self._ready:
+            first = not self._ready
+            if first:
                 # What a killed predecessor armed: its netdev chains outlive the
                 # old tap and bind to the next device of that name (a VM that
                 # comes back), which would divert its frames away.
@@ -476,7 +551,7 @@ class LinuxNve(NveDriver):
                 if v == vni and entry.expected and entry.local_port:
                     self._nft(self._expectation(vni, mac, entry.local_port, add=True))
             self._flood.setdefault(vni, set())
-            self._forget_stale_holds(vni)
+            self._forget_stale_holds(vni, first)
             self._ready.add(vni)
             self._ensure_watcher()
             if self.hold_enabled:
@@ -491,7 +566,10 @@ class LinuxNve(NveDriver):
             spare = self._spares.pop(vni, None)
             if spare is not None:
                 self._discard(spare)
-            self._nft(self._vn_filter_removal(vni, last=not self._ready))
+            last = not self._ready
+            self._nft(self._vn_filter_removal(vni, last))
+            if self.hold_enabled:
+                self._nft(self._hold_filter_removal(vni, last))
             for name in (inflight_name(vni), vxlan_name(vni), bridge_name(vni)):
                 idx = self._lookup(name)
                 if idx is not None:
@@ -648,12 +726,11 @@ class LinuxNve(NveDriver):
         Nothing to do if ``port`` exists already: a tap queues frames itself
         while the incoming guest is paused (libvirt creates it before the
         pause), and the expectation filter already sends them there. The
-        devices come from a spare set built in the background (a dozen
-        commands, too slow for PREPARE, which libvirt's hook waits for): here
-        the bucket is only refilled and spent again, and the VXLAN port's
-        redirect for ``mac`` added. Commands run in the caller's thread under
-        no lock: many holds armed at once (an evacuation) must not stall the
-        netlink worker.
+        devices come from a spare set built in the background when there is
+        one (an evacuation arms many holds of a VN at once: the others build
+        theirs now, a few milliseconds each); arming refills and spends the
+        bucket again and adds ``mac`` to the VN's hold map, all in-process
+        on the netlink worker (see ``_build_hold`` for the figures).
         """
         key = (vni, mac)
         existing = self._on_worker(self._lookup, port)
@@ -666,38 +743,43 @@ class LinuxNve(NveDriver):
             spare = self._spares.pop(vni, None)
         hold = spare if spare is not None else self._build_hold(vni)
         hold.mac, hold.port = mac, port
-        vx = vxlan_name(vni)
-        limit = self.hold_limits.queue_frames(self.mtu)
-        if spare is not None:
-            # Its bucket refilled while it waited: a change refills it to the
-            # burst (and sets the child fifo's limit, in frames), a poke spends it.
-            self._sh(
-                f"tc qdisc change dev {hold.stall} root handle 1: tbf rate 8bit"
-                f" burst {self.mtu + 18} limit {limit}"
-            )
-            self._spend(hold)
-        self._sh(
-            f"tc filter del dev {vx} ingress prio {hold.prio} 2>/dev/null || true\n"
-            f"tc filter add dev {vx} ingress prio {hold.prio} protocol all u32"
-            f" match ether dst {mac} action mirred egress redirect dev {hold.stall}"
-        )
+        self._on_worker(self._open_hold, hold, spare is not None)
         hold.armed_at = time.monotonic()
         with self._lock:
             self._holds[key] = hold
         self._ensure_watcher()
         self._spare_later(vni)
 
+    def _open_hold(self, hold: _Hold, refill: bool) -> None:
+        """Send ``hold.mac``'s frames from the VXLAN port into the stalled queue."""
+        if refill:
+            # A spare's bucket refilled while it waited: a change refills it to
+            # the burst (and sets the child fifo's limit, in frames), a poke spends it.
+            limit = self.hold_limits.queue_frames(self.mtu)
+            self._tbf(hold.stall_idx, STALL_RATE, self.mtu + 18, limit, create=False)
+            self._spend(hold)
+        try:
+            self._nft(self._hold_element(hold.vni, hold.mac, hold.stall, add=True))
+        except NftError:  # one a killed predecessor left for the MAC: replace it
+            with contextlib.suppress(NftError):
+                self._nft(self._hold_element(hold.vni, hold.mac, None, add=False))
+            self._nft(self._hold_element(hold.vni, hold.mac, hold.stall, add=True))
+
     def _spare_later(self, vni: int) -> None:
-        """Build the next spare hold of ``vni`` in the background."""
+        """Build the next spare hold of ``vni`` in the background, unless one is
+        there or on its way (20 holds armed at once built 19 spares to discard)."""
 
         def build() -> None:
-            if self._closing.is_set():
-                return
             try:
+                if self._closing.is_set():
+                    return
                 hold = self._build_hold(vni)
-            except (NftError, OSError, LookupError, RuntimeError) as exc:
+            except (NftError, NetlinkError, OSError, LookupError, RuntimeError) as exc:
                 LOG.info("no spare hold for VNI %d: %s", vni, exc)
                 return
+            finally:
+                with self._lock:
+                    self._spare_building.discard(vni)
             with self._lock:
                 keep = vni in self._ready and vni not in self._spares
                 keep = keep and not self._closing.is_set()
@@ -708,50 +790,118 @@ class LinuxNve(NveDriver):
 
         thread = threading.Thread(target=build, name=f"nve-spare-{vni}", daemon=True)
         with self._lock:
+            if vni in self._spares or vni in self._spare_building:
+                return
+            self._spare_building.add(vni)
             self._builders = [t for t in self._builders if t.is_alive()] + [thread]
         thread.start()
 
     def _build_hold(self, vni: int) -> _Hold:
-        """The devices of one hold, stalled, waiting for a MAC."""
+        """The devices of one hold, stalled, waiting for a MAC (on the netlink worker)."""
+        return self._on_worker(self._make_hold, vni)
+
+    def _make_hold(self, vni: int) -> _Hold:
+        """Build a hold's veth pair in-process: rtnetlink and one sysfs write.
+
+        It was a ``sh`` script of a dozen ``ip``/``tc``/``sysctl``/``ethtool``
+        commands through ``ip netns exec``: under an evacuation (20 VMs at
+        once, two cores) PREPARE spent more than a second on it. Measured
+        with /tmp-free ``benchmarks/hold_setup.py`` (one spare build; one arm
+        with a spare ready; 20 ``expect`` at once, most building their hold):
+        see the module docstring for the figures.
+
+        * the veth pair: one RTM_NEWLINK; no IPv6 link-local address on
+          either end (IFLA_INET6_ADDR_GEN_MODE none, where ``sysctl
+          disable_ipv6`` was), so no frame of their own enters the queue;
+        * the stall: tbf at a byte a second (with TCA_TBF_BURST, see
+          ``_TbfMsg``) over a pfifo bounded in frames;
+        * receive packet steering to CPU 0 on the receiving end, written
+          through a sysfs of the namespace (``_sysfs_net``);
+        * no ``ethtool -K gro off`` any more: a veth's GRO is off unless
+          asked for (5.13 on; before, veth had no GRO path without XDP), and
+          the lab's image had no ethtool, so the command never ran anyway.
+        """
         with self._lock:
             self._hold_seq += 1
             seq = self._hold_seq
         name = f"vmh{self._hold_tag}{seq % 100000}"  # at most 13 characters
         hold = _Hold(vni, "", "", f"{name}s", f"{name}r")
-        hold.prio = 100 + seq % 60000
         hold.poke_size = self.mtu + 14
         limit = self.hold_limits.queue_frames(self.mtu)
-        vx = vxlan_name(vni)
-        self._sh(
-            "\n".join(
-                [
-                    f"ip link del {hold.stall} 2>/dev/null || true",
-                    f"ip link add {hold.stall} mtu {self.mtu} type veth peer name {hold.recv}"
-                    f" mtu {self.mtu}",
-                    f"sysctl -qw net.ipv6.conf.{hold.stall}.disable_ipv6=1"
-                    f" net.ipv6.conf.{hold.recv}.disable_ipv6=1",
-                    # a token bucket that refills a byte a second: a stall
-                    f"tc qdisc add dev {hold.stall} root handle 1: tbf rate 8bit"
-                    f" burst {self.mtu + 18} limit {limit * (self.mtu + 18)}",
-                    f"tc qdisc add dev {hold.stall} parent 1:1 handle 10: pfifo limit {limit}",
-                    f"ip link set {hold.recv} up",
-                    f"ethtool -K {hold.recv} gro off 2>/dev/null || true",
-                    # one CPU takes what leaves the queue: two would reorder it
-                    f"for q in /sys/class/net/{hold.recv}/queues/rx-*; do"
-                    " echo 1 > $q/rps_cpus 2>/dev/null || true; done",
-                    f"ethtool -K {hold.stall} gro off 2>/dev/null || true",
-                    f"ip link set {hold.stall} up",
-                    f"tc qdisc add dev {hold.recv} clsact",
-                    f"tc qdisc add dev {vx} clsact 2>/dev/null || true",
-                ]
-            )
+        self._del_link(hold.stall)
+        self._ipr.link(
+            "add",
+            ifname=hold.stall,
+            kind="veth",
+            mtu=self.mtu,
+            peer={"ifname": hold.recv, "mtu": self.mtu},
         )
-        # not remembered: a hold's devices are named once (a cache of them grows per migration)
-        hold.stall_idx = self._on_worker(self._index, hold.stall, False)
-        hold.recv_idx = self._on_worker(self._index, hold.recv, False)
-        hold.poker = _poker(self.netns, hold.stall)
+        try:
+            # not remembered: a hold's devices are named once (a cache of them grows)
+            stall = self._index(hold.stall, False)
+            recv = self._index(hold.recv, False)
+            for idx in (stall, recv):
+                self._ipr.link("set", index=idx, IFLA_AF_SPEC=NO_IPV6_LINK_LOCAL)
+            # a token bucket that refills a byte a second: a stall
+            burst = self.mtu + 18
+            self._tbf(stall, STALL_RATE, burst, limit * burst, create=True)
+            self._ipr.tc(
+                "add", "pfifo", index=stall, parent=HOLD_FIFO_PARENT, handle=HOLD_FIFO, limit=limit
+            )
+            self._ipr.link("set", index=recv, state="up")
+            # one CPU takes what leaves the queue: two would reorder it
+            self._pin_rps(hold.recv)
+            self._ipr.link("set", index=stall, state="up")
+            self._ipr.tc("add", "clsact", index=recv)
+            hold.stall_idx, hold.recv_idx = stall, recv
+            hold.poker = _poker(self.netns, hold.stall)
+        except BaseException:
+            self._del_link(hold.stall)
+            raise
         self._spend(hold)
         return hold
+
+    def _raw(self) -> RawLink:
+        """The worker's raw rtnetlink requests (call on the worker)."""
+        if self._rtnl is None:
+            self._rtnl = RawLink(self.netns, NFT_TIMEOUT_S)
+        return self._rtnl
+
+    def _tbf(self, index: int, rate: int, burst: int, limit: int, create: bool) -> None:
+        """Add or change the root tbf of ``index`` (vmm_linux.rawlink); on the worker."""
+        self._raw().tbf(index, rate, burst, limit, create)
+
+    def _pin_rps(self, dev: str) -> None:
+        """Steer what ``dev`` receives to CPU 0 (rps_cpus of each receive queue)."""
+        if self._sysfs is None:
+            try:
+                self._sysfs = _sysfs_net(self.netns)
+            except OSError as exc:
+                LOG.warning(
+                    "no sysfs of namespace %s (%s): hold queues may drain on two CPUs and reorder",
+                    self.netns,
+                    exc,
+                )
+                self._sysfs = -1
+        if self._sysfs < 0:
+            return
+        queues = os.open(f"{dev}/queues", os.O_RDONLY | os.O_DIRECTORY, dir_fd=self._sysfs)
+        try:
+            for queue in os.listdir(queues):
+                if queue.startswith("rx-"):
+                    fd = os.open(f"{queue}/rps_cpus", os.O_WRONLY, dir_fd=queues)
+                    try:
+                        os.write(fd, b"1")
+                    finally:
+                        os.close(fd)
+        finally:
+            os.close(queues)
+
+    def _del_link(self, name: str) -> None:
+        """Delete ``name`` if it exists (a veth takes its peer along)."""
+        idx = self._lookup(name)
+        if idx is not None:
+            self._ignore(errno.ENODEV, errno.ENOENT)(self._ipr.link, "del", index=idx)
 
     @staticmethod
     def _spend(hold: _Hold) -> None:
@@ -766,8 +916,10 @@ class LinuxNve(NveDriver):
         """Remove an unused spare's devices."""
         if hold.poker is not None:
             hold.poker.close()
-        with contextlib.suppress(NftError):
-            self._sh(f"ip link del {hold.stall} 2>/dev/null || true")
+        try:
+            self._on_worker(self._del_link, hold.stall)
+        except (NetlinkError, OSError) as exc:
+            LOG.debug("spare hold %s not removed: %s", hold.stall, exc)
 
     def release_hold(self, vni: int, mac: str) -> dict[str, Any] | None:
         """Release ``mac``'s held frames into its port, in order, before new frames.
@@ -779,22 +931,26 @@ class LinuxNve(NveDriver):
         with self._lock:
             hold = self._holds.get((vni, mac))
         if hold is not None:
-            self._on_worker(self._release, self._ipr, hold)
+            self._on_worker(self._release_on_worker, hold)
         with self._lock:
             hold = self._holds.get((vni, mac))
             report = self._hold_reports.get((vni, mac))
         return hold.report() if hold is not None else report
 
-    def _release(self, ipr: Any, hold: _Hold) -> bool:
-        """Open ``hold`` into its port through ``ipr`` (the worker's or the watcher's)."""
+    def _release_on_worker(self, hold: _Hold) -> bool:
+        return self._release(self._ipr, self._raw(), hold)
+
+    def _release(self, ipr: Any, raw: RawLink, hold: _Hold) -> bool:
+        """Open ``hold`` into its port through ``ipr`` and ``raw`` (the worker's
+        or the watcher's)."""
         with hold.lock:
             if hold.released_at is not None or hold.outcome != "holding":
                 return True
-            found = ipr.link_lookup(ifname=hold.port)
-            if not found:
+            found = raw.link(hold.port)
+            if found is None:
                 return False
-            port = int(found[0])
-            stats = self._qdisc_stats(hold.stall_idx, 0x100000, ipr)
+            port = found[0]
+            stats = self._qdisc_stats(hold.stall_idx, raw)
             hold.held, hold.dropped = stats.get("qlen", 0), stats.get("drops", 0)
             # The receiving end delivers into the port, then the stall opens:
             # what waited leaves first, what arrives now queues behind it.
@@ -813,16 +969,9 @@ class LinuxNve(NveDriver):
                     "ifindex": port,
                 },
             )
-            ipr.tc(
-                "change",
-                "tbf",
-                index=hold.stall_idx,
-                handle=0x10000,
-                rate="10gbit",
-                burst=1 << 20,
-                # a tbf change also sets its child fifo's limit: in frames here
-                limit=self.hold_limits.queue_frames(self.mtu),
-            )
+            # a tbf change also sets its child fifo's limit: in frames here
+            limit = self.hold_limits.queue_frames(self.mtu)
+            raw.tbf(hold.stall_idx, OPEN_RATE, OPEN_BURST, limit, create=False)
             if hold.poker is not None:  # a dequeue now, not at the old rate's next tick
                 with contextlib.suppress(OSError):  # ENOBUFS: a full queue dequeues anyway
                     hold.poker.send(_poke_frame(64))
@@ -848,16 +997,18 @@ class LinuxNve(NveDriver):
         except (NetlinkError, IndexError) as exc:
             LOG.debug("could not deepen the queue of ifindex %d: %s", port, exc)
 
-    def _drop_hold(self, vni: int, mac: str, why: str, ipr: Any = None) -> None:
+    def _drop_hold(self, vni: int, mac: str, why: str, raw: RawLink | None = None) -> None:
         with self._lock:
             hold = self._holds.get((vni, mac))
         if hold is not None:
             if hold.released_at is None:
                 try:
-                    if ipr is not None:
-                        stats = self._qdisc_stats(hold.stall_idx, 0x100000, ipr)
+                    if raw is not None:
+                        stats = self._qdisc_stats(hold.stall_idx, raw)
                     else:
-                        stats = self._on_worker(self._qdisc_stats, hold.stall_idx, 0x100000)
+                        stats = self._on_worker(
+                            lambda: self._qdisc_stats(hold.stall_idx, self._raw())
+                        )
                     hold.expired = stats.get("qlen", 0)
                     hold.dropped = stats.get("drops", 0)
                 except Exception:  # counted as nothing
@@ -875,12 +1026,10 @@ class LinuxNve(NveDriver):
             self._hold_reports[key] = hold.report()
         if hold.poker is not None:
             hold.poker.close()
-        vx = vxlan_name(hold.vni)
-        with contextlib.suppress(NftError):
-            self._sh(
-                f"tc filter del dev {vx} ingress prio {hold.prio} 2>/dev/null || true\n"
-                f"ip link del {hold.stall} 2>/dev/null || true"
-            )
+        try:
+            self._on_worker(self._close_hold, hold)
+        except (NetlinkError, OSError) as exc:
+            LOG.debug("hold %s not removed: %s", hold.stall, exc)
         LOG.info("hold of %s in VNI %d: %s", hold.mac, hold.vni, hold.report())
 
     def hold_report(self, vni: int, mac: str) -> dict[str, Any] | None:
@@ -900,16 +1049,11 @@ class LinuxNve(NveDriver):
             return fn(*args)
         return self._worker.submit(fn, *args).result()
 
-    def _qdisc_stats(self, index: int, handle: int, ipr: Any = None) -> dict[str, int]:
-        """qlen and drops of the qdisc ``handle`` on ``index`` (the hold's fifo)."""
-        for msg in (ipr or self._ipr).get_qdiscs(index=index):
-            if msg.get("handle") != handle:
-                continue
-            q = msg.get_attr("TCA_STATS2")
-            queue = q.get_attr("TCA_STATS_QUEUE") if q is not None else None
-            if queue is not None:
-                return {"qlen": int(queue["qlen"]), "drops": int(queue["drops"])}
-        return {}
+    @staticmethod
+    def _qdisc_stats(index: int, raw: RawLink) -> dict[str, int]:
+        """qlen and drops of the hold's fifo on ``index`` (empty: it is gone)."""
+        found = raw.queue(index, HOLD_FIFO_PARENT, HOLD_FIFO)
+        return {"qlen": found[0], "drops": found[1]} if found is not None else {}
 
     def _ensure_watcher(self) -> None:
         if self._watcher is None:
@@ -927,14 +1071,14 @@ class LinuxNve(NveDriver):
         is held).
         """
         sock = socket_in(self.netns, socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_ROUTE)
-        # A handle of its own: a release must not queue behind the worker's jobs.
+        # Handles of its own: a release must not queue behind the worker's jobs.
         with entered(self.netns):
             ipr = lean_iproute(_local_iproute())
+        raw = RawLink(self.netns, NFT_TIMEOUT_S)
         with contextlib.suppress(OSError):  # many ports at once (an evacuation): no ENOBUFS
             sock.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, 4 * 1024 * 1024)
         sock.bind((0, RTMGRP_LINK))
         sock.settimeout(HOLD_POLL_S)
-        marshal = MarshalRtnl()
         polled = 0.0
         try:
             buffer = RecvBuffer(65536)
@@ -945,34 +1089,32 @@ class LinuxNve(NveDriver):
                     data = b""
                 except OSError:  # ENOBUFS: missed events; the poll below still runs
                     data = b""
-                if data:
-                    for msg in marshal.parse(data):
-                        if msg.get("event") != "RTM_NEWLINK" or not msg.get_attr("IFLA_MASTER"):
-                            continue
-                        name = msg.get_attr("IFLA_IFNAME")
-                        with self._lock:
-                            holds = [h for h in self._holds.values() if h.port == name]
-                        for hold in holds:
-                            LOG.debug("port %s joined the bridge: releasing %s", name, hold.mac)
-                            try:
-                                self._release(ipr, hold)
-                            except (NetlinkError, OSError) as exc:
-                                LOG.warning("releasing the hold of %s failed: %r", hold.mac, exc)
+                for name in _joined_ports(data):
+                    with self._lock:
+                        holds = [h for h in self._holds.values() if h.port == name]
+                    for hold in holds:
+                        LOG.debug("port %s joined the bridge: releasing %s", name, hold.mac)
+                        try:
+                            self._release(ipr, raw, hold)
+                        except (NetlinkError, OSError) as exc:
+                            LOG.warning("releasing the hold of %s failed: %r", hold.mac, exc)
                 if time.monotonic() - polled >= HOLD_POLL_S:
                     polled = time.monotonic()
-                    self._poll_holds(ipr)
+                    self._poll_holds(ipr, raw)
         finally:
             sock.close()
+            raw.close()
             ipr.close()
 
-    def _poll_holds(self, ipr: Any) -> None:
+    def _poll_holds(self, ipr: Any, raw: RawLink) -> None:
         """Release a hold whose port is on the bridge (a missed notification);
         drop one whose oldest frame waited longer than hold_ms; once a released
         hold's queue is empty, let new frames take the bridge and remove it.
 
-        Only this thread's own netlink handle: the worker may be busy for a
+        Only this thread's own netlink handles: the worker may be busy for a
         while (an evacuation arms many holds at once), and a release must not
-        wait for it.
+        wait for it. The reads are raw requests (vmm_linux.rawlink): through
+        pyroute2 they took a whole CPU with 20 holds waiting.
         """
         now = time.monotonic()
         with self._lock:
@@ -981,7 +1123,7 @@ class LinuxNve(NveDriver):
             if hold.released_at is None or hold.retiring:
                 continue
             try:
-                qlen = self._qdisc_stats(hold.stall_idx, 0x100000, ipr).get("qlen")
+                qlen = self._qdisc_stats(hold.stall_idx, raw).get("qlen")
             except (NetlinkError, OSError) as exc:
                 LOG.debug("hold of %s: queue not readable: %s", hold.mac, exc)
                 qlen = None
@@ -997,44 +1139,93 @@ class LinuxNve(NveDriver):
             if hold.released_at is not None:
                 continue
             try:
-                found = ipr.link_lookup(ifname=hold.port)
-                if found and ipr.get_links(found[0])[0].get_attr("IFLA_MASTER"):
-                    self._release(ipr, hold)
+                found = raw.link(hold.port)
+                if found is not None and found[1]:
+                    self._release(ipr, raw, hold)
                     continue
-            except (NetlinkError, OSError, IndexError) as exc:
+            except (NetlinkError, OSError) as exc:
                 LOG.debug("hold of %s: port %s not readable: %s", hold.mac, hold.port, exc)
             if hold.first_frame_at is None:
                 try:
-                    qlen = self._qdisc_stats(hold.stall_idx, 0x100000, ipr).get("qlen")
+                    qlen = self._qdisc_stats(hold.stall_idx, raw).get("qlen")
                 except (NetlinkError, OSError):  # retired meanwhile
                     continue
                 if qlen:
                     hold.first_frame_at = now
             elif (now - hold.first_frame_at) * 1000.0 > self.hold_limits.ms:
-                self._drop_hold(hold.vni, hold.mac, "expired", ipr)
+                self._drop_hold(hold.vni, hold.mac, "expired", raw)
 
-    def _forget_stale_holds(self, vni: int) -> None:
-        """What a killed predecessor of this agent left: its hold devices and the
-        redirects into them on the VN's VXLAN port, which would swallow a MAC's
-        frames for good. Done once per VN when this driver takes the VN over (an
-        HA peer's redirects go too: its holds then let frames through unheld)."""
+    def _forget_stale_holds(self, vni: int, first: bool) -> None:
+        """What a killed predecessor of this agent left: the VN's hold map, whose
+        elements would swallow a MAC's frames for good, and (``first``: when the
+        driver takes its first VN) the hold devices of its tag. Done when this
+        driver takes the VN over (an HA peer's elements go too: its holds then
+        let frames through unheld). The VXLAN port's tc filters of agents from
+        before the hold moved to nftables go as well."""
         if not self.hold_enabled:
             return
-        self._sh(
-            f"tc filter del dev {vxlan_name(vni)} ingress 2>/dev/null || true\n"
-            f"for d in $(ls /sys/class/net | grep '^vmh{self._hold_tag}'); do"
-            " ip link del $d 2>/dev/null || true; done"
+        self._nft(self._hold_filter(vni))
+        self._ignore(errno.EINVAL, errno.ENOENT)(
+            self._ipr.tc, "del", "clsact", index=self._index(vxlan_name(vni))
+        )
+        if first:
+            prefix = f"vmh{self._hold_tag}"
+            for link in self._ipr.get_links():
+                name = link.get_attr("IFLA_IFNAME") or ""
+                if name.startswith(prefix) and name.endswith("s"):
+                    self._ignore(errno.ENODEV, errno.ENOENT)(
+                        self._ipr.link, "del", index=link["index"]
+                    )
+
+    def _close_hold(self, hold: _Hold) -> None:
+        """Take ``hold.mac`` out of the VN's hold map, then remove the devices."""
+        with contextlib.suppress(NftError):  # the VN went, or a restart reset the map
+            self._nft(self._hold_element(hold.vni, hold.mac, None, add=False))
+        self._del_link(hold.stall)
+
+    @staticmethod
+    def _hold_filter(vni: int) -> str:
+        """Create (or reset, empty) ``vni``'s hold map and its chain on the VXLAN
+        port's ingress: a frame whose destination is in the map is forwarded
+        (``fwd``: dev_queue_xmit, so through the stall's qdisc) to its hold."""
+        t, held, chain = HOLD_TABLE, f"held_{vni}", f"in_{vni}"
+        return "\n".join(
+            [
+                f"add table {t}",
+                f"add map {t} {held} {{ type ether_addr : iface_index; }}",
+                f"flush map {t} {held}",
+                f'add chain {t} {chain} {{ type filter hook ingress device "{vxlan_name(vni)}" '
+                f"priority {HOLD_PRIORITY}; }}",
+                f"flush chain {t} {chain}",
+                f"add rule {t} {chain} fwd to ether daddr map @{held}",
+                "",
+            ]
         )
 
-    def _sh(self, script: str) -> None:
-        cmd = ["sh", "-ec", script]
-        if self.netns:
-            cmd = ["ip", "netns", "exec", self.netns, *cmd]
-        res = subprocess.run(cmd, capture_output=True, text=True, timeout=NFT_TIMEOUT_S)
-        if res.returncode != 0:
-            raise NftError(
-                f"hold set-up failed in namespace {self.netns or '(host)'}: {res.stderr.strip()}"
-            )
+    @staticmethod
+    def _hold_filter_removal(vni: int, last: bool) -> str:
+        """Remove ``vni``'s hold chain and map (the table if ``last``), present or not."""
+        t = HOLD_TABLE
+        if last:
+            return f"add table {t}\ndelete table {t}\n"
+        held, chain = f"held_{vni}", f"in_{vni}"
+        return "\n".join(
+            [
+                f"add table {t}",
+                f"add chain {t} {chain}",
+                f"delete chain {t} {chain}",
+                f"add map {t} {held} {{ type ether_addr : iface_index; }}",
+                f"delete map {t} {held}",
+                "",
+            ]
+        )
+
+    @staticmethod
+    def _hold_element(vni: int, mac: str, stall: str | None, add: bool) -> str:
+        """Add ``mac`` -> ``stall`` to ``vni``'s hold map, or delete ``mac``'s element."""
+        if add:
+            return f'add element {HOLD_TABLE} held_{vni} {{ {mac} : "{stall}" }}\n'
+        return f"delete element {HOLD_TABLE} held_{vni} {{ {mac} }}\n"
 
     def _set_backup_port(self, port: int, backup: int) -> None:
         """Frames for a local port whose carrier is gone go to ``backup`` (the
@@ -1098,8 +1289,16 @@ class LinuxNve(NveDriver):
         if self._watcher is not None:
             self._watcher.join(timeout=2 * HOLD_POLL_S + 1)
         with self._lock:
-            self._worker.submit(self._ipr.close).result()
+            self._worker.submit(self._close_handles).result()
             self._worker.shutdown(wait=True)
+
+    def _close_handles(self) -> None:
+        self._ipr.close()
+        if self._rtnl is not None:
+            self._rtnl.close()
+        if self._sysfs is not None and self._sysfs >= 0:
+            os.close(self._sysfs)
+        self._sysfs = None
 
     # -- internals ----------------------------------------------------------
 

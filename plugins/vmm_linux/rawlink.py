@@ -1,0 +1,157 @@
+"""Raw rtnetlink requests for the Linux NVE's hold: the few it makes many times.
+
+pyroute2 0.9 spends about half a millisecond of Python (its asyncio loop,
+message classes) on every request. The hold watcher reads each waiting
+hold's queue and port every 20 ms: with 20 holds armed (an evacuation) that
+was a whole CPU of this 2-core machine (98 %, ``benchmarks/hold_setup.py``),
+taken from the migrations themselves. Packed and parsed here with
+``struct`` a request costs tens of microseconds.
+
+Also the one request pyroute2 cannot make: a tbf with TCA_TBF_BURST.
+
+One :class:`RawLink` belongs to one thread (its socket is not shared).
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import socket
+import struct
+
+from pyroute2 import NetlinkError
+
+from vmm_kernel.netns import socket_in
+
+NETLINK_ROUTE = 0
+NLMSG_ERROR, NLMSG_DONE = 2, 3
+RTM_NEWLINK, RTM_GETLINK, RTM_NEWQDISC, RTM_GETQDISC = 16, 18, 36, 38
+NLM_F_REQUEST, NLM_F_ACK, NLM_F_ECHO = 0x1, 0x4, 0x8
+NLM_F_REPLACE, NLM_F_EXCL, NLM_F_CREATE = 0x100, 0x200, 0x400
+NLA_TYPE_MASK = 0x3FFF
+IFLA_IFNAME, IFLA_MASTER, IFLA_EXT_MASK = 3, 10, 29
+RTEXT_FILTER_SKIP_STATS = 1 << 3
+TCA_KIND, TCA_OPTIONS, TCA_STATS2 = 1, 2, 7
+TCA_STATS_QUEUE = 3
+TCA_TBF_PARMS, TCA_TBF_BURST = 1, 6
+TC_H_ROOT = 0xFFFFFFFF
+TC_LINKLAYER_ETHERNET = 1
+
+
+def _attr(kind: int, payload: bytes) -> bytes:
+    length = 4 + len(payload)
+    return struct.pack("=HH", length, kind) + payload + bytes(-length % 4)
+
+
+def attrs(data: bytes | memoryview, offset: int = 0) -> dict[int, memoryview]:
+    """The netlink attributes from ``offset`` on, by type (payloads)."""
+    view = memoryview(data)
+    found: dict[int, memoryview] = {}
+    while offset + 4 <= len(view):
+        length, kind = struct.unpack_from("=HH", view, offset)
+        if length < 4:
+            break
+        found[kind & NLA_TYPE_MASK] = view[offset + 4 : offset + length]
+        offset += (length + 3) & ~3
+    return found
+
+
+def tbf_request(seq: int, index: int, rate: int, burst: int, limit: int, create: bool) -> bytes:
+    """RTM_NEWQDISC for the root tbf (handle 1:) of ``index``: ``rate`` bytes a
+    second, ``burst`` bytes, ``limit`` (bytes for a new tbf's default fifo; a
+    change sets the child fifo's limit, in frames for a pfifo).
+
+    pyroute2 0.9's tbf has no TCA_TBF_BURST: the kernel then takes the burst
+    from the legacy ``buffer`` (a u32 of 64 ns ticks, at most 275 s), which
+    at a byte a second is 275 bytes, less than one frame, and tbf drops every
+    larger frame. ``tc`` sends the burst in bytes, and so does this. (A
+    subclass of pyroute2's tcmsg with its own attribute map is no way out:
+    pyroute2 compiles a map once per class hierarchy, and the subclass then
+    silently encodes with its parent's.)
+    """
+    # struct tc_tbf_qopt: rate and peakrate (tc_ratespec: cell_log, linklayer,
+    # overhead, cell_align, mpu, rate), limit, buffer, mtu
+    ratespec = struct.pack("=BBHhHI", 0, TC_LINKLAYER_ETHERNET, 0, 0, 0, rate)
+    qopt = ratespec + bytes(12) + struct.pack("=III", limit, 0, 0)
+    options = _attr(TCA_TBF_PARMS, qopt) + _attr(TCA_TBF_BURST, struct.pack("=I", burst))
+    body = struct.pack("=BBHiIII", socket.AF_UNSPEC, 0, 0, index, 0x10000, TC_H_ROOT, 0)
+    body += _attr(TCA_KIND, b"tbf\0") + _attr(TCA_OPTIONS, options)
+    flags = NLM_F_REQUEST | NLM_F_ACK | (NLM_F_CREATE | NLM_F_EXCL if create else NLM_F_REPLACE)
+    return struct.pack("=IHHII", 16 + len(body), RTM_NEWQDISC, flags, seq, 0) + body
+
+
+class RawLink:
+    """A raw rtnetlink socket in a namespace, for one thread."""
+
+    def __init__(self, netns: str | None, timeout: float = 10.0) -> None:
+        self._sock = socket_in(netns, socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_ROUTE)
+        self._sock.bind((0, 0))
+        self._sock.settimeout(timeout)
+        self._seq = itertools.count(1)
+        self._buf = bytearray(65536)
+
+    def close(self) -> None:
+        self._sock.close()
+
+    def _ask(self, kind: int, flags: int, body: bytes) -> memoryview | None:
+        """Send one request; the payload of its one answer (None: an ACK).
+        NetlinkError if the kernel refused it."""
+        seq = next(self._seq)
+        self._sock.send(struct.pack("=IHHII", 16 + len(body), kind, flags, seq, 0) + body)
+        view = memoryview(self._buf)
+        while True:
+            size = self._sock.recv_into(self._buf)
+            offset = 0
+            while offset + 16 <= size:
+                length, got_kind, _flags, got_seq = struct.unpack_from("=IHHI", view, offset)
+                if length < 16:
+                    break
+                if got_seq == seq:
+                    if got_kind == NLMSG_ERROR:
+                        code = struct.unpack_from("=i", view, offset + 16)[0]
+                        if code:
+                            raise NetlinkError(-code, os.strerror(-code))
+                        return None
+                    if got_kind != NLMSG_DONE:
+                        return view[offset + 16 : offset + length]
+                offset += (length + 3) & ~3
+
+    def tbf(self, index: int, rate: int, burst: int, limit: int, create: bool) -> None:
+        """Add or change ``index``'s root tbf (see :func:`tbf_request`)."""
+        request = tbf_request(0, index, rate, burst, limit, create)
+        kind, flags = struct.unpack_from("=HH", request, 4)
+        self._ask(kind, flags, request[16:])
+
+    def queue(self, index: int, parent: int, handle: int) -> tuple[int, int] | None:
+        """(qlen, drops) of the qdisc ``handle`` under ``parent`` on ``index``;
+        None if it is not there (the device went)."""
+        body = struct.pack("=BBHiIII", socket.AF_UNSPEC, 0, 0, index, handle, parent, 0)
+        try:
+            # The kernel (6.18) answers a qdisc "get" only with NLM_F_ECHO (and
+            # then also tells RTNLGRP_TC listeners; nothing here listens there).
+            reply = self._ask(RTM_GETQDISC, NLM_F_REQUEST | NLM_F_ECHO, body)
+        except NetlinkError:
+            return None
+        if reply is None:
+            return None
+        stats = attrs(reply, 20).get(TCA_STATS2)
+        queue = attrs(stats).get(TCA_STATS_QUEUE) if stats is not None else None
+        if queue is None or len(queue) < 12:
+            return None
+        qlen, _backlog, drops = struct.unpack_from("=III", queue)
+        return qlen, drops
+
+    def link(self, name: str) -> tuple[int, int] | None:
+        """(ifindex, master ifindex or 0) of device ``name``; None if there is none."""
+        body = struct.pack("=BBHiII", socket.AF_UNSPEC, 0, 0, 0, 0, 0)
+        body += _attr(IFLA_IFNAME, name.encode() + b"\0")
+        body += _attr(IFLA_EXT_MASK, struct.pack("=I", RTEXT_FILTER_SKIP_STATS))
+        try:
+            reply = self._ask(RTM_GETLINK, NLM_F_REQUEST, body)
+        except NetlinkError:  # ENODEV
+            return None
+        if reply is None:
+            return None
+        index = struct.unpack_from("=i", reply, 4)[0]
+        master = attrs(reply, 16).get(IFLA_MASTER)
+        return index, (struct.unpack_from("=I", master)[0] if master is not None else 0)
