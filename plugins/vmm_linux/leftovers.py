@@ -27,6 +27,16 @@ flooded to every host, the destination included, when it was sent. Frames
 keep their virtio-net header (a packet socket with ``PACKET_VNET_HDR``),
 so a GSO or checksum-offloaded frame is finished by the kernel on the way.
 
+What this cannot reach: frames QEMU itself took from the tap as it stopped.
+On the libvirt lab 1-2 frames a migration, sent 0.4-3.3 ms before libvirt's
+pause event, were captured entering the source tap and never left it for
+the destination, ours or anyone's. QEMU 7.2's userspace tap reader
+(``tap_send``, TCG here: no vhost-net) reads a frame whenever the descriptor
+is readable, and while the VM stops the virtio device refuses it, so it
+waits in QEMU's own net queue, which migration does not carry. With
+vhost-net the kernel's worker stops with the device; that cannot be
+measured on this machine.
+
 A port nobody located (the Linux lab's veth ports, an OVN port) costs
 nothing. If the migration fails after SWITCHOVER, what was forwarded is
 not given back: the destination drops it with its QEMU. Measured figures:

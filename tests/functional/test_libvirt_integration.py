@@ -154,11 +154,11 @@ def _migrate_and_check(ls: lv_site.LibvirtSite, dst: str) -> None:
         assert s.converged, s
         assert s.sent > 0.8 * lv_demo.DEFAULT_RATE * (lv_demo.WARMUP_S + lv_demo.OBSERVE_S), s
     # The pause's frames too: what reached the source's tap while QEMU was paused went
-    # on with the VM at SWITCHOVER (vmm_linux.leftovers). At most one frame is lost in
-    # all: QEMU's own one-frame net queue (TCG, userspace virtio-net reads a frame as it
-    # stops and cannot hand it to the stopped device; it dies with the source's QEMU).
+    # on with the VM at SWITCHOVER (vmm_linux.leftovers). What is still lost is what
+    # QEMU itself read from the tap as it stopped (see vmm_linux.leftovers): 1-2 frames
+    # a migration, sent just before libvirt's pause event.
     assert sum(s.lost_while_paused for s in res.streams) == 0, res.streams
-    assert sum(s.lost for s in res.streams) <= 1, res.streams
+    assert sum(s.lost for s in res.streams) <= 2, res.streams
     # The directory moved, once, under the migration id both hosts ran.
     after = res.directory
     assert (after["nve"], after["seq"], after["state"]) == (dst, before["seq"] + 1, "active")
