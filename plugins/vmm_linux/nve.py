@@ -501,12 +501,21 @@ class LinuxNve(NveDriver):
 
     # -- devices -----------------------------------------------------------
 
-    @_on_netlink_thread
     def ensure_vn(self, vni: int) -> None:
         """Create (if missing) and bring up the bridge and VXLAN ports of ``vni``.
 
-        Done once per VN and driver: the stages call it on the critical path.
+        Done once per VN and driver: the stages call it on the critical path,
+        so a VN that is ready returns at once, without queueing behind the
+        netlink worker's jobs (in an evacuation 26 ms median, 1 s at worst,
+        only to learn that nothing was to be done). ``_ready`` gets a VN once
+        all of it is set up.
         """
+        if vni in self._ready:
+            return
+        self._ensure_vn(vni)
+
+    @_on_netlink_thread
+    def _ensure_vn(self, vni: int) -> None:
         with self._lock:
             if vni in self._ready:
                 return
@@ -628,9 +637,16 @@ class LinuxNve(NveDriver):
         aborted migration).
         """
         self._departures.disarm(vni, mac)  # it comes (back) here: nothing to divert
+        self._on_worker(self._expect_on_worker, vni, mac, port, ips)
+        if self.hold_enabled:
+            self._ensure_watcher()
+            self._spare_later(vni)
+
+    def _expect_on_worker(self, vni: int, mac: str, port: str, ips: tuple[str, ...]) -> None:
+        """``expect``'s kernel work in one job of the netlink worker (see ``_arm_on_worker``)."""
         self._update(vni, mac, local_port=port, expected=True, **self._ips(ips))
         if self.hold_enabled:
-            self._arm_hold(vni, mac, port)
+            self._arm_on_worker(vni, mac, port)
 
     def plug(self, vni: int, mac: str, port: str, ips: tuple[str, ...] = ()) -> None:
         """``mac`` runs behind local ``port``: pin it there.
@@ -640,7 +656,14 @@ class LinuxNve(NveDriver):
         worst duplicates a few). If the port does not exist, the bridge floods
         ``mac`` to the local ports until it does.
         """
-        self.release_hold(vni, mac)
+        self._on_worker(self._plug_on_worker, vni, mac, port, ips)
+
+    def _plug_on_worker(self, vni: int, mac: str, port: str, ips: tuple[str, ...]) -> None:
+        """``plug`` in one job of the netlink worker (see ``_arm_on_worker``)."""
+        with self._lock:
+            hold = self._holds.get((vni, mac))
+        if hold is not None:
+            self._release_on_worker(hold)
         self._departures.disarm(vni, mac)
         self._update(vni, mac, local_port=port, expected=False, **self._ips(ips))
 
@@ -720,7 +743,7 @@ class LinuxNve(NveDriver):
 
     # -- the hold: frames for an incoming VM whose port does not exist yet ----
 
-    def _arm_hold(self, vni: int, mac: str, port: str) -> None:
+    def _arm_on_worker(self, vni: int, mac: str, port: str) -> None:
         """Queue, from now on, what arrives over VXLAN for ``mac`` (see ``_Hold``).
 
         Nothing to do if ``port`` exists already: a tap queues frames itself
@@ -729,26 +752,26 @@ class LinuxNve(NveDriver):
         devices come from a spare set built in the background when there is
         one (an evacuation arms many holds of a VN at once: the others build
         theirs now, a few milliseconds each); arming refills and spends the
-        bucket again and adds ``mac`` to the VN's hold map, all in-process
-        on the netlink worker (see ``_build_hold`` for the figures).
+        bucket again and adds ``mac`` to the VN's hold map. All of it (and
+        ``expect``'s entries) is one job of the netlink worker: in an
+        evacuation each job queues behind the other migrations' (``expect``'s
+        four trips took 0.8 s median there).
         """
         key = (vni, mac)
-        existing = self._on_worker(self._lookup, port)
+        existing = self._lookup(port)
         if existing is not None:
-            self._on_worker(self._deepen, self._ipr, existing)
+            self._deepen(self._ipr, existing)
             return
         with self._lock:
             if key in self._holds:
                 return
             spare = self._spares.pop(vni, None)
-        hold = spare if spare is not None else self._build_hold(vni)
+        hold = spare if spare is not None else self._make_hold(vni)
         hold.mac, hold.port = mac, port
-        self._on_worker(self._open_hold, hold, spare is not None)
+        self._open_hold(hold, spare is not None)
         hold.armed_at = time.monotonic()
         with self._lock:
             self._holds[key] = hold
-        self._ensure_watcher()
-        self._spare_later(vni)
 
     def _open_hold(self, hold: _Hold, refill: bool) -> None:
         """Send ``hold.mac``'s frames from the VXLAN port into the stalled queue."""
