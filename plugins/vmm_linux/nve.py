@@ -153,9 +153,6 @@ HOLD_TABLE = "netdev vmm_hold"
 HOLD_PRIORITY = 10
 #: The stalled bucket: a byte a second (the smallest frame passes after a minute).
 STALL_RATE = 1
-#: The hold devices get no IPv6 link-local address (IN6_ADDR_GEN_MODE_NONE), so
-#: no DAD, router solicitation or MLD frame of their own enters the queue.
-NO_IPV6_LINK_LOCAL = {"attrs": [["AF_INET6", {"attrs": [["IFLA_INET6_ADDR_GEN_MODE", 1]]}]]}
 #: The hold's fifo: handle 10: under the tbf's class 1:1.
 HOLD_FIFO, HOLD_FIFO_PARENT = 0x100000, 0x10001
 #: The opened bucket: 10 Gbit/s (bytes a second), a MiB of burst.
@@ -851,35 +848,30 @@ class LinuxNve(NveDriver):
         hold = _Hold(vni, "", "", f"{name}s", f"{name}r")
         hold.poke_size = self.mtu + 14
         limit = self.hold_limits.queue_frames(self.mtu)
-        self._del_link(hold.stall)
-        self._ipr.link(
-            "add",
-            ifname=hold.stall,
-            kind="veth",
-            mtu=self.mtu,
-            peer={"ifname": hold.recv, "mtu": self.mtu},
-        )
+        raw = self._raw()
+        stale = raw.link(hold.stall)
+        if stale is not None:
+            raw.delete_link(stale[0])
+        raw.add_veth(hold.stall, hold.recv, self.mtu)
         try:
             # not remembered: a hold's devices are named once (a cache of them grows)
-            stall = self._index(hold.stall, False)
-            recv = self._index(hold.recv, False)
+            stall, recv = (self._raw_index(raw, name) for name in (hold.stall, hold.recv))
+            hold.stall_idx, hold.recv_idx = stall, recv
             for idx in (stall, recv):
-                self._ipr.link("set", index=idx, IFLA_AF_SPEC=NO_IPV6_LINK_LOCAL)
+                raw.no_ipv6_link_local(idx)
             # a token bucket that refills a byte a second: a stall
             burst = self.mtu + 18
-            self._tbf(stall, STALL_RATE, burst, limit * burst, create=True)
-            self._ipr.tc(
-                "add", "pfifo", index=stall, parent=HOLD_FIFO_PARENT, handle=HOLD_FIFO, limit=limit
-            )
-            self._ipr.link("set", index=recv, state="up")
+            raw.tbf(stall, STALL_RATE, burst, limit * burst, create=True)
+            raw.add_pfifo(stall, HOLD_FIFO_PARENT, HOLD_FIFO, limit)
+            raw.up(recv)
             # one CPU takes what leaves the queue: two would reorder it
             self._pin_rps(hold.recv)
-            self._ipr.link("set", index=stall, state="up")
-            self._ipr.tc("add", "clsact", index=recv)
-            hold.stall_idx, hold.recv_idx = stall, recv
+            raw.up(stall)
+            raw.add_clsact(recv)
             hold.poker = _poker(self.netns, hold.stall)
         except BaseException:
-            self._del_link(hold.stall)
+            with contextlib.suppress(NetlinkError, OSError):
+                raw.delete_link(hold.stall_idx)
             raise
         self._spend(hold)
         return hold
@@ -920,11 +912,11 @@ class LinuxNve(NveDriver):
         finally:
             os.close(queues)
 
-    def _del_link(self, name: str) -> None:
-        """Delete ``name`` if it exists (a veth takes its peer along)."""
-        idx = self._lookup(name)
-        if idx is not None:
-            self._ignore(errno.ENODEV, errno.ENOENT)(self._ipr.link, "del", index=idx)
+    def _raw_index(self, raw: RawLink, name: str) -> int:
+        found = raw.link(name)
+        if found is None:
+            raise LookupError(f"no device {name} in namespace {self.netns or '(host)'}")
+        return found[0]
 
     @staticmethod
     def _spend(hold: _Hold) -> None:
@@ -936,13 +928,30 @@ class LinuxNve(NveDriver):
                 hold.poker.send(_poke_frame(hold.poke_size))
 
     def _discard(self, hold: _Hold) -> None:
-        """Remove an unused spare's devices."""
+        """Remove an unused spare's devices (in the caller's thread, see ``_close_hold``)."""
         if hold.poker is not None:
             hold.poker.close()
         try:
-            self._on_worker(self._del_link, hold.stall)
+            self._delete_devices(hold)
         except (NetlinkError, OSError) as exc:
             LOG.debug("spare hold %s not removed: %s", hold.stall, exc)
+
+    def _delete_devices(self, hold: _Hold) -> None:
+        """Delete the hold's veth pair through a raw rtnetlink socket of the caller.
+
+        Not on the netlink worker: deleting a device waits for RCU grace
+        periods (synchronize_net), tens of milliseconds each on a loaded
+        machine, and 20 of them in a row (the holds of an evacuation retiring)
+        kept the worker, and every RESUMED ``plug`` queued behind it, for
+        seconds (nve_plug 2.7-3.3 s median).
+        """
+        if not hold.stall_idx:
+            return
+        raw = RawLink(self.netns, NFT_TIMEOUT_S)
+        try:
+            raw.delete_link(hold.stall_idx)
+        finally:
+            raw.close()
 
     def release_hold(self, vni: int, mac: str) -> dict[str, Any] | None:
         """Release ``mac``'s held frames into its port, in order, before new frames.
@@ -1050,7 +1059,7 @@ class LinuxNve(NveDriver):
         if hold.poker is not None:
             hold.poker.close()
         try:
-            self._on_worker(self._close_hold, hold)
+            self._close_hold(hold)
         except (NetlinkError, OSError) as exc:
             LOG.debug("hold %s not removed: %s", hold.stall, exc)
         LOG.info("hold of %s in VNI %d: %s", hold.mac, hold.vni, hold.report())
@@ -1201,10 +1210,11 @@ class LinuxNve(NveDriver):
                     )
 
     def _close_hold(self, hold: _Hold) -> None:
-        """Take ``hold.mac`` out of the VN's hold map, then remove the devices."""
+        """Take ``hold.mac`` out of the VN's hold map, then remove the devices;
+        in the caller's thread (libnftables and ``_delete_devices``)."""
         with contextlib.suppress(NftError):  # the VN went, or a restart reset the map
             self._nft(self._hold_element(hold.vni, hold.mac, None, add=False))
-        self._del_link(hold.stall)
+        self._delete_devices(hold)
 
     @staticmethod
     def _hold_filter(vni: int) -> str:

@@ -14,6 +14,7 @@ One :class:`RawLink` belongs to one thread (its socket is not shared).
 
 from __future__ import annotations
 
+import errno
 import itertools
 import os
 import socket
@@ -25,11 +26,23 @@ from vmm_kernel.netns import socket_in
 
 NETLINK_ROUTE = 0
 NLMSG_ERROR, NLMSG_DONE = 2, 3
-RTM_NEWLINK, RTM_GETLINK, RTM_NEWQDISC, RTM_GETQDISC = 16, 18, 36, 38
+RTM_NEWLINK, RTM_DELLINK, RTM_GETLINK, RTM_NEWQDISC, RTM_GETQDISC = 16, 17, 18, 36, 38
 NLM_F_REQUEST, NLM_F_ACK, NLM_F_ECHO = 0x1, 0x4, 0x8
 NLM_F_REPLACE, NLM_F_EXCL, NLM_F_CREATE = 0x100, 0x200, 0x400
 NLA_TYPE_MASK = 0x3FFF
-IFLA_IFNAME, IFLA_MASTER, IFLA_EXT_MASK = 3, 10, 29
+IFLA_IFNAME, IFLA_MTU, IFLA_MASTER, IFLA_LINKINFO, IFLA_AF_SPEC, IFLA_EXT_MASK = (
+    3,
+    4,
+    10,
+    18,
+    26,
+    29,
+)
+IFLA_INFO_KIND, IFLA_INFO_DATA, VETH_INFO_PEER = 1, 2, 1
+IFLA_INET6_ADDR_GEN_MODE, IN6_ADDR_GEN_MODE_NONE = 8, 1
+IFF_UP = 0x1
+NLA_F_NESTED = 0x8000
+TC_H_CLSACT, TC_H_CLSACT_HANDLE = 0xFFFFFFF1, 0xFFFF0000
 RTEXT_FILTER_SKIP_STATS = 1 << 3
 TCA_KIND, TCA_OPTIONS, TCA_STATS2 = 1, 2, 7
 TCA_STATS_QUEUE = 3
@@ -140,6 +153,56 @@ class RawLink:
             return None
         qlen, _backlog, drops = struct.unpack_from("=III", queue)
         return qlen, drops
+
+    def add_veth(self, name: str, peer: str, mtu: int) -> None:
+        """Create the veth pair ``name`` / ``peer`` (down), both with ``mtu``."""
+        names = _attr(IFLA_MTU, struct.pack("=I", mtu))
+        peer_msg = struct.pack("=BBHiII", socket.AF_UNSPEC, 0, 0, 0, 0, 0)
+        peer_msg += _attr(IFLA_IFNAME, peer.encode() + b"\0") + names
+        info = _attr(IFLA_INFO_KIND, b"veth")
+        info += _attr(IFLA_INFO_DATA | NLA_F_NESTED, _attr(VETH_INFO_PEER, peer_msg))
+        body = struct.pack("=BBHiII", socket.AF_UNSPEC, 0, 0, 0, 0, 0)
+        body += _attr(IFLA_IFNAME, name.encode() + b"\0") + names
+        body += _attr(IFLA_LINKINFO | NLA_F_NESTED, info)
+        self._ask(RTM_NEWLINK, NLM_F_REQUEST | NLM_F_ACK | NLM_F_CREATE | NLM_F_EXCL, body)
+
+    def no_ipv6_link_local(self, index: int) -> None:
+        """IFLA_INET6_ADDR_GEN_MODE none: the device gets no link-local address
+        when it comes up, so it sends no DAD, router solicitation or MLD frame."""
+        mode = _attr(IFLA_INET6_ADDR_GEN_MODE, struct.pack("=B", IN6_ADDR_GEN_MODE_NONE))
+        spec = _attr(IFLA_AF_SPEC | NLA_F_NESTED, _attr(socket.AF_INET6 | NLA_F_NESTED, mode))
+        body = struct.pack("=BBHiII", socket.AF_UNSPEC, 0, 0, index, 0, 0) + spec
+        self._ask(RTM_NEWLINK, NLM_F_REQUEST | NLM_F_ACK, body)
+
+    def up(self, index: int) -> None:
+        body = struct.pack("=BBHiII", socket.AF_UNSPEC, 0, 0, index, IFF_UP, IFF_UP)
+        self._ask(RTM_NEWLINK, NLM_F_REQUEST | NLM_F_ACK, body)
+
+    def add_qdisc(self, index: int, kind: str, parent: int, handle: int, options: bytes) -> None:
+        """A new qdisc; ``options`` is TCA_OPTIONS' payload (b"": none)."""
+        body = struct.pack("=BBHiIII", socket.AF_UNSPEC, 0, 0, index, handle, parent, 0)
+        body += _attr(TCA_KIND, kind.encode() + b"\0")
+        if options:
+            body += _attr(TCA_OPTIONS, options)
+        self._ask(RTM_NEWQDISC, NLM_F_REQUEST | NLM_F_ACK | NLM_F_CREATE | NLM_F_EXCL, body)
+
+    def add_pfifo(self, index: int, parent: int, handle: int, limit: int) -> None:
+        """A pfifo (struct tc_fifo_qopt: the limit in frames)."""
+        self.add_qdisc(index, "pfifo", parent, handle, struct.pack("=I", limit))
+
+    def add_clsact(self, index: int) -> None:
+        self.add_qdisc(index, "clsact", TC_H_CLSACT, TC_H_CLSACT_HANDLE, b"")
+
+    def delete_link(self, index: int) -> bool:
+        """Delete device ``index`` (a veth takes its peer along); False if it was gone."""
+        body = struct.pack("=BBHiII", socket.AF_UNSPEC, 0, 0, index, 0, 0)
+        try:
+            self._ask(RTM_DELLINK, NLM_F_REQUEST | NLM_F_ACK, body)
+        except NetlinkError as exc:
+            if exc.code in (errno.ENODEV, errno.ENOENT):
+                return False
+            raise
+        return True
 
     def link(self, name: str) -> tuple[int, int] | None:
         """(ifindex, master ifindex or 0) of device ``name``; None if there is none."""
