@@ -447,12 +447,20 @@ class EmbeddedDirectory:
     def spec(self) -> dict[str, Any]:
         return {"directory": self.name, "url": self.url, "token": self.token}
 
-    def cpu(self) -> float:
-        """CPU seconds the directory's process has used (every thread, ns resolution)."""
+    def _stats(self) -> dict[str, Any]:
         assert self.proc.stdin is not None and self.proc.stdout is not None
         self.proc.stdin.write("cpu\n")
         self.proc.stdin.flush()
-        return float(json.loads(self.proc.stdout.readline())["cpu"])
+        answer: dict[str, Any] = json.loads(self.proc.stdout.readline())
+        return answer
+
+    def cpu(self) -> float:
+        """CPU seconds the directory's process has used (every thread, ns resolution)."""
+        return float(self._stats()["cpu"])
+
+    def ack_writes(self) -> int:
+        """Batches of acks the server has written to its store (one transaction each)."""
+        return int(self._stats()["ack_batches"])
 
     def close(self) -> None:
         self._admin.close()
@@ -484,7 +492,9 @@ def serve_main(endpoints: str | None = None, prefix: str | None = None) -> int:
     _say({"url": server.url, "token": token})
     for line in sys.stdin:
         if line.strip() == "cpu":
-            _say({"cpu": time.process_time()})
+            hub = server.stream_hub
+            batches = hub.acks.batches if hub is not None else 0
+            _say({"cpu": time.process_time(), "ack_batches": batches})
     server.stop()
     server.store.close()
     return 0
@@ -576,9 +586,19 @@ def _noop_vtep(i: int) -> str:
 
 
 def run_size(
-    directory: Directory, n: int, real: RealHosts, runs: int, workers: int
+    directory: Directory,
+    n: int,
+    real: RealHosts,
+    runs: int,
+    workers: int,
+    profile: str | None = None,
 ) -> dict[str, Any]:
-    """``runs`` moves with N peers; the figures of this (directory, N)."""
+    """``runs`` moves with N peers; the figures of this (directory, N).
+
+    ``profile``: a path prefix; py-spy records the directory's server process
+    over the moves only (not the set-up), as collapsed stacks in
+    ``<profile>-<directory>-<N>.txt``.
+    """
     admin = directory.admin()
     for name, vtep in MOVERS.items():
         admin.register_nve(name, vtep, [VNI])
@@ -598,7 +618,10 @@ def run_size(
     etcd_us: list[float] = []
     agents_us: list[float] = []
     etcd_cpu = getattr(directory, "etcd_cpu", None)
+    ack_writes = getattr(directory, "ack_writes", None)
+    writes: list[float] = []
     missed = 0
+    spy: Any = None
     try:
         for worker in pool:
             worker.receive()  # ready
@@ -609,6 +632,7 @@ def run_size(
         for worker in pool:
             worker.receive()
         setup_s = time.monotonic() - started
+        spy = _start_profile(directory, n, profile)
         here = "src"
         for run in range(runs):
             target = "dst" if here == "src" else "src"
@@ -618,6 +642,7 @@ def run_size(
             for worker in pool:
                 worker.send({"op": "arm", "vtep": MOVERS[target]})
                 agents_before += worker.receive()["cpu"]
+            writes_before = ack_writes() if ack_writes is not None else 0
             dir_before = directory.cpu()
             etcd_before = etcd_cpu() if etcd_cpu is not None else 0.0
             t0, t0_wall = time.monotonic(), time.time()
@@ -633,6 +658,8 @@ def run_size(
             dir_us.append((directory.cpu() - dir_before) * 1e6 / n)
             if etcd_cpu is not None:
                 etcd_us.append((etcd_cpu() - etcd_before) * 1e6 / n)
+            if ack_writes is not None:
+                writes.append(ack_writes() - writes_before)
             agents_after = 0.0
             for worker in pool:
                 worker.send({"op": "cpu"})
@@ -641,6 +668,7 @@ def run_size(
             here = target
             time.sleep(0.2)
     finally:
+        _stop_profile(spy)
         stop_workers(pool, admin)
         directory.close()
     real_count = min(n, len(real.hosts))
@@ -655,9 +683,34 @@ def run_size(
         "acked": acked_ms,
         "dir_us": dir_us,
         "etcd_us": etcd_us,
+        "ack_writes": writes,
         "agents_us": agents_us,
         "missed": missed,
     }
+
+
+def _start_profile(directory: Directory, n: int, prefix: str | None) -> Any:
+    """py-spy recording the directory's server process (None: not asked, or no server)."""
+    proc = getattr(directory, "proc", None)
+    if prefix is None or proc is None:
+        return None
+    spy = shutil.which("py-spy") or os.path.join(os.path.dirname(sys.executable), "py-spy")
+    out = f"{prefix}-{directory.name}-{n}.txt"
+    command = [spy, "record", "-p", str(proc.pid), "-r", "100", "--nonblocking", "-f", "raw", "-o", out]
+    started = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    time.sleep(3.0)  # attached before the first move (slow on a loaded machine)
+    return started
+
+
+def _stop_profile(spy: Any) -> None:
+    if spy is None:
+        return
+    spy.send_signal(2)  # SIGINT: py-spy writes what it recorded
+    try:
+        spy.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        spy.kill()
+        spy.wait()
 
 
 def _acked_ms(admin: Any, commit: dict[str, Any], peers: list[str], t0_wall: float) -> float:
@@ -699,11 +752,30 @@ def _growth(results: list[dict[str, Any]], key: str) -> dict[tuple[str, int], st
     return out
 
 
+def _marginal(results: list[dict[str, Any]]) -> dict[tuple[str, int], str]:
+    """Directory CPU per added peer, from the previous N: (C(N) - C(N')) / (N - N'),
+    C = the median CPU of one move (what a peer more costs, without the move's fixed
+    part: the commit, the orchestrator's read of the acks, a few etcd round trips)."""
+    out: dict[tuple[str, int], str] = {}
+    by_dir: dict[str, list[dict[str, Any]]] = {}
+    for r in results:
+        by_dir.setdefault(r["directory"], []).append(r)
+    for name, rows in by_dir.items():
+        rows.sort(key=lambda r: r["n"])
+        for prev, cur in itertools.pairwise(rows):
+            if cur["n"] > prev["n"] and prev["dir_us"] and cur["dir_us"]:
+                a = statistics.median(prev["dir_us"]) * prev["n"]
+                b = statistics.median(cur["dir_us"]) * cur["n"]
+                out[(name, cur["n"])] = f"{(b - a) / (cur['n'] - prev['n']):.1f}"
+    return out
+
+
 def render(results: list[dict[str, Any]], runs: int) -> str:
     """The table: one row per N, embedded and etcd side by side."""
     directories = sorted({r["directory"] for r in results}, key=DIRECTORIES.index)
     cell = {(r["directory"], r["n"]): r for r in results}
     growth = _growth(results, "applied")
+    marginal = _marginal(results)
     rows = []
     for n in sorted({r["n"] for r in results}):
         first = next(r for r in results if r["n"] == n)
@@ -719,6 +791,8 @@ def render(results: list[dict[str, Any]], runs: int) -> str:
             row[f"{d}_acked"] = _fmt(r["acked"]) if r else "-"
             row[f"{d}_dir"] = _fmt(r["dir_us"]) if r else "-"
             row[f"{d}_etcd"] = _fmt(r["etcd_us"]) if r else "-"
+            row[f"{d}_added"] = marginal.get((d, n), "")
+            row[f"{d}_writes"] = _fmt(r.get("ack_writes", [])) if r else "-"
             row[f"{d}_agents"] = _fmt(r["agents_us"]) if r else "-"
             row[f"{d}_k"] = growth.get((d, n), "")
             if r and r["missed"]:
@@ -736,9 +810,12 @@ def render(results: list[dict[str, Any]], runs: int) -> str:
             (f"{d}_k", "k"),
             (f"{d}_acked", f"{d} acked ms"),
             (f"{d}_dir", "directory us/peer"),
+            (f"{d}_added", "us/added peer"),
         ]
         if d == "etcd-served":
             columns.append((f"{d}_etcd", "of which etcd"))
+        if d in SERVED:
+            columns.append((f"{d}_writes", "ack writes"))
         columns += [
             (f"{d}_agents", "agents us/peer"),
         ]
@@ -754,6 +831,9 @@ def render(results: list[dict[str, Any]], runs: int) -> str:
             "from the commit until it held every ack, / N; agents "
             "us/peer = CPU of the agent processes over the same span (apply + ack), / N. "
             "Both share this machine's CPUs, so the applied time includes waiting for them.",
+            "us/added peer = the directory's CPU per move from the previous N to this one, "
+            "per added peer (the per-peer cost without the move's fixed part); ack writes = "
+            "batches of acks the server wrote to its store per move.",
             format_table(rows, columns),
             "",
             f"Set-up (all agents registered and synced), s: {setups}",
@@ -772,6 +852,11 @@ def main(argv: list[str] | None = None) -> int:
         default=",".join(DIRECTORIES),
         help="embedded, etcd (agents watch etcd directly: the baseline), etcd-served "
         "(agents stream from `vmm nva serve` in front of etcd)",
+    )
+    parser.add_argument(
+        "--profile",
+        help="path prefix: record the directory server with py-spy over the moves "
+        "(collapsed stacks in PREFIX-<directory>-<N>.txt)",
     )
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)
@@ -813,7 +898,9 @@ def main(argv: list[str] | None = None) -> int:
                     else:
                         assert etcd is not None
                         directory = EtcdDirectory(etcd)
-                    results.append(run_size(directory, n, real, args.runs, args.workers))
+                    results.append(
+                        run_size(directory, n, real, args.runs, args.workers, args.profile)
+                    )
     finally:
         real.close()
     print()

@@ -156,12 +156,16 @@ def get_prefix(
     revision: int = 0,
     *,
     keys_only: bool = False,
+    count_only: bool = False,
     min_create_revision: int = 0,
+    min_mod_revision: int = 0,
 ) -> dict[str, Any]:
     """Keys under ``prefix`` from ``start`` (a key under it) on, in key order.
 
-    ``keys_only``: without values (revisions only); ``min_create_revision``:
-    only keys created at or after that etcd revision.
+    ``keys_only``: without values (revisions only); ``count_only``: only how
+    many (:meth:`TxnResult.count`); ``min_create_revision`` /
+    ``min_mod_revision``: only keys created / written at or after that etcd
+    revision.
     """
     request: dict[str, Any] = {
         "key": b64(start if start is not None else prefix),
@@ -173,8 +177,12 @@ def get_prefix(
         request["revision"] = revision
     if keys_only:
         request["keys_only"] = True
+    if count_only:
+        request["count_only"] = True
     if min_create_revision:
         request["min_create_revision"] = min_create_revision
+    if min_mod_revision:
+        request["min_mod_revision"] = min_mod_revision
     return {"request_range": request}
 
 
@@ -195,6 +203,10 @@ class TxnResult:
         """The key read by a single-key range request, or None when it does not exist."""
         found = self.kvs(index)
         return found[0] if found else None
+
+    def count(self, index: int) -> int:
+        """How many keys the range at ``index`` matched (before any filter or limit)."""
+        return int(self.responses[index].get("response_range", {}).get("count", 0))
 
     def more(self, index: int) -> bool:
         """Whether the range at ``index`` stopped at its limit with keys left."""

@@ -6,6 +6,7 @@ import secrets
 import threading
 import time
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 
@@ -14,6 +15,7 @@ from vmm_etcd.acklog import COMPACT_EVERY
 from vmm_etcd.client import EtcdNvaClient
 from vmm_etcd.cluster import LocalEtcdCluster
 from vmm_etcd.kv import EtcdKV
+from vmm_orchestrator.nva.errors import NotFound
 
 VNI = 5001
 
@@ -163,3 +165,36 @@ def test_the_log_is_folded_and_keeps_every_current_ack(client: EtcdNvaClient) ->
     listed = {n["id"]: n["acked_revision"] for n in client.list_nves(VNI)}
     assert all(listed[n] == revision for n in [*acked, "nve60"])
     assert listed["nve61"] == 0
+
+
+def test_waiting_for_acks_reads_only_the_records_written_since_and_sees_deletes(
+    client: EtcdNvaClient, etcd: LocalEtcdCluster
+) -> None:
+    revision = client.revision
+    assert len(client.acks(VNI, 0)) == 70  # fills the cache: every record
+    reads: list[int] = []
+    read = client.kv.read
+
+    def counting(*requests: Any, what: str = "read") -> Any:
+        answer = read(*requests, what=what)
+        if what == "read the acks":
+            reads.append(len(answer.kvs(1)))
+        return answer
+
+    client.kv.read = counting  # type: ignore[method-assign]
+    assert len(client.acks(VNI, 0)) == 70
+    assert reads == [0]  # no record changed: none read
+    other = EtcdNvaClient(EtcdKV(etcd.endpoints), client.keys.prefix)
+    try:
+        other.register_nve("late", "192.0.2.200", [VNI])
+        other.register_nve("nve00", "192.0.2.1", [VNI + 1])  # rewritten: leaves the VN
+        acks = client.acks(VNI, 0)
+        assert "late" in acks and "nve00" not in acks and len(acks) == 70
+        assert reads[-1] == 2
+        other.delete_nve("nve05")  # fewer records than cached: read them all again
+        acks = client.acks(VNI, 0)
+        assert "nve05" not in acks and len(acks) == 69 and reads[-1] == 70
+        with pytest.raises(NotFound):
+            client.acks(VNI, revision, nves=["nve05"])
+    finally:
+        other.close()

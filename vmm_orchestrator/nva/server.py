@@ -908,6 +908,11 @@ class NvaServer:
         )
 
     @property
+    def stream_hub(self) -> StreamHub | None:
+        """The hub serving the NVE streams (None: not started, or a backend without a feed)."""
+        return self._api.hub
+
+    @property
     def url(self) -> str:
         """Base URL of the running server (with the real port when port 0 was asked)."""
         if self._httpd is None:
