@@ -31,6 +31,24 @@ in its place (the agents then prepare from libvirt's events alone, nothing
 vetoes), in alternating order, and the median of the pairs' differences is
 printed.
 
+``--paired-alone`` measures what the whole orchestrator adds, in one lab: two labs
+differ by more than the orchestrator (another guest boot, other load), and one
+migration's wall time here varies by 0.3-0.6 s on its own: QEMU switches over
+once what is left fits in the allowed downtime (300 ms), so its final copy
+lasts 10-370 ms depending on where its first pass stood at its first check,
+and the destination QEMU's start-up under TCG takes 320-570 ms. In the
+orchestrated lab each orchestrated migration is followed by a there-and-back
+pair with the orchestrator off (vmm_lab.libvirt.site.orchestrator_off: no hook
+process at all, the agents not listening), and each orchestrated migration is
+compared with its same-direction neighbours, before and after; the median of
+those differences is printed, for the wall time and for the wall time less
+libvirt's downtime (which takes the final copy's chance out).
+
+``--libvirt-log`` has both libvirtds log each migration's phases
+(vmm_lab.libvirt.phaselog) and prints, per mode (and for the migrations with
+the orchestrator off), how long each phase took and how long libvirtd waited
+for each hook call: where the wall time goes, phase by phase.
+
 Run as root:  .venv/bin/python benchmarks/libvirt_migration.py --runs 5
 """
 
@@ -49,7 +67,8 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
-from vmm_lab.libvirt import demo
+from vmm_lab.libvirt import demo, phaselog
+from vmm_lab.libvirt import hosts as hosts_mod
 from vmm_lab.libvirt import site as site_mod
 from vmm_lab.libvirt.site import lab_conf, libvirt_site
 from vmm_lab.linux.probe import format_table
@@ -249,11 +268,15 @@ def run_mode(
     tracer: HookTracer | None = None,
     paired: list[demo.MigrationResult] | None = None,
     other_hook: str = NO_OP_HOOK,
+    alone: list[list[AloneRun]] | None = None,
+    phases: dict[str, list[dict[str, float]]] | None = None,
 ) -> list[demo.MigrationResult]:
     """``runs`` migrations h1 <-> h2 of one real guest in a fresh lab; with ``paired``
     (orchestrated), each one also followed or preceded (alternately) by a migration with
     ``other_hook`` (the text of a hook: by default a no-op) instead of the relay, appended
-    to ``paired``."""
+    to ``paired``; with ``alone`` (orchestrated), each one followed by a there-and-back
+    pair with the orchestrator off, appended to ``alone`` (one list per pair); with
+    ``phases``, each migration's phases from the libvirtds' logs, by label."""
     results = []
     conf = lab_conf(orchestrated=mode == "orchestrated")
     with libvirt_site(conf, new_prefix(), orchestrated=mode == "orchestrated") as ls:
@@ -280,7 +303,170 @@ def run_mode(
                     + (f", errors {res.errors}" if res.errors else ""),
                     flush=True,
                 )
+            if alone is not None and mode == "orchestrated":
+                alone.append(alone_pair(ls, rate, tracer))
+        if phases is not None:
+            _add_phases(
+                ls, phases, LABELS[mode], [(r.source, r.started_at, r.wall_ms) for r in results]
+            )
+            if alone is not None and mode == "orchestrated":
+                flat = [(a.source, a.started_at, a.wall_ms) for pair in alone for a in pair]
+                _add_phases(ls, phases, ALONE_LABEL, flat)
+            if paired is not None and mode == "orchestrated":
+                other = [(r.source, r.started_at, r.wall_ms) for r in paired]
+                _add_phases(ls, phases, "other hook", other)
     return results
+
+
+ALONE_LABEL = "orchestrator off"
+
+
+def _add_phases(
+    ls: Any,
+    phases: dict[str, list[dict[str, float]]],
+    label: str,
+    runs: list[tuple[str, float, float]],
+) -> None:
+    """The phases of ``runs`` ((source, monotonic start, wall ms)) from each libvirt
+    host's libvirtd log (read before the lab goes), added to ``phases[label]``."""
+    logs = {}
+    for name, host in ls.hosts.items():
+        with open(host.path("/var/log/libvirt/libvirtd.log"), errors="replace") as fh:
+            logs[name] = phaselog.parse(fh.read())
+    offset = time.time() - time.monotonic()
+    found = phaselog.migration_phases(logs, [(src, at + offset, wall) for src, at, wall in runs])
+    rows = phases.setdefault(label, [])
+    for p, (_, _, wall) in zip(found, runs, strict=True):
+        if p is not None:
+            rows.append(_phase_row(p, wall))
+
+
+def _phase_row(p: phaselog.Phases, wall_ms: float) -> dict[str, float]:
+    row: dict[str, float | None] = {
+        "prepare (dst hooks, QEMU start)": p.prepare_ms,
+        "live (first pass)": p.live_ms,
+        "final copy (paused)": p.final_copy_ms,
+        "finish (dst resumes)": p.finish_ms,
+        "confirm (src QEMU killed, src hooks)": p.confirm_ms(wall_ms),
+        "hooks, all calls": round(p.hook_ms, 1),
+    }
+    for h in p.hooks:
+        key = f"  hook {h.call}"
+        row[key] = round((row.get(key) or 0.0) + h.ms, 1)
+    return {k: v for k, v in row.items() if v is not None}
+
+
+def phase_report(phases: dict[str, list[dict[str, float]]]) -> list[str]:
+    """Median [min - max] of each phase per label, as libvirtd logged them (a hook
+    call that did not run in a migration counts as 0 ms)."""
+    labels = [label for label, rows in phases.items() if rows]
+    if not labels:
+        return []
+    keys: list[str] = []
+    for label in labels:
+        for row in phases[label]:
+            keys += [k for k in row if k not in keys]
+    table = []
+    for key in keys:
+        cells = {}
+        for label in labels:
+            missing = 0.0 if key.startswith("  hook") else None
+            cells[label] = _cell([r.get(key, missing) for r in phases[label]])
+        table.append({"phase": key, **cells})
+    counts = ", ".join(f"{label} {len(phases[label])}" for label in labels)
+    return [
+        "",
+        f"== Where the wall time goes, from the libvirtds' logs (ms per migration; "
+        f"migrations: {counts}) ==",
+        format_table(table, [("phase", "phase")] + [(label, label) for label in labels]),
+    ]
+
+
+@dataclasses.dataclass
+class AloneRun:
+    """One migration of the orchestrated lab's guest with the orchestrator off."""
+
+    source: str
+    destination: str
+    wall_ms: float
+    downtime_ms: float | None
+    started_at: float = 0.0  # time.monotonic() when the migration call began
+
+
+def alone_pair(ls: Any, rate: int, tracer: HookTracer | None = None) -> list[AloneRun]:
+    """Migrate the guest there and back with the orchestrator off, under the same echo
+    streams as a measured migration (their losses are not counted: the network does
+    not follow the guest while the orchestrator is off)."""
+    runs: list[AloneRun] = []
+    mode = tracer.mode if tracer is not None else ""
+    if tracer is not None:
+        tracer.mode = "alone"
+    try:
+        with site_mod.orchestrator_off(ls):
+            for _ in range(2):
+                src, dst = ls.where, ls.other(ls.where)
+                echo = demo.EchoRun(
+                    ls, demo.PROBERS, rate, f"alone-{src}-{dst}-{time.monotonic_ns()}"
+                )
+                try:
+                    began = echo.start()
+                    time.sleep(max(0.0, began + demo.WARMUP_S - time.monotonic()))
+                    record = demo.migrate(ls.guest.name, ls.hosts[src], ls.hosts[dst])
+                    ls.where = dst
+                    time.sleep(demo.OBSERVE_S)
+                    echo.finish()
+                finally:
+                    echo.kill()
+                wall = round(record.wall_ms, 1)
+                runs.append(AloneRun(src, dst, wall, record.downtime_ms, record.started_at))
+                print(
+                    f"      orchestrator off {src}->{dst}: libvirt downtime "
+                    f"{record.downtime_ms} ms, wall {record.wall_ms:.1f} ms",
+                    flush=True,
+                )
+    finally:
+        if tracer is not None:
+            tracer.mode = mode
+    return runs
+
+
+def alone_report(with_it: list[demo.MigrationResult], alone: list[list[AloneRun]]) -> list[str]:
+    """The orchestrator's added wall time, paired in one lab: each orchestrated migration
+    against the same-direction migration with the orchestrator off just before it (the
+    first of the preceding pair) and just after it (the second of the following pair)."""
+    walls: list[float] = []
+    net: list[float] = []  # less libvirt's downtime: the final copy's length is chance
+    for k, res in enumerate(with_it):
+        near = []
+        if 0 < k <= len(alone):
+            near.append(alone[k - 1][0])
+        if k < len(alone) and len(alone[k]) > 1:
+            near.append(alone[k][1])
+        near = [a for a in near if (a.source, a.destination) == (res.source, res.destination)]
+        if not near:
+            continue
+        walls.append(res.wall_ms - statistics.mean(a.wall_ms for a in near))
+        if res.libvirt_downtime_ms is not None and all(a.downtime_ms is not None for a in near):
+            mine = res.wall_ms - res.libvirt_downtime_ms
+            theirs = statistics.mean(a.wall_ms - (a.downtime_ms or 0.0) for a in near)
+            net.append(mine - theirs)
+    if not walls:
+        return []
+    flat = [a for pair in alone for a in pair]
+    lines = [
+        "",
+        f"== Orchestrator's added wall time, paired in one lab (orchestrator off: no hooks, "
+        f"agents not listening): median {statistics.median(walls):+.1f} ms "
+        f"[{min(walls):+.1f} - {max(walls):+.1f}] over {len(walls)} orchestrated migrations ==",
+        f"   orchestrated {_cell([r.wall_ms for r in with_it])} ms, orchestrator off "
+        f"{_cell([a.wall_ms for a in flat])} ms ({len(flat)} migrations)",
+    ]
+    if net:
+        lines.append(
+            f"   less libvirt's downtime (the final copy's chance): median "
+            f"{statistics.median(net):+.1f} ms [{min(net):+.1f} - {max(net):+.1f}]"
+        )
+    return lines
 
 
 def paired_report(
@@ -445,6 +631,19 @@ def main(argv: list[str] | None = None) -> int:
         help="with --paired: this hook instead of the no-op one (e.g. an older relay)",
     )
     parser.add_argument(
+        "--paired-alone",
+        action="store_true",
+        help="orchestrated: after each migration, migrate there and back with the "
+        "orchestrator off (no hooks, agents not listening) and print the orchestrator's "
+        "added wall time paired in one lab",
+    )
+    parser.add_argument(
+        "--libvirt-log",
+        action="store_true",
+        help="have the libvirtds log each migration's phases and print where the wall "
+        "time goes, phase by phase, and how long libvirtd waited for each hook call",
+    )
+    parser.add_argument(
         "--hook-trace",
         action="store_true",
         help="time every call of libvirt's qemu hook (the relay) on both hosts",
@@ -456,6 +655,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"modes must be among {', '.join(demo.MODES)} and --runs >= 1")
     if args.paired_with and not args.paired:
         parser.error("--paired-with goes with --paired")
+    if args.paired and args.paired_alone:
+        parser.error("--paired and --paired-alone measure separately: give one of them")
     if args.paired and args.hook_trace:
         parser.error("--paired and --hook-trace measure separately: give one of them")
     demo.check_prerequisites()
@@ -466,6 +667,10 @@ def main(argv: list[str] | None = None) -> int:
         tracer = stack.enter_context(hook_tracing()) if args.hook_trace else None
         by_mode = {}
         no_op: list[demo.MigrationResult] | None = [] if args.paired else None
+        alone: list[list[AloneRun]] | None = [] if args.paired_alone else None
+        phases: dict[str, list[dict[str, float]]] | None = {} if args.libvirt_log else None
+        if args.libvirt_log:
+            hosts_mod.LOG_FILTERS = phaselog.LOG_FILTERS
         other, other_hook = "a no-op hook", NO_OP_HOOK
         if args.paired_with:
             other = args.paired_with
@@ -474,11 +679,17 @@ def main(argv: list[str] | None = None) -> int:
         for mode in modes:
             if tracer is not None:
                 tracer.mode = mode
-            by_mode[mode] = run_mode(mode, args.runs, args.rate, tracer, no_op, other_hook)
+            by_mode[mode] = run_mode(
+                mode, args.runs, args.rate, tracer, no_op, other_hook, alone, phases
+            )
         print()
         print(render(by_mode))
         if no_op is not None:
             print("\n".join(paired_report(by_mode.get("orchestrated", []), no_op, other)))
+        if alone is not None:
+            print("\n".join(alone_report(by_mode.get("orchestrated", []), alone)))
+        if phases is not None:
+            print("\n".join(phase_report(phases)))
         if tracer is not None:
             print("\n".join(tracer.report()))
     print(

@@ -242,6 +242,8 @@ class MigrationResult:
     #: (its 1000-frame queue full): before the resume and while the guest
     #: worked through the backlog after it.
     tap_dropped: int | None = None
+    #: time.monotonic() when the migration call began.
+    started_at: float = 0.0
     migration_ids: list[str] = dataclasses.field(default_factory=list)
     directory: dict[str, Any] = dataclasses.field(default_factory=dict)
     ack_convergence_ms: dict[str, float] = dataclasses.field(default_factory=dict)
@@ -460,6 +462,7 @@ def measured_migration(
         gateway_fdb_vtep=lab.hosts[lab.lab.vms["gw"].host].nve.vxlan_dst(ls.vni, ls.guest.mac),
         destination_vtep=dst_vtep,
         tap_dropped=tap_dropped,
+        started_at=record.started_at,
         migration_ids=ids,
         directory=ls.client().get_endpoint(ls.vni, ls.guest.mac),
         ack_convergence_ms=_ack_convergence(reports),

@@ -47,6 +47,10 @@ TCP_PORT = 16509
 START_TIMEOUT_S = 30.0
 STOP_TIMEOUT_S = 5.0
 LOG_TAIL_LINES = 20
+#: libvirtd's log_filters for daemons started from now on (None: errors only). With
+#: filters, the log keeps everything they pass at debug level (e.g.
+#: vmm_lab.libvirt.phaselog.LOG_FILTERS, to time a migration's phases).
+LOG_FILTERS: str | None = None
 
 # Runs inside the host's network namespace, already in private mount and
 # UTS namespaces: $1 is the host's directory, $2 its hostname.
@@ -157,7 +161,12 @@ class LibvirtHost:
                 f'tcp_port = "{TCP_PORT}"\n'
                 'auth_tcp = "none"\nauth_unix_rw = "none"\nauth_unix_ro = "none"\n'
                 f'host_uuid = "{self.host_uuid}"\n'
-                'log_outputs = "3:file:/var/log/libvirt/libvirtd.log"\n'
+                + (
+                    f'log_filters = "{LOG_FILTERS}"\n'
+                    'log_outputs = "1:file:/var/log/libvirt/libvirtd.log"\n'
+                    if LOG_FILTERS
+                    else 'log_outputs = "3:file:/var/log/libvirt/libvirtd.log"\n'
+                )
             )
         with open(os.path.join(etc, "qemu.conf"), "w", encoding="utf-8") as fh:
             fh.write(

@@ -76,6 +76,7 @@ from vmm_linux import agent as nve_agent
 from vmm_orchestrator import agent as root
 from vmm_orchestrator import engine, options
 from vmm_orchestrator.nva.client import NvaClient
+from vmm_orchestrator.nva.errors import NvaError
 from vmm_orchestrator.stage import group_name
 
 #: The two lab hosts that run libvirtd; the guest boots on the first.
@@ -360,6 +361,70 @@ def libvirt_site(
                 with contextlib.suppress(Exception):
                     host.stop()
             shutil.rmtree(workdir, ignore_errors=True)
+
+
+#: Where each libvirt host keeps the relay (inside its own /etc/libvirt).
+HOOK_PATH = "/etc/libvirt/hooks/qemu.d/vmm-orchestrator"
+
+
+@contextlib.contextmanager
+def orchestrator_off(ls: LibvirtSite, timeout: float = RECONCILE_TIMEOUT_S) -> Iterator[None]:
+    """The same lab with libvirt alone: what the orchestrator adds to a migration,
+    measured against QEMU alone under the same load, guest and daemons.
+
+    libvirtd lists its hooks directory at every hook call (libvirt 9.0), so with
+    the relay taken out of each host's qemu.d no hook process runs at all, as in
+    the QEMU-alone lab; each HostAgent's hook server and event source are
+    stopped (no job reads, no phases, no stages). On exit the relay is put back
+    and the agents listen again, each reconciled with libvirt before this returns.
+
+    The network follows the guest only as it does for QEMU alone, by the NVEs'
+    local learning from QEMU's RARPs, and only to a host where the guest's MAC
+    is not pinned to a port: migrate there and back while off. On exit the
+    directory is put back where the guest runs (``ls.where``) if the learning
+    left it elsewhere, and every NVE has applied that before the agents listen.
+    """
+    if not ls.agents:
+        raise LibvirtLabError("orchestrator_off needs an orchestrated lab with in-process agents")
+    for name, host in ls.hosts.items():
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(host.path(HOOK_PATH))
+        agent = ls.agents[name]
+        agent.hook.stop()
+        agent.source.stop()
+    try:
+        yield
+    finally:
+        _place_back(ls, timeout)
+        for name, host in ls.hosts.items():
+            shutil.copy(RELAY, host.path(HOOK_PATH))
+            agent = ls.agents[name]
+            agent.reconciled.clear()
+            agent.hook.start()
+            agent.source.start()
+        waiting = [a.name for a in ls.agents.values() if not a.reconciled.wait(timeout)]
+        if waiting:
+            raise LibvirtLabError(f"HostAgents of {', '.join(waiting)} never reconciled again")
+
+
+def _place_back(ls: LibvirtSite, timeout: float) -> None:
+    """The directory (and every NVE) places the guest at ``ls.where`` again."""
+    client = ls.client()
+    try:
+        if client.get_endpoint(ls.vni, ls.guest.mac).get("nve") != ls.where:
+            try:
+                client.move(ls.vni, ls.guest.mac, ls.where)
+            except NvaError:  # frozen as flapping by the learned moves: unfreeze first
+                client.release(ls.vni, ls.guest.mac)
+                client.move(ls.vni, ls.guest.mac, ls.where)
+    finally:
+        client.close()
+    key = (ls.vni, ls.guest.mac)
+    deadline = time.monotonic() + timeout
+    while any(h.agent.placement.get(key) != ls.where for h in ls.lab_site.hosts.values()):
+        if time.monotonic() > deadline:
+            raise LibvirtLabError(f"the NVEs did not all place the guest at {ls.where} again")
+        time.sleep(0.05)
 
 
 def _hook_socket(workdir: str, host: str) -> str:
