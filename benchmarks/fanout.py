@@ -474,13 +474,18 @@ class EmbeddedDirectory:
             self.proc.wait()
 
 
-def serve_main(endpoints: str | None = None, prefix: str | None = None) -> int:
+def serve_main(
+    endpoints: str | None = None, prefix: str | None = None, profile: str | None = None
+) -> int:
     """A directory server's process: serve until stdin closes; answer "cpu" lines.
 
     Over SQLite in memory, or (``endpoints``) over etcd under ``prefix``: then
     the server follows etcd with one watch and streams to the agents.
+    ``profile``: see ``--profile``.
     """
     logging.basicConfig(level=logging.ERROR)
+    if profile:
+        _profile_threads(profile)
     threading.stack_size(512 * 1024)  # a thread per connection
     token = secrets.token_urlsafe(16)
     store: Any = NvaStore(":memory:")
@@ -498,6 +503,39 @@ def serve_main(endpoints: str | None = None, prefix: str | None = None) -> int:
     server.stop()
     server.store.close()
     return 0
+
+
+def _profile_threads(prefix: str) -> None:
+    """Run the server's thread bodies under cProfile timed by each thread's own CPU time
+    (a profile of wall time would charge a thread for waiting on the GIL and on its peers).
+
+    py-spy was tried first: it counts a thread blocked in a system call as idle,
+    and the hub spends most of its CPU in send/recv, so it saw almost nothing.
+    """
+    import cProfile
+    import socketserver
+
+    from vmm_orchestrator.nva import stream
+
+    def profiled(body: Callable[..., Any], name: str) -> Callable[..., Any]:
+        def run(*args: Any) -> Any:
+            profiler = cProfile.Profile(time.thread_time)
+            profiler.enable()
+            try:
+                return body(*args)
+            finally:
+                profiler.disable()
+                profiler.dump_stats(f"{prefix}-{name}-{threading.get_ident()}.prof")
+
+        return run
+
+    # Benchmark only: wraps the classes' thread bodies in this process.
+    stream.StreamHub._loop = profiled(stream.StreamHub._loop, "hub")  # type: ignore[method-assign]
+    stream.AckWriter._run = profiled(stream.AckWriter._run, "acks")  # type: ignore[method-assign]
+    mixin = socketserver.ThreadingMixIn
+    mixin.process_request_thread = profiled(  # type: ignore[method-assign]
+        mixin.process_request_thread, "http"
+    )
 
 
 class EtcdDirectory:
@@ -531,10 +569,12 @@ class EtcdServedDirectory(EmbeddedDirectory):
 
     name = "etcd-served"
 
-    def __init__(self, cluster: LocalEtcdCluster) -> None:
+    def __init__(self, cluster: LocalEtcdCluster, serve_args: list[str] | None = None) -> None:
         self.etcd = EtcdDirectory(cluster)
         endpoints = ",".join(cluster.endpoints)
-        super().__init__(["--serve-etcd", endpoints, "--prefix", self.etcd.prefix])
+        super().__init__(
+            ["--serve-etcd", endpoints, "--prefix", self.etcd.prefix, *(serve_args or [])]
+        )
         self._admin.close()
 
     def admin(self) -> Any:
@@ -586,19 +626,9 @@ def _noop_vtep(i: int) -> str:
 
 
 def run_size(
-    directory: Directory,
-    n: int,
-    real: RealHosts,
-    runs: int,
-    workers: int,
-    profile: str | None = None,
+    directory: Directory, n: int, real: RealHosts, runs: int, workers: int
 ) -> dict[str, Any]:
-    """``runs`` moves with N peers; the figures of this (directory, N).
-
-    ``profile``: a path prefix; py-spy records the directory's server process
-    over the moves only (not the set-up), as collapsed stacks in
-    ``<profile>-<directory>-<N>.txt``.
-    """
+    """``runs`` moves with N peers; the figures of this (directory, N)."""
     admin = directory.admin()
     for name, vtep in MOVERS.items():
         admin.register_nve(name, vtep, [VNI])
@@ -621,7 +651,6 @@ def run_size(
     ack_writes = getattr(directory, "ack_writes", None)
     writes: list[float] = []
     missed = 0
-    spy: Any = None
     try:
         for worker in pool:
             worker.receive()  # ready
@@ -632,7 +661,6 @@ def run_size(
         for worker in pool:
             worker.receive()
         setup_s = time.monotonic() - started
-        spy = _start_profile(directory, n, profile)
         here = "src"
         for run in range(runs):
             target = "dst" if here == "src" else "src"
@@ -668,7 +696,6 @@ def run_size(
             here = target
             time.sleep(0.2)
     finally:
-        _stop_profile(spy)
         stop_workers(pool, admin)
         directory.close()
     real_count = min(n, len(real.hosts))
@@ -687,30 +714,6 @@ def run_size(
         "agents_us": agents_us,
         "missed": missed,
     }
-
-
-def _start_profile(directory: Directory, n: int, prefix: str | None) -> Any:
-    """py-spy recording the directory's server process (None: not asked, or no server)."""
-    proc = getattr(directory, "proc", None)
-    if prefix is None or proc is None:
-        return None
-    spy = shutil.which("py-spy") or os.path.join(os.path.dirname(sys.executable), "py-spy")
-    out = f"{prefix}-{directory.name}-{n}.txt"
-    command = [spy, "record", "-p", str(proc.pid), "-r", "100", "--nonblocking", "-f", "raw", "-o", out]
-    started = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    time.sleep(3.0)  # attached before the first move (slow on a loaded machine)
-    return started
-
-
-def _stop_profile(spy: Any) -> None:
-    if spy is None:
-        return
-    spy.send_signal(2)  # SIGINT: py-spy writes what it recorded
-    try:
-        spy.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        spy.kill()
-        spy.wait()
 
 
 def _acked_ms(admin: Any, commit: dict[str, Any], peers: list[str], t0_wall: float) -> float:
@@ -855,8 +858,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument(
         "--profile",
-        help="path prefix: record the directory server with py-spy over the moves "
-        "(collapsed stacks in PREFIX-<directory>-<N>.txt)",
+        help="path prefix: profile the directory server's threads (the streams' hub, "
+        "the ack writer, HTTP requests) with cProfile on each thread's CPU time, set-up "
+        "included; one pstats file per thread, PREFIX-<directory>-<N>-<thread>.prof",
     )
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)
@@ -866,7 +870,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.worker:
         return worker_main()
     if args.serve:
-        return serve_main(args.serve_etcd, args.prefix)
+        return serve_main(args.serve_etcd, args.prefix, args.profile)
     logging.basicConfig(level=logging.ERROR)
     sizes = [int(x) for x in args.peers.split(",") if x]
     wanted = [d for d in args.directories.split(",") if d]
@@ -890,17 +894,16 @@ def main(argv: list[str] | None = None) -> int:
                 for name in wanted:
                     print(f"-- {name}, N={n} ...", flush=True)
                     directory: Directory
+                    serve = ["--profile", f"{args.profile}-{name}-{n}"] if args.profile else []
                     if name == "embedded":
-                        directory = EmbeddedDirectory()
+                        directory = EmbeddedDirectory(serve)
                     elif name == "etcd-served":
                         assert etcd is not None
-                        directory = EtcdServedDirectory(etcd)
+                        directory = EtcdServedDirectory(etcd, serve)
                     else:
                         assert etcd is not None
                         directory = EtcdDirectory(etcd)
-                    results.append(
-                        run_size(directory, n, real, args.runs, args.workers, args.profile)
-                    )
+                    results.append(run_size(directory, n, real, args.runs, args.workers))
     finally:
         real.close()
     print()

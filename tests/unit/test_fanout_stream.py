@@ -6,9 +6,11 @@ import secrets
 import socket
 import time
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 
+from vmm_orchestrator.nva import stream
 from vmm_orchestrator.nva.client import NvaClient
 from vmm_orchestrator.nva.errors import Gone, NotFound
 from vmm_orchestrator.nva.server import NvaServer
@@ -159,3 +161,31 @@ def test_a_stream_request_without_upgrade_and_a_garbage_ack_are_refused(
     assert _ack_revision(b'{"ack":  13}') == 13
     assert _ack_revision(b'{"ack": -1}') is None
     assert _ack_revision(b"nonsense") is None
+
+
+def test_streams_catching_up_over_the_same_changes_encode_each_once(
+    server: NvaServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with NvaClient(server.url, TOKEN) as admin:
+        start = admin.health()["revision"]
+        for i in range(5):
+            admin.add_endpoint(VNI, f"52:54:00:00:02:{i:02x}", [], [], "host-a")
+        end = admin.health()["revision"]
+    encoded: list[int] = []
+    real = stream._encoded
+
+    def counting(change: dict[str, Any]) -> bytes:
+        encoded.append(change["revision"])
+        return real(change)
+
+    monkeypatch.setattr(stream, "_encoded", counting)
+    clients = [NvaClient(server.url, TOKEN) for _ in range(3)]
+    try:
+        for nve, c in zip(("host-a", "host-b", "host-c"), clients, strict=True):
+            revision, changes = c.watch(nve, start, timeout=2.0)  # a catch-up page each
+            assert revision == end and len(changes) == 5
+            assert changes[0]["endpoint"]["mac"] == "52:54:00:00:02:00"
+    finally:
+        for c in clients:
+            c.close()
+    assert sorted(encoded) == list(range(start + 1, end + 1))  # each change once, not 3 times
