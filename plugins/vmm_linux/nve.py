@@ -154,9 +154,6 @@ ZERO_MAC = "00:00:00:00:00:00"
 #: The nftables bridge table the NVE owns in its namespace (one per host).
 NFT_TABLE = "bridge vmm_nve"
 NFT_TIMEOUT_S = 10.0
-#: tc: the ingress hook of a clsact qdisc, and ETH_P_ALL.
-TC_H_CLSACT_INGRESS = 0xFFFFFFF2
-ETH_P_ALL = 0x0003
 NETLINK_ROUTE = 0
 SO_RCVBUFFORCE = 33
 RTMGRP_LINK = 0x1
@@ -395,9 +392,9 @@ def _sysfs_net(netns: str | None) -> int:
         os.rmdir(where)
 
 
-def _joined_ports(data: bytes) -> list[str]:
-    """Names of the devices that RTM_NEWLINK notifications in ``data`` show with
-    a master (a port that joined a bridge), parsed without pyroute2."""
+def _link_events(data: bytes) -> list[tuple[str, bool]]:
+    """(name, has a master) of the devices RTM_NEWLINK notifications in ``data``
+    show (a port that appeared, or joined a bridge), parsed without pyroute2."""
     names = []
     offset = 0
     while offset + 16 <= len(data):
@@ -407,8 +404,9 @@ def _joined_ports(data: bytes) -> list[str]:
         if kind == RTM_NEWLINK:
             found = rawlink.attrs(data[offset + 32 : offset + length])
             name = found.get(rawlink.IFLA_IFNAME)
-            if name is not None and rawlink.IFLA_MASTER in found:
-                names.append(bytes(name).rstrip(b"\0").decode(errors="replace"))
+            if name is not None:
+                text = bytes(name).rstrip(b"\0").decode(errors="replace")
+                names.append((text, rawlink.IFLA_MASTER in found))
         offset += (length + 3) & ~3
     return names
 
@@ -777,9 +775,9 @@ class LinuxNve(NveDriver):
         four trips took 0.8 s median there).
         """
         key = (vni, mac)
-        existing = self._lookup(port)
+        existing = self._raw().link(port)
         if existing is not None:
-            self._deepen(self._ipr, existing)
+            self._deepen(self._raw(), existing[0], existing[2])
             return
         with self._lock:
             if key in self._holds:
@@ -990,11 +988,12 @@ class LinuxNve(NveDriver):
         return hold.report() if hold is not None else report
 
     def _release_on_worker(self, hold: _Hold) -> bool:
-        return self._release(self._ipr, self._raw(), hold)
+        return self._release(self._raw(), hold)
 
-    def _release(self, ipr: Any, raw: RawLink, hold: _Hold) -> bool:
-        """Open ``hold`` into its port through ``ipr`` and ``raw`` (the worker's
-        or the watcher's)."""
+    def _release(self, raw: RawLink, hold: _Hold) -> bool:
+        """Open ``hold`` into its port through ``raw`` (the worker's or the
+        watcher's): raw rtnetlink only, a few tens of microseconds a request
+        (through pyroute2, the qdisc dump alone took milliseconds)."""
         with hold.lock:
             if hold.released_at is not None or hold.outcome != "holding":
                 return True
@@ -1004,23 +1003,15 @@ class LinuxNve(NveDriver):
             port = found[0]
             stats = self._qdisc_stats(hold.stall_idx, raw)
             hold.held, hold.dropped = stats.get("qlen", 0), stats.get("drops", 0)
+            # Deepened before anything of the hold flows into it (the watcher
+            # does it when the port appears, before it joins the bridge): a new
+            # txqueuelen deactivates the device for a moment (dev_deactivate,
+            # frames sent meanwhile are dropped), which reordered 3 of 10 drains
+            # of 600 frames when it came after the release.
+            self._deepen(raw, port, found[2])
             # The receiving end delivers into the port, then the stall opens:
             # what waited leaves first, what arrives now queues behind it.
-            ipr.tc(
-                "add-filter",
-                "u32",
-                index=hold.recv_idx,
-                parent=TC_H_CLSACT_INGRESS,
-                protocol=ETH_P_ALL,
-                keys=["0x0/0x0+0"],
-                target=0,
-                action={
-                    "kind": "mirred",
-                    "direction": "egress",
-                    "action": "redirect",
-                    "ifindex": port,
-                },
-            )
+            raw.redirect_all(hold.recv_idx, port)
             # a tbf change also sets its child fifo's limit: in frames here
             limit = self.hold_limits.queue_frames(self.mtu)
             raw.tbf(hold.stall_idx, OPEN_RATE, OPEN_BURST, limit, create=False)
@@ -1028,10 +1019,9 @@ class LinuxNve(NveDriver):
                 with contextlib.suppress(OSError):  # ENOBUFS: a full queue dequeues anyway
                     hold.poker.send(_poke_frame(64))
             hold.released_at = time.monotonic()
-            self._deepen(ipr, port)
         return True
 
-    def _deepen(self, ipr: Any, port: int) -> None:
+    def _deepen(self, raw: RawLink, port: int, txqlen: int) -> None:
         """Let the port's own queue hold as much as a hold does.
 
         A tap (libvirt creates it after PREPARE, long before the pause) queues
@@ -1043,10 +1033,9 @@ class LinuxNve(NveDriver):
         """
         want = self.hold_limits.queue_frames(self.mtu)
         try:
-            link = ipr.get_links(port)[0]
-            if (link.get_attr("IFLA_TXQLEN") or 0) < want:
-                ipr.link("set", index=port, txqlen=want)
-        except (NetlinkError, IndexError) as exc:
+            if txqlen < want:
+                raw.set_txqlen(port, want)
+        except (NetlinkError, OSError) as exc:
             LOG.debug("could not deepen the queue of ifindex %d: %s", port, exc)
 
     def _drop_hold(self, vni: int, mac: str, why: str, raw: RawLink | None = None) -> None:
@@ -1123,9 +1112,7 @@ class LinuxNve(NveDriver):
         is held).
         """
         sock = socket_in(self.netns, socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_ROUTE)
-        # Handles of its own: a release must not queue behind the worker's jobs.
-        with entered(self.netns):
-            ipr = lean_iproute(_local_iproute())
+        # A handle of its own: a release must not queue behind the worker's jobs.
         raw = RawLink(self.netns, NFT_TIMEOUT_S)
         with contextlib.suppress(OSError):  # many ports at once (an evacuation): no ENOBUFS
             sock.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, 4 * 1024 * 1024)
@@ -1141,29 +1128,34 @@ class LinuxNve(NveDriver):
                     data = b""
                 except OSError:  # ENOBUFS: missed events; the poll below still runs
                     data = b""
-                for name in _joined_ports(data):
+                for name, joined in _link_events(data):
                     with self._lock:
                         holds = [h for h in self._holds.values() if h.port == name]
                     for hold in holds:
-                        LOG.debug("port %s joined the bridge: releasing %s", name, hold.mac)
                         try:
-                            self._release(ipr, raw, hold)
+                            if joined:
+                                LOG.debug("port %s joined the bridge: releasing %s", name, hold.mac)
+                                self._release(raw, hold)
+                            elif hold.released_at is None:
+                                # not on the bridge yet: nothing flows into it, deepen it now
+                                found = raw.link(name)
+                                if found is not None:
+                                    self._deepen(raw, found[0], found[2])
                         except (NetlinkError, OSError) as exc:
                             LOG.warning("releasing the hold of %s failed: %r", hold.mac, exc)
                 if time.monotonic() - polled >= HOLD_POLL_S:
                     polled = time.monotonic()
-                    self._poll_holds(ipr, raw)
+                    self._poll_holds(raw)
         finally:
             sock.close()
             raw.close()
-            ipr.close()
 
-    def _poll_holds(self, ipr: Any, raw: RawLink) -> None:
+    def _poll_holds(self, raw: RawLink) -> None:
         """Release a hold whose port is on the bridge (a missed notification);
         drop one whose oldest frame waited longer than hold_ms; once a released
         hold's queue is empty, let new frames take the bridge and remove it.
 
-        Only this thread's own netlink handles: the worker may be busy for a
+        Only this thread's own netlink handle: the worker may be busy for a
         while (an evacuation arms many holds at once), and a release must not
         wait for it. The reads are raw requests (vmm_linux.rawlink): through
         pyroute2 they took a whole CPU with 20 holds waiting.
@@ -1193,7 +1185,7 @@ class LinuxNve(NveDriver):
             try:
                 found = raw.link(hold.port)
                 if found is not None and found[1]:
-                    self._release(ipr, raw, hold)
+                    self._release(raw, hold)
                     continue
             except (NetlinkError, OSError) as exc:
                 LOG.debug("hold of %s: port %s not readable: %s", hold.mac, hold.port, exc)

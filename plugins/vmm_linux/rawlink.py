@@ -27,22 +27,21 @@ from vmm_kernel.netns import socket_in
 NETLINK_ROUTE = 0
 NLMSG_ERROR, NLMSG_DONE = 2, 3
 RTM_NEWLINK, RTM_DELLINK, RTM_GETLINK, RTM_NEWQDISC, RTM_GETQDISC = 16, 17, 18, 36, 38
+RTM_NEWTFILTER = 44
 NLM_F_REQUEST, NLM_F_ACK, NLM_F_ECHO = 0x1, 0x4, 0x8
 NLM_F_REPLACE, NLM_F_EXCL, NLM_F_CREATE = 0x100, 0x200, 0x400
 NLA_TYPE_MASK = 0x3FFF
-IFLA_IFNAME, IFLA_MTU, IFLA_MASTER, IFLA_LINKINFO, IFLA_AF_SPEC, IFLA_EXT_MASK = (
-    3,
-    4,
-    10,
-    18,
-    26,
-    29,
-)
+IFLA_IFNAME, IFLA_MTU, IFLA_MASTER, IFLA_TXQLEN = 3, 4, 10, 13
+IFLA_LINKINFO, IFLA_AF_SPEC, IFLA_EXT_MASK = 18, 26, 29
 IFLA_INFO_KIND, IFLA_INFO_DATA, VETH_INFO_PEER = 1, 2, 1
 IFLA_INET6_ADDR_GEN_MODE, IN6_ADDR_GEN_MODE_NONE = 8, 1
 IFF_UP = 0x1
 NLA_F_NESTED = 0x8000
-TC_H_CLSACT, TC_H_CLSACT_HANDLE = 0xFFFFFFF1, 0xFFFF0000
+TC_H_CLSACT, TC_H_CLSACT_HANDLE, TC_H_CLSACT_INGRESS = 0xFFFFFFF1, 0xFFFF0000, 0xFFFFFFF2
+ETH_P_ALL = 0x0003
+TCA_U32_SEL, TCA_U32_ACT, TC_U32_TERMINAL = 5, 7, 1
+TCA_ACT_KIND, TCA_ACT_OPTIONS, TCA_MIRRED_PARMS = 1, 2, 2
+TC_ACT_STOLEN, TCA_EGRESS_REDIR = 4, 1
 RTEXT_FILTER_SKIP_STATS = 1 << 3
 TCA_KIND, TCA_OPTIONS, TCA_STATS2 = 1, 2, 7
 TCA_STATS_QUEUE = 3
@@ -193,6 +192,30 @@ class RawLink:
     def add_clsact(self, index: int) -> None:
         self.add_qdisc(index, "clsact", TC_H_CLSACT, TC_H_CLSACT_HANDLE, b"")
 
+    def redirect_all(self, index: int, target: int) -> None:
+        """On ``index``'s clsact ingress, redirect every frame to ``target``'s
+        egress: ``tc filter add dev X ingress protocol all u32 match u32 0 0
+        action mirred egress redirect dev Y``."""
+        # struct tc_u32_sel (flags, offshift, nkeys, offmask, off, offoff, hoff,
+        # hmask) with one tc_u32_key (mask, val, off, offmask) that matches all
+        sel = struct.pack("=BBBxHHhhI", TC_U32_TERMINAL, 0, 1, 0, 0, 0, 0, 0)
+        sel += struct.pack("=IIii", 0, 0, 0, 0)
+        # struct tc_mirred: tc_gen (index, capab, action, refcnt, bindcnt), eaction, ifindex
+        mirred = struct.pack("=IIiiiiI", 0, 0, TC_ACT_STOLEN, 0, 0, TCA_EGRESS_REDIR, target)
+        action = _attr(TCA_ACT_KIND, b"mirred\0")
+        action += _attr(TCA_ACT_OPTIONS | NLA_F_NESTED, _attr(TCA_MIRRED_PARMS, mirred))
+        actions = _attr(1 | NLA_F_NESTED, action)  # the first (and only) action
+        options = _attr(TCA_U32_SEL, sel) + _attr(TCA_U32_ACT | NLA_F_NESTED, actions)
+        info = socket.htons(ETH_P_ALL)  # priority 0: the kernel picks one
+        body = struct.pack("=BBHiIII", socket.AF_UNSPEC, 0, 0, index, 0, TC_H_CLSACT_INGRESS, info)
+        body += _attr(TCA_KIND, b"u32\0") + _attr(TCA_OPTIONS | NLA_F_NESTED, options)
+        self._ask(RTM_NEWTFILTER, NLM_F_REQUEST | NLM_F_ACK | NLM_F_CREATE | NLM_F_EXCL, body)
+
+    def set_txqlen(self, index: int, frames: int) -> None:
+        body = struct.pack("=BBHiII", socket.AF_UNSPEC, 0, 0, index, 0, 0)
+        body += _attr(IFLA_TXQLEN, struct.pack("=I", frames))
+        self._ask(RTM_NEWLINK, NLM_F_REQUEST | NLM_F_ACK, body)
+
     def delete_link(self, index: int) -> bool:
         """Delete device ``index`` (a veth takes its peer along); False if it was gone."""
         body = struct.pack("=BBHiII", socket.AF_UNSPEC, 0, 0, index, 0, 0)
@@ -204,8 +227,9 @@ class RawLink:
             raise
         return True
 
-    def link(self, name: str) -> tuple[int, int] | None:
-        """(ifindex, master ifindex or 0) of device ``name``; None if there is none."""
+    def link(self, name: str) -> tuple[int, int, int] | None:
+        """(ifindex, master ifindex or 0, txqueuelen) of device ``name``; None if
+        there is none."""
         body = struct.pack("=BBHiII", socket.AF_UNSPEC, 0, 0, 0, 0, 0)
         body += _attr(IFLA_IFNAME, name.encode() + b"\0")
         body += _attr(IFLA_EXT_MASK, struct.pack("=I", RTEXT_FILTER_SKIP_STATS))
@@ -216,5 +240,10 @@ class RawLink:
         if reply is None:
             return None
         index = struct.unpack_from("=i", reply, 4)[0]
-        master = attrs(reply, 16).get(IFLA_MASTER)
-        return index, (struct.unpack_from("=I", master)[0] if master is not None else 0)
+        found = attrs(reply, 16)
+        master, txqlen = found.get(IFLA_MASTER), found.get(IFLA_TXQLEN)
+        return (
+            index,
+            struct.unpack_from("=I", master)[0] if master is not None else 0,
+            struct.unpack_from("=I", txqlen)[0] if txqlen is not None else 0,
+        )
