@@ -53,9 +53,27 @@ With etcd, agents watching etcd directly cost etcd a watcher and an event
 encoding per agent (about 420-610 ms at 1,000 peers); the server in front
 of etcd (etcd-served: one etcd watch, the same streams as the embedded
 directory) brought that to about 230 ms, against 150-200 ms embedded in the
-same runs. What is left of the directory's cost per peer with etcd is the
-acks: each is a key in etcd (about 55-85 us of etcd CPU per ack through
-etcd's JSON gateway, measured alone, plus the server's encoding).
+same runs. What was left of the directory's cost per peer with etcd was
+etcd's: a put per ack (55-60 us of etcd CPU each through its JSON gateway,
+measured alone, even 127 to a transaction) and, in the orchestrator's wait
+for the acks, a read of every NVE record and ack key (about 10 us per key).
+Acks are now a log of batches, one key per batch (vmm_etcd.acklog: 3-7 us
+of etcd CPU per ack), and the wait reads only the records written since its
+previous read: etcd's part at 1,000 peers went from about 81 to 21 us per
+peer, the whole directory (server + etcd) from 128 to about 45.
+
+Fixed costs: a move costs the directory something whatever N (the commit,
+the orchestrator's read of the acks, and with etcd about 1 ms of etcd CPU
+per request through its gateway, about 6 requests), so at 10 peers the cost
+per peer is that divided by 10; "us/added peer" is the cost of one more peer
+(the slope between two N). Both sides' TCP costs land where the sender is:
+on loopback the kernel's receive path runs in the sender's system call (a
+send of a change line costs the server about 6.5 us of system time, a recv
+about 1.3), so the directory also pays for some of its agents' receiving,
+and they for its.
+
+``--profile PREFIX`` profiles the server's threads with cProfile on each
+thread's CPU time (one pstats file per thread).
 
 Run as root:  .venv/bin/python benchmarks/fanout.py --peers 10,100,1000 --real 50 --runs 3
 """
