@@ -660,10 +660,17 @@ class LinuxNve(NveDriver):
             self._spare_later(vni)
 
     def _expect_on_worker(self, vni: int, mac: str, port: str, ips: tuple[str, ...]) -> None:
-        """``expect``'s kernel work in one job of the netlink worker (see ``_arm_on_worker``)."""
-        self._update(vni, mac, local_port=port, expected=True, **self._ips(ips))
+        """``expect``'s kernel work in one job of the netlink worker (see ``_arm_on_worker``).
+
+        The hold first: PREPARE's report does not wait for this stage (it is
+        best effort), so under load the pause can come before it ends, and
+        from the hold on every frame for ``mac`` that arrives over VXLAN is
+        kept, whatever the bridge's entries say (the expectation only adds
+        the local ports' side).
+        """
         if self.hold_enabled:
             self._arm_on_worker(vni, mac, port)
+        self._update(vni, mac, local_port=port, expected=True, **self._ips(ips))
 
     def plug(self, vni: int, mac: str, port: str, ips: tuple[str, ...] = ()) -> None:
         """``mac`` runs behind local ``port``: pin it there.
