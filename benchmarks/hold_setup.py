@@ -13,13 +13,21 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
+import contextlib
 import os
 import secrets
+import socket
 import statistics
 import subprocess
 import time
 
+from pyroute2 import NetNS
+
+from vmm_linux.netns import socket_in
 from vmm_linux.nve import LinuxNve
+
+MAC = "52:54:00:00:66:0a"
+ETHERTYPE = b"\x88\xb5"
 
 
 def _ms(seconds: float) -> float:
@@ -74,6 +82,53 @@ def measure(nve: LinuxNve, runs: int) -> dict[str, float]:
     }
 
 
+def _sh(ns: str, script: str) -> None:
+    subprocess.run(["ip", "netns", "exec", ns, "sh", "-ec", script], check=True)
+
+
+def release_once(ns: str, nve: LinuxNve, frames: int) -> tuple[float, float, bool]:
+    """(ms to the first held frame, ms to the last, all in order) after the join."""
+    _wait_spare(nve, 100)
+    nve.expect(100, MAC, "tap-r")
+    dst = bytes.fromhex(MAC.replace(":", ""))
+    with socket_in(ns, socket.AF_PACKET, socket.SOCK_RAW, 0) as sock:
+        sock.bind((nve._holds[(100, MAC)].stall, 0))
+        sock.setsockopt(socket.SOL_SOCKET, 32, 16 << 20)  # SO_SNDBUFFORCE
+        for i in range(frames):
+            frame = dst + bytes.fromhex("020000000001") + ETHERTYPE + i.to_bytes(4, "big")
+            sock.send(frame + bytes(100 - len(frame)))
+    _sh(ns, "ip link add tap-r type veth peer name vm-r; ip link set vm-r up; ip link set tap-r up")
+    ipr = NetNS(ns)
+    recv = socket_in(ns, socket.AF_PACKET, socket.SOCK_RAW, socket.htons(3))
+    try:
+        recv.setsockopt(socket.SOL_SOCKET, 33, 16 << 20)  # SO_RCVBUFFORCE
+        recv.bind(("vm-r", 0))
+        recv.settimeout(2.0)
+        time.sleep(0.3)  # the port is there (and deepened) before it joins
+        bridge, port = (ipr.link_lookup(ifname=name)[0] for name in ("br-100", "tap-r"))
+        joined = time.monotonic()
+        ipr.link("set", index=port, master=bridge)
+        seqs: list[int] = []
+        first = last = joined
+        with contextlib.suppress(TimeoutError):
+            while len(seqs) < frames:
+                frame = recv.recv(2048)
+                if frame[12:14] == ETHERTYPE and frame[:6] == dst:
+                    last = time.monotonic()
+                    first = first if seqs else last
+                    seqs.append(int.from_bytes(frame[14:18], "big"))
+        ok = seqs == list(range(frames))
+        if not ok:
+            out = next((i for i, seq in enumerate(seqs) if seq != i), len(seqs))
+            print(f"  release: {len(seqs)} of {frames} frames, first out of place at {out}")
+        return _ms(first - joined), _ms(last - joined), ok
+    finally:
+        recv.close()
+        nve.unplug(100, MAC)
+        _sh(ns, "ip link del tap-r")
+        ipr.close()
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--runs", type=int, default=5)
@@ -87,6 +142,7 @@ def main() -> int:
         nve.ensure_vn(100)
         load = open("/proc/loadavg").read().split()[:3]
         figures = measure(nve, args.runs)
+        releases = [release_once(ns, nve, 600) for _ in range(args.runs)]
         load += open("/proc/loadavg").read().split()[:3]
         print(
             f"one spare build {figures['build_ms']} ms, one arm (spare ready) "
@@ -97,6 +153,12 @@ def main() -> int:
             f"all done after {figures['arm20_wall_ms']} ms"
         )
         print(f"hold watcher with 20 holds waiting: {figures['waiting20_cpu_pct']} % of a CPU")
+        print(
+            "release of 600 held frames, from the join: first "
+            f"{statistics.median(r[0] for r in releases)} ms, last "
+            f"{statistics.median(r[1] for r in releases)} ms (medians of {args.runs}); "
+            f"all in order: {all(r[2] for r in releases)}"
+        )
         print(f"load average before {' '.join(load[:3])}, after {' '.join(load[3:])}")
     finally:
         if nve is not None:

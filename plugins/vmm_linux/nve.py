@@ -81,19 +81,23 @@ when it appears. Two cases, chosen by what exists at ``expect``:
   ``ip``/``tc``/``sysctl``/``ethtool`` processes) and ~3 per arm, and the
   watcher read each waiting hold through pyroute2 every 20 ms. Measured with
   ``benchmarks/hold_setup.py`` on this 2-core machine shared with other
-  benchmarks (load average 19-22 for both rows, run back to back):
+  benchmarks, each pair run back to back (the old code from commit 3ea6a82):
 
-  ======================  ===========  ========  ====================  =========
-  (medians)               spare build  one arm   20 ``expect`` at once  watcher,
-                                                 (median / all done)   20 waiting
-  ======================  ===========  ========  ====================  =========
-  before (tc, sh)         23.0 ms      15.5 ms   654 / 874 ms          93 % CPU
-  after                   1.3 ms       2.0 ms    102 / 177 ms          2.5 % CPU
-  ======================  ===========  ========  ====================  =========
+  =====================  ===========  =======  ======================  ==========
+  (medians)              spare build  one arm  20 ``expect`` at once   watcher,
+                                               (median / all done)     20 waiting
+  =====================  ===========  =======  ======================  ==========
+  before, load 4-5       58.4 ms      14.3 ms  834 / 1176 ms           98 % CPU
+  before, load 9-14      28.8 ms      28.8 ms  1921 / 2473 ms          32 % CPU
+  after, load 14         1.4 ms       2.2 ms   41 / 84 ms              2.6 % CPU
+  before, load 19-21     23.0 ms      15.5 ms  654 / 874 ms            93 % CPU
+  after, load 21-23      1.3 ms       2.0 ms   102 / 177 ms            2.5 % CPU
+  =====================  ===========  =======  ======================  ==========
 
-  (Before, at load 4-5: 58 ms, 14 ms, 834 / 1176 ms, 98 %.) A release, from
-  the port joining the bridge to the first of 600 held frames reaching it:
-  14.7 ms before, 3.3 ms after (median of 5, load 16).
+  (The watcher's share falls when the machine is busier: it gets less CPU.)
+  A release, from the port joining the bridge to the first of 600 held
+  frames reaching it (the same benchmark): 17.6 ms before, 2.1 ms after,
+  median of 10 at load 15-20; all 600 in order in every run.
 
 The source side of the same goal: a pinned local port gets the in-flight
 port as its bridge *backup port*, and the in-flight port replicates to the
