@@ -26,6 +26,13 @@ the source handled SWITCHOVER. ``--switchover-gate S`` holds each resume until
 the source did (at most S s), as QEMU's pause-before-switchover capability
 allows, trading a longer pause for no loss after resume.
 
+Loss while paused comes from VMs whose destination armed their hold after
+the pause ("hold armed, ms after pause" > 0; the summary says how many):
+PREPARE's report does not wait for the best-effort ``nve_prepare``, which
+runs after ``nva_prestage`` (a directory round trip), so on a loaded
+machine the source pauses first, and what reaches the destination before
+the hold is lost.
+
 Run as root:  .venv/bin/python benchmarks/evacuation.py --vms 20 --directory all
               [--switchover-gate 2]
 """
@@ -457,6 +464,7 @@ def evacuate(
                 "lost": sum(x.lost for x in s),
                 "reordered": sum(x.reordered for x in s),
                 "held": sum(x.held for x in s),
+                "hold_armed_ms": _hold_armed_ms(site, destination[vm.name], vm, rec.paused_at),
                 "held_extra_ms_max": max(
                     (x.held_extra_ms_max for x in s if x.held_extra_ms_max is not None),
                     default=None,
@@ -500,6 +508,20 @@ def stage_timeline(reports: list[engine.PhaseReport]) -> list[dict[str, Any]]:
 def _before(tunnel_ms: float | None, paused_ms: float) -> bool:
     """Whether the source's in-flight tunnel was up before the VM resumed."""
     return tunnel_ms is not None and tunnel_ms <= paused_ms
+
+
+def _late(armed_ms: float | None) -> bool:
+    return armed_ms is not None and armed_ms > 0
+
+
+def _hold_armed_ms(site: Site, host: str, vm: LabVm, paused_at: float) -> float | None:
+    """When the destination armed the VM's hold, in ms after its pause (negative:
+    before). PREPARE's report does not wait for nve_prepare (best effort), so
+    under load the pause can come first, and what reaches the destination
+    before the hold is lost while paused."""
+    report = getattr(site.hosts[host].nve, "hold_report", lambda *_: None)(VNI, vm.mac)
+    armed = (report or {}).get("armed_monotonic")
+    return None if armed is None else round((armed - paused_at) * 1000.0, 1)
 
 
 def _stage_ends(reports: list[engine.PhaseReport]) -> dict[tuple[str, str], float]:
@@ -573,6 +595,7 @@ def render(
                     ("duplicates", "dup"),
                     ("reordered", "reord"),
                     ("held", "held"),
+                    ("hold_armed_ms", "hold armed, ms after pause"),
                     ("held_extra_ms_max", "held +ms max"),
                     ("black_hole_ms", "black-hole ms"),
                     ("converged", "converged"),
@@ -597,13 +620,18 @@ def render(
                 f"{sum(v['lost_after_resume'] for v in r.vms if not v['tunnel_first'])}"
                 f" / {sum(not v['tunnel_first'] for v in r.vms)} VMs"
             ),
+            "late_hold_loss": (
+                f"{sum(v['lost_while_paused'] for v in r.vms if _late(v['hold_armed_ms']))}"
+                f" / {sum(_late(v['hold_armed_ms']) for v in r.vms)} VMs"
+            ),
             "checks": "all pass" if not r.problems else f"{len(r.problems)} FAILED",
         }
         for r in results
     ]
     lines.append(
         "== Summary (window = first pause to last resume; 'tunnel late': the source's "
-        "in-flight tunnel came up after the VM had resumed) =="
+        "in-flight tunnel came up after the VM had resumed; 'hold late': the destination "
+        "armed the VM's hold after its pause) =="
     )
     lines.append(
         probe.format_table(
@@ -621,6 +649,7 @@ def render(
                 ("reord", "reord"),
                 ("max_black_hole_ms", "max black-hole ms"),
                 ("late_tunnel_loss", "lost after resume / VMs, tunnel late"),
+                ("late_hold_loss", "lost while paused / VMs, hold late"),
                 ("checks", "journal/directory/NVE checks"),
             ],
         )

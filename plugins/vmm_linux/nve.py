@@ -358,6 +358,8 @@ class _Hold:
             else round((self.released_at - self.armed_at) * 1000.0, 2),
             #: CLOCK_MONOTONIC seconds of the release (comparable with the resume).
             "released_monotonic": self.released_at,
+            #: ... and of the arming (a hold armed after the pause misses what came before).
+            "armed_monotonic": self.armed_at or None,
         }
 
 
