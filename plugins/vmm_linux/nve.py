@@ -342,6 +342,8 @@ class _Hold:
     outcome: str = "holding"
     lock: threading.Lock = dataclasses.field(default_factory=threading.Lock, repr=False)
     retiring: bool = False
+    #: When a released hold's queue was first seen empty.
+    empty_at: float | None = None
     #: Size of the frame that spends a full bucket (the largest the port takes).
     poke_size: int = 1464
 
@@ -1184,7 +1186,15 @@ class LinuxNve(NveDriver):
             except (NetlinkError, OSError) as exc:
                 LOG.debug("hold of %s: queue not readable: %s", hold.mac, exc)
                 qlen = None
-            if not qlen or now - hold.released_at > HOLD_DRAIN_S:
+            if qlen:
+                hold.empty_at = None
+            elif qlen == 0 and hold.empty_at is None:
+                # Empty now, but what left the queue last may still be on its
+                # way (the receiving end's backlog, the redirect): a frame that
+                # took the bridge meanwhile would overtake it. One more poll.
+                hold.empty_at = now
+                continue
+            if qlen is None or qlen == 0 or now - hold.released_at > HOLD_DRAIN_S:
                 hold.retiring = True
                 threading.Thread(
                     target=self._retire,
