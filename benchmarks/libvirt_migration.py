@@ -49,6 +49,23 @@ libvirt's downtime (which takes the final copy's chance out).
 the orchestrator off), how long each phase took and how long libvirtd waited
 for each hook call: where the wall time goes, phase by phase.
 
+Where the orchestrator's time goes (2026-12-07, this 2-core machine shared with
+other benchmarks): only in libvirt's hook calls. With the orchestrator on and off
+in one lab (load 3-5, 6 + 6 migrations), prepare took 416 ms against 381 (median)
+and the destination's four hook calls 36-57 ms; the live pass, the final copy and
+Finish did not differ; confirm differed by the source's two hook calls (10-29 ms).
+libvirtd's own monitor call after QEMU's completion came 0-1 ms after it in every
+migration checked (23, 11 of them with the agents' job reads queued during the
+final copy, which QEMU answers when the copy ends), and no agent call fell in the
+destination's Finish: the agents never held a libvirt job up. Hook waits per
+migration: 46-76 ms at load 2-5 (``migrate begin`` 20-41 ms, of which the agent's
+handler 3-9 ms and the relay's Python start-up 6 ms; each other call 2-17 ms, mostly
+libvirtd starting a process), 79-94 ms median at load 10-25 (``migrate begin`` up
+to 363 ms; even a relay that exits at once for ``stopped end`` took up to 45 ms
+there). The +257 ms of two labs' medians was the labs' chance: the run that
+printed +222 ms between the labs printed +58 ms paired in one lab
+(``--runs 3 --paired-alone --libvirt-log``, load 4 -> 20).
+
 Run as root:  .venv/bin/python benchmarks/libvirt_migration.py --runs 5
 """
 
