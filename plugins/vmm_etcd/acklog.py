@@ -33,11 +33,16 @@ acks is one key::
   deletes the keys it folded: a reader sees every entry at all times, in
   the old keys or the new ones, and two writers folding at once only
   leave duplicates, which the highest-wins rule ignores.
+* Many writers (agents writing to etcd directly: 16 agent processes in the
+  benchmark) each fold only every ``COMPACT_EVERY`` of their own batches,
+  so the log could hold hundreds of keys; a reader of acks that finds more
+  than ``FOLD_KEYS`` folds it (in the background: :meth:`fold_soon`).
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import secrets
 import threading
 from collections.abc import Iterable, Mapping
@@ -45,9 +50,14 @@ from collections.abc import Iterable, Mapping
 from vmm_etcd import kv as kvmod
 from vmm_etcd.keys import Keys, pad
 from vmm_etcd.kv import EtcdKV, KeyValue
+from vmm_orchestrator.nva.errors import NvaError
+
+LOG = logging.getLogger(__name__)
 
 #: Batches a writer writes between two foldings of the log.
 COMPACT_EVERY = 32
+#: Keys in the log above which a reader of acks folds it.
+FOLD_KEYS = 64
 #: Acks per log key (a key of 2,048 acks is ~80 kB: far below etcd's request limit).
 ENTRIES_PER_KEY = 2048
 
@@ -135,6 +145,7 @@ class AckLogWriter:
         self.max_deletes = max(1, max_ops)
         self.writer = secrets.token_hex(6)
         self.lock = threading.Lock()
+        self._folding = threading.Lock()
         self._seq = 0
         self._written = 0
         #: {nve: create revision} as far as known, and the etcd revision that is as of.
@@ -209,6 +220,22 @@ class AckLogWriter:
 
     def due(self) -> bool:
         return self._written >= COMPACT_EVERY
+
+    def fold_soon(self) -> None:
+        """Fold the log in a thread of its own, unless a fold is already running."""
+        if not self._folding.acquire(blocking=False):
+            return
+
+        def run() -> None:
+            try:
+                with self.lock:
+                    self.compact()
+            except NvaError as err:  # the next reader tries again
+                LOG.info("folding the ack log failed: %s", err)
+            finally:
+                self._folding.release()
+
+        threading.Thread(target=run, name="etcd-ack-fold", daemon=True).start()
 
     def compact(self) -> None:
         """Fold the whole log into fresh keys of this writer, then delete what was folded."""

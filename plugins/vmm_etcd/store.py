@@ -37,7 +37,7 @@ from typing import Any, TypeVar
 
 from vmm_etcd import kv as kvmod
 from vmm_etcd import txn
-from vmm_etcd.acklog import Ack, AckLogWriter, better, epochs_of, fold
+from vmm_etcd.acklog import FOLD_KEYS, Ack, AckLogWriter, better, epochs_of, fold
 from vmm_etcd.feed import ChangeFeed, GapListener, Listener
 from vmm_etcd.keys import Keys, pad
 from vmm_etcd.kv import EtcdKV, KeyValue
@@ -976,6 +976,8 @@ class EtcdNvaStore(StoreFront):
         epochs = {n: epoch for n, (_, epoch) in found.items()}
         acked = {i.key[len(self.keys.acks) :]: i.value for i in answer.kvs(2)}
         logged = fold(answer.kvs(3), epochs)
+        if len(answer.kvs(3)) > FOLD_KEYS:
+            self._ack_log.fold_soon()
         if wanted is None:
             ids = [n for n in sorted(records) if vni in records[n]["vnis"]]
         else:

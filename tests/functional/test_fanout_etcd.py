@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 
 from vmm_etcd import kv as kvmod
-from vmm_etcd.acklog import COMPACT_EVERY
+from vmm_etcd.acklog import COMPACT_EVERY, FOLD_KEYS
 from vmm_etcd.client import EtcdNvaClient
 from vmm_etcd.cluster import LocalEtcdCluster
 from vmm_etcd.kv import EtcdKV
@@ -198,3 +198,28 @@ def test_waiting_for_acks_reads_only_the_records_written_since_and_sees_deletes(
             client.acks(VNI, revision, nves=["nve05"])
     finally:
         other.close()
+
+
+def test_a_reader_folds_a_log_that_many_writers_grew(
+    client: EtcdNvaClient, etcd: LocalEtcdCluster
+) -> None:
+    """Agents writing to etcd directly are many writers, each folding only every
+    COMPACT_EVERY batches of its own: the reader of acks folds what they left."""
+    revision = client.revision
+    writers = [EtcdNvaClient(EtcdKV(etcd.endpoints), client.keys.prefix) for _ in range(3)]
+    try:
+        for i in range(FOLD_KEYS // 3 + 1):
+            for w, writer in enumerate(writers):
+                writer.record_acks({f"nve{(3 * i + w) % 70:02d}": revision})
+    finally:
+        for writer in writers:
+            writer.close()
+    assert len(_log_keys(client)) > FOLD_KEYS
+    acks = client.acks(VNI, revision)  # sees them all, and folds in the background
+    assert sum(a["acked_revision"] == revision for a in acks.values()) == 66
+    deadline = time.monotonic() + 10
+    while len(_log_keys(client)) > 2:
+        assert time.monotonic() < deadline, "the reader did not fold the log"
+        time.sleep(0.05)
+    acks = client.acks(VNI, revision)
+    assert sum(a["acked_revision"] == revision for a in acks.values()) == 66
