@@ -46,6 +46,7 @@ import logging
 import secrets
 import threading
 from collections.abc import Iterable, Mapping
+from typing import Any
 
 from vmm_etcd import kv as kvmod
 from vmm_etcd.keys import Keys, pad
@@ -78,7 +79,7 @@ def better(a: Ack | None, b: Ack | None) -> Ack | None:
     return a
 
 
-def entries(value: str) -> Iterable[tuple[str, int, int, float | None]]:
+def entries(value: str) -> list[tuple[str, int, int, float | None]]:
     """(nve, revision, epoch, at) of one log key's value; a malformed value holds none."""
     try:
         doc = json.loads(value)
@@ -96,11 +97,20 @@ def entries(value: str) -> Iterable[tuple[str, int, int, float | None]]:
     return out
 
 
+#: One log entry: (nve, revision, epoch, at).
+Entry = tuple[str, int, int, float | None]
+
+
 def fold(items: Iterable[KeyValue], epochs: Mapping[str, int]) -> dict[str, Ack]:
     """The highest logged ack of each NVE whose entries carry its current epoch."""
+    return fold_parsed((entries(item.value) for item in items), epochs)
+
+
+def fold_parsed(keys: Iterable[Iterable[Entry]], epochs: Mapping[str, int]) -> dict[str, Ack]:
+    """:func:`fold` of log keys already parsed (:class:`LogCache`)."""
     best: dict[str, Ack] = {}
-    for item in items:
-        for nve_id, revision, epoch, at in entries(item.value):
+    for parsed in keys:
+        for nve_id, revision, epoch, at in parsed:
             if epochs.get(nve_id) == epoch:
                 found = best.get(nve_id)
                 new = (revision, at)
@@ -128,6 +138,51 @@ def snapshot_value(acks: Mapping[str, tuple[int, int, float | None]]) -> str:
     """A compacted key's value: each ack with its own time."""
     body = {n: [r, e, a] for n, (r, e, a) in acks.items()}
     return json.dumps({"acks": body}, separators=(",", ":"))
+
+
+class LogCache:
+    """The ack log as this process last read it, parsed.
+
+    A log key is written once and never changed (a fold writes new keys and
+    deletes old ones), so a reader lists the log's keys without values and
+    fetches only the keys created since its last read: reading one NVE's
+    ack (an agent's stream joining, a registration) no longer costs a read
+    of the whole log, which holds up to a few entries per NVE.
+    """
+
+    def __init__(self, keys: Keys) -> None:
+        self.keys = keys
+        self._lock = threading.Lock()
+        self._parsed: dict[str, list[Entry]] = {}
+        self._seen = 0
+
+    def requests(self, full: bool = False) -> tuple[dict[str, Any], dict[str, Any]]:
+        """The two ranges to read (together with whatever else, in one read)."""
+        with self._lock:
+            seen = 0 if full else self._seen
+        return (
+            kvmod.get_prefix(self.keys.ack_log, keys_only=True),
+            kvmod.get_prefix(self.keys.ack_log, min_create_revision=seen + 1 if seen else 0),
+        )
+
+    def parsed(self, answer: kvmod.TxnResult, index: int) -> list[list[Entry]] | None:
+        """Every log key's entries as of ``answer`` (ranges at ``index`` and after), or
+        None when a listed key is not known (a concurrent read moved the cache past
+        it): then read again with ``full``."""
+        new = {item.key: entries(item.value) for item in answer.kvs(index + 1)}
+        listed = [item.key for item in answer.kvs(index)]
+        with self._lock:
+            out: dict[str, list[Entry]] = {}
+            for key in listed:
+                found = new.get(key)
+                if found is None:
+                    found = self._parsed.get(key)
+                if found is None:
+                    return None
+                out[key] = found
+            if answer.revision >= self._seen:
+                self._parsed, self._seen = out, answer.revision
+        return list(out.values())
 
 
 def epochs_of(keys: Keys, records: Iterable[KeyValue]) -> dict[str, int]:

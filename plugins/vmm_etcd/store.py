@@ -37,7 +37,17 @@ from typing import Any, TypeVar
 
 from vmm_etcd import kv as kvmod
 from vmm_etcd import txn
-from vmm_etcd.acklog import FOLD_KEYS, Ack, AckLogWriter, better, epochs_of, fold
+from vmm_etcd.acklog import (
+    FOLD_KEYS,
+    Ack,
+    AckLogWriter,
+    Entry,
+    LogCache,
+    better,
+    epochs_of,
+    fold,
+    fold_parsed,
+)
 from vmm_etcd.feed import ChangeFeed, GapListener, Listener
 from vmm_etcd.keys import Keys, pad
 from vmm_etcd.kv import EtcdKV, KeyValue
@@ -173,6 +183,7 @@ class EtcdNvaStore(StoreFront):
         self._feed_lock = threading.Lock()
         self._ack_log = AckLogWriter(kv, self.keys, max_txn_ops)
         self._records = RecordCache(self.keys)
+        self._log_cache = LogCache(self.keys)
 
     @property
     def path(self) -> str:
@@ -410,7 +421,7 @@ class EtcdNvaStore(StoreFront):
             old, ack = tx.get(self.keys.nve(nve_id), self.keys.ack(nve_id))
             record = {"id": nve_id, "vtep": vtep_ip, "vnis": vni_list}
             before = json.loads(old.value) if old is not None else None
-            logged = self._logged_ack(tx, old) if old is not None else None
+            logged = self._logged_ack(old) if old is not None else None
             if before == record:  # a restarting agent: nothing changes
                 return nve_dict(record, ack.value if ack is not None else None, logged)
             tx.put_json(self.keys.nve(nve_id), record)
@@ -441,7 +452,7 @@ class EtcdNvaStore(StoreFront):
             tx.delete(self.keys.ack(nve_id))
             for vni, payload in membership_changes(record, None):
                 self._record(tx, vni, "nve", payload, tx.next_revision())
-            logged = self._logged_ack(tx, stored) if stored is not None else None
+            logged = self._logged_ack(stored) if stored is not None else None
             return nve_dict(record, ack.value if ack is not None else None, logged)
 
         return self._run(f"delete NVE {nve_id}", decide, changes=True)
@@ -457,36 +468,42 @@ class EtcdNvaStore(StoreFront):
             stored = self._put_endpoint(tx, endpoint, vtep=vtep, revision=revision)
             self._record(tx, stored["vni"], "endpoint", {"endpoint": public(stored)}, revision)
 
-    def _logged_ack(self, tx: Tx, record: KeyValue) -> Ack | None:
-        """The ack log's highest ack of the NVE stored as ``record`` (not compared)."""
+    def _read_with_log(
+        self, *requests_: dict[str, Any], what: str
+    ) -> tuple[kvmod.TxnResult, list[list[Entry]]]:
+        """``requests_`` and the ack log (:class:`LogCache`), read at one etcd revision."""
+        for full in (False, True):
+            answer = self.kv.read(*requests_, *self._log_cache.requests(full), what=what)
+            parsed = self._log_cache.parsed(answer, len(requests_))
+            if parsed is not None:
+                return answer, parsed
+        raise NvaError(f"cannot {what}: the ack log kept changing under the read")
+
+    def _logged_ack(self, record: KeyValue) -> Ack | None:
+        """The ack log's highest ack of the NVE stored as ``record`` (read, not compared)."""
         nve_id = record.key[len(self.keys.nves) :]
-        return fold(tx.scan(self.keys.ack_log), {nve_id: record.create_revision}).get(nve_id)
+        _, parsed = self._read_with_log(what="read the ack log")
+        return fold_parsed(parsed, {nve_id: record.create_revision}).get(nve_id)
 
     def _do_get_nve(self, nve_id: str) -> dict[str, Any]:
         self._check_open()
-        answer = self.kv.read(
-            kvmod.get(self.keys.nve(nve_id)),
-            kvmod.get(self.keys.ack(nve_id)),
-            kvmod.get_prefix(self.keys.ack_log),
-            what="read an NVE",
+        answer, parsed = self._read_with_log(
+            kvmod.get(self.keys.nve(nve_id)), kvmod.get(self.keys.ack(nve_id)), what="read an NVE"
         )
         record, ack = answer.one(0), answer.one(1)
         if record is None:
             raise _not_registered(nve_id)
-        logged = fold(answer.kvs(2), {nve_id: record.create_revision}).get(nve_id)
+        logged = fold_parsed(parsed, {nve_id: record.create_revision}).get(nve_id)
         return nve_dict(json.loads(record.value), ack.value if ack is not None else None, logged)
 
     def _do_list_nves(self, vni: int | None) -> list[dict[str, Any]]:
         self._check_open()
-        answer = self.kv.read(
-            kvmod.get_prefix(self.keys.nves),
-            kvmod.get_prefix(self.keys.acks),
-            kvmod.get_prefix(self.keys.ack_log),
-            what="list NVEs",
+        answer, parsed = self._read_with_log(
+            kvmod.get_prefix(self.keys.nves), kvmod.get_prefix(self.keys.acks), what="list NVEs"
         )
         acks = {a.key[len(self.keys.acks) :]: a.value for a in answer.kvs(1)}
         records = answer.kvs(0)
-        logged = fold(answer.kvs(2), epochs_of(self.keys, records))
+        logged = fold_parsed(parsed, epochs_of(self.keys, records))
         out = []
         for item in records:
             record = json.loads(item.value)
@@ -946,26 +963,23 @@ class EtcdNvaStore(StoreFront):
         are followed through an etcd watch, not by reading everything again.
         """
         self._check_open()
-        known = self._records.snapshot()
-        answer = self.kv.read(
-            kvmod.get(self.keys.revision),
-            self._records.request(known),
-            kvmod.get_prefix(self.keys.acks),
-            kvmod.get_prefix(self.keys.ack_log),
-            what="read the acks",
-        )
-        found = self._records.update(known, answer, 1)
-        if found is None:  # NVEs were deleted since the cached read: read them all
-            known = self._records.snapshot(full=True)
+        full_records = full_log = False
+        while True:  # twice at most: a full read of what a cached read could not settle
+            known = self._records.snapshot(full=full_records)
             answer = self.kv.read(
                 kvmod.get(self.keys.revision),
                 self._records.request(known),
                 kvmod.get_prefix(self.keys.acks),
-                kvmod.get_prefix(self.keys.ack_log),
+                *self._log_cache.requests(full_log),
                 what="read the acks",
             )
             found = self._records.update(known, answer, 1)
-            assert found is not None
+            parsed = self._log_cache.parsed(answer, 3)
+            if found is not None and parsed is not None:
+                break
+            if full_records and full_log:
+                raise NvaError("cannot read the acks: the directory kept changing under the read")
+            full_records, full_log = full_records or found is None, full_log or parsed is None
         counter = answer.one(0)
         current = int(counter.value) if counter is not None else 0
         if min_revision > current:
@@ -975,8 +989,8 @@ class EtcdNvaStore(StoreFront):
         records = {n: record for n, (record, _) in found.items()}
         epochs = {n: epoch for n, (_, epoch) in found.items()}
         acked = {i.key[len(self.keys.acks) :]: i.value for i in answer.kvs(2)}
-        logged = fold(answer.kvs(3), epochs)
-        if len(answer.kvs(3)) > FOLD_KEYS:
+        logged = fold_parsed(parsed, epochs)
+        if len(parsed) > FOLD_KEYS:
             self._ack_log.fold_soon()
         if wanted is None:
             ids = [n for n in sorted(records) if vni in records[n]["vnis"]]

@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 
+from vmm_etcd import acklog
 from vmm_etcd import kv as kvmod
 from vmm_etcd.acklog import COMPACT_EVERY, FOLD_KEYS
 from vmm_etcd.client import EtcdNvaClient
@@ -223,3 +224,32 @@ def test_a_reader_folds_a_log_that_many_writers_grew(
         time.sleep(0.05)
     acks = client.acks(VNI, revision)
     assert sum(a["acked_revision"] == revision for a in acks.values()) == 66
+
+
+def test_reading_an_nves_ack_fetches_only_the_log_keys_written_since(
+    client: EtcdNvaClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    revision = client.revision
+    client.record_acks({"nve20": revision, "nve21": revision})
+    client.record_acks({"nve22": revision})
+    assert client.get_nve("nve21")["acked_revision"] == revision  # reads the whole log
+    parsed: list[str] = []
+    real = acklog.entries
+
+    def counting(value: str) -> list[tuple[str, int, int, float | None]]:
+        found = real(value)
+        parsed.extend(n for n, *_ in found)
+        return found
+
+    monkeypatch.setattr(acklog, "entries", counting)
+    assert client.get_nve("nve22")["acked_revision"] == revision
+    assert parsed == []  # nothing new in the log: no value read or parsed
+    client.record_acks({"nve23": revision})
+    assert client.get_nve("nve23")["acked_revision"] == revision
+    assert parsed == ["nve23"]  # only the new key
+    assert {n["id"] for n in client.list_nves(VNI) if n["acked_revision"] == revision} == {
+        "nve20",
+        "nve21",
+        "nve22",
+        "nve23",
+    }
