@@ -57,9 +57,12 @@ T = TypeVar("T")
 NAMESPACE = "vmm_orchestrator.stages"
 GROUP = "pipeline"
 
+#: ``nve_prepare`` first: the destination holds the VM's frames from PREPARE on,
+#: whatever the directory's round trip costs (under an etcd evacuation it came after
+#: the pause otherwise); a veto after it only reverts a local expectation.
 DEFAULT_STAGES = [
-    "nva_prestage",
     "nve_prepare",
+    "nva_prestage",
     "announce",
     "nve_plug",
     "peer_update",

@@ -123,7 +123,7 @@ def test_show_a_reverted_migration(lab_conf, prefix, tmp_path, capsys):
     print(shown)
     views = {v["host"]: v for v in doc["migration"]}
     assert views["h2"]["status"] == "reverted"
-    assert views["h2"]["reverted"] == ["nve_prepare", "nva_prestage"]
+    assert views["h2"]["reverted"] == ["nva_prestage", "nve_prepare"]
     assert views["h1"]["reverted"] == ["inflight_tunnel"]
     assert {s["outcome"] for v in views.values() for s in v["stages"]} == {"reverted"}
     assert all(
@@ -131,4 +131,4 @@ def test_show_a_reverted_migration(lab_conf, prefix, tmp_path, capsys):
         for v in views.values()
         for s in v["stages"]
     )
-    assert "reverted on h2 (newest first): nve_prepare, nva_prestage" in shown
+    assert "reverted on h2 (newest first): nva_prestage, nve_prepare" in shown

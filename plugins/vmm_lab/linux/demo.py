@@ -53,13 +53,13 @@ if TYPE_CHECKING:  # vmm_state is imported only when a lab runs with state=True
 
 LOG = logging.getLogger(__name__)
 
-#: The pipeline of a lab with state migration: the pre-copy before the
-#: destination's NVE changes (a veto costs nothing yet), the delta after the
-#: in-flight tunnel (inside the pause), the source's cleanup after the hold.
+#: The pipeline of a lab with state migration: the destination's hold first (as
+#: in engine.DEFAULT_STAGES: a veto only reverts a local expectation), the delta
+#: after the in-flight tunnel (inside the pause), the source's cleanup after the hold.
 STATE_STAGES = [
+    "nve_prepare",
     "nva_prestage",
     "state_precopy",
-    "nve_prepare",
     "announce",
     "nve_plug",
     "peer_update",
