@@ -86,7 +86,9 @@ def test_list_show_and_plot_a_migration_while_the_agents_run(lab_conf, prefix, t
     assert (
         stages["peer_update"]["figures"]["convergence_ms"] == notes["peer_update"]["convergence_ms"]
     )
-    assert stages["hold_timer"]["figures"]["hold_s"] == 1.0
+    # hold_time (1 s), and no longer: every peer had acknowledged by then
+    assert 1.0 <= stages["hold_timer"]["figures"]["hold_s"] < 1.5
+    assert stages["hold_timer"]["figures"]["unacked"] == []
     assert stages["hold_timer"]["duration_ms"] >= 1000.0
     assert views["h1"]["failure"] is None and views["h1"]["reverted"] == []
     for word in ("peer_update", "convergence_ms", "RESUMED", "h2 (destination): done"):
