@@ -106,9 +106,9 @@ VN's VTEPs like the VXLAN port, so a frame for a port that lost its carrier
 userspace step. (A port that goes away is not diverted: its MAC's frames
 would be replicated to every VTEP until the directory moved it, and a
 baseline without an orchestrator would never lose.) QEMU's tap keeps its carrier while the guest is
-paused, so under libvirt frames queued in the source tap between the pause
-and the in-flight tunnel are still lost: the early switchover keeps that
-window short.
+paused, so under libvirt frames reach the source tap until the in-flight
+tunnel: SWITCHOVER takes what the tap queued meanwhile on to the destination
+(vmm_linux.leftovers).
 """
 
 from __future__ import annotations
