@@ -64,7 +64,12 @@ libvirtd starting a process), 79-94 ms median at load 10-25 (``migrate begin`` u
 to 363 ms; even a relay that exits at once for ``stopped end`` took up to 45 ms
 there). The +257 ms of two labs' medians was the labs' chance: the run that
 printed +222 ms between the labs printed +58 ms paired in one lab
-(``--runs 3 --paired-alone --libvirt-log``, load 4 -> 20).
+(``--runs 3 --paired-alone --libvirt-log``, load 4 -> 20). At load 2 (11:10, 3 + 6
+migrations each): hook waits 90 [77-94] ms per migration with PREPARE's stages in
+engine.DEFAULT_STAGES' order since 75ff7ed (nve_prepare first: the veto's answer
+waits for the hold's set-up too; ``migrate begin`` 52 [38-53] ms), 65 [63-85] ms
+with nva_prestage first (``migrate begin`` 37 [32-57] ms); wall time less downtime
+against the orchestrator off +91 and +48 ms.
 
 Run as root:  .venv/bin/python benchmarks/libvirt_migration.py --runs 5
 """
