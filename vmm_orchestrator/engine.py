@@ -57,9 +57,10 @@ T = TypeVar("T")
 NAMESPACE = "vmm_orchestrator.stages"
 GROUP = "pipeline"
 
-#: ``nve_prepare`` first: the destination holds the VM's frames from PREPARE on,
-#: whatever the directory's round trip costs (under an etcd evacuation it came after
-#: the pause otherwise); a veto after it only reverts a local expectation.
+#: ``nve_prepare`` first, and beside the rest (``Stage.alongside``): the destination
+#: holds the VM's frames from PREPARE on, whatever the directory's round trip costs
+#: (under an etcd evacuation it came after the pause otherwise), while the veto does
+#: not wait for it; a veto only reverts a local expectation.
 DEFAULT_STAGES = [
     "nve_prepare",
     "nva_prestage",
@@ -143,6 +144,12 @@ def load_stages(conf: cfg.ConfigOpts, names: list[str]) -> list[Stage]:
         option="[pipeline] stages",
         available_hint=lambda names: f"available stages: {', '.join(names) or 'none installed'}",
     )
+    for name, stage in loaded:
+        if stage.alongside and not stage.best_effort:
+            raise ConfigError(
+                f"stage {name} runs alongside the others but can fail the phase",
+                hint="a stage that runs alongside must be best_effort; fix the plugin",
+            )
     return [stage for _, stage in loaded]
 
 
@@ -151,6 +158,14 @@ def load_stages(conf: cfg.ConfigOpts, names: list[str]) -> list[Stage]:
 
 #: Where a phase's outcome goes as soon as it is known: None (it succeeds) or the error.
 Decided = concurrent.futures.Future[str | None]
+
+
+def _run_into(future: concurrent.futures.Future[T], fn: Callable[..., T], *args: Any) -> None:
+    """Run ``fn`` in this thread and hand its result (or error) to ``future``."""
+    try:
+        future.set_result(fn(*args))
+    except BaseException as err:  # the waiting phase re-raises it
+        future.set_exception(err)
 
 
 def _settle(decided: Decided | None, outcome: str | None) -> None:
@@ -482,45 +497,80 @@ class Pipeline:
         stages = self.stages_for(phase, role)
         # After the last stage that can fail the phase, its success is known.
         binding = max((i for i, s in enumerate(stages) if not s.best_effort), default=-1)
+        beside: list[tuple[Stage, concurrent.futures.Future[tuple[StageTiming, _CallResult]]]] = []
+
+        def join_beside() -> None:
+            for side, running in beside:
+                timing, result = running.result()
+                report.timeline.append(timing)
+                if not result.ok:
+                    self._best_effort_failed(report, side, migration, phase, timing, result)
+            beside.clear()
+
         for index, stage in enumerate(stages):
             if index > binding:
                 _settle(decided, None)
             previous = self.journal.stage_run(migration.id, phase, stage.name)
             if previous is not None and previous.state == jr.COMPLETED:
                 continue  # completed before a crash; the journal holds its record
+            if stage.alongside and stage.best_effort:
+                running: concurrent.futures.Future[tuple[StageTiming, _CallResult]]
+                running = concurrent.futures.Future()
+                journalled = threading.Event()
+                args = (running, self._run_stage, stage, migration, role, phase, origin)
+                threading.Thread(
+                    target=_run_into,
+                    args=(*args, journalled),
+                    name=f"stage-{stage.name}",
+                    daemon=True,
+                ).start()
+                # In the journal before the next stage, as in the list: reverts go newest first.
+                while not journalled.wait(0.05) and not running.done():
+                    pass  # (done first: the journal failed; the join below raises it)
+                beside.append((stage, running))
+                continue
             timing, result = self._run_stage(stage, migration, role, phase, origin)
             report.timeline.append(timing)
             if not result.ok and stage.best_effort:
-                # Best effort (e.g. one more announcement): its failure is
-                # reported, and the migration goes on. Journalled as completed
-                # so that neither a later failure nor recovery treats it as a
-                # failed migration.
-                error = result.error or "failed"
-                LOG.warning(
-                    "host %s: best-effort stage %s of migration %s failed (%s); going on",
-                    self.host.name,
-                    stage.name,
-                    migration.id,
-                    error,
-                )
-                self.journal.stage_completed(
-                    migration.id,
-                    phase,
-                    stage.name,
-                    {"best_effort_failed": error},
-                    timing.attempts,
-                )
-                note = f"best-effort stage {stage.name} failed: {error}"
-                report.detail = f"{report.detail}; {note}" if report.detail else note
+                self._best_effort_failed(report, stage, migration, phase, timing, result)
                 continue
             if not result.ok:
+                join_beside()  # what runs beside is reverted with the rest, once it ran
                 self.journal.phase_failed(migration.id, phase)
                 return self._fail(report, stage.name, result.error or "failed", origin)
+        _settle(decided, None)  # every stage that could fail the phase passed
+        join_beside()
         self.journal.phase_completed(migration.id, phase)
         if self._is_last_phase(role, phase):
             self.journal.set_status(migration.id, jr.DONE)
             LOG.info("host %s: migration %s done", self.host.name, migration.id)
         return report
+
+    def _best_effort_failed(
+        self,
+        report: PhaseReport,
+        stage: Stage,
+        migration: Migration,
+        phase: Phase,
+        timing: StageTiming,
+        result: _CallResult,
+    ) -> None:
+        """Best effort (e.g. one more announcement): its failure is reported, and the
+        migration goes on. Journalled as completed so that neither a later failure
+        nor recovery treats it as a failed migration."""
+        error = result.error or "failed"
+        LOG.warning(
+            "host %s: best-effort stage %s of migration %s failed (%s); going on",
+            self.host.name,
+            stage.name,
+            migration.id,
+            error,
+        )
+        self.journal.stage_completed(
+            migration.id, phase, stage.name, {"best_effort_failed": error}, timing.attempts
+        )
+        note = f"best-effort stage {stage.name} failed: {error}"
+        report.detail = f"{report.detail}; {note}" if report.detail else note
 
     def _is_last_phase(self, role: Role, phase: Phase) -> bool:
         """Whether nothing is left for ``role`` after ``phase`` succeeded.
@@ -573,10 +623,13 @@ class Pipeline:
         role: Role,
         phase: Phase,
         origin: float,
+        journalled: threading.Event | None = None,
     ) -> tuple[StageTiming, _CallResult]:
         previous = self.journal.stage_run(migration.id, phase, stage.name)
         saved = dict(previous.checkpoint) if previous is not None else {}
         self.journal.stage_started(migration.id, phase, stage.name)
+        if journalled is not None:
+            journalled.set()
         abandoned = threading.Event()
         ctx = self._context(stage, migration, role, phase, saved, abandoned)
         start = self._clock()

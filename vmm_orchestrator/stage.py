@@ -115,6 +115,10 @@ class Stage(abc.ABC):
     #: reverts the migration (an announcement that could not be sent must
     #: not unplug a VM that already runs at its destination).
     best_effort: ClassVar[bool] = False
+    #: A best-effort stage that runs beside the stages after it in its phase (a
+    #: thread of its own) instead of before them: the phase waits for it before it
+    #: ends or reverts, but the phase's outcome (libvirt's hook answer) does not.
+    alongside: ClassVar[bool] = False
     #: Host services this stage needs beyond the data plane's (``nve``,
     #: ``announcers``): the composition root builds them only when a listed
     #: stage requires them (for example ``state``).

@@ -40,9 +40,12 @@ class NvePrepare(Stage):
     role = Role.DESTINATION
     default_attempts = 1
     #: Its failure costs the hold, not the migration: RESUMED's ``nve_plug`` pins the
-    #: port anyway. So it is no veto. It comes first in the default pipeline (2 ms on
-    #: an idle host) so that the hold exists before the source can pause.
+    #: port anyway. So it is no veto. It comes first in the default pipeline and runs
+    #: beside the directory's pre-stage: the hold exists before the source can pause
+    #: (under an etcd evacuation the directory's round trip let the pause come first),
+    #: and libvirt's hook, which waits for the veto, does not wait for it (8-14 ms).
     best_effort = True
+    alongside = True
     #: Pin (the VM runs here) rather than only expect.
     pin = False
 
@@ -82,6 +85,7 @@ class NvePlug(NvePrepare):
     role = Role.DESTINATION
     pin = True
     best_effort = False  # the VM runs here: without its port pinned the move fails
+    alongside = False
 
 
 class Announce(Stage):

@@ -14,6 +14,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
+from unittest import mock
 
 import pytest
 import stevedore
@@ -668,3 +669,68 @@ def test_a_phase_of_best_effort_stages_only_is_decided_before_they_run(
     only.best_effort = True
     assert pipeline(conf, journal, [only]).handle(event(PREP, D), decided).ok
     assert seen == [True] and decided.result(timeout=0) is None
+
+
+def test_a_stage_alongside_starts_first_and_the_outcome_does_not_wait_for_it(
+    conf: cfg.ConfigOpts, journal: Journal, log: list[str]
+) -> None:
+    """The destination's hold (nve_prepare) runs beside the directory's pre-stage:
+    it starts before it, the hook's answer does not wait for it, the phase does."""
+    release, started = threading.Event(), threading.Event()
+
+    def hold(ctx: StageContext) -> Any:
+        started.set()
+        assert release.wait(5)
+        return {"held": True}
+
+    def prestage(ctx: StageContext) -> Any:
+        assert started.wait(5)  # the stage listed first is already running
+        return None
+
+    side = make_stage("expect", PREP, D, log, run=hold, deadline=10)
+    side.best_effort, side.alongside = True, True
+    classes = [side, make_stage("prestage", PREP, D, log, run=prestage)]
+    decided: concurrent.futures.Future[str | None] = concurrent.futures.Future()
+    with Dispatcher(pipeline(conf, journal, classes)) as dispatcher:
+        report = dispatcher.submit(event(PREP, D), decided)
+        assert decided.result(timeout=5) is None  # answered while "expect" still runs
+        assert not report.done()  # the phase waits for it
+        release.set()
+        done = report.result(timeout=5)
+    assert done.ok
+    assert [t.stage for t in done.timeline] == ["prestage", "expect"]
+    record = journal.get("m1")
+    assert record is not None
+    assert {r.stage: r.state for r in record.stages} == {
+        "expect": "completed",
+        "prestage": "completed",
+    }
+
+
+def test_a_veto_reverts_the_stage_alongside_once_it_ran(
+    conf: cfg.ConfigOpts, journal: Journal, log: list[str]
+) -> None:
+    def slow(ctx: StageContext) -> Any:
+        time.sleep(0.2)
+        return None
+
+    side = make_stage("expect", PREP, D, log, run=slow)
+    side.best_effort, side.alongside = True, True
+    classes = [side, make_stage("prestage", PREP, D, log, run=fail)]
+    decided: concurrent.futures.Future[str | None] = concurrent.futures.Future()
+    report = pipeline(conf, journal, classes).handle(event(PREP, D), decided)
+    assert not report.ok and decided.result(timeout=0)
+    # it finished before the revert, and was reverted with the rest
+    assert log.index("run expect") < log.index("revert expect"), log
+
+
+def test_a_stage_alongside_must_be_best_effort(conf: cfg.ConfigOpts) -> None:
+    class Bad(Stage):
+        name, phase, role, alongside = "bad", PREP, D, True
+
+        def run(self, ctx: StageContext) -> Any:
+            return None
+
+    with mock.patch.object(engine, "load_named", return_value=[("bad", Bad(conf))]):
+        with pytest.raises(ConfigError, match="must be best_effort"):
+            engine.load_stages(conf, ["bad"])
