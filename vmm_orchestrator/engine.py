@@ -812,7 +812,8 @@ class Pipeline:
         """Stages to revert, newest first.
 
         A stage still 'started' was cut short by a crash: it is the newest
-        (stages of a migration run one at a time) and may have done part of
+        (stages of a migration run one at a time, but for those that run
+        alongside: their order among themselves does not matter) and may have done part of
         its work, which its revert must tolerate. Then the completed stages
         in reverse completion order.
         """
