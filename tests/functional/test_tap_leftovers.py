@@ -14,6 +14,7 @@ import os
 import socket
 import struct
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 
@@ -21,6 +22,7 @@ import pytest
 
 from vmm_kernel import netns as netns_mod
 from vmm_kernel import tapqueue
+from vmm_linux import leftovers
 from vmm_linux.leftovers import Leftovers
 
 TUNSETIFF = 0x400454CA
@@ -105,11 +107,15 @@ def test_queued_frames_go_on_in_order_and_arrivals_during_the_switch_too(lab) ->
     for seq in range(20):  # queued while the reader is "paused"
         send.send(_frame(MAC, seq))
     send.send(_frame("ff:ff:ff:ff:ff:ff", 999))  # flooded everywhere already: stays out
+    before = sys.getswitchinterval()
     with service.forwarding(MAC, "tapl0", "vil0") as report:
+        # the forwarding thread waits for the GIL less than a stream's frame spacing
+        assert sys.getswitchinterval() == leftovers.SWITCH_INTERVAL_S
         time.sleep(0.05)
         for seq in range(20, 30):  # still reach the tap until the bridge entry moves
             send.send(_frame(MAC, seq))
         time.sleep(0.05)
+    assert sys.getswitchinterval() == before
     assert report.found
     assert report.forwarded == 30
     assert report.skipped == 1
