@@ -97,7 +97,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any, Protocol
 
 from vmm_etcd.client import EtcdNvaClient
@@ -760,17 +760,25 @@ def _fmt(values: list[float]) -> str:
 def _growth(results: list[dict[str, Any]], key: str) -> dict[tuple[str, int], str]:
     """Exponent k of time ~ N^k between one N and the next, per directory."""
     out: dict[tuple[str, int], str] = {}
+    for name, prev, cur in _steps(results):
+        a, b = statistics.median(prev[key]), statistics.median(cur[key])
+        if a > 0 and b > 0 and cur["n"] > prev["n"]:
+            k = math.log(b / a) / math.log(cur["n"] / prev["n"])
+            out[(name, cur["n"])] = f"{k:.2f}"
+    return out
+
+
+def _steps(
+    results: list[dict[str, Any]],
+) -> Iterator[tuple[str, dict[str, Any], dict[str, Any]]]:
+    """(directory, result at one N, result at the next N), per directory, by N."""
     by_dir: dict[str, list[dict[str, Any]]] = {}
     for r in results:
         by_dir.setdefault(r["directory"], []).append(r)
     for name, rows in by_dir.items():
         rows.sort(key=lambda r: r["n"])
         for prev, cur in itertools.pairwise(rows):
-            a, b = statistics.median(prev[key]), statistics.median(cur[key])
-            if a > 0 and b > 0 and cur["n"] > prev["n"]:
-                k = math.log(b / a) / math.log(cur["n"] / prev["n"])
-                out[(name, cur["n"])] = f"{k:.2f}"
-    return out
+            yield name, prev, cur
 
 
 def _marginal(results: list[dict[str, Any]]) -> dict[tuple[str, int], str]:
@@ -778,16 +786,11 @@ def _marginal(results: list[dict[str, Any]]) -> dict[tuple[str, int], str]:
     C = the median CPU of one move (what a peer more costs, without the move's fixed
     part: the commit, the orchestrator's read of the acks, a few etcd round trips)."""
     out: dict[tuple[str, int], str] = {}
-    by_dir: dict[str, list[dict[str, Any]]] = {}
-    for r in results:
-        by_dir.setdefault(r["directory"], []).append(r)
-    for name, rows in by_dir.items():
-        rows.sort(key=lambda r: r["n"])
-        for prev, cur in itertools.pairwise(rows):
-            if cur["n"] > prev["n"] and prev["dir_us"] and cur["dir_us"]:
-                a = statistics.median(prev["dir_us"]) * prev["n"]
-                b = statistics.median(cur["dir_us"]) * cur["n"]
-                out[(name, cur["n"])] = f"{(b - a) / (cur['n'] - prev['n']):.1f}"
+    for name, prev, cur in _steps(results):
+        if cur["n"] > prev["n"] and prev["dir_us"] and cur["dir_us"]:
+            a = statistics.median(prev["dir_us"]) * prev["n"]
+            b = statistics.median(cur["dir_us"]) * cur["n"]
+            out[(name, cur["n"])] = f"{(b - a) / (cur['n'] - prev['n']):.1f}"
     return out
 
 
