@@ -140,9 +140,11 @@ class InflightTunnel(Stage):
             vtep = ctx.host.nva.get_nve(ctx.migration.destination)["vtep"]
         leftovers = ctx.host.services.get("leftovers")
         taken: dict[str, Any] = {}
+        # (local_port is the Linux NVE's, not the contract's: other NVEs run this stage too)
+        local_port = getattr(nve, "local_port", None) if leftovers is not None else None
         for vif in ctx.migration.workload.vifs:
             nve.ensure_vn(vif.vni)
-            port = nve.local_port(vif.vni, vif.mac) or vif.port
+            port = (local_port(vif.vni, vif.mac) if local_port else None) or vif.port
             if leftovers is None or not port:
                 nve.start_inflight(vif.vni, vif.mac, vtep)
                 continue

@@ -90,3 +90,21 @@ def test_nothing_found_notes_nothing_and_no_service_still_tunnels() -> None:
     log.clear()
     _run({"nve": RecordingNve(log), "agent": Agent()})
     assert log == [f"start_inflight {MAC} 198.18.0.2"]
+
+
+class ContractOnlyNve(RecordingNve):
+    """Stand-in for an NVE with only the contract's methods (OVN's has no local_port)."""
+
+    local_port = None  # type: ignore[assignment]
+
+
+def test_an_nve_without_local_port_runs_the_stage_with_the_nics_port() -> None:
+    log: list[str] = []
+    ctx = _run(
+        {"nve": ContractOnlyNve(log), "agent": Agent(), "leftovers": RecordingLeftovers(log, True)}
+    )
+    assert log[0] == "forward vnet0 -> vi-42"  # the workload's name for the port
+    assert ctx.notes["leftovers"][MAC]["found"]
+    log.clear()
+    _run({"nve": ContractOnlyNve(log), "agent": Agent()})  # an OVN host: no leftovers
+    assert log == [f"start_inflight {MAC} 198.18.0.2"]
