@@ -249,7 +249,8 @@ def _await_peers(ctx: StageContext, latest: float) -> list[str]:
     """Wait, until wall time ``latest``, for every NVE of each NIC's VN to acknowledge
     the destination's commit of this migration; the NVEs that did not.
 
-    A directory without ``get_endpoint``/``acks`` (Neutron, OVN's) is not waited for.
+    A directory without ``get_endpoint``/``acks`` (Neutron's), or whose endpoints carry
+    no revision (OVN's), is not waited for.
     """
     nva = ctx.host.nva
     if not (callable(getattr(nva, "get_endpoint", None)) and callable(getattr(nva, "acks", None))):
@@ -264,6 +265,8 @@ def _await_peers(ctx: StageContext, latest: float) -> list[str]:
                 LOG.info("hold of %s: cannot read the directory (%s)", vif.mac, exc)
                 return []
             if entry.get("last_migration_id") == ctx.migration.id:
+                if entry.get("revision") is None:
+                    return []  # a directory that says no revision (OVN's): nothing to wait on
                 revision = int(entry["revision"])
             elif entry.get("migration_id") != ctx.migration.id:
                 return []  # moved on since (another migration, a revert): nothing to wait for

@@ -103,3 +103,13 @@ def test_a_move_the_directory_forgot_is_not_waited_for() -> None:
 
     held, _ = _run(Reverted(0.0, None), 0.1, 5.0)
     assert held < 0.5, held
+
+
+def test_a_directory_whose_endpoints_carry_no_revision_is_not_waited_for() -> None:
+    class NoRevision(ScriptedDirectory):  # as OVN's directory answers
+        def get_endpoint(self, vni: int, mac: str) -> dict[str, Any]:
+            return {"migration_id": None, "last_migration_id": "m1"}
+
+    held, notes = _run(NoRevision(0.0, None), 0.1, 5.0)
+    assert held < 0.5, held
+    assert notes["unacked"] == []
