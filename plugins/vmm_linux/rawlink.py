@@ -22,6 +22,7 @@ import struct
 
 from pyroute2 import NetlinkError
 
+from vmm_kernel import nlattr
 from vmm_kernel.netns import socket_in
 
 NETLINK_ROUTE = 0
@@ -50,22 +51,9 @@ TC_H_ROOT = 0xFFFFFFFF
 TC_LINKLAYER_ETHERNET = 1
 
 
-def _attr(kind: int, payload: bytes) -> bytes:
-    length = 4 + len(payload)
-    return struct.pack("=HH", length, kind) + payload + bytes(-length % 4)
-
-
-def attrs(data: bytes | memoryview, offset: int = 0) -> dict[int, memoryview]:
-    """The netlink attributes from ``offset`` on, by type (payloads)."""
-    view = memoryview(data)
-    found: dict[int, memoryview] = {}
-    while offset + 4 <= len(view):
-        length, kind = struct.unpack_from("=HH", view, offset)
-        if length < 4:
-            break
-        found[kind & NLA_TYPE_MASK] = view[offset + 4 : offset + length]
-        offset += (length + 3) & ~3
-    return found
+#: Attributes packed and read as the conntrack codec does (vmm_kernel.nlattr).
+_attr = nlattr.pack
+attrs = nlattr.parse
 
 
 def tbf_request(seq: int, index: int, rate: int, burst: int, limit: int, create: bool) -> bytes:

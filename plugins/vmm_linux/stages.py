@@ -285,9 +285,8 @@ def _await_peers(ctx: StageContext, latest: float) -> list[str]:
         ]
     if missing:
         LOG.warning(
-            "migration %s: removing the in-flight tunnel after %s without acknowledgements of %s",
+            "migration %s: in-flight tunnel removed at hold_max, unacknowledged: %s",
             ctx.migration.id,
-            "hold_max",
             ", ".join(missing),
         )
     return missing

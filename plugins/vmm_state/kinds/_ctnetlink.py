@@ -44,6 +44,7 @@ import threading
 from collections.abc import Callable, Iterator
 from typing import Any
 
+from vmm_kernel import nlattr
 from vmm_kernel.netns import socket_in
 
 NETLINK_NETFILTER = 12
@@ -318,9 +319,7 @@ class Conn:
 # -- encoding -----------------------------------------------------------------
 
 
-def _attr(kind: int, payload: bytes) -> bytes:
-    length = _NLATTR.size + len(payload)
-    return _NLATTR.pack(length, kind) + payload + b"\0" * (-length & 3)
+_attr = nlattr.pack
 
 
 def _nest(kind: int, *parts: bytes) -> bytes:
@@ -616,19 +615,7 @@ def _message(msg_type: int, flags: int, seq: int, family: int, payload: bytes) -
 # -- decoding -----------------------------------------------------------------
 
 
-def _attrs(data: bytes | memoryview, start: int = 0, end: int | None = None) -> dict[int, Any]:
-    """type -> memoryview of the payload, for one attribute level."""
-    view = memoryview(data)
-    end = len(view) if end is None else end
-    out: dict[int, Any] = {}
-    pos = start
-    while pos + 4 <= end:
-        length, kind = _NLATTR.unpack_from(view, pos)
-        if length < 4:
-            break
-        out[kind & NLA_TYPE_MASK] = view[pos + 4 : pos + length]
-        pos += (length + 3) & ~3
-    return out
+_attrs = nlattr.parse
 
 
 def _family_of(address: str) -> int:
