@@ -694,16 +694,44 @@ class LinuxNve(NveDriver):
         """``plug`` in one job of the netlink worker (see ``_arm_on_worker``)."""
         with self._lock:
             hold = self._holds.get((vni, mac))
+            entry = self._entries.get((vni, mac))
+            ours = bool(entry and entry.expected)
         if hold is not None:
             self._release_on_worker(hold)
+        elif not ours:
+            self._forget_foreign(vni, mac, port)
         self._departures.disarm(vni, mac)
         self._update(vni, mac, local_port=port, expected=False, **self._ips(ips))
 
     def unplug(self, vni: int, mac: str) -> None:
         """Neither expected nor pinned here any more (also reverts ``expect``)."""
         self._departures.disarm(vni, mac)
-        self._drop_hold(vni, mac, "unplugged")
+        with self._lock:
+            entry = self._entries.get((vni, mac))
+            ours = bool(entry and entry.expected) or (vni, mac) in self._holds
+        if ours:
+            self._drop_hold(vni, mac, "unplugged")
+        else:
+            self._forget_foreign(vni, mac, None)
         self._update(vni, mac, local_port=None, expected=False)
+
+    def _forget_foreign(self, vni: int, mac: str, port: str | None) -> None:
+        """End what another process armed for ``mac`` and never ended: the HA peer
+        (or this agent's predecessor) that ran the migration's PREPARE, then was
+        killed before the resume. Its hold map element would forward ``mac``'s
+        frames from the VXLAN port into its stalled queue for good, and its
+        expectation would keep filtering, while this driver, which takes the
+        migration over, never armed either. libnftables makes each a tenth of a
+        millisecond; only a MAC this driver did not expect pays it.
+        """
+        with contextlib.suppress(NftError):  # nothing armed (the usual case), or no map
+            self._nft(self._hold_element(vni, mac, None, add=False))
+        t, exp = NFT_TABLE, expected_set(vni)
+        script = f"add element {t} {exp} {{ {mac} }}\ndelete element {t} {exp} {{ {mac} }}\n"
+        if port is not None:
+            script = self._expectation(vni, mac, port, add=False)
+        with contextlib.suppress(NftError):  # the VN's sets are not there (yet)
+            self._nft(script)
 
     def expected(self, vni: int, mac: str) -> bool:
         """Whether the driver expects ``mac`` on a local port (not pinned yet).

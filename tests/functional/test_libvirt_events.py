@@ -901,8 +901,14 @@ def test_hook_runs_prepare_and_allows_then_release_aborts(agent_site: dict[str, 
     assert f"migration {migration_id} PREPARE as destination: ok" in status["reports"][-1]
 
     # The incoming QEMU never came up: libvirt's release hook ends the attempt.
+    # The relay only delivers it (no lock directory here: it does not wait for the
+    # answer), so the agent may not have read it yet when the relay exits.
     result = relay(agent_site, agent.spec.hook_socket, xml, "release", "end")
     assert result.returncode == 0
+    deadline = time.monotonic() + 10
+    while not any(r.phase is Phase.ABORTED for r in agent.reports):
+        assert time.monotonic() < deadline, "release end did not abort within 10 s"
+        time.sleep(0.02)
     assert agent.wait_idle(10)
     endpoint = agent_site["store"].get_endpoint(100, MAC)
     assert (endpoint["state"], endpoint["pending_nve"]) == ("active", None)

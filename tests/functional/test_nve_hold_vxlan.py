@@ -15,6 +15,7 @@ import os
 import secrets
 import socket
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 
@@ -214,3 +215,40 @@ def test_a_port_that_appears_before_joining_is_deepened_before_the_release() -> 
             recv.settimeout(2.0)
             _sh(dst, "ip link set tap-x master br-100")
             assert _read(recv, MAC) == list(range(100))
+
+
+ARM_AND_WAIT = """
+import sys, time
+from vmm_linux.nve import LinuxNve
+nve = LinuxNve(sys.argv[1], "10.231.0.2", hold_tag="dead", hold=True)
+nve.ensure_vn(100)
+nve.expect(100, sys.argv[2], "tap-x")
+print("armed", flush=True)
+time.sleep(600)
+"""
+
+
+def test_the_ha_peer_that_takes_over_ends_a_killed_peers_hold() -> None:
+    """An HA pair shares the host: "a" ran PREPARE (armed its hold), then was
+    killed with kill -9 before the resume; "b", which finishes the migration,
+    never armed one. Without b ending a's map element, what arrives over VXLAN
+    for the VM went into a's stalled queue for good (the guest answered no peer)."""
+    with _site(hold_tag="bb01", hold=True) as (dst, peer, b):
+        a = subprocess.Popen(
+            [sys.executable, "-c", ARM_AND_WAIT, dst, MAC],
+            stdout=subprocess.PIPE,
+            text=True,
+            env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)},
+        )
+        try:
+            assert a.stdout is not None and a.stdout.readline().strip() == "armed"
+            assert len(_map_elements(dst)) == 1  # a's MAC -> a's hold device
+        finally:
+            a.kill()
+            a.wait(10)
+        recv = _plug(dst)
+        with recv:
+            b.plug(100, MAC, "tap-x")
+            assert not _map_elements(dst)
+            _send(peer, MAC, range(50))
+            assert _read(recv, MAC) == list(range(50))
