@@ -45,6 +45,7 @@ from oslo_config import cfg
 
 from vmm_libvirt import discovery, events, options, phases
 from vmm_libvirt.hook import HookServer
+from vmm_libvirt.marks import IncomingMarks
 from vmm_libvirt.resolve import NothingToMove, ResolveError, Resolver
 from vmm_orchestrator import agent as root
 from vmm_orchestrator import journal as jr
@@ -68,6 +69,8 @@ _NOT_RUNNING_YET = {
     (phases.STATE_PAUSED, phases.PAUSED_MIGRATION),
     (phases.STATE_PAUSED, phases.PAUSED_STARTING_UP),
 }
+#: A destination's last phases of a migration: its guest's mark goes (see marks).
+_ENDS_HERE = (Phase.RESUMED, Phase.ABORTED)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -174,6 +177,9 @@ class HostAgent:
             timeout=self.hook_timeout + 1.0,
             on_abandoned=self._hook_abandoned,
         )
+        #: Guests coming in by a migration this agent allowed: the relay forwards
+        #: their "stopped end"/"release end" and lets the others go on at once.
+        self.marks = IncomingMarks(spec.hook_socket)
         #: Stopping: incoming migrations are refused, those under way finish.
         self._draining = False
         self.siblings: list[HostAgent] = []
@@ -198,6 +204,7 @@ class HostAgent:
     # -- life cycle -------------------------------------------------------------------
 
     def start(self) -> None:
+        self.marks.open()
         self.hook.start()
         self.source.start()
 
@@ -205,6 +212,7 @@ class HostAgent:
         """Stop taking hook calls and events; queued phases finish (the
         assembled host's close waits for them when it owns the dispatcher)."""
         self.hook.stop()
+        self.marks.close()
         self.source.stop()
         self._cold_pool.shutdown(wait=True)
         if self._owns_dispatcher:
@@ -471,6 +479,8 @@ class HostAgent:
         else:
             self.reports.append(report)
             LOG.log(logging.INFO if report.ok else logging.ERROR, "%s", _report_line(report))
+            if report.role is Role.DESTINATION and report.phase in _ENDS_HERE:
+                self.marks.unmark(report.migration_id)
         with self._idle:
             self._pending.discard(future)
             self._idle.notify_all()
@@ -792,6 +802,7 @@ class HostAgent:
             return {"allow": False, "reason": f"{guest}: {exc}"}
         with self._lock:
             self._incoming[uuid] = migration
+        self.marks.mark(migration.id, guest)  # before the answer: libvirt goes on after it
         LOG.info(
             "%s: %s: PREPARE as destination for migration %s from %s (%s)",
             self.name,
@@ -836,6 +847,7 @@ class HostAgent:
             migration = self._incoming.pop(uuid, None)
         self.tracker.forget(uuid)
         if migration is not None:
+            self.marks.unmark(migration.id)
             LOG.warning(
                 "%s: migration %s: the relay stopped waiting for PREPARE; reverting it",
                 self.name,
@@ -856,7 +868,9 @@ class HostAgent:
     def _vetoed(self, uuid: str) -> None:
         self.tracker.forget(uuid)
         with self._lock:
-            self._incoming.pop(uuid, None)
+            migration = self._incoming.pop(uuid, None)
+        if migration is not None:
+            self.marks.unmark(migration.id)
 
 
 # -- the daemon --------------------------------------------------------------------------

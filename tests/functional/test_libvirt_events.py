@@ -899,6 +899,8 @@ def test_hook_runs_prepare_and_allows_then_release_aborts(agent_site: dict[str, 
         UUID1: {"role": "destination", "done": ["PREPARE"], "paused": False}
     }
     assert f"migration {migration_id} PREPARE as destination: ok" in status["reports"][-1]
+    # marked before the answer: the relay forwards this guest's end calls (see marks)
+    assert agent.marks.marked() == ["vm"]
 
     # The incoming QEMU never came up: libvirt's release hook ends the attempt.
     # The relay only delivers it (no lock directory here: it does not wait for the
@@ -914,6 +916,7 @@ def test_hook_runs_prepare_and_allows_then_release_aborts(agent_site: dict[str, 
     assert (endpoint["state"], endpoint["pending_nve"]) == ("active", None)
     record = agent_site["journals"]["b"].get(migration_id)
     assert record is not None and record.status == jr.REVERTED
+    assert agent.marks.marked() == []
 
 
 def test_hook_vetoes_when_the_destination_cannot_take_the_network(

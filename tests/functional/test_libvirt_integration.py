@@ -172,6 +172,9 @@ def _migrate_and_check(ls: lv_site.LibvirtSite, dst: str) -> None:
         (src, Phase.COMPLETED),
     }, ran
     assert all(r.ok for r in res.reports), [r for r in res.reports if not r.ok]
+    # The destination's mark (its end calls reach the agent) went with its RESUMED.
+    assert ls.daemon is not None
+    assert {a.name: a.marks.marked() for a in ls.daemon.agents} == {"h1": [], "h2": []}
     # The peers' tables point at the destination; the destination's at the guest's tap.
     dst_vtep = ls.lab_site.lab.hosts[dst].vtep
     state = network_state(ls)

@@ -23,6 +23,8 @@ from typing import Any
 
 import pytest
 
+from vmm_libvirt.marks import IncomingMarks
+
 ROOT = Path(__file__).resolve().parents[2]
 RELAY = ROOT / "etc/libvirt/hooks/qemu.d/vmm-orchestrator"
 SAMPLE = ROOT / "etc/libvirt/hooks/vmm-orchestrator.conf.sample"
@@ -194,6 +196,7 @@ def test_the_shell_front_and_python_agree_on_the_defaults() -> None:
     cases = [line.split(")", 1)[0] for line in front.splitlines() if line.startswith('"')]
     named = [{part.strip().strip('"') for part in case.split("|")} for case in cases]
     assert named == [DEFAULT_GUARDED, DEFAULT_NOTIFIED]
+    assert f"sock={defaults['socket']}\n" in front  # where both look for the marks
 
 
 def test_a_configuration_naming_an_operation_sends_it_to_python(
@@ -216,6 +219,43 @@ def test_a_configuration_naming_an_operation_sends_it_to_python(
         result, _, python = relay.run(config, op, "begin")
         assert (python, result.returncode) == (False, 0), op
     assert [(r["op"], r["sub_op"]) for r in seen] == [("started", "begin")]
+
+
+@pytest.mark.parametrize("spelling", ["socket = {}", "socket={}  ", "  socket\t=\t{}"])
+def test_end_calls_of_a_guest_not_coming_in_go_on_without_python(
+    workdir: Path, relay: Relay, agent: Any, spelling: str
+) -> None:
+    """While the agent keeps its marks (<socket>.incoming/), "stopped end" and
+    "release end" of a guest it did not let migrate in (a source after every
+    migration) go on at once; a marked guest's still reach the agent."""
+    seen = agent(lambda r: {"allow": True, "reason": ""})
+    config = workdir / "relay.conf"
+    config.write_text("[hook_relay]\n" + spelling.format(workdir / "hook.sock") + "\n")
+    marks = IncomingMarks(str(workdir / "hook.sock"))
+    marks.open()
+    try:
+        for sub in (("stopped", "end"), ("release", "end")):
+            result, _, _ = relay.run(config, *sub)
+            assert (result.returncode, result.stdout, result.stderr) == (0, b"", b"")
+        assert relay.pythons("start") == []  # not even in the background
+        marks.mark("m-1", "vm-é")
+        for sub in (("stopped", "end"), ("release", "end")):
+            result, _, _ = relay.run(config, *sub)
+            assert result.returncode == 0
+        wait_for(seen, 2)
+        assert [(r["op"], r["sub_op"], r["guest"]) for r in seen] == [
+            ("stopped", "end", "vm-é"),
+            ("release", "end", "vm-é"),
+        ]
+        marks.unmark("m-1")  # it resumed here
+        relay.run(config, "release", "end")
+        assert len(relay.pythons("start")) == 2
+    finally:
+        marks.close()
+    # No directory (the agent stopped, or an older one): forwarded as before.
+    relay.run(config, "release", "end")
+    wait_for(seen, 3)
+    assert [r["op"] for r in seen] == ["stopped", "release", "release"]
 
 
 def test_an_unreadable_configuration_goes_to_python(workdir: Path, relay: Relay) -> None:
