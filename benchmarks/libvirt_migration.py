@@ -80,6 +80,7 @@ import argparse
 import contextlib
 import dataclasses
 import json
+import logging
 import os
 import shutil
 import statistics
@@ -670,7 +671,18 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="time every call of libvirt's qemu hook (the relay) on both hosts",
     )
+    parser.add_argument(
+        "--log",
+        metavar="FILE",
+        help="write the in-process agents' log (INFO: each phase's stages and timings) "
+        "to FILE, to see afterwards what a migration with losses did",
+    )
     args = parser.parse_args(argv)
+    if args.log:
+        handler = logging.FileHandler(args.log)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        logging.getLogger().addHandler(handler)
+        logging.getLogger().setLevel(logging.INFO)
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
     bad = [m for m in modes if m not in demo.MODES]
     if bad or args.runs < 1:
