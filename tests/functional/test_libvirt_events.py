@@ -867,6 +867,7 @@ def relay(site: dict[str, Any], socket: str, xml: str, op: str, sub_op: str) -> 
             "VMM_HOOK_CONFIG": str(site["relay_conf"]),
             # no lock directory: notifications are delivered before the relay exits
             "VMM_HOOK_LOCK": str(site["tmp"] / "no-lock" / "hook.lock"),
+            "VMM_HOOK_PYC": str(site["tmp"] / "relay.pyc"),
         },
         timeout=20,
         check=False,
