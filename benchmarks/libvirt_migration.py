@@ -99,6 +99,23 @@ from vmm_lab.linux.topology import new_prefix
 
 LABELS = {"rarp": "QEMU alone (RARP)", "orchestrated": "orchestrated"}
 
+
+def _held_max(r: demo.MigrationResult) -> float | None:
+    """The largest latency a held frame got on top of its path's own, any stream."""
+    return max((s.held_extra_ms_max or 0.0 for s in r.streams), default=None)
+
+
+def _held_over(r: demo.MigrationResult, pause_ms: float | None) -> float | None:
+    """How much longer than the pause (libvirt's downtime: QEMU's stop to its start)
+    the worst held frame waited; issue 16's goal is <= +5 ms. What is left over
+    includes the guest working through the held frames after its resume (a reply
+    is what the probe sees; TCG here) besides any time the orchestrator added."""
+    held = _held_max(r)
+    if held is None or pause_ms is None or not any(s.held for s in r.streams):
+        return None
+    return held - pause_ms
+
+
 #: (row label, value of one migration) for the side-by-side summary.
 FIGURES: list[tuple[str, Callable[[demo.MigrationResult], float | None]]] = [
     ("lost after resume (6 streams)", lambda r: r.lost_after_resume),
@@ -112,10 +129,8 @@ FIGURES: list[tuple[str, Callable[[demo.MigrationResult], float | None]]] = [
     ("duplicates", lambda r: sum(s.duplicates for s in r.streams)),
     ("reordered", lambda r: sum(s.reordered for s in r.streams)),
     ("held (delivered, sent while paused)", lambda r: sum(s.held for s in r.streams)),
-    (
-        "held +ms max (over the path's own)",
-        lambda r: max((s.held_extra_ms_max or 0.0 for s in r.streams), default=None),
-    ),
+    ("held +ms max (over the path's own)", lambda r: _held_max(r)),
+    ("  less libvirt downtime (goal <= +5)", lambda r: _held_over(r, r.libvirt_downtime_ms)),
     ("migration wall ms", lambda r: r.wall_ms),
     ("destination tap drops", lambda r: r.tap_dropped),
 ]
