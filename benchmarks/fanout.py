@@ -9,8 +9,9 @@ For each directory and each number N of peer NVEs:
 * etcd-served: the same etcd with ``vmm nva serve`` in front of it (a
   process of its own holding one etcd watch on the change log,
   :mod:`vmm_etcd.feed`), agents following that server on one stream each as
-  for the embedded directory; the orchestrator still writes the move to
-  etcd directly.
+  for the embedded directory; the orchestrator talks to that server too
+  (its commit and its wait for the acks), as the stages do in that
+  deployment.
 
 For each, N real ``NveAgent``s follow one VN. A VM's endpoint is
 pre-staged and committed back and forth between two other NVEs (``--runs``
@@ -99,6 +100,8 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from typing import Any, Protocol
+
+import requests
 
 from vmm_etcd.client import EtcdNvaClient
 from vmm_etcd.cluster import LocalEtcdCluster
@@ -577,13 +580,25 @@ class EtcdDirectory:
         """CPU seconds etcd's threads have used (schedstat: ns resolution)."""
         return sum(_task_cpu(pid) for pid in self.pids)
 
+    def etcd_requests(self) -> dict[str, int]:
+        """Requests etcd has started, per gRPC method (its /metrics, every member)."""
+        total: dict[str, int] = {}
+        for endpoint in self.endpoints:
+            text = requests.get(f"{endpoint}/metrics", timeout=10).text
+            for method, count in _started(text).items():
+                total[method] = total.get(method, 0) + count
+        return total
+
     def close(self) -> None:
         self._admin.close()
 
 
 class EtcdServedDirectory(EmbeddedDirectory):
     """``vmm nva serve`` over the real etcd (a process of its own), each run under its own
-    key prefix; the orchestrator (``admin``) writes to etcd directly."""
+    key prefix; the orchestrator (``admin``) talks to that server over HTTP, as
+    ``[nva] backend = etcd-served`` gives the stages (``EtcdServedBackend.from_conf``:
+    the HTTP client of ``[nva] url``), so its commit and its wait for the acks are the
+    server's work and etcd's, both counted."""
 
     name = "etcd-served"
 
@@ -593,10 +608,6 @@ class EtcdServedDirectory(EmbeddedDirectory):
         super().__init__(
             ["--serve-etcd", endpoints, "--prefix", self.etcd.prefix, *(serve_args or [])]
         )
-        self._admin.close()
-
-    def admin(self) -> Any:
-        return self.etcd.admin()
 
     def spec(self) -> dict[str, Any]:
         return {"directory": self.name, "url": self.url, "token": self.token}
@@ -608,9 +619,27 @@ class EtcdServedDirectory(EmbeddedDirectory):
     def etcd_cpu(self) -> float:
         return self.etcd.cpu()
 
+    def etcd_requests(self) -> dict[str, int]:
+        return self.etcd.etcd_requests()
+
     def close(self) -> None:
         super().close()
-        self.etcd.close()
+        self.etcd.close()  # its etcd client (the directory's keys stay for the run)
+
+
+def _started(metrics: str) -> dict[str, int]:
+    """{gRPC method: requests started} from etcd's Prometheus text (unary calls and the
+    streams opened; what the JSON gateway turns each HTTP request into)."""
+    out: dict[str, int] = {}
+    for line in metrics.splitlines():
+        if not line.startswith("grpc_server_started_total{"):
+            continue
+        labels, _, value = line.rpartition(" ")
+        method = labels.split('grpc_method="', 1)[1].split('"', 1)[0]
+        count = int(float(value))
+        if count:
+            out[method] = out.get(method, 0) + count
+    return out
 
 
 def _task_cpu(pid: int) -> float:
@@ -668,6 +697,9 @@ def run_size(
     etcd_cpu = getattr(directory, "etcd_cpu", None)
     ack_writes = getattr(directory, "ack_writes", None)
     writes: list[float] = []
+    etcd_requests = getattr(directory, "etcd_requests", None)
+    etcd_reqs: list[float] = []
+    etcd_methods: dict[str, int] = {}
     missed = 0
     try:
         for worker in pool:
@@ -689,6 +721,7 @@ def run_size(
                 worker.send({"op": "arm", "vtep": MOVERS[target]})
                 agents_before += worker.receive()["cpu"]
             writes_before = ack_writes() if ack_writes is not None else 0
+            reqs_before = etcd_requests() if etcd_requests is not None else {}
             dir_before = directory.cpu()
             etcd_before = etcd_cpu() if etcd_cpu is not None else 0.0
             t0, t0_wall = time.monotonic(), time.time()
@@ -706,6 +739,13 @@ def run_size(
                 etcd_us.append((etcd_cpu() - etcd_before) * 1e6 / n)
             if ack_writes is not None:
                 writes.append(ack_writes() - writes_before)
+            if etcd_requests is not None:  # read after the CPU: the scrape is not counted
+                reqs = etcd_requests()
+                for method, count in reqs.items():
+                    moved = count - reqs_before.get(method, 0)
+                    if moved:
+                        etcd_methods[method] = etcd_methods.get(method, 0) + moved
+                etcd_reqs.append(sum(reqs.values()) - sum(reqs_before.values()))
             agents_after = 0.0
             for worker in pool:
                 worker.send({"op": "cpu"})
@@ -729,6 +769,8 @@ def run_size(
         "dir_us": dir_us,
         "etcd_us": etcd_us,
         "ack_writes": writes,
+        "etcd_requests": etcd_reqs,
+        "etcd_methods": {m: c / runs for m, c in sorted(etcd_methods.items())},
         "agents_us": agents_us,
         "missed": missed,
     }
@@ -817,6 +859,7 @@ def render(results: list[dict[str, Any]], runs: int) -> str:
             row[f"{d}_etcd"] = _fmt(r["etcd_us"]) if r else "-"
             row[f"{d}_added"] = marginal.get((d, n), "")
             row[f"{d}_writes"] = _fmt(r.get("ack_writes", [])) if r else "-"
+            row[f"{d}_reqs"] = _fmt(r.get("etcd_requests", [])) if r else "-"
             row[f"{d}_agents"] = _fmt(r["agents_us"]) if r else "-"
             row[f"{d}_k"] = growth.get((d, n), "")
             if r and r["missed"]:
@@ -838,12 +881,20 @@ def render(results: list[dict[str, Any]], runs: int) -> str:
         ]
         if d == "etcd-served":
             columns.append((f"{d}_etcd", "of which etcd"))
+        if d != "embedded":
+            columns.append((f"{d}_reqs", "etcd reqs"))
         if d in SERVED:
             columns.append((f"{d}_writes", "ack writes"))
         columns += [
             (f"{d}_agents", "agents us/peer"),
         ]
     setups = ", ".join(f"{r['directory']} N={r['n']}: {r['setup_s']:.1f}" for r in results)
+    methods = [
+        f"{r['directory']} N={r['n']}: "
+        + ", ".join(f"{m} {c:.1f}" for m, c in r["etcd_methods"].items())
+        for r in results
+        if r.get("etcd_methods")
+    ]
     return "\n".join(
         [
             f"Fan-out of one move to N peer NVEs: median (max) over {runs} moves, ms from just "
@@ -857,10 +908,12 @@ def render(results: list[dict[str, Any]], runs: int) -> str:
             "Both share this machine's CPUs, so the applied time includes waiting for them.",
             "us/added peer = the directory's CPU per move from the previous N to this one, "
             "per added peer (the per-peer cost without the move's fixed part); ack writes = "
-            "batches of acks the server wrote to its store per move.",
+            "batches of acks the server wrote to its store per move; etcd reqs = requests "
+            "etcd started per move (its gRPC counters: every gateway request, watches opened).",
             format_table(rows, columns),
             "",
             f"Set-up (all agents registered and synced), s: {setups}",
+            *(["etcd requests per move, by method (mean): " + "; ".join(methods)] * bool(methods)),
         ]
     )
 

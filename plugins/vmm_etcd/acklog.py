@@ -45,7 +45,7 @@ import json
 import logging
 import secrets
 import threading
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 from vmm_etcd import kv as kvmod
@@ -148,40 +148,81 @@ class LogCache:
     fetches only the keys created since its last read: reading one NVE's
     ack (an agent's stream joining, a registration) no longer costs a read
     of the whole log, which holds up to a few entries per NVE.
+
+    With ``own`` (this process's :class:`AckLogWriter`), the keys that writer
+    wrote are not fetched at all: it hands them over as it writes them
+    (:meth:`remember`), and a read fetches only the new keys of other
+    writers. Why (issue 16): `vmm nva serve` writes its streams' acks and
+    answers the orchestrator's wait for them; reading back the batch it had
+    just written (about 40 bytes per ack through etcd's JSON gateway) was a
+    good part of etcd's cost per peer.
     """
 
-    def __init__(self, keys: Keys) -> None:
+    def __init__(self, keys: Keys, own: AckLogWriter | None = None) -> None:
         self.keys = keys
         self._lock = threading.Lock()
         self._parsed: dict[str, list[Entry]] = {}
         self._seen = 0
+        #: Keys this process's writer wrote: key -> (etcd revision written at, entries).
+        self._own: dict[str, tuple[int, list[Entry]]] = {}
+        self._own_prefix = own.prefix if own is not None else None
+        if own is not None:
+            own.listeners.append(self.remember)
 
-    def requests(self, full: bool = False) -> tuple[dict[str, Any], dict[str, Any]]:
-        """The two ranges to read (together with whatever else, in one read)."""
+    def remember(self, revision: int, written: list[tuple[str, list[Entry]]]) -> None:
+        """Keys this process's writer wrote at etcd ``revision``, with their entries."""
+        with self._lock:
+            for key, parsed in written:
+                self._own[key] = (revision, parsed)
+
+    def requests(self, full: bool = False) -> tuple[dict[str, Any], ...]:
+        """The ranges to read (last in a read, after whatever else): the keys' listing,
+        then the keys to fetch."""
         with self._lock:
             seen = 0 if full else self._seen
-        return (
-            kvmod.get_prefix(self.keys.ack_log, keys_only=True),
-            kvmod.get_prefix(self.keys.ack_log, min_create_revision=seen + 1 if seen else 0),
+        listing = kvmod.get_prefix(self.keys.ack_log, keys_only=True)
+        if not seen or self._own_prefix is None:
+            return (
+                listing,
+                kvmod.get_prefix(self.keys.ack_log, min_create_revision=seen + 1 if seen else 0),
+            )
+        since = seen + 1
+        own = self._own_prefix
+        return (  # every new key but this process's writer's own
+            listing,
+            kvmod.get_range(self.keys.ack_log, own, min_create_revision=since),
+            kvmod.get_range(
+                own[:-1] + "0", kvmod.prefix_end(self.keys.ack_log), min_create_revision=since
+            ),
         )
 
     def parsed(self, answer: kvmod.TxnResult, index: int) -> list[list[Entry]] | None:
-        """Every log key's entries as of ``answer`` (ranges at ``index`` and after), or
-        None when a listed key is not known (a concurrent read moved the cache past
-        it): then read again with ``full``."""
-        new = {item.key: entries(item.value) for item in answer.kvs(index + 1)}
-        listed = [item.key for item in answer.kvs(index)]
+        """Every log key's entries as of ``answer`` (its ranges from ``index`` to the end,
+        as :meth:`requests` made them), or None when a listed key is not known (a
+        concurrent read moved the cache past it, or this process's writer has not
+        handed it over yet): then read again with ``full``."""
+        new: dict[str, list[Entry]] = {}
+        for fetched in range(index + 1, len(answer.responses)):
+            new.update((item.key, entries(item.value)) for item in answer.kvs(fetched))
+        listed = answer.kvs(index)
         with self._lock:
             out: dict[str, list[Entry]] = {}
-            for key in listed:
+            for item in listed:
+                key = item.key
                 found = new.get(key)
                 if found is None:
                     found = self._parsed.get(key)
+                if found is None and key in self._own:
+                    found = self._own[key][1]
                 if found is None:
                     return None
                 out[key] = found
             if answer.revision >= self._seen:
                 self._parsed, self._seen = out, answer.revision
+                # Own keys written by now and not listed were folded away.
+                for key in [k for k, (r, _) in self._own.items() if r <= answer.revision]:
+                    if key not in out:
+                        del self._own[key]
         return list(out.values())
 
 
@@ -199,6 +240,10 @@ class AckLogWriter:
         self.max_puts = max(1, max_ops - 2)
         self.max_deletes = max(1, max_ops)
         self.writer = secrets.token_hex(6)
+        #: Every key this writer writes is under this prefix.
+        self.prefix = f"{keys.ack_log}{self.writer}/"
+        #: ``listener(etcd revision, [(key, entries)])`` after each write, under :attr:`lock`.
+        self.listeners: list[Callable[[int, list[tuple[str, list[Entry]]]], None]] = []
         self.lock = threading.Lock()
         self._folding = threading.Lock()
         self._seq = 0
@@ -232,7 +277,11 @@ class AckLogWriter:
 
     def _key(self) -> str:
         self._seq += 1
-        return f"{self.keys.ack_log}{self.writer}/{pad(self._seq)}"
+        return f"{self.prefix}{pad(self._seq)}"
+
+    def _written_at(self, revision: int, written: list[tuple[str, list[Entry]]]) -> None:
+        for listener in self.listeners:
+            listener(revision, written)
 
     def write(self, acks: Mapping[str, int], now: float) -> tuple[bool, int]:
         """Log ``acks`` (every NVE in :attr:`epochs`) if the directory has reached their
@@ -251,14 +300,14 @@ class AckLogWriter:
             compare = [kvmod.cmp_mod(self.keys.nve_generation, self._gen_mod)]
             if highest > 0:
                 compare.append(kvmod.cmp_value(self.keys.revision, "GREATER", pad(highest - 1)))
+            written: list[tuple[str, list[Entry]]] = []
+            for i in range(0, len(part), ENTRIES_PER_KEY):
+                logged = {n: (r, self.epochs[n]) for n, r in part[i : i + ENTRIES_PER_KEY]}
+                at = round(now, 6)
+                written.append((self._key(), [(n, r, e, at) for n, (r, e) in logged.items()]))
             puts = [
-                kvmod.put(
-                    self._key(),
-                    batch_value(
-                        now, {n: (r, self.epochs[n]) for n, r in part[i : i + ENTRIES_PER_KEY]}
-                    ),
-                )
-                for i in range(0, len(part), ENTRIES_PER_KEY)
+                kvmod.put(key, batch_value(now, {n: (r, e) for n, r, e, _ in parsed}))
+                for key, parsed in written
             ]
             answer = self.kv.txn(
                 compare,
@@ -271,6 +320,7 @@ class AckLogWriter:
                 return False, int(counter.value) if counter is not None else 0
             self.batches += 1
             self._written += 1
+            self._written_at(answer.revision, written)
         return True, 0
 
     def due(self) -> bool:
@@ -304,12 +354,18 @@ class AckLogWriter:
         if len(old) <= 1:
             return
         merged = sorted(fold_entries(old, epochs_of(self.keys, answer.kvs(1))).items())
-        puts = [
-            kvmod.put(self._key(), snapshot_value(dict(merged[i : i + ENTRIES_PER_KEY])))
+        written = [
+            (self._key(), [(n, r, e, a) for n, (r, e, a) in merged[i : i + ENTRIES_PER_KEY]])
             for i in range(0, len(merged), ENTRIES_PER_KEY)
         ]
-        for i in range(0, len(puts), self.max_puts):
-            self.kv.txn([], puts[i : i + self.max_puts], what="write the folded ack log")
+        for i in range(0, len(written), self.max_puts):
+            part = written[i : i + self.max_puts]
+            puts = [
+                kvmod.put(key, snapshot_value({n: (r, e, a) for n, r, e, a in parsed}))
+                for key, parsed in part
+            ]
+            done = self.kv.txn([], puts, what="write the folded ack log")
+            self._written_at(done.revision, part)
         deletes = [kvmod.delete(item.key) for item in old]
         for i in range(0, len(deletes), self.max_deletes):
             self.kv.txn([], deletes[i : i + self.max_deletes], what="delete the folded ack log")

@@ -186,6 +186,15 @@ def get_prefix(
     return {"request_range": request}
 
 
+def get_range(start: str, end: str | bytes, *, min_create_revision: int = 0) -> dict[str, Any]:
+    """Keys from ``start`` up to (not including) ``end``, in key order."""
+    raw_end = end.encode("utf-8") if isinstance(end, str) else end
+    request: dict[str, Any] = {"key": b64(start), "range_end": b64(raw_end)}
+    if min_create_revision:
+        request["min_create_revision"] = min_create_revision
+    return {"request_range": request}
+
+
 @dataclasses.dataclass(frozen=True)
 class TxnResult:
     """What a transaction answered: which branch ran, at which etcd revision, its results."""

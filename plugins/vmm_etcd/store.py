@@ -32,7 +32,7 @@ import json
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any, TypeVar
 
 from vmm_etcd import kv as kvmod
@@ -183,7 +183,9 @@ class EtcdNvaStore(StoreFront):
         self._feed_lock = threading.Lock()
         self._ack_log = AckLogWriter(kv, self.keys, max_txn_ops)
         self._records = RecordCache(self.keys)
-        self._log_cache = LogCache(self.keys)
+        self._log_cache = LogCache(self.keys, own=self._ack_log)
+        self._local = LocalAcks()
+        self._ack_log.listeners.append(self._local.add)
 
     @property
     def path(self) -> str:
@@ -205,6 +207,7 @@ class EtcdNvaStore(StoreFront):
         if self._closed:
             return
         self._closed = True
+        self._local.wake()
         with self._feed_lock:
             feed, self._feed = self._feed, None
         if feed is not None:
@@ -1006,6 +1009,14 @@ class EtcdNvaStore(StoreFront):
 
         if complete() or deadline - time.monotonic() <= 0:
             return {n: dict(a) for n, a in state.items()}
+        missing = [n for n, a in state.items() if a["acked_revision"] < min_revision]
+        if self._local.knows(missing):
+            # Those NVEs' acks came through this process so far: wait for its own
+            # writes first (no etcd watch), then watch etcd from the read on.
+            self._wait_local(state, epochs, complete, min(deadline, time.monotonic() + LOCAL_WAIT))
+            if complete() or deadline - time.monotonic() <= 0:
+                return {n: dict(a) for n, a in state.items()}
+        own = self._ack_log.prefix
         with self._watch(self.keys.any_ack, answer.revision + 1, prefix=True) as stream:
             while not complete():
                 remaining = deadline - time.monotonic()
@@ -1023,7 +1034,10 @@ class EtcdNvaStore(StoreFront):
                     if event.kind != "PUT":
                         continue
                     if event.kv.key.startswith(self.keys.ack_log):
-                        for nve_id, ack in fold([event.kv], epochs).items():
+                        acks = fold([event.kv], epochs)
+                        if not event.kv.key.startswith(own):
+                            self._local.forget(acks)  # those NVEs ack elsewhere now
+                        for nve_id, ack in acks.items():
                             if nve_id in state:
                                 state[nve_id] = _merged(None, ack, state[nve_id])
                         continue
@@ -1031,6 +1045,89 @@ class EtcdNvaStore(StoreFront):
                     if nve_id in state and event.kv.key.startswith(self.keys.acks):
                         state[nve_id] = _merged(event.kv.value, None, state[nve_id])
         return {n: dict(a) for n, a in state.items()}
+
+    def _wait_local(
+        self,
+        state: dict[str, dict[str, Any]],
+        epochs: dict[str, int],
+        complete: Callable[[], bool],
+        until: float,
+    ) -> None:
+        """Merge the acks this process writes into ``state`` until ``complete()`` or
+        ``until`` (monotonic); entries count only for the epochs read."""
+        generation = 0
+        while True:
+            generation, acks = self._local.since(generation, list(state), until)
+            for nve_id, (revision, epoch, at) in acks.items():
+                if epochs.get(nve_id) == epoch:
+                    state[nve_id] = _merged(None, (revision, at), state[nve_id])
+            if self._closed:
+                raise NvaError("the NVA store is closed")
+            if complete() or time.monotonic() >= until:
+                return
+
+
+#: Seconds a wait for acks waits on this process's own ack writes before it also
+#: watches etcd (only when every NVE it waits for acked through this process before).
+LOCAL_WAIT = 0.5
+
+
+class LocalAcks:
+    """The highest ack of each NVE that this process wrote to the ack log, as written.
+
+    Why (issue 16): `vmm nva serve` writes the acks its streams receive and
+    answers the orchestrator's wait for them. That wait followed the acks
+    through an etcd watch, opened per move, which etcd then sent the batch
+    just written (about 40 bytes per ack, plus the watch's own cost): the
+    acks are durable once the write returned, and the writer is in this
+    process, so the wait takes them from here. Acks written by anyone else
+    (another server, agents writing to etcd) still reach it through the watch.
+    """
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._acks: dict[str, tuple[int, int, float | None]] = {}
+        self._generation = 0
+
+    def add(self, revision: int, written: list[tuple[str, list[Entry]]]) -> None:
+        """An :class:`AckLogWriter` listener: keys written at etcd ``revision``."""
+        with self._cond:
+            for _, parsed in written:
+                for nve_id, acked, epoch, at in parsed:
+                    found = self._acks.get(nve_id)
+                    if found is None or (found[1], found[0]) < (epoch, acked):
+                        self._acks[nve_id] = (acked, epoch, at)
+            self._generation += 1
+            self._cond.notify_all()
+
+    def knows(self, nves: Sequence[str]) -> bool:
+        """Whether every one of ``nves`` acked through this process before."""
+        with self._cond:
+            return all(n in self._acks for n in nves)
+
+    def forget(self, nves: Iterable[str]) -> None:
+        with self._cond:
+            for nve_id in nves:
+                self._acks.pop(nve_id, None)
+
+    def wake(self) -> None:
+        with self._cond:
+            self._generation += 1
+            self._cond.notify_all()
+
+    def since(
+        self, generation: int, nves: Sequence[str], until: float
+    ) -> tuple[int, dict[str, tuple[int, int, float | None]]]:
+        """Wait until a write after ``generation`` (or ``until``); (generation, the acks of
+        ``nves`` held now)."""
+        with self._cond:
+            while self._generation == generation:
+                remaining = until - time.monotonic()
+                if remaining <= 0:
+                    break
+                self._cond.wait(remaining)
+            acks = {n: self._acks[n] for n in nves if n in self._acks}
+            return self._generation, acks
 
 
 #: An NVE record and its epoch (the etcd create revision of its key).

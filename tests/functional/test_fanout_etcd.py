@@ -227,8 +227,9 @@ def test_a_reader_folds_a_log_that_many_writers_grew(
 
 
 def test_reading_an_nves_ack_fetches_only_the_log_keys_written_since(
-    client: EtcdNvaClient, monkeypatch: pytest.MonkeyPatch
+    client: EtcdNvaClient, etcd: LocalEtcdCluster, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    """...and of those only other writers': this process's own keys are known as written."""
     revision = client.revision
     client.record_acks({"nve20": revision, "nve21": revision})
     client.record_acks({"nve22": revision})
@@ -246,10 +247,99 @@ def test_reading_an_nves_ack_fetches_only_the_log_keys_written_since(
     assert parsed == []  # nothing new in the log: no value read or parsed
     client.record_acks({"nve23": revision})
     assert client.get_nve("nve23")["acked_revision"] == revision
-    assert parsed == ["nve23"]  # only the new key
+    assert parsed == []  # its own new key: neither fetched nor parsed again
+    with EtcdNvaClient(EtcdKV(etcd.endpoints), client.keys.prefix) as other:
+        other.record_acks({"nve24": revision})
+    assert client.get_nve("nve24")["acked_revision"] == revision
+    assert parsed == ["nve24"]  # only another writer's new key
     assert {n["id"] for n in client.list_nves(VNI) if n["acked_revision"] == revision} == {
         "nve20",
         "nve21",
         "nve22",
         "nve23",
+        "nve24",
     }
+
+
+# ------------------------------------------ waiting for acks this process writes
+
+
+def _count_watches(client: EtcdNvaClient, monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Every etcd watch the client's wait for acks opens: its start revision."""
+    opened: list[int] = []
+    real = client._watch
+
+    def counting(key: str, start_revision: int, prefix: bool = False) -> Any:
+        opened.append(start_revision)
+        return real(key, start_revision, prefix)
+
+    monkeypatch.setattr(client, "_watch", counting)
+    return opened
+
+
+def _later(delay: float, action: Any) -> threading.Thread:
+    def run() -> None:
+        time.sleep(delay)
+        action()
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    return thread
+
+
+def test_a_wait_for_acks_this_process_writes_needs_no_etcd_watch(
+    client: EtcdNvaClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`vmm nva serve` writes its streams' acks and answers the wait for them."""
+    nves = [f"nve{i:02d}" for i in range(70)]
+    client.record_acks(dict.fromkeys(nves, client.revision))  # they ack through here
+    client.add_endpoint(VNI, "52:54:00:00:00:03", [], [], "nve00")
+    revision = client.revision
+    opened = _count_watches(client, monkeypatch)
+    writer = _later(0.1, lambda: client.record_acks(dict.fromkeys(nves, revision)))
+    try:
+        acks = client.acks(VNI, revision, nves=nves, timeout=10)
+    finally:
+        writer.join()
+    assert all(a["acked_revision"] == revision and a["acked_at"] for a in acks.values())
+    assert opened == []
+    # Durable, not only in this process's memory: another process reads the same.
+    assert client.kv.read(kvmod.get_prefix(client.keys.ack_log), what="test").kvs(0)
+
+
+def test_acks_written_elsewhere_still_end_a_wait_that_waited_here_first(
+    client: EtcdNvaClient, etcd: LocalEtcdCluster, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from vmm_etcd import store
+
+    monkeypatch.setattr(store, "LOCAL_WAIT", 0.2)
+    nves = ["nve10", "nve11"]
+    client.record_acks(dict.fromkeys(nves, client.revision))
+    client.add_endpoint(VNI, "52:54:00:00:00:04", [], [], "nve00")
+    revision = client.revision
+    opened = _count_watches(client, monkeypatch)
+    other = EtcdNvaClient(EtcdKV(etcd.endpoints), client.keys.prefix)
+    writer = _later(0.05, lambda: other.record_acks(dict.fromkeys(nves, revision)))
+    try:  # the NVEs moved to another server: their acks come from its writer
+        acks = client.acks(VNI, revision, nves=nves, timeout=10)
+    finally:
+        writer.join()
+        other.close()
+    assert all(a["acked_revision"] == revision for a in acks.values())
+    assert len(opened) == 1  # after the local wait, the watch from the read on
+    assert not client._local.knows(nves)  # the next wait watches at once
+
+
+def test_an_ack_written_here_for_an_nve_registered_again_does_not_count(
+    client: EtcdNvaClient, etcd: LocalEtcdCluster, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from vmm_etcd import store
+
+    monkeypatch.setattr(store, "LOCAL_WAIT", 0.1)
+    revision = client.revision
+    client.record_acks({"nve12": revision})
+    with EtcdNvaClient(EtcdKV(etcd.endpoints), client.keys.prefix) as other:
+        other.delete_nve("nve12")  # behind this process's back: its memory has the old epoch
+        other.register_nve("nve12", "192.0.2.13", [VNI])
+    acks = client.acks(VNI, revision, nves=["nve12"], timeout=0.4)
+    assert acks["nve12"]["acked_revision"] == 0
