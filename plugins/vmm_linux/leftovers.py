@@ -149,11 +149,21 @@ class Leftovers:
 
     def locate(self, port: str) -> None:
         """Find ``port``'s reader in the background (a domain learned, a migration
-        starting). Idempotent while a lookup runs."""
+        starting). Idempotent while a lookup runs, and while the reader found last
+        still holds the tap: the scan of every process's descriptors costs ~12 ms
+        of CPU, which a migration's first pass (QEMU, on the same cores) would
+        share, where checking the one found costs two reads in /proc."""
         with self._lock:
             current = self._readers.get(port)
             if current is not None and not current.done():
                 return
+        if current is not None and current.exception() is None:
+            found = current.result()
+            if found and all(tapqueue.still_reads(pid, fd, port) for pid, fd in found):
+                return
+        with self._lock:
+            if self._readers.get(port) is not current:
+                return  # another thread looked meanwhile
             try:
                 self._readers[port] = self._pool.submit(tapqueue.find_readers, port)
             except RuntimeError:  # closed

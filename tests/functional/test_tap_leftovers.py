@@ -167,3 +167,35 @@ def test_borrowing_takes_the_taps_virtio_net_header_size(lab) -> None:
         assert not tapqueue.still_reads(pid, fd, "tapl1")
     finally:
         tap.close()
+
+
+def test_locating_again_checks_the_reader_found_instead_of_scanning(lab, monkeypatch) -> None:
+    """A migration's first iteration locates again; while the reader found at the
+    domain's start still holds the tap, no scan of every process competes with
+    QEMU's first pass. A reader that let go is looked for again."""
+    service = lab["service"]
+    scans: list[str] = []
+    scan = tapqueue.find_readers
+
+    def counted(port: str) -> list[tuple[int, int]]:
+        scans.append(port)
+        return scan(port)
+
+    monkeypatch.setattr(tapqueue, "find_readers", counted)
+    _located(service, "tapl0")
+    service.locate("tapl0")
+    assert scans == ["tapl0"]
+    ((pid, fd),) = service._readers["tapl0"].result()
+    assert (pid, fd) == (os.getpid(), lab["tap"])
+    moved = os.dup(lab["tap"])  # the reader's descriptor changes (QEMU restarted)
+    os.close(lab["tap"])
+    try:
+        service.locate("tapl0")
+        deadline = time.monotonic() + 10
+        while len(scans) < 2 or not service._readers["tapl0"].done():
+            assert time.monotonic() < deadline, "not looked for again"
+            time.sleep(0.01)
+        assert service._readers["tapl0"].result() == [(os.getpid(), moved)]
+    finally:
+        os.dup2(moved, lab["tap"])
+        os.close(moved)
