@@ -477,10 +477,10 @@ class HostAgent:
         except Exception as exc:
             LOG.error("%s: the pipeline failed: %s", self.name, exc)
         else:
+            if report.role is Role.DESTINATION and report.phase in _ENDS_HERE:
+                self.marks.unmark(report.migration_id)  # before anyone sees the report
             self.reports.append(report)
             LOG.log(logging.INFO if report.ok else logging.ERROR, "%s", _report_line(report))
-            if report.role is Role.DESTINATION and report.phase in _ENDS_HERE:
-                self.marks.unmark(report.migration_id)
         with self._idle:
             self._pending.discard(future)
             self._idle.notify_all()
