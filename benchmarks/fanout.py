@@ -741,8 +741,8 @@ def run_size(
                 writes.append(ack_writes() - writes_before)
             if etcd_requests is not None:  # read after the CPU: the scrape is not counted
                 reqs = etcd_requests()
-                for method, count in reqs.items():
-                    moved = count - reqs_before.get(method, 0)
+                for method, started in reqs.items():
+                    moved = started - reqs_before.get(method, 0)
                     if moved:
                         etcd_methods[method] = etcd_methods.get(method, 0) + moved
                 etcd_reqs.append(sum(reqs.values()) - sum(reqs_before.values()))
