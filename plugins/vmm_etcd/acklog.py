@@ -107,7 +107,7 @@ def fold(items: Iterable[KeyValue], epochs: Mapping[str, int]) -> dict[str, Ack]
 
 
 def fold_parsed(keys: Iterable[Iterable[Entry]], epochs: Mapping[str, int]) -> dict[str, Ack]:
-    """:func:`fold` of log keys already parsed (:class:`LogCache`)."""
+    """:func:`fold` of log keys already parsed."""
     best: dict[str, Ack] = {}
     for parsed in keys:
         for nve_id, revision, epoch, at in parsed:
@@ -140,14 +140,35 @@ def snapshot_value(acks: Mapping[str, tuple[int, int, float | None]]) -> str:
     return json.dumps({"acks": body}, separators=(",", ":"))
 
 
+class LogView:
+    """The ack log as one read saw it: how many keys, and each NVE's highest ack."""
+
+    def __init__(self, cache: LogCache, keys: int) -> None:
+        self._cache = cache
+        #: Keys in the log (a reader folds the log when there are too many).
+        self.keys = keys
+
+    def fold(self, epochs: Mapping[str, int]) -> dict[str, Ack]:
+        """The highest logged ack of each NVE of ``epochs`` for its epoch there."""
+        return self._cache.fold(epochs)
+
+
 class LogCache:
-    """The ack log as this process last read it, parsed.
+    """The ack log as this process last read it, parsed and folded.
 
     A log key is written once and never changed (a fold writes new keys and
     deletes old ones), so a reader lists the log's keys without values and
     fetches only the keys created since its last read: reading one NVE's
     ack (an agent's stream joining, a registration) no longer costs a read
     of the whole log, which holds up to a few entries per NVE.
+
+    The entries are kept folded, each NVE's highest ack per epoch, and
+    brought up to date with each new key only (folded again from every key
+    only when keys were deleted, which a fold of the log does once in
+    ``COMPACT_EVERY`` batches): a reader's cost is per NVE it asks about,
+    not per entry in the log. Why (issue 16): the orchestrator's wait for
+    1,000 peers' acks folded every entry of every key (tens of thousands)
+    on each move in `vmm nva serve`.
 
     With ``own`` (this process's :class:`AckLogWriter`), the keys that writer
     wrote are not fetched at all: it hands them over as it writes them
@@ -161,10 +182,11 @@ class LogCache:
     def __init__(self, keys: Keys, own: AckLogWriter | None = None) -> None:
         self.keys = keys
         self._lock = threading.Lock()
-        self._parsed: dict[str, list[Entry]] = {}
+        #: Every key whose entries this process knows: key -> (etcd create revision, entries).
+        self._known: dict[str, tuple[int, list[Entry]]] = {}
+        #: {nve: {epoch: highest ack}} over every known key.
+        self._best: dict[str, dict[int, Ack]] = {}
         self._seen = 0
-        #: Keys this process's writer wrote: key -> (etcd revision written at, entries).
-        self._own: dict[str, tuple[int, list[Entry]]] = {}
         self._own_prefix = own.prefix if own is not None else None
         if own is not None:
             own.listeners.append(self.remember)
@@ -173,7 +195,18 @@ class LogCache:
         """Keys this process's writer wrote at etcd ``revision``, with their entries."""
         with self._lock:
             for key, parsed in written:
-                self._own[key] = (revision, parsed)
+                self._add(key, revision, parsed)
+
+    def _add(self, key: str, created: int, parsed: list[Entry]) -> None:
+        if key in self._known:
+            return
+        self._known[key] = (created, parsed)
+        best = self._best
+        for nve_id, revision, epoch, at in parsed:
+            held = best.setdefault(nve_id, {})
+            found = held.get(epoch)
+            new = (revision, at)
+            held[epoch] = new if found is None else better(found, new) or new
 
     def requests(self, full: bool = False) -> tuple[dict[str, Any], ...]:
         """The ranges to read (last in a read, after whatever else): the keys' listing,
@@ -192,38 +225,60 @@ class LogCache:
             listing,
             kvmod.get_range(self.keys.ack_log, own, min_create_revision=since),
             kvmod.get_range(
-                own[:-1] + "0", kvmod.prefix_end(self.keys.ack_log), min_create_revision=since
+                kvmod.prefix_end(own).decode("utf-8"),
+                kvmod.prefix_end(self.keys.ack_log),
+                min_create_revision=since,
             ),
         )
 
-    def parsed(self, answer: kvmod.TxnResult, index: int) -> list[list[Entry]] | None:
-        """Every log key's entries as of ``answer`` (its ranges from ``index`` to the end,
-        as :meth:`requests` made them), or None when a listed key is not known (a
+    def read(self, answer: kvmod.TxnResult, index: int) -> LogView | None:
+        """The log as of ``answer`` (its ranges from ``index`` to the end, as
+        :meth:`requests` made them), or None when a listed key is not known (a
         concurrent read moved the cache past it, or this process's writer has not
         handed it over yet): then read again with ``full``."""
-        new: dict[str, list[Entry]] = {}
-        for fetched in range(index + 1, len(answer.responses)):
-            new.update((item.key, entries(item.value)) for item in answer.kvs(fetched))
+        fetched: dict[str, KeyValue] = {}
+        for at in range(index + 1, len(answer.responses)):
+            fetched.update((item.key, item) for item in answer.kvs(at))
         listed = answer.kvs(index)
+        parsed = {
+            key: entries(item.value) for key, item in fetched.items() if key not in self._known
+        }
         with self._lock:
-            out: dict[str, list[Entry]] = {}
             for item in listed:
-                key = item.key
-                found = new.get(key)
-                if found is None:
-                    found = self._parsed.get(key)
-                if found is None and key in self._own:
-                    found = self._own[key][1]
+                if item.key in self._known:
+                    continue
+                found = parsed.get(item.key)
                 if found is None:
                     return None
-                out[key] = found
+                self._add(item.key, item.create_revision, found)
             if answer.revision >= self._seen:
-                self._parsed, self._seen = out, answer.revision
-                # Own keys written by now and not listed were folded away.
-                for key in [k for k, (r, _) in self._own.items() if r <= answer.revision]:
-                    if key not in out:
-                        del self._own[key]
-        return list(out.values())
+                self._seen = answer.revision
+                names = {item.key for item in listed}
+                gone = [
+                    key
+                    for key, (created, _) in self._known.items()
+                    if created <= answer.revision and key not in names
+                ]
+                if gone:  # folded away: fold what is left again
+                    for key in gone:
+                        del self._known[key]
+                    known, self._known, self._best = self._known, {}, {}
+                    for key, (created, kept) in known.items():
+                        self._add(key, created, kept)
+        return LogView(self, len(listed))
+
+    def fold(self, epochs: Mapping[str, int]) -> dict[str, Ack]:
+        """:meth:`LogView.fold`."""
+        out: dict[str, Ack] = {}
+        with self._lock:
+            best = self._best
+            for nve_id, epoch in epochs.items():
+                held = best.get(nve_id)
+                if held is not None:
+                    found = held.get(epoch)
+                    if found is not None:
+                        out[nve_id] = found
+        return out
 
 
 def epochs_of(keys: Keys, records: Iterable[KeyValue]) -> dict[str, int]:

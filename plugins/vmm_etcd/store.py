@@ -43,10 +43,10 @@ from vmm_etcd.acklog import (
     AckLogWriter,
     Entry,
     LogCache,
+    LogView,
     better,
     epochs_of,
     fold,
-    fold_parsed,
 )
 from vmm_etcd.feed import ChangeFeed, GapListener, Listener
 from vmm_etcd.keys import Keys, pad
@@ -473,40 +473,40 @@ class EtcdNvaStore(StoreFront):
 
     def _read_with_log(
         self, *requests_: dict[str, Any], what: str
-    ) -> tuple[kvmod.TxnResult, list[list[Entry]]]:
+    ) -> tuple[kvmod.TxnResult, LogView]:
         """``requests_`` and the ack log (:class:`LogCache`), read at one etcd revision."""
         for full in (False, True):
             answer = self.kv.read(*requests_, *self._log_cache.requests(full), what=what)
-            parsed = self._log_cache.parsed(answer, len(requests_))
-            if parsed is not None:
-                return answer, parsed
+            view = self._log_cache.read(answer, len(requests_))
+            if view is not None:
+                return answer, view
         raise NvaError(f"cannot {what}: the ack log kept changing under the read")
 
     def _logged_ack(self, record: KeyValue) -> Ack | None:
         """The ack log's highest ack of the NVE stored as ``record`` (read, not compared)."""
         nve_id = record.key[len(self.keys.nves) :]
-        _, parsed = self._read_with_log(what="read the ack log")
-        return fold_parsed(parsed, {nve_id: record.create_revision}).get(nve_id)
+        _, view = self._read_with_log(what="read the ack log")
+        return view.fold({nve_id: record.create_revision}).get(nve_id)
 
     def _do_get_nve(self, nve_id: str) -> dict[str, Any]:
         self._check_open()
-        answer, parsed = self._read_with_log(
+        answer, view = self._read_with_log(
             kvmod.get(self.keys.nve(nve_id)), kvmod.get(self.keys.ack(nve_id)), what="read an NVE"
         )
         record, ack = answer.one(0), answer.one(1)
         if record is None:
             raise _not_registered(nve_id)
-        logged = fold_parsed(parsed, {nve_id: record.create_revision}).get(nve_id)
+        logged = view.fold({nve_id: record.create_revision}).get(nve_id)
         return nve_dict(json.loads(record.value), ack.value if ack is not None else None, logged)
 
     def _do_list_nves(self, vni: int | None) -> list[dict[str, Any]]:
         self._check_open()
-        answer, parsed = self._read_with_log(
+        answer, view = self._read_with_log(
             kvmod.get_prefix(self.keys.nves), kvmod.get_prefix(self.keys.acks), what="list NVEs"
         )
         acks = {a.key[len(self.keys.acks) :]: a.value for a in answer.kvs(1)}
         records = answer.kvs(0)
-        logged = fold_parsed(parsed, epochs_of(self.keys, records))
+        logged = view.fold(epochs_of(self.keys, records))
         out = []
         for item in records:
             record = json.loads(item.value)
@@ -977,12 +977,12 @@ class EtcdNvaStore(StoreFront):
                 what="read the acks",
             )
             found = self._records.update(known, answer, 1)
-            parsed = self._log_cache.parsed(answer, 3)
-            if found is not None and parsed is not None:
+            view = self._log_cache.read(answer, 3)
+            if found is not None and view is not None:
                 break
             if full_records and full_log:
                 raise NvaError("cannot read the acks: the directory kept changing under the read")
-            full_records, full_log = full_records or found is None, full_log or parsed is None
+            full_records, full_log = full_records or found is None, full_log or view is None
         counter = answer.one(0)
         current = int(counter.value) if counter is not None else 0
         if min_revision > current:
@@ -992,8 +992,8 @@ class EtcdNvaStore(StoreFront):
         records = {n: record for n, (record, _) in found.items()}
         epochs = {n: epoch for n, (_, epoch) in found.items()}
         acked = {i.key[len(self.keys.acks) :]: i.value for i in answer.kvs(2)}
-        logged = fold_parsed(parsed, epochs)
-        if len(parsed) > FOLD_KEYS:
+        logged = view.fold(epochs)
+        if view.keys > FOLD_KEYS:
             self._ack_log.fold_soon()
         if wanted is None:
             ids = [n for n in sorted(records) if vni in records[n]["vnis"]]

@@ -2,8 +2,20 @@
 
 from __future__ import annotations
 
-from vmm_etcd.acklog import batch_value, better, entries, fold, snapshot_value
-from vmm_etcd.kv import KeyValue
+import base64
+from unittest.mock import Mock
+
+from vmm_etcd.acklog import (
+    AckLogWriter,
+    LogCache,
+    batch_value,
+    better,
+    entries,
+    fold,
+    snapshot_value,
+)
+from vmm_etcd.keys import Keys
+from vmm_etcd.kv import KeyValue, TxnResult, b64
 
 
 def _kv(value: str) -> KeyValue:
@@ -41,3 +53,72 @@ def test_malformed_values_and_entries_hold_nothing() -> None:
     assert list(entries("not json")) == []
     assert list(entries('{"acks": 3}')) == []
     assert list(entries('{"at": 1, "acks": {"a": ["x", 1], "b": [2, 3]}}')) == [("b", 2, 3, 1.0)]
+
+
+# ------------------------------------------------------------- the reader's cache
+
+
+def _listing(revision: int, *ranges: list[tuple[str, str, int]]) -> TxnResult:
+    """A read's answer: the ranges of (key, value, create revision), at ``revision``."""
+    responses = [
+        {
+            "response_range": {
+                "kvs": [
+                    {"key": b64(k), "value": b64(v), "create_revision": c, "mod_revision": c}
+                    for k, v, c in kvs
+                ]
+            }
+        }
+        for kvs in ranges
+    ]
+    return TxnResult(True, revision, responses)
+
+
+KEYS = Keys("/p/")
+
+
+def test_the_cache_folds_each_new_key_once_and_again_when_keys_went() -> None:
+    cache = LogCache(KEYS)
+    k1, k2, k3 = (f"{KEYS.ack_log}w/{i}" for i in (1, 2, 3))
+    v1 = batch_value(1.0, {"a": (5, 11), "b": (5, 12)})
+    view = cache.read(_listing(10, [(k1, "", 10)], [(k1, v1, 10)]), 0)
+    assert view is not None and view.keys == 1
+    assert view.fold({"a": 11, "b": 12}) == {"a": (5, 1.0), "b": (5, 1.0)}
+    v2 = batch_value(2.0, {"a": (7, 11)})
+    view = cache.read(_listing(20, [(k1, "", 10), (k2, "", 20)], [(k2, v2, 20)]), 0)
+    assert view is not None and view.fold({"a": 11, "b": 12}) == {"a": (7, 2.0), "b": (5, 1.0)}
+    assert view.fold({"a": 99}) == {}  # another epoch: not this NVE's
+    # A fold wrote k3 (b's record is gone: its entry dropped) and deleted k1 and k2.
+    v3 = snapshot_value({"a": (7, 11, 2.0)})
+    view = cache.read(_listing(30, [(k3, "", 30)], [(k3, v3, 30)]), 0)
+    assert view is not None and view.keys == 1
+    assert view.fold({"a": 11, "b": 12}) == {"a": (7, 2.0)}
+
+
+def test_a_listed_key_the_cache_does_not_know_asks_for_a_full_read() -> None:
+    cache = LogCache(KEYS)
+    assert cache.read(_listing(10, [(f"{KEYS.ack_log}w/1", "", 10)], []), 0) is None
+
+
+def test_the_writers_own_keys_are_never_fetched() -> None:
+    kv = Mock()
+    writer = AckLogWriter(kv, KEYS, 128)
+    cache = LogCache(KEYS, own=writer)
+    other = f"{KEYS.ack_log}0other/1"
+    cache.read(_listing(5, [(other, "", 5)], [(other, batch_value(1.0, {"b": (2, 12)}), 5)]), 0)
+    mine = f"{writer.prefix}{'1'.zfill(20)}"
+    writer._written_at(6, [(mine, [("a", 3, 11, 2.0)])])  # as write() does
+    listing, *fetch = cache.requests()
+    assert listing["request_range"]["keys_only"]
+    fetched = [
+        (
+            base64.b64decode(r["request_range"]["key"]),
+            base64.b64decode(r["request_range"]["range_end"]),
+        )
+        for r in fetch
+    ]
+    own = writer.prefix.encode()
+    assert all(not (start <= own < end) for start, end in fetched)  # the own prefix left out
+    assert all(r["request_range"]["min_create_revision"] == 6 for r in fetch)
+    view = cache.read(_listing(6, [(other, "", 5), (mine, "", 6)], [], []), 0)
+    assert view is not None and view.fold({"a": 11, "b": 12}) == {"a": (3, 2.0), "b": (2, 1.0)}
