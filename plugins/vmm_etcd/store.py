@@ -33,7 +33,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from typing import Any, TypeVar
+from typing import Any, Generic, TypeVar
 
 from vmm_etcd import kv as kvmod
 from vmm_etcd import txn
@@ -182,7 +182,8 @@ class EtcdNvaStore(StoreFront):
         self._feed: ChangeFeed | None = None
         self._feed_lock = threading.Lock()
         self._ack_log = AckLogWriter(kv, self.keys, max_txn_ops)
-        self._records = RecordCache(self.keys)
+        self._records = record_cache(self.keys)
+        self._ack_keys = ack_key_cache(self.keys)
         self._log_cache = LogCache(self.keys, own=self._ack_log)
         self._local = LocalAcks()
         self._ack_log.listeners.append(self._local.add)
@@ -966,23 +967,27 @@ class EtcdNvaStore(StoreFront):
         are followed through an etcd watch, not by reading everything again.
         """
         self._check_open()
-        full_records = full_log = False
+        full_records = full_acks = full_log = False
         while True:  # twice at most: a full read of what a cached read could not settle
             known = self._records.snapshot(full=full_records)
+            known_acks = self._ack_keys.snapshot(full=full_acks)
             answer = self.kv.read(
                 kvmod.get(self.keys.revision),
                 self._records.request(known),
-                kvmod.get_prefix(self.keys.acks),
+                self._ack_keys.request(known_acks),
                 *self._log_cache.requests(full_log),
                 what="read the acks",
             )
             found = self._records.update(known, answer, 1)
+            acked = self._ack_keys.update(known_acks, answer, 2)
             view = self._log_cache.read(answer, 3)
-            if found is not None and view is not None:
+            if found is not None and acked is not None and view is not None:
                 break
-            if full_records and full_log:
+            if full_records and full_acks and full_log:
                 raise NvaError("cannot read the acks: the directory kept changing under the read")
-            full_records, full_log = full_records or found is None, full_log or view is None
+            full_records = full_records or found is None
+            full_acks = full_acks or acked is None
+            full_log = full_log or view is None
         counter = answer.one(0)
         current = int(counter.value) if counter is not None else 0
         if min_revision > current:
@@ -991,7 +996,6 @@ class EtcdNvaStore(StoreFront):
             )
         records = {n: record for n, (record, _) in found.items()}
         epochs = {n: epoch for n, (_, epoch) in found.items()}
-        acked = {i.key[len(self.keys.acks) :]: i.value for i in answer.kvs(2)}
         logged = view.fold(epochs)
         if view.keys > FOLD_KEYS:
             self._ack_log.fold_soon()
@@ -1134,51 +1138,72 @@ class LocalAcks:
 Record = tuple[dict[str, Any], int]
 
 
-class RecordCache:
-    """The NVE records as of an etcd revision, brought up to date by reading only the
-    records written since (and how many there are).
+V = TypeVar("V")
+
+
+class PrefixCache(Generic[V]):
+    """The keys under a prefix as of an etcd revision, brought up to date by reading only
+    the keys written since (and how many there are).
 
     Why (issue 16): the orchestrator's wait for the peers' acks read every NVE
-    record on each move (about 10 us of etcd CPU per NVE, through its JSON
-    gateway); records rarely change, so a read at a later etcd revision asks
-    for those written after the cached one (``min_mod_revision``). etcd
-    counts the range before that filter, so a count lower than what the cache
-    plus the written ones hold means records were deleted: then everything is
-    read again.
+    record, and every NVE's own ack key, on each move (about 10 us of etcd
+    CPU per key returned, through its JSON gateway); they rarely change, so a
+    read at a later etcd revision asks for those written after the cached one
+    (``min_mod_revision``). etcd counts the range before that filter, so a
+    count lower than what the cache plus the written ones hold means keys
+    were deleted: then everything is read again.
     """
 
-    def __init__(self, keys: Keys) -> None:
-        self.keys = keys
+    def __init__(self, prefix: str, parse: Callable[[KeyValue], tuple[str, V]]) -> None:
+        self.prefix = prefix
+        self.parse = parse
         self._lock = threading.Lock()
-        self._records: dict[str, Record] = {}
+        self._items: dict[str, V] = {}
         self._revision = 0
 
-    def snapshot(self, full: bool = False) -> tuple[int, dict[str, Record]]:
-        """(etcd revision, records) to read from; revision 0: read everything."""
+    def snapshot(self, full: bool = False) -> tuple[int, dict[str, V]]:
+        """(etcd revision, items) to read from; revision 0: read everything."""
         with self._lock:
             if full:
                 return 0, {}
-            return self._revision, self._records
+            return self._revision, self._items
 
-    def request(self, known: tuple[int, dict[str, Record]]) -> dict[str, Any]:
+    def request(self, known: tuple[int, dict[str, V]]) -> dict[str, Any]:
         revision, _ = known
-        return kvmod.get_prefix(self.keys.nves, min_mod_revision=revision + 1 if revision else 0)
+        return kvmod.get_prefix(self.prefix, min_mod_revision=revision + 1 if revision else 0)
 
     def update(
-        self, known: tuple[int, dict[str, Record]], answer: kvmod.TxnResult, index: int
-    ) -> dict[str, Record] | None:
-        """The records as of ``answer`` (None: some were deleted; read them all)."""
+        self, known: tuple[int, dict[str, V]], answer: kvmod.TxnResult, index: int
+    ) -> dict[str, V] | None:
+        """The items as of ``answer`` (None: some were deleted; read them all)."""
         revision, cached = known
-        records = dict(cached) if revision else {}
+        items = dict(cached) if revision else {}
         for item in answer.kvs(index):
-            record = json.loads(item.value)
-            records[record["id"]] = (record, item.create_revision)
-        if answer.count(index) != len(records):
+            name, value = self.parse(item)
+            items[name] = value
+        if answer.count(index) != len(items):
             return None
         with self._lock:
             if answer.revision >= self._revision:
-                self._records, self._revision = records, answer.revision
-        return records
+                self._items, self._revision = items, answer.revision
+        return items
+
+
+def record_cache(keys: Keys) -> PrefixCache[Record]:
+    """The NVE records: {id: (record, epoch)}."""
+
+    def parse(item: KeyValue) -> tuple[str, Record]:
+        record = json.loads(item.value)
+        return record["id"], (record, item.create_revision)
+
+    return PrefixCache(keys.nves, parse)
+
+
+def ack_key_cache(keys: Keys) -> PrefixCache[str]:
+    """The NVEs' own ack keys (single acks: older agents, the log's slow path):
+    {nve: stored ack}. Every NVE may have one, so the wait for acks read a
+    thousand of them on each move at 1,000 peers."""
+    return PrefixCache(keys.acks, lambda item: (item.key[len(keys.acks) :], item.value))
 
 
 def _merged(

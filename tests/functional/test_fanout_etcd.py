@@ -343,3 +343,37 @@ def test_an_ack_written_here_for_an_nve_registered_again_does_not_count(
         other.register_nve("nve12", "192.0.2.13", [VNI])
     acks = client.acks(VNI, revision, nves=["nve12"], timeout=0.4)
     assert acks["nve12"]["acked_revision"] == 0
+
+
+def test_the_wait_for_acks_reads_the_nves_own_ack_keys_only_when_written(
+    client: EtcdNvaClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Agents ack their first sync one by one (acks/<nve>): every NVE may have such a key,
+    and reading them all on each move cost etcd ~10 us per NVE."""
+    revision = client.revision
+    nves = [f"nve{i:02d}" for i in range(30)]
+    for nve in nves:
+        client.ack(nve, revision)  # the own keys
+    returned: list[int] = []
+    read = client.kv.read
+
+    def counting(*requests: Any, what: str = "read") -> kvmod.TxnResult:
+        answer = read(*requests, what=what)
+        if what == "read the acks":
+            returned.append(len(answer.kvs(2)))
+        return answer
+
+    monkeypatch.setattr(client.kv, "read", counting)
+    assert all(a["acked_revision"] == revision for a in client.acks(VNI, revision, nves).values())
+    assert all(a["acked_revision"] == revision for a in client.acks(VNI, revision, nves).values())
+    assert returned[-1] == 0  # nothing written since: no own key read again
+    client.add_endpoint(VNI, "52:54:00:00:00:05", [], [], "nve00")
+    later = client.revision
+    client.ack("nve07", later)  # a single ack written since: read, and only it
+    acks = client.acks(VNI, later, nves)
+    assert returned[-1] == 1
+    assert acks["nve07"]["acked_revision"] == later and acks["nve08"]["acked_revision"] == revision
+    client.delete_nve("nve29")  # a key gone: the cache cannot tell from what was written
+    client.ack("nve28", later)
+    acks = client.acks(VNI, later, nves[:29])
+    assert returned[-1] == 29 and acks["nve28"]["acked_revision"] == later
