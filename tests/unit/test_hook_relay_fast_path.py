@@ -246,10 +246,10 @@ def test_end_calls_of_a_guest_not_coming_in_go_on_without_python(
         for sub in (("stopped", "end"), ("release", "end")):
             result, _, _ = relay.run(config, *sub)
             assert result.returncode == 0
-        wait_for(seen, 2)
-        assert [(r["op"], r["sub_op"], r["guest"]) for r in seen] == [
-            ("stopped", "end", "vm-é"),
+        wait_for(seen, 2)  # each from a Python in the background: either may come first
+        assert sorted((r["op"], r["sub_op"], r["guest"]) for r in seen) == [
             ("release", "end", "vm-é"),
+            ("stopped", "end", "vm-é"),
         ]
         marks.unmark("m-1")  # it resumed here
         relay.run(config, "release", "end")
@@ -259,7 +259,7 @@ def test_end_calls_of_a_guest_not_coming_in_go_on_without_python(
     # No directory (the agent stopped, or an older one): forwarded as before.
     relay.run(config, "release", "end")
     wait_for(seen, 3)
-    assert [r["op"] for r in seen] == ["stopped", "release", "release"]
+    assert sorted(r["op"] for r in seen) == ["release", "release", "stopped"]
 
 
 def cache_header(relay: Path) -> bytes:
