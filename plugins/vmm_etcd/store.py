@@ -1017,7 +1017,8 @@ class EtcdNvaStore(StoreFront):
         if self._local.knows(missing):
             # Those NVEs' acks came through this process so far: wait for its own
             # writes first (no etcd watch), then watch etcd from the read on.
-            self._wait_local(state, epochs, complete, min(deadline, time.monotonic() + LOCAL_WAIT))
+            until = min(deadline, time.monotonic() + LOCAL_WAIT)
+            self._wait_local(state, epochs, min_revision, missing, until)
             if complete() or deadline - time.monotonic() <= 0:
                 return {n: dict(a) for n, a in state.items()}
         own = self._ack_log.prefix
@@ -1054,20 +1055,23 @@ class EtcdNvaStore(StoreFront):
         self,
         state: dict[str, dict[str, Any]],
         epochs: dict[str, int],
-        complete: Callable[[], bool],
+        min_revision: int,
+        missing: list[str],
         until: float,
     ) -> None:
-        """Merge the acks this process writes into ``state`` until ``complete()`` or
-        ``until`` (monotonic); entries count only for the epochs read."""
+        """Merge the acks this process writes into ``state`` until every NVE of
+        ``missing`` acked ``min_revision`` or ``until`` (monotonic); entries count only
+        for the epochs read. Only the NVEs still missing are looked at on each write."""
         generation = 0
-        while True:
-            generation, acks = self._local.since(generation, list(state), until)
+        while missing:
+            generation, acks = self._local.since(generation, missing, until)
             for nve_id, (revision, epoch, at) in acks.items():
                 if epochs.get(nve_id) == epoch:
                     state[nve_id] = _merged(None, (revision, at), state[nve_id])
+            missing = [n for n in missing if state[n]["acked_revision"] < min_revision]
             if self._closed:
                 raise NvaError("the NVA store is closed")
-            if complete() or time.monotonic() >= until:
+            if time.monotonic() >= until:
                 return
 
 
@@ -1211,10 +1215,10 @@ def _merged(
 ) -> dict[str, Any]:
     """{"acked_revision", "acked_at"}: the highest of an NVE's own key, a logged ack and
     what was held."""
-    parsed = parse_ack(own) if own is not None else None
-    best = better(
-        (parsed["acked_revision"], parsed["acked_at"]) if parsed is not None else None, logged
-    )
+    best = logged
+    if own:
+        revision, _, at = own.partition("|")
+        best = better((int(revision), float(at) if at else None), best)
     if held is not None:
         best = better(best, (held["acked_revision"], held["acked_at"]))
     if best is None:
