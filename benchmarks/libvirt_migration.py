@@ -106,10 +106,14 @@ def _held_max(r: demo.MigrationResult) -> float | None:
 
 
 def _held_over(r: demo.MigrationResult, pause_ms: float | None) -> float | None:
-    """How much longer than the pause (libvirt's downtime: QEMU's stop to its start)
-    the worst held frame waited; issue 16's goal is <= +5 ms. What is left over
-    includes the guest working through the held frames after its resume (a reply
-    is what the probe sees; TCG here) besides any time the orchestrator added."""
+    """How much longer than the pause the worst held frame waited; issue 16's goal
+    is <= +5 ms. Two measures of the pause: libvirt's downtime is QEMU's, from the
+    source's stop to the end of the transfer, without libvirt's Finish, which
+    resumes the guest at the destination (40-130 ms more here); the source's
+    SUSPENDED event to the destination's RESUMED event spans the whole pause
+    (both events come a few ms after the fact). What is left over includes the
+    guest working through the held frames after its resume (a reply is what the
+    probe sees; TCG here) besides any time the orchestrator added."""
     held = _held_max(r)
     if held is None or pause_ms is None or not any(s.held for s in r.streams):
         return None
@@ -130,7 +134,11 @@ FIGURES: list[tuple[str, Callable[[demo.MigrationResult], float | None]]] = [
     ("reordered", lambda r: sum(s.reordered for s in r.streams)),
     ("held (delivered, sent while paused)", lambda r: sum(s.held for s in r.streams)),
     ("held +ms max (over the path's own)", lambda r: _held_max(r)),
-    ("  less libvirt downtime (goal <= +5)", lambda r: _held_over(r, r.libvirt_downtime_ms)),
+    ("  less libvirt downtime", lambda r: _held_over(r, r.libvirt_downtime_ms)),
+    (
+        "  less SUSPENDED -> RESUMED (goal <= +5)",
+        lambda r: _held_over(r, (r.resumed_at - r.suspended_at) * 1000.0),
+    ),
     ("migration wall ms", lambda r: r.wall_ms),
     ("destination tap drops", lambda r: r.tap_dropped),
 ]
