@@ -1006,24 +1006,25 @@ class EtcdNvaStore(StoreFront):
                 if nve_id not in records:
                     raise _not_registered(nve_id)
             ids = wanted
-        state = {n: _merged(acked.get(n), logged.get(n)) for n in ids}
+        # Each NVE's best ack as (revision, at), None: never acked; the dicts at the end.
+        state: dict[str, Ack | None] = {n: better(acked.get(n), logged.get(n)) for n in ids}
 
-        def complete() -> bool:
-            return all(a["acked_revision"] >= min_revision for a in state.values())
+        def short() -> list[str]:
+            return [n for n, a in state.items() if a is None or a[0] < min_revision]
 
-        if complete() or deadline - time.monotonic() <= 0:
-            return {n: dict(a) for n, a in state.items()}
-        missing = [n for n, a in state.items() if a["acked_revision"] < min_revision]
+        missing = short()
+        if not missing or deadline - time.monotonic() <= 0:
+            return _ack_dicts(state)
         if self._local.knows(missing):
             # Those NVEs' acks came through this process so far: wait for its own
             # writes first (no etcd watch), then watch etcd from the read on.
             until = min(deadline, time.monotonic() + LOCAL_WAIT)
-            self._wait_local(state, epochs, min_revision, missing, until)
-            if complete() or deadline - time.monotonic() <= 0:
-                return {n: dict(a) for n, a in state.items()}
+            missing = self._wait_local(state, epochs, min_revision, missing, until)
+            if not missing or deadline - time.monotonic() <= 0:
+                return _ack_dicts(state)
         own = self._ack_log.prefix
         with self._watch(self.keys.any_ack, answer.revision + 1, prefix=True) as stream:
-            while not complete():
+            while missing:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     break
@@ -1044,35 +1045,56 @@ class EtcdNvaStore(StoreFront):
                             self._local.forget(acks)  # those NVEs ack elsewhere now
                         for nve_id, ack in acks.items():
                             if nve_id in state:
-                                state[nve_id] = _merged(None, ack, state[nve_id])
+                                state[nve_id] = better(state[nve_id], ack)
                         continue
                     nve_id = event.kv.key[len(self.keys.acks) :]
                     if nve_id in state and event.kv.key.startswith(self.keys.acks):
-                        state[nve_id] = _merged(event.kv.value, None, state[nve_id])
-        return {n: dict(a) for n, a in state.items()}
+                        state[nve_id] = better(state[nve_id], own_ack(event.kv.value))
+                missing = [n for n in missing if (a := state[n]) is None or a[0] < min_revision]
+        return _ack_dicts(state)
 
     def _wait_local(
         self,
-        state: dict[str, dict[str, Any]],
+        state: dict[str, Ack | None],
         epochs: dict[str, int],
         min_revision: int,
         missing: list[str],
         until: float,
-    ) -> None:
+    ) -> list[str]:
         """Merge the acks this process writes into ``state`` until every NVE of
         ``missing`` acked ``min_revision`` or ``until`` (monotonic); entries count only
-        for the epochs read. Only the NVEs still missing are looked at on each write."""
+        for the epochs read. Only the NVEs still missing are looked at on each write;
+        returns those still missing."""
         generation = 0
         while missing:
             generation, acks = self._local.since(generation, missing, until)
             for nve_id, (revision, epoch, at) in acks.items():
                 if epochs.get(nve_id) == epoch:
-                    state[nve_id] = _merged(None, (revision, at), state[nve_id])
-            missing = [n for n in missing if state[n]["acked_revision"] < min_revision]
+                    state[nve_id] = better(state[nve_id], (revision, at))
+            missing = [n for n in missing if (a := state[n]) is None or a[0] < min_revision]
             if self._closed:
                 raise NvaError("the NVA store is closed")
             if time.monotonic() >= until:
-                return
+                break
+        return missing
+
+
+def own_ack(value: str | None) -> Ack | None:
+    """An NVE's own ack key's value as (revision, at); None when empty."""
+    if not value:
+        return None
+    revision, _, at = value.partition("|")
+    return int(revision), float(at) if at else None
+
+
+def _ack_dicts(state: dict[str, Ack | None]) -> dict[str, dict[str, Any]]:
+    """{nve: {"acked_revision", "acked_at"}} as the API answers."""
+    return {
+        n: {"acked_revision": a[0], "acked_at": a[1]}
+        if a is not None
+        else {"acked_revision": 0, "acked_at": None}
+        for n, a in state.items()
+    }
 
 
 #: Seconds a wait for acks waits on this process's own ack writes before it also
@@ -1203,27 +1225,11 @@ def record_cache(keys: Keys) -> PrefixCache[Record]:
     return PrefixCache(keys.nves, parse)
 
 
-def ack_key_cache(keys: Keys) -> PrefixCache[str]:
+def ack_key_cache(keys: Keys) -> PrefixCache[Ack | None]:
     """The NVEs' own ack keys (single acks: older agents, the log's slow path):
-    {nve: stored ack}. Every NVE may have one, so the wait for acks read a
+    {nve: (revision, at)}. Every NVE may have one, so the wait for acks read a
     thousand of them on each move at 1,000 peers."""
-    return PrefixCache(keys.acks, lambda item: (item.key[len(keys.acks) :], item.value))
-
-
-def _merged(
-    own: str | None, logged: Ack | None, held: dict[str, Any] | None = None
-) -> dict[str, Any]:
-    """{"acked_revision", "acked_at"}: the highest of an NVE's own key, a logged ack and
-    what was held."""
-    best = logged
-    if own:
-        revision, _, at = own.partition("|")
-        best = better((int(revision), float(at) if at else None), best)
-    if held is not None:
-        best = better(best, (held["acked_revision"], held["acked_at"]))
-    if best is None:
-        return {"acked_revision": 0, "acked_at": None}
-    return {"acked_revision": best[0], "acked_at": best[1]}
+    return PrefixCache(keys.acks, lambda item: (item.key[len(keys.acks) :], own_ack(item.value)))
 
 
 class ChangesPage:
