@@ -189,3 +189,55 @@ def test_streams_catching_up_over_the_same_changes_encode_each_once(
         for c in clients:
             c.close()
     assert sorted(encoded) == list(range(start + 1, end + 1))  # each change once, not 3 times
+
+
+class _SlowStore:
+    """A store whose writes cost much whatever their size (as etcd's do)."""
+
+    ack_window = 0.05
+
+    def __init__(self) -> None:
+        self.batches: list[dict[str, int]] = []
+
+    def record_acks(self, acks: dict[str, int]) -> dict[str, str]:
+        self.batches.append(dict(acks))
+        return {}
+
+
+def test_the_ack_writer_lets_a_burst_gather_when_the_store_asks_for_a_window() -> None:
+    store = _SlowStore()
+    writer = stream.AckWriter(store)
+    try:
+        writer.add({"a": 1})  # the first ack of a move, as the hub reads it
+        time.sleep(0.01)
+        writer.add({"b": 1, "a": 2})  # the rest of the burst, a round later
+        deadline = time.monotonic() + 5
+        while not store.batches and time.monotonic() < deadline:
+            time.sleep(0.005)
+    finally:
+        writer.close()
+    assert store.batches == [{"a": 2, "b": 1}]  # one write, each NVE's highest
+
+
+def test_the_ack_writer_writes_at_once_without_a_window() -> None:
+    store = _SlowStore()
+    store.ack_window = 0.0
+    writer = stream.AckWriter(store)
+    try:
+        writer.add({"a": 1})
+        deadline = time.monotonic() + 5
+        while not store.batches and time.monotonic() < deadline:
+            time.sleep(0.001)
+        assert store.batches == [{"a": 1}]
+    finally:
+        writer.close()
+
+
+def test_closing_the_ack_writer_writes_what_is_pending_without_waiting_the_window() -> None:
+    store = _SlowStore()
+    store.ack_window = 30.0
+    writer = stream.AckWriter(store)
+    writer.add({"a": 1})
+    started = time.monotonic()
+    writer.close()
+    assert store.batches == [{"a": 1}] and time.monotonic() - started < 5
