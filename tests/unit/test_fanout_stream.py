@@ -241,3 +241,26 @@ def test_closing_the_ack_writer_writes_what_is_pending_without_waiting_the_windo
     started = time.monotonic()
     writer.close()
     assert store.batches == [{"a": 1}] and time.monotonic() - started < 5
+
+
+def test_one_commit_in_two_vns_reaches_each_stream_with_its_vns_changes_only(
+    server: NvaServer, client: NvaClient
+) -> None:
+    """The hub builds one line per set of VNs for streams that had every earlier commit."""
+    other = VNI + 1
+    client.register_nve("host-d", "192.0.2.4", [other])
+    client.register_nve("host-e", "192.0.2.5", [VNI, other])
+    since = client.health()["revision"]
+    for nve in ("host-b", "host-d", "host-e"):
+        assert client.watch(nve, since, timeout=0.05) == (since, [])  # streams open
+    deadline = time.monotonic() + 2
+    while _hub_streams(server) < 3:
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    client.register_nve("host-f", "192.0.2.6", [VNI, other])  # one commit, a change per VN
+    got = {}
+    for nve in ("host-b", "host-d", "host-e"):
+        revision, changes = client.watch(nve, since, timeout=2.0)
+        got[nve] = sorted(c["vni"] for c in changes)
+        assert revision == since + 2 and all(c["nve"]["id"] == "host-f" for c in changes)
+    assert got == {"host-b": [VNI], "host-d": [other], "host-e": [VNI, other]}

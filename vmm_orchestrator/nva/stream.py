@@ -358,6 +358,17 @@ class StreamHub:
         if not data:
             self._drop(sub, "the NVE closed the stream")
             return
+        if not sub.inbuf and data[-1:] == b"\n" and data.count(b"\n") == 1:
+            # One whole line, the common case (an ack per move): no buffering.
+            line = data[:-1]
+            if line.strip():
+                revision = _ack_revision(line)
+                if revision is None:
+                    self._drop(sub, f"not an ack: {line[:80]!r}")
+                    return
+                if revision > acks.get(sub.nve_id, -1):
+                    acks[sub.nve_id] = revision
+            return
         sub.inbuf += data
         while True:
             end = sub.inbuf.find(b"\n")
@@ -501,9 +512,22 @@ class StreamHub:
                     reached |= self._by_vni.get(change["vni"], set())
             encoded = [(c, self._encode(c)) for c in changes] if reached else []
             lines: dict[tuple[int, ...], bytes] = {}
+            # Streams that had every earlier commit get the changes of their VNs, the
+            # same for every stream of the same VNs: one line each, picked once.
+            first = min((c["revision"] for c in changes), default=revision)
+            untargeted = all(c.get("target_nve") is None for c in changes)
+            by_vnis: dict[frozenset[int], bytes] = {}
             for sub in reached:
                 if revision <= sub.position:
                     continue  # its catch-up already had this commit
+                if untargeted and sub.position < first:
+                    line = by_vnis.get(sub.vnis)
+                    if line is None:
+                        chosen = [data for c, data in encoded if c["vni"] in sub.vnis]
+                        line = by_vnis[sub.vnis] = self._line(revision, chosen)
+                    sub.position = revision
+                    self._send(sub, line)
+                    continue
                 picked = [
                     (c["revision"], data)
                     for c, data in encoded
