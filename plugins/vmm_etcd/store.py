@@ -434,8 +434,9 @@ class EtcdNvaStore(StoreFront):
             if before == record:  # a restarting agent: nothing changes
                 return nve_dict(record, ack.value if ack is not None else None, logged)
             tx.put_json(self.keys.nve(nve_id), record)
-            if old is None:  # a new epoch: ack log writers must learn it (vmm_etcd.acklog)
-                tx.put(self.keys.nve_generation, nve_id)
+            # Every record write: readers of records compare it (PrefixCache), and a new
+            # record is a new epoch that ack log writers must learn (vmm_etcd.acklog).
+            tx.put(self.keys.nve_generation, nve_id)
             for vni, payload in membership_changes(before, record):
                 self._record(tx, vni, "nve", payload, tx.next_revision())
             if before is not None and before["vtep"] != vtep_ip:
@@ -459,6 +460,9 @@ class EtcdNvaStore(StoreFront):
             ack, stored = tx.get(self.keys.ack(nve_id), self.keys.nve(nve_id))
             tx.delete(self.keys.nve(nve_id))
             tx.delete(self.keys.ack(nve_id))
+            tx.put(self.keys.nve_generation, nve_id)
+            if ack is not None:
+                tx.put(ack_generation(self.keys), nve_id)
             for vni, payload in membership_changes(record, None):
                 self._record(tx, vni, "nve", payload, tx.next_revision())
             logged = self._logged_ack(stored) if stored is not None else None
@@ -877,23 +881,40 @@ class EtcdNvaStore(StoreFront):
         compare = [kvmod.cmp_exists(nve_key), kvmod.cmp_value(ack_key, "LESS", pad(revision))]
         if revision > 0:
             compare.append(kvmod.cmp_value(self.keys.revision, "GREATER", pad(revision - 1)))
-        log = kvmod.get_prefix(self.keys.ack_log)
-        reads = [kvmod.get(nve_key), kvmod.get(self.keys.revision), kvmod.get(ack_key), log]
-        answer = self.kv.txn(
-            compare,
-            [kvmod.put(ack_key, ack_value(revision, now)), kvmod.get(nve_key), log],
-            reads,
-            what=f"record the ack of NVE {nve_id}",
-        )
+        for full in (False, True):  # the ack log as the LogCache reads it, not all of it
+            log = self._log_cache.requests(full)
+            reads = [kvmod.get(nve_key), kvmod.get(self.keys.revision), kvmod.get(ack_key), *log]
+            answer = self.kv.txn(
+                compare,
+                [
+                    kvmod.put(ack_key, ack_value(revision, now)),
+                    kvmod.put(ack_generation(self.keys), nve_id),
+                    kvmod.get(nve_key),
+                    *log,
+                ],
+                reads,
+                what=f"record the ack of NVE {nve_id}",
+            )
+            view = self._log_cache.read(answer, 3)
+            if view is not None or answer.succeeded:
+                break
         if answer.succeeded:
-            record = answer.one(1)
+            record = answer.one(2)
             assert record is not None
-            logged = fold(answer.kvs(2), {nve_id: record.create_revision}).get(nve_id)
+            logged = (
+                view.fold({nve_id: record.create_revision}).get(nve_id)
+                if view is not None
+                else self._logged_ack(record)
+            )
             return nve_dict(json.loads(record.value), ack_value(revision, now), logged)
         record, counter, ack = answer.one(0), answer.one(1), answer.one(2)
         if record is None:
             raise _not_registered(nve_id)
-        logged = fold(answer.kvs(3), {nve_id: record.create_revision}).get(nve_id)
+        logged = (
+            view.fold({nve_id: record.create_revision}).get(nve_id)
+            if view is not None
+            else self._logged_ack(record)
+        )
         current = int(counter.value) if counter is not None else 0
         if revision > current:
             raise Conflict(
@@ -907,6 +928,7 @@ class EtcdNvaStore(StoreFront):
             found = self._nve(tx, nve_id)
             tx.get(ack_key)
             tx.put(ack_key, ack_value(revision, now))
+            tx.put(ack_generation(self.keys), nve_id)
             return nve_dict(found, ack_value(revision, now), logged)
 
         return self._run(f"record the ack of NVE {nve_id}", decide, changes=False)
@@ -973,19 +995,32 @@ class EtcdNvaStore(StoreFront):
         """
         self._check_open()
         full_records = full_acks = full_log = False
+        caches = (self._records, self._ack_keys)
         while True:  # twice at most: a full read of what a cached read could not settle
             known = self._records.snapshot(full=full_records)
             known_acks = self._ack_keys.snapshot(full=full_acks)
-            answer = self.kv.read(
-                kvmod.get(self.keys.revision),
-                self._records.request(known),
-                self._ack_keys.request(known_acks),
-                *self._log_cache.requests(full_log),
-                what="read the acks",
-            )
-            found = self._records.update(known, answer, 1)
-            acked = self._ack_keys.update(known_acks, answer, 2)
-            view = self._log_cache.read(answer, 3)
+            head = [kvmod.get(self.keys.revision), *(kvmod.get(c.generation) for c in caches)]
+            log = self._log_cache.requests(full_log)
+            ranges = [self._records.request(known), self._ack_keys.request(known_acks)]
+            compare = [self._records.compare(known), self._ack_keys.compare(known_acks)]
+            if None in compare:
+                answer = self.kv.read(*head, *ranges, *log, what="read the acks")
+            else:  # neither records nor own ack keys written since: only count them
+                counts = [c.count() for c in caches]
+                answer = self.kv.txn(
+                    [c for c in compare if c is not None],
+                    [*head, *counts, *log],
+                    [*head, *ranges, *log],
+                    what="read the acks",
+                )
+            gens = (answer.one(1), answer.one(2))
+            if None not in compare and answer.succeeded:
+                found = self._records.unchanged(known, answer, 3, gens[0])
+                acked = self._ack_keys.unchanged(known_acks, answer, 4, gens[1])
+            else:
+                found = self._records.update(known, answer, 3, gens[0])
+                acked = self._ack_keys.update(known_acks, answer, 4, gens[1])
+            view = self._log_cache.read(answer, 5)
             if found is not None and acked is not None and view is not None:
                 break
             if full_records and full_acks and full_log:
@@ -1183,41 +1218,86 @@ class PrefixCache(Generic[V]):
     (``min_mod_revision``). etcd counts the range before that filter, so a
     count lower than what the cache plus the written ones hold means keys
     were deleted: then everything is read again.
+
+    etcd still reads every key of the range to apply that filter (about 2 us
+    per key); with ``generation``, a key every writer of the prefix rewrites
+    in the same transaction, a reader first compares that key's mod revision
+    with the one it cached (:meth:`compare`) and reads nothing of the range
+    when it is unchanged, only its count (etcd's index alone).
     """
 
-    def __init__(self, prefix: str, parse: Callable[[KeyValue], tuple[str, V]]) -> None:
+    def __init__(
+        self, prefix: str, parse: Callable[[KeyValue], tuple[str, V]], generation: str
+    ) -> None:
         self.prefix = prefix
         self.parse = parse
+        self.generation = generation
         self._lock = threading.Lock()
         self._items: dict[str, V] = {}
         self._revision = 0
+        self._generation_mod = 0
 
-    def snapshot(self, full: bool = False) -> tuple[int, dict[str, V]]:
-        """(etcd revision, items) to read from; revision 0: read everything."""
+    def snapshot(self, full: bool = False) -> tuple[int, dict[str, V], int]:
+        """(etcd revision, items, generation's mod revision) to read from; revision 0:
+        read everything."""
         with self._lock:
             if full:
-                return 0, {}
-            return self._revision, self._items
+                return 0, {}, 0
+            return self._revision, self._items, self._generation_mod
 
-    def request(self, known: tuple[int, dict[str, V]]) -> dict[str, Any]:
-        revision, _ = known
+    def compare(self, known: tuple[int, dict[str, V], int]) -> dict[str, Any] | None:
+        """The compare that holds while nothing under the prefix was written since
+        ``known`` (None: nothing cached)."""
+        revision, _, generation = known
+        return kvmod.cmp_mod(self.generation, generation) if revision else None
+
+    def request(self, known: tuple[int, dict[str, V], int]) -> dict[str, Any]:
+        revision = known[0]
         return kvmod.get_prefix(self.prefix, min_mod_revision=revision + 1 if revision else 0)
 
+    def count(self) -> dict[str, Any]:
+        return kvmod.get_prefix(self.prefix, count_only=True)
+
     def update(
-        self, known: tuple[int, dict[str, V]], answer: kvmod.TxnResult, index: int
+        self,
+        known: tuple[int, dict[str, V], int],
+        answer: kvmod.TxnResult,
+        index: int,
+        generation: KeyValue | None,
     ) -> dict[str, V] | None:
-        """The items as of ``answer`` (None: some were deleted; read them all)."""
-        revision, cached = known
+        """The items as of ``answer`` (its :meth:`request` at ``index``; ``generation``
+        as read with it). None: some were deleted; read them all."""
+        revision, cached, _ = known
         items = dict(cached) if revision else {}
         for item in answer.kvs(index):
             name, value = self.parse(item)
             items[name] = value
         if answer.count(index) != len(items):
             return None
-        with self._lock:
-            if answer.revision >= self._revision:
-                self._items, self._revision = items, answer.revision
+        self._keep(items, answer.revision, generation)
         return items
+
+    def unchanged(
+        self,
+        known: tuple[int, dict[str, V], int],
+        answer: kvmod.TxnResult,
+        index: int,
+        generation: KeyValue | None,
+    ) -> dict[str, V] | None:
+        """The items of ``known``, still true at ``answer`` (its :meth:`compare` held;
+        its :meth:`count` at ``index``). None: the count differs (a writer that does
+        not rewrite the generation key): read them all."""
+        _, items, _ = known
+        if answer.count(index) != len(items):
+            return None
+        self._keep(items, answer.revision, generation)
+        return items
+
+    def _keep(self, items: dict[str, V], revision: int, generation: KeyValue | None) -> None:
+        with self._lock:
+            if revision >= self._revision:
+                self._items, self._revision = items, revision
+                self._generation_mod = generation.mod_revision if generation is not None else 0
 
 
 def record_cache(keys: Keys) -> PrefixCache[Record]:
@@ -1227,14 +1307,23 @@ def record_cache(keys: Keys) -> PrefixCache[Record]:
         record = json.loads(item.value)
         return record["id"], (record, item.create_revision)
 
-    return PrefixCache(keys.nves, parse)
+    return PrefixCache(keys.nves, parse, keys.nve_generation)
 
 
 def ack_key_cache(keys: Keys) -> PrefixCache[Ack | None]:
     """The NVEs' own ack keys (single acks: older agents, the log's slow path):
     {nve: (revision, at)}. Every NVE may have one, so the wait for acks read a
     thousand of them on each move at 1,000 peers."""
-    return PrefixCache(keys.acks, lambda item: (item.key[len(keys.acks) :], own_ack(item.value)))
+    return PrefixCache(
+        keys.acks,
+        lambda item: (item.key[len(keys.acks) :], own_ack(item.value)),
+        ack_generation(keys),
+    )
+
+
+def ack_generation(keys: Keys) -> str:
+    """The key every write of an NVE's own ack key rewrites (:class:`PrefixCache`)."""
+    return f"{keys.prefix}ackgen"
 
 
 class ChangesPage:

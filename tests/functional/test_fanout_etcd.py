@@ -168,23 +168,33 @@ def test_the_log_is_folded_and_keeps_every_current_ack(client: EtcdNvaClient) ->
     assert listed["nve61"] == 0
 
 
+def _ranges_read(client: EtcdNvaClient, index: int) -> list[int | None]:
+    """Keys each wait for acks gets back in its range at ``index`` (None when the compare
+    of the cached generations held and the range was not read at all)."""
+    returned: list[int | None] = []
+    txn = client.kv.txn
+
+    def counting(
+        compare: Any = (), success: Any = (), failure: Any = (), what: str = ""
+    ) -> kvmod.TxnResult:
+        answer = txn(compare, success, failure, what)
+        if what == "read the acks":
+            cached = bool(compare) and answer.succeeded
+            returned.append(None if cached else len(answer.kvs(index)))
+        return answer
+
+    client.kv.txn = counting  # type: ignore[method-assign]
+    return returned
+
+
 def test_waiting_for_acks_reads_only_the_records_written_since_and_sees_deletes(
     client: EtcdNvaClient, etcd: LocalEtcdCluster
 ) -> None:
     revision = client.revision
     assert len(client.acks(VNI, 0)) == 70  # fills the cache: every record
-    reads: list[int] = []
-    read = client.kv.read
-
-    def counting(*requests: Any, what: str = "read") -> Any:
-        answer = read(*requests, what=what)
-        if what == "read the acks":
-            reads.append(len(answer.kvs(1)))
-        return answer
-
-    client.kv.read = counting  # type: ignore[method-assign]
+    reads = _ranges_read(client, 3)  # the records' range
     assert len(client.acks(VNI, 0)) == 70
-    assert reads == [0]  # no record changed: none read
+    assert reads == [None]  # no record written since: the range not even read
     other = EtcdNvaClient(EtcdKV(etcd.endpoints), client.keys.prefix)
     try:
         other.register_nve("late", "192.0.2.200", [VNI])
@@ -346,7 +356,7 @@ def test_an_ack_written_here_for_an_nve_registered_again_does_not_count(
 
 
 def test_the_wait_for_acks_reads_the_nves_own_ack_keys_only_when_written(
-    client: EtcdNvaClient, monkeypatch: pytest.MonkeyPatch
+    client: EtcdNvaClient,
 ) -> None:
     """Agents ack their first sync one by one (acks/<nve>): every NVE may have such a key,
     and reading them all on each move cost etcd ~10 us per NVE."""
@@ -354,19 +364,10 @@ def test_the_wait_for_acks_reads_the_nves_own_ack_keys_only_when_written(
     nves = [f"nve{i:02d}" for i in range(30)]
     for nve in nves:
         client.ack(nve, revision)  # the own keys
-    returned: list[int] = []
-    read = client.kv.read
-
-    def counting(*requests: Any, what: str = "read") -> kvmod.TxnResult:
-        answer = read(*requests, what=what)
-        if what == "read the acks":
-            returned.append(len(answer.kvs(2)))
-        return answer
-
-    monkeypatch.setattr(client.kv, "read", counting)
+    returned = _ranges_read(client, 4)  # the own ack keys' range
     assert all(a["acked_revision"] == revision for a in client.acks(VNI, revision, nves).values())
     assert all(a["acked_revision"] == revision for a in client.acks(VNI, revision, nves).values())
-    assert returned[-1] == 0  # nothing written since: no own key read again
+    assert returned[-1] is None  # nothing written since: the range not even read
     client.add_endpoint(VNI, "52:54:00:00:00:05", [], [], "nve00")
     later = client.revision
     client.ack("nve07", later)  # a single ack written since: read, and only it
@@ -377,3 +378,15 @@ def test_the_wait_for_acks_reads_the_nves_own_ack_keys_only_when_written(
     client.ack("nve28", later)
     acks = client.acks(VNI, later, nves[:29])
     assert returned[-1] == 29 and acks["nve28"]["acked_revision"] == later
+
+
+def test_a_key_removed_without_its_generation_is_noticed_by_the_count(
+    client: EtcdNvaClient,
+) -> None:
+    """A writer that does not rewrite the generation key (an older version): the cached
+    read still compares how many keys there are."""
+    revision = client.revision
+    client.ack("nve03", revision)
+    assert client.acks(VNI, revision, ["nve03"])["nve03"]["acked_revision"] == revision
+    client.kv.txn([], [kvmod.delete(client.keys.ack("nve03"))], what="test")
+    assert client.acks(VNI, revision, ["nve03"])["nve03"]["acked_revision"] == 0
