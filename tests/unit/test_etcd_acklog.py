@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import base64
+import json
 from unittest.mock import Mock
 
 from vmm_etcd.acklog import (
+    PACKED,
     AckLogWriter,
     LogCache,
     batch_value,
@@ -122,3 +124,18 @@ def test_the_writers_own_keys_are_never_fetched() -> None:
     assert all(r["request_range"]["min_create_revision"] == 6 for r in fetch)
     view = cache.read(_listing(6, [(other, "", 5), (mine, "", 6)], [], []), 0)
     assert view is not None and view.fold({"a": 11, "b": 12}) == {"a": (3, 2.0), "b": (2, 1.0)}
+
+
+def test_a_long_batch_is_stored_compressed_and_reads_back() -> None:
+    acks = {f"peer{i:04d}": (123456, 5000 + i) for i in range(1000)}
+    value = batch_value(7.25, acks)
+    assert value.startswith(PACKED) and len(value) < len(json.dumps(acks)) / 2
+    assert sorted(entries(value)) == sorted((n, r, e, 7.25) for n, (r, e) in acks.items())
+    snap = snapshot_value({n: (r, e, 1.5) for n, (r, e) in acks.items()})
+    assert snap.startswith(PACKED) and len(entries(snap)) == 1000
+    assert not batch_value(1.0, {"a": (1, 2)}).startswith(PACKED)  # short: plain JSON
+
+
+def test_a_damaged_compressed_value_holds_nothing() -> None:
+    assert entries(PACKED + "not base64 !") == []
+    assert entries(PACKED + base64.b64encode(b"not zlib").decode()) == []
