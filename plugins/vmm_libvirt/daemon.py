@@ -454,6 +454,8 @@ class HostAgent:
                 migration.id,
                 transition.why,
             )
+            if (transition.phase, transition.role) == (Phase.PREPARE, Role.DESTINATION):
+                self.marks.mark(migration.id, name)  # its end calls abort it (see marks)
             futures.append(self._submit(migration, transition.phase, transition.role, monotonic))
         return futures
 

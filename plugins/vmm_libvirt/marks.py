@@ -17,10 +17,13 @@ for the calls it never forwards (about 1 ms).
 The marks live beside the hook socket (``<hook_socket>.incoming/<guest>``),
 which the relay's configuration already names, so the lab's libvirtds, each
 with its own ``/run/libvirt``, need nothing more. The directory exists only
-while the agent runs: without it the relay forwards as before. A mark left
-behind (an agent killed) costs one forwarded call, never a missed one; a
-missing mark (a migration prepared from libvirt's events, not the hook)
-leaves the abort to the events and the reconciliation, as without the hook.
+while the agent runs and can mark: without it the relay forwards as before
+(a mark that cannot be written removes it). A migration prepared from
+libvirt's events instead of the hook (a restarted agent's reconciliation,
+an answer the relay no longer waited for) is marked there. A mark left
+behind (an agent killed) costs one forwarded call, never a missed one. The
+relay's shell front skips only when it read ``socket`` from the file
+exactly as the relay's Python does (see the relay).
 """
 
 from __future__ import annotations
@@ -53,35 +56,67 @@ class IncomingMarks:
 
     def open(self) -> None:
         """Create the directory empty: a previous process's marks are stale (its
-        migrations are recovered from the journal and followed by events)."""
-        shutil.rmtree(self.path, ignore_errors=True)
+        migrations are recovered from the journal and followed by events, which
+        mark them again)."""
+        self._remove()
         try:
             os.mkdir(self.path, 0o755)
-        except OSError as exc:  # the relay forwards every call, as without marks
-            LOG.warning("cannot create %s: %s; the hook relay forwards every call", self.path, exc)
+        except OSError as exc:
+            self._give_up(f"cannot create it: {exc}")
             return
         self._open = True
 
     def mark(self, migration_id: str, guest: str) -> None:
-        """``guest`` comes in by ``migration_id``: the relay forwards its end calls."""
-        if not self._open or "/" in guest or guest in ("", ".", ".."):
+        """``guest`` comes in by ``migration_id``: the relay forwards its end calls.
+
+        A name the relay finds without a file ("", ".", "..": the directory
+        itself) needs none. A mark that cannot be written removes the whole
+        directory: the relay then forwards every call, as without marks,
+        rather than drop this guest's.
+        """
+        if "/" in guest or guest in ("", ".", ".."):
             return
         with self._lock:
+            if not self._open:
+                return
             self._by_migration[migration_id] = guest
-        try:
-            with open(os.path.join(self.path, guest), "w"):
-                pass
-        except OSError as exc:
-            LOG.warning("cannot mark %s as incoming in %s: %s", guest, self.path, exc)
+            try:
+                with open(os.path.join(self.path, guest), "w"):
+                    pass
+            except OSError as exc:
+                self._give_up(f"cannot mark {guest}: {exc}")
 
     def unmark(self, migration_id: str) -> None:
-        """The migration ended here (or never started): forget its mark."""
+        """The migration ended here (or never started): forget its mark, unless
+        another migration of the same guest is under way (under the lock: a new
+        attempt's mark is never removed by the end of the last one)."""
         with self._lock:
             guest = self._by_migration.pop(migration_id, None)
-            if guest is None or guest in self._by_migration.values():
+            if guest is None or guest in self._by_migration.values() or not self._open:
                 return
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(os.path.join(self.path, guest))
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(os.path.join(self.path, guest))
+
+    def _give_up(self, why: str) -> None:
+        """Stop marking and make sure the relay forwards every call (no directory)."""
+        self._open = False
+        self._remove()
+        if os.path.lexists(self.path):
+            LOG.error(
+                "%s: %s, and it cannot be removed: the hook relay lets the end calls of "
+                "every guest go on without the agent (failed incoming migrations are then "
+                "seen only by libvirt's events); remove it",
+                self.path,
+                why,
+            )
+        else:
+            LOG.warning("%s: %s; the hook relay forwards every call", self.path, why)
+
+    def _remove(self) -> None:
+        if os.path.islink(self.path):
+            with contextlib.suppress(OSError):
+                os.unlink(self.path)
+        shutil.rmtree(self.path, ignore_errors=True)
 
     def marked(self) -> list[str]:
         """The guests marked now (sorted)."""
@@ -92,5 +127,6 @@ class IncomingMarks:
 
     def close(self) -> None:
         """Remove the directory: the relay forwards every call again."""
-        self._open = False
-        shutil.rmtree(self.path, ignore_errors=True)
+        with self._lock:
+            self._open = False
+            self._remove()

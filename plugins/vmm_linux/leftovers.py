@@ -157,7 +157,7 @@ class Leftovers:
             current = self._readers.get(port)
             if current is not None and not current.done():
                 return
-        if current is not None and current.exception() is None:
+        if current is not None and not current.cancelled() and current.exception() is None:
             found = current.result()
             if found and all(tapqueue.still_reads(pid, fd, port) for pid, fd in found):
                 return

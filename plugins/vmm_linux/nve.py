@@ -695,10 +695,12 @@ class LinuxNve(NveDriver):
         with self._lock:
             hold = self._holds.get((vni, mac))
             entry = self._entries.get((vni, mac))
-            ours = bool(entry and entry.expected)
+            # pinned to this port already: what another process left went then (a
+            # spoofed frame re-pins the entry many times; _keep_pinned)
+            pinned = bool(entry and entry.local_port == port and not entry.expected)
         if hold is not None:
             self._release_on_worker(hold)
-        elif not ours:
+        elif not pinned:
             self._forget_foreign(vni, mac, port)
         self._departures.disarm(vni, mac)
         self._update(vni, mac, local_port=port, expected=False, **self._ips(ips))
@@ -708,10 +710,11 @@ class LinuxNve(NveDriver):
         self._departures.disarm(vni, mac)
         with self._lock:
             entry = self._entries.get((vni, mac))
-            ours = bool(entry and entry.expected) or (vni, mac) in self._holds
-        if ours:
+            held = (vni, mac) in self._holds
+            pinned = bool(entry and entry.local_port and not entry.expected)
+        if held:
             self._drop_hold(vni, mac, "unplugged")
-        else:
+        elif not pinned:  # an aborted incoming migration: maybe armed by another process
             self._forget_foreign(vni, mac, None)
         self._update(vni, mac, local_port=None, expected=False)
 
@@ -721,8 +724,12 @@ class LinuxNve(NveDriver):
         killed before the resume. Its hold map element would forward ``mac``'s
         frames from the VXLAN port into its stalled queue for good, and its
         expectation would keep filtering, while this driver, which takes the
-        migration over, never armed either. libnftables makes each a tenth of a
-        millisecond; only a MAC this driver did not expect pays it.
+        migration over, has no hold of its own to release (it never armed one,
+        or its port existed when it expected the MAC). Run when this driver
+        holds nothing for ``mac`` and has not pinned it to the port already:
+        libnftables makes each a tenth of a millisecond. It cannot tell a dead
+        peer from a live one: HA peers take a migration over only from a peer
+        whose lease expired.
         """
         with contextlib.suppress(NftError):  # nothing armed (the usual case), or no map
             self._nft(self._hold_element(vni, mac, None, add=False))

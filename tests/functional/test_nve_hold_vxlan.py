@@ -13,6 +13,7 @@ import contextlib
 import json
 import os
 import secrets
+import select
 import socket
 import subprocess
 import sys
@@ -241,11 +242,15 @@ def test_the_ha_peer_that_takes_over_ends_a_killed_peers_hold() -> None:
             env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)},
         )
         try:
-            assert a.stdout is not None and a.stdout.readline().strip() == "armed"
+            assert a.stdout is not None
+            assert select.select([a.stdout], [], [], 30)[0], "the peer never armed its hold"
+            assert a.stdout.readline().strip() == "armed"
             assert len(_map_elements(dst)) == 1  # a's MAC -> a's hold device
         finally:
             a.kill()
             a.wait(10)
+            if a.stdout is not None:
+                a.stdout.close()
         recv = _plug(dst)
         with recv:
             b.plug(100, MAC, "tap-x")

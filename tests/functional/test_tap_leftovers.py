@@ -15,6 +15,7 @@ import socket
 import struct
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 
@@ -199,3 +200,19 @@ def test_locating_again_checks_the_reader_found_instead_of_scanning(lab, monkeyp
     finally:
         os.dup2(moved, lab["tap"])
         os.close(moved)
+
+
+def test_locating_after_close_does_nothing(monkeypatch) -> None:
+    """A lookup that close() cancelled is no reader to check: the event thread that
+    locates a tap as the agent stops must not fail on it."""
+    gate = threading.Event()
+    monkeypatch.setattr(tapqueue, "find_readers", lambda port: (gate.wait(5), [])[1])
+    service = Leftovers(None)
+    try:
+        service.locate("tap-a")  # runs, blocked
+        service.locate("tap-b")  # queued behind it
+        service.close()  # cancels tap-b's
+        assert service._readers["tap-b"].cancelled()
+        service.locate("tap-b")
+    finally:
+        gate.set()

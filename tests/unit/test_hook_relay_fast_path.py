@@ -225,7 +225,9 @@ def test_a_configuration_naming_an_operation_sends_it_to_python(
     assert [(r["op"], r["sub_op"]) for r in seen] == [("started", "begin")]
 
 
-@pytest.mark.parametrize("spelling", ["socket = {}", "socket={}  ", "  socket\t=\t{}"])
+@pytest.mark.parametrize(
+    "spelling", ["socket = {}", "socket={}  ", "  socket\t=\t{}", "socket: {}\r"]
+)
 def test_end_calls_of_a_guest_not_coming_in_go_on_without_python(
     workdir: Path, relay: Relay, agent: Any, spelling: str
 ) -> None:
@@ -265,13 +267,37 @@ def test_end_calls_of_a_guest_not_coming_in_go_on_without_python(
 def cache_header(relay: Path) -> bytes:
     """What the relay's bytecode cache starts with: the magic number of the Python
     that wrote it (the system's, which the test's virtual environment runs too),
-    then the relay file's mtime (ns) and size."""
+    then the relay file's mtime and ctime (ns), size and inode."""
     stat = relay.stat()
-    return (
-        importlib.util.MAGIC_NUMBER
-        + stat.st_mtime_ns.to_bytes(8, "little")
-        + stat.st_size.to_bytes(8, "little")
+    return importlib.util.MAGIC_NUMBER + b"".join(
+        n.to_bytes(8, "little")
+        for n in (stat.st_mtime_ns, stat.st_ctime_ns, stat.st_size, stat.st_ino)
     )
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "[hook_relay]\nSocket = {sock}\n",  # the Python half lowercases keys
+        "[hook_relay]\nsocket = {sock}\n[other]\nsocket = {other}\n",
+        "[DEFAULT]\nsocket = {sock}\n[hook_relay]\n",
+        "[hook_relay]\nsocketx = {sock}\n",
+        "socket = {sock}\n",  # no section: the Python half refuses the file
+    ],
+)
+def test_end_calls_are_forwarded_when_the_front_is_unsure_of_the_socket(
+    workdir: Path, relay: Relay, text: str
+) -> None:
+    """The front skips an end call only when it read ``socket`` exactly as the Python
+    half does; any other spelling or section makes it forward, whatever marks exist."""
+    other = workdir / "other.sock"
+    for path in (workdir / "hook.sock", other):
+        IncomingMarks(str(path)).open()  # both directories exist, neither marks the guest
+    config = workdir / "relay.conf"
+    config.write_text(text.format(sock=workdir / "hook.sock", other=other))
+    result, _, _ = relay.run(config, "release", "end")
+    assert result.returncode == 0
+    assert wait_until(lambda: relay.pythons("start") == ["release end"]), relay.pythons("start")
 
 
 def test_python_runs_the_relay_from_its_bytecode_cache_while_it_matches(
@@ -289,15 +315,23 @@ def test_python_runs_the_relay_from_its_bytecode_cache_while_it_matches(
     pyc.write_bytes(cache_header(relay.path) + marshal.dumps(other))
     result, _, _ = relay.run(config, "migrate", "begin")
     assert (result.returncode, result.stdout) == (0, b"from the cache")
-    # A changed relay (another size and mtime) is compiled again and the cache
-    # rewritten; so is a cache with the right header that holds no bytecode.
+    # Compiled again and rewritten, never a failed call: a changed relay (another
+    # size and mtime), a cache with the right header that holds no bytecode, or
+    # other data than code, or that another user may write.
     relay.path.write_text(relay.path.read_text() + "# changed\n")
-    for _ in range(2):
+    spoiled = [
+        cache_header(relay.path) + b"not bytecode",
+        cache_header(relay.path) + marshal.dumps(42),
+        cache_header(relay.path) + marshal.dumps(other),
+    ]
+    for bad in [*spoiled, None]:
         result, _, _ = relay.run(config, "migrate", "begin")
-        assert (result.returncode, result.stdout) == (0, XML.encode())
+        assert (result.returncode, result.stdout, result.stderr) == (0, XML.encode(), b"")
         assert pyc.read_bytes().startswith(cache_header(relay.path))
-        pyc.write_bytes(cache_header(relay.path) + b"not bytecode")
-    assert len(seen) == 3  # each run of the relay's own code asked the agent
+        if bad is not None:
+            pyc.write_bytes(bad)
+            pyc.chmod(0o666 if bad is spoiled[-1] else 0o644)
+    assert len(seen) == 5  # each run of the relay's own code asked the agent
     left = sorted(p.name for p in workdir.iterdir() if p.name.startswith("relay.pyc"))
     assert left == ["relay.pyc"]  # no temporary file
 
