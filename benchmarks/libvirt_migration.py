@@ -138,6 +138,8 @@ FIGURES: list[tuple[str, Callable[[demo.MigrationResult], float | None]]] = [
         "  less SUSPENDED -> RESUMED (goal <= +5)",
         lambda r: _held_over(r, (r.resumed_at - r.suspended_at) * 1000.0),
     ),
+    ("held, in the destination tap", lambda r: r.held_in_tap),
+    ("  last one in after the 1st RARP, ms", lambda r: r.held_in_tap_late_ms),
     ("migration wall ms", lambda r: r.wall_ms),
     ("destination tap drops", lambda r: r.tap_dropped),
 ]

@@ -66,7 +66,13 @@ from pyroute2.netlink.rtnl.marshal import MarshalRtnl
 
 from vmm_kernel.netns import socket_in
 from vmm_lab.libvirt import guest as guest_mod
-from vmm_lab.libvirt.migrate import MigrationRecord, RarpWatch, migrate
+from vmm_lab.libvirt.migrate import (
+    MigrationRecord,
+    RarpWatch,
+    TapArrivals,
+    held_lateness_ms,
+    migrate,
+)
 from vmm_lab.libvirt.site import LibvirtSite, lab_conf, libvirt_site
 from vmm_lab.linux import probe
 from vmm_lab.linux.topology import in_ns, new_prefix
@@ -252,6 +258,11 @@ class MigrationResult:
     inflight: list[tuple[float, str, str | None]] = dataclasses.field(default_factory=list)
     errors: list[str] = dataclasses.field(default_factory=list)
     reports: list[PhaseReport] = dataclasses.field(default_factory=list, repr=False)
+    #: Probes sent while the guest was paused (SUSPENDED .. first RARP) that entered
+    #: the destination's tap, and how much later than that first RARP the last of
+    #: them came in (ms, 0: all before; see migrate.TapArrivals).
+    held_in_tap: int = 0
+    held_in_tap_late_ms: float | None = None
 
     @property
     def lost_after_resume(self) -> int:
@@ -396,6 +407,8 @@ def measured_migration(
     with contextlib.ExitStack() as cleanup:  # whatever fails, nothing keeps running
         rarp = RarpWatch(ls.netns(dst), ls.guest.mac, ls.guest.tap)
         cleanup.callback(rarp.close)
+        arrivals = TapArrivals(ls.netns(dst), ls.guest.mac, ls.guest.tap)
+        cleanup.callback(arrivals.close)
         fdb = FdbWatch(ls.netns(src), inflight_ifindex, ls.guest.mac)
         cleanup.callback(fdb.close)
         cleanup.callback(run.kill)
@@ -406,6 +419,7 @@ def measured_migration(
         time.sleep(observe_s)
         logs = run.finish() if probers else {}
         rarp_times = rarp.close()
+        arrived = arrivals.close()
         tap_dropped = _tap_dropped(ls.netns(dst), ls.guest.tap)
         if ls.orchestrated:
             try:
@@ -437,6 +451,7 @@ def measured_migration(
     strict = (int(min(suspended, took_over) * 1e9), int(took_over * 1e9))
     to_resumed = (int(suspended * 1e9), int(max(suspended, resumed) * 1e9))
     streams = [probe.analyze(sent, got, *strict) for sent, got in logs.values()]
+    held_in_tap, held_late = held_lateness_ms(arrived, *strict)
     streams_resumed = [probe.analyze(sent, got, *to_resumed) for sent, got in logs.values()]
     errors += [f"{r.phase.value} on {r.host}: {r.error}" for r in reports if not r.ok]
     ids = sorted({r.migration_id for r in reports})
@@ -453,6 +468,8 @@ def measured_migration(
         wall_ms=round(record.wall_ms, 1),
         suspended_at=suspended,
         took_over_at=took_over,
+        held_in_tap=held_in_tap,
+        held_in_tap_late_ms=held_late,
         resumed_at=resumed,
         rarp_ms=[round((t - took_over) * 1000.0, 1) for t in rarp_times],
         events_ms=[

@@ -47,6 +47,7 @@ import libvirt
 from vmm_kernel.netns import socket_in
 from vmm_lab.libvirt import LibvirtLabError
 from vmm_lab.libvirt.hosts import LibvirtHost
+from vmm_lab.linux import probe
 from vmm_libvirt.events import start_event_loop
 
 FLAGS = (
@@ -62,6 +63,7 @@ EVENT_WAIT_S = 2.0
 ETH_P_RARP = 0x8035
 ETH_P_ALL = 0x0003
 SO_ATTACH_FILTER = 26  # Linux; Python has no name for it
+SO_RCVBUFFORCE = 33
 
 
 class MigrationFailed(LibvirtLabError):
@@ -418,6 +420,83 @@ class RarpWatch:
         self._thread.join(timeout=1)
         self._sock.close()
         return list(self.times)
+
+
+class TapArrivals:
+    """When each probe for ``mac`` entered the guest's ``tap`` in ``netns`` (the
+    bridge transmitting it to QEMU): ``{(stream, seq): (send_ns, first arrival ns)}``.
+
+    A frame held for a paused guest waits in the destination tap until the
+    guest resumes and reads it; what the probes measure after that is the
+    guest's own work (a TCG guest answering a backlog of hundreds of echo
+    requests). Whether the orchestrator had the held frames there in time is
+    seen here, on the way in: CLOCK_MONOTONIC, the probes' clock.
+    """
+
+    def __init__(self, netns: str, mac: str, tap: str) -> None:
+        self.tap = tap
+        self.mac = bytes.fromhex(mac.replace(":", ""))
+        self.seen: dict[tuple[str, int], tuple[int, int]] = {}
+        self._sock = socket_in(netns, socket.AF_PACKET, socket.SOCK_RAW, socket.htons(ETH_P_ALL))
+        try:
+            self._sock.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, 8 * 1024 * 1024)
+            _attach_filter(self._sock, _to(self.mac))
+            self._sock.settimeout(0.1)
+        except BaseException:
+            self._sock.close()
+            raise
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=f"arrivals-{tap}", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                frame, addr = self._sock.recvfrom(2048)
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            at = time.clock_gettime_ns(time.CLOCK_MONOTONIC)
+            if addr[0] != self.tap or addr[2] != socket.PACKET_OUTGOING:
+                continue
+            start = frame.find(probe.MAGIC)
+            found = probe.decode(frame[start:]) if start >= 0 else None
+            if found is not None:
+                stream, seq, sent = found
+                self.seen.setdefault((stream, seq), (sent, at))
+
+    def close(self) -> dict[tuple[str, int], tuple[int, int]]:
+        """Stop watching; what was seen."""
+        self._stop.set()
+        self._thread.join(timeout=1)
+        self._sock.close()
+        return dict(self.seen)
+
+
+def held_lateness_ms(
+    seen: dict[tuple[str, int], tuple[int, int]], paused_ns: int, resumed_ns: int
+) -> tuple[int, float | None]:
+    """(how many probes sent while the guest was paused entered the tap, and how much
+    later than the resume the last of them came in, ms: 0 if all were there before;
+    None if none was)."""
+    held = [(sent, at) for sent, at in seen.values() if paused_ns <= sent < resumed_ns]
+    if not held:
+        return 0, None
+    return len(held), max(0.0, max(at - resumed_ns for _, at in held) / 1e6)
+
+
+def _to(mac: bytes) -> list[tuple[int, int, int, int]]:
+    """Classic BPF: accept frames whose destination is ``mac``."""
+    ld_h, ld_w, jeq, ret = 0x28, 0x20, 0x15, 0x06
+    return [
+        (ld_w, 0, 0, 0),  # destination MAC, first four bytes
+        (jeq, 0, 3, int.from_bytes(mac[:4], "big")),
+        (ld_h, 0, 0, 4),  # and the last two
+        (jeq, 0, 1, int.from_bytes(mac[4:], "big")),
+        (ret, 0, 0, 0xFFFF),
+        (ret, 0, 0, 0),
+    ]
 
 
 def _rarp_from(mac: bytes) -> list[tuple[int, int, int, int]]:
