@@ -236,7 +236,10 @@ class LogCache:
         self._known[key] = (created, parsed)
         best = self._best
         for nve_id, revision, epoch, at in parsed:
-            held = best.setdefault(nve_id, {})
+            held = best.get(nve_id)
+            if held is None:
+                best[nve_id] = {epoch: (revision, at)}
+                continue
             found = held.get(epoch)
             new = (revision, at)
             held[epoch] = new if found is None else better(found, new) or new

@@ -1047,7 +1047,10 @@ class EtcdNvaStore(StoreFront):
                     raise _not_registered(nve_id)
             ids = wanted
         # Each NVE's best ack as (revision, at), None: never acked; the dicts at the end.
-        state: dict[str, Ack | None] = {n: better(acked.get(n), logged.get(n)) for n in ids}
+        state: dict[str, Ack | None] = {}
+        for n in ids:
+            own, log = acked.get(n), logged.get(n)
+            state[n] = log if own is None else own if log is None else better(own, log)
 
         def short() -> list[str]:
             return [n for n, a in state.items() if a is None or a[0] < min_revision]
