@@ -1049,8 +1049,10 @@ class EtcdNvaStore(StoreFront):
         # Each NVE's best ack as (revision, at), None: never acked; the dicts at the end.
         state: dict[str, Ack | None] = {}
         for n in ids:
-            own, log = acked.get(n), logged.get(n)
-            state[n] = log if own is None else own if log is None else better(own, log)
+            single, entry = acked.get(n), logged.get(n)
+            state[n] = (
+                entry if single is None else single if entry is None else better(single, entry)
+            )
 
         def short() -> list[str]:
             return [n for n, a in state.items() if a is None or a[0] < min_revision]
