@@ -63,9 +63,26 @@ of etcd CPU per ack), and the wait reads only the records written since its
 previous read: etcd's part at 1,000 peers went from about 81 to 21 us per
 peer, the whole directory (server + etcd) from 128 to about 45.
 
+etcd-served, later (72.6 us/peer at 1,000 peers, 34.2 of it etcd's; "etcd
+reqs" and etcd's own byte counters per move): etcd's cost was in what its
+reads returned, not in how many there were (about 5 per move). Agents ack
+their first sync one by one, so every NVE had its own ack key, and the wait
+for acks got all of them back on each move (~180 kB through the gateway);
+the records' min_mod_revision filter still made etcd read every record; and
+the wait watched etcd for the batches its own server had just written. The
+wait now compares generation keys (``nvegen``, ``ackgen``) instead of reading
+those ranges, takes the acks its own process wrote from memory (LocalAcks,
+LogCache.remember; durable once etcd answered the write), the ack writer
+gathers a move's acks for 5 ms (one write per move, not 2-3) and stores them
+compressed (7.5 instead of 25 kB per 1,000). The orchestrator here talks to
+the server over HTTP, as ``[nva] backend = etcd-served`` gives the stages
+(before, it went to etcd directly: the server's side of its commit and its
+wait was not counted, etcd's was). etcd's part at 1,000 peers: 34 -> 11-19
+us per peer, 4 requests per move; see the report of the run for the table.
+
 Fixed costs: a move costs the directory something whatever N (the commit,
 the orchestrator's read of the acks, and with etcd about 1 ms of etcd CPU
-per request through its gateway, about 6 requests), so at 10 peers the cost
+per request through its gateway, 4 requests), so at 10 peers the cost
 per peer is that divided by 10; "us/added peer" is the cost of one more peer
 (the slope between two N). Both sides' TCP costs land where the sender is:
 on loopback the kernel's receive path runs in the sender's system call (a

@@ -34,3 +34,21 @@ def test_the_cost_per_added_peer_leaves_the_fixed_part_out() -> None:
     assert out[("embedded", 100)] == "30.0" and out[("embedded", 1000)] == "30.0"
     assert ("embedded", 10) not in out  # nothing to compare the smallest N with
     assert ("etcd-served", 100) not in out  # no figures at that N
+
+
+def test_etcd_requests_are_counted_per_grpc_method_from_its_metrics() -> None:
+    fanout = _fanout()
+    text = "\n".join(
+        [
+            "# HELP grpc_server_started_total Total number of RPCs started on the server.",
+            'grpc_server_started_total{grpc_method="Txn",grpc_service="etcdserverpb.KV",'
+            'grpc_type="unary"} 12',
+            'grpc_server_started_total{grpc_method="Range",grpc_service="etcdserverpb.KV",'
+            'grpc_type="unary"} 0',
+            'grpc_server_started_total{grpc_method="Watch",grpc_service="etcdserverpb.Watch",'
+            'grpc_type="bidi_stream"} 3',
+            'grpc_server_handled_total{grpc_code="OK",grpc_method="Txn",grpc_service="x",'
+            'grpc_type="unary"} 11',
+        ]
+    )
+    assert fanout._started(text) == {"Txn": 12, "Watch": 3}
