@@ -223,12 +223,28 @@ class LogCache:
         self._own_prefix = own.prefix if own is not None else None
         if own is not None:
             own.listeners.append(self.remember)
+            own.deleted.append(self.drop)
 
     def remember(self, revision: int, written: list[tuple[str, list[Entry]]]) -> None:
         """Keys this process's writer wrote at etcd ``revision``, with their entries."""
         with self._lock:
             for key, parsed in written:
                 self._add(key, revision, parsed)
+
+    def drop(self, keys: list[str]) -> None:
+        """Keys this process's writer deleted (folded): a process that writes acks and
+        never reads them (an agent writing to etcd) keeps no more than a fold's worth."""
+        with self._lock:
+            gone = [key for key in keys if key in self._known]
+            if gone:
+                for key in gone:
+                    del self._known[key]
+                self._refold()
+
+    def _refold(self) -> None:
+        known, self._known, self._best = self._known, {}, {}
+        for key, (created, kept) in known.items():
+            self._add(key, created, kept)
 
     def _add(self, key: str, created: int, parsed: list[Entry]) -> None:
         if key in self._known:
@@ -298,9 +314,7 @@ class LogCache:
                 if gone:  # folded away: fold what is left again
                     for key in gone:
                         del self._known[key]
-                    known, self._known, self._best = self._known, {}, {}
-                    for key, (created, kept) in known.items():
-                        self._add(key, created, kept)
+                    self._refold()
         return LogView(self, len(listed))
 
     def fold(self, epochs: Mapping[str, int]) -> dict[str, Ack]:
@@ -335,6 +349,8 @@ class AckLogWriter:
         self.prefix = f"{keys.ack_log}{self.writer}/"
         #: ``listener(etcd revision, [(key, entries)])`` after each write, under :attr:`lock`.
         self.listeners: list[Callable[[int, list[tuple[str, list[Entry]]]], None]] = []
+        #: ``listener(keys)`` after a fold deleted those keys.
+        self.deleted: list[Callable[[list[str]], None]] = []
         self.lock = threading.Lock()
         self._folding = threading.Lock()
         self._seq = 0
@@ -461,3 +477,5 @@ class AckLogWriter:
         for i in range(0, len(deletes), self.max_deletes):
             self.kv.txn([], deletes[i : i + self.max_deletes], what="delete the folded ack log")
         self.compactions += 1
+        for listener in self.deleted:
+            listener([item.key for item in old])

@@ -392,3 +392,17 @@ def test_a_key_removed_without_its_generation_is_noticed_by_the_count(
     assert client.acks(VNI, revision, ["nve03"])["nve03"]["acked_revision"] == revision
     client.kv.txn([], [kvmod.delete(client.keys.ack("nve03"))], what="test")
     assert client.acks(VNI, revision, ["nve03"])["nve03"]["acked_revision"] == 0
+
+
+def test_a_process_that_writes_acks_and_never_reads_them_keeps_a_folds_worth(
+    client: EtcdNvaClient,
+) -> None:
+    """Its own keys are remembered as written; a fold of the log forgets those it deleted
+    (an agent writing to etcd directly writes a batch per move for as long as it runs)."""
+    revision = client.revision
+    for i in range(COMPACT_EVERY + 5):
+        client.record_acks({f"nve{i % 70:02d}": revision})
+    remembered = len(client._log_cache._known)
+    assert remembered <= 8, remembered
+    acks = client.acks(VNI, revision, [f"nve{i:02d}" for i in range(COMPACT_EVERY + 5)])
+    assert all(a["acked_revision"] == revision for a in acks.values())
