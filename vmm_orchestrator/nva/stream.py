@@ -138,6 +138,8 @@ class AckWriter:
         self._cond = threading.Condition()
         self._pending: dict[str, int] = {}
         self._stopping = False
+        #: The writer waits for a first ack (only then does an ack wake it).
+        self._idle = False
         #: Batches written (for tests: fewer than the acks handed over).
         self.batches = 0
         self._thread = threading.Thread(target=self._run, name="nva-stream-acks", daemon=True)
@@ -149,7 +151,8 @@ class AckWriter:
             for nve_id, revision in acks.items():
                 if revision > pending.get(nve_id, -1):
                     pending[nve_id] = revision
-            self._cond.notify()
+            if self._idle:  # not while it writes or lets a burst gather: no wake-up per round
+                self._cond.notify()
 
     def close(self) -> None:
         """Write what is pending, then stop."""
@@ -162,7 +165,9 @@ class AckWriter:
         while True:
             with self._cond:
                 while not self._pending and not self._stopping:
+                    self._idle = True
                     self._cond.wait()
+                self._idle = False
                 if self.window > 0 and not self._stopping:
                     deadline = time.monotonic() + self.window
                     while not self._stopping and (left := deadline - time.monotonic()) > 0:
