@@ -11,7 +11,7 @@ acks is one key::
     <prefix>acklog/<writer>/<seq>  {"at": T, "acks": {nve: [revision, epoch]}}
     <prefix>acklog/<writer>/<seq>  {"acks": {nve: [revision, epoch, at]}}  (compacted)
     (either one as "z:" + base64(zlib(JSON)) when longer than 1 kB: :func:`packed`)
-    <prefix>nvegen                 rewritten whenever an NVE record is created
+    <prefix>nvegen                 rewritten whenever an NVE record is written or deleted
 
 * Readers take, per NVE, the highest of its own key (``acks/<nve>``, which
   only single acks write: older agents, and the log's slow path; absent
@@ -26,7 +26,7 @@ acks is one key::
   predecessor's acks (deleting an NVE leaves the log alone).
 * A writer knows the NVEs' epochs from one keys-only read and then only
   from what was created since (``min_create_revision``); its batch compares
-  ``nvegen``, so a record created meanwhile makes it read those first.
+  ``nvegen``, so a record written meanwhile makes it read those created first.
 * Every writer (the server in front of etcd, each agent process writing
   directly) uses keys of its own (a random writer id), so writers never
   contend. Every ``COMPACT_EVERY`` batches a writer folds the whole log

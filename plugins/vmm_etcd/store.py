@@ -18,6 +18,11 @@ run against both (tests/functional/test_etcd_store.py):
   batch of acks (:mod:`vmm_etcd.acklog`), not a put per NVE (issue 16: at
   1,000 peers the per-NVE puts were most of etcd's CPU per move).
 
+Two generation keys tell readers of acks that nothing changed without a
+read of a whole range: ``nvegen`` is rewritten with every NVE record written
+or deleted, ``ackgen`` with every NVE's own ack key written or deleted
+(:class:`PrefixCache`).
+
 Every mutation is one etcd transaction that compares the mod revisions of
 what it read (see :mod:`vmm_etcd.txn`), so several processes can share one
 directory safely. Long-polls wait on etcd watches instead of a condition
