@@ -6,8 +6,11 @@ and the leases agree on it, and an operator can read it with etcdctl::
     <prefix>rev                         directory revision (20 digits)
     <prefix>nves/<nve>                  {"id", "vtep", "vnis"}
     <prefix>acks/<nve>                  "<acked revision, 20 digits>|<acked_at>" (single acks)
-    <prefix>acklog/<writer>/<seq>       a batch of NVE acks (JSON, see vmm_etcd.acklog)
-    <prefix>nvegen                      rewritten whenever an NVE record is created
+    <prefix>acklog/<writer>/<seq>       a batch of NVE acks (JSON, compressed when long;
+                                        see vmm_etcd.acklog)
+    <prefix>nvegen                      rewritten whenever an NVE record is written or deleted
+    <prefix>ackgen                      rewritten whenever a single ack key is written or
+                                        deleted (vmm_etcd.store)
     <prefix>eps/<vni, 8 digits>/<mac>   an endpoint (JSON)
     <prefix>ips/<vni, 8 digits>/<ip>    the MAC holding that address in the VN
     <prefix>chg/<vni, 8 digits>/<rev>   one change NVEs apply (JSON)
