@@ -365,14 +365,7 @@ class StreamHub:
             return
         if not sub.inbuf and data[-1:] == b"\n" and data.count(b"\n") == 1:
             # One whole line, the common case (an ack per move): no buffering.
-            line = data[:-1]
-            if line.strip():
-                revision = _ack_revision(line)
-                if revision is None:
-                    self._drop(sub, f"not an ack: {line[:80]!r}")
-                    return
-                if revision > acks.get(sub.nve_id, -1):
-                    acks[sub.nve_id] = revision
+            self._take_ack(sub, data[:-1], acks)
             return
         sub.inbuf += data
         while True:
@@ -383,14 +376,21 @@ class StreamHub:
                 return
             line = bytes(sub.inbuf[:end])
             del sub.inbuf[: end + 1]
-            if not line.strip():
-                continue
-            revision = _ack_revision(line)
-            if revision is None:
-                self._drop(sub, f"not an ack: {line[:80]!r}")
+            if not self._take_ack(sub, line, acks):
                 return
-            if revision > acks.get(sub.nve_id, -1):
-                acks[sub.nve_id] = revision
+
+    def _take_ack(self, sub: Subscriber, line: bytes, acks: dict[str, int]) -> bool:
+        """Note one line of ``sub`` (blank, or an ack) in ``acks``; False if it is
+        neither (``sub`` is dropped)."""
+        if not line.strip():
+            return True
+        revision = _ack_revision(line)
+        if revision is None:
+            self._drop(sub, f"not an ack: {line[:80]!r}")
+            return False
+        if revision > acks.get(sub.nve_id, -1):
+            acks[sub.nve_id] = revision
+        return True
 
     def _restart_if_gap(self) -> None:
         with self._lock:

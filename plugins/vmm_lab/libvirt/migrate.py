@@ -371,58 +371,79 @@ def kill_qemu(host: LibvirtHost, domain: str, timeout: float = 20.0) -> int:
 # -- QEMU's self-announcement, as seen on the wire --------------------------------
 
 
-class RarpWatch:
-    """Times of the RARP frames from ``mac`` that come in through ``tap`` in ``netns``.
+class _PacketWatch:
+    """A packet socket on every interface of ``netns`` (the tap need not exist
+    yet), a kernel filter, and a thread that hands each frame that passes, with
+    its address and CLOCK_MONOTONIC arrival, to ``_take`` until ``close``."""
 
-    QEMU sends five RARPs from the guest's MAC after an incoming migration
-    (+0, 50, 200, 450, 800 ms); the first marks, on the wire, when the
-    destination took over. The socket sees every interface of the namespace
-    (the tap need not exist yet), a kernel filter passes only RARPs from
-    ``mac``, and frames that arrive another way (flooded over VXLAN from a
-    previous destination) or leave through other ports are ignored.
-    """
-
-    def __init__(self, netns: str, mac: str, tap: str) -> None:
+    def __init__(
+        self, netns: str, tap: str, program: list[tuple[int, int, int, int]], rcvbuf: int = 0
+    ) -> None:
         self.tap = tap
-        self.mac = bytes.fromhex(mac.replace(":", ""))
-        self.times: list[float] = []
         self._sock = socket_in(netns, socket.AF_PACKET, socket.SOCK_RAW, socket.htons(ETH_P_ALL))
         try:
-            _attach_filter(self._sock, _rarp_from(self.mac))
+            if rcvbuf:
+                self._sock.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, rcvbuf)
+            _attach_filter(self._sock, program)
             self._sock.settimeout(0.1)
         except BaseException:
             self._sock.close()
             raise
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name=f"rarp-{tap}", daemon=True)
+        name = f"{type(self).__name__}-{tap}"
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._thread.start()
 
     def _run(self) -> None:
         while not self._stop.is_set():
             try:
-                frame, addr = self._sock.recvfrom(128)
+                frame, addr = self._sock.recvfrom(2048)
             except TimeoutError:
                 continue
             except OSError:
                 return
-            at = time.monotonic()
-            if (
-                addr[0] == self.tap
-                and addr[2] != socket.PACKET_OUTGOING
-                and frame[12:14] == ETH_P_RARP.to_bytes(2, "big")
-                and frame[6:12] == self.mac  # the filter is attached after the socket exists
-            ):
-                self.times.append(at)
+            if addr[0] == self.tap:
+                self._take(frame, addr[2], time.clock_gettime_ns(time.CLOCK_MONOTONIC))
 
-    def close(self) -> list[float]:
-        """Stop watching; the times seen."""
+    def _take(self, frame: bytes, pkttype: int, at_ns: int) -> None:
+        raise NotImplementedError
+
+    def _stop_watching(self) -> None:
         self._stop.set()
         self._thread.join(timeout=1)
         self._sock.close()
+
+
+class RarpWatch(_PacketWatch):
+    """Times of the RARP frames from ``mac`` that come in through ``tap`` in ``netns``.
+
+    QEMU sends five RARPs from the guest's MAC after an incoming migration
+    (+0, 50, 200, 450, 800 ms); the first marks, on the wire, when the
+    destination took over. A kernel filter passes only RARPs from ``mac``,
+    and frames that arrive another way (flooded over VXLAN from a previous
+    destination) or leave through other ports are ignored.
+    """
+
+    def __init__(self, netns: str, mac: str, tap: str) -> None:
+        self.mac = bytes.fromhex(mac.replace(":", ""))
+        self.times: list[float] = []
+        super().__init__(netns, tap, _rarp_from(self.mac))
+
+    def _take(self, frame: bytes, pkttype: int, at_ns: int) -> None:
+        if (
+            pkttype != socket.PACKET_OUTGOING
+            and frame[12:14] == ETH_P_RARP.to_bytes(2, "big")
+            and frame[6:12] == self.mac  # the filter is attached after the socket exists
+        ):
+            self.times.append(at_ns / 1e9)
+
+    def close(self) -> list[float]:
+        """Stop watching; the times seen (time.monotonic())."""
+        self._stop_watching()
         return list(self.times)
 
 
-class TapArrivals:
+class TapArrivals(_PacketWatch):
     """When each probe for ``mac`` entered the guest's ``tap`` in ``netns`` (the
     bridge transmitting it to QEMU): ``{(stream, seq): (send_ns, first arrival ns)}``.
 
@@ -434,43 +455,22 @@ class TapArrivals:
     """
 
     def __init__(self, netns: str, mac: str, tap: str) -> None:
-        self.tap = tap
         self.mac = bytes.fromhex(mac.replace(":", ""))
         self.seen: dict[tuple[str, int], tuple[int, int]] = {}
-        self._sock = socket_in(netns, socket.AF_PACKET, socket.SOCK_RAW, socket.htons(ETH_P_ALL))
-        try:
-            self._sock.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, 8 * 1024 * 1024)
-            _attach_filter(self._sock, _to(self.mac))
-            self._sock.settimeout(0.1)
-        except BaseException:
-            self._sock.close()
-            raise
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name=f"arrivals-{tap}", daemon=True)
-        self._thread.start()
+        super().__init__(netns, tap, _to(self.mac), rcvbuf=8 * 1024 * 1024)
 
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            try:
-                frame, addr = self._sock.recvfrom(2048)
-            except TimeoutError:
-                continue
-            except OSError:
-                return
-            at = time.clock_gettime_ns(time.CLOCK_MONOTONIC)
-            if addr[0] != self.tap or addr[2] != socket.PACKET_OUTGOING:
-                continue
-            start = frame.find(probe.MAGIC)
-            found = probe.decode(frame[start:]) if start >= 0 else None
-            if found is not None:
-                stream, seq, sent = found
-                self.seen.setdefault((stream, seq), (sent, at))
+    def _take(self, frame: bytes, pkttype: int, at_ns: int) -> None:
+        if pkttype != socket.PACKET_OUTGOING:
+            return
+        start = frame.find(probe.MAGIC)
+        found = probe.decode(frame[start:]) if start >= 0 else None
+        if found is not None:
+            stream, seq, sent = found
+            self.seen.setdefault((stream, seq), (sent, at_ns))
 
     def close(self) -> dict[tuple[str, int], tuple[int, int]]:
         """Stop watching; what was seen."""
-        self._stop.set()
-        self._thread.join(timeout=1)
-        self._sock.close()
+        self._stop_watching()
         return dict(self.seen)
 
 
