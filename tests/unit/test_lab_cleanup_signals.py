@@ -4,10 +4,23 @@ from __future__ import annotations
 
 import os
 import signal
+from collections.abc import Iterator
 
 import pytest
 
 from vmm_lab.cleanup import run_steps, signals_held
+
+
+@pytest.fixture(autouse=True)
+def python_handles_sigint() -> Iterator[None]:
+    """Ctrl-C raises KeyboardInterrupt, as in a terminal, whatever this process
+    inherited: a test run started in the background of a shell without job
+    control has SIGINT ignored, and Python then installs no handler."""
+    inherited = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, inherited)
 
 
 def test_an_interrupt_during_cleanup_is_delivered_after_every_step_ran() -> None:
