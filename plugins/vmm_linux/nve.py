@@ -695,12 +695,13 @@ class LinuxNve(NveDriver):
         with self._lock:
             hold = self._holds.get((vni, mac))
             entry = self._entries.get((vni, mac))
-            # pinned to this port already: what another process left went then (a
-            # spoofed frame re-pins the entry many times; _keep_pinned)
-            pinned = bool(entry and entry.local_port == port and not entry.expected)
+            # What another process left for the MAC went when this driver expected it
+            # (_arm_on_worker, at PREPARE) or pinned it before (a spoofed frame re-pins
+            # the entry many times; _keep_pinned): RESUMED's plug pays nothing for it.
+            handled = bool(entry and (entry.expected or entry.local_port == port))
         if hold is not None:
             self._release_on_worker(hold)
-        elif not pinned:
+        elif not handled:
             self._forget_foreign(vni, mac, port)
         self._departures.disarm(vni, mac)
         self._update(vni, mac, local_port=port, expected=False, **self._ips(ips))
@@ -724,21 +725,26 @@ class LinuxNve(NveDriver):
         killed before the resume. Its hold map element would forward ``mac``'s
         frames from the VXLAN port into its stalled queue for good, and its
         expectation would keep filtering, while this driver, which takes the
-        migration over, has no hold of its own to release (it never armed one,
-        or its port existed when it expected the MAC). Run when this driver
-        holds nothing for ``mac`` and has not pinned it to the port already:
-        libnftables makes each a tenth of a millisecond. It cannot tell a dead
+        migration over, has no hold of its own to release. Run when this driver
+        neither expected ``mac`` (then ``_arm_on_worker`` removed such an element
+        if its port already existed, and its own hold replaced it otherwise) nor
+        pinned it to the port already: libnftables makes each a tenth of a
+        millisecond. It cannot tell a dead
         peer from a live one: HA peers take a migration over only from a peer
         whose lease expired.
         """
-        with contextlib.suppress(NftError):  # nothing armed (the usual case), or no map
-            self._nft(self._hold_element(vni, mac, None, add=False))
+        self._forget_foreign_hold(vni, mac)
         t, exp = NFT_TABLE, expected_set(vni)
         script = f"add element {t} {exp} {{ {mac} }}\ndelete element {t} {exp} {{ {mac} }}\n"
         if port is not None:
             script = self._expectation(vni, mac, port, add=False)
         with contextlib.suppress(NftError):  # the VN's sets are not there (yet)
             self._nft(script)
+
+    def _forget_foreign_hold(self, vni: int, mac: str) -> None:
+        """Remove ``mac``'s element from the VN's hold map, whoever armed it."""
+        with contextlib.suppress(NftError):  # nothing armed (the usual case), or no map
+            self._nft(self._hold_element(vni, mac, None, add=False))
 
     def expected(self, vni: int, mac: str) -> bool:
         """Whether the driver expects ``mac`` on a local port (not pinned yet).
@@ -828,6 +834,7 @@ class LinuxNve(NveDriver):
         existing = self._raw().link(port)
         if existing is not None:
             self._deepen(self._raw(), existing[0], existing[2])
+            self._forget_foreign_hold(vni, mac)  # no hold of ours will replace it
             return
         with self._lock:
             if key in self._holds:

@@ -486,28 +486,28 @@ def held_lateness_ms(
     return len(held), max(0.0, max(at - resumed_ns for _, at in held) / 1e6)
 
 
-def _to(mac: bytes) -> list[tuple[int, int, int, int]]:
-    """Classic BPF: accept frames whose destination is ``mac``."""
-    ld_h, ld_w, jeq, ret = 0x28, 0x20, 0x15, 0x06
-    return [
-        (ld_w, 0, 0, 0),  # destination MAC, first four bytes
-        (jeq, 0, 3, int.from_bytes(mac[:4], "big")),
-        (ld_h, 0, 0, 4),  # and the last two
-        (jeq, 0, 1, int.from_bytes(mac[4:], "big")),
-        (ret, 0, 0, 0xFFFF),
-        (ret, 0, 0, 0),
-    ]
-
-
 def _rarp_from(mac: bytes) -> list[tuple[int, int, int, int]]:
     """Classic BPF: accept frames with EtherType RARP and source ``mac``."""
+    return _mac_program(mac, 6, ETH_P_RARP)
+
+
+def _to(mac: bytes) -> list[tuple[int, int, int, int]]:
+    """Classic BPF: accept frames whose destination is ``mac``."""
+    return _mac_program(mac, 0)
+
+
+def _mac_program(
+    mac: bytes, offset: int, ethertype: int | None = None
+) -> list[tuple[int, int, int, int]]:
+    """Classic BPF: accept frames with ``mac`` at ``offset`` (0: destination, 6:
+    source) and, if given, ``ethertype``; drop the others."""
     ld_h, ld_w, jeq, ret = 0x28, 0x20, 0x15, 0x06
+    program = [] if ethertype is None else [(ld_h, 0, 0, 12), (jeq, 0, 5, ethertype)]
     return [
-        (ld_h, 0, 0, 12),  # EtherType
-        (jeq, 0, 5, ETH_P_RARP),
-        (ld_w, 0, 0, 6),  # source MAC, first four bytes
+        *program,
+        (ld_w, 0, 0, offset),  # the MAC's first four bytes
         (jeq, 0, 3, int.from_bytes(mac[:4], "big")),
-        (ld_h, 0, 0, 10),  # and the last two
+        (ld_h, 0, 0, offset + 4),  # and the last two
         (jeq, 0, 1, int.from_bytes(mac[4:], "big")),
         (ret, 0, 0, 0xFFFF),
         (ret, 0, 0, 0),
