@@ -117,6 +117,8 @@ class BorrowedTap:
     port: str
     #: Bytes of virtio-net header in front of each frame read (0: none).
     vnet_hdr: int
+    #: The reader's process (the hypervisor) it was borrowed from.
+    pid: int = 0
 
     @classmethod
     def borrow(cls, pid: int, fd: int, port: str, netns_ino: int) -> BorrowedTap:
@@ -137,7 +139,7 @@ class BorrowedTap:
             hdr = 0
             if flags & IFF_VNET_HDR:
                 hdr = struct.unpack("i", fcntl.ioctl(own, TUNGETVNETHDRSZ, bytes(4)))[0]
-            return cls(own, port, hdr)
+            return cls(own, port, hdr, pid)
         except BaseException:
             os.close(own)
             raise

@@ -9,8 +9,10 @@ the pause), and then peers' frames that still reach the source after the VM
 resumed elsewhere go into the old tap, which nobody reads any more: they
 are lost after the resume.
 
-So at the pause the source arms the kernel itself (``arm``), in an nftables
-``netdev`` table of the NVE's namespace:
+So at the pause the source follows the VM's tap where it knows the tap's
+reader (a QEMU: vmm_linux.leftovers ``follow``, which keeps what the tap
+queued ahead of what comes after), and otherwise arms the kernel itself
+(``arm``), in an nftables ``netdev`` table of the NVE's namespace:
 
 * on the VN's VXLAN device (ingress), any frame whose *source* is a
   departing MAC (the VM's RARP, GARP or NA, or any traffic of it) means the

@@ -93,6 +93,7 @@ class LinuxHost(HostDriver):
         )
         #: The frames a departing VM's paused tap holds go with it at SWITCHOVER.
         self.leftovers = leftovers_mod.Leftovers(netns)
+        self.nve.leftovers = self.leftovers  # a paused VM's tap is followed there
         self.services: dict[str, Any] = {
             "nve": self.nve,
             "announcers": self.announcers,

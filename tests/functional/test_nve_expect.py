@@ -25,7 +25,7 @@ import pytest
 
 from vmm_lab.linux.topology import Lab, in_ns, lab_run
 from vmm_linux.netns import socket_in
-from vmm_linux.nve import LinuxNve, expected_set, pair_set, vxlan_name
+from vmm_linux.nve import LinuxNve, expected_set, inflight_name, pair_set, vxlan_name
 
 pytestmark = pytest.mark.functional
 
@@ -270,6 +270,49 @@ def test_a_departing_vm_is_followed_in_the_kernel_from_its_first_frame_elsewhere
     assert mac not in table and "out_" not in table, table
     got = site.deliveries("far", expect_at="vmold")  # no diversion left behind
     assert got == {name: 0 for name in site.rx} | {"vmold": FRAMES}, got
+
+
+class _FollowingLeftovers:
+    """Records what the NVE asks of its host's tap leftovers (the real ones, which
+    borrow a QEMU's tap, are tests/functional/test_tap_leftovers.py's subject and
+    run on the libvirt lab); ``follows`` says whether they know the port's reader."""
+
+    def __init__(self, follows: bool) -> None:
+        self.follows = follows
+        self.calls: list[tuple[str, ...]] = []
+
+    def follow(self, mac: str, port: str, watch: str, device: str) -> bool:
+        self.calls.append(("follow", mac, port, watch, device))
+        return self.follows
+
+    def unfollow(self, port: str) -> None:
+        self.calls.append(("unfollow", port))
+
+
+def test_a_departing_vm_whose_tap_reader_is_known_is_followed_there_not_diverted(
+    site: Site,
+) -> None:
+    """With the tap's reader known, the tap's follow sends the frames on in order
+    (the queued ones first); the kernel's diversion would overtake them."""
+    ha = site.nves["ha"]
+    mac, old_port = site.vm_mac, site.lab.vms["vmold"].port
+    ha.leftovers = _FollowingLeftovers(follows=True)  # type: ignore[assignment]
+    ha.watch_departure(VNI, mac, old_port)
+    assert ha.leftovers.calls == [  # type: ignore[union-attr]
+        ("follow", mac, old_port, vxlan_name(VNI), inflight_name(VNI))
+    ]
+    assert ha.departure_watched(VNI, mac) == old_port
+    table = in_ns(site.lab.hosts["ha"].netns, "nft", "list", "tables")
+    assert "vmm_depart" not in table, table  # no kernel diversion
+    ha.stop_inflight(VNI, mac)
+    assert ha.leftovers.calls[-1] == ("unfollow", old_port)  # type: ignore[union-attr]
+    assert ha.departure_watched(VNI, mac) is None
+
+    ha.leftovers = _FollowingLeftovers(follows=False)  # type: ignore[assignment]
+    ha.watch_departure(VNI, mac, old_port)  # reader unknown: the kernel watches
+    assert "vmm_depart" in in_ns(site.lab.hosts["ha"].netns, "nft", "list", "tables")
+    ha.unplug(VNI, mac)
+    assert ha.departure_watched(VNI, mac) is None
 
 
 def test_a_restarted_nve_drops_the_departure_watch_a_killed_one_left(site: Site) -> None:

@@ -3,8 +3,10 @@
 Real kernel parts: a tap in a namespace of the test's own (its reader is
 this test process, standing in for a paused QEMU: it simply does not read),
 a veth pair whose one end stands for the VN's in-flight port and whose other
-end the test captures on. ``vmm_linux.leftovers`` borrows the tap's
-descriptor with pidfd_getfd(2), as it does QEMU's on the libvirt lab.
+end the test captures on, and one whose end ``vw0`` stands for the VN's VXLAN
+device, where a departing VM shows up from elsewhere (``follow``).
+``vmm_linux.leftovers`` borrows the tap's descriptor with pidfd_getfd(2), as it
+does QEMU's on the libvirt lab.
 """
 
 from __future__ import annotations
@@ -39,11 +41,11 @@ def _ip(netns: str, *args: str) -> None:
     subprocess.run(["ip", "-n", netns, *args], check=True)
 
 
-def _frame(dst: str, seq: int) -> bytes:
+def _frame(dst: str, seq: int, src: str = PEER) -> bytes:
     payload = b"VMMLEFT" + seq.to_bytes(4, "big")
     return (
         bytes.fromhex(dst.replace(":", ""))
-        + bytes.fromhex(PEER.replace(":", ""))
+        + bytes.fromhex(src.replace(":", ""))
         + (b"\x88\xb5" + payload.ljust(46, b"\0"))
     )
 
@@ -62,20 +64,30 @@ def lab(netns: str) -> Iterator[dict[str, object]]:
         fcntl.ioctl(tap_fd, TUNSETIFF, struct.pack("16sH", b"tapl0", flags))
         fcntl.ioctl(tap_fd, TUNSETVNETHDRSZ, struct.pack("i", HDR))
     _ip(netns, "link", "add", "vil0", "type", "veth", "peer", "name", "vcap0")
-    for dev in ("tapl0", "vil0", "vcap0"):
+    _ip(netns, "link", "add", "vw0", "type", "veth", "peer", "name", "vw1")
+    for dev in ("tapl0", "vil0", "vcap0", "vw0", "vw1"):
         _ip(netns, "link", "set", dev, "up")
     send = netns_mod.socket_in(netns, socket.AF_PACKET, socket.SOCK_RAW)
     send.bind(("tapl0", 0))
     cap = netns_mod.socket_in(netns, socket.AF_PACKET, socket.SOCK_RAW, socket.htons(0x88B5))
     cap.bind(("vcap0", 0))
     cap.settimeout(0.5)
+    elsewhere = netns_mod.socket_in(netns, socket.AF_PACKET, socket.SOCK_RAW)
+    elsewhere.bind(("vw1", 0))  # what it sends arrives on vw0, the "VXLAN device"
     service = Leftovers(netns)
     try:
-        yield {"tap": tap_fd, "send": send, "cap": cap, "service": service}
+        yield {
+            "tap": tap_fd,
+            "send": send,
+            "cap": cap,
+            "service": service,
+            "elsewhere": elsewhere,
+        }
     finally:
         service.close()
         send.close()
         cap.close()
+        elsewhere.close()
         os.close(tap_fd)
 
 
@@ -216,3 +228,66 @@ def test_locating_after_close_does_nothing(monkeypatch) -> None:
         service.locate("tap-b")
     finally:
         gate.set()
+
+
+# -- follow: from the pause, forward once the VM shows up elsewhere -------------------
+
+
+def test_a_followed_tap_is_forwarded_in_order_from_the_vms_first_frame_elsewhere(lab) -> None:
+    send, cap, service = lab["send"], lab["cap"], lab["service"]
+    _located(service, "tapl0")
+    for seq in range(5):  # queued since the pause
+        send.send(_frame(MAC, seq))
+    assert service.follow(MAC, "tapl0", "vw0", "vil0")
+    lab["elsewhere"].send(_frame(PEER, 900, src=PEER))  # another MAC: not the VM
+    assert _captured(cap) == []  # nothing read yet: a VM resuming here keeps its queue
+    lab["elsewhere"].send(_frame(PEER, 901, src=MAC))  # the VM runs elsewhere now
+    for seq in range(5, 10):  # still reach the old tap (no kernel diversion)
+        send.send(_frame(MAC, seq))
+    assert _captured(cap) == list(range(10))  # the old ones first, in order, before SWITCHOVER
+    with service.forwarding(MAC, "tapl0", "vil0") as report:  # SWITCHOVER carries on with it
+        send.send(_frame(MAC, 10))
+        time.sleep(0.05)
+    assert report.followed and report.moved and report.found
+    assert report.early == 10
+    assert report.forwarded == 11
+    assert report.note()["moved_first"] is True
+    assert _captured(cap) == [10]
+    os.set_blocking(lab["tap"], False)
+    with pytest.raises(BlockingIOError):
+        os.read(lab["tap"], 2048)
+    assert "tapl0" not in service._following
+
+
+def test_switchover_takes_a_followed_tap_whose_vm_was_not_seen_elsewhere(lab) -> None:
+    send, cap, service = lab["send"], lab["cap"], lab["service"]
+    _located(service, "tapl0")
+    assert service.follow(MAC, "tapl0", "vw0", "vil0")
+    for seq in range(4):
+        send.send(_frame(MAC, seq))
+    assert _captured(cap) == []
+    with service.forwarding(MAC, "tapl0", "vil0") as report:
+        pass
+    assert report.followed and not report.moved
+    assert report.early == 0 and report.forwarded == 4
+    assert _captured(cap) == list(range(4))
+
+
+def test_unfollowing_a_tap_whose_vm_stayed_leaves_its_queue(lab) -> None:
+    send, cap, service = lab["send"], lab["cap"], lab["service"]
+    _located(service, "tapl0")
+    assert service.follow(MAC, "tapl0", "vw0", "vil0")
+    assert service.follow(MAC, "tapl0", "vw0", "vil0")  # a second pause: the same follow
+    for seq in range(3):
+        send.send(_frame(MAC, seq))
+    service.unfollow("tapl0")  # the VM resumed here
+    lab["elsewhere"].send(_frame(PEER, 901, src=MAC))  # too late to matter
+    assert _captured(cap) == []
+    os.set_blocking(lab["tap"], False)
+    got = [int.from_bytes(os.read(lab["tap"], 2048)[HDR + 21 : HDR + 25], "big") for _ in range(3)]
+    assert got == [0, 1, 2]  # still queued, in order, for its reader
+
+
+def test_a_tap_whose_reader_is_unknown_is_not_followed(lab) -> None:
+    assert not lab["service"].follow(MAC, "tapl0", "vw0", "vil0")
+    assert "tapl0" not in lab["service"]._following

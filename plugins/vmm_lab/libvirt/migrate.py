@@ -30,12 +30,10 @@ so an orchestrator watching in the same process sees the same events.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import dataclasses
 import os
 import signal
 import socket
-import struct
 import subprocess
 import threading
 import time
@@ -44,6 +42,7 @@ from typing import Any
 
 import libvirt
 
+from vmm_kernel import macfilter
 from vmm_kernel.netns import socket_in
 from vmm_lab.libvirt import LibvirtLabError
 from vmm_lab.libvirt.hosts import LibvirtHost
@@ -62,7 +61,6 @@ MIGRATION_TIMEOUT_S = 60.0
 EVENT_WAIT_S = 2.0
 ETH_P_RARP = 0x8035
 ETH_P_ALL = 0x0003
-SO_ATTACH_FILTER = 26  # Linux; Python has no name for it
 SO_RCVBUFFORCE = 33
 
 
@@ -376,15 +374,13 @@ class _PacketWatch:
     yet), a kernel filter, and a thread that hands each frame that passes, with
     its address and CLOCK_MONOTONIC arrival, to ``_take`` until ``close``."""
 
-    def __init__(
-        self, netns: str, tap: str, program: list[tuple[int, int, int, int]], rcvbuf: int = 0
-    ) -> None:
+    def __init__(self, netns: str, tap: str, program: macfilter.Program, rcvbuf: int = 0) -> None:
         self.tap = tap
         self._sock = socket_in(netns, socket.AF_PACKET, socket.SOCK_RAW, socket.htons(ETH_P_ALL))
         try:
             if rcvbuf:
                 self._sock.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, rcvbuf)
-            _attach_filter(self._sock, program)
+            macfilter.attach(self._sock, program)
             self._sock.settimeout(0.1)
         except BaseException:
             self._sock.close()
@@ -486,35 +482,11 @@ def held_lateness_ms(
     return len(held), max(0.0, max(at - resumed_ns for _, at in held) / 1e6)
 
 
-def _rarp_from(mac: bytes) -> list[tuple[int, int, int, int]]:
+def _rarp_from(mac: bytes) -> macfilter.Program:
     """Classic BPF: accept frames with EtherType RARP and source ``mac``."""
-    return _mac_program(mac, 6, ETH_P_RARP)
+    return macfilter.mac_program(mac, macfilter.SOURCE, ETH_P_RARP)
 
 
-def _to(mac: bytes) -> list[tuple[int, int, int, int]]:
+def _to(mac: bytes) -> macfilter.Program:
     """Classic BPF: accept frames whose destination is ``mac``."""
-    return _mac_program(mac, 0)
-
-
-def _mac_program(
-    mac: bytes, offset: int, ethertype: int | None = None
-) -> list[tuple[int, int, int, int]]:
-    """Classic BPF: accept frames with ``mac`` at ``offset`` (0: destination, 6:
-    source) and, if given, ``ethertype``; drop the others."""
-    ld_h, ld_w, jeq, ret = 0x28, 0x20, 0x15, 0x06
-    program = [] if ethertype is None else [(ld_h, 0, 0, 12), (jeq, 0, 5, ethertype)]
-    return [
-        *program,
-        (ld_w, 0, 0, offset),  # the MAC's first four bytes
-        (jeq, 0, 3, int.from_bytes(mac[:4], "big")),
-        (ld_h, 0, 0, offset + 4),  # and the last two
-        (jeq, 0, 1, int.from_bytes(mac[4:], "big")),
-        (ret, 0, 0, 0xFFFF),
-        (ret, 0, 0, 0),
-    ]
-
-
-def _attach_filter(sock: socket.socket, program: list[tuple[int, int, int, int]]) -> None:
-    code = ctypes.create_string_buffer(b"".join(struct.pack("HBBI", *i) for i in program))
-    fprog = struct.pack("HL", len(program), ctypes.addressof(code))
-    sock.setsockopt(socket.SOL_SOCKET, SO_ATTACH_FILTER, fprog)
+    return macfilter.mac_program(mac, macfilter.DESTINATION)
