@@ -227,7 +227,13 @@ class NveDriver(abc.ABC):
     def watch_departure(self, vni: int, mac: str, port: str) -> None:
         """The VM behind local ``port`` is paused for a migration's final copy (or
         by an operator): once it shows up elsewhere, send its frames on to it
-        without waiting for SWITCHOVER. Optional; stop_inflight and unplug end it."""
+        without waiting for SWITCHOVER. Optional; stop_inflight, unplug and
+        end_departure end it."""
+        return None
+
+    def end_departure(self, vni: int, mac: str) -> None:
+        """The VM ``watch_departure`` was called for runs here again (it resumed
+        here): send nothing more of its frames on. Optional."""
         return None
 
     @abc.abstractmethod

@@ -62,6 +62,13 @@ LOG = logging.getLogger(__name__)
 
 #: The source's pause for a migration's final copy (or an operator's, during one).
 PAUSED_FOR_MIGRATION = phases.Lifecycle(phases.Event.SUSPENDED, phases.SUSPENDED_MIGRATED)
+#: The VM runs on this host again: every RESUMED detail but post-copy's (which
+#: means it runs at the destination).
+RUNS_HERE_AGAIN = frozenset(
+    phases.Lifecycle(phases.Event.RESUMED, detail)
+    for detail in range(8)
+    if detail not in (phases.RESUMED_POSTCOPY, phases.RESUMED_POSTCOPY_FAILED)
+)
 
 #: (state, reason) of a VM that does not run here (yet): paused for a migration
 #: (incoming, or the source's switchover) or still starting up.
@@ -188,6 +195,8 @@ class HostAgent:
         self._recovered = False
         self._lock = threading.Lock()
         self._workloads: dict[str, Workload] = {}
+        #: Domains whose departure the NVE watches since their pause here.
+        self._departing: dict[str, Workload] = {}
         self._incoming: dict[str, Migration] = {}
         self._outgoing: dict[str, Migration] = {}
         self._pending: set[concurrent.futures.Future[Any]] = set()
@@ -315,6 +324,8 @@ class HostAgent:
                 LOG.info("%s: %s: %s", self.name, item.name, decision.note)
             if item.signal == PAUSED_FOR_MIGRATION and decision.track.paused:
                 self._watch_departure(item.uuid)
+            elif item.signal in RUNS_HERE_AGAIN:
+                self._end_departure(item.uuid)
             self._run(item.uuid, item.name, decision.transitions, item.monotonic)
             if decision.started:
                 self._cold_start_later(item.uuid, item.name, decision.started)
@@ -323,13 +334,15 @@ class HostAgent:
 
     def _watch_departure(self, uuid: str) -> None:
         """The source paused the VM (the final copy, or an operator): let the NVE
-        follow it in the kernel as soon as it shows up elsewhere, ahead of the
-        job read and of SWITCHOVER (see the NVE's ``watch_departure``)."""
+        follow it as soon as it shows up elsewhere, ahead of the job read and of
+        SWITCHOVER (see the NVE's ``watch_departure``)."""
         nve = self.context.services.get("nve")
         with self._lock:
             workload = self._workloads.get(uuid)
         if nve is None or workload is None:
             return
+        with self._lock:
+            self._departing[uuid] = workload
         for vif in workload.vifs:
             if not vif.port:
                 continue
@@ -337,6 +350,21 @@ class HostAgent:
                 nve.watch_departure(vif.vni, vif.mac, vif.port)
             except Exception as exc:  # SWITCHOVER's in-flight tunnel still follows
                 LOG.warning("%s: cannot watch %s leave: %s", self.name, vif.mac, exc)
+
+    def _end_departure(self, uuid: str) -> None:
+        """The VM resumed here (an operator's pause ended, a migration failed): what
+        its departure watch would still send on stays here (the NVE's
+        ``end_departure``); SWITCHOVER's revert, if it ran, ends the rest."""
+        with self._lock:
+            workload = self._departing.pop(uuid, None)
+        nve = self.context.services.get("nve")
+        if nve is None or workload is None:
+            return
+        for vif in workload.vifs:
+            try:
+                nve.end_departure(vif.vni, vif.mac)
+            except Exception as exc:
+                LOG.warning("%s: cannot end the watch of %s: %s", self.name, vif.mac, exc)
 
     def _reconcile(self, item: events.Reconciled) -> None:
         observed = {}

@@ -64,14 +64,16 @@ from __future__ import annotations
 import concurrent.futures
 import contextlib
 import dataclasses
+import functools
 import logging
+import math
 import os
 import select
 import socket
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 from vmm_kernel import macfilter, tapqueue
 from vmm_kernel import netns as netns_mod
@@ -272,7 +274,7 @@ class Leftovers:
         with self._lock:
             current = self._following.get(port)
         if current is not None and current.alive():
-            return True
+            return True  # the pause seen again, or SWITCHOVER forwarding it now
         report = Forwarded(port, followed=True)
         session = self._open(mac, port, device, report)
         if session is None:
@@ -285,38 +287,54 @@ class Leftovers:
             macfilter.attach(sock, macfilter.mac_program(session.mac, macfilter.SOURCE))
             sock.setsockopt(SOL_PACKET, PACKET_IGNORE_OUTGOING, 1)
             sock.bind((watch, ETH_P_ALL))  # (CPython puts it in network order)
-            session.exits = [os.pidfd_open(tap.pid) for tap in session.taps if tap.pid]
-        except OSError as exc:
+            for tap in session.taps:
+                if tap.pid:
+                    session.exits.append(os.pidfd_open(tap.pid))
+            session.start(f"follow-{port}", functools.partial(self._ended, port, session))
+        except (OSError, RuntimeError) as exc:
             LOG.info("%s not followed: %s: %s", port, watch, exc)
             session.close()
             return False
         with self._lock:
-            replaced = self._following.pop(port, None)
+            replaced = self._following.get(port)
             self._following[port] = session
         if replaced is not None:
             replaced.finish()
-        session.start(f"follow-{port}")
         return True
 
-    def unfollow(self, port: str) -> None:
+    def _ended(self, port: str, session: _Session) -> None:
+        """A session's thread ended (on its own, or finished): forget it."""
+        with self._lock:
+            if self._following.get(port) is session:
+                del self._following[port]
+
+    def following(self, port: str) -> bool:
+        """Whether ``port`` is followed (or forwarded) now."""
+        with self._lock:
+            session = self._following.get(port)
+        return session is not None and session.alive()
+
+    def unfollow(self, port: str, drain: bool = True) -> None:
         """Stop following ``port`` (the VM comes back here, or is gone); what a
-        follow that saw the VM elsewhere still holds goes on first."""
+        follow that saw the VM elsewhere still holds goes on first, unless not
+        ``drain`` (the VM resumed here and reads it itself)."""
         with self._lock:
             session = self._following.pop(port, None)
         if session is not None:
-            session.finish()
+            session.finish(drain)
 
     @contextlib.contextmanager
     def forwarding(self, mac: str, port: str, device: str) -> Iterator[Forwarded]:
         """While the body moves ``mac``'s frames to ``device`` (the in-flight port),
         forward what ``port``'s tap queued for ``mac`` there first, then what is left.
         A ``follow`` of the port carries on (it may have started at the VM's first
-        frame from elsewhere)."""
+        frame from elsewhere); the session stays registered meanwhile, so a pause
+        seen again starts no second reader of the tap."""
         with self._lock:
-            session = self._following.pop(port, None)
+            session = self._following.get(port)
         wanted = bytes.fromhex(mac.replace(":", ""))
         if session is not None and (session.mac != wanted or not session.alive()):
-            session.finish()
+            self.unfollow(port)
             session = None
         if session is None:
             report = Forwarded(port)
@@ -324,11 +342,22 @@ class Leftovers:
             if session is None:
                 yield report
                 return
-            session.start(f"leftovers-{port}")
+            try:
+                session.start(f"leftovers-{port}", functools.partial(self._ended, port, session))
+            except RuntimeError as exc:  # no thread to be had
+                session.close()
+                report.error = str(exc)
+                yield report
+                return
+            with self._lock:
+                self._following[port] = session
         try:
             session.report.early = session.report.forwarded if session.report.moved else 0
+            # The backlog goes first: only then may the body move new frames past it
+            # (caught_up is set again only after a pass over the taps that began after go).
+            session.caught_up.clear()
+            session.generation += 1
             session.go()
-            # The backlog goes first: only then may the body move new frames past it.
             session.caught_up.wait(CATCH_UP_S)
             yield session.report
         finally:
@@ -356,22 +385,36 @@ class _Session:
         self.report = report
         #: A follow's packet socket on the VN's VXLAN device (the VM's frames only).
         self.watch: socket.socket | None = None
-        #: pidfds of the taps' readers: one that exits ends a follow (its tap with it).
+        #: pidfds of the taps' readers: one that exits ends the session (once the
+        #: queue, which nobody else will read, went on).
         self.exits: list[int] = []
-        self.stop = os.eventfd(0, os.EFD_CLOEXEC)
-        self.go_fd = os.eventfd(0, os.EFD_CLOEXEC)
         self.caught_up = threading.Event()
+        #: Counts ``go``s: ``caught_up`` is set only after an empty pass over the taps
+        #: that began after the last one.
+        self.generation = 0
+        #: Whether a stop still sends what the taps hold (``finish``).
+        self.drain = True
         #: Set once the thread sent its last frame (it closes the descriptors after).
         self.done = threading.Event()
         self._thread: threading.Thread | None = None
-        self._quick = contextlib.ExitStack()
         self._closing = threading.Lock()
         self._closed = False
+        self._on_end: Callable[[], None] | None = None
+        self.stop = self.go_fd = -1
+        try:
+            self.stop = os.eventfd(0, os.EFD_CLOEXEC)
+            self.go_fd = os.eventfd(0, os.EFD_CLOEXEC)
+        except OSError:
+            self.close()
+            raise
 
-    def start(self, name: str) -> None:
-        self._quick.enter_context(_QUICK.held())
-        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
-        self._thread.start()
+    def start(self, name: str, on_end: Callable[[], None]) -> None:
+        """Start the thread (raises RuntimeError if none can be had; then the
+        caller closes the session)."""
+        self._on_end = on_end
+        thread = threading.Thread(target=self._run, name=name, daemon=True)
+        thread.start()
+        self._thread = thread
 
     def alive(self) -> bool:
         return self._thread is not None and self._thread.is_alive()
@@ -385,17 +428,17 @@ class _Session:
         """Forward from now on, whatever the follow saw."""
         self._signal(self.go_fd)
 
-    def finish(self) -> None:
-        """Send what is left (if forwarding started) and end the thread, which then
+    def finish(self, drain: bool = True) -> None:
+        """Send what is left (if forwarding started and ``drain``) and end the thread, which then
         closes everything: closing a packet socket waits for an RCU grace period
         (``synchronize_net``), 10-30 ms measured at SWITCHOVER on the libvirt lab,
         which nothing here needs to wait for."""
+        self.drain = self.drain and drain
         self._signal(self.stop)
         if self._thread is not None:
             self.done.wait()
         else:
             self.close()
-        self._quick.close()
 
     def close(self) -> None:
         with self._closing:
@@ -408,24 +451,32 @@ class _Session:
             if sock is not None:
                 sock.close()
         for fd in (self.stop, self.go_fd, *self.exits):
-            with contextlib.suppress(OSError):
-                os.close(fd)
+            if fd >= 0:
+                with contextlib.suppress(OSError):
+                    os.close(fd)
 
     def _run(self) -> None:
         try:
             if self._wait_for_the_move():
-                ends = [self.stop, *self.exits]
-                _forward(self.taps, self.sock, self.mac, ends, self.caught_up, self.report)
+                with _QUICK.held():
+                    ends = [self.stop, *self.exits]
+                    _forward(self, ends, time.monotonic() + FOLLOW_MAX_S)
         except Exception:  # a thread's failure must not keep the taps (and their QEMU's tap) open
             LOG.exception("forwarding %s failed", self.report.port)
         finally:
             self.caught_up.set()
             self.done.set()
-            self.close()
+            try:
+                if self._on_end is not None:
+                    self._on_end()
+            finally:
+                self.close()
 
     def _wait_for_the_move(self) -> bool:
         """Until SWITCHOVER (``go``) or the VM's frame from elsewhere: True to
-        forward; False when stopped, its reader gone or the follow too old."""
+        forward. Its reader's exit means nobody else will ever read the queue:
+        True too (what it holds goes on, then the session ends). False when
+        stopped or the follow is too old."""
         poller = select.poll()
         for fd in (self.stop, self.go_fd, *self.exits):
             poller.register(fd, select.POLLIN)
@@ -434,15 +485,15 @@ class _Session:
         end = time.monotonic() + FOLLOW_MAX_S
         while True:
             left = end - time.monotonic()
-            ready = {fd for fd, _ in poller.poll(max(0, int(left * 1000)))}
-            if ready & {self.stop, *self.exits} and self.go_fd not in ready:
-                return False
-            if self.go_fd in ready:
-                return True
+            ready = {fd for fd, _ in poller.poll(max(0, math.ceil(left * 1000)))}
             if self.watch is not None and self.watch.fileno() in ready:
                 self.report.moved = True
                 LOG.info("%s: its VM showed up elsewhere; forwarding its tap", self.report.port)
                 return True
+            if self.go_fd in ready or ready & set(self.exits):
+                return True
+            if self.stop in ready:
+                return False
             if left <= 0:
                 LOG.info(
                     "%s: followed for %d s without a move; stopped", self.report.port, FOLLOW_MAX_S
@@ -450,25 +501,21 @@ class _Session:
                 return False
 
 
-def _forward(
-    taps: list[tapqueue.BorrowedTap],
-    sock: socket.socket,
-    mac: bytes,
-    ends: list[int],
-    caught_up: threading.Event,
-    report: Forwarded,
-) -> None:
-    """Send each queued frame for ``mac`` out of ``sock`` as soon as it is read,
-    until one of ``ends`` (the stop eventfd, the readers' pidfds) is readable and
-    the taps are empty."""
+def _forward(session: _Session, ends: list[int], deadline: float) -> None:
+    """Send each queued frame for the session's MAC as soon as it is read, until
+    one of ``ends`` (the stop eventfd, the readers' pidfds) is readable, or
+    ``deadline`` passed, and the taps are empty. ``caught_up`` is set after an
+    empty pass that began after the last ``go`` (``generation``)."""
+    taps, sock, mac, report = session.taps, session.sock, session.mac, session.report
     poller = select.poll()
     for tap in taps:
         poller.register(tap.fd, select.POLLIN)
-    for fd in ends:
+    for fd in (*ends, session.go_fd):
         poller.register(fd, select.POLLIN)
     started = time.monotonic()
     finishing = False
     while True:
+        generation = session.generation
         moved = 0
         for tap in taps:
             for header, frame in tap.read_queued():
@@ -482,12 +529,16 @@ def _forward(
                 except OSError as exc:
                     report.failed += 1
                     report.error = str(exc)
-        if finishing and not moved:
+        if finishing and (not moved or not session.drain):
             break
         if not moved:
-            caught_up.set()
-            ready = poller.poll()
-            finishing = finishing or any(fd in ends for fd, _ in ready)
+            if generation == session.generation:
+                session.caught_up.set()
+            left = deadline - time.monotonic()
+            ready = {fd for fd, _ in poller.poll(max(0, math.ceil(left * 1000)))}
+            if session.go_fd in ready:
+                os.eventfd_read(session.go_fd)  # level-triggered: take it
+            finishing = finishing or bool(ready & set(ends)) or left <= 0
     LOG.debug(
         "tap %s: %d frames forwarded in %.1f ms",
         report.port,

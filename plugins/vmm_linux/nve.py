@@ -783,6 +783,7 @@ class LinuxNve(NveDriver):
         if leftovers is not None and leftovers.follow(
             mac, port, vxlan_name(vni), inflight_name(vni)
         ):
+            self._departures.disarm(vni, mac)  # one an earlier pause armed, reader unknown then
             with self._lock:
                 self._followed[(vni, mac)] = port
             return
@@ -792,15 +793,22 @@ class LinuxNve(NveDriver):
         """The port ``mac``'s departure is watched on, or None."""
         with self._lock:
             followed = self._followed.get((vni, mac))
-        return followed or self._departures.armed(vni, mac)
+        if followed and self.leftovers is not None and self.leftovers.following(followed):
+            return followed
+        return self._departures.armed(vni, mac)
 
-    def _end_departure(self, vni: int, mac: str) -> None:
+    def end_departure(self, vni: int, mac: str) -> None:
+        """The VM resumed here: nothing more of its tap goes on (not even what a
+        follow that saw it elsewhere has not sent yet: the VM reads that now)."""
+        self._end_departure(vni, mac, drain=False)
+
+    def _end_departure(self, vni: int, mac: str, drain: bool = True) -> None:
         """``mac`` comes (back) here, or its in-flight tunnel ends: nothing to divert."""
         self._departures.disarm(vni, mac)
         with self._lock:
             port = self._followed.pop((vni, mac), None)
         if port is not None and self.leftovers is not None:
-            self.leftovers.unfollow(port)
+            self.leftovers.unfollow(port, drain=drain)
 
     def stop_inflight(self, vni: int, mac: str) -> None:
         self._end_departure(vni, mac)

@@ -285,8 +285,11 @@ class _FollowingLeftovers:
         self.calls.append(("follow", mac, port, watch, device))
         return self.follows
 
-    def unfollow(self, port: str) -> None:
-        self.calls.append(("unfollow", port))
+    def following(self, port: str) -> bool:
+        return self.follows and ("unfollow", port) not in [c[:2] for c in self.calls]
+
+    def unfollow(self, port: str, drain: bool = True) -> None:
+        self.calls.append(("unfollow", port, drain))
 
 
 def test_a_departing_vm_whose_tap_reader_is_known_is_followed_there_not_diverted(
@@ -304,9 +307,12 @@ def test_a_departing_vm_whose_tap_reader_is_known_is_followed_there_not_diverted
     assert ha.departure_watched(VNI, mac) == old_port
     table = in_ns(site.lab.hosts["ha"].netns, "nft", "list", "tables")
     assert "vmm_depart" not in table, table  # no kernel diversion
-    ha.stop_inflight(VNI, mac)
-    assert ha.leftovers.calls[-1] == ("unfollow", old_port)  # type: ignore[union-attr]
+    ha.stop_inflight(VNI, mac)  # the tunnel's end: what is left goes on
+    assert ha.leftovers.calls[-1] == ("unfollow", old_port, True)  # type: ignore[union-attr]
     assert ha.departure_watched(VNI, mac) is None
+    ha.watch_departure(VNI, mac, old_port)
+    ha.end_departure(VNI, mac)  # the VM resumed here: it reads its tap itself
+    assert ha.leftovers.calls[-1] == ("unfollow", old_port, False)  # type: ignore[union-attr]
 
     ha.leftovers = _FollowingLeftovers(follows=False)  # type: ignore[assignment]
     ha.watch_departure(VNI, mac, old_port)  # reader unknown: the kernel watches

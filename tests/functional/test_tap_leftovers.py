@@ -291,3 +291,105 @@ def test_unfollowing_a_tap_whose_vm_stayed_leaves_its_queue(lab) -> None:
 def test_a_tap_whose_reader_is_unknown_is_not_followed(lab) -> None:
     assert not lab["service"].follow(MAC, "tapl0", "vw0", "vil0")
     assert "tapl0" not in lab["service"]._following
+
+
+def test_a_follow_that_only_waits_leaves_the_switch_interval_and_ends_on_close(lab) -> None:
+    service = lab["service"]
+    _located(service, "tapl0")
+    before = sys.getswitchinterval()
+    assert service.follow(MAC, "tapl0", "vw0", "vil0")
+    assert sys.getswitchinterval() == before  # lowered only while frames are forwarded
+    assert service.following("tapl0")
+    service.close()  # the host stops: the follow's thread ends, its descriptors close
+    assert not service.following("tapl0")
+    assert sys.getswitchinterval() == before
+
+
+def test_a_vm_resumed_here_keeps_what_a_follow_that_saw_it_elsewhere_did_not_send(lab) -> None:
+    send, cap, service = lab["send"], lab["cap"], lab["service"]
+    _located(service, "tapl0")
+    assert service.follow(MAC, "tapl0", "vw0", "vil0")
+    lab["elsewhere"].send(_frame(PEER, 901, src=MAC))  # spoofed, or a failed migration
+    send.send(_frame(MAC, 0))
+    assert _captured(cap) == [0]
+    service.unfollow("tapl0", drain=False)  # the VM runs here again: it reads its tap
+    send.send(_frame(MAC, 1))
+    assert _captured(cap) == []
+    os.set_blocking(lab["tap"], False)
+    assert os.read(lab["tap"], 2048)[HDR + 21 : HDR + 25] == (1).to_bytes(4, "big")
+
+
+def test_a_pause_seen_again_during_switchover_starts_no_second_reader(lab) -> None:
+    send, cap, service = lab["send"], lab["cap"], lab["service"]
+    _located(service, "tapl0")
+    for seq in range(3):
+        send.send(_frame(MAC, seq))
+    with service.forwarding(MAC, "tapl0", "vil0") as report:
+        assert service.following("tapl0")
+        assert service.follow(MAC, "tapl0", "vw0", "vil0")  # the same session
+    assert report.forwarded == 3 and not report.followed
+    assert not service.following("tapl0")
+    assert _captured(cap) == [0, 1, 2]
+
+
+def test_a_followed_tap_whose_reader_exits_sends_its_queue_on(netns: str) -> None:
+    """QEMU exits (the migration completed, or the VM was destroyed) before
+    SWITCHOVER took the tap: nobody else will read its queue, so it goes on and
+    the follow ends, closing the last descriptor of the tap."""
+    subprocess.run(
+        ["ip", "netns", "exec", netns, "sysctl", "-qw", "net.ipv6.conf.default.disable_ipv6=1"],
+        check=True,
+    )
+    reader = subprocess.Popen(
+        [
+            "ip", "netns", "exec", netns, sys.executable, "-c",
+            "import fcntl, os, struct, sys\n"
+            "fd = os.open('/dev/net/tun', os.O_RDWR)\n"
+            f"fcntl.ioctl(fd, {TUNSETIFF}, struct.pack('16sH', b'tapx0', {IFF_TAP | IFF_NO_PI}))\n"
+            "print('ready', flush=True)\n"
+            "sys.stdin.read()\n",
+        ],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )  # fmt: skip
+    service = Leftovers(netns)
+    try:
+        assert reader.stdout is not None and reader.stdout.readline().strip() == "ready"
+        _ip(netns, "link", "add", "vil1", "type", "veth", "peer", "name", "vcap1")
+        _ip(netns, "link", "add", "vw2", "type", "veth", "peer", "name", "vw3")
+        for dev in ("tapx0", "vil1", "vcap1", "vw2", "vw3"):
+            _ip(netns, "link", "set", dev, "up")
+        send = netns_mod.socket_in(netns, socket.AF_PACKET, socket.SOCK_RAW)
+        send.bind(("tapx0", 0))
+        cap = netns_mod.socket_in(netns, socket.AF_PACKET, socket.SOCK_RAW, socket.htons(0x88B5))
+        cap.bind(("vcap1", 0))
+        cap.settimeout(0.5)
+        with send, cap:
+            _located(service, "tapx0")
+            assert service.follow(MAC, "tapx0", "vw2", "vil1")
+            for seq in range(3):
+                send.send(_frame(MAC, seq))
+            assert _captured(cap) == []
+            reader.stdin.close()  # type: ignore[union-attr]
+            assert reader.wait(10) == 0
+            assert _captured(cap) == [0, 1, 2]
+            deadline = time.monotonic() + 5
+            while service.following("tapx0") and time.monotonic() < deadline:
+                time.sleep(0.01)
+            assert not service.following("tapx0")
+        deadline = time.monotonic() + 5  # our copy was the tap's last descriptor
+        while "tapx0" in _links(netns) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert "tapx0" not in _links(netns)
+    finally:
+        service.close()
+        if reader.poll() is None:
+            reader.kill()
+            reader.wait()
+
+
+def _links(netns: str) -> str:
+    return subprocess.run(
+        ["ip", "-n", netns, "-o", "link", "show"], capture_output=True, text=True, check=True
+    ).stdout
