@@ -121,14 +121,14 @@ def _held_over(r: demo.MigrationResult, pause_ms: float | None) -> float | None:
 
 #: (row label, value of one migration) for the side-by-side summary.
 FIGURES: list[tuple[str, Callable[[demo.MigrationResult], float | None]]] = [
-    ("lost after resume (6 streams)", lambda r: r.lost_after_resume),
+    ("lost after resume (all streams)", lambda r: r.lost_after_resume),
     ("  same, window to RESUMED event", lambda r: r.lost_after_resumed_event),
     ("max black-hole ms", lambda r: r.max_black_hole_ms),
     ("max NVE convergence ms", lambda r: r.max_convergence_ms),
     ("libvirt downtime ms", lambda r: r.libvirt_downtime_ms),
     ("SUSPENDED -> 1st RARP ms", lambda r: (r.took_over_at - r.suspended_at) * 1000.0),
-    ("lost while paused (6 streams)", lambda r: sum(s.lost_while_paused for s in r.streams)),
-    ("lost in total (6 streams)", lambda r: sum(s.lost for s in r.streams)),
+    ("lost while paused (all streams)", lambda r: sum(s.lost_while_paused for s in r.streams)),
+    ("lost in total (all streams)", lambda r: sum(s.lost for s in r.streams)),
     ("duplicates", lambda r: sum(s.duplicates for s in r.streams)),
     ("reordered", lambda r: sum(s.reordered for s in r.streams)),
     ("held (delivered, sent while paused)", lambda r: sum(s.held for s in r.streams)),
@@ -317,16 +317,31 @@ def run_mode(
     other_hook: str = NO_OP_HOOK,
     alone: list[list[AloneRun]] | None = None,
     phases: dict[str, list[dict[str, float]]] | None = None,
+    processes: bool = False,
+    log: str | None = None,
 ) -> list[demo.MigrationResult]:
     """``runs`` migrations h1 <-> h2 of one real guest in a fresh lab; with ``paired``
     (orchestrated), each one also followed or preceded (alternately) by a migration with
     ``other_hook`` (the text of a hook: by default a no-op) instead of the relay, appended
     to ``paired``; with ``alone`` (orchestrated), each one followed by a there-and-back
     pair with the orchestrator off, appended to ``alone`` (one list per pair); with
-    ``phases``, each migration's phases from the libvirtds' logs, by label."""
+    ``phases``, each migration's phases from the libvirtds' logs, by label; with
+    ``processes`` (orchestrated), h1 and h2 are served by ``vmm agent`` processes
+    whose logs are appended to ``log``."""
     results = []
-    conf = lab_conf(orchestrated=mode == "orchestrated")
-    with libvirt_site(conf, new_prefix(), orchestrated=mode == "orchestrated") as ls:
+    orchestrated = mode == "orchestrated"
+    conf = lab_conf(orchestrated=orchestrated)
+    with (
+        libvirt_site(
+            conf,
+            new_prefix(),
+            orchestrated=orchestrated,
+            agent_processes=processes and orchestrated,
+        ) as ls,
+        contextlib.ExitStack() as logs,
+    ):
+        if log and ls.processes:
+            logs.callback(_append_logs, log, ls)
         print(f"-- {LABELS[mode]}: lab up ({ls.figures})", flush=True)
         if tracer is not None:
             tracer.hostnames.update({h.hostname: name for name, h in ls.hosts.items()})
@@ -366,6 +381,15 @@ def run_mode(
 
 
 ALONE_LABEL = "orchestrator off"
+
+
+def _append_logs(path: str, ls: Any) -> None:
+    """Append each ``vmm agent`` process's log so far to ``path``."""
+    with open(path, "a", encoding="utf-8") as out:
+        for name, process in ls.processes.items():
+            out.write(f"--- vmm agent {name} ({process.log_path}) ---\n")
+            with contextlib.suppress(OSError), open(process.log_path, errors="replace") as fh:
+                shutil.copyfileobj(fh, out)
 
 
 def _add_phases(
@@ -698,8 +722,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--log",
         metavar="FILE",
-        help="write the in-process agents' log (INFO: each phase's stages and timings) "
+        help="write the agents' log (INFO: each phase's stages and timings) "
         "to FILE, to see afterwards what a migration with losses did",
+    )
+    parser.add_argument(
+        "--agent-processes",
+        action="store_true",
+        help="serve h1 and h2 with `vmm agent` processes started from config files, as "
+        "an operator runs them, instead of agents in this process (beside its capture "
+        "threads); the stage table is then not printed (the reports stay in the processes)",
     )
     args = parser.parse_args(argv)
     if args.log:
@@ -717,6 +748,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--paired and --paired-alone measure separately: give one of them")
     if args.paired and args.hook_trace:
         parser.error("--paired and --hook-trace measure separately: give one of them")
+    if args.agent_processes and (args.paired or args.paired_alone):
+        parser.error("--paired and --paired-alone swap the hook of agents in this process")
     demo.check_prerequisites()
     if args.relay:
         site_mod.RELAY = os.path.abspath(args.relay)
@@ -738,7 +771,16 @@ def main(argv: list[str] | None = None) -> int:
             if tracer is not None:
                 tracer.mode = mode
             by_mode[mode] = run_mode(
-                mode, args.runs, args.rate, tracer, no_op, other_hook, alone, phases
+                mode,
+                args.runs,
+                args.rate,
+                tracer,
+                no_op,
+                other_hook,
+                alone,
+                phases,
+                processes=args.agent_processes,
+                log=args.log,
             )
         print()
         print(render(by_mode))
@@ -750,8 +792,9 @@ def main(argv: list[str] | None = None) -> int:
             print("\n".join(phase_report(phases)))
         if tracer is not None:
             print("\n".join(tracer.report()))
+    streams = max((len(r.streams) for rs in by_mode.values() for r in rs), default=0)
     print(
-        f"\n{args.runs} migration(s) per mode at {args.rate} pps per stream, "
+        f"\n{args.runs} migration(s) per mode, {streams} streams at {args.rate} pps each, "
         f"{time.monotonic() - started:.0f} s"
     )
     if args.json:

@@ -64,6 +64,7 @@ from pyroute2.netlink import NETLINK_ROUTE
 from pyroute2.netlink.rtnl import RTMGRP_NEIGH
 from pyroute2.netlink.rtnl.marshal import MarshalRtnl
 
+from vmm_kernel import netns as netns_mod
 from vmm_kernel.netns import socket_in
 from vmm_lab.libvirt import guest as guest_mod
 from vmm_lab.libvirt.migrate import (
@@ -76,6 +77,8 @@ from vmm_lab.libvirt.migrate import (
 from vmm_lab.libvirt.site import LibvirtSite, lab_conf, libvirt_site
 from vmm_lab.linux import probe
 from vmm_lab.linux.topology import in_ns, new_prefix
+from vmm_linux.nve import inflight_name
+from vmm_orchestrator import journal as jr
 from vmm_orchestrator.engine import PhaseReport
 from vmm_orchestrator.errors import VmmError
 from vmm_orchestrator.model import Phase
@@ -331,6 +334,42 @@ def report_marks(ls: LibvirtSite) -> Marks:
     return {name: list(agent.reports) for name, agent in ls.agents.items()}
 
 
+def journal_marks(ls: LibvirtSite) -> dict[str, set[str]]:
+    """The migrations each ``vmm agent`` process has journalled so far."""
+    return {name: {r.id for r in p.migrations()} for name, p in ls.processes.items()}
+
+
+def wait_journalled(
+    ls: LibvirtSite,
+    since: dict[str, set[str]],
+    hosts: Iterable[str],
+    timeout: float = PIPELINE_TIMEOUT_S,
+) -> tuple[list[str], list[str]]:
+    """With ``vmm agent`` processes (whose reports stay in their processes): wait
+    until each of ``hosts`` journalled a migration after ``since`` and ended it
+    there; (the migration ids, what failed)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        new = {
+            name: [r for r in p.migrations() if r.id not in since.get(name, set())]
+            for name, p in ls.processes.items()
+        }
+        ended = all(new.get(h) and all(r.status != jr.RUNNING for r in new[h]) for h in hosts)
+        if ended or time.monotonic() > deadline:
+            break
+        time.sleep(0.1)
+    errors = [
+        f"{s.phase.value} on {name}: {s.stage}: {s.error}"
+        for name, records in new.items()
+        for r in records
+        for s in r.stages
+        if s.state == jr.STAGE_FAILED
+    ]
+    if not ended:
+        errors.append(f"the agents did not journal the migration as ended within {timeout:.0f} s")
+    return sorted({r.id for records in new.values() for r in records}), errors
+
+
 def reports_of(ls: LibvirtSite, since: Marks) -> list[PhaseReport]:
     """Reports the HostAgents added after ``since`` was taken."""
     out: list[PhaseReport] = []
@@ -368,6 +407,7 @@ def wait_converged(ls: LibvirtSite, destination: str, timeout: float = CONVERGE_
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         endpoint = ls.client().get_endpoint(ls.vni, ls.guest.mac)
+        # (the NVE agents of this process: those of ``vmm agent`` processes journal theirs)
         placed = [h.agent.placement.get(key) for h in ls.lab_site.hosts.values()]
         if endpoint["nve"] == destination and all(p == destination for p in placed):
             return True
@@ -401,7 +441,11 @@ def measured_migration(
     dst_vtep = lab.lab.hosts[dst].vtep
     errors: list[str] = []
     marks = report_marks(ls)
-    inflight_ifindex = lab.hosts[src].nve.vn_ifindexes(ls.vni)[2]
+    journalled = journal_marks(ls)
+    with netns_mod.entered(ls.netns(src)):  # h1 and h2 may be ``vmm agent`` processes'
+        inflight_ifindex = socket.if_nametoindex(inflight_name(ls.vni))
+    # vm3 lives on h1, which a ``vmm agent`` process serves: the lab creates no VM there
+    probers = [p for p in probers if p in lab.lab.vms]
     run = EchoRun(ls, probers, rate, f"{mode}-{src}-{dst}-{time.monotonic_ns()}")
     reports: list[PhaseReport] = []
     with contextlib.ExitStack() as cleanup:  # whatever fails, nothing keeps running
@@ -421,7 +465,11 @@ def measured_migration(
         rarp_times = rarp.close()
         arrived = arrivals.close()
         tap_dropped = _tap_dropped(ls.netns(dst), ls.guest.tap)
-        if ls.orchestrated:
+        ids: list[str] = []
+        if ls.processes:
+            ids, failed = wait_journalled(ls, journalled, (src, dst))
+            errors += failed
+        elif ls.orchestrated:
             try:
                 reports = wait_reports(
                     ls,
@@ -454,7 +502,7 @@ def measured_migration(
     held_in_tap, held_late = held_lateness_ms(arrived, *strict)
     streams_resumed = [probe.analyze(sent, got, *to_resumed) for sent, got in logs.values()]
     errors += [f"{r.phase.value} on {r.host}: {r.error}" for r in reports if not r.ok]
-    ids = sorted({r.migration_id for r in reports})
+    ids = ids or sorted({r.migration_id for r in reports})
     if ls.orchestrated and len(ids) != 1:
         errors.append(f"the phases carry {len(ids)} migration ids: {ids}")
     return MigrationResult(
