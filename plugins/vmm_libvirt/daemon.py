@@ -352,9 +352,9 @@ class HostAgent:
                 LOG.warning("%s: cannot watch %s leave: %s", self.name, vif.mac, exc)
 
     def _end_departure(self, uuid: str) -> None:
-        """The VM resumed here (an operator's pause ended, a migration failed): what
-        its departure watch would still send on stays here (the NVE's
-        ``end_departure``); SWITCHOVER's revert, if it ran, ends the rest."""
+        """The VM resumed here (an operator's pause ended, a migration failed): its
+        frames stay here, and what its departure watch sent on comes back (the
+        NVE's ``end_departure``); SWITCHOVER's revert, if it ran, ends the rest."""
         with self._lock:
             workload = self._departing.pop(uuid, None)
         nve = self.context.services.get("nve")

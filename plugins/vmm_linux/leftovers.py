@@ -22,21 +22,29 @@ it with it (:mod:`vmm_kernel.tapqueue`):
   is left is read at the end. So what the tunnel carries next comes after
   everything the tap held.
 
-From the pause on, the tap is also *followed* (``follow``, called by the
-NVE's ``watch_departure`` when the reader is known): a packet socket on the
-VN's VXLAN device, filtered in the kernel to frames from the VM's MAC, waits
-for the VM to show up elsewhere (QEMU's RARP at the destination), and from
-that frame on the tap's queue is forwarded as above, then each frame as it
-comes, until SWITCHOVER takes the session over. Before this, the kernel's
-departure watch (vmm_linux.departure) diverted every frame that came after
-the VM's first frame elsewhere at once, while what the tap had queued since
-the pause waited for SWITCHOVER (30-40 ms after the pause): a final copy
-shorter than that reordered 38-65 frames in 3 of 25 migrations on the
-libvirt lab. The follow reads nothing until the VM is seen elsewhere, so a
-VM that resumes here (an operator's pause, a failed migration) finds its
-queue; the follow ends with SWITCHOVER, ``unfollow`` (the NVE's disarm
-points), its reader's exit (a pidfd) or after ``FOLLOW_MAX_S``. The kernel's
-diversion stays for ports whose reader is not known.
+Since SWITCHOVER can come after the destination resumed (a final copy
+shorter than its reaction, or ``[libvirt] early_switchover = false``, which
+waits for the job's completion), the tap is *followed* from the pause
+(``follow``, called by the NVE's ``watch_departure`` when the reader is
+known): its frames go on as above from the pause, each as it comes, to the
+destination, which holds them until the VM runs there (the NVE's hold,
+armed at PREPARE), and SWITCHOVER takes the session over. Every frame sent
+on is also kept (``KEEP_FRAMES`` at most) until SWITCHOVER: should the VM
+resume here instead (an operator's pause, a failed migration: its RESUMED
+event), ``unfollow`` without ``drain`` gives them back, written into the tap
+for its reader. Before this, the kernel's departure watch
+(vmm_linux.departure) diverted the frames that came after the VM's first
+frame elsewhere, ahead of what the tap had queued since the pause: after
+final copies shorter than SWITCHOVER's reaction it reordered 38-65 frames
+(3 of 25 migrations on the libvirt lab), and with SWITCHOVER at the job's
+completion the old QEMU was gone with its tap's 24-278 frames. A follow that
+waited for the VM's first frame elsewhere before sending anything (measured
+too) still reordered up to 45 frames a stream there: the peers that learnt
+the move from that frame sent straight to the destination, ahead of the
+backlog. The follow ends with SWITCHOVER, ``unfollow`` (the NVE's disarm
+points), its reader's exit (a pidfd: nobody else will read the queue) or
+after ``FOLLOW_MAX_S``. The kernel's diversion stays for ports whose reader
+is not known.
 
 Only unicast frames for the VM's MAC go on: a broadcast queued there was
 flooded to every host, the destination included, when it was sent. Frames
@@ -75,15 +83,14 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 
-from vmm_kernel import macfilter, tapqueue
 from vmm_kernel import netns as netns_mod
+from vmm_kernel import tapqueue
 
 LOG = logging.getLogger(__name__)
 
 #: setsockopt(SOL_PACKET, PACKET_VNET_HDR): frames sent with a virtio-net header in front.
 PACKET_VNET_HDR = 15
 SOL_PACKET = 263
-ETH_P_ALL = 0x0003
 #: How long SWITCHOVER waits for a lookup started ahead that has not finished.
 LOOKUP_WAIT_S = 0.05
 #: The interpreter's thread switch interval while a tap is forwarded. The default
@@ -93,12 +100,12 @@ LOOKUP_WAIT_S = 0.05
 #: one of its stream, which the kernel sent on at once (measured on the libvirt lab:
 #: 1 frame reordered in 3-4 of 6 streams in 2 of 3 migrations).
 SWITCH_INTERVAL_S = 0.0002
-#: setsockopt(SOL_PACKET, PACKET_IGNORE_OUTGOING): frames sent from this host are
-#: not the VM showing up elsewhere.
-PACKET_IGNORE_OUTGOING = 23
-#: How long a follow waits for its VM to show up elsewhere (as the kernel's departure
-#: watch keeps its marks: vmm_linux.departure.MOVED_TIMEOUT_S).
+#: How long a session forwards at most (as the kernel's departure watch keeps its
+#: marks: vmm_linux.departure.MOVED_TIMEOUT_S).
 FOLLOW_MAX_S = 120
+#: Frames a follow keeps to give back (a 300 ms pause at 10 kpps is 3,000; the
+#: destination's hold takes as many by default).
+KEEP_FRAMES = 8192
 #: How long SWITCHOVER waits for the tap's backlog to be sent before moving the
 #: VM's frames past it (a full tap queue, 1,000 frames, takes about 20 ms).
 CATCH_UP_S = 0.2
@@ -111,10 +118,10 @@ class Forwarded:
     port: str
     #: Followed from the pause (``follow``), not only taken at SWITCHOVER.
     followed: bool = False
-    #: The follow saw the VM's frame from elsewhere, before SWITCHOVER.
-    moved: bool = False
-    #: Frames sent before SWITCHOVER came (the follow saw the VM first).
+    #: Frames sent before SWITCHOVER came.
     early: int = 0
+    #: Frames given back to the tap (the VM resumed here).
+    given_back: int = 0
     found: bool = False
     forwarded: int = 0
     skipped: int = 0
@@ -125,7 +132,6 @@ class Forwarded:
         out: dict[str, object] = {"found": self.found, "forwarded": self.forwarded}
         if self.followed:
             out["followed"] = True
-            out["moved_first"] = self.moved
             out["early"] = self.early
         if self.skipped:
             out["skipped"] = self.skipped
@@ -264,13 +270,13 @@ class Leftovers:
             return None
         return session
 
-    def follow(self, mac: str, port: str, watch: str, device: str) -> bool:
-        """At the pause: from ``mac``'s first frame that arrives on ``watch`` (the VN's
-        VXLAN device: the VM runs elsewhere now), forward what ``port``'s tap holds
-        and receives for ``mac`` to ``device``, in the order it came, until
-        ``forwarding`` (SWITCHOVER) ends it or ``unfollow``. Until then nothing is
-        read: a VM that resumes here finds its queue. False if ``port``'s reader is
-        not known (then nothing is watched: the caller watches another way)."""
+    def follow(self, mac: str, port: str, device: str) -> bool:
+        """At the pause: send what ``port``'s tap holds and receives for ``mac`` on to
+        ``device`` (the in-flight port, to the destination's hold), in the order it
+        came, keeping a copy of each, until ``forwarding`` (SWITCHOVER) takes the
+        session over or ``unfollow`` ends it (without ``drain``: the copies go back
+        into the tap). False if ``port``'s reader is not known (the caller then
+        watches another way)."""
         with self._lock:
             current = self._following.get(port)
         if current is not None and current.alive():
@@ -280,19 +286,14 @@ class Leftovers:
         if session is None:
             LOG.debug("%s not followed: %s", port, report.error or "no reader known")
             return False
+        session.keep = True
         try:
-            # Filtered before it is bound: no other frame is ever queued on it.
-            sock = netns_mod.socket_in(self.netns, socket.AF_PACKET, socket.SOCK_RAW, 0)
-            session.watch = sock
-            macfilter.attach(sock, macfilter.mac_program(session.mac, macfilter.SOURCE))
-            sock.setsockopt(SOL_PACKET, PACKET_IGNORE_OUTGOING, 1)
-            sock.bind((watch, ETH_P_ALL))  # (CPython puts it in network order)
             for tap in session.taps:
                 if tap.pid:
                     session.exits.append(os.pidfd_open(tap.pid))
             session.start(f"follow-{port}", functools.partial(self._ended, port, session))
         except (OSError, RuntimeError) as exc:
-            LOG.info("%s not followed: %s: %s", port, watch, exc)
+            LOG.info("%s not followed: %s", port, exc)
             session.close()
             return False
         with self._lock:
@@ -315,13 +316,38 @@ class Leftovers:
         return session is not None and session.alive()
 
     def unfollow(self, port: str, drain: bool = True) -> None:
-        """Stop following ``port`` (the VM comes back here, or is gone); what a
-        follow that saw the VM elsewhere still holds goes on first, unless not
-        ``drain`` (the VM resumed here and reads it itself)."""
+        """Stop following ``port`` (its in-flight tunnel ends, or the VM comes back
+        here): what the tap still holds goes on first; without ``drain`` (the VM
+        resumed here) nothing more goes and what went is given back to the tap."""
         with self._lock:
             session = self._following.pop(port, None)
-        if session is not None:
-            session.finish(drain)
+        if session is None:
+            return
+        session.finish(drain)
+        if not drain:
+            self._give_back(port, session)
+
+    def _give_back(self, port: str, session: _Session) -> None:
+        """Write the frames a follow sent on back into ``port``'s tap, oldest first
+        (its reader gets them as if the bridge had just sent them)."""
+        kept, session.kept = session.kept, []
+        if not kept:
+            return
+        try:
+            sock = netns_mod.socket_in(self.netns, socket.AF_PACKET, socket.SOCK_RAW, 0)
+        except OSError as exc:
+            LOG.warning("%s: %d frames not given back: %s", port, len(kept), exc)
+            return
+        with sock:
+            try:
+                sock.setsockopt(SOL_PACKET, PACKET_VNET_HDR, 1)
+                sock.bind((port, 0))
+                for data in kept:
+                    sock.send(data)
+                    session.report.given_back += 1
+            except OSError as exc:
+                LOG.warning("%s: %d frames not given back: %s", port, len(kept), exc)
+        LOG.info("%s: the VM resumed here; %d frames given back", port, session.report.given_back)
 
     @contextlib.contextmanager
     def forwarding(self, mac: str, port: str, device: str) -> Iterator[Forwarded]:
@@ -352,7 +378,9 @@ class Leftovers:
             with self._lock:
                 self._following[port] = session
         try:
-            session.report.early = session.report.forwarded if session.report.moved else 0
+            session.keep = False  # the VM leaves: nothing will be given back
+            session.kept = []
+            session.report.early = session.report.forwarded
             # The backlog goes first: only then may the body move new frames past it
             # (caught_up is set again only after a pass over the taps that began after go).
             session.caught_up.clear()
@@ -383,8 +411,9 @@ class _Session:
         self.sock = sock
         self.mac = mac
         self.report = report
-        #: A follow's packet socket on the VN's VXLAN device (the VM's frames only).
-        self.watch: socket.socket | None = None
+        #: A follow keeps what it sent on, to give it back (``Leftovers.unfollow``).
+        self.keep = False
+        self.kept: list[bytes] = []
         #: pidfds of the taps' readers: one that exits ends the session (once the
         #: queue, which nobody else will read, went on).
         self.exits: list[int] = []
@@ -447,9 +476,7 @@ class _Session:
             self._closed = True
         for tap in self.taps:
             tap.close()
-        for sock in (self.sock, self.watch):
-            if sock is not None:
-                sock.close()
+        self.sock.close()
         for fd in (self.stop, self.go_fd, *self.exits):
             if fd >= 0:
                 with contextlib.suppress(OSError):
@@ -457,10 +484,8 @@ class _Session:
 
     def _run(self) -> None:
         try:
-            if self._wait_for_the_move():
-                with _QUICK.held():
-                    ends = [self.stop, *self.exits]
-                    _forward(self, ends, time.monotonic() + FOLLOW_MAX_S)
+            with _QUICK.held():
+                _forward(self, [self.stop, *self.exits], time.monotonic() + FOLLOW_MAX_S)
         except Exception:  # a thread's failure must not keep the taps (and their QEMU's tap) open
             LOG.exception("forwarding %s failed", self.report.port)
         finally:
@@ -471,34 +496,6 @@ class _Session:
                     self._on_end()
             finally:
                 self.close()
-
-    def _wait_for_the_move(self) -> bool:
-        """Until SWITCHOVER (``go``) or the VM's frame from elsewhere: True to
-        forward. Its reader's exit means nobody else will ever read the queue:
-        True too (what it holds goes on, then the session ends). False when
-        stopped or the follow is too old."""
-        poller = select.poll()
-        for fd in (self.stop, self.go_fd, *self.exits):
-            poller.register(fd, select.POLLIN)
-        if self.watch is not None:
-            poller.register(self.watch.fileno(), select.POLLIN)
-        end = time.monotonic() + FOLLOW_MAX_S
-        while True:
-            left = end - time.monotonic()
-            ready = {fd for fd, _ in poller.poll(max(0, math.ceil(left * 1000)))}
-            if self.watch is not None and self.watch.fileno() in ready:
-                self.report.moved = True
-                LOG.info("%s: its VM showed up elsewhere; forwarding its tap", self.report.port)
-                return True
-            if self.go_fd in ready or ready & set(self.exits):
-                return True
-            if self.stop in ready:
-                return False
-            if left <= 0:
-                LOG.info(
-                    "%s: followed for %d s without a move; stopped", self.report.port, FOLLOW_MAX_S
-                )
-                return False
 
 
 def _forward(session: _Session, ends: list[int], deadline: float) -> None:
@@ -526,6 +523,8 @@ def _forward(session: _Session, ends: list[int], deadline: float) -> None:
                 try:
                     sock.send(header + frame)
                     report.forwarded += 1
+                    if session.keep and len(session.kept) < KEEP_FRAMES:
+                        session.kept.append(header + frame)
                 except OSError as exc:
                     report.failed += 1
                     report.error = str(exc)

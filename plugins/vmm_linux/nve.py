@@ -767,22 +767,21 @@ class LinuxNve(NveDriver):
         self._update(vni, mac, inflight_vtep=str(ipaddress.ip_address(vtep)))
 
     def watch_departure(self, vni: int, mac: str, port: str) -> None:
-        """From ``mac``'s first frame that arrives from elsewhere, send what the
-        bridge sends to ``port`` on to the in-flight port. Called at the pause,
-        before any stage runs.
+        """The VM behind ``port`` paused for its final copy: send its frames on to
+        where it goes. Called at the pause, before any stage runs.
 
         Where the host's ``leftovers`` know ``port``'s reader (a QEMU's tap), they
-        follow it: what the tap queued since the pause goes first, then what
-        comes after, in order (vmm_linux.leftovers). Otherwise the kernel diverts
-        the frames that come after (vmm_linux.departure), and what the tap
-        queued waits for SWITCHOVER: measured on the libvirt lab, a final copy
-        shorter than SWITCHOVER's reaction then reordered 38-65 frames.
+        follow it from now on: what the tap receives goes on to the in-flight
+        port in order, to the destination's hold, and goes back into the tap if
+        the VM resumes here (``end_departure``; vmm_linux.leftovers). Otherwise the
+        kernel diverts what the bridge sends to ``port`` from the VM's first frame
+        from elsewhere on (vmm_linux.departure), and what the tap queued waits for
+        SWITCHOVER: measured on the libvirt lab, a final copy shorter than
+        SWITCHOVER's reaction then reordered 38-65 frames.
         """
         self.ensure_vn(vni)
         leftovers = self.leftovers
-        if leftovers is not None and leftovers.follow(
-            mac, port, vxlan_name(vni), inflight_name(vni)
-        ):
+        if leftovers is not None and leftovers.follow(mac, port, inflight_name(vni)):
             self._departures.disarm(vni, mac)  # one an earlier pause armed, reader unknown then
             with self._lock:
                 self._followed[(vni, mac)] = port
@@ -798,8 +797,8 @@ class LinuxNve(NveDriver):
         return self._departures.armed(vni, mac)
 
     def end_departure(self, vni: int, mac: str) -> None:
-        """The VM resumed here: nothing more of its tap goes on (not even what a
-        follow that saw it elsewhere has not sent yet: the VM reads that now)."""
+        """The VM resumed here: nothing more of its tap goes on, and what a follow
+        sent on goes back into the tap (the VM reads it there)."""
         self._end_departure(vni, mac, drain=False)
 
     def _end_departure(self, vni: int, mac: str, drain: bool = True) -> None:

@@ -281,8 +281,8 @@ class _FollowingLeftovers:
         self.follows = follows
         self.calls: list[tuple[str, ...]] = []
 
-    def follow(self, mac: str, port: str, watch: str, device: str) -> bool:
-        self.calls.append(("follow", mac, port, watch, device))
+    def follow(self, mac: str, port: str, device: str) -> bool:
+        self.calls.append(("follow", mac, port, device))
         return self.follows
 
     def following(self, port: str) -> bool:
@@ -296,13 +296,13 @@ def test_a_departing_vm_whose_tap_reader_is_known_is_followed_there_not_diverted
     site: Site,
 ) -> None:
     """With the tap's reader known, the tap's follow sends the frames on in order
-    (the queued ones first); the kernel's diversion would overtake them."""
+    from the pause; the kernel's diversion would overtake the queued ones."""
     ha = site.nves["ha"]
     mac, old_port = site.vm_mac, site.lab.vms["vmold"].port
     ha.leftovers = _FollowingLeftovers(follows=True)  # type: ignore[assignment]
     ha.watch_departure(VNI, mac, old_port)
     assert ha.leftovers.calls == [  # type: ignore[union-attr]
-        ("follow", mac, old_port, vxlan_name(VNI), inflight_name(VNI))
+        ("follow", mac, old_port, inflight_name(VNI))
     ]
     assert ha.departure_watched(VNI, mac) == old_port
     table = in_ns(site.lab.hosts["ha"].netns, "nft", "list", "tables")
@@ -311,7 +311,7 @@ def test_a_departing_vm_whose_tap_reader_is_known_is_followed_there_not_diverted
     assert ha.leftovers.calls[-1] == ("unfollow", old_port, True)  # type: ignore[union-attr]
     assert ha.departure_watched(VNI, mac) is None
     ha.watch_departure(VNI, mac, old_port)
-    ha.end_departure(VNI, mac)  # the VM resumed here: it reads its tap itself
+    ha.end_departure(VNI, mac)  # the VM resumed here: what went on comes back
     assert ha.leftovers.calls[-1] == ("unfollow", old_port, False)  # type: ignore[union-attr]
 
     ha.leftovers = _FollowingLeftovers(follows=False)  # type: ignore[assignment]

@@ -3,8 +3,7 @@
 Real kernel parts: a tap in a namespace of the test's own (its reader is
 this test process, standing in for a paused QEMU: it simply does not read),
 a veth pair whose one end stands for the VN's in-flight port and whose other
-end the test captures on, and one whose end ``vw0`` stands for the VN's VXLAN
-device, where a departing VM shows up from elsewhere (``follow``).
+end the test captures on.
 ``vmm_linux.leftovers`` borrows the tap's descriptor with pidfd_getfd(2), as it
 does QEMU's on the libvirt lab.
 """
@@ -41,13 +40,28 @@ def _ip(netns: str, *args: str) -> None:
     subprocess.run(["ip", "-n", netns, *args], check=True)
 
 
-def _frame(dst: str, seq: int, src: str = PEER) -> bytes:
+def _frame(dst: str, seq: int) -> bytes:
     payload = b"VMMLEFT" + seq.to_bytes(4, "big")
     return (
         bytes.fromhex(dst.replace(":", ""))
-        + bytes.fromhex(src.replace(":", ""))
+        + bytes.fromhex(PEER.replace(":", ""))
         + (b"\x88\xb5" + payload.ljust(46, b"\0"))
     )
+
+
+def _wire(netns: str, tap: str, inflight: str, capture: str) -> tuple[socket.socket, socket.socket]:
+    """The veth pair ``inflight``/``capture`` (the in-flight port, and where the test
+    sees what left by it), up with ``tap``; (a socket whose frames the bridge would
+    send into ``tap``, one capturing on ``capture``)."""
+    _ip(netns, "link", "add", inflight, "type", "veth", "peer", "name", capture)
+    for dev in (tap, inflight, capture):
+        _ip(netns, "link", "set", dev, "up")
+    send = netns_mod.socket_in(netns, socket.AF_PACKET, socket.SOCK_RAW)
+    send.bind((tap, 0))
+    cap = netns_mod.socket_in(netns, socket.AF_PACKET, socket.SOCK_RAW, socket.htons(0x88B5))
+    cap.bind((capture, 0))
+    cap.settimeout(0.5)
+    return send, cap
 
 
 @pytest.fixture
@@ -63,17 +77,7 @@ def lab(netns: str) -> Iterator[dict[str, object]]:
         flags = IFF_TAP | IFF_NO_PI | IFF_VNET_HDR
         fcntl.ioctl(tap_fd, TUNSETIFF, struct.pack("16sH", b"tapl0", flags))
         fcntl.ioctl(tap_fd, TUNSETVNETHDRSZ, struct.pack("i", HDR))
-    _ip(netns, "link", "add", "vil0", "type", "veth", "peer", "name", "vcap0")
-    _ip(netns, "link", "add", "vw0", "type", "veth", "peer", "name", "vw1")
-    for dev in ("tapl0", "vil0", "vcap0", "vw0", "vw1"):
-        _ip(netns, "link", "set", dev, "up")
-    send = netns_mod.socket_in(netns, socket.AF_PACKET, socket.SOCK_RAW)
-    send.bind(("tapl0", 0))
-    cap = netns_mod.socket_in(netns, socket.AF_PACKET, socket.SOCK_RAW, socket.htons(0x88B5))
-    cap.bind(("vcap0", 0))
-    cap.settimeout(0.5)
-    elsewhere = netns_mod.socket_in(netns, socket.AF_PACKET, socket.SOCK_RAW)
-    elsewhere.bind(("vw1", 0))  # what it sends arrives on vw0, the "VXLAN device"
+    send, cap = _wire(netns, "tapl0", "vil0", "vcap0")
     service = Leftovers(netns)
     try:
         yield {
@@ -81,13 +85,11 @@ def lab(netns: str) -> Iterator[dict[str, object]]:
             "send": send,
             "cap": cap,
             "service": service,
-            "elsewhere": elsewhere,
         }
     finally:
         service.close()
         send.close()
         cap.close()
-        elsewhere.close()
         os.close(tap_fd)
 
 
@@ -230,93 +232,76 @@ def test_locating_after_close_does_nothing(monkeypatch) -> None:
         gate.set()
 
 
-# -- follow: from the pause, forward once the VM shows up elsewhere -------------------
+# -- follow: from the pause, forward to the destination's hold; give back on resume ----
 
 
-def test_a_followed_tap_is_forwarded_in_order_from_the_vms_first_frame_elsewhere(lab) -> None:
+def _queued_seqs(tap_fd: int) -> list[int]:
+    """The probe numbers the tap holds for its reader now, oldest first."""
+    os.set_blocking(tap_fd, False)
+    seqs = []
+    while True:
+        try:
+            data = os.read(tap_fd, 2048)
+        except BlockingIOError:
+            return seqs
+        seqs.append(int.from_bytes(data[HDR + 21 : HDR + 25], "big"))
+
+
+def test_a_followed_tap_goes_on_in_order_from_the_pause_and_switchover_carries_on(lab) -> None:
     send, cap, service = lab["send"], lab["cap"], lab["service"]
     _located(service, "tapl0")
-    for seq in range(5):  # queued since the pause
+    for seq in range(5):  # queued before the agent heard of the pause
         send.send(_frame(MAC, seq))
-    assert service.follow(MAC, "tapl0", "vw0", "vil0")
-    lab["elsewhere"].send(_frame(PEER, 900, src=PEER))  # another MAC: not the VM
-    assert _captured(cap) == []  # nothing read yet: a VM resuming here keeps its queue
-    lab["elsewhere"].send(_frame(PEER, 901, src=MAC))  # the VM runs elsewhere now
-    for seq in range(5, 10):  # still reach the old tap (no kernel diversion)
+    before = sys.getswitchinterval()
+    assert service.follow(MAC, "tapl0", "vil0")
+    assert service.follow(MAC, "tapl0", "vil0")  # the pause seen again: the same follow
+    assert sys.getswitchinterval() == pytest.approx(leftovers.SWITCH_INTERVAL_S)
+    for seq in range(5, 10):
         send.send(_frame(MAC, seq))
-    assert _captured(cap) == list(range(10))  # the old ones first, in order, before SWITCHOVER
+    assert _captured(cap) == list(range(10))  # at once, in order, before SWITCHOVER
     with service.forwarding(MAC, "tapl0", "vil0") as report:  # SWITCHOVER carries on with it
+        assert service.follow(MAC, "tapl0", "vil0")  # and a pause seen now starts no reader
         send.send(_frame(MAC, 10))
         time.sleep(0.05)
-    assert report.followed and report.moved and report.found
-    assert report.early == 10
-    assert report.forwarded == 11
-    assert report.note()["moved_first"] is True
+    assert report.followed and report.found
+    assert report.early == 10 and report.forwarded == 11
+    assert report.note()["early"] == 10
     assert _captured(cap) == [10]
-    os.set_blocking(lab["tap"], False)
-    with pytest.raises(BlockingIOError):
-        os.read(lab["tap"], 2048)
-    assert "tapl0" not in service._following
+    assert _queued_seqs(lab["tap"]) == []
+    assert not service.following("tapl0")
+    assert sys.getswitchinterval() == before
+    service.unfollow("tapl0", drain=False)  # the hold timer's end: nothing to give back
+    assert _queued_seqs(lab["tap"]) == []
 
 
-def test_switchover_takes_a_followed_tap_whose_vm_was_not_seen_elsewhere(lab) -> None:
+def test_a_vm_that_resumes_here_gets_back_what_the_follow_sent_on(lab) -> None:
     send, cap, service = lab["send"], lab["cap"], lab["service"]
     _located(service, "tapl0")
-    assert service.follow(MAC, "tapl0", "vw0", "vil0")
-    for seq in range(4):
-        send.send(_frame(MAC, seq))
-    assert _captured(cap) == []
-    with service.forwarding(MAC, "tapl0", "vil0") as report:
-        pass
-    assert report.followed and not report.moved
-    assert report.early == 0 and report.forwarded == 4
-    assert _captured(cap) == list(range(4))
-
-
-def test_unfollowing_a_tap_whose_vm_stayed_leaves_its_queue(lab) -> None:
-    send, cap, service = lab["send"], lab["cap"], lab["service"]
-    _located(service, "tapl0")
-    assert service.follow(MAC, "tapl0", "vw0", "vil0")
-    assert service.follow(MAC, "tapl0", "vw0", "vil0")  # a second pause: the same follow
+    assert service.follow(MAC, "tapl0", "vil0")
     for seq in range(3):
         send.send(_frame(MAC, seq))
-    service.unfollow("tapl0")  # the VM resumed here
-    lab["elsewhere"].send(_frame(PEER, 901, src=MAC))  # too late to matter
-    assert _captured(cap) == []
-    os.set_blocking(lab["tap"], False)
-    got = [int.from_bytes(os.read(lab["tap"], 2048)[HDR + 21 : HDR + 25], "big") for _ in range(3)]
-    assert got == [0, 1, 2]  # still queued, in order, for its reader
+    send.send(_frame("ff:ff:ff:ff:ff:ff", 999))  # flooded everywhere already: stays out
+    assert _captured(cap) == [0, 1, 2]  # to the destination's hold
+    service.unfollow("tapl0", drain=False)  # the migration failed: the VM runs here again
+    send.send(_frame(MAC, 3))
+    assert _captured(cap) == []  # nothing more goes on
+    assert _queued_seqs(lab["tap"]) == [0, 1, 2, 3]  # its frames, in order, for its reader
+    assert not service.following("tapl0")
 
 
-def test_a_tap_whose_reader_is_unknown_is_not_followed(lab) -> None:
-    assert not lab["service"].follow(MAC, "tapl0", "vw0", "vil0")
-    assert "tapl0" not in lab["service"]._following
-
-
-def test_a_follow_that_only_waits_leaves_the_switch_interval_and_ends_on_close(lab) -> None:
+def test_a_follow_ends_when_the_host_stops(lab) -> None:
     service = lab["service"]
     _located(service, "tapl0")
     before = sys.getswitchinterval()
-    assert service.follow(MAC, "tapl0", "vw0", "vil0")
-    assert sys.getswitchinterval() == before  # lowered only while frames are forwarded
-    assert service.following("tapl0")
-    service.close()  # the host stops: the follow's thread ends, its descriptors close
+    assert service.follow(MAC, "tapl0", "vil0")
+    service.close()
     assert not service.following("tapl0")
     assert sys.getswitchinterval() == before
 
 
-def test_a_vm_resumed_here_keeps_what_a_follow_that_saw_it_elsewhere_did_not_send(lab) -> None:
-    send, cap, service = lab["send"], lab["cap"], lab["service"]
-    _located(service, "tapl0")
-    assert service.follow(MAC, "tapl0", "vw0", "vil0")
-    lab["elsewhere"].send(_frame(PEER, 901, src=MAC))  # spoofed, or a failed migration
-    send.send(_frame(MAC, 0))
-    assert _captured(cap) == [0]
-    service.unfollow("tapl0", drain=False)  # the VM runs here again: it reads its tap
-    send.send(_frame(MAC, 1))
-    assert _captured(cap) == []
-    os.set_blocking(lab["tap"], False)
-    assert os.read(lab["tap"], 2048)[HDR + 21 : HDR + 25] == (1).to_bytes(4, "big")
+def test_a_tap_whose_reader_is_unknown_is_not_followed(lab) -> None:
+    assert not lab["service"].follow(MAC, "tapl0", "vil0")
+    assert not lab["service"].following("tapl0")
 
 
 def test_a_pause_seen_again_during_switchover_starts_no_second_reader(lab) -> None:
@@ -326,7 +311,7 @@ def test_a_pause_seen_again_during_switchover_starts_no_second_reader(lab) -> No
         send.send(_frame(MAC, seq))
     with service.forwarding(MAC, "tapl0", "vil0") as report:
         assert service.following("tapl0")
-        assert service.follow(MAC, "tapl0", "vw0", "vil0")  # the same session
+        assert service.follow(MAC, "tapl0", "vil0")  # the same session
     assert report.forwarded == 3 and not report.followed
     assert not service.following("tapl0")
     assert _captured(cap) == [0, 1, 2]
@@ -334,8 +319,8 @@ def test_a_pause_seen_again_during_switchover_starts_no_second_reader(lab) -> No
 
 def test_a_followed_tap_whose_reader_exits_sends_its_queue_on(netns: str) -> None:
     """QEMU exits (the migration completed, or the VM was destroyed) before
-    SWITCHOVER took the tap: nobody else will read its queue, so it goes on and
-    the follow ends, closing the last descriptor of the tap."""
+    SWITCHOVER took the tap: the follow ends, closing the last descriptor of
+    the tap (which then goes away)."""
     subprocess.run(
         ["ip", "netns", "exec", netns, "sysctl", "-qw", "net.ipv6.conf.default.disable_ipv6=1"],
         check=True,
@@ -356,24 +341,15 @@ def test_a_followed_tap_whose_reader_exits_sends_its_queue_on(netns: str) -> Non
     service = Leftovers(netns)
     try:
         assert reader.stdout is not None and reader.stdout.readline().strip() == "ready"
-        _ip(netns, "link", "add", "vil1", "type", "veth", "peer", "name", "vcap1")
-        _ip(netns, "link", "add", "vw2", "type", "veth", "peer", "name", "vw3")
-        for dev in ("tapx0", "vil1", "vcap1", "vw2", "vw3"):
-            _ip(netns, "link", "set", dev, "up")
-        send = netns_mod.socket_in(netns, socket.AF_PACKET, socket.SOCK_RAW)
-        send.bind(("tapx0", 0))
-        cap = netns_mod.socket_in(netns, socket.AF_PACKET, socket.SOCK_RAW, socket.htons(0x88B5))
-        cap.bind(("vcap1", 0))
-        cap.settimeout(0.5)
+        send, cap = _wire(netns, "tapx0", "vil1", "vcap1")
         with send, cap:
             _located(service, "tapx0")
-            assert service.follow(MAC, "tapx0", "vw2", "vil1")
+            assert service.follow(MAC, "tapx0", "vil1")
             for seq in range(3):
                 send.send(_frame(MAC, seq))
-            assert _captured(cap) == []
+            assert _captured(cap) == [0, 1, 2]
             reader.stdin.close()  # type: ignore[union-attr]
             assert reader.wait(10) == 0
-            assert _captured(cap) == [0, 1, 2]
             deadline = time.monotonic() + 5
             while service.following("tapx0") and time.monotonic() < deadline:
                 time.sleep(0.01)
