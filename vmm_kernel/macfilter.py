@@ -2,9 +2,8 @@
 
 A packet socket on a busy device wakes its reader for every frame; a filter
 attached to it runs in the kernel, so a thread that waits for one MAC's
-frames (the libvirt lab's RARP and tap watches, the source's wait for a
-departing VM to show up elsewhere: :mod:`vmm_linux.leftovers`) costs
-nothing until one comes. Classic BPF because ``SO_ATTACH_FILTER`` takes it
+frames (the libvirt lab's RARP and tap watches) costs nothing until one
+comes. Classic BPF because ``SO_ATTACH_FILTER`` takes it
 from any process without a compiler or the bpf(2) syscall's privileges;
 four instructions compare a MAC. Python's socket module has no name for the
 option, hence the constant.
