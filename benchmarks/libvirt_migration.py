@@ -71,6 +71,16 @@ waits for the hold's set-up too; ``migrate begin`` 52 [38-53] ms), 65 [63-85] ms
 with nva_prestage first (``migrate begin`` 37 [32-57] ms); wall time less downtime
 against the orchestrator off +91 and +48 ms.
 
+``--agent-processes`` serves h1 and h2 with ``vmm agent`` processes started
+from config files (the operator's path) instead of agents in this process,
+beside the capture threads. The figures barely moved (2026-12-07, quiet
+machine, 3 migrations each, ``--modes orchestrated --hook-trace``): hook time
+per migration 69.8 [48.8-72.2] ms with processes against 67.9 [59.2-90.9] in
+process; ``migrate begin`` 55.7 against 55.2 ms per call. The relay's start
+(19-25 ms before the agent reads the call) and the agent's directory round
+trips (its answer 15-25 ms after) are what it costs, not the GIL shared with
+the benchmark. With processes, vm3 (on h1) does not exist: 4 streams.
+
 Run as root:  .venv/bin/python benchmarks/libvirt_migration.py --runs 5
 """
 
