@@ -326,6 +326,9 @@ class HostAgent:
                 self._watch_departure(item.uuid)
             elif item.signal in RUNS_HERE_AGAIN:
                 self._end_departure(item.uuid)
+            elif any(t.phase is Phase.COMPLETED for t in decision.transitions):
+                with self._lock:  # it left for good: its follow ended with SWITCHOVER
+                    self._departing.pop(item.uuid, None)
             self._run(item.uuid, item.name, decision.transitions, item.monotonic)
             if decision.started:
                 self._cold_start_later(item.uuid, item.name, decision.started)
@@ -380,6 +383,12 @@ class HostAgent:
                     continue
                 with self._lock:
                     self._workloads[dom.uuid] = workload
+        with self._lock:
+            departing = list(self._departing)
+        for uuid in departing:  # a RESUMED missed while disconnected (libvirtd restarted)
+            seen = observed.get(uuid)
+            if seen is not None and seen.active and seen.state == phases.STATE_RUNNING:
+                self._end_departure(uuid)  # it runs here again
         decisions = self.tracker.reconcile(observed)
         LOG.info(
             "%s: reconciled %d domain(s) after connection %d",

@@ -28,11 +28,13 @@ waits for the job's completion), the tap is *followed* from the pause
 (``follow``, called by the NVE's ``watch_departure`` when the reader is
 known): its frames go on as above from the pause, each as it comes, to the
 destination, which holds them until the VM runs there (the NVE's hold,
-armed at PREPARE), and SWITCHOVER takes the session over. Every frame sent
-on is also kept (``KEEP_FRAMES`` at most) until SWITCHOVER: should the VM
-resume here instead (an operator's pause, a failed migration: its RESUMED
-event), ``unfollow`` without ``drain`` gives them back, written into the tap
-for its reader. Before this, the kernel's departure watch
+armed at PREPARE), and SWITCHOVER takes the session over. Every frame read
+(a broadcast too, which is not sent on) is also kept (``KEEP_FRAMES`` and
+``KEEP_BYTES`` at most) until SWITCHOVER: should the VM resume here instead
+(an operator's pause, a failed migration: its RESUMED event, or a reconnection
+that finds it running), ``unfollow`` without ``drain`` gives them back,
+written into the tap in batches for its reader; what the tap has no room
+for is counted (its queue holds ``txqueuelen`` frames). Before this, the kernel's departure watch
 (vmm_linux.departure) diverted the frames that came after the VM's first
 frame elsewhere, ahead of what the tap had queued since the pause: after
 final copies shorter than SWITCHOVER's reaction it reordered 38-65 frames
@@ -103,9 +105,16 @@ SWITCH_INTERVAL_S = 0.0002
 #: How long a session forwards at most (as the kernel's departure watch keeps its
 #: marks: vmm_linux.departure.MOVED_TIMEOUT_S).
 FOLLOW_MAX_S = 120
-#: Frames a follow keeps to give back (a 300 ms pause at 10 kpps is 3,000; the
-#: destination's hold takes as many by default).
+#: Frames and bytes a follow keeps to give back (a 300 ms pause at 10 kpps is
+#: 3,000 frames; the destination's hold takes as many by default).
 KEEP_FRAMES = 8192
+KEEP_BYTES = 16 * 1024 * 1024
+#: Frames given back at a time, and the pause between two batches: a tap queues
+#: at most its txqueuelen (1,000) for a reader that has just resumed.
+GIVE_BACK_BATCH = 64
+GIVE_BACK_PAUSE_S = 0.001
+#: How long a stopped session still sends what its taps hold.
+DRAIN_MAX_S = 0.2
 #: How long SWITCHOVER waits for the tap's backlog to be sent before moving the
 #: VM's frames past it (a full tap queue, 1,000 frames, takes about 20 ms).
 CATCH_UP_S = 0.2
@@ -120,8 +129,12 @@ class Forwarded:
     followed: bool = False
     #: Frames sent before SWITCHOVER came.
     early: int = 0
-    #: Frames given back to the tap (the VM resumed here).
+    #: Frames given back to the tap (the VM resumed here), and those the tap
+    #: dropped meanwhile (its queue full: an upper bound, new frames count too).
     given_back: int = 0
+    give_back_dropped: int = 0
+    #: Frames read while copies were kept but past KEEP_FRAMES/KEEP_BYTES.
+    not_kept: int = 0
     found: bool = False
     forwarded: int = 0
     skipped: int = 0
@@ -315,39 +328,74 @@ class Leftovers:
             session = self._following.get(port)
         return session is not None and session.alive()
 
-    def unfollow(self, port: str, drain: bool = True) -> None:
+    def unfollow(self, port: str, drain: bool = True, mac: str | None = None) -> None:
         """Stop following ``port`` (its in-flight tunnel ends, or the VM comes back
-        here): what the tap still holds goes on first; without ``drain`` (the VM
-        resumed here) nothing more goes and what went is given back to the tap."""
+        here), if it follows ``mac`` (any MAC if None): what the tap still holds
+        goes on first; without ``drain`` (the VM resumed here) nothing more goes
+        and every frame the follow read is given back to the tap."""
+        wanted = bytes.fromhex(mac.replace(":", "")) if mac else None
         with self._lock:
-            session = self._following.pop(port, None)
-        if session is None:
-            return
+            session = self._following.get(port)
+            if session is None or (wanted is not None and session.mac != wanted):
+                return  # another VM's tap of the same name now
+            del self._following[port]
         session.finish(drain)
         if not drain:
             self._give_back(port, session)
 
     def _give_back(self, port: str, session: _Session) -> None:
-        """Write the frames a follow sent on back into ``port``'s tap, oldest first
-        (its reader gets them as if the bridge had just sent them)."""
+        """Write the frames a follow read back into ``port``'s tap, oldest first
+        (its reader gets them as if the bridge had just sent them), a batch at a
+        time; what the tap dropped meanwhile is counted, not hidden."""
         kept, session.kept = session.kept, []
+        report = session.report
+        if report.not_kept:
+            LOG.warning(
+                "%s: %d frames were not kept and cannot be given back", port, report.not_kept
+            )
         if not kept:
             return
+        before = self._tx_dropped(port)
         try:
             sock = netns_mod.socket_in(self.netns, socket.AF_PACKET, socket.SOCK_RAW, 0)
         except OSError as exc:
             LOG.warning("%s: %d frames not given back: %s", port, len(kept), exc)
             return
+        sent = 0
         with sock:
             try:
                 sock.setsockopt(SOL_PACKET, PACKET_VNET_HDR, 1)
                 sock.bind((port, 0))
                 for data in kept:
                     sock.send(data)
-                    session.report.given_back += 1
+                    sent += 1
+                    if sent % GIVE_BACK_BATCH == 0:
+                        time.sleep(GIVE_BACK_PAUSE_S)
             except OSError as exc:
-                LOG.warning("%s: %d frames not given back: %s", port, len(kept), exc)
-        LOG.info("%s: the VM resumed here; %d frames given back", port, session.report.given_back)
+                LOG.warning("%s: %d frames not given back: %s", port, len(kept) - sent, exc)
+        after = self._tx_dropped(port)
+        dropped = min(sent, after - before) if before is not None and after is not None else 0
+        report.given_back, report.give_back_dropped = sent - dropped, dropped
+        log = LOG.warning if dropped else LOG.info
+        log(
+            "%s: the VM resumed here; %d frames given back, %d dropped (the tap's queue full)",
+            port,
+            sent - dropped,
+            dropped,
+        )
+
+    def _tx_dropped(self, port: str) -> int | None:
+        """``port``'s transmit drops (frames its queue had no room for), or None."""
+        try:
+            with netns_mod.entered(self.netns), open("/proc/thread-self/net/dev") as fh:
+                text = fh.read()
+        except OSError:
+            return None
+        for line in text.splitlines()[2:]:
+            name, _, rest = line.partition(":")
+            if name.strip() == port:
+                return int(rest.split()[11])
+        return None
 
     @contextlib.contextmanager
     def forwarding(self, mac: str, port: str, device: str) -> Iterator[Forwarded]:
@@ -379,7 +427,7 @@ class Leftovers:
                 self._following[port] = session
         try:
             session.keep = False  # the VM leaves: nothing will be given back
-            session.kept = []
+            session.kept, session.kept_bytes = [], 0
             session.report.early = session.report.forwarded
             # The backlog goes first: only then may the body move new frames past it
             # (caught_up is set again only after a pass over the taps that began after go).
@@ -411,9 +459,10 @@ class _Session:
         self.sock = sock
         self.mac = mac
         self.report = report
-        #: A follow keeps what it sent on, to give it back (``Leftovers.unfollow``).
+        #: A follow keeps every frame it read, to give it back (``Leftovers.unfollow``).
         self.keep = False
         self.kept: list[bytes] = []
+        self.kept_bytes = 0
         #: pidfds of the taps' readers: one that exits ends the session (once the
         #: queue, which nobody else will read, went on).
         self.exits: list[int] = []
@@ -436,6 +485,13 @@ class _Session:
         except OSError:
             self.close()
             raise
+
+    def keep_copy(self, data: bytes) -> None:
+        if len(self.kept) < KEEP_FRAMES and self.kept_bytes + len(data) <= KEEP_BYTES:
+            self.kept.append(data)
+            self.kept_bytes += len(data)
+        else:
+            self.report.not_kept += 1
 
     def start(self, name: str, on_end: Callable[[], None]) -> None:
         """Start the thread (raises RuntimeError if none can be had; then the
@@ -499,10 +555,12 @@ class _Session:
 
 
 def _forward(session: _Session, ends: list[int], deadline: float) -> None:
-    """Send each queued frame for the session's MAC as soon as it is read, until
-    one of ``ends`` (the stop eventfd, the readers' pidfds) is readable, or
-    ``deadline`` passed, and the taps are empty. ``caught_up`` is set after an
-    empty pass that began after the last ``go`` (``generation``)."""
+    """Send each queued frame for the session's MAC as soon as it is read (and keep
+    every frame read, in order, while the session keeps them), until one of
+    ``ends`` (the stop eventfd, the readers' pidfds) is readable or ``deadline``
+    passed; then, if the session drains, until a pass sends nothing or
+    ``DRAIN_MAX_S`` passed. ``caught_up`` is set after a pass that sent nothing
+    and began after the last ``go`` (``generation``)."""
     taps, sock, mac, report = session.taps, session.sock, session.mac, session.report
     poller = select.poll()
     for tap in taps:
@@ -510,34 +568,40 @@ def _forward(session: _Session, ends: list[int], deadline: float) -> None:
     for fd in (*ends, session.go_fd):
         poller.register(fd, select.POLLIN)
     started = time.monotonic()
-    finishing = False
+    draining_until: float | None = None
     while True:
         generation = session.generation
-        moved = 0
+        sent = 0
         for tap in taps:
             for header, frame in tap.read_queued():
-                moved += 1
+                data = header + frame
+                if session.keep:
+                    session.keep_copy(data)
                 if frame[:6] != mac:
                     report.skipped += 1
                     continue
                 try:
-                    sock.send(header + frame)
+                    sock.send(data)
                     report.forwarded += 1
-                    if session.keep and len(session.kept) < KEEP_FRAMES:
-                        session.kept.append(header + frame)
+                    sent += 1
                 except OSError as exc:
                     report.failed += 1
                     report.error = str(exc)
-        if finishing and (not moved or not session.drain):
+        now = time.monotonic()
+        if draining_until is not None and (not sent or now >= draining_until):
             break
-        if not moved:
+        timeout = 0  # frames came: only look whether to stop
+        if not sent:
             if generation == session.generation:
                 session.caught_up.set()
-            left = deadline - time.monotonic()
-            ready = {fd for fd, _ in poller.poll(max(0, math.ceil(left * 1000)))}
-            if session.go_fd in ready:
-                os.eventfd_read(session.go_fd)  # level-triggered: take it
-            finishing = finishing or bool(ready & set(ends)) or left <= 0
+            timeout = max(0, math.ceil((deadline - now) * 1000))
+        ready = {fd for fd, _ in poller.poll(timeout)}
+        if session.go_fd in ready:
+            os.eventfd_read(session.go_fd)  # level-triggered: take it
+        if draining_until is None and (ready & set(ends) or now >= deadline):
+            if not session.drain:
+                break  # the VM reads its tap again: not one frame more
+            draining_until = now + DRAIN_MAX_S
     LOG.debug(
         "tap %s: %d frames forwarded in %.1f ms",
         report.port,

@@ -807,7 +807,7 @@ class LinuxNve(NveDriver):
         with self._lock:
             port = self._followed.pop((vni, mac), None)
         if port is not None and self.leftovers is not None:
-            self.leftovers.unfollow(port, drain=drain)
+            self.leftovers.unfollow(port, drain=drain, mac=mac)
 
     def stop_inflight(self, vni: int, mac: str) -> None:
         self._end_departure(vni, mac)

@@ -288,7 +288,7 @@ class _FollowingLeftovers:
     def following(self, port: str) -> bool:
         return self.follows and ("unfollow", port) not in [c[:2] for c in self.calls]
 
-    def unfollow(self, port: str, drain: bool = True) -> None:
+    def unfollow(self, port: str, drain: bool = True, mac: str | None = None) -> None:
         self.calls.append(("unfollow", port, drain))
 
 

@@ -81,6 +81,7 @@ def lab(netns: str) -> Iterator[dict[str, object]]:
     service = Leftovers(netns)
     try:
         yield {
+            "netns": netns,
             "tap": tap_fd,
             "send": send,
             "cap": cap,
@@ -280,13 +281,45 @@ def test_a_vm_that_resumes_here_gets_back_what_the_follow_sent_on(lab) -> None:
     assert service.follow(MAC, "tapl0", "vil0")
     for seq in range(3):
         send.send(_frame(MAC, seq))
-    send.send(_frame("ff:ff:ff:ff:ff:ff", 999))  # flooded everywhere already: stays out
+    send.send(_frame("ff:ff:ff:ff:ff:ff", 999))  # flooded everywhere already: not sent on
     assert _captured(cap) == [0, 1, 2]  # to the destination's hold
+    with service._lock:
+        session = service._following["tapl0"]
     service.unfollow("tapl0", drain=False)  # the migration failed: the VM runs here again
     send.send(_frame(MAC, 3))
     assert _captured(cap) == []  # nothing more goes on
-    assert _queued_seqs(lab["tap"]) == [0, 1, 2, 3]  # its frames, in order, for its reader
+    # every frame the follow read, the broadcast too, in order, for its reader
+    assert _queued_seqs(lab["tap"]) == [0, 1, 2, 999, 3]
+    assert session.report.given_back == 4 and session.report.give_back_dropped == 0
     assert not service.following("tapl0")
+
+
+def test_giving_back_more_than_the_tap_holds_counts_what_it_dropped(lab) -> None:
+    send, service = lab["send"], lab["service"]
+    _located(service, "tapl0")
+    assert service.follow(MAC, "tapl0", "vil0")
+    qlen = int(subprocess.run(
+        ["ip", "netns", "exec", lab["netns"], "cat", "/sys/class/net/tapl0/tx_queue_len"],
+        capture_output=True, text=True, check=True,
+    ).stdout)  # fmt: skip
+    total = qlen + 200
+    with service._lock:
+        session = service._following["tapl0"]
+    deadline = time.monotonic() + 20
+    for seq in range(total):  # at the follow's pace: the tap itself holds qlen at most
+        send.send(_frame(MAC, seq))
+        while session.report.forwarded < seq + 1 - 50:
+            assert time.monotonic() < deadline, "the follow did not send everything on"
+            time.sleep(0.001)
+    while session.report.forwarded < total:
+        assert time.monotonic() < deadline, "the follow did not send everything on"
+        time.sleep(0.01)
+    service.unfollow("tapl0", drain=False)  # its reader (this test) does not read: the tap fills
+    report = session.report
+    assert report.given_back + report.give_back_dropped == total
+    queued = _queued_seqs(lab["tap"])
+    assert len(queued) <= qlen and report.given_back == len(queued), (queued, report)
+    assert queued == sorted(queued) and report.give_back_dropped >= 200
 
 
 def test_a_follow_ends_when_the_host_stops(lab) -> None:

@@ -9,7 +9,7 @@ import threading
 import types
 from typing import Any
 
-from vmm_libvirt import phases
+from vmm_libvirt import events, phases
 from vmm_libvirt.daemon import PAUSED_FOR_MIGRATION, RUNS_HERE_AGAIN, HostAgent
 from vmm_orchestrator.model import Vif, Workload
 from vmm_orchestrator.stage import HostContext
@@ -63,3 +63,26 @@ def test_every_resume_here_but_post_copys_ends_the_watch() -> None:
     assert phases.Lifecycle(resumed, phases.RESUMED_MIGRATED) in RUNS_HERE_AGAIN
     assert phases.Lifecycle(resumed, phases.RESUMED_POSTCOPY) not in RUNS_HERE_AGAIN
     assert PAUSED_FOR_MIGRATION not in RUNS_HERE_AGAIN
+
+
+def test_the_event_dispatch_watches_at_the_pause_and_ends_at_the_resume() -> None:
+    """Through ``on_item`` with libvirt's events of a migration whose final copy
+    failed on the source (the real phase tracker; the pipeline is not run)."""
+    nve = RecordingNve()
+    stub = agent(nve)
+    stub.tracker = phases.Tracker()
+    stub._remember = lambda item: None
+    stub._run = lambda *args: None
+    stub._cold_start_later = lambda *args: None
+    stub._watch_departure = types.MethodType(HostAgent._watch_departure, stub)
+    stub._end_departure = types.MethodType(HostAgent._end_departure, stub)
+
+    def event(signal: phases.Signal) -> None:
+        HostAgent.on_item(stub, events.DomainSignal("qemu:///system", UUID, "vm1", signal, 0.0))
+
+    event(phases.Iteration(1))  # the source's first pass
+    event(PAUSED_FOR_MIGRATION)  # the final copy
+    assert nve.calls == [("watch", 100, VIF.mac, "vnet3")]
+    event(phases.Lifecycle(phases.Event.RESUMED, phases.RESUMED_MIGRATED))  # it failed
+    assert nve.calls[-1] == ("end", 100, VIF.mac)
+    assert stub._departing == {}
