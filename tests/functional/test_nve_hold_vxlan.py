@@ -152,7 +152,10 @@ def test_frames_over_vxlan_are_held_and_released_in_order_before_later_ones() ->
             seqs = _read(recv, MAC)
         assert seqs == list(range(300))  # every frame, once, in order
         report = nve.hold_report(100, MAC)
-        assert report is not None and report["held"] == 200 and report["dropped"] == 0
+        # the 200 sent before the port joined; under load the release may still run
+        # when the next ones come, and they queue behind it (in order, above)
+        assert report is not None and 200 <= report["held"] <= 300, report
+        assert report["dropped"] == 0
         assert _wait(lambda: nve.hold_report(100, MAC)["outcome"] == "released")  # type: ignore[index]
         assert _wait(lambda: not _map_elements(dst))  # the map lets the bridge take over
 
