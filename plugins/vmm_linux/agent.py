@@ -285,7 +285,8 @@ class PortInspector:
         whatever migration is pending.
         """
         own = (port["address"] or "").lower()
-        if own.startswith("fe:") and not mac.startswith("fe:"):
+        # (a veth's random MAC starts with fe: once in 64: it is no libvirt tap)
+        if own.startswith("fe:") and not mac.startswith("fe:") and port["kind"] != "veth":
             if own[2:] == mac[2:]:
                 return f"the MAC libvirt configured tap {port['name']} for", None
             return None, f"tap {port['name']} (guest MAC *{own[2:]})"
