@@ -337,8 +337,8 @@ class HostAgent:
 
     def _watch_departure(self, uuid: str) -> None:
         """The source paused the VM (the final copy, or an operator): let the NVE
-        follow it as soon as it shows up elsewhere, ahead of the job read and of
-        SWITCHOVER (see the NVE's ``watch_departure``)."""
+        send its frames on to where it goes from now on, ahead of the job read and
+        of SWITCHOVER (see the NVE's ``watch_departure``)."""
         nve = self.context.services.get("nve")
         with self._lock:
             workload = self._workloads.get(uuid)

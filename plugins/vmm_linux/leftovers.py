@@ -266,21 +266,50 @@ class Leftovers:
             return None
         report.found = True
         try:
-            # Protocol 0: a socket that only sends (it receives nothing of the device's).
-            sock = netns_mod.socket_in(self.netns, socket.AF_PACKET, socket.SOCK_RAW, 0)
+            sock = self._sender(device)
         except OSError as exc:
-            report.error = f"no packet socket: {exc}"
+            report.error = f"{device}: {exc}"
             for tap in taps:
                 tap.close()
             return None
-        session = _Session(taps, sock, bytes.fromhex(mac.replace(":", "")), report)
+        return _Session(taps, sock, _mac_bytes(mac), report)
+
+    def _sender(self, device: str) -> socket.socket:
+        """A packet socket that sends frames with their virtio-net header out of
+        ``device`` (protocol 0: it receives nothing of the device's)."""
+        sock = netns_mod.socket_in(self.netns, socket.AF_PACKET, socket.SOCK_RAW, 0)
         try:
             sock.setsockopt(SOL_PACKET, PACKET_VNET_HDR, 1)
             sock.bind((device, 0))
-        except OSError as exc:
-            report.error = f"{device}: {exc}"
+        except BaseException:
+            sock.close()
+            raise
+        return sock
+
+    def _begin(
+        self, mac: str, port: str, device: str, report: Forwarded, follow: bool
+    ) -> _Session | None:
+        """Open, start and register a session on ``port`` (None: ``report`` says
+        why not). A follow keeps copies and ends with its readers' exit."""
+        session = self._open(mac, port, device, report)
+        if session is None:
+            return None
+        session.keep = follow
+        try:
+            for tap in session.taps if follow else ():
+                if tap.pid:  # appended one by one: close() closes those opened
+                    session.exits.append(os.pidfd_open(tap.pid))
+            name = f"{'follow' if follow else 'leftovers'}-{port}"
+            session.start(name, functools.partial(self._ended, port, session))
+        except (OSError, RuntimeError) as exc:  # no pidfd, no thread to be had
+            report.error = str(exc)
             session.close()
             return None
+        with self._lock:
+            replaced = self._following.get(port)
+            self._following[port] = session
+        if replaced is not None:  # one whose thread ended
+            replaced.finish()
         return session
 
     def follow(self, mac: str, port: str, device: str) -> bool:
@@ -295,25 +324,9 @@ class Leftovers:
         if current is not None and current.alive():
             return True  # the pause seen again, or SWITCHOVER forwarding it now
         report = Forwarded(port, followed=True)
-        session = self._open(mac, port, device, report)
-        if session is None:
+        if self._begin(mac, port, device, report, follow=True) is None:
             LOG.debug("%s not followed: %s", port, report.error or "no reader known")
             return False
-        session.keep = True
-        try:
-            for tap in session.taps:
-                if tap.pid:
-                    session.exits.append(os.pidfd_open(tap.pid))
-            session.start(f"follow-{port}", functools.partial(self._ended, port, session))
-        except (OSError, RuntimeError) as exc:
-            LOG.info("%s not followed: %s", port, exc)
-            session.close()
-            return False
-        with self._lock:
-            replaced = self._following.get(port)
-            self._following[port] = session
-        if replaced is not None:
-            replaced.finish()
         return True
 
     def _ended(self, port: str, session: _Session) -> None:
@@ -333,7 +346,7 @@ class Leftovers:
         here), if it follows ``mac`` (any MAC if None): what the tap still holds
         goes on first; without ``drain`` (the VM resumed here) nothing more goes
         and every frame the follow read is given back to the tap."""
-        wanted = bytes.fromhex(mac.replace(":", "")) if mac else None
+        wanted = _mac_bytes(mac) if mac else None
         with self._lock:
             session = self._following.get(port)
             if session is None or (wanted is not None and session.mac != wanted):
@@ -357,15 +370,13 @@ class Leftovers:
             return
         before = self._tx_dropped(port)
         try:
-            sock = netns_mod.socket_in(self.netns, socket.AF_PACKET, socket.SOCK_RAW, 0)
+            sock = self._sender(port)
         except OSError as exc:
             LOG.warning("%s: %d frames not given back: %s", port, len(kept), exc)
             return
         sent = 0
         with sock:
             try:
-                sock.setsockopt(SOL_PACKET, PACKET_VNET_HDR, 1)
-                sock.bind((port, 0))
                 for data in kept:
                     sock.send(data)
                     sent += 1
@@ -401,30 +412,20 @@ class Leftovers:
     def forwarding(self, mac: str, port: str, device: str) -> Iterator[Forwarded]:
         """While the body moves ``mac``'s frames to ``device`` (the in-flight port),
         forward what ``port``'s tap queued for ``mac`` there first, then what is left.
-        A ``follow`` of the port carries on (it may have started at the VM's first
-        frame from elsewhere); the session stays registered meanwhile, so a pause
-        seen again starts no second reader of the tap."""
+        A ``follow`` of the port carries on (it has sent what came since the pause);
+        the session stays registered meanwhile, so a pause seen again starts no
+        second reader of the tap."""
         with self._lock:
             session = self._following.get(port)
-        wanted = bytes.fromhex(mac.replace(":", ""))
-        if session is not None and (session.mac != wanted or not session.alive()):
+        if session is not None and (session.mac != _mac_bytes(mac) or not session.alive()):
             self.unfollow(port)
             session = None
         if session is None:
             report = Forwarded(port)
-            session = self._open(mac, port, device, report)
+            session = self._begin(mac, port, device, report, follow=False)
             if session is None:
                 yield report
                 return
-            try:
-                session.start(f"leftovers-{port}", functools.partial(self._ended, port, session))
-            except RuntimeError as exc:  # no thread to be had
-                session.close()
-                report.error = str(exc)
-                yield report
-                return
-            with self._lock:
-                self._following[port] = session
         try:
             session.keep = False  # the VM leaves: nothing will be given back
             session.kept, session.kept_bytes = [], 0
@@ -450,7 +451,7 @@ class Leftovers:
 
 class _Session:
     """One port's borrowed taps, the socket their frames leave by and the thread
-    that sends them: started waiting (a follow) or at once (SWITCHOVER)."""
+    that sends them, from its start (a follow at the pause, or SWITCHOVER)."""
 
     def __init__(
         self, taps: list[tapqueue.BorrowedTap], sock: socket.socket, mac: bytes, report: Forwarded
@@ -510,7 +511,7 @@ class _Session:
                 os.eventfd_write(fd, 1)
 
     def go(self) -> None:
-        """Forward from now on, whatever the follow saw."""
+        """Wake the thread for a pass over the taps (``generation`` was raised)."""
         self._signal(self.go_fd)
 
     def finish(self, drain: bool = True) -> None:
@@ -552,6 +553,10 @@ class _Session:
                     self._on_end()
             finally:
                 self.close()
+
+
+def _mac_bytes(mac: str) -> bytes:
+    return bytes.fromhex(mac.replace(":", ""))
 
 
 def _forward(session: _Session, ends: list[int], deadline: float) -> None:

@@ -31,17 +31,16 @@ from __future__ import annotations
 
 import collections
 import contextlib
-import ctypes
 import logging
 import re
 import socket
-import struct
 import threading
 import time
 from typing import Any
 
 from oslo_config import cfg
 
+from vmm_kernel import bpf
 from vmm_kernel.netns import lean_iproute
 from vmm_linux.netns import entered, socket_in
 from vmm_orchestrator import frames
@@ -84,7 +83,6 @@ PACKET_OUTGOING = 4
 #: Seconds the responder's thread blocks in recv with nothing due (how soon it sees stop()).
 IDLE_WAIT = 0.25
 ETH_P_ALL = 0x0003
-SO_ATTACH_FILTER = 26
 #: Classic BPF: accept a frame whose EtherType is RARP, drop the rest.
 _RARP_FILTER = (
     (0x28, 0, 0, 12),  # ldh [12]
@@ -104,10 +102,7 @@ def open_rarp_socket(netns: str | None) -> socket.socket:
     """
     sock = socket_in(netns, socket.AF_PACKET, socket.SOCK_RAW, socket.htons(ETH_P_ALL))
     try:
-        code = b"".join(struct.pack("HBBI", *insn) for insn in _RARP_FILTER)
-        buf = ctypes.create_string_buffer(code)
-        prog = struct.pack("HL", len(_RARP_FILTER), ctypes.addressof(buf))
-        sock.setsockopt(socket.SOL_SOCKET, SO_ATTACH_FILTER, prog)
+        bpf.attach(sock, _RARP_FILTER)
         # Frames queued before the filter was attached may be anything: drain them.
         sock.setblocking(False)
         with contextlib.suppress(BlockingIOError):

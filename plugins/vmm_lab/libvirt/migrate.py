@@ -42,7 +42,7 @@ from typing import Any
 
 import libvirt
 
-from vmm_kernel import macfilter
+from vmm_kernel import bpf
 from vmm_kernel.netns import socket_in
 from vmm_lab.libvirt import LibvirtLabError
 from vmm_lab.libvirt.hosts import LibvirtHost
@@ -374,13 +374,13 @@ class _PacketWatch:
     yet), a kernel filter, and a thread that hands each frame that passes, with
     its address and CLOCK_MONOTONIC arrival, to ``_take`` until ``close``."""
 
-    def __init__(self, netns: str, tap: str, program: macfilter.Program, rcvbuf: int = 0) -> None:
+    def __init__(self, netns: str, tap: str, program: bpf.Program, rcvbuf: int = 0) -> None:
         self.tap = tap
         self._sock = socket_in(netns, socket.AF_PACKET, socket.SOCK_RAW, socket.htons(ETH_P_ALL))
         try:
             if rcvbuf:
                 self._sock.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, rcvbuf)
-            macfilter.attach(self._sock, program)
+            bpf.attach(self._sock, program)
             self._sock.settimeout(0.1)
         except BaseException:
             self._sock.close()
@@ -482,11 +482,11 @@ def held_lateness_ms(
     return len(held), max(0.0, max(at - resumed_ns for _, at in held) / 1e6)
 
 
-def _rarp_from(mac: bytes) -> macfilter.Program:
+def _rarp_from(mac: bytes) -> bpf.Program:
     """Classic BPF: accept frames with EtherType RARP and source ``mac``."""
-    return macfilter.mac_program(mac, macfilter.SOURCE, ETH_P_RARP)
+    return bpf.mac_program(mac, bpf.SOURCE, ETH_P_RARP)
 
 
-def _to(mac: bytes) -> macfilter.Program:
+def _to(mac: bytes) -> bpf.Program:
     """Classic BPF: accept frames whose destination is ``mac``."""
-    return macfilter.mac_program(mac, macfilter.DESTINATION)
+    return bpf.mac_program(mac, bpf.DESTINATION)

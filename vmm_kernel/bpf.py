@@ -1,9 +1,9 @@
-"""Classic BPF filters that pass a packet socket only the frames of one MAC.
+"""Classic BPF filters for packet sockets: attaching one, and the MAC filter.
 
 A packet socket on a busy device wakes its reader for every frame; a filter
-attached to it runs in the kernel, so a thread that waits for one MAC's
-frames (the libvirt lab's RARP and tap watches) costs nothing until one
-comes. Classic BPF because ``SO_ATTACH_FILTER`` takes it
+attached to it runs in the kernel, so a thread that waits for a few frames
+(the NVE's RARP responder, the libvirt lab's RARP and tap watches) costs
+nothing until one comes. Classic BPF because ``SO_ATTACH_FILTER`` takes it
 from any process without a compiler or the bpf(2) syscall's privileges;
 four instructions compare a MAC. Python's socket module has no name for the
 option, hence the constant.
@@ -14,6 +14,7 @@ from __future__ import annotations
 import ctypes
 import socket
 import struct
+from collections.abc import Sequence
 
 #: setsockopt(SOL_SOCKET, SO_ATTACH_FILTER, struct sock_fprog) on Linux.
 SO_ATTACH_FILTER = 26
@@ -39,7 +40,7 @@ def mac_program(mac: bytes, offset: int, ethertype: int | None = None) -> Progra
     ]
 
 
-def attach(sock: socket.socket, program: Program) -> None:
+def attach(sock: socket.socket, program: Sequence[tuple[int, int, int, int]]) -> None:
     """Attach ``program`` to ``sock`` (frames queued before this still reach it)."""
     code = ctypes.create_string_buffer(b"".join(struct.pack("HBBI", *i) for i in program))
     fprog = struct.pack("HL", len(program), ctypes.addressof(code))
