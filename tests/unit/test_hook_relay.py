@@ -80,7 +80,7 @@ def test_relay_is_executable_a_shell_front_and_stdlib_python() -> None:
     assert 'exec /usr/bin/python3 -I -S "$0" "$@"' in text
     imports = {line.split()[1] for line in text.splitlines() if line.startswith("import ")}
     # Only modules built into the interpreter at the top: the rest is imported on demand.
-    assert imports <= {"_socket", "math", "os", "sys", "syslog", "time"}
+    assert imports <= {"_socket", "math", "posix", "sys", "syslog", "time"}
     lines = [line.strip() for line in text.splitlines()]
     # _json's C halves; the bytecode loader's magic number (importlib's, loaded at start-up)
     froms = {line.split()[1] for line in lines if line.startswith("from ")}
