@@ -5,8 +5,19 @@ answers a small request in about a tenth of a millisecond and parses and
 applies a transaction of thousands of elements in one call (an ``nft -f``
 script is one transaction: all of it applies, or nothing). Each context is
 created with the calling thread inside the host's namespace, so its netlink
-socket stays there, and is used under a lock; a namespace deleted and made
-again under its name gets a new context.
+socket stays there; a namespace deleted and made again under its name gets a
+new context.
+
+One lock serializes every call into the library, whatever the context: it
+keeps process-wide state that is not guarded (nftables 1.0.x, Debian 12's
+1.0.6: the interface cache that every ``nft_run_cmd_from_buffer`` releases
+at its end, and the one-time set-up in ``nft_ctx_new``), so two contexts used
+at once by two threads (two hosts' namespaces in one agent, or one
+namespace's text and JSON contexts) could free what the other reads. A
+call takes about 0.1 ms, so waiting for one costs little. (CI met a
+segmentation fault once in the etcd evacuation benchmark, whose NVEs call
+the library from several threads; it did not recur in 18 runs here, so the
+cause is not proven, but this is the one unguarded shared state in reach.)
 
 Without the library nothing falls back to a slower path silently: the
 first call raises :class:`NftUnavailable` saying what to install.
@@ -38,7 +49,9 @@ class Nft:
 
     _lib: ClassVar[Any] = None
     _lock: ClassVar[threading.Lock] = threading.Lock()
-    _contexts: ClassVar[dict[tuple[str | None, int, bool], tuple[int, threading.Lock]]] = {}
+    #: Held for every call into the library (see the module docstring).
+    _calls: ClassVar[threading.Lock] = threading.Lock()
+    _contexts: ClassVar[dict[tuple[str | None, int, bool], int]] = {}
 
     @classmethod
     def library(cls) -> Any:
@@ -67,24 +80,25 @@ class Nft:
             return cls._lib
 
     @classmethod
-    def _context(cls, netns: str | None, json_output: bool) -> tuple[int, threading.Lock]:
+    def _context(cls, netns: str | None, json_output: bool) -> int:
         lib = cls.library()
         key = (netns, namespace_inode(netns), json_output)
         with cls._lock:
             found = cls._contexts.get(key)
             if found is None:
-                with entered(netns):
+                with cls._calls, entered(netns):
                     ctx = lib.nft_ctx_new(0)
                 if not ctx:
                     raise NftUnavailable(
                         f"libnftables gave no context in namespace {netns or '(host)'}",
                         hint="check that the nf_tables kernel module is available",
                     )
-                lib.nft_ctx_buffer_output(ctx)
-                lib.nft_ctx_buffer_error(ctx)
-                if json_output:
-                    lib.nft_ctx_output_set_flags(ctx, OUTPUT_JSON)
-                found = cls._contexts[key] = (ctx, threading.Lock())
+                with cls._calls:
+                    lib.nft_ctx_buffer_output(ctx)
+                    lib.nft_ctx_buffer_error(ctx)
+                    if json_output:
+                        lib.nft_ctx_output_set_flags(ctx, OUTPUT_JSON)
+                found = cls._contexts[key] = ctx
         return found
 
     @classmethod
@@ -92,8 +106,8 @@ class Nft:
         """Run ``text`` (nft syntax, one transaction) in ``netns``; its output.
         NftError when nft refused it (nothing applied)."""
         lib = cls.library()
-        ctx, lock = cls._context(netns, json_output)
-        with lock, entered(netns):
+        ctx = cls._context(netns, json_output)
+        with cls._calls, entered(netns):
             rc = lib.nft_run_cmd_from_buffer(ctx, text.encode())
             out = (lib.nft_ctx_get_output_buffer(ctx) or b"").decode()
             err = (lib.nft_ctx_get_error_buffer(ctx) or b"").decode()
