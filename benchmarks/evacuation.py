@@ -297,9 +297,12 @@ class Probes:
 
 
 def probe_hub(spec_path: str) -> int:
-    """The hub: send every stream on schedule and receive for every VM until SIGTERM."""
+    """The hub: send every stream on schedule and receive for every VM until SIGTERM,
+    or until the benchmark that started it is gone (killed, or crashed: a hub left
+    behind kept the benchmark's stderr open, and whoever waited for it hung)."""
     with open(spec_path, encoding="utf-8") as fh:
         spec = json.load(fh)
+    parent = os.getppid()
     stop = {"now": False}
     signal.signal(signal.SIGTERM, lambda *_: stop.update(now=True))
     selector = selectors.DefaultSelector()
@@ -324,8 +327,13 @@ def probe_hub(spec_path: str) -> int:
     # Streams are spread over one period so that sends do not come in bursts.
     anchor = int(spec["start_at"] * 1e9)
     due = [anchor + int(i * period / len(senders)) for i in range(len(senders))]
+    orphan_check = 0
     while not stop["now"]:
         now = probe.now_ns()
+        if now >= orphan_check:
+            if os.getppid() != parent:
+                break
+            orphan_check = now + 100_000_000
         for i, (sock, addr, log, _) in enumerate(senders):
             if due[i] <= now:
                 seq = log.sent

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import faulthandler
 import json
 import logging
 import os
@@ -763,6 +764,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     level = {0: logging.WARNING, 1: logging.INFO}.get(args.verbose, logging.DEBUG)
     logs.configure(level, args.log_format)
+    # The agent and the directory run for months and call C libraries (libvirt,
+    # libnftables, libc through ctypes): should one of them crash the process, every
+    # thread's Python stack goes to stderr, which systemd keeps in the journal.
+    # (A stderr with no file descriptor, a test's capture, has none to give.)
+    with contextlib.suppress(AttributeError, ValueError, OSError, RuntimeError):
+        faulthandler.enable()
     try:
         conf = load_config(args.config_file)
         return commands[args.command].run(conf, args)

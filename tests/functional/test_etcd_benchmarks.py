@@ -7,6 +7,7 @@ here only the machinery and the built-in correctness checks are asserted.
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -15,12 +16,15 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def run(script: str, *args: str) -> subprocess.CompletedProcess[str]:
+    """Run a benchmark; should it crash, Python's fault handler prints every thread's
+    stack on its stderr, which the test prints."""
     result = subprocess.run(
         [sys.executable, str(ROOT / "benchmarks" / script), *args],
         cwd=ROOT,
         capture_output=True,
         text=True,
         timeout=150,
+        env={**os.environ, "PYTHONFAULTHANDLER": "1"},
     )
     print(result.stdout[-3000:], result.stderr[-3000:])
     return result
