@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import shutil
 import tempfile
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -18,7 +19,14 @@ def workdir() -> Iterator[Path]:
     """A short temporary folder: unix socket paths are limited to 107 bytes."""
     path = Path(tempfile.mkdtemp(prefix="vmmhook", dir="/tmp"))
     yield path
-    shutil.rmtree(path, ignore_errors=True)
+    # A relay a test handed a notification to in the background may still write
+    # its log or its bytecode cache here while the folder goes; once it is gone,
+    # nothing can make it again.
+    for _ in range(100):
+        shutil.rmtree(path, ignore_errors=True)
+        if not path.exists():
+            break
+        time.sleep(0.05)
 
 
 @pytest.fixture
