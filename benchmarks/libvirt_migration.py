@@ -111,6 +111,7 @@ from vmm_lab.libvirt import site as site_mod
 from vmm_lab.libvirt.site import lab_conf, libvirt_site
 from vmm_lab.linux.probe import format_table
 from vmm_lab.linux.topology import new_prefix
+from vmm_libvirt import options as lv_options
 
 LABELS = {"rarp": "QEMU alone (RARP)", "orchestrated": "orchestrated"}
 
@@ -334,6 +335,7 @@ def run_mode(
     phases: dict[str, list[dict[str, float]]] | None = None,
     processes: bool = False,
     log: str | None = None,
+    late_switchover: bool = False,
 ) -> list[demo.MigrationResult]:
     """``runs`` migrations h1 <-> h2 of one real guest in a fresh lab; with ``paired``
     (orchestrated), each one also followed or preceded (alternately) by a migration with
@@ -342,10 +344,13 @@ def run_mode(
     pair with the orchestrator off, appended to ``alone`` (one list per pair); with
     ``phases``, each migration's phases from the libvirtds' logs, by label; with
     ``processes`` (orchestrated), h1 and h2 are served by ``vmm agent`` processes
-    whose logs are appended to ``log``."""
+    whose logs are appended to ``log``; ``late_switchover``: ``[libvirt]
+    early_switchover = false`` (in the agents' config files too)."""
     results = []
     orchestrated = mode == "orchestrated"
     conf = lab_conf(orchestrated=orchestrated)
+    if late_switchover:
+        conf.set_override("early_switchover", False, group=lv_options.GROUP)
     with (
         libvirt_site(
             conf,
@@ -747,6 +752,13 @@ def main(argv: list[str] | None = None) -> int:
         "an operator runs them, instead of agents in this process (beside its capture "
         "threads); the stage table is then not printed (the reports stay in the processes)",
     )
+    parser.add_argument(
+        "--late-switchover",
+        action="store_true",
+        help="orchestrated: [libvirt] early_switchover = false, SWITCHOVER when the "
+        "migration job completes rather than at the pause (the old tap is followed "
+        "from the pause either way)",
+    )
     args = parser.parse_args(argv)
     if args.log:
         handler = logging.FileHandler(args.log)
@@ -796,6 +808,7 @@ def main(argv: list[str] | None = None) -> int:
                 phases,
                 processes=args.agent_processes,
                 log=args.log,
+                late_switchover=args.late_switchover,
             )
         print()
         print(render(by_mode))
@@ -810,6 +823,8 @@ def main(argv: list[str] | None = None) -> int:
     streams = max((len(r.streams) for rs in by_mode.values() for r in rs), default=0)
     print(
         f"\n{args.runs} migration(s) per mode, {streams} streams at {args.rate} pps each, "
+        f"SWITCHOVER {'at completion' if args.late_switchover else 'at the pause'}"
+        f"{', vmm agent processes' if args.agent_processes else ''}, "
         f"{time.monotonic() - started:.0f} s"
     )
     if args.json:

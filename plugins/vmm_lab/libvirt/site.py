@@ -471,6 +471,8 @@ def agent_sections(
         "nve_agent": {"watch_timeout": conf.nve_agent.watch_timeout},
         "stage_libvirt_announce": {"deadline": LAB_ANNOUNCE_DEADLINE_S},
         "stage_hold_timer": {"hold_time": conf.stage_hold_timer.hold_time},
+        # what a benchmark varies (``--late-switchover``) reaches the processes too
+        lv_options.GROUP: {"early_switchover": conf[lv_options.GROUP].early_switchover},
     }
     for host in served:
         lab_host = site.lab.hosts[host.name]
