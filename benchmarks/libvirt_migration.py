@@ -81,10 +81,10 @@ process; ``migrate begin`` 55.7 against 55.2 ms per call. The relay's start
 trips (its answer 15-25 ms after) are what it costs, not the GIL shared with
 the benchmark. With processes, vm3 (on h1) does not exist: 4 streams.
 Since the relay imports no ``os`` and skips the interpreter's teardown (its
-Python 17.0 -> 11.3 ms per guarded call on a quiet machine), 5 runs of 3
-migrations with processes gave hook times per migration of 50.0-72.7 ms,
-median 58.8, and ``migrate begin`` 35.1-55.5 ms per call, median 44.7; the
-agent's answer came 18-28 ms after it read the call (its log).
+Python 17.0 -> 11.3 ms per guarded call on a quiet machine), 3 runs of 3
+migrations with processes gave hook times per migration (run medians) of
+65.8, 50.0 and 56.7 ms, and ``migrate begin`` 50.2, 35.1 and 42.0 ms per
+call; the agent's answer came 18-28 ms after it read the call (its log).
 
 Run as root:  .venv/bin/python benchmarks/libvirt_migration.py --runs 5
 """

@@ -86,14 +86,14 @@ class Nft:
         with cls._lock:
             found = cls._contexts.get(key)
             if found is None:
-                with cls._calls, entered(netns):
-                    ctx = lib.nft_ctx_new(0)
-                if not ctx:
-                    raise NftUnavailable(
-                        f"libnftables gave no context in namespace {netns or '(host)'}",
-                        hint="check that the nf_tables kernel module is available",
-                    )
                 with cls._calls:
+                    with entered(netns):
+                        ctx = lib.nft_ctx_new(0)
+                    if not ctx:
+                        raise NftUnavailable(
+                            f"libnftables gave no context in namespace {netns or '(host)'}",
+                            hint="check that the nf_tables kernel module is available",
+                        )
                     lib.nft_ctx_buffer_output(ctx)
                     lib.nft_ctx_buffer_error(ctx)
                     if json_output:
