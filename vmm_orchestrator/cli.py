@@ -24,13 +24,12 @@ import signal
 import sys
 import time
 from collections.abc import Iterable, Iterator, Sequence
-from types import FrameType
 from typing import Any, NoReturn
 
 from oslo_config import cfg, types
 from stevedore import ExtensionManager
 
-from vmm_orchestrator import __version__, logs, metrics, options
+from vmm_orchestrator import __version__, interrupt, logs, metrics, options
 from vmm_orchestrator.commands import Command
 from vmm_orchestrator.errors import ConfigError, VmmError
 from vmm_orchestrator.nva import options as nva_options
@@ -233,10 +232,6 @@ def format_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     return "\n".join(
         "  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in cells
     )
-
-
-def _raise_keyboard_interrupt(_signum: int, _frame: FrameType | None) -> None:
-    raise KeyboardInterrupt
 
 
 def _client_flags(parser: argparse.ArgumentParser) -> None:
@@ -626,7 +621,7 @@ class NvaCommand(Command):
                     with contextlib.suppress(FileNotFoundError):
                         os.unlink(database + suffix)
             raise
-        previous = signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
+        previous = signal.signal(signal.SIGTERM, interrupt.raise_keyboard_interrupt)
         try:
             print(f"vmm nva: serving on {server.url}", flush=True)
             while True:
@@ -770,6 +765,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     # (A stderr with no file descriptor, a test's capture, has none to give.)
     with contextlib.suppress(AttributeError, ValueError, OSError, RuntimeError):
         faulthandler.enable()
+    interrupt.install()
     try:
         conf = load_config(args.config_file)
         return commands[args.command].run(conf, args)
