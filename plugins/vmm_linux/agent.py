@@ -57,6 +57,7 @@ from typing import Any
 
 from oslo_config import cfg
 from pyroute2.netlink import NETLINK_ROUTE, NLM_F_REQUEST
+from pyroute2.netlink.exceptions import NetlinkError
 from pyroute2.netlink.rtnl import RTM_GETLINK, RTM_NEWLINK, RTMGRP_NEIGH
 from pyroute2.netlink.rtnl.ifinfmsg import ifinfmsg
 from pyroute2.netlink.rtnl.marshal import MarshalRtnl
@@ -472,9 +473,15 @@ class NveAgent:
         return True
 
     def _apply_safely(self, endpoint: dict[str, Any]) -> bool:
-        """apply_endpoint, but an entry we cannot apply is logged, counted and skipped."""
+        """apply_endpoint, once more if the kernel refused a write (a device changed
+        meanwhile; the NVE then still records the entry as it was, so the repeat writes
+        all of it again); an entry we still cannot apply is logged, counted and skipped."""
         try:
-            return self.apply_endpoint(endpoint)
+            try:
+                return self.apply_endpoint(endpoint)
+            except NetlinkError as exc:
+                LOG.info("%s: applying %s again after %s", self.id, endpoint.get("mac"), exc)
+                return self.apply_endpoint(endpoint)
         except Exception as exc:
             self.rejected_entries += 1
             LOG.error(

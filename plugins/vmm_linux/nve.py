@@ -1462,7 +1462,15 @@ class LinuxNve(NveDriver):
             before = dataclasses.replace(entry)
             for key, value in changes.items():
                 setattr(entry, key, value)
-            self._apply(vni, mac, before, entry)
+            try:
+                self._apply(vni, mac, before, entry)
+            except BaseException:
+                # The record keeps saying what the kernel was told in full: a repeat of
+                # this change then writes it all again (every write here is a replace
+                # or an idempotent delete), rather than finding nothing to do.
+                for field in dataclasses.fields(entry):
+                    setattr(entry, field.name, getattr(before, field.name))
+                raise
             if not (entry.remote_vtep or entry.local_port or entry.inflight_vtep):
                 self._entries.pop((vni, mac), None)
 
@@ -1522,21 +1530,14 @@ class LinuxNve(NveDriver):
             )
         elif now.local_port:
             port = None if now.expected else self._lookup(now.local_port)
+            if port is not None and not self._pin_to_port(br, mac, port):
+                port = None
             if port is None:
-                # Expected, or pinned to a port that is not up yet: flood (the
-                # filter, if expected, picks who gets the copies).
+                # Expected, or pinned to a port that is not up yet (or went away
+                # just now): flood (the filter, if expected, picks who gets the copies).
                 self._fdb_del_master(br, mac)
-            else:
-                self._fdb(
-                    "replace",
-                    ifindex=port,
-                    lladdr=mac,
-                    master=br,
-                    flags=NTF_MASTER,
-                    state=NUD_NOARP,
-                )
-                if now.local_port != before.local_port or before.expected:
-                    self._set_backup_port(port, self._index(inflight_name(vni)))
+            elif now.local_port != before.local_port or before.expected:
+                self._set_backup_port(port, self._index(inflight_name(vni)))
         elif now.remote_vtep:
             self._fdb(
                 "replace",
@@ -1685,6 +1686,20 @@ class LinuxNve(NveDriver):
 
     def _fdb(self, cmd: str, **kwargs: Any) -> None:
         self._ipr.fdb(cmd, **kwargs)
+
+    def _pin_to_port(self, br: int, mac: str, port: int) -> bool:
+        """Point the bridge entry for ``mac`` at ``port``; False if the port went away
+        between its lookup and this write (ENODEV: a VM's tap is removed as its QEMU
+        ends, which a late SWITCHOVER on the libvirt lab met once in 36 migrations)."""
+        try:
+            self._fdb("replace", ifindex=port, lladdr=mac, master=br, flags=NTF_MASTER,
+                      state=NUD_NOARP)  # fmt: skip
+        except NetlinkError as exc:
+            if exc.code != errno.ENODEV:
+                raise
+            LOG.info("port ifindex %d of %s went away while pinning it; flooding", port, mac)
+            return False
+        return True
 
     def _fdb_del(self, **kwargs: Any) -> None:
         self._ignore(errno.ENOENT, errno.ESRCH, errno.EINVAL)(self._ipr.fdb, "del", **kwargs)

@@ -14,6 +14,7 @@ after the pin everything reaches tap-vm; a revert gives the MAC back to ha.
 
 from __future__ import annotations
 
+import errno
 import os
 import secrets
 import socket
@@ -22,6 +23,7 @@ import time
 from collections.abc import Iterator
 
 import pytest
+from pyroute2 import NetlinkError
 
 from vmm_lab.linux.topology import Lab, in_ns, lab_run
 from vmm_linux.netns import socket_in
@@ -339,3 +341,53 @@ def test_a_restarted_nve_drops_the_departure_watch_a_killed_one_left(site: Site)
         successor.close()
     got = site.deliveries("far", expect_at="vmold")
     assert got == {name: 0 for name in site.rx} | {"vmold": FRAMES}, got
+
+
+def test_a_port_that_goes_away_while_it_is_pinned_leaves_the_mac_to_the_flood(
+    site: Site, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The directory's entry reaches the old host as its QEMU ends: the tap is looked
+    up, then removed before the bridge entry is written (ENODEV). Met once in 36 late-
+    SWITCHOVER migrations on the libvirt lab: the entry was skipped, the NVE stayed
+    behind the directory."""
+    hb, mac = site.nves["hb"], site.vm_mac
+    hb.expect(VNI, mac, "tap-vm")
+    site.add_new_port()
+    hb.plug(VNI, mac, "tap-vm")
+    assert hb.master_port(VNI, mac) == "tap-vm"
+    ns = site.lab.hosts["hb"].netns
+    lookup = hb._lookup
+
+    def lookup_then_remove(name: str) -> int | None:
+        found = lookup(name)
+        if name == "tap-vm" and found is not None:
+            in_ns(ns, "ip", "link", "del", "tap-vm")  # libvirt removes it as QEMU ends
+        return found
+
+    monkeypatch.setattr(hb, "_lookup", lookup_then_remove)
+    hb.set_remote(VNI, mac, site.lab.hosts["ha"].vtep)  # the VM runs at ha (again)
+    assert hb.local_port(VNI, mac) == "tap-vm"  # unpinning is the stages' to say
+    assert hb.master_port(VNI, mac) is None  # flooded, as for a port not up yet
+
+
+def test_a_write_the_kernel_refused_is_made_in_full_when_the_change_comes_again(
+    site: Site, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    hb, far = site.nves["hb"], site.lab.vms["far"].mac
+    old_vtep = site.lab.hosts["ha"].vtep
+    assert hb.vxlan_dst(VNI, far) == old_vtep
+    write = hb._fdb
+    refused: list[str] = []
+
+    def refuse_the_first(cmd: str, **kwargs: object) -> None:
+        if not refused:
+            refused.append(cmd)
+            raise NetlinkError(errno.EBUSY, "refused by the test")
+        write(cmd, **kwargs)
+
+    monkeypatch.setattr(hb, "_fdb", refuse_the_first)
+    with pytest.raises(NetlinkError):
+        hb.set_remote(VNI, far, "192.0.2.77")
+    assert hb.vxlan_dst(VNI, far) == old_vtep  # nothing written
+    hb.set_remote(VNI, far, "192.0.2.77")  # the agent's repeat
+    assert hb.vxlan_dst(VNI, far) == "192.0.2.77"
