@@ -71,6 +71,17 @@ waits for the hold's set-up too; ``migrate begin`` 52 [38-53] ms), 65 [63-85] ms
 with nva_prestage first (``migrate begin`` 37 [32-57] ms); wall time less downtime
 against the orchestrator off +91 and +48 ms.
 
+Later the same day (final code of that day, TCG guest and the in-process agents
+on the 2 cores): ``--runs 12 --paired-alone`` +137.0 ms [-11.4 - +234.0] added wall,
++102.1 less libvirt's downtime; ``--runs 10 --paired-alone --libvirt-log`` prepare
+540.5 against 432.5 ms (hook calls 72 of the difference: ``migrate begin`` 55.5),
+final copy 74.5 against 53.0, finish 44.0 against 42.0, confirm 228.2 against
+211.2. With ``--late-switchover`` (12 migrations) +69.3 ms [-29.1 - +218.6], and
+libvirt's downtime 63.0 ms median against 125.5 and 100.5 in the two early runs
+(about 70 with the orchestrator off in all three): the work at the pause competes
+with the final copy. The late runs reordered 4.5 frames a migration and lost 7 after
+the resume in all; the early runs none lost after the resume.
+
 ``--agent-processes`` serves h1 and h2 with ``vmm agent`` processes started
 from config files (the operator's path) instead of agents in this process,
 beside the capture threads. The figures barely moved (2026-12-07, quiet
