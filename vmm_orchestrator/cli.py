@@ -765,10 +765,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     # (A stderr with no file descriptor, a test's capture, has none to give.)
     with contextlib.suppress(AttributeError, ValueError, OSError, RuntimeError):
         faulthandler.enable()
-    interrupt.install()
     try:
         conf = load_config(args.config_file)
-        return commands[args.command].run(conf, args)
+        with interrupt.installed():
+            return commands[args.command].run(conf, args)
     except VmmError as exc:
         print(f"vmm: error: {exc}", file=sys.stderr)
         return EXIT_ERROR

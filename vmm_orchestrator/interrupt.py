@@ -19,8 +19,10 @@ long, so the delay only has to outlast them.
 
 from __future__ import annotations
 
+import contextlib
 import signal
 import threading
+from collections.abc import Iterator
 from types import FrameType
 
 # The fork hooks that must run whole: (module, function); Python 3.13 renamed them.
@@ -32,10 +34,13 @@ RETRY_S = 0.02
 
 
 def in_fork_hook(frame: FrameType | None) -> bool:
-    """True when ``frame`` (the interrupted one) is one of logging's fork hooks."""
-    return (
-        frame is not None and (frame.f_globals.get("__name__"), frame.f_code.co_name) in _FORK_HOOKS
-    )
+    """True when ``frame`` (the interrupted one) or a caller of it is one of logging's
+    fork hooks (a second signal can land in this handler's own Timer calls)."""
+    while frame is not None:
+        if (frame.f_globals.get("__name__"), frame.f_code.co_name) in _FORK_HOOKS:
+            return True
+        frame = frame.f_back
+    return False
 
 
 def raise_keyboard_interrupt(signum: int, frame: FrameType | None) -> None:
@@ -50,7 +55,15 @@ def raise_keyboard_interrupt(signum: int, frame: FrameType | None) -> None:
     raise KeyboardInterrupt
 
 
-def install() -> None:
-    """Take over SIGINT in the main thread (elsewhere Python allows no handler)."""
-    if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGINT, raise_keyboard_interrupt)
+@contextlib.contextmanager
+def installed() -> Iterator[None]:
+    """SIGINT handled here for the block, in the main thread (elsewhere Python allows
+    no handler); the previous handler is back afterwards."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGINT, raise_keyboard_interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)

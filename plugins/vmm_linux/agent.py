@@ -479,7 +479,7 @@ class NveAgent:
         try:
             try:
                 return self.apply_endpoint(endpoint)
-            except NetlinkError as exc:
+            except (NetlinkError, NftError) as exc:
                 LOG.info("%s: applying %s again after %s", self.id, endpoint.get("mac"), exc)
                 return self.apply_endpoint(endpoint)
         except Exception as exc:

@@ -502,6 +502,9 @@ class LinuxNve(NveDriver):
         ).result()
         self._lock = threading.RLock()
         self._entries: dict[tuple[int, str], _Entry] = {}
+        #: Changes the kernel refused part-way, per MAC, until one is applied whole:
+        #: the kernel may hold any mix of the record and these (see _update).
+        self._refused: dict[tuple[int, str], list[_Entry]] = {}
         self._flood: dict[int, set[str]] = {}
         self._ifindex: dict[str, int] = {}
         self._ready: set[int] = set()
@@ -619,6 +622,8 @@ class LinuxNve(NveDriver):
             self._ready.discard(vni)
             for key in [k for k in self._entries if k[0] == vni]:
                 del self._entries[key]
+            for key in [k for k in self._refused if k[0] == vni]:
+                del self._refused[key]  # its devices, and what they held, are gone
 
     @_on_netlink_thread
     def set_flood_list(self, vni: int, vteps: list[str]) -> None:
@@ -1457,22 +1462,35 @@ class LinuxNve(NveDriver):
 
     @_on_netlink_thread
     def _update(self, vni: int, mac: str, **changes: Any) -> None:
+        """Record ``changes`` for one MAC and make the kernel match.
+
+        The kernel may refuse a write part-way (a port that went away, a full
+        table): the record then keeps what the kernel was last told in full, and
+        the refused change is remembered. Until a change goes through whole, each
+        one writes everything it wants and then undoes what the record or any
+        refused change has that it does not (every write here is a replace or an
+        idempotent delete): whatever mix the kernel holds, it ends as told.
+        """
+        key = (vni, mac)
         with self._lock:
-            entry = self._entries.setdefault((vni, mac), _Entry())
+            entry = self._entries.setdefault(key, _Entry())
             before = dataclasses.replace(entry)
-            for key, value in changes.items():
-                setattr(entry, key, value)
+            for name, value in changes.items():
+                setattr(entry, name, value)
+            refused = self._refused.get(key, [])
             try:
-                self._apply(vni, mac, before, entry)
+                for known in [_Entry(), before, *refused] if refused else [before]:
+                    self._apply(vni, mac, known, entry)
             except BaseException:
-                # The record keeps saying what the kernel was told in full: a repeat of
-                # this change then writes it all again (every write here is a replace
-                # or an idempotent delete), rather than finding nothing to do.
+                self._refused[key] = [*refused, dataclasses.replace(entry)]
                 for field in dataclasses.fields(entry):
                     setattr(entry, field.name, getattr(before, field.name))
+                if not self._placed(entry):
+                    self._entries.pop(key, None)
                 raise
-            if not (entry.remote_vtep or entry.local_port or entry.inflight_vtep):
-                self._entries.pop((vni, mac), None)
+            self._refused.pop(key, None)
+            if not self._placed(entry):
+                self._entries.pop(key, None)
 
     def _apply(self, vni: int, mac: str, before: _Entry, now: _Entry) -> None:
         """Make the kernel entries for one MAC match ``now``.

@@ -368,6 +368,7 @@ def test_a_port_that_goes_away_while_it_is_pinned_leaves_the_mac_to_the_flood(
     hb.set_remote(VNI, mac, site.lab.hosts["ha"].vtep)  # the VM runs at ha (again)
     assert hb.local_port(VNI, mac) == "tap-vm"  # unpinning is the stages' to say
     assert hb.master_port(VNI, mac) is None  # flooded, as for a port not up yet
+    assert hb.vxlan_dst(VNI, mac) == site.lab.hosts["ha"].vtep  # the update went through
 
 
 def test_a_write_the_kernel_refused_is_made_in_full_when_the_change_comes_again(
@@ -391,3 +392,30 @@ def test_a_write_the_kernel_refused_is_made_in_full_when_the_change_comes_again(
     assert hb.vxlan_dst(VNI, far) == old_vtep  # nothing written
     hb.set_remote(VNI, far, "192.0.2.77")  # the agent's repeat
     assert hb.vxlan_dst(VNI, far) == "192.0.2.77"
+
+
+def test_a_change_refused_part_way_is_undone_by_the_next_change(
+    site: Site, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The VXLAN entry went to the new VTEP, then the bridge write was refused: the
+    kernel sends to the new VTEP while the record still says the old one. When the
+    directory says the old VTEP again (an aborted move), the kernel must follow it,
+    though the record sees no change."""
+    hb, far = site.nves["hb"], site.lab.vms["far"].mac
+    old_vtep = site.lab.hosts["ha"].vtep
+    write = hb._fdb
+    calls: list[str] = []
+
+    def refuse_the_second(cmd: str, **kwargs: object) -> None:
+        calls.append(cmd)
+        if len(calls) == 2:
+            raise NetlinkError(errno.EBUSY, "refused by the test")
+        write(cmd, **kwargs)
+
+    monkeypatch.setattr(hb, "_fdb", refuse_the_second)
+    with pytest.raises(NetlinkError):
+        hb.set_remote(VNI, far, "192.0.2.77")
+    assert hb.vxlan_dst(VNI, far) == "192.0.2.77"  # the first write went through
+    hb.set_remote(VNI, far, old_vtep)
+    assert hb.vxlan_dst(VNI, far) == old_vtep
+    assert hb.master_port(VNI, far) == vxlan_name(VNI)
