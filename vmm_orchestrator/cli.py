@@ -621,19 +621,18 @@ class NvaCommand(Command):
                     with contextlib.suppress(FileNotFoundError):
                         os.unlink(database + suffix)
             raise
-        previous = signal.signal(signal.SIGTERM, interrupt.raise_keyboard_interrupt)
-        try:
-            print(f"vmm nva: serving on {server.url}", flush=True)
-            while True:
-                time.sleep(3600)
-        except KeyboardInterrupt:
-            pass
-        finally:
-            if exporter is not None:
-                exporter.stop()
-            server.stop()
-            store.close()
-            signal.signal(signal.SIGTERM, previous)
+        with interrupt.installed(signal.SIGTERM):
+            try:
+                print(f"vmm nva: serving on {server.url}", flush=True)
+                while True:
+                    time.sleep(3600)
+            except KeyboardInterrupt:
+                pass
+            finally:
+                if exporter is not None:
+                    exporter.stop()
+                server.stop()
+                store.close()
         return 0
 
     # -- status --------------------------------------------------------------

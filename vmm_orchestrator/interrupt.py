@@ -12,8 +12,8 @@ A fresh-clone CI run of ``tests/functional/test_demo_interrupted.py`` hung
 exactly so.
 
 The handler here raises KeyboardInterrupt as before, except when the main
-thread is inside one of those two hooks: then the signal is sent again a
-moment later, when the hook has returned. The hooks are a few bytecodes
+thread is inside one of those hooks (or a call made from one): then the
+signal is sent again a moment later, when the hook has returned. The hooks are a few bytecodes
 long, so the delay only has to outlast them.
 """
 
@@ -56,14 +56,15 @@ def raise_keyboard_interrupt(signum: int, frame: FrameType | None) -> None:
 
 
 @contextlib.contextmanager
-def installed() -> Iterator[None]:
-    """SIGINT handled here for the block, in the main thread (elsewhere Python allows
-    no handler); the previous handler is back afterwards."""
+def installed(*signums: int) -> Iterator[None]:
+    """``signums`` (default SIGINT) handled here for the block, in the main thread
+    (elsewhere Python allows no handler); the previous handlers are back afterwards."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    previous = signal.signal(signal.SIGINT, raise_keyboard_interrupt)
+    previous = {s: signal.signal(s, raise_keyboard_interrupt) for s in signums or (signal.SIGINT,)}
     try:
         yield
     finally:
-        signal.signal(signal.SIGINT, previous)
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)

@@ -1708,10 +1708,11 @@ class LinuxNve(NveDriver):
     def _pin_to_port(self, br: int, mac: str, port: int) -> bool:
         """Point the bridge entry for ``mac`` at ``port``; False if the port went away
         between its lookup and this write (ENODEV: a VM's tap is removed as its QEMU
-        ends, which a late SWITCHOVER on the libvirt lab met once in 36 migrations)."""
+        ends, met on the libvirt lab with a late SWITCHOVER)."""
         try:
-            self._fdb("replace", ifindex=port, lladdr=mac, master=br, flags=NTF_MASTER,
-                      state=NUD_NOARP)  # fmt: skip
+            self._fdb(
+                "replace", ifindex=port, lladdr=mac, master=br, flags=NTF_MASTER, state=NUD_NOARP
+            )
         except NetlinkError as exc:
             if exc.code != errno.ENODEV:
                 raise

@@ -347,9 +347,9 @@ def test_a_port_that_goes_away_while_it_is_pinned_leaves_the_mac_to_the_flood(
     site: Site, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The directory's entry reaches the old host as its QEMU ends: the tap is looked
-    up, then removed before the bridge entry is written (ENODEV). Met once in 36 late-
-    SWITCHOVER migrations on the libvirt lab: the entry was skipped, the NVE stayed
-    behind the directory."""
+    up, then removed before the bridge entry is written (ENODEV). Met on the libvirt
+    lab with a late SWITCHOVER: the entry was skipped, the NVE stayed behind the
+    directory."""
     hb, mac = site.nves["hb"], site.vm_mac
     hb.expect(VNI, mac, "tap-vm")
     site.add_new_port()

@@ -45,11 +45,9 @@ def handler_installed():
     """The handler on SIGINT, as `vmm` installs it, and on SIGALRM (the kernel's timer
     sends that one: a signal from a Python thread would wait for the GIL, which the
     main thread holds across fork(), and never land inside a fork hook)."""
-    previous = signal.signal(signal.SIGALRM, interrupt.raise_keyboard_interrupt)
-    with interrupt.installed():
+    with interrupt.installed(signal.SIGINT, signal.SIGALRM):
         yield
-    signal.setitimer(signal.ITIMER_REAL, 0)
-    signal.signal(signal.SIGALRM, previous)
+        signal.setitimer(signal.ITIMER_REAL, 0)
 
 
 @pytest.mark.skipif(sys.version_info >= (3, 13), reason="logging's fork hooks were renamed in 3.13")
